@@ -1,0 +1,23 @@
+//! Core types and math shared by every gradflow process.
+//!
+//! - [`spec`]: what a model is made of (dense tensors and sparse embedding tables), and how
+//!   two specs are compared when a second worker declares one.
+//! - [`init`]: deterministic initializers. A value depends only on the seed and its position,
+//!   so any shard can initialize any slice of a tensor, or any row of a table, on its own.
+//! - [`optim`]: the server-side optimizers (SGD, Adagrad, Adam, AdamW, FTRL) as kernels over
+//!   flat `f32` slices, shared by dense partitions and sparse rows.
+//! - [`partition`]: where each piece of the model lives, a pure function of the spec and the
+//!   number of server shards.
+//! - [`error`]: the error type of this crate.
+
+pub mod error;
+pub mod init;
+pub mod optim;
+pub mod partition;
+pub mod spec;
+
+pub use error::CoreError;
+pub use init::Initializer;
+pub use optim::OptimizerConfig;
+pub use partition::{DensePiece, Placement};
+pub use spec::{DenseSpec, ModelSpec, SparseSpec};

@@ -1,0 +1,5 @@
+//! Training data for gradflow workers (readers being written by a helper).
+
+pub mod batch;
+
+pub use batch::Batch;
