@@ -1,0 +1,140 @@
+//! Little-endian byte codecs for tensor data.
+//!
+//! On little-endian hosts (every platform gradflow runs on in practice) these are plain
+//! memory copies; the per-element paths exist so big-endian hosts stay correct.
+
+use bytes::Bytes;
+
+/// Bytes of `values` as little-endian `f32`. One copy: the caller keeps its buffer.
+pub fn f32s_to_bytes(values: &[f32]) -> Bytes {
+    if cfg!(target_endian = "little") {
+        Bytes::copy_from_slice(bytemuck::cast_slice(values))
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+}
+
+/// Bytes of `ids` as little-endian `u64`.
+pub fn u64s_to_bytes(ids: &[u64]) -> Bytes {
+    if cfg!(target_endian = "little") {
+        Bytes::copy_from_slice(bytemuck::cast_slice(ids))
+    } else {
+        ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+}
+
+/// Appends `values` as little-endian `f32` to `out`.
+pub fn extend_f32s(out: &mut Vec<u8>, values: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    }
+}
+
+/// Number of `f32` values in `bytes`, or `None` when the length is not a multiple of 4.
+pub fn f32_len(bytes: &[u8]) -> Option<usize> {
+    (bytes.len() % 4 == 0).then_some(bytes.len() / 4)
+}
+
+/// Number of `u64` values in `bytes`, or `None` when the length is not a multiple of 8.
+pub fn u64_len(bytes: &[u8]) -> Option<usize> {
+    (bytes.len() % 8 == 0).then_some(bytes.len() / 8)
+}
+
+/// Copies little-endian `f32` bytes into `dst`. Panics if `src.len() != 4 * dst.len()`.
+pub fn copy_f32s(dst: &mut [f32], src: &[u8]) {
+    assert_eq!(src.len(), dst.len() * 4, "f32 byte length");
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(src);
+    } else {
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+            *d = f32::from_le_bytes(s.try_into().unwrap());
+        }
+    }
+}
+
+/// Adds little-endian `f32` bytes into `dst` element-wise. Panics on a length mismatch.
+pub fn add_f32s(dst: &mut [f32], src: &[u8]) {
+    assert_eq!(src.len(), dst.len() * 4, "f32 byte length");
+    match bytemuck::try_cast_slice::<u8, f32>(src) {
+        Ok(vals) if cfg!(target_endian = "little") => {
+            for (d, s) in dst.iter_mut().zip(vals) {
+                *d += *s;
+            }
+        }
+        _ => {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d += f32::from_le_bytes(s.try_into().unwrap());
+            }
+        }
+    }
+}
+
+/// Reads the `i`-th little-endian `f32` of `bytes`.
+pub fn f32_at(bytes: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap())
+}
+
+/// Iterates the little-endian `u64` values of `bytes` (a trailing partial value is ignored).
+pub fn u64s(bytes: &[u8]) -> impl ExactSizeIterator<Item = u64> + '_ {
+    bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+}
+
+/// Decodes little-endian `u64` bytes into `out` (cleared first).
+pub fn read_u64s(bytes: &[u8], out: &mut Vec<u64>) {
+    out.clear();
+    out.extend(u64s(bytes));
+}
+
+/// True when every little-endian `f32` in `bytes` is finite.
+pub fn all_finite(bytes: &[u8]) -> bool {
+    match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+        Ok(vals) if cfg!(target_endian = "little") => vals.iter().all(|v| v.is_finite()),
+        _ => bytes
+            .chunks_exact(4)
+            .all(|s| f32::from_le_bytes(s.try_into().unwrap()).is_finite()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trip() {
+        let v = [1.5f32, -2.25, 0.0, f32::MAX];
+        let b = f32s_to_bytes(&v);
+        assert_eq!(b.len(), 16);
+        let mut out = [0f32; 4];
+        copy_f32s(&mut out, &b);
+        assert_eq!(out, v);
+        assert_eq!(f32_at(&b, 1), -2.25);
+    }
+
+    #[test]
+    fn add_works_on_unaligned_bytes() {
+        let mut raw = vec![0u8];
+        extend_f32s(&mut raw, &[1.0, 2.0]);
+        let mut dst = [10.0f32, 20.0];
+        add_f32s(&mut dst, &raw[1..]);
+        assert_eq!(dst, [11.0, 22.0]);
+    }
+
+    #[test]
+    fn u64_round_trip_and_lengths() {
+        let ids = [0u64, 7, u64::MAX];
+        let b = u64s_to_bytes(&ids);
+        assert_eq!(u64s(&b).collect::<Vec<_>>(), ids);
+        assert_eq!(u64_len(&b), Some(3));
+        assert_eq!(u64_len(&b[1..]), None);
+        assert_eq!(f32_len(&[0u8; 6]), None);
+    }
+
+    #[test]
+    fn finiteness() {
+        assert!(all_finite(&f32s_to_bytes(&[1.0, 2.0])));
+        assert!(!all_finite(&f32s_to_bytes(&[1.0, f32::NAN])));
+        assert!(!all_finite(&f32s_to_bytes(&[f32::INFINITY])));
+    }
+}

@@ -1,0 +1,17 @@
+//! gradflow's wire protocol.
+//!
+//! - [`pb`]: the messages and the `ParameterServer` service generated from
+//!   `proto/gradflow.proto` by tonic/prost (bytes fields are `bytes::Bytes`, so payloads are
+//!   not copied when a message is decoded).
+//! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back.
+
+pub mod codec;
+
+/// Generated protobuf messages and gRPC stubs.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("gradflow.v1");
+}
+
+pub use pb::parameter_server_client::ParameterServerClient;
+pub use pb::parameter_server_server::{ParameterServer, ParameterServerServer};
