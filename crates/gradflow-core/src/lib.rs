@@ -8,16 +8,19 @@
 //!   flat `f32` slices, shared by dense partitions and sparse rows.
 //! - [`partition`]: where each piece of the model lives, a pure function of the spec and the
 //!   number of server shards.
+//! - [`mode`]: synchronous or asynchronous training.
 //! - [`error`]: the error type of this crate.
 
 pub mod error;
 pub mod init;
+pub mod mode;
 pub mod optim;
 pub mod partition;
 pub mod spec;
 
 pub use error::CoreError;
 pub use init::Initializer;
+pub use mode::Mode;
 pub use optim::OptimizerConfig;
-pub use partition::{DensePiece, Placement};
+pub use partition::{DEFAULT_PARTITION_BYTES, DensePiece, Placement};
 pub use spec::{DenseSpec, ModelSpec, SparseSpec};

@@ -54,11 +54,7 @@ impl ModelSpec {
     /// Checks names, shapes and hyperparameters.
     pub fn validate(&self) -> Result<(), CoreError> {
         let mut names = HashSet::new();
-        let all_names = self
-            .dense
-            .iter()
-            .map(|d| &d.name)
-            .chain(self.sparse.iter().map(|s| &s.name));
+        let all_names = self.dense.iter().map(|d| &d.name).chain(self.sparse.iter().map(|s| &s.name));
         for name in all_names {
             if name.is_empty() {
                 return Err(CoreError::InvalidSpec("a tensor or table has an empty name".into()));

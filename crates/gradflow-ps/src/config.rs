@@ -1,0 +1,82 @@
+//! The server's settings, with their defaults.
+
+use std::time::Duration;
+
+use gradflow_core::Mode;
+use gradflow_proto::TransportConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything one parameter-server shard needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This shard's index, `0..num_shards`. Default 0.
+    pub shard: u32,
+    /// Number of shards in the job. Default 1.
+    pub num_shards: u32,
+    /// Number of workers in the job; worker indices are `0..num_workers`. Default 1.
+    pub num_workers: u32,
+    /// `sync` (default) or `async`.
+    pub mode: Mode,
+    /// Async only: a worker may be at most this many steps ahead of the slowest live worker.
+    /// Default: no bound.
+    pub max_staleness: Option<u64>,
+    /// A worker not heard from for this long is dropped from the set a sync step waits for.
+    /// Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// Time a worker that has never been heard from is waited for after the server starts.
+    /// Default 120s (processes and pods take a while to start).
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Longest a pull or push waits for the model to reach its step before failing with
+    /// DEADLINE_EXCEEDED. Default 600s.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Refuse gradients that contain NaN or infinity. Default true.
+    pub reject_non_finite: bool,
+    /// gRPC transport settings.
+    pub transport: TransportConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            shard: 0,
+            num_shards: 1,
+            num_workers: 1,
+            mode: Mode::Sync,
+            max_staleness: None,
+            heartbeat_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(120),
+            wait_timeout: Duration::from_secs(600),
+            reject_non_finite: true,
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks the settings; the message names the field and what was expected.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_shards == 0 {
+            return Err("num_shards is 0; expected at least 1".into());
+        }
+        if self.shard >= self.num_shards {
+            return Err(format!(
+                "shard is {} but num_shards is {}; expected shard < num_shards",
+                self.shard, self.num_shards
+            ));
+        }
+        if self.num_workers == 0 {
+            return Err("num_workers is 0; expected at least 1".into());
+        }
+        if self.heartbeat_timeout < Duration::from_millis(50) {
+            return Err(format!("heartbeat_timeout is {:?}; expected at least 50ms", self.heartbeat_timeout));
+        }
+        if self.max_staleness.is_some() && self.mode == Mode::Sync {
+            return Err("max_staleness applies to async mode only; remove it or set mode = \"async\"".into());
+        }
+        self.transport.validate()
+    }
+}

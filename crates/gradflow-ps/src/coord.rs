@@ -1,0 +1,388 @@
+//! Who is training, and when a step is done.
+//!
+//! The coordinator tracks each worker's liveness (heartbeats), its clock (steps pushed) and,
+//! in sync mode, which workers have pushed for the current step. A sync step completes when
+//! every live worker has pushed; a worker that stops heartbeating is dropped so that nothing
+//! waits forever, and a worker that comes back is counted again from the next step.
+//!
+//! All state sits behind one mutex that is never held across an `.await` or during optimizer
+//! math. Waiters (pulls and pushes for a future step) sleep on a `watch` channel that is bumped
+//! on every change.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use gradflow_core::Mode;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::PsError;
+
+#[derive(Debug, Clone)]
+struct WorkerSlot {
+    /// Last time any request came from this worker (or server start, before the first one).
+    last_seen: Instant,
+    seen: bool,
+    live: bool,
+    left: bool,
+    /// Sync: the first step this worker is waited for (set when it rejoins mid-step).
+    counted_from: u64,
+    /// Async: steps pushed so far.
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    version: u64,
+    workers: Vec<WorkerSlot>,
+    /// Sync: workers whose push for `version` has been added to the sums.
+    arrived: Vec<bool>,
+    /// Sync: pushes for `version` being added right now; the step cannot complete meanwhile.
+    arriving: usize,
+    /// Sync: a completed step's update is being applied.
+    applying: bool,
+}
+
+/// Permission to apply a completed sync step: divide the sums by `divisor`, apply, then call
+/// [`Coordinator::finish_step`].
+#[derive(Debug)]
+#[must_use]
+pub struct StepTicket {
+    pub divisor: u32,
+    pub step: u64,
+}
+
+pub struct Coordinator {
+    mode: Mode,
+    max_staleness: Option<u64>,
+    heartbeat_timeout: Duration,
+    startup_timeout: Duration,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+impl Coordinator {
+    pub fn new(
+        mode: Mode,
+        num_workers: u32,
+        max_staleness: Option<u64>,
+        heartbeat_timeout: Duration,
+        startup_timeout: Duration,
+    ) -> Coordinator {
+        let now = Instant::now();
+        let slot =
+            WorkerSlot { last_seen: now, seen: false, live: true, left: false, counted_from: 0, clock: 0 };
+        Coordinator {
+            mode,
+            max_staleness,
+            heartbeat_timeout,
+            startup_timeout,
+            state: Mutex::new(State {
+                version: 0,
+                workers: vec![slot; num_workers as usize],
+                arrived: vec![false; num_workers as usize],
+                arriving: 0,
+                applying: false,
+            }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub fn num_workers(&self) -> u32 {
+        self.state.lock().unwrap().workers.len() as u32
+    }
+
+    pub fn version(&self) -> u64 {
+        self.state.lock().unwrap().version
+    }
+
+    /// Indices of live workers.
+    pub fn live_workers(&self) -> Vec<u32> {
+        let s = self.state.lock().unwrap();
+        (0..s.workers.len() as u32).filter(|&w| is_active(&s.workers[w as usize])).collect()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Records that `worker` is alive. A dropped or departed worker rejoins: in sync mode it
+    /// is waited for from the next step on.
+    pub fn touch(&self, worker: u32) -> Result<(), PsError> {
+        let mut s = self.state.lock().unwrap();
+        let version = s.version;
+        let num_workers = s.workers.len() as u32;
+        let slot =
+            s.workers.get_mut(worker as usize).ok_or(PsError::UnknownWorker { worker, num_workers })?;
+        slot.last_seen = Instant::now();
+        slot.seen = true;
+        if !slot.live || slot.left {
+            info!(worker, step = version, "worker rejoined; counted again from the next step");
+            slot.live = true;
+            slot.left = false;
+            slot.counted_from = version + 1;
+            drop(s);
+            self.notify();
+        }
+        Ok(())
+    }
+
+    /// A worker finished cleanly: it is no longer waited for.
+    pub fn leave(&self, worker: u32) -> Result<Option<StepTicket>, PsError> {
+        let mut s = self.state.lock().unwrap();
+        let num_workers = s.workers.len() as u32;
+        let slot =
+            s.workers.get_mut(worker as usize).ok_or(PsError::UnknownWorker { worker, num_workers })?;
+        slot.left = true;
+        info!(worker, "worker left");
+        let ticket = self.try_complete(&mut s);
+        drop(s);
+        self.notify();
+        Ok(ticket)
+    }
+
+    /// Drops workers that have not been heard from in time; may complete the current step.
+    pub fn reap(&self) -> Option<StepTicket> {
+        let mut s = self.state.lock().unwrap();
+        let now = Instant::now();
+        let mut dropped = false;
+        let version = s.version;
+        for (w, slot) in s.workers.iter_mut().enumerate() {
+            if !slot.live || slot.left {
+                continue;
+            }
+            let limit = if slot.seen { self.heartbeat_timeout } else { self.startup_timeout };
+            if now.duration_since(slot.last_seen) > limit {
+                slot.live = false;
+                dropped = true;
+                if slot.seen {
+                    warn!(worker = w, step = version, timeout = ?limit, "worker stopped heartbeating; dropped, training goes on without it");
+                } else {
+                    warn!(worker = w, timeout = ?limit, "worker never connected; dropped, training goes on without it");
+                }
+            }
+        }
+        if !dropped {
+            return None;
+        }
+        let ticket = self.try_complete(&mut s);
+        drop(s);
+        self.notify();
+        ticket
+    }
+
+    /// Waits until a request of `worker` for `step` may proceed: in sync mode until the model
+    /// reaches `step`; in async mode with a staleness bound until the slowest live worker is
+    /// close enough. Returns the version then.
+    pub async fn wait_for_step(&self, worker: u32, step: u64, timeout: Duration) -> Result<u64, PsError> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let s = self.state.lock().unwrap();
+                let ready = match self.mode {
+                    Mode::Sync => s.version >= step,
+                    Mode::Async => match self.max_staleness {
+                        None => true,
+                        Some(k) => step <= min_clock(&s, worker).saturating_add(k),
+                    },
+                };
+                if ready {
+                    return Ok(s.version);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(PsError::ShuttingDown),
+                Err(_) => return Err(PsError::WaitTimeout(timeout)),
+            }
+        }
+    }
+
+    /// Sync: reserves `worker`'s slot in step `step` before its gradients are added.
+    pub fn begin_push(&self, worker: u32, step: u64) -> Result<(), PsError> {
+        let mut s = self.state.lock().unwrap();
+        if step < s.version || (step == s.version && s.applying) {
+            return Err(PsError::StaleStep { pushed: step, current: s.version + s.applying as u64 });
+        }
+        if step > s.version {
+            return Err(PsError::Internal(format!(
+                "push for step {step} reached the step check while the model is at {}",
+                s.version
+            )));
+        }
+        if s.arrived[worker as usize] {
+            return Err(PsError::DuplicatePush { worker, step });
+        }
+        s.arrived[worker as usize] = true;
+        s.arriving += 1;
+        Ok(())
+    }
+
+    /// Sync: `worker`'s gradients are in the sums (or, if `ok` is false, were not added).
+    pub fn end_push(&self, worker: u32, ok: bool) -> Option<StepTicket> {
+        let mut s = self.state.lock().unwrap();
+        s.arriving -= 1;
+        if !ok {
+            s.arrived[worker as usize] = false;
+        }
+        let ticket = self.try_complete(&mut s);
+        drop(s);
+        self.notify();
+        ticket
+    }
+
+    fn try_complete(&self, s: &mut State) -> Option<StepTicket> {
+        if self.mode != Mode::Sync || s.applying || s.arriving > 0 {
+            return None;
+        }
+        let arrived = s.arrived.iter().filter(|a| **a).count() as u32;
+        if arrived == 0 {
+            return None;
+        }
+        let waiting_for_someone = s
+            .workers
+            .iter()
+            .enumerate()
+            .any(|(w, slot)| is_active(slot) && slot.counted_from <= s.version && !s.arrived[w]);
+        if waiting_for_someone {
+            return None;
+        }
+        s.applying = true;
+        Some(StepTicket { divisor: arrived, step: s.version })
+    }
+
+    /// Sync: the step's update has been applied; the model moves to the next version.
+    pub fn finish_step(&self, ticket: StepTicket) {
+        let mut s = self.state.lock().unwrap();
+        debug_assert_eq!(ticket.step, s.version);
+        s.version += 1;
+        s.applying = false;
+        s.arrived.iter_mut().for_each(|a| *a = false);
+        drop(s);
+        self.notify();
+    }
+
+    /// Async: a push of `worker` for `step` has been applied.
+    pub fn applied_async(&self, worker: u32, step: u64) -> u64 {
+        let mut s = self.state.lock().unwrap();
+        s.version += 1;
+        let slot = &mut s.workers[worker as usize];
+        slot.clock = slot.clock.max(step + 1);
+        let v = s.version;
+        drop(s);
+        self.notify();
+        v
+    }
+
+    /// Stops every waiter (shutdown).
+    pub fn close(&self) {
+        self.notify();
+    }
+
+    /// Receiver that changes whenever the coordinator's state does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+fn is_active(slot: &WorkerSlot) -> bool {
+    slot.live && !slot.left
+}
+
+/// Async: the smallest clock among active workers other than `me` (a worker never waits for
+/// itself); `u64::MAX` when there are none.
+fn min_clock(s: &State, me: u32) -> u64 {
+    s.workers
+        .iter()
+        .enumerate()
+        .filter(|(w, slot)| *w as u32 != me && is_active(slot))
+        .map(|(_, slot)| slot.clock)
+        .min()
+        .unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sync(n: u32) -> Coordinator {
+        Coordinator::new(Mode::Sync, n, None, Duration::from_millis(50), Duration::from_millis(50))
+    }
+
+    #[test]
+    fn step_completes_when_all_have_pushed() {
+        let c = sync(2);
+        c.begin_push(0, 0).unwrap();
+        assert!(c.end_push(0, true).is_none());
+        assert!(matches!(c.begin_push(0, 0), Err(PsError::DuplicatePush { .. })));
+        c.begin_push(1, 0).unwrap();
+        let t = c.end_push(1, true).expect("step complete");
+        assert_eq!(t.divisor, 2);
+        c.finish_step(t);
+        assert_eq!(c.version(), 1);
+        assert!(matches!(c.begin_push(0, 0), Err(PsError::StaleStep { pushed: 0, current: 1 })));
+    }
+
+    #[test]
+    fn failed_add_does_not_count() {
+        let c = sync(1);
+        c.begin_push(0, 0).unwrap();
+        assert!(c.end_push(0, false).is_none());
+        c.begin_push(0, 0).unwrap();
+        assert!(c.end_push(0, true).is_some());
+    }
+
+    #[test]
+    fn dead_worker_is_dropped_and_step_completes() {
+        let c = sync(2);
+        c.touch(0).unwrap();
+        c.touch(1).unwrap();
+        c.begin_push(0, 0).unwrap();
+        assert!(c.end_push(0, true).is_none());
+        std::thread::sleep(Duration::from_millis(80));
+        c.touch(0).unwrap();
+        let t = c.reap().expect("worker 1 dropped, step completes");
+        assert_eq!(t.divisor, 1);
+        c.finish_step(t);
+        assert_eq!(c.live_workers(), vec![0]);
+        // worker 1 comes back during step 1: not waited for until step 2
+        c.touch(1).unwrap();
+        c.begin_push(0, 1).unwrap();
+        let t = c.end_push(0, true).expect("step 1 does not wait for the rejoiner");
+        c.finish_step(t);
+        c.begin_push(0, 2).unwrap();
+        assert!(c.end_push(0, true).is_none(), "step 2 waits for worker 1 again");
+    }
+
+    #[test]
+    fn left_worker_is_not_waited_for() {
+        let c = sync(2);
+        c.begin_push(0, 0).unwrap();
+        assert!(c.end_push(0, true).is_none());
+        let t = c.leave(1).unwrap().expect("leave completes the step");
+        assert_eq!(t.divisor, 1);
+    }
+
+    #[tokio::test]
+    async fn staleness_bound_holds_back_the_fast_worker() {
+        let c = Coordinator::new(Mode::Async, 2, Some(1), Duration::from_secs(5), Duration::from_secs(5));
+        assert!(c.wait_for_step(0, 1, Duration::from_millis(10)).await.is_ok());
+        let err = c.wait_for_step(0, 2, Duration::from_millis(30)).await.unwrap_err();
+        assert!(matches!(err, PsError::WaitTimeout(_)));
+        c.applied_async(1, 0);
+        assert!(c.wait_for_step(0, 2, Duration::from_millis(10)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn sync_wait_is_released_by_the_step() {
+        let c = std::sync::Arc::new(sync(1));
+        let c2 = c.clone();
+        let waiter = tokio::spawn(async move { c2.wait_for_step(0, 1, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.begin_push(0, 0).unwrap();
+        let t = c.end_push(0, true).unwrap();
+        c.finish_step(t);
+        assert_eq!(waiter.await.unwrap().unwrap(), 1);
+    }
+}

@@ -1,0 +1,65 @@
+//! The server's errors, and the one place they become gRPC statuses.
+
+use thiserror::Error;
+use tonic::{Code, Status};
+
+/// Metadata key carrying the shard's model version on a stale-step refusal.
+pub const VERSION_METADATA: &str = "x-gradflow-version";
+
+/// Why a request was refused. Every refused request leaves the model as it was.
+#[derive(Debug, Error)]
+pub enum PsError {
+    #[error("no model declared yet: a worker must call DeclareSpec first")]
+    NotDeclared,
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("{0}")]
+    SpecMismatch(String),
+    #[error("unknown dense tensor `{0}`")]
+    UnknownTensor(String),
+    #[error("unknown sparse table `{0}`")]
+    UnknownTable(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(
+        "non-finite gradient (NaN or infinity) in `{0}`; refused (set reject_non_finite = false to allow)"
+    )]
+    NonFinite(String),
+    #[error("worker {worker} is out of range: this job has {num_workers} workers")]
+    UnknownWorker { worker: u32, num_workers: u32 },
+    #[error("push for step {pushed} refused: the model is already at step {current}")]
+    StaleStep { pushed: u64, current: u64 },
+    #[error("worker {worker} already pushed for step {step}")]
+    DuplicatePush { worker: u32, step: u64 },
+    #[error("timed out after {0:?} waiting for the model to reach the requested step")]
+    WaitTimeout(std::time::Duration),
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<PsError> for Status {
+    fn from(e: PsError) -> Status {
+        let code = match &e {
+            PsError::NotDeclared | PsError::SpecMismatch(_) | PsError::StaleStep { .. } => {
+                Code::FailedPrecondition
+            }
+            PsError::DuplicatePush { .. } => Code::AlreadyExists,
+            PsError::UnknownTensor(_) | PsError::UnknownTable(_) => Code::NotFound,
+            PsError::InvalidSpec(_)
+            | PsError::InvalidArgument(_)
+            | PsError::NonFinite(_)
+            | PsError::UnknownWorker { .. } => Code::InvalidArgument,
+            PsError::WaitTimeout(_) => Code::DeadlineExceeded,
+            PsError::ShuttingDown => Code::Unavailable,
+            PsError::Internal(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, e.to_string());
+        if let PsError::StaleStep { current, .. } = e {
+            // Lets a worker that fell behind resynchronise without another round trip.
+            status.metadata_mut().insert(VERSION_METADATA, current.into());
+        }
+        status
+    }
+}

@@ -1,0 +1,97 @@
+//! Prometheus metrics of a shard, served as text on `GET /metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100µs .. ~50s
+    Histogram::new(exponential_buckets(1e-4, 2.0, 20))
+}
+
+/// The shard's metrics; clones share the same values.
+#[derive(Clone)]
+pub struct Metrics {
+    pub pushes: Family<ResultLabel, Counter>,
+    pub pulls: Family<KindLabel, Counter>,
+    pub push_seconds: Histogram,
+    pub pull_seconds: Family<KindLabel, Histogram>,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+    pub steps: Counter,
+    pub version: Gauge,
+    pub live_workers: Gauge,
+    pub sparse_rows: Gauge,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("gradflow_ps");
+        let m = Metrics {
+            pushes: Family::default(),
+            pulls: Family::default(),
+            push_seconds: latency_histogram(),
+            pull_seconds: Family::new_with_constructor(latency_histogram),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            steps: Counter::default(),
+            version: Gauge::default(),
+            live_workers: Gauge::default(),
+            sparse_rows: Gauge::default(),
+            registry: Arc::new(Registry::default()),
+        };
+        registry.register("pushes", "Gradient pushes, by result (ok or refused)", m.pushes.clone());
+        registry.register("pulls", "Parameter pulls, by kind (dense or sparse)", m.pulls.clone());
+        registry.register("push_seconds", "Time to receive, check and take a push", m.push_seconds.clone());
+        registry.register("pull_seconds", "Time to serve a pull, by kind", m.pull_seconds.clone());
+        registry.register("received_bytes", "Gradient bytes received", m.bytes_received.clone());
+        registry.register("sent_bytes", "Parameter bytes sent", m.bytes_sent.clone());
+        registry.register("steps", "Sync steps applied", m.steps.clone());
+        registry.register(
+            "model_version",
+            "Current model version (sync: steps applied; async: pushes applied)",
+            m.version.clone(),
+        );
+        registry.register("live_workers", "Workers currently counted as alive", m.live_workers.clone());
+        registry.register("sparse_rows", "Sparse rows held by this shard", m.sparse_rows.clone());
+        Metrics { registry: Arc::new(registry), ..m }
+    }
+}
+
+impl Metrics {
+    pub fn observe_push(&self, ok: bool, elapsed: Duration) {
+        let result = if ok { "ok" } else { "refused" };
+        self.pushes.get_or_create(&ResultLabel { result }).inc();
+        self.push_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_pull(&self, kind: &'static str, elapsed: Duration) {
+        self.pulls.get_or_create(&KindLabel { kind }).inc();
+        self.pull_seconds.get_or_create(&KindLabel { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

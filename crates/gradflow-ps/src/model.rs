@@ -1,0 +1,394 @@
+//! The part of the model one shard holds: its dense pieces and its rows of every sparse table,
+//! with the optimizer state beside them.
+//!
+//! Locks are fine-grained so that pushes and pulls of different pieces, and of rows in
+//! different stripes of a table, proceed in parallel. All math here is blocking work: callers
+//! run it on a blocking thread or on rayon, never on the async runtime.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use gradflow_core::{Initializer, ModelSpec, OptimizerConfig, Placement};
+use gradflow_proto::codec;
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+
+use crate::PsError;
+
+/// Rows of a table are spread over this many independently locked stripes.
+const STRIPES: usize = 32;
+
+/// One shard's parameters.
+pub struct ShardModel {
+    pub spec: ModelSpec,
+    pub placement: Placement,
+    pub shard: u32,
+    /// The dense pieces this shard holds.
+    pub pieces: Vec<Piece>,
+    /// Tensor name → for each partition, the index into `pieces` (None: held elsewhere).
+    piece_index: HashMap<String, Vec<Option<usize>>>,
+    pub tables: Vec<Table>,
+}
+
+/// A contiguous piece of a dense tensor.
+pub struct Piece {
+    pub tensor: String,
+    pub partition: u32,
+    /// Number of elements.
+    pub len: usize,
+    pub optimizer: OptimizerConfig,
+    pub params: RwLock<PieceParams>,
+    /// Sync mode: the sum of this step's gradients.
+    pub accum: Mutex<Accum>,
+}
+
+pub struct PieceParams {
+    pub values: Vec<f32>,
+    /// Optimizer state, slot-major (see `OptimizerConfig::step`).
+    pub state: Vec<f32>,
+    /// Updates applied so far.
+    pub steps: u64,
+}
+
+/// A gradient sum for one piece; allocated on first use.
+#[derive(Default)]
+pub struct Accum {
+    pub sum: Vec<f32>,
+    pub touched: bool,
+}
+
+/// This shard's rows of one sparse table.
+pub struct Table {
+    pub name: String,
+    pub dim: usize,
+    pub init: Initializer,
+    pub optimizer: OptimizerConfig,
+    slots: usize,
+    stripes: Vec<Mutex<RowStore>>,
+    /// Sync mode: the sum of this step's gradients, per id.
+    pub accum: Mutex<SparseAccum>,
+}
+
+/// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
+#[derive(Default)]
+struct RowStore {
+    index: FxHashMap<u64, u32>,
+    data: Vec<f32>,
+    steps: Vec<u32>,
+}
+
+/// Gradients summed per id.
+#[derive(Default)]
+pub struct SparseAccum {
+    index: FxHashMap<u64, u32>,
+    ids: Vec<u64>,
+    sums: Vec<f32>,
+}
+
+impl ShardModel {
+    /// Builds and initializes this shard's part of `spec`.
+    pub fn new(spec: ModelSpec, num_shards: u32, shard: u32, partition_bytes: u64) -> ShardModel {
+        let placement = Placement::new(&spec, num_shards, partition_bytes);
+        let mut piece_index: HashMap<String, Vec<Option<usize>>> = HashMap::new();
+        let mine: Vec<_> = placement.pieces().iter().filter(|p| p.shard == shard).copied().collect();
+        for (t, d) in spec.dense.iter().enumerate() {
+            piece_index.insert(d.name.clone(), vec![None; placement.pieces_of(t).len()]);
+        }
+        for (i, p) in mine.iter().enumerate() {
+            piece_index.get_mut(&spec.dense[p.tensor].name).unwrap()[p.partition as usize] = Some(i);
+        }
+        let pieces = mine
+            .par_iter()
+            .map(|p| {
+                let d = &spec.dense[p.tensor];
+                let len = p.len as usize;
+                let mut values = vec![0f32; len];
+                d.init.fill_dense(&d.name, &d.shape, p.offset, &mut values);
+                let mut state = vec![0f32; len * d.optimizer.num_slots()];
+                d.optimizer.init_state(&mut state);
+                Piece {
+                    tensor: d.name.clone(),
+                    partition: p.partition,
+                    len,
+                    optimizer: d.optimizer.clone(),
+                    params: RwLock::new(PieceParams { values, state, steps: 0 }),
+                    accum: Mutex::new(Accum::default()),
+                }
+            })
+            .collect();
+        let tables = spec
+            .sparse
+            .iter()
+            .map(|s| Table {
+                name: s.name.clone(),
+                dim: s.dim as usize,
+                init: s.init.clone(),
+                optimizer: s.optimizer.clone(),
+                slots: s.optimizer.num_slots(),
+                stripes: (0..STRIPES).map(|_| Mutex::new(RowStore::default())).collect(),
+                accum: Mutex::new(SparseAccum::default()),
+            })
+            .collect();
+        ShardModel { spec, placement, shard, pieces, piece_index, tables }
+    }
+
+    /// The index into `pieces` of `tensor`'s partition `partition`, or why there is none.
+    pub fn piece(&self, tensor: &str, partition: u32) -> Result<usize, PsError> {
+        let parts = self.piece_index.get(tensor).ok_or_else(|| PsError::UnknownTensor(tensor.to_string()))?;
+        match parts.get(partition as usize) {
+            None => Err(PsError::InvalidArgument(format!(
+                "dense tensor `{tensor}` has {} partitions; partition {partition} does not exist",
+                parts.len()
+            ))),
+            Some(None) => {
+                let t = self.spec.dense_index(tensor).expect("indexed tensor is in the spec");
+                let owner = self.placement.pieces_of(t)[partition as usize].shard;
+                Err(PsError::InvalidArgument(format!(
+                    "dense tensor `{tensor}` partition {partition} lives on shard {owner}, not on shard {}",
+                    self.shard
+                )))
+            }
+            Some(Some(i)) => Ok(*i),
+        }
+    }
+
+    /// The index of sparse table `name`.
+    pub fn table(&self, name: &str) -> Result<usize, PsError> {
+        self.tables.iter().position(|t| t.name == name).ok_or_else(|| PsError::UnknownTable(name.to_string()))
+    }
+
+    /// Bytes of dense parameters on this shard.
+    pub fn dense_bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len as u64 * 4).sum()
+    }
+
+    /// Sparse rows created on this shard so far.
+    pub fn sparse_rows(&self) -> u64 {
+        self.tables.iter().map(|t| t.rows()).sum()
+    }
+
+    /// Sync mode: applies every piece's and table's accumulated gradient divided by `divisor`,
+    /// then clears the sums.
+    pub fn apply_accumulated(&self, divisor: f32) {
+        let scale = 1.0 / divisor;
+        self.pieces.par_iter().for_each(|p| p.apply_accumulated(scale));
+        for t in &self.tables {
+            let acc = std::mem::take(&mut *t.accum.lock().unwrap());
+            t.apply(&acc, scale);
+        }
+    }
+}
+
+impl Piece {
+    /// Applies one gradient (already averaged) to this piece.
+    pub fn apply(&self, grad: &[f32]) {
+        let mut p = self.params.write().unwrap();
+        let PieceParams { values, state, steps } = &mut *p;
+        *steps += 1;
+        self.optimizer.step(values, grad, state, *steps);
+    }
+
+    /// Adds little-endian gradient bytes at element `offset` into this step's sum.
+    pub fn accumulate(&self, offset: usize, bytes: &[u8]) {
+        let mut acc = self.accum.lock().unwrap();
+        if acc.sum.is_empty() {
+            acc.sum = vec![0f32; self.len];
+        }
+        let n = bytes.len() / 4;
+        codec::add_f32s(&mut acc.sum[offset..offset + n], bytes);
+        acc.touched = true;
+    }
+
+    fn apply_accumulated(&self, scale: f32) {
+        let mut acc = self.accum.lock().unwrap();
+        if !acc.touched {
+            return;
+        }
+        if scale != 1.0 {
+            acc.sum.iter_mut().for_each(|g| *g *= scale);
+        }
+        self.apply(&acc.sum);
+        acc.sum.iter_mut().for_each(|g| *g = 0.0);
+        acc.touched = false;
+    }
+
+    /// Copies elements `[start, start + n)` of the values as little-endian bytes.
+    pub fn read(&self, start: usize, n: usize) -> bytes::Bytes {
+        let p = self.params.read().unwrap();
+        codec::f32s_to_bytes(&p.values[start..start + n])
+    }
+}
+
+fn stripe_of(id: u64) -> usize {
+    // Top bits of a multiplicative hash: independent of the shard choice, which uses the
+    // low bits of a different mix.
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize % STRIPES
+}
+
+impl Table {
+    fn stride(&self) -> usize {
+        self.dim * (1 + self.slots)
+    }
+
+    /// Rows created so far.
+    pub fn rows(&self) -> u64 {
+        self.stripes.iter().map(|s| s.lock().unwrap().steps.len() as u64).sum()
+    }
+
+    /// Appends the rows of `ids` (created on first touch) to `out` as little-endian bytes.
+    pub fn pull(&self, ids: &[u64], out: &mut Vec<u8>) {
+        let base = out.len();
+        out.resize(base + ids.len() * self.dim * 4, 0);
+        let out = &mut out[base..];
+        for (s, positions) in self.group_by_stripe(ids).into_iter().enumerate() {
+            if positions.is_empty() {
+                continue;
+            }
+            let mut store = self.stripes[s].lock().unwrap();
+            for pos in positions {
+                let row = self.row(&mut store, ids[pos as usize]);
+                let values = &store.data[row * self.stride()..][..self.dim];
+                let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
+                for (d, v) in dst.chunks_exact_mut(4).zip(values) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row.
+    pub fn apply(&self, acc: &SparseAccum, scale: f32) {
+        let mut grad = vec![0f32; self.dim];
+        for (s, positions) in self.group_by_stripe(&acc.ids).into_iter().enumerate() {
+            if positions.is_empty() {
+                continue;
+            }
+            let mut store = self.stripes[s].lock().unwrap();
+            for pos in positions {
+                let pos = pos as usize;
+                let row = self.row(&mut store, acc.ids[pos]);
+                for (g, a) in grad.iter_mut().zip(&acc.sums[pos * self.dim..][..self.dim]) {
+                    *g = a * scale;
+                }
+                let stride = self.stride();
+                let RowStore { data, steps, .. } = &mut *store;
+                let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
+                steps[row] += 1;
+                self.optimizer.step(values, &grad, state, steps[row] as u64);
+            }
+        }
+    }
+
+    /// The row index of `id` in `store`, creating and initializing the row if it is new.
+    fn row(&self, store: &mut RowStore, id: u64) -> usize {
+        if let Some(&r) = store.index.get(&id) {
+            return r as usize;
+        }
+        let r = store.steps.len();
+        let stride = self.stride();
+        store.data.resize((r + 1) * stride, 0.0);
+        let (values, state) = store.data[r * stride..].split_at_mut(self.dim);
+        self.init.fill_row(&self.name, id, values);
+        self.optimizer.init_state(state);
+        store.steps.push(0);
+        store.index.insert(id, r as u32);
+        r
+    }
+
+    fn group_by_stripe(&self, ids: &[u64]) -> Vec<Vec<u32>> {
+        let mut groups = vec![Vec::new(); STRIPES];
+        for (i, &id) in ids.iter().enumerate() {
+            groups[stripe_of(id)].push(i as u32);
+        }
+        groups
+    }
+}
+
+impl SparseAccum {
+    /// Adds the gradient rows in `values` (little-endian, `dim` per id) for `ids`.
+    pub fn add(&mut self, ids: &[u64], values: &[u8], dim: usize) {
+        for (i, &id) in ids.iter().enumerate() {
+            let row = match self.index.get(&id) {
+                Some(&r) => r as usize,
+                None => {
+                    let r = self.ids.len();
+                    self.index.insert(id, r as u32);
+                    self.ids.push(id);
+                    self.sums.resize((r + 1) * dim, 0.0);
+                    r
+                }
+            };
+            codec::add_f32s(&mut self.sums[row * dim..][..dim], &values[i * dim * 4..][..dim * 4]);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gradflow_core::{DenseSpec, SparseSpec};
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            dense: vec![DenseSpec {
+                name: "w".into(),
+                shape: vec![10],
+                init: Initializer::Constant { value: 1.0 },
+                optimizer: OptimizerConfig::sgd(0.5),
+            }],
+            sparse: vec![SparseSpec {
+                name: "emb".into(),
+                dim: 2,
+                init: Initializer::Constant { value: 0.25 },
+                optimizer: OptimizerConfig::sgd(1.0),
+            }],
+        }
+    }
+
+    #[test]
+    fn dense_accumulate_then_apply_averages() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let p = &m.pieces[m.piece("w", 0).unwrap()];
+        p.accumulate(0, &codec::f32s_to_bytes(&[2.0; 10]));
+        p.accumulate(0, &codec::f32s_to_bytes(&[4.0; 10]));
+        m.apply_accumulated(2.0);
+        // 1 - 0.5 * mean(2, 4)
+        assert_eq!(p.params.read().unwrap().values, vec![-0.5; 10]);
+        assert_eq!(p.params.read().unwrap().steps, 1);
+        // a step with no gradient leaves the piece alone
+        m.apply_accumulated(2.0);
+        assert_eq!(p.params.read().unwrap().steps, 1);
+    }
+
+    #[test]
+    fn sparse_rows_are_created_on_touch_and_updated() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let t = &m.tables[0];
+        let mut out = Vec::new();
+        t.pull(&[7, 9, 7], &mut out);
+        assert_eq!(t.rows(), 2);
+        let vals: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(vals, vec![0.25; 6]);
+        let mut acc = SparseAccum::default();
+        // duplicate id 7: its gradients are summed
+        acc.add(&[7, 7, 11], &codec::f32s_to_bytes(&[0.5, 0.5, 0.25, 0.25, 1.0, 1.0]), 2);
+        t.apply(&acc, 1.0);
+        let mut out = Vec::new();
+        t.pull(&[7, 9, 11], &mut out);
+        let vals: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(vals, vec![-0.5, -0.5, 0.25, 0.25, -0.75, -0.75]);
+        assert_eq!(t.rows(), 3);
+    }
+
+    #[test]
+    fn missing_pieces_and_tables_are_named() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        assert!(matches!(m.piece("nope", 0), Err(PsError::UnknownTensor(n)) if n == "nope"));
+        assert!(matches!(m.piece("w", 3), Err(PsError::InvalidArgument(_))));
+        assert!(matches!(m.table("x"), Err(PsError::UnknownTable(n)) if n == "x"));
+    }
+}

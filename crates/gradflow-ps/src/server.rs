@@ -1,0 +1,169 @@
+//! Starting and stopping a shard: the gRPC server, the metrics endpoint, and the background
+//! task that drops silent workers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gradflow_proto::ParameterServerServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info};
+
+use crate::service::{Service, Shard};
+use crate::{PsError, ServerConfig};
+
+/// A shard that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    shard: Arc<Shard>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), PsError>>,
+}
+
+impl RunningServer {
+    /// The address the gRPC server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The address of the `/metrics` endpoint, if one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The shard's state (for tests and embedding).
+    pub fn shard(&self) -> &Arc<Shard> {
+        &self.shard
+    }
+
+    /// Stops accepting requests, lets running ones finish, and waits for the server to end.
+    pub async fn shutdown(self) -> Result<(), PsError> {
+        let _ = self.stop.send(true);
+        self.wait().await
+    }
+
+    /// Waits until the server ends (after a shutdown).
+    pub async fn wait(self) -> Result<(), PsError> {
+        self.task.await.map_err(|e| PsError::Internal(format!("server task failed: {e}")))?
+    }
+}
+
+/// Binds `addr` (port 0 picks a free port) and `metrics_addr`, and starts serving.
+pub async fn start(
+    config: ServerConfig,
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+) -> Result<RunningServer, PsError> {
+    config.validate().map_err(PsError::InvalidArgument)?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| PsError::Internal(format!("cannot listen on {addr}: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| PsError::Internal(e.to_string()))?;
+    let metrics_listener = match metrics_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| PsError::Internal(format!("cannot listen for metrics on {a}: {e}")))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let shard = Arc::new(Shard::new(config));
+    let (stop, stop_rx) = watch::channel(false);
+
+    let reaper = tokio::spawn(reap_loop(shard.clone(), stop_rx.clone()));
+    if let Some(l) = metrics_listener {
+        tokio::spawn(serve_metrics(shard.clone(), l, stop_rx.clone()));
+    }
+
+    let t = &shard.config.transport;
+    let svc = ParameterServerServer::new(Service { shard: shard.clone() })
+        .max_decoding_message_size(t.max_message_bytes)
+        .max_encoding_message_size(t.max_message_bytes);
+    let router = tonic::transport::Server::builder()
+        .initial_stream_window_size(t.stream_window_bytes)
+        .initial_connection_window_size(t.connection_window_bytes)
+        .max_frame_size(Some(1 << 20))
+        .http2_keepalive_interval(Some(t.keepalive_interval))
+        .http2_keepalive_timeout(Some(t.keepalive_timeout))
+        .tcp_nodelay(true)
+        .add_service(svc);
+    info!(%addr, shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
+    let s2 = shard.clone();
+    let task = tokio::spawn(async move {
+        let mut rx = stop_rx;
+        let res = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+        s2.coord.close();
+        reaper.abort();
+        res.map_err(|e| PsError::Internal(format!("gRPC server failed: {e}")))
+    });
+    Ok(RunningServer { addr, metrics_addr, shard, stop, task })
+}
+
+/// Serves until `signal` resolves (e.g. SIGTERM or Ctrl-C), then shuts down gracefully.
+pub async fn serve_until(
+    config: ServerConfig,
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    signal: impl Future<Output = ()>,
+) -> Result<(), PsError> {
+    let server = start(config, addr, metrics_addr).await?;
+    signal.await;
+    info!("shutting down");
+    server.shutdown().await
+}
+
+async fn reap_loop(shard: Arc<Shard>, mut stop: watch::Receiver<bool>) {
+    let period = (shard.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if let Some(ticket) = shard.coord.reap() {
+            if let Err(e) = shard.complete_step(ticket).await {
+                error!(error = %e, "applying a step after dropping a worker failed");
+            }
+        }
+        shard.metrics.live_workers.set(shard.coord.live_workers().len() as i64);
+    }
+}
+
+async fn serve_metrics(shard: Arc<Shard>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let shard = shard.clone();
+            async move {
+                if let Ok(m) = shard.model() {
+                    shard.metrics.sparse_rows.set(m.sparse_rows() as i64);
+                }
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    shard.metrics.encode(),
+                )
+            }
+        }),
+    );
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = res {
+        error!(error = %e, "metrics endpoint failed");
+    }
+}

@@ -1,0 +1,374 @@
+//! The gRPC service: one handler per RPC of `proto/gradflow.proto`.
+//!
+//! Handlers stay thin: they check the request, wait on the [`Coordinator`] where the mode says
+//! so, and hand the math on the [`ShardModel`] to blocking threads. Errors are [`PsError`]s,
+//! turned into statuses in `error.rs`.
+
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use futures::Stream;
+use gradflow_core::{Mode, ModelSpec};
+use gradflow_proto::{codec, pb};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+use crate::coord::{Coordinator, StepTicket};
+use crate::metrics::Metrics;
+use crate::model::{ShardModel, SparseAccum};
+use crate::push::{ValidPush, check_ids_on_shard, validate};
+use crate::{PsError, ServerConfig};
+
+/// The state of one shard, shared by all handlers and background tasks.
+pub struct Shard {
+    pub config: ServerConfig,
+    pub coord: Coordinator,
+    pub metrics: Metrics,
+    model: RwLock<Option<Arc<ShardModel>>>,
+    declare_lock: tokio::sync::Mutex<()>,
+}
+
+impl Shard {
+    pub fn new(config: ServerConfig) -> Shard {
+        let coord = Coordinator::new(
+            config.mode,
+            config.num_workers,
+            config.max_staleness,
+            config.heartbeat_timeout,
+            config.startup_timeout,
+        );
+        Shard {
+            config,
+            coord,
+            metrics: Metrics::default(),
+            model: RwLock::new(None),
+            declare_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The declared model, or `NotDeclared`.
+    pub fn model(&self) -> Result<Arc<ShardModel>, PsError> {
+        self.model.read().unwrap().clone().ok_or(PsError::NotDeclared)
+    }
+
+    fn declared(&self) -> Option<Arc<ShardModel>> {
+        self.model.read().unwrap().clone()
+    }
+
+    /// Applies a completed sync step on a blocking thread and advances the version.
+    pub async fn complete_step(self: &Arc<Self>, ticket: StepTicket) -> Result<(), PsError> {
+        let model = self.model()?;
+        let started = Instant::now();
+        let divisor = ticket.divisor as f32;
+        blocking(move || model.apply_accumulated(divisor)).await?;
+        debug!(step = ticket.step, workers = ticket.divisor, elapsed = ?started.elapsed(), "step applied");
+        self.coord.finish_step(ticket);
+        self.metrics.steps.inc();
+        self.metrics.version.set(self.coord.version() as i64);
+        Ok(())
+    }
+
+    fn touch(&self, worker: u32) -> Result<(), PsError> {
+        self.coord.touch(worker)?;
+        self.metrics.live_workers.set(self.coord.live_workers().len() as i64);
+        Ok(())
+    }
+}
+
+/// Runs blocking work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PsError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| PsError::Internal(format!("blocking task failed: {e}")))
+}
+
+/// The tonic service; cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    pub shard: Arc<Shard>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DenseChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl gradflow_proto::ParameterServer for Service {
+    async fn declare_spec(
+        &self,
+        request: Request<pb::DeclareSpecRequest>,
+    ) -> Result<Response<pb::DeclareSpecResponse>, Status> {
+        let req = request.into_inner();
+        let shard = &self.shard;
+        let cfg = &shard.config;
+        if req.num_shards != cfg.num_shards || req.shard != cfg.shard {
+            return Err(PsError::SpecMismatch(format!(
+                "the worker believes this is shard {} of {}, but it is shard {} of {}: check the order of server addresses",
+                req.shard, req.num_shards, cfg.shard, cfg.num_shards
+            ))
+            .into());
+        }
+        if req.partition_bytes < 1024 {
+            return Err(PsError::InvalidArgument(format!(
+                "partition_bytes is {}; expected at least 1024",
+                req.partition_bytes
+            ))
+            .into());
+        }
+        let spec: ModelSpec = serde_json::from_str(&req.spec_json).map_err(|e| {
+            PsError::InvalidSpec(format!("model spec is not valid JSON for a ModelSpec: {e}"))
+        })?;
+        spec.validate().map_err(|e| PsError::InvalidSpec(e.to_string()))?;
+        shard.touch(req.worker)?;
+
+        let _guard = shard.declare_lock.lock().await;
+        if let Some(existing) = shard.declared() {
+            if let Some(diff) = existing.spec.first_difference(&spec) {
+                return Err(PsError::SpecMismatch(format!(
+                    "model spec differs from the one already declared: {diff}"
+                ))
+                .into());
+            }
+            if existing.placement.partition_bytes != req.partition_bytes {
+                return Err(PsError::SpecMismatch(format!(
+                    "partition_bytes is {} but the model was declared with {}",
+                    req.partition_bytes, existing.placement.partition_bytes
+                ))
+                .into());
+            }
+            return Ok(Response::new(pb::DeclareSpecResponse {
+                created: false,
+                version: shard.coord.version(),
+            }));
+        }
+        let (n, s, pb_) = (cfg.num_shards, cfg.shard, req.partition_bytes);
+        let model = blocking(move || ShardModel::new(spec, n, s, pb_)).await?;
+        info!(
+            dense_tensors = model.spec.dense.len(),
+            pieces = model.pieces.len(),
+            dense_bytes = model.dense_bytes(),
+            sparse_tables = model.tables.len(),
+            worker = req.worker,
+            "model declared"
+        );
+        *shard.model.write().unwrap() = Some(Arc::new(model));
+        Ok(Response::new(pb::DeclareSpecResponse { created: true, version: shard.coord.version() }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        self.shard.touch(req.worker)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            version: self.shard.coord.version(),
+            live_workers: self.shard.coord.live_workers().len() as u32,
+        }))
+    }
+
+    type PullDenseStream = ChunkStream;
+
+    async fn pull_dense(
+        &self,
+        request: Request<pb::PullDenseRequest>,
+    ) -> Result<Response<Self::PullDenseStream>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let shard = self.shard.clone();
+        shard.touch(req.worker)?;
+        let model = shard.model()?;
+        let pieces: Vec<usize> = if req.pieces.is_empty() {
+            (0..model.pieces.len()).collect()
+        } else {
+            req.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect::<Result<_, _>>()?
+        };
+        let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        let chunk_elems = shard.config.transport.chunk_bytes / 4;
+        let (tx, rx) = mpsc::channel(4);
+        let metrics = shard.metrics.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sent = 0u64;
+            for idx in pieces {
+                let piece = &model.pieces[idx];
+                let mut start = 0;
+                while start < piece.len {
+                    let n = chunk_elems.min(piece.len - start);
+                    let chunk = pb::DenseChunk {
+                        tensor: piece.tensor.clone(),
+                        partition: piece.partition,
+                        offset: start as u64,
+                        data: piece.read(start, n),
+                        version,
+                    };
+                    sent += n as u64 * 4;
+                    if tx.blocking_send(Ok(chunk)).is_err() {
+                        return; // the client went away
+                    }
+                    start += n;
+                }
+            }
+            metrics.bytes_sent.inc_by(sent);
+            metrics.observe_pull("dense", started.elapsed());
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn pull_sparse(
+        &self,
+        request: Request<pb::PullSparseRequest>,
+    ) -> Result<Response<pb::PullSparseResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let shard = self.shard.clone();
+        shard.touch(req.worker)?;
+        let model = shard.model()?;
+        let mut wanted = Vec::with_capacity(req.tables.len());
+        for t in &req.tables {
+            let idx = model.table(&t.table)?;
+            if codec::u64_len(&t.ids).is_none() {
+                return Err(PsError::InvalidArgument(format!(
+                    "ids of `{}`: {} bytes is not a whole number of u64 ids",
+                    t.table,
+                    t.ids.len()
+                ))
+                .into());
+            }
+            let ids: Vec<u64> = codec::u64s(&t.ids).collect();
+            check_ids_on_shard(&model, &t.table, &ids)?;
+            wanted.push((idx, ids));
+        }
+        let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        let tables = blocking(move || {
+            wanted
+                .into_iter()
+                .map(|(idx, ids)| {
+                    let table = &model.tables[idx];
+                    let mut values = Vec::with_capacity(ids.len() * table.dim * 4);
+                    table.pull(&ids, &mut values);
+                    pb::SparseRows { table: table.name.clone(), values: values.into() }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        let sent: u64 = tables.iter().map(|t| t.values.len() as u64).sum();
+        shard.metrics.bytes_sent.inc_by(sent);
+        shard.metrics.observe_pull("sparse", started.elapsed());
+        Ok(Response::new(pb::PullSparseResponse { tables, version }))
+    }
+
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        let started = Instant::now();
+        let mut stream = request.into_inner();
+        let mut msgs = Vec::new();
+        while let Some(msg) = stream.next().await {
+            msgs.push(msg?);
+        }
+        let result = self.push_inner(msgs).await;
+        self.shard.metrics.observe_push(result.is_ok(), started.elapsed());
+        Ok(Response::new(pb::PushResponse { version: result? }))
+    }
+
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let worker = request.into_inner().worker;
+        if let Some(ticket) = self.shard.coord.leave(worker)? {
+            self.shard.complete_step(ticket).await?;
+        }
+        self.shard.metrics.live_workers.set(self.shard.coord.live_workers().len() as i64);
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let shard = &self.shard;
+        let model = shard.declared();
+        Ok(Response::new(pb::StatusResponse {
+            shard: shard.config.shard,
+            num_shards: shard.config.num_shards,
+            mode: shard.config.mode.to_string(),
+            version: shard.coord.version(),
+            declared: model.is_some(),
+            live_workers: shard.coord.live_workers(),
+            dense_bytes: model.as_ref().map_or(0, |m| m.dense_bytes()),
+            sparse_rows: model.as_ref().map_or(0, |m| m.sparse_rows()),
+            num_workers: shard.coord.num_workers(),
+        }))
+    }
+}
+
+impl Service {
+    async fn push_inner(&self, msgs: Vec<pb::PushRequest>) -> Result<u64, PsError> {
+        let shard = self.shard.clone();
+        let model = shard.model()?;
+        let reject = shard.config.reject_non_finite;
+        let worker = msgs.first().map(|m| m.worker).unwrap_or(0);
+        shard.touch(worker)?;
+        let m = model.clone();
+        let push = blocking(move || validate(&m, msgs, reject)).await??;
+        shard.metrics.bytes_received.inc_by(push.bytes);
+        let (worker, step) = (push.worker, push.step);
+        shard.coord.wait_for_step(worker, step, shard.config.wait_timeout).await?;
+        match shard.config.mode {
+            Mode::Sync => {
+                shard.coord.begin_push(worker, step)?;
+                let m = model.clone();
+                let added = blocking(move || accumulate(&m, push)).await;
+                if let Some(ticket) = shard.coord.end_push(worker, added.is_ok()) {
+                    shard.complete_step(ticket).await?;
+                }
+                added?;
+                Ok(step)
+            }
+            Mode::Async => {
+                blocking(move || apply_now(&model, push)).await?;
+                let v = shard.coord.applied_async(worker, step);
+                shard.metrics.version.set(v as i64);
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// Sync: adds a validated push into the step's sums.
+fn accumulate(model: &ShardModel, push: ValidPush) {
+    for (idx, slices) in push.dense {
+        let piece = &model.pieces[idx];
+        let mut offset = 0;
+        for s in slices {
+            piece.accumulate(offset, &s);
+            offset += s.len() / 4;
+        }
+    }
+    for (t, ids, values) in push.sparse {
+        let table = &model.tables[t];
+        table.accum.lock().unwrap().add(&ids, &values, table.dim);
+    }
+}
+
+/// Async: applies a validated push at once.
+fn apply_now(model: &ShardModel, push: ValidPush) {
+    let mut grad = Vec::new();
+    for (idx, slices) in push.dense {
+        let piece = &model.pieces[idx];
+        grad.clear();
+        grad.resize(piece.len, 0.0);
+        let mut offset = 0;
+        for s in slices {
+            let n = s.len() / 4;
+            codec::copy_f32s(&mut grad[offset..offset + n], &s);
+            offset += n;
+        }
+        piece.apply(&grad);
+    }
+    for (t, ids, values) in push.sparse {
+        let table = &model.tables[t];
+        let mut acc = SparseAccum::default();
+        acc.add(&ids, &values, table.dim);
+        table.apply(&acc, 1.0);
+    }
+}
