@@ -1,5 +1,53 @@
-//! Training data for gradflow workers (readers being written by a helper).
+//! Training data for gradflow workers.
+//!
+//! A worker turns a [`ReaderConfig`] and its [`ShardSpec`] into a [`Reader`], then calls
+//! [`Reader::next_batch`] to refill one [`Batch`] over and over:
+//!
+//! ```no_run
+//! use gradflow_data::{Batch, Format, Reader, ReaderConfig, ShardSpec};
+//! # fn main() -> Result<(), gradflow_data::DataError> {
+//! let config = ReaderConfig::new(Format::Csv, vec!["train.csv".into()]);
+//! let mut reader = Reader::open(&config, ShardSpec::new(0, 4)?)?;
+//! let mut batch = Batch::new(reader.num_dense());
+//! while reader.next_batch(&mut batch, 256)? > 0 {
+//!     // train on `batch`; `reader.end_of_epoch()` marks the last batch of each epoch
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - [`batch`]: the [`Batch`] every model reads.
+//! - [`reader`]: the streaming pipeline (files, shard, parse, shuffle, batch) and its config.
+//! - [`shard`]: byte-range sharding ([`split_ranges`], [`ShardSpec`], [`FilePiece`]).
+//! - [`lines`]: reading the lines of one byte range, the building block of sharding.
+//! - [`libsvm`], [`csv`]: the two formats; [`hash`]: stable ids for categorical values.
+//! - [`shuffle`]: the streaming shuffle buffer.
+//! - [`synth`]: synthetic click-through data with a known oracle AUC.
+//! - [`metrics`]: AUC, log loss, accuracy. [`standardize`]: feature standardization.
+//! - The error type, [`DataError`], is in [`error`].
 
 pub mod batch;
+pub mod csv;
+pub mod error;
+pub mod example;
+pub mod hash;
+pub mod libsvm;
+pub mod lines;
+pub mod metrics;
+pub mod reader;
+mod rng;
+pub mod shard;
+pub mod shuffle;
+pub mod standardize;
+pub mod synth;
 
 pub use batch::Batch;
+pub use csv::CsvSchema;
+pub use error::DataError;
+pub use example::Example;
+pub use hash::categorical_id;
+pub use reader::{Epochs, Format, Reader, ReaderConfig};
+pub use shard::{FilePiece, ShardSpec, split_ranges};
+pub use shuffle::ShuffleBuffer;
+pub use standardize::Standardizer;
+pub use synth::{SynthConfig, SynthSummary, write_synth};

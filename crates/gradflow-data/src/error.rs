@@ -1,0 +1,47 @@
+//! The error type of this crate.
+//!
+//! Every error about a data file names the file; every error about a line also names its
+//! 1-based line number and says what was expected and what was found, so a user can open the
+//! file at that line and fix it without rerunning anything under a debugger.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Reading, parsing or generating data failed.
+#[derive(Debug, Error)]
+pub enum DataError {
+    /// Opening, reading or writing a file failed.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A line of a data file is not what its format requires.
+    #[error("{}, line {line}: expected {expected}, found {found}", .path.display())]
+    Parse {
+        /// The file holding the line.
+        path: PathBuf,
+        /// 1-based line number, counted from the start of the file (not of a shard).
+        line: u64,
+        /// What the format requires at that point.
+        expected: String,
+        /// What the line holds there.
+        found: String,
+    },
+    /// A configuration (reader, shard, synthetic data) is not usable.
+    #[error("invalid data config: {0}")]
+    Config(String),
+}
+
+impl DataError {
+    /// Wraps an I/O error with the file it came from.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> DataError {
+        DataError::Io { path: path.into(), source }
+    }
+}
+
+/// `Result` with [`DataError`] as the default error.
+pub type Result<T, E = DataError> = std::result::Result<T, E>;

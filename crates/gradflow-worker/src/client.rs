@@ -1,0 +1,631 @@
+//! [`Worker`]: one training process's connection to every parameter-server shard.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::try_join_all;
+use futures::stream::{self, StreamExt};
+use gradflow_core::{ModelSpec, Placement};
+use gradflow_proto::{ParameterServerClient, codec, pb};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{debug, info, warn};
+
+use crate::{WorkerConfig, WorkerError};
+
+/// Metadata key a server sets on a stale-step refusal (see gradflow-ps).
+const VERSION_METADATA: &str = "x-gradflow-version";
+
+/// What became of a step's gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// The servers took them.
+    Applied,
+    /// The servers had moved past this worker's step (it was dropped as dead and came
+    /// back); the gradients were discarded and the worker now continues at `resumed_at`.
+    Stale { resumed_at: u64 },
+}
+
+/// Gradients staged for one shard until [`Worker::step`].
+#[derive(Default)]
+struct Pending {
+    dense: Vec<pb::DenseSlice>,
+    sparse: Vec<pb::SparseGrad>,
+}
+
+/// A worker's connection to the parameter servers.
+///
+/// The usual loop: [`declare`](Worker::declare) once, then for every batch
+/// [`pull_dense`](Worker::pull_dense) / [`pull_sparse`](Worker::pull_sparse), compute
+/// gradients, [`push_dense`](Worker::push_dense) / [`push_sparse`](Worker::push_sparse), and
+/// [`step`](Worker::step); finally [`leave`](Worker::leave).
+pub struct Worker {
+    config: WorkerConfig,
+    clients: Vec<ParameterServerClient<Channel>>,
+    model: Option<Arc<(ModelSpec, Placement)>>,
+    step: u64,
+    pending: Vec<Pending>,
+    heartbeat: JoinHandle<()>,
+    step_tx: tokio::sync::watch::Sender<u64>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+fn endpoint(addr: &str, config: &WorkerConfig) -> Result<Endpoint, WorkerError> {
+    let t = &config.transport;
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    Ok(Endpoint::from_shared(url)
+        .map_err(|e| WorkerError::Config(format!("server address `{addr}` is not valid: {e}")))?
+        .connect_timeout(t.connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(t.stream_window_bytes)
+        .initial_connection_window_size(t.connection_window_bytes)
+        .http2_keep_alive_interval(t.keepalive_interval)
+        .keep_alive_timeout(t.keepalive_timeout)
+        .keep_alive_while_idle(true))
+}
+
+/// Errors worth retrying: the server is not (yet, or for a moment) reachable.
+fn transient(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+        && !status.message().contains("shutting down")
+}
+
+impl Worker {
+    /// Connects to every server, waiting up to `startup_timeout` for them to come up, and
+    /// checks that each is the shard its position in `servers` says it is.
+    pub async fn connect(config: WorkerConfig) -> Result<Worker, WorkerError> {
+        config.validate().map_err(WorkerError::Config)?;
+        let mut clients = Vec::with_capacity(config.servers.len());
+        for addr in &config.servers {
+            let channel = endpoint(addr, &config)?.connect_lazy();
+            clients.push(
+                ParameterServerClient::new(channel)
+                    .max_decoding_message_size(config.transport.max_message_bytes)
+                    .max_encoding_message_size(config.transport.max_message_bytes),
+            );
+        }
+        let deadline = tokio::time::Instant::now() + config.startup_timeout;
+        let n = clients.len() as u32;
+        let statuses = try_join_all(clients.iter().enumerate().map(|(shard, c)| {
+            let mut c = c.clone();
+            let addr = config.servers[shard].clone();
+            async move {
+                let mut attempt = 0;
+                loop {
+                    match c.status(pb::StatusRequest {}).await {
+                        Ok(r) => return Ok(r.into_inner()),
+                        Err(s) if transient(&s) && tokio::time::Instant::now() < deadline => {
+                            attempt += 1;
+                            debug!(shard, %addr, attempt, "server not up yet: {}", s.message());
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(s) => {
+                            return Err(WorkerError::Unreachable {
+                                shard,
+                                addr,
+                                message: s.message().to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        }))
+        .await?;
+        for (shard, st) in statuses.iter().enumerate() {
+            if st.num_shards != n || st.shard != shard as u32 {
+                return Err(WorkerError::Config(format!(
+                    "server {} is shard {} of {}, but it is listed at position {shard} of {n}: list servers in shard order",
+                    config.servers[shard], st.shard, st.num_shards
+                )));
+            }
+            if config.worker >= st.num_workers {
+                return Err(WorkerError::Config(format!(
+                    "worker index {} is out of range: the servers expect {} workers",
+                    config.worker, st.num_workers
+                )));
+            }
+        }
+        let (step_tx, step_rx) = tokio::sync::watch::channel(0u64);
+        let heartbeat =
+            tokio::spawn(heartbeat_loop(clients.clone(), config.worker, config.heartbeat_interval, step_rx));
+        info!(worker = config.worker, servers = ?config.servers, "connected to parameter servers");
+        Ok(Worker {
+            pending: (0..clients.len()).map(|_| Pending::default()).collect(),
+            config,
+            clients,
+            model: None,
+            step: 0,
+            heartbeat,
+            step_tx,
+        })
+    }
+
+    /// This worker's index.
+    pub fn index(&self) -> u32 {
+        self.config.worker
+    }
+
+    /// Number of server shards.
+    pub fn num_shards(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The step this worker is on: pulls wait for the model of this step (sync mode), and
+    /// pushes are for it.
+    pub fn current_step(&self) -> u64 {
+        self.step
+    }
+
+    /// Sets the step, e.g. when resuming from a checkpoint or joining a running job.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+        let _ = self.step_tx.send(step);
+    }
+
+    /// The declared spec.
+    pub fn spec(&self) -> Result<&ModelSpec, WorkerError> {
+        self.model.as_ref().map(|m| &m.0).ok_or(WorkerError::NotDeclared)
+    }
+
+    /// Where each dense piece lives (a pure function of the spec and the shard count).
+    pub fn placement(&self) -> Result<&Placement, WorkerError> {
+        self.model.as_ref().map(|m| &m.1).ok_or(WorkerError::NotDeclared)
+    }
+
+    /// Calls `f` on shard `shard`'s client, retrying transient failures with backoff.
+    async fn call<T, F, Fut>(&self, shard: usize, rpc: &'static str, f: F) -> Result<T, WorkerError>
+    where
+        F: Fn(ParameterServerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let t = &self.config.transport;
+        let mut attempt = 0;
+        loop {
+            match f(self.clients[shard].clone()).await {
+                Ok(v) => return Ok(v),
+                Err(s) if transient(&s) && attempt < t.max_retries => {
+                    let delay = t.backoff(attempt);
+                    warn!(shard, rpc, attempt, ?delay, "transient error, retrying: {}", s.message());
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(status) => {
+                    return Err(WorkerError::Server {
+                        shard,
+                        addr: self.config.servers[shard].clone(),
+                        rpc,
+                        status,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Declares the model on every shard: creates it on the first call of the job, checks it
+    /// on later ones (a different spec is refused with the first difference).
+    pub async fn declare(&mut self, spec: ModelSpec) -> Result<(), WorkerError> {
+        spec.validate().map_err(|e| WorkerError::InvalidSpec(e.to_string()))?;
+        let json = serde_json::to_string(&spec).map_err(|e| WorkerError::InvalidSpec(e.to_string()))?;
+        let n = self.clients.len() as u32;
+        let me = self.config.worker;
+        let pbytes = self.config.partition_bytes;
+        try_join_all((0..self.clients.len()).map(|shard| {
+            let json = json.clone();
+            self.call(shard, "DeclareSpec", move |mut c| {
+                let req = pb::DeclareSpecRequest {
+                    worker: me,
+                    spec_json: json.clone(),
+                    partition_bytes: pbytes,
+                    num_shards: n,
+                    shard: shard as u32,
+                };
+                async move { c.declare_spec(req).await }
+            })
+        }))
+        .await?;
+        let placement = Placement::new(&spec, n, pbytes);
+        self.model = Some(Arc::new((spec, placement)));
+        Ok(())
+    }
+
+    /// Pulls every dense tensor into `out` (one buffer per `ModelSpec::dense`, in spec order,
+    /// resized to the tensor's size). In sync mode this waits for the model of the current step.
+    pub async fn pull_all_dense(&self, out: &mut [Vec<f32>]) -> Result<(), WorkerError> {
+        let spec = self.spec()?;
+        if out.len() != spec.dense.len() {
+            return Err(WorkerError::Length {
+                name: "dense buffers".into(),
+                expected: spec.dense.len(),
+                got: out.len(),
+            });
+        }
+        for (buf, d) in out.iter_mut().zip(&spec.dense) {
+            buf.resize(d.numel() as usize, 0.0);
+        }
+        let mut refs: Vec<&mut [f32]> = out.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let all: Vec<usize> = (0..spec.dense.len()).collect();
+        self.pull_dense_indices(&all, &mut refs, true).await
+    }
+
+    /// Pulls the named dense tensors into the caller's buffers (each exactly the tensor's size).
+    pub async fn pull_dense(&self, names: &[&str], out: &mut [&mut [f32]]) -> Result<(), WorkerError> {
+        let spec = self.spec()?;
+        let mut idx = Vec::with_capacity(names.len());
+        for (name, buf) in names.iter().zip(out.iter()) {
+            let t = spec.dense_index(name).ok_or_else(|| WorkerError::UnknownTensor(name.to_string()))?;
+            let expected = spec.dense[t].numel() as usize;
+            if buf.len() != expected {
+                return Err(WorkerError::Length { name: name.to_string(), expected, got: buf.len() });
+            }
+            idx.push(t);
+        }
+        self.pull_dense_indices(&idx, out, false).await
+    }
+
+    async fn pull_dense_indices(
+        &self,
+        tensors: &[usize],
+        out: &mut [&mut [f32]],
+        everything: bool,
+    ) -> Result<(), WorkerError> {
+        let (spec, placement) = {
+            let m = self.model.as_ref().ok_or(WorkerError::NotDeclared)?;
+            (&m.0, &m.1)
+        };
+        // Which pieces to ask each shard for; `everything` asks for all of them in one word.
+        let mut wanted: Vec<Vec<pb::PieceRef>> = vec![Vec::new(); self.clients.len()];
+        let mut expected_pieces = vec![0usize; self.clients.len()];
+        for &t in tensors {
+            for p in placement.pieces_of(t) {
+                expected_pieces[p.shard as usize] += 1;
+                if !everything {
+                    wanted[p.shard as usize]
+                        .push(pb::PieceRef { tensor: spec.dense[t].name.clone(), partition: p.partition });
+                }
+            }
+        }
+        let slot_of = |name: &str| tensors.iter().position(|&t| spec.dense[t].name == name);
+        let (me, step) = (self.config.worker, self.step);
+        let streams =
+            try_join_all((0..self.clients.len()).filter(|&s| expected_pieces[s] > 0).map(|shard| {
+                let pieces = wanted[shard].clone();
+                async move {
+                    let s = self
+                        .call(shard, "PullDense", move |mut c| {
+                            let req = pb::PullDenseRequest { worker: me, step, pieces: pieces.clone() };
+                            async move { c.pull_dense(req).await }
+                        })
+                        .await?
+                        .into_inner();
+                    Ok::<_, WorkerError>(s.map(move |r| (shard, r)))
+                }
+            }))
+            .await?;
+        let mut merged = stream::select_all(streams);
+        let mut received = vec![0u64; tensors.len()];
+        while let Some((shard, chunk)) = merged.next().await {
+            let chunk = chunk.map_err(|status| WorkerError::Server {
+                shard,
+                addr: self.config.servers[shard].clone(),
+                rpc: "PullDense",
+                status,
+            })?;
+            let bad = |message: String| WorkerError::Protocol { shard, message };
+            let slot = slot_of(&chunk.tensor)
+                .ok_or_else(|| bad(format!("unrequested tensor `{}` in PullDense reply", chunk.tensor)))?;
+            let piece = placement
+                .pieces_of(tensors[slot])
+                .get(chunk.partition as usize)
+                .ok_or_else(|| bad(format!("`{}` has no partition {}", chunk.tensor, chunk.partition)))?;
+            let n = codec::f32_len(&chunk.data).ok_or_else(|| bad("chunk is not whole f32 values".into()))?;
+            let start = (piece.offset + chunk.offset) as usize;
+            if chunk.offset + n as u64 > piece.len {
+                return Err(bad(format!("chunk of `{}` runs past its partition", chunk.tensor)));
+            }
+            codec::copy_f32s(&mut out[slot][start..start + n], &chunk.data);
+            received[slot] += n as u64;
+        }
+        for (slot, &t) in tensors.iter().enumerate() {
+            if received[slot] != spec.dense[t].numel() {
+                return Err(WorkerError::Protocol {
+                    shard: 0,
+                    message: format!(
+                        "`{}`: received {} of {} values",
+                        spec.dense[t].name,
+                        received[slot],
+                        spec.dense[t].numel()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls the rows of `ids` from sparse table `table` into `out` (`ids.len() * dim` values,
+    /// in the order of `ids`). Rows are created on first touch.
+    pub async fn pull_sparse(&self, table: &str, ids: &[u64], out: &mut Vec<f32>) -> Result<(), WorkerError> {
+        self.pull_sparse_many(&[(table, ids)], std::slice::from_mut(out)).await
+    }
+
+    /// Pulls rows of several tables at once: one request per shard.
+    pub async fn pull_sparse_many(
+        &self,
+        requests: &[(&str, &[u64])],
+        out: &mut [Vec<f32>],
+    ) -> Result<(), WorkerError> {
+        let spec = self.spec()?;
+        let n = self.clients.len();
+        let mut dims = Vec::with_capacity(requests.len());
+        // For each shard and request: the positions in `ids` that shard serves.
+        let mut positions: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); requests.len()]; n];
+        for (r, (table, ids)) in requests.iter().enumerate() {
+            let t = spec.sparse_index(table).ok_or_else(|| WorkerError::UnknownTable(table.to_string()))?;
+            dims.push(spec.sparse[t].dim as usize);
+            for (i, &id) in ids.iter().enumerate() {
+                positions[Placement::sparse_shard(id, n as u32) as usize][r].push(i as u32);
+            }
+        }
+        let (me, step) = (self.config.worker, self.step);
+        let replies =
+            try_join_all((0..n).filter(|&s| positions[s].iter().any(|p| !p.is_empty())).map(|shard| {
+                let tables: Vec<pb::SparseIds> = requests
+                    .iter()
+                    .enumerate()
+                    .filter(|(r, _)| !positions[shard][*r].is_empty())
+                    .map(|(r, (table, ids))| {
+                        let shard_ids: Vec<u64> =
+                            positions[shard][r].iter().map(|&i| ids[i as usize]).collect();
+                        pb::SparseIds { table: table.to_string(), ids: codec::u64s_to_bytes(&shard_ids) }
+                    })
+                    .collect();
+                async move {
+                    let reply = self
+                        .call(shard, "PullSparse", move |mut c| {
+                            let req = pb::PullSparseRequest { worker: me, step, tables: tables.clone() };
+                            async move { c.pull_sparse(req).await }
+                        })
+                        .await?
+                        .into_inner();
+                    Ok::<_, WorkerError>((shard, reply))
+                }
+            }))
+            .await?;
+        for (r, (_, ids)) in requests.iter().enumerate() {
+            out[r].resize(ids.len() * dims[r], 0.0);
+        }
+        for (shard, reply) in replies {
+            let mut rows = reply.tables.into_iter();
+            for r in 0..requests.len() {
+                let pos = &positions[shard][r];
+                if pos.is_empty() {
+                    continue;
+                }
+                let dim = dims[r];
+                let got = rows.next().ok_or_else(|| WorkerError::Protocol {
+                    shard,
+                    message: format!("no rows for table `{}` in PullSparse reply", requests[r].0),
+                })?;
+                if got.values.len() != pos.len() * dim * 4 {
+                    return Err(WorkerError::Protocol {
+                        shard,
+                        message: format!(
+                            "table `{}`: {} bytes for {} rows of dim {dim}",
+                            requests[r].0,
+                            got.values.len(),
+                            pos.len()
+                        ),
+                    });
+                }
+                for (k, &i) in pos.iter().enumerate() {
+                    let i = i as usize;
+                    codec::copy_f32s(
+                        &mut out[r][i * dim..(i + 1) * dim],
+                        &got.values[k * dim * 4..(k + 1) * dim * 4],
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages the gradient of dense tensor `name` for this step; it is sent by [`Worker::step`].
+    pub fn push_dense(&mut self, name: &str, grad: &[f32]) -> Result<(), WorkerError> {
+        let model = self.model.clone().ok_or(WorkerError::NotDeclared)?;
+        let (spec, placement) = (&model.0, &model.1);
+        let t = spec.dense_index(name).ok_or_else(|| WorkerError::UnknownTensor(name.to_string()))?;
+        let expected = spec.dense[t].numel() as usize;
+        if grad.len() != expected {
+            return Err(WorkerError::Length { name: name.to_string(), expected, got: grad.len() });
+        }
+        let chunk = self.config.transport.chunk_bytes / 4;
+        for p in placement.pieces_of(t) {
+            let piece = &grad[p.offset as usize..(p.offset + p.len) as usize];
+            for (k, part) in piece.chunks(chunk).enumerate() {
+                self.pending[p.shard as usize].dense.push(pb::DenseSlice {
+                    tensor: name.to_string(),
+                    partition: p.partition,
+                    offset: (k * chunk) as u64,
+                    data: codec::f32s_to_bytes(part),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages gradients for rows `ids` of sparse table `table` (`ids.len() * dim` values).
+    /// Repeated ids are summed by the server.
+    pub fn push_sparse(&mut self, table: &str, ids: &[u64], grads: &[f32]) -> Result<(), WorkerError> {
+        let spec = self.spec()?;
+        let t = spec.sparse_index(table).ok_or_else(|| WorkerError::UnknownTable(table.to_string()))?;
+        let dim = spec.sparse[t].dim as usize;
+        if grads.len() != ids.len() * dim {
+            return Err(WorkerError::Length {
+                name: table.to_string(),
+                expected: ids.len() * dim,
+                got: grads.len(),
+            });
+        }
+        let n = self.clients.len();
+        let mut by_shard: Vec<(Vec<u64>, Vec<u8>)> = vec![(Vec::new(), Vec::new()); n];
+        for (i, &id) in ids.iter().enumerate() {
+            let (sids, svals) = &mut by_shard[Placement::sparse_shard(id, n as u32) as usize];
+            sids.push(id);
+            codec::extend_f32s(svals, &grads[i * dim..(i + 1) * dim]);
+        }
+        for (shard, (sids, svals)) in by_shard.into_iter().enumerate() {
+            if !sids.is_empty() {
+                self.pending[shard].sparse.push(pb::SparseGrad {
+                    table: table.to_string(),
+                    ids: codec::u64s_to_bytes(&sids),
+                    values: Bytes::from(svals),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends this step's staged gradients to every shard (an empty push where nothing is
+    /// staged, so sync shards know this worker is done) and moves to the next step.
+    pub async fn step(&mut self) -> Result<StepOutcome, WorkerError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending = (0..self.clients.len()).map(|_| Pending::default()).collect();
+        let (me, step) = (self.config.worker, self.step);
+        let max = self.config.transport.chunk_bytes;
+        let this = &*self;
+        let results = futures::future::join_all(pending.into_iter().enumerate().map(|(shard, p)| {
+            let msgs = pack(me, step, p, max);
+            async move {
+                let r = this
+                    .call(shard, "Push", |mut c| {
+                        let msgs = msgs.clone();
+                        async move { c.push(stream::iter(msgs)).await }
+                    })
+                    .await;
+                match r {
+                    // step() sends once per step, so this can only be a retry of a push
+                    // whose first attempt arrived although its answer was lost.
+                    Err(e) if e.code() == Some(Code::AlreadyExists) => Ok(()),
+                    Err(e) => Err(e),
+                    Ok(_) => Ok(()),
+                }
+            }
+        }))
+        .await;
+        let mut resumed_at = None;
+        for r in results {
+            match r {
+                Ok(()) => {}
+                Err(WorkerError::Server { status, .. })
+                    if status.code() == Code::FailedPrecondition
+                        && status.metadata().get(VERSION_METADATA).is_some() =>
+                {
+                    let v = status
+                        .metadata()
+                        .get(VERSION_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(step + 1);
+                    resumed_at = Some(resumed_at.unwrap_or(0).max(v));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match resumed_at {
+            None => {
+                self.set_step(step + 1);
+                Ok(StepOutcome::Applied)
+            }
+            Some(v) => {
+                warn!(
+                    worker = me,
+                    step,
+                    resumed_at = v,
+                    "the servers moved on without this worker; its gradients for this step were discarded"
+                );
+                self.set_step(v);
+                Ok(StepOutcome::Stale { resumed_at: v })
+            }
+        }
+    }
+
+    /// Tells every shard this worker is done, so sync steps stop waiting for it.
+    pub async fn leave(self) -> Result<(), WorkerError> {
+        let me = self.config.worker;
+        try_join_all((0..self.clients.len()).map(|shard| {
+            self.call(
+                shard,
+                "Leave",
+                move |mut c| async move { c.leave(pb::LeaveRequest { worker: me }).await },
+            )
+        }))
+        .await?;
+        info!(worker = me, step = self.step, "left the job");
+        Ok(())
+    }
+
+    /// The status of every shard.
+    pub async fn status(&self) -> Result<Vec<pb::StatusResponse>, WorkerError> {
+        try_join_all((0..self.clients.len()).map(|shard| async move {
+            Ok(self
+                .call(shard, "Status", |mut c| async move { c.status(pb::StatusRequest {}).await })
+                .await?
+                .into_inner())
+        }))
+        .await
+    }
+}
+
+/// Packs staged gradients into push messages of at most about `max` payload bytes each.
+fn pack(worker: u32, step: u64, p: Pending, max: usize) -> Vec<pb::PushRequest> {
+    let new = || pb::PushRequest { worker, step, dense: Vec::new(), sparse: Vec::new() };
+    let mut msgs = vec![new()];
+    let mut size = 0;
+    for d in p.dense {
+        if size > 0 && size + d.data.len() > max {
+            msgs.push(new());
+            size = 0;
+        }
+        size += d.data.len();
+        msgs.last_mut().unwrap().dense.push(d);
+    }
+    for s in p.sparse {
+        let len = s.ids.len() + s.values.len();
+        if size > 0 && size + len > max {
+            msgs.push(new());
+            size = 0;
+        }
+        size += len;
+        msgs.last_mut().unwrap().sparse.push(s);
+    }
+    msgs
+}
+
+async fn heartbeat_loop(
+    clients: Vec<ParameterServerClient<Channel>>,
+    worker: u32,
+    interval: Duration,
+    step: tokio::sync::watch::Receiver<u64>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = *step.borrow();
+        for (shard, c) in clients.iter().enumerate() {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                if let Err(e) = c.heartbeat(pb::HeartbeatRequest { worker, step: s }).await {
+                    debug!(shard, "heartbeat failed: {}", e.message());
+                }
+            });
+        }
+    }
+}

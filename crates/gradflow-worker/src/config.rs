@@ -1,0 +1,60 @@
+//! The worker's settings, with their defaults.
+
+use std::time::Duration;
+
+use gradflow_core::DEFAULT_PARTITION_BYTES;
+use gradflow_proto::TransportConfig;
+use serde::{Deserialize, Serialize};
+
+/// How a worker finds and talks to the parameter servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Server addresses (`host:port`), in shard order: shard `i` listens at `servers[i]`.
+    pub servers: Vec<String>,
+    /// This worker's index, `0..num_workers`.
+    pub worker: u32,
+    /// Largest dense piece in bytes; tensors larger than this are split across shards.
+    /// Must agree across the job. Default 4 MiB.
+    pub partition_bytes: u64,
+    /// Interval between heartbeats. Keep it well under the servers' heartbeat_timeout.
+    /// Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long `connect` waits for every server to answer (they may still be starting).
+    /// Default 120s.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// gRPC transport settings.
+    pub transport: TransportConfig,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            servers: Vec::new(),
+            worker: 0,
+            partition_bytes: DEFAULT_PARTITION_BYTES,
+            heartbeat_interval: Duration::from_secs(1),
+            startup_timeout: Duration::from_secs(120),
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// A configuration with defaults for `servers` and worker index `worker`.
+    pub fn new(servers: impl IntoIterator<Item = impl Into<String>>, worker: u32) -> WorkerConfig {
+        WorkerConfig { servers: servers.into_iter().map(Into::into).collect(), worker, ..Default::default() }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.servers.is_empty() {
+            return Err("servers is empty; expected at least one parameter server address".into());
+        }
+        if self.partition_bytes < 1024 {
+            return Err(format!("partition_bytes is {}; expected at least 1024", self.partition_bytes));
+        }
+        self.transport.validate()
+    }
+}

@@ -1,0 +1,37 @@
+//! The worker library's errors.
+
+use thiserror::Error;
+
+/// What went wrong talking to the parameter servers.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+    #[error("cannot reach parameter server {shard} at {addr}: {message}")]
+    Unreachable { shard: usize, addr: String, message: String },
+    /// The server refused the request; `status` carries its code and message.
+    #[error("parameter server {shard} ({addr}) refused {rpc}: {}", status.message())]
+    Server { shard: usize, addr: String, rpc: &'static str, status: tonic::Status },
+    #[error("no model declared: call Worker::declare first")]
+    NotDeclared,
+    #[error("invalid model spec: {0}")]
+    InvalidSpec(String),
+    #[error("unknown dense tensor `{0}`")]
+    UnknownTensor(String),
+    #[error("unknown sparse table `{0}`")]
+    UnknownTable(String),
+    #[error("`{name}`: expected {expected} values, got {got}")]
+    Length { name: String, expected: usize, got: usize },
+    #[error("protocol error from parameter server {shard}: {message}")]
+    Protocol { shard: usize, message: String },
+}
+
+impl WorkerError {
+    /// The gRPC status code of a server refusal, if this is one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            WorkerError::Server { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! gradflow's worker library: how a Rust trainer talks to the parameter servers.
+//!
+//! A [`Worker`] connects to every server shard, declares the model, and then, step after
+//! step, pulls parameters, stages gradients and sends them. It computes where each dense piece
+//! and each sparse row lives from the spec alone, and talks to all shards concurrently.
+//!
+//! ```no_run
+//! use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, SparseSpec};
+//! use gradflow_worker::{Worker, WorkerConfig};
+//!
+//! # async fn train() -> Result<(), gradflow_worker::WorkerError> {
+//! let config = WorkerConfig::new(["127.0.0.1:7000", "127.0.0.1:7001"], /* worker */ 0);
+//! let mut worker = Worker::connect(config).await?;
+//! worker
+//!     .declare(ModelSpec {
+//!         dense: vec![DenseSpec {
+//!             name: "w".into(),
+//!             shape: vec![4],
+//!             init: Initializer::Zeros,
+//!             optimizer: OptimizerConfig::adagrad(0.1),
+//!         }],
+//!         sparse: vec![SparseSpec {
+//!             name: "emb".into(),
+//!             dim: 8,
+//!             init: Initializer::Normal { mean: 0.0, std: 0.01, seed: 1 },
+//!             optimizer: OptimizerConfig::adagrad(0.1),
+//!         }],
+//!     })
+//!     .await?;
+//! let mut dense = vec![Vec::new()];
+//! let mut rows = Vec::new();
+//! for _ in 0..100 {
+//!     worker.pull_all_dense(&mut dense).await?; // sync mode: waits for this step's model
+//!     worker.pull_sparse("emb", &[3, 17], &mut rows).await?;
+//!     // ... compute gradients with dense[0] and rows ...
+//!     worker.push_dense("w", &[0.1, 0.0, -0.2, 0.3])?;
+//!     worker.push_sparse("emb", &[3, 17], &vec![0.01; 16])?;
+//!     worker.step().await?; // sends the staged gradients to every shard
+//! }
+//! worker.leave().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`config`] (settings and defaults), [`client`] (the [`Worker`]), [`error`].
+
+pub mod client;
+pub mod config;
+pub mod error;
+
+pub use client::{StepOutcome, Worker};
+pub use config::WorkerConfig;
+pub use error::WorkerError;

@@ -1,0 +1,40 @@
+//! Starting real parameter-server shards on loopback port 0 for the tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use gradflow_core::Mode;
+use gradflow_ps::{RunningServer, ServerConfig};
+
+pub fn config(shard: u32, num_shards: u32, num_workers: u32, mode: Mode) -> ServerConfig {
+    ServerConfig {
+        shard,
+        num_shards,
+        num_workers,
+        mode,
+        heartbeat_timeout: Duration::from_secs(2),
+        startup_timeout: Duration::from_secs(60),
+        wait_timeout: Duration::from_secs(60),
+        ..ServerConfig::default()
+    }
+}
+
+/// Starts `num_shards` shards with settings from `make(shard)`.
+pub async fn start_shards(num_shards: u32, make: impl Fn(u32) -> ServerConfig) -> Vec<RunningServer> {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut out = Vec::new();
+    for s in 0..num_shards {
+        out.push(gradflow_ps::start(make(s), any, Some(any)).await.expect("server starts"));
+    }
+    out
+}
+
+pub fn addrs(servers: &[RunningServer]) -> Vec<String> {
+    servers.iter().map(|s| s.addr().to_string()).collect()
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
+}

@@ -1,0 +1,250 @@
+//! Training through real shards: sync training equals one process applying the mean gradient,
+//! async training converges, sparse rows live on the shard their id hashes to.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+
+use common::*;
+use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, Placement, SparseSpec};
+use gradflow_worker::{StepOutcome, Worker, WorkerConfig};
+
+const WORKERS: u32 = 3;
+const SHARDS: u32 = 2;
+const STEPS: u64 = 8;
+
+fn spec() -> ModelSpec {
+    ModelSpec {
+        dense: vec![
+            DenseSpec {
+                name: "w1".into(),
+                shape: vec![40, 30],
+                init: Initializer::Normal { mean: 0.0, std: 0.5, seed: 7 },
+                optimizer: OptimizerConfig::adam(0.05),
+            },
+            DenseSpec {
+                name: "b".into(),
+                shape: vec![7],
+                init: Initializer::Constant { value: 0.3 },
+                optimizer: OptimizerConfig::Sgd {
+                    lr: 0.1,
+                    momentum: 0.9,
+                    dampening: 0.0,
+                    nesterov: true,
+                    weight_decay: 0.01,
+                },
+            },
+        ],
+        sparse: vec![SparseSpec {
+            name: "emb".into(),
+            dim: 4,
+            init: Initializer::Uniform { low: -0.1, high: 0.1, seed: 3 },
+            optimizer: OptimizerConfig::adagrad(0.2),
+        }],
+    }
+}
+
+/// The ids worker `w` touches at step `s`: some shared, some its own, one repeated.
+fn ids(w: u32, s: u64) -> Vec<u64> {
+    vec![s % 5, 1000 + w as u64, 77, 77, 5000 + s * 10 + w as u64]
+}
+
+/// A deterministic gradient of a parameter value for worker `w`, step `s`, element `i`.
+fn grad(value: f32, w: u32, s: u64, i: usize) -> f32 {
+    0.5 * value + ((w as f32 + 1.0) * 0.37 + s as f32 * 0.11 + i as f32 * 0.013).sin()
+}
+
+async fn run_worker(servers: Vec<String>, w: u32) -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
+    let mut config = WorkerConfig::new(servers, w);
+    config.partition_bytes = 1024; // splits w1 (4800 bytes) into pieces across both shards
+    let mut worker = Worker::connect(config).await.unwrap();
+    worker.declare(spec()).await.unwrap();
+    let mut dense = vec![Vec::new(), Vec::new()];
+    let mut rows = Vec::new();
+    for s in 0..STEPS {
+        worker.pull_all_dense(&mut dense).await.unwrap();
+        let ids = ids(w, s);
+        worker.pull_sparse("emb", &ids, &mut rows).await.unwrap();
+        for (t, name) in ["w1", "b"].iter().enumerate() {
+            let g: Vec<f32> = dense[t].iter().enumerate().map(|(i, v)| grad(*v, w, s, i)).collect();
+            worker.push_dense(name, &g).unwrap();
+        }
+        let g: Vec<f32> = rows.iter().enumerate().map(|(i, v)| grad(*v, w, s, i % 4)).collect();
+        worker.push_sparse("emb", &ids, &g).unwrap();
+        assert_eq!(worker.step().await.unwrap(), StepOutcome::Applied);
+    }
+    worker.pull_all_dense(&mut dense).await.unwrap();
+    let all: Vec<u64> = (0..WORKERS).flat_map(|w| (0..STEPS).flat_map(move |s| ids(w, s))).collect();
+    let unique: Vec<u64> = all.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+    worker.pull_sparse("emb", &unique, &mut rows).await.unwrap();
+    let sparse = unique.iter().enumerate().map(|(k, id)| (*id, rows[k * 4..k * 4 + 4].to_vec())).collect();
+    worker.leave().await.unwrap();
+    (dense, sparse)
+}
+
+/// One process: same initial values, mean of the workers' gradients, same optimizers.
+fn reference() -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
+    let spec = spec();
+    let mut dense: Vec<Vec<f32>> = spec
+        .dense
+        .iter()
+        .map(|d| {
+            let mut v = vec![0f32; d.numel() as usize];
+            d.init.fill_dense(&d.name, &d.shape, 0, &mut v);
+            v
+        })
+        .collect();
+    let mut dstate: Vec<Vec<f32>> = spec
+        .dense
+        .iter()
+        .map(|d| {
+            let mut s = vec![0f32; d.numel() as usize * d.optimizer.num_slots()];
+            d.optimizer.init_state(&mut s);
+            s
+        })
+        .collect();
+    let table = &spec.sparse[0];
+    // id -> (value, state, updates)
+    let mut rows: HashMap<u64, (Vec<f32>, Vec<f32>, u64)> = HashMap::new();
+    let new_row = |id: u64| {
+        let mut v = vec![0f32; 4];
+        table.init.fill_row(&table.name, id, &mut v);
+        let mut s = vec![0f32; 4 * table.optimizer.num_slots()];
+        table.optimizer.init_state(&mut s);
+        (v, s, 0u64)
+    };
+    for s in 0..STEPS {
+        for (t, d) in spec.dense.iter().enumerate() {
+            let mean: Vec<f32> = (0..dense[t].len())
+                .map(|i| (0..WORKERS).map(|w| grad(dense[t][i], w, s, i)).sum::<f32>() / WORKERS as f32)
+                .collect();
+            d.optimizer.step(&mut dense[t], &mean, &mut dstate[t], s + 1);
+        }
+        // Every worker pulled the same rows at the start of the step.
+        let mut sums: HashMap<u64, Vec<f32>> = HashMap::new();
+        for w in 0..WORKERS {
+            for id in ids(w, s) {
+                let row = rows.entry(id).or_insert_with(|| new_row(id));
+                let g: Vec<f32> = row.0.iter().enumerate().map(|(i, v)| grad(*v, w, s, i)).collect();
+                let sum = sums.entry(id).or_insert_with(|| vec![0.0; 4]);
+                sum.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        }
+        for (id, sum) in sums {
+            let mean: Vec<f32> = sum.iter().map(|g| g / WORKERS as f32).collect();
+            let (v, st, t) = rows.get_mut(&id).unwrap();
+            *t += 1;
+            table.optimizer.step(v, &mean, st, *t);
+        }
+    }
+    (dense, rows.into_iter().map(|(id, (v, _, _))| (id, v)).collect())
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_training_equals_one_process_with_the_mean_gradient() {
+    init_tracing();
+    let servers = start_shards(SHARDS, |s| config(s, SHARDS, WORKERS, Mode::Sync)).await;
+    let addrs = addrs(&servers);
+    let handles: Vec<_> = (0..WORKERS).map(|w| tokio::spawn(run_worker(addrs.clone(), w))).collect();
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.await.unwrap());
+    }
+    let (want_dense, want_rows) = reference();
+    for (dense, rows) in &results {
+        assert_close("w1", &dense[0], &want_dense[0]);
+        assert_close("b", &dense[1], &want_dense[1]);
+        assert_eq!(rows.len(), want_rows.len());
+        for (id, want) in &want_rows {
+            assert_close(&format!("emb[{id}]"), &rows[id], want);
+        }
+    }
+    // The model really was split across both shards, and rows went to their hash's shard.
+    let mut total_rows = 0;
+    for (s, server) in servers.iter().enumerate() {
+        let model = server.shard().model().unwrap();
+        assert!(!model.pieces.is_empty(), "shard {s} holds dense pieces");
+        assert_eq!(server.shard().coord.version(), STEPS);
+        total_rows += model.sparse_rows();
+        assert!(model.sparse_rows() > 0, "shard {s} holds sparse rows");
+    }
+    assert_eq!(total_rows as usize, want_rows.len());
+    let owner_counts = want_rows.keys().fold([0; 2], |mut c, id| {
+        c[Placement::sparse_shard(*id, SHARDS) as usize] += 1;
+        c
+    });
+    assert_eq!(servers[0].shard().model().unwrap().sparse_rows(), owner_counts[0] as u64);
+    for s in servers {
+        s.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn async_training_converges() {
+    init_tracing();
+    let servers = start_shards(SHARDS, |s| config(s, SHARDS, WORKERS, Mode::Async)).await;
+    let addrs = addrs(&servers);
+    let target: Vec<f32> = (0..100).map(|i| (i as f32 * 0.1).cos()).collect();
+    let mut handles = Vec::new();
+    for w in 0..WORKERS {
+        let (addrs, target) = (addrs.clone(), target.clone());
+        handles.push(tokio::spawn(async move {
+            let mut config = WorkerConfig::new(addrs, w);
+            config.partition_bytes = 1024;
+            let mut worker = Worker::connect(config).await.unwrap();
+            worker
+                .declare(ModelSpec {
+                    dense: vec![DenseSpec {
+                        name: "w".into(),
+                        shape: vec![100],
+                        init: Initializer::Zeros,
+                        optimizer: OptimizerConfig::sgd(0.1),
+                    }],
+                    sparse: vec![],
+                })
+                .await
+                .unwrap();
+            let mut dense = vec![Vec::new()];
+            for _ in 0..60 {
+                worker.pull_all_dense(&mut dense).await.unwrap();
+                let g: Vec<f32> = dense[0].iter().zip(&target).map(|(v, t)| v - t).collect();
+                worker.push_dense("w", &g).unwrap();
+                worker.step().await.unwrap();
+            }
+            worker.pull_all_dense(&mut dense).await.unwrap();
+            worker.leave().await.unwrap();
+            dense.remove(0)
+        }));
+    }
+    for h in handles {
+        let w = h.await.unwrap();
+        let err = w.iter().zip(&target).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-3, "async training did not converge: max error {err}");
+    }
+    // Every push was applied at once: versions count pushes (60 per worker).
+    let versions: u64 = servers.iter().map(|s| s.shard().coord.version()).sum();
+    assert_eq!(versions, 2 * 60 * WORKERS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_worker_with_another_spec_is_refused_and_the_same_spec_is_a_no_op() {
+    init_tracing();
+    let servers = start_shards(1, |s| config(s, 1, 2, Mode::Sync)).await;
+    let addrs = addrs(&servers);
+    let mut a = Worker::connect(WorkerConfig::new(addrs.clone(), 0)).await.unwrap();
+    a.declare(spec()).await.unwrap();
+    let mut b = Worker::connect(WorkerConfig::new(addrs.clone(), 1)).await.unwrap();
+    b.declare(spec()).await.unwrap();
+    let mut other = spec();
+    other.dense[1].shape = vec![8];
+    let err = b.declare(other).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition));
+    assert!(err.to_string().contains("`b`") && err.to_string().contains("[7]"), "{err}");
+}
