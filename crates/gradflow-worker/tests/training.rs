@@ -181,6 +181,16 @@ async fn sync_training_equals_one_process_with_the_mean_gradient() {
         c
     });
     assert_eq!(servers[0].shard().model().unwrap().sparse_rows(), owner_counts[0] as u64);
+    // Operators see the same through /metrics.
+    let text = http_get(servers[0].metrics_addr().unwrap(), "/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(&format!("gradflow_ps_steps_total {STEPS}")), "{text}");
+    assert!(text.contains(&format!("gradflow_ps_model_version {STEPS}")), "{text}");
+    assert!(text.contains(&format!("gradflow_ps_sparse_rows {}", owner_counts[0])), "{text}");
+    assert!(
+        text.contains(&format!("gradflow_ps_pushes_total{{result=\"ok\"}} {}", STEPS * WORKERS as u64)),
+        "{text}"
+    );
     for s in servers {
         s.shutdown().await.unwrap();
     }
@@ -247,4 +257,68 @@ async fn a_second_worker_with_another_spec_is_refused_and_the_same_spec_is_a_no_
     let err = b.declare(other).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition));
     assert!(err.to_string().contains("`b`") && err.to_string().contains("[7]"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_worker_that_comes_back_resynchronises_and_is_counted_again() {
+    init_tracing();
+    let servers = start_shards(1, |s| {
+        let mut c = config(s, 1, 2, Mode::Sync);
+        c.heartbeat_timeout = std::time::Duration::from_millis(300);
+        c
+    })
+    .await;
+    let addrs = addrs(&servers);
+    let toy = || ModelSpec {
+        dense: vec![DenseSpec {
+            name: "w".into(),
+            shape: vec![3],
+            init: Initializer::Zeros,
+            optimizer: OptimizerConfig::sgd(1.0),
+        }],
+        sparse: vec![],
+    };
+    let connect = |w: u32| {
+        let addrs = addrs.clone();
+        async move {
+            let mut c = WorkerConfig::new(addrs, w);
+            c.heartbeat_interval = std::time::Duration::from_millis(50);
+            let mut worker = Worker::connect(c).await.unwrap();
+            worker.declare(toy()).await.unwrap();
+            worker
+        }
+    };
+    let mut a = connect(0).await;
+    let b = connect(1).await;
+    // Worker 1 goes silent (its process "hangs": no heartbeats, no pushes).
+    drop(b);
+    let mut d = vec![Vec::new()];
+    for _ in 0..3 {
+        a.pull_all_dense(&mut d).await.unwrap();
+        a.push_dense("w", &[1.0, 1.0, 1.0]).unwrap();
+        assert_eq!(a.step().await.unwrap(), StepOutcome::Applied);
+    }
+    a.pull_all_dense(&mut d).await.unwrap();
+    assert_eq!(d[0], vec![-3.0; 3], "three steps of worker 0 alone");
+    // Worker 1 comes back at its old step 0: its push is refused as stale, it jumps ahead.
+    let mut b = connect(1).await;
+    b.push_dense("w", &[100.0; 3]).unwrap();
+    assert_eq!(b.step().await.unwrap(), StepOutcome::Stale { resumed_at: 3 });
+    assert_eq!(b.current_step(), 3);
+    // Its push for the current step is taken and averaged in.
+    b.push_dense("w", &[3.0; 3]).unwrap();
+    assert_eq!(b.step().await.unwrap(), StepOutcome::Applied);
+    a.push_dense("w", &[1.0; 3]).unwrap();
+    assert_eq!(a.step().await.unwrap(), StepOutcome::Applied);
+    a.pull_all_dense(&mut d).await.unwrap();
+    assert_eq!(d[0], vec![-5.0; 3], "mean of 1 and 3 applied once");
+    // From the next step on, the step waits for worker 1 again.
+    a.push_dense("w", &[1.0; 3]).unwrap();
+    a.step().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(servers[0].shard().coord.version(), 4, "step 4 waits for worker 1");
+    b.push_dense("w", &[1.0; 3]).unwrap();
+    b.step().await.unwrap();
+    a.pull_all_dense(&mut d).await.unwrap();
+    assert_eq!(d[0], vec![-6.0; 3]);
 }

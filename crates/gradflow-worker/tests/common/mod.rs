@@ -38,3 +38,15 @@ pub fn addrs(servers: &[RunningServer]) -> Vec<String> {
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
 }
+
+/// A plain HTTP/1.1 GET, enough to scrape `/metrics`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
