@@ -7,8 +7,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let proto = proto_dir.join("gradflow.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
-    tonic_prost_build::configure()
-        .bytes(".")
-        .compile_protos(&[proto], &[proto_dir])?;
+    tonic_prost_build::configure().bytes(".").compile_protos(&[proto], &[proto_dir])?;
     Ok(())
 }

@@ -91,9 +91,7 @@ pub fn read_u64s(bytes: &[u8], out: &mut Vec<u64>) {
 pub fn all_finite(bytes: &[u8]) -> bool {
     match bytemuck::try_cast_slice::<u8, f32>(bytes) {
         Ok(vals) if cfg!(target_endian = "little") => vals.iter().all(|v| v.is_finite()),
-        _ => bytes
-            .chunks_exact(4)
-            .all(|s| f32::from_le_bytes(s.try_into().unwrap()).is_finite()),
+        _ => bytes.chunks_exact(4).all(|s| f32::from_le_bytes(s.try_into().unwrap()).is_finite()),
     }
 }
 

@@ -4,8 +4,12 @@
 //!   `proto/gradflow.proto` by tonic/prost (bytes fields are `bytes::Bytes`, so payloads are
 //!   not copied when a message is decoded).
 //! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back.
+//! - [`transport`]: message limits, HTTP/2 windows, keepalive and retry settings.
 
 pub mod codec;
+pub mod transport;
+
+pub use transport::TransportConfig;
 
 /// Generated protobuf messages and gRPC stubs.
 #[allow(clippy::all, missing_docs)]

@@ -1,0 +1,31 @@
+//! Built-in CPU models for gradflow, and a single-process reference trainer.
+//!
+//! A model is pure compute: a worker pulls the [`Params`] a batch needs (the dense tensors and
+//! the rows of the sparse ids [`Model::sparse_ids`] names), calls
+//! [`Model::forward_backward`], and pushes the [`Grads`] it gets back. Forward and backward are
+//! written out by hand on `ndarray` matrix products and `rayon`, with scratch buffers reused
+//! across batches.
+//!
+//! - [`model`]: the [`Model`] trait and [`build`] from a serde [`ModelConfig`].
+//! - [`logistic`]: [`LogisticRegression`] over sparse (optionally hashed) and dense features.
+//! - [`wide_deep`]: [`WideDeep`], a wide linear part plus embeddings and an MLP.
+//! - [`params`]: the [`Params`] and [`Grads`] layouts.
+//! - [`trainer`]: [`LocalTrainer`], training in one process with the servers' optimizers.
+//! - [`error`]: the [`ModelError`] type.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod logistic;
+pub mod model;
+pub mod params;
+pub mod trainer;
+mod util;
+pub mod wide_deep;
+
+pub use error::ModelError;
+pub use logistic::{LogisticRegression, LogisticRegressionConfig};
+pub use model::{Model, ModelConfig, build};
+pub use params::{Grads, Params, SparseRows};
+pub use trainer::LocalTrainer;
+pub use wide_deep::{WideDeep, WideDeepConfig};
