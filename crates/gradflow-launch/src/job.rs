@@ -1,0 +1,488 @@
+//! The job file: one TOML document that says everything about a training job.
+//!
+//! Every launcher backend and every process of a job reads the same [`JobConfig`]. Unknown
+//! keys are errors that name the key; every field has a documented default except `name`,
+//! `data.train`, and the model.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gradflow_core::Mode;
+use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
+use gradflow_models::ModelConfig;
+use gradflow_proto::TransportConfig;
+use gradflow_ps::ServerConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::LaunchError;
+
+/// A training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobConfig {
+    /// Job name: lowercase letters, digits and `-`, at most 40 characters (it names processes,
+    /// directories and Kubernetes objects). Required.
+    pub name: String,
+    /// Parameter-server shards. Default 1.
+    #[serde(default = "one")]
+    pub servers: u32,
+    /// Worker processes. Default 1.
+    #[serde(default = "one")]
+    pub workers: u32,
+    /// `"sync"` (default) or `"async"`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Async only: how many steps the fastest worker may run ahead of the slowest.
+    /// Default: unbounded.
+    #[serde(default)]
+    pub max_staleness: Option<u64>,
+    /// The built-in model to train (`kind = "wide_deep"` or `"logistic_regression"`).
+    pub model: ModelConfig,
+    /// Training and test data.
+    pub data: DataConfig,
+    /// Batch size, epochs, logging cadence.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Where results and logs go.
+    #[serde(default)]
+    pub output: OutputConfig,
+    /// Parameter-server settings.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// gRPC transport settings shared by servers and workers.
+    #[serde(default)]
+    pub transport: TransportConfig,
+    /// Local launcher settings.
+    #[serde(default)]
+    pub launcher: LauncherConfig,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Where the data is and how to read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training file(s) or directories. Relative paths are relative to the job file.
+    #[serde(deserialize_with = "one_or_many")]
+    pub train: Vec<PathBuf>,
+    /// Test file(s), scored at the end of every epoch and of the job. Default: none.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub test: Vec<PathBuf>,
+    /// `"csv"` (default) or `"libsvm"`.
+    #[serde(default = "default_format")]
+    pub format: Format,
+    /// CSV: the label column. Default `"label"`.
+    #[serde(default = "default_label")]
+    pub label: String,
+    /// CSV: the categorical columns; every other column is a dense feature. Default: none.
+    #[serde(default)]
+    pub categorical: Vec<String>,
+    /// Skip (and count) lines that do not parse instead of failing. Default false.
+    #[serde(default)]
+    pub skip_malformed: bool,
+    /// Examples in the streaming shuffle buffer; 0 reads in file order. Default 10000.
+    #[serde(default = "default_shuffle")]
+    pub shuffle_buffer: usize,
+    /// Standardize dense features with mean and std measured on the first
+    /// `standardize_rows` rows of the training data (the same on every worker). Default true.
+    #[serde(default = "yes")]
+    pub standardize: bool,
+    /// Rows used to measure the standardization. Default 10000.
+    #[serde(default = "default_standardize_rows")]
+    pub standardize_rows: usize,
+    /// Generate synthetic click-through data into `train` and `test` (one file each) when the
+    /// files do not exist yet. The CSV schema then comes from the generator. Default: off.
+    #[serde(default)]
+    pub synth: Option<SynthData>,
+}
+
+/// Synthetic data written by the launcher before the job starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthData {
+    /// Training rows. Default 200000.
+    #[serde(default = "default_train_rows")]
+    pub train_rows: u64,
+    /// Test rows. Default 50000.
+    #[serde(default = "default_test_rows")]
+    pub test_rows: u64,
+    /// Seed of the hidden model; train and test share it (the test rows use seed + 1 for the
+    /// rows only, so both come from the same hidden model). Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Dense columns. Default 13.
+    #[serde(default = "default_synth_dense")]
+    pub num_dense: usize,
+    /// Categorical columns. Default 26.
+    #[serde(default = "default_synth_cat")]
+    pub num_categorical: usize,
+    /// Distinct values per categorical column. Default 10000.
+    #[serde(default = "default_vocab")]
+    pub vocab_per_field: u32,
+}
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Examples per step per worker. Default 256.
+    pub batch_size: usize,
+    /// Passes over the training data. Default 1.
+    pub epochs: u64,
+    /// Stop each worker after this many steps, even mid-epoch. Default: no limit.
+    pub max_steps: Option<u64>,
+    /// Seed of the data shuffle. Default 0.
+    pub seed: u64,
+    /// A progress line every this many steps. Default 50.
+    pub log_every_steps: u64,
+}
+
+/// Where a job's outputs go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Directory for results and generated data. Default `runs/<name>` next to the job file.
+    pub dir: Option<PathBuf>,
+    /// File (in `dir`) that receives one JSON line per evaluation. Default `results.jsonl`.
+    pub results: PathBuf,
+    /// Log filter for every process (tracing's env-filter syntax). Default `"info"`.
+    pub log: String,
+    /// Serve Prometheus metrics from every server on a free port. Default true.
+    pub metrics: bool,
+}
+
+/// Parameter-server settings (see gradflow-ps's `ServerConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// A worker silent for this long is dropped from sync steps. Default "5s".
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    /// How long a never-seen worker is waited for. Default "120s".
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Longest a pull or push waits for its step. Default "600s".
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Refuse NaN or infinite gradients. Default true.
+    pub reject_non_finite: bool,
+    /// Dense tensors larger than this are split across shards. Default 4 MiB.
+    pub partition_bytes: u64,
+}
+
+/// The local launcher's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LauncherConfig {
+    /// Restarts allowed per worker before the job fails. Default 3.
+    pub max_restarts: u32,
+    /// Time children get to exit after SIGTERM before they are killed. Default "10s".
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { batch_size: 256, epochs: 1, max_steps: None, seed: 0, log_every_steps: 50 }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: None, results: "results.jsonl".into(), log: "info".into(), metrics: true }
+    }
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        let d = ServerConfig::default();
+        ServerSection {
+            heartbeat_timeout: d.heartbeat_timeout,
+            startup_timeout: d.startup_timeout,
+            wait_timeout: d.wait_timeout,
+            reject_non_finite: d.reject_non_finite,
+            partition_bytes: gradflow_core::DEFAULT_PARTITION_BYTES,
+        }
+    }
+}
+
+impl Default for LauncherConfig {
+    fn default() -> Self {
+        LauncherConfig { max_restarts: 3, grace_period: Duration::from_secs(10) }
+    }
+}
+
+fn default_format() -> Format {
+    Format::Csv
+}
+fn default_label() -> String {
+    "label".into()
+}
+fn default_shuffle() -> usize {
+    10_000
+}
+fn yes() -> bool {
+    true
+}
+fn default_standardize_rows() -> usize {
+    10_000
+}
+fn default_train_rows() -> u64 {
+    200_000
+}
+fn default_test_rows() -> u64 {
+    50_000
+}
+fn default_synth_dense() -> usize {
+    13
+}
+fn default_synth_cat() -> usize {
+    26
+}
+fn default_vocab() -> u32 {
+    10_000
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl JobConfig {
+    /// Reads and checks a job file. Relative data and output paths become relative to the
+    /// job file's directory.
+    pub fn load(path: &Path) -> Result<JobConfig, LaunchError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| LaunchError::JobFile { path: path.to_path_buf(), message: e.to_string() })?;
+        let mut job = JobConfig::parse(&text)
+            .map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        job.resolve_paths(&base);
+        Ok(job)
+    }
+
+    /// Parses and checks a job file's text. The error names the key that is wrong.
+    pub fn parse(text: &str) -> Result<JobConfig, String> {
+        let job: JobConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    /// Makes relative paths relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        self.data.train.iter_mut().for_each(fix);
+        self.data.test.iter_mut().for_each(fix);
+        let dir = self.output.dir.get_or_insert_with(|| PathBuf::from("runs").join(&self.name));
+        fix(dir);
+    }
+
+    /// Checks values that parse but make no sense; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let n = &self.name;
+        if n.is_empty()
+            || n.len() > 40
+            || !n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            || n.starts_with('-')
+            || n.ends_with('-')
+        {
+            return Err(format!(
+                "name: `{n}` is not a valid job name; expected 1-40 lowercase letters, digits or '-', not starting or ending with '-'"
+            ));
+        }
+        if self.servers == 0 {
+            return Err("servers: expected at least 1, found 0".into());
+        }
+        if self.workers == 0 {
+            return Err("workers: expected at least 1, found 0".into());
+        }
+        if self.max_staleness.is_some() && self.mode == Mode::Sync {
+            return Err("max_staleness: only applies when mode = \"async\"".into());
+        }
+        if self.train.batch_size == 0 {
+            return Err("train.batch_size: expected at least 1, found 0".into());
+        }
+        if self.train.epochs == 0 {
+            return Err("train.epochs: expected at least 1, found 0".into());
+        }
+        if self.train.max_steps == Some(0) {
+            return Err("train.max_steps: expected at least 1, found 0".into());
+        }
+        if self.train.log_every_steps == 0 {
+            return Err("train.log_every_steps: expected at least 1, found 0".into());
+        }
+        if self.data.train.is_empty() {
+            return Err("data.train: expected at least one file".into());
+        }
+        if let Some(s) = &self.data.synth {
+            if self.data.train.len() != 1 || self.data.test.len() > 1 {
+                return Err("data.synth: expected exactly one data.train file and at most one data.test file to write".into());
+            }
+            if self.data.format != Format::Csv {
+                return Err("data.synth: synthetic data is CSV; set data.format = \"csv\"".into());
+            }
+            if s.train_rows == 0 {
+                return Err("data.synth.train_rows: expected at least 1, found 0".into());
+            }
+        }
+        if self.server.partition_bytes < 1024 {
+            return Err(format!(
+                "server.partition_bytes: expected at least 1024, found {}",
+                self.server.partition_bytes
+            ));
+        }
+        self.transport.validate().map_err(|e| format!("transport: {e}"))?;
+        let model = gradflow_models::build(&self.model).map_err(|e| format!("model: {e}"))?;
+        if self.data.format == Format::Libsvm && model.num_dense() > 0 {
+            return Err(format!(
+                "model.num_dense: libsvm data has no dense features, but the model expects {}",
+                model.num_dense()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The synthetic-data generator settings for the training or test file.
+    pub fn synth_config(&self, test: bool) -> Option<SynthConfig> {
+        let s = self.data.synth.as_ref()?;
+        Some(SynthConfig {
+            rows: if test { s.test_rows } else { s.train_rows },
+            num_dense: s.num_dense,
+            num_categorical: s.num_categorical,
+            vocab_per_field: s.vocab_per_field,
+            seed: s.seed,
+            ..SynthConfig::default()
+        })
+    }
+
+    fn csv_schema(&self) -> CsvSchema {
+        match self.synth_config(false) {
+            Some(s) => s.schema(),
+            None => CsvSchema::new(self.data.label.clone(), self.data.categorical.clone()),
+        }
+    }
+
+    /// How a worker reads the training data.
+    pub fn train_reader(&self) -> ReaderConfig {
+        let mut r = ReaderConfig::new(self.data.format, self.data.train.clone());
+        r.csv = self.csv_schema();
+        r.skip_malformed = self.data.skip_malformed;
+        r.shuffle_buffer = self.data.shuffle_buffer;
+        r.seed = self.train.seed;
+        r.epochs = Epochs::Count(self.train.epochs);
+        r
+    }
+
+    /// How the test data is read (whole, in order), if there is any.
+    pub fn test_reader(&self) -> Option<ReaderConfig> {
+        if self.data.test.is_empty() {
+            return None;
+        }
+        let mut r = ReaderConfig::new(self.data.format, self.data.test.clone());
+        r.csv = self.csv_schema();
+        r.skip_malformed = self.data.skip_malformed;
+        Some(r)
+    }
+
+    /// The settings of server shard `shard`.
+    pub fn server_config(&self, shard: u32) -> ServerConfig {
+        ServerConfig {
+            shard,
+            num_shards: self.servers,
+            num_workers: self.workers,
+            mode: self.mode,
+            max_staleness: self.max_staleness,
+            heartbeat_timeout: self.server.heartbeat_timeout,
+            startup_timeout: self.server.startup_timeout,
+            wait_timeout: self.server.wait_timeout,
+            reject_non_finite: self.server.reject_non_finite,
+            transport: self.transport.clone(),
+        }
+    }
+
+    /// The output directory (resolved by `load`, else `runs/<name>`).
+    pub fn output_dir(&self) -> PathBuf {
+        self.output.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "demo"
+[model]
+kind = "logistic_regression"
+[data]
+train = "train.libsvm"
+format = "libsvm"
+"#;
+
+    #[test]
+    fn minimal_job_gets_defaults() {
+        let job = JobConfig::parse(MIN).unwrap();
+        assert_eq!((job.servers, job.workers, job.mode), (1, 1, Mode::Sync));
+        assert_eq!(job.train.batch_size, 256);
+        assert_eq!(job.launcher.max_restarts, 3);
+        assert_eq!(job.server.heartbeat_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = JobConfig::parse(&format!("{MIN}\n[train]\nbatchsize = 3\n")).unwrap_err();
+        assert!(err.contains("batchsize"), "{err}");
+        let err =
+            JobConfig::parse(&MIN.replace("name = \"demo\"", "name = \"demo\"\nworkerz = 2")).unwrap_err();
+        assert!(err.contains("workerz"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (patch, key) in [
+            ("name = \"Demo Job\"", "name"),
+            ("name = \"demo\"\nworkers = 0", "workers"),
+            ("name = \"demo\"\nservers = 0", "servers"),
+            ("name = \"demo\"\nmax_staleness = 3", "max_staleness"),
+            ("name = \"demo\"\nmode = \"asynch\"", "mode"),
+        ] {
+            let err = JobConfig::parse(&MIN.replace("name = \"demo\"", patch)).unwrap_err();
+            assert!(err.contains(key), "{patch}: {err}");
+        }
+        let err = JobConfig::parse(&format!("{MIN}\n[train]\nbatch_size = 0\n")).unwrap_err();
+        assert!(err.contains("train.batch_size"), "{err}");
+        let err = JobConfig::parse(&format!("{MIN}\n[server]\nheartbeat_timeout = \"soon\"\n")).unwrap_err();
+        assert!(err.contains("heartbeat_timeout"), "{err}");
+    }
+
+    #[test]
+    fn model_errors_are_reported_under_model() {
+        let text = MIN
+            .replace("kind = \"logistic_regression\"", "kind = \"wide_deep\"\nnum_fields = 0\nnum_dense = 0");
+        let err = JobConfig::parse(&text).unwrap_err();
+        assert!(err.starts_with("model:"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_job_file() {
+        let mut job = JobConfig::parse(MIN).unwrap();
+        job.resolve_paths(Path::new("/jobs"));
+        assert_eq!(job.data.train, vec![PathBuf::from("/jobs/train.libsvm")]);
+        assert_eq!(job.output_dir(), PathBuf::from("/jobs/runs/demo"));
+    }
+}

@@ -1,0 +1,16 @@
+//! gradflow's launcher: one job file in, a running job out.
+//!
+//! - [`job`]: the job file ([`JobConfig`]), its defaults and its checks.
+//! - [`contract`]: the environment every process of a job is started with, and the events
+//!   processes report on standard output. Every backend uses the same contract.
+//! - [`local`]: the default backend: the job's servers and workers as child processes on
+//!   this machine.
+
+pub mod contract;
+pub mod error;
+pub mod job;
+pub mod local;
+
+pub use contract::{ClusterSpec, Event, Role};
+pub use error::LaunchError;
+pub use job::JobConfig;
