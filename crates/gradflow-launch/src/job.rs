@@ -109,8 +109,8 @@ pub struct SynthData {
     /// Test rows. Default 50000.
     #[serde(default = "default_test_rows")]
     pub test_rows: u64,
-    /// Seed of the hidden model; train and test share it (the test rows use seed + 1 for the
-    /// rows only, so both come from the same hidden model). Default 0.
+    /// Seed of the hidden model and the rows. Train and test are one generated dataset, split:
+    /// same hidden model, different rows. Default 0.
     #[serde(default)]
     pub seed: u64,
     /// Dense columns. Default 13.

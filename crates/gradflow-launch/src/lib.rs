@@ -3,6 +3,7 @@
 //! - [`job`]: the job file ([`JobConfig`]), its defaults and its checks.
 //! - [`contract`]: the environment every process of a job is started with, and the events
 //!   processes report on standard output. Every backend uses the same contract.
+//! - [`prepare`]: synthetic data written and data files checked before anything starts.
 //! - [`local`]: the default backend: the job's servers and workers as child processes on
 //!   this machine.
 
@@ -10,6 +11,7 @@ pub mod contract;
 pub mod error;
 pub mod job;
 pub mod local;
+pub mod prepare;
 
 pub use contract::{ClusterSpec, Event, Role};
 pub use error::LaunchError;

@@ -1,0 +1,112 @@
+//! Getting a job's data ready before any process starts: synthetic data is written once, and
+//! the data files are checked to exist, so a typo fails in the launcher and not in N workers.
+
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::Path;
+
+use gradflow_data::SynthConfig;
+use tracing::info;
+
+use crate::{JobConfig, LaunchError};
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> LaunchError {
+    move |source| LaunchError::Io { context, source }
+}
+
+/// Writes the job's synthetic data if it asks for some and the files are missing, then checks
+/// that every data file exists.
+pub fn prepare_data(job: &JobConfig) -> Result<(), LaunchError> {
+    if let Some(config) = job.synth_config(false) {
+        let train = &job.data.train[0];
+        let test = job.data.test.first();
+        if !train.exists() || test.is_some_and(|t| !t.exists()) {
+            let test_rows = job.data.synth.as_ref().map_or(0, |s| s.test_rows);
+            write_split(&config, test_rows, train, test.map(|p| p.as_path()))?;
+        }
+    }
+    for p in job.data.train.iter().chain(&job.data.test) {
+        if !p.exists() {
+            return Err(LaunchError::JobFailed(format!(
+                "data file {} does not exist (data.train / data.test in the job file)",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One synthetic dataset of `train` + `test_rows` rows from one hidden model, split into a
+/// training file and a test file.
+fn write_split(config: &SynthConfig, test_rows: u64, train: &Path, test: Option<&Path>) -> Result<(), LaunchError> {
+    let test_rows = if test.is_some() { test_rows } else { 0 };
+    let all = SynthConfig { rows: config.rows + test_rows, ..config.clone() };
+    let dir = train.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let tmp = train.with_extension("all.tmp");
+    info!(rows = all.rows, path = %train.display(), "writing synthetic data");
+    let summary =
+        gradflow_data::write_synth(&all, &tmp).map_err(|e| LaunchError::JobFailed(format!("synthetic data: {e}")))?;
+    let reader = BufReader::new(std::fs::File::open(&tmp).map_err(io(format!("reading {}", tmp.display())))?);
+    let mut lines = reader.lines();
+    let header = lines.next().transpose().map_err(io(format!("reading {}", tmp.display())))?.unwrap_or_default();
+    let write = |path: &Path, rows: u64, lines: &mut dyn Iterator<Item = std::io::Result<String>>| {
+        let part = path.with_extension("part.tmp");
+        let mut out = BufWriter::new(std::fs::File::create(&part).map_err(io(format!("writing {}", part.display())))?);
+        writeln!(out, "{header}").map_err(io(format!("writing {}", part.display())))?;
+        for line in lines.take(rows as usize) {
+            let line = line.map_err(io(format!("reading {}", tmp.display())))?;
+            writeln!(out, "{line}").map_err(io(format!("writing {}", part.display())))?;
+        }
+        out.flush().map_err(io(format!("writing {}", part.display())))?;
+        // Renamed into place only when complete: an interrupted run never leaves half a file.
+        std::fs::rename(&part, path).map_err(io(format!("renaming to {}", path.display())))
+    };
+    write(train, config.rows, &mut lines)?;
+    if let Some(test) = test {
+        write(test, test_rows, &mut lines)?;
+    }
+    let _ = std::fs::remove_file(&tmp);
+    info!(
+        positive_rate = format!("{:.3}", summary.positive_rate),
+        oracle_auc = format!("{:.4}", summary.oracle_auc),
+        "synthetic data ready (the oracle AUC is what the hidden model itself scores)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_data_is_split_into_train_and_test() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "name = \"s\"\n[model]\nkind = \"logistic_regression\"\nnum_dense = 13\n[data]\ntrain = \"{0}/train.csv\"\ntest = \"{0}/test.csv\"\n[data.synth]\ntrain_rows = 300\ntest_rows = 100\n",
+            dir.path().display()
+        );
+        let job = JobConfig::parse(&text).unwrap();
+        prepare_data(&job).unwrap();
+        let count = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap().lines().count();
+        assert_eq!(count("train.csv"), 301);
+        assert_eq!(count("test.csv"), 101);
+        let train = std::fs::read_to_string(dir.path().join("train.csv")).unwrap();
+        let test = std::fs::read_to_string(dir.path().join("test.csv")).unwrap();
+        assert_eq!(train.lines().next(), test.lines().next(), "same header");
+        assert!(!train.lines().skip(1).any(|l| test.contains(l)), "no row in both");
+        // Already there: left alone.
+        let before = std::fs::metadata(dir.path().join("train.csv")).unwrap().modified().unwrap();
+        prepare_data(&job).unwrap();
+        assert_eq!(before, std::fs::metadata(dir.path().join("train.csv")).unwrap().modified().unwrap());
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let job = JobConfig::parse(
+            "name = \"s\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"/nonexistent/x.libsvm\"\nformat = \"libsvm\"\n",
+        )
+        .unwrap();
+        let err = prepare_data(&job).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/x.libsvm"), "{err}");
+    }
+}
