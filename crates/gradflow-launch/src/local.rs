@@ -1,1 +1,657 @@
-//! Local backend (being written).
+//! The local backend: a job's servers and workers as child processes on this machine.
+//!
+//! [`LocalLauncher::run`] starts every parameter-server shard, waits until each reports the
+//! address it listens on, then starts the workers with those addresses. While the job runs it
+//! prints the children's log lines (prefixed with the process name), shows overall progress
+//! and evaluations, and restarts workers that fail. When every worker has finished it stops
+//! the servers; when the job fails or is cancelled it stops everything.
+//!
+//! # No child outlives the launcher
+//!
+//! - Whenever `run` returns, every child has had SIGTERM, then SIGKILL once
+//!   `launcher.grace_period` has passed, and has been reaped.
+//! - If the launcher dies, even by SIGKILL, the kernel SIGKILLs its children: each one is
+//!   started with `PR_SET_PDEATHSIG`. Linux sends that signal when the *thread* that forked
+//!   the child exits, not when the process does, so all children are forked by one
+//!   dedicated thread that lives until `run` has reaped them all. (Forking from the async
+//!   task would fork from whichever runtime thread polls it, and runtime threads come and
+//!   go: blocking-pool threads exit when idle, `block_in_place` retires worker threads.)
+//! - If the future returned by `run` is dropped before it finishes, that thread exits and
+//!   the children are SIGKILLed at once, without a grace period. Pass a cancellation future
+//!   to `run` to stop a job cleanly.
+//!
+//! # Ctrl-C
+//!
+//! Every child runs in its own process group. A terminal sends Ctrl-C's SIGINT to its whole
+//! foreground process group: children in the launcher's group would get SIGINT at the same
+//! moment as the launcher, so servers could go away while workers still push to them, and
+//! the launcher's own SIGTERM would then be a second signal to half-stopped processes. In
+//! their own groups only the launcher sees Ctrl-C ([`shutdown_signal`]) and every child gets
+//! exactly one SIGTERM from it. Signals go to the child's group so that anything the child
+//! started goes with it.
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::contract::CLUSTER_SPEC_VERSION;
+use crate::{ClusterSpec, Event, JobConfig, LaunchError, Role};
+
+/// Environment variable that carries the job's log filter (`output.log`, tracing's
+/// env-filter syntax) to every process.
+pub const ENV_LOG: &str = "GRADFLOW_LOG";
+
+/// Address servers are told to listen on: loopback, port chosen by the server.
+const LOCAL_ANY_PORT: &str = "127.0.0.1:0";
+
+/// How long a child's output is still read after it exited. Something the child started
+/// outside its process group can hold the pipes open forever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs one job as child processes of this process.
+pub struct LocalLauncher {
+    job: JobConfig,
+    program: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    console: Console,
+    startup_timeout: Duration,
+}
+
+/// What a job that finished did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    /// Server addresses in shard order.
+    pub servers: Vec<String>,
+    /// Each shard's `/metrics` address, in shard order; `None` where metrics are off.
+    pub metrics: Vec<Option<String>>,
+    /// How many times each worker was restarted.
+    pub restarts: Vec<u32>,
+    /// Every [`Event::Eval`] the workers reported, in the order they arrived.
+    pub evals: Vec<Event>,
+    /// Every [`Event::Done`] the workers reported, in the order they arrived.
+    pub done: Vec<Event>,
+    /// From the start of [`LocalLauncher::run`] until every process was gone.
+    pub wall_time: Duration,
+}
+
+impl LocalLauncher {
+    /// A launcher for `job` that starts `program ps` and `program worker`. `program` is the
+    /// `gradflow` binary, normally [`std::env::current_exe`].
+    ///
+    /// Output goes to [`Console::stderr`]; servers get 60 s to report their address.
+    pub fn new(job: JobConfig, program: impl Into<PathBuf>) -> LocalLauncher {
+        LocalLauncher {
+            job,
+            program: program.into(),
+            env: Vec::new(),
+            console: Console::stderr(),
+            startup_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Where logs, progress and the launcher's own messages go.
+    pub fn console(mut self, console: Console) -> LocalLauncher {
+        self.console = console;
+        self
+    }
+
+    /// How long every server together gets to report the address it listens on.
+    pub fn startup_timeout(mut self, timeout: Duration) -> LocalLauncher {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Sets an environment variable for every child, on top of the launcher's own
+    /// environment and the contract's variables.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> LocalLauncher {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs the job to its end. Every child is gone when this returns, whatever the result.
+    ///
+    /// When `cancel` completes (pass [`shutdown_signal`] in the `gradflow` binary), every
+    /// child is stopped and the result is [`LaunchError::Process`]. A job that cannot go on
+    /// (a server exits, a worker fails more than `launcher.max_restarts` times, a server
+    /// does not report its address in time) is [`LaunchError::JobFailed`]; a child that
+    /// cannot be started is [`LaunchError::Io`].
+    ///
+    /// Must be called inside a tokio runtime with IO and time enabled.
+    pub async fn run(self, cancel: impl Future<Output = ()>) -> Result<JobOutcome, LaunchError> {
+        let started = Instant::now();
+        let spawner = Spawner::start()
+            .map_err(|source| LaunchError::Io { context: "starting the process-spawning thread".into(), source })?;
+        let (tx, rx) = mpsc::channel(1024);
+        let (servers, workers) = (self.job.servers as usize, self.job.workers as usize);
+        let mut run = Run {
+            grace: self.job.launcher.grace_period,
+            job: self.job,
+            program: self.program,
+            env: self.env,
+            console: self.console,
+            startup_timeout: self.startup_timeout,
+            spawner,
+            tx,
+            rx,
+            stop: CancellationToken::new(),
+            live: 0,
+            rates: vec![None; workers],
+            max_step: 0,
+            outcome: JobOutcome {
+                servers: Vec::with_capacity(servers),
+                metrics: Vec::with_capacity(servers),
+                restarts: vec![0; workers],
+                evals: Vec::new(),
+                done: Vec::new(),
+                wall_time: Duration::ZERO,
+            },
+        };
+        let result = tokio::select! {
+            result = run.start_and_train() => result,
+            () = cancel => Err(LaunchError::Process("interrupted: stopped every process of the job".into())),
+        };
+        run.stop_all(result.is_err()).await;
+        run.console.finish();
+        result?;
+        run.outcome.wall_time = started.elapsed();
+        Ok(run.outcome)
+    }
+}
+
+/// Completes on the first SIGINT (Ctrl-C), SIGTERM or SIGHUP sent to this process: the
+/// `cancel` argument of [`LocalLauncher::run`] in the `gradflow` binary.
+///
+/// The handlers are installed by this call, not when the future is first polled, so call
+/// it before starting the job: a signal that arrives in between is not lost, and does not
+/// kill the launcher outright. Must be called inside a tokio runtime.
+pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, LaunchError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind: SignalKind| {
+        signal(kind).map_err(|source| LaunchError::Io { context: "installing a signal handler".into(), source })
+    };
+    let (mut int, mut term, mut hup) =
+        (install(SignalKind::interrupt())?, install(SignalKind::terminate())?, install(SignalKind::hangup())?);
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+        }
+    })
+}
+
+/// Where the launcher writes: children's log lines, progress, evaluations and its own
+/// messages, always one whole line at a time.
+pub struct Console {
+    sink: Sink,
+    progress_every: Duration,
+    last_progress: Option<Instant>,
+}
+
+enum Sink {
+    /// A terminal: a spinner with the progress, log lines printed above it.
+    Bar(ProgressBar),
+    /// Anything else: progress as plain lines, at most one per `progress_every`.
+    Lines(Box<dyn Write + Send>),
+}
+
+impl Console {
+    /// Standard error: a live spinner with the progress when it is a terminal, plain lines
+    /// (progress at most every 5 s) otherwise.
+    pub fn stderr() -> Console {
+        if !io::stderr().is_terminal() {
+            return Console::lines(io::stderr());
+        }
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
+        bar.set_message("starting");
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Console { sink: Sink::Bar(bar), progress_every: Duration::ZERO, last_progress: None }
+    }
+
+    /// Plain lines to `out`, progress at most every 5 s.
+    pub fn lines(out: impl Write + Send + 'static) -> Console {
+        Console { sink: Sink::Lines(Box::new(out)), progress_every: Duration::from_secs(5), last_progress: None }
+    }
+
+    /// The shortest time between two plain progress lines (no effect on a terminal, where
+    /// the spinner is updated in place).
+    pub fn progress_every(mut self, every: Duration) -> Console {
+        self.progress_every = every;
+        self
+    }
+
+    fn line(&mut self, text: &str) {
+        match &mut self.sink {
+            Sink::Bar(bar) => bar.println(text),
+            Sink::Lines(out) => {
+                // One write per line, so that lines from another writer of the same file
+                // (the launcher's own tracing, say) land between lines, not inside them.
+                let mut bytes = Vec::with_capacity(text.len() + 1);
+                bytes.extend_from_slice(text.as_bytes());
+                bytes.push(b'\n');
+                let _ = out.write_all(&bytes);
+                let _ = out.flush();
+            }
+        }
+    }
+
+    fn note(&mut self, text: &str) {
+        self.line(&format!("[launch] {text}"));
+    }
+
+    fn status(&mut self, text: &str) {
+        if let Sink::Bar(bar) = &self.sink {
+            bar.set_message(text.to_string());
+        }
+    }
+
+    fn progress(&mut self, step: u64, samples_per_sec: f64, loss: f64) {
+        let text = format!("step {step}  samples/s {samples_per_sec:.0}  loss {loss:.4}");
+        match &self.sink {
+            Sink::Bar(bar) => bar.set_message(text),
+            Sink::Lines(_) => {
+                if self.last_progress.is_none_or(|last| last.elapsed() >= self.progress_every) {
+                    self.last_progress = Some(Instant::now());
+                    self.line(&text);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Sink::Bar(bar) = &self.sink {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// A process of the job, named like `ps-0` or `worker-3` in logs and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Proc {
+    role: Role,
+    index: u32,
+}
+
+impl std::fmt::Display for Proc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.role.as_str(), self.index)
+    }
+}
+
+/// What the tasks watching the children tell the run.
+enum Msg {
+    Log(Proc, String),
+    Event(Proc, Event),
+    Note(String),
+    /// Sent once per child, after its output has been read to the end.
+    Exited(Proc, io::Result<ExitStatus>),
+}
+
+/// A message that moves the job along; [`Run::next`] handles all others itself.
+enum Step {
+    Listening { shard: u32, addr: String, metrics: Option<String> },
+    Exited(Proc, io::Result<ExitStatus>),
+}
+
+/// One run of a job.
+struct Run {
+    job: JobConfig,
+    program: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    console: Console,
+    startup_timeout: Duration,
+    grace: Duration,
+    spawner: Spawner,
+    /// Kept so that `rx` never closes, and cloned into every child's watcher.
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    /// Tells every child's watcher to stop its child.
+    stop: CancellationToken,
+    /// Children started whose `Exited` has not arrived yet.
+    live: usize,
+    /// Each running worker's latest samples/s.
+    rates: Vec<Option<f64>>,
+    max_step: u64,
+    outcome: JobOutcome,
+}
+
+impl Run {
+    /// Everything from the first server to the last worker's exit. Dropping this future
+    /// halfway (cancellation) leaves no state behind that `stop_all` cannot handle: every
+    /// await is on the message channel, a timer, or a spawn.
+    async fn start_and_train(&mut self) -> Result<(), LaunchError> {
+        let (num_servers, num_workers) = (self.job.servers, self.job.workers);
+        self.console.note(&format!(
+            "job {}: starting {num_servers} server(s), then {num_workers} worker(s)",
+            self.job.name
+        ));
+        self.console.status("starting servers");
+        for shard in 0..num_servers {
+            self.spawn(Proc { role: Role::Ps, index: shard }, 0, Vec::new()).await?;
+        }
+
+        let deadline = tokio::time::Instant::now() + self.startup_timeout;
+        let mut listening: Vec<Option<(String, Option<String>)>> = vec![None; num_servers as usize];
+        while listening.iter().any(Option::is_none) {
+            let Ok(step) = tokio::time::timeout_at(deadline, self.next()).await else {
+                let silent: Vec<String> = (0..num_servers)
+                    .filter(|&s| listening[s as usize].is_none())
+                    .map(|s| Proc { role: Role::Ps, index: s }.to_string())
+                    .collect();
+                return Err(LaunchError::JobFailed(format!(
+                    "{} did not report a listening address within {:?}",
+                    silent.join(", "),
+                    self.startup_timeout
+                )));
+            };
+            match step {
+                Step::Listening { shard, addr, metrics } => {
+                    let at = match &metrics {
+                        Some(m) => format!(", metrics at http://{m}/metrics"),
+                        None => String::new(),
+                    };
+                    self.console.note(&format!("ps-{shard} listening on {addr}{at}"));
+                    listening[shard as usize] = Some((addr, metrics));
+                }
+                Step::Exited(proc, status) => {
+                    return Err(LaunchError::JobFailed(format!(
+                        "{proc} exited ({}) before it was listening",
+                        describe(&status)
+                    )));
+                }
+            }
+        }
+        for (addr, metrics) in listening.into_iter().flatten() {
+            self.outcome.servers.push(addr);
+            self.outcome.metrics.push(metrics);
+        }
+
+        self.console.status("starting workers");
+        let servers = self.outcome.servers.clone();
+        for w in 0..num_workers {
+            self.spawn(Proc { role: Role::Worker, index: w }, 0, servers.clone()).await?;
+        }
+        let max_restarts = self.job.launcher.max_restarts;
+        let mut running = num_workers;
+        while running > 0 {
+            match self.next().await {
+                // A server has nothing new to say by listening twice.
+                Step::Listening { .. } => {}
+                Step::Exited(proc, status) if proc.role == Role::Ps => {
+                    return Err(LaunchError::JobFailed(format!(
+                        "{proc} exited ({}) before the workers finished",
+                        describe(&status)
+                    )));
+                }
+                Step::Exited(_, Ok(status)) if status.success() => running -= 1,
+                Step::Exited(proc, status) => {
+                    let restarts = &mut self.outcome.restarts[proc.index as usize];
+                    if *restarts >= max_restarts {
+                        return Err(LaunchError::JobFailed(format!(
+                            "{proc} failed ({}) after {restarts} restart(s); launcher.max_restarts = {max_restarts}",
+                            describe(&status)
+                        )));
+                    }
+                    *restarts += 1;
+                    let attempt = *restarts;
+                    self.console.note(&format!(
+                        "warning: {proc} failed ({}); restarting it ({attempt} of {max_restarts} restarts)",
+                        describe(&status)
+                    ));
+                    self.spawn(proc, attempt, servers.clone()).await?;
+                }
+            }
+        }
+        self.console.note(&format!("all {num_workers} worker(s) finished; stopping the servers"));
+        Ok(())
+    }
+
+    /// Stops every child that is still running and waits until all have been reaped.
+    async fn stop_all(&mut self, failed: bool) {
+        if failed && self.live > 0 {
+            self.console.note(&format!(
+                "stopping {} process(es) (SIGTERM, SIGKILL after {:?})",
+                self.live, self.grace
+            ));
+        }
+        self.console.status("stopping");
+        self.stop.cancel();
+        while self.live > 0 {
+            if let Step::Exited(proc, Ok(status)) = self.next().await {
+                // A server that cannot shut down cleanly is worth knowing about even when
+                // the job succeeded; a SIGKILL was already reported by the watcher.
+                if !failed && status.code().is_some_and(|code| code != 0) {
+                    self.console.note(&format!("warning: {proc} exited ({status}) while stopping"));
+                }
+            }
+        }
+    }
+
+    /// Waits for the next message that moves the job along; prints log lines and notes,
+    /// and tallies progress, evaluations and completions on the way.
+    async fn next(&mut self) -> Step {
+        loop {
+            // `self.tx` keeps the channel open, so `None` cannot happen.
+            let Some(msg) = self.rx.recv().await else { unreachable!("the run holds a sender") };
+            match msg {
+                Msg::Log(proc, line) => self.console.line(&format!("[{proc}] {line}")),
+                Msg::Note(text) => self.console.note(&text),
+                Msg::Event(proc, event) => match event {
+                    Event::Listening { addr, metrics } if proc.role == Role::Ps => {
+                        return Step::Listening { shard: proc.index, addr, metrics };
+                    }
+                    Event::Listening { .. } => {}
+                    Event::Progress { step, loss, samples_per_sec, .. } => {
+                        // Index by the process, not the event's `worker`: the launcher knows
+                        // who is talking, and a bad field must not panic it.
+                        if let Some(rate) = self.rates.get_mut(proc.index as usize) {
+                            *rate = Some(samples_per_sec);
+                        }
+                        self.max_step = self.max_step.max(step);
+                        let total: f64 = self.rates.iter().flatten().sum();
+                        self.console.progress(self.max_step, total, loss);
+                    }
+                    Event::Eval { epoch, test_loss, test_auc, test_accuracy, test_examples, .. } => {
+                        self.console.line(&format!(
+                            "epoch {epoch} test AUC {test_auc:.4} loss {test_loss:.4} accuracy {test_accuracy:.4} ({test_examples} examples)"
+                        ));
+                        self.outcome.evals.push(event);
+                    }
+                    Event::Done { .. } => self.outcome.done.push(event),
+                },
+                Msg::Exited(proc, status) => {
+                    self.live -= 1;
+                    if proc.role == Role::Worker
+                        && let Some(rate) = self.rates.get_mut(proc.index as usize)
+                    {
+                        *rate = None;
+                    }
+                    return Step::Exited(proc, status);
+                }
+            }
+        }
+    }
+
+    /// Starts one child and the task that watches it.
+    async fn spawn(&mut self, proc: Proc, attempt: u32, servers: Vec<String>) -> Result<(), LaunchError> {
+        let job = &self.job;
+        let is_ps = proc.role == Role::Ps;
+        let spec = ClusterSpec {
+            version: CLUSTER_SPEC_VERSION,
+            job: job.name.clone(),
+            attempt,
+            role: proc.role,
+            index: proc.index,
+            servers,
+            num_workers: job.workers,
+            listen: is_ps.then(|| LOCAL_ANY_PORT.to_string()),
+            metrics_listen: (is_ps && job.output.metrics).then(|| LOCAL_ANY_PORT.to_string()),
+            job_config: job.clone(),
+        };
+        let mut cmd = Command::new(&self.program);
+        cmd.arg(proc.role.as_str())
+            .envs(spec.to_env())
+            .env(ENV_LOG, &job.output.log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            // A child in a background process group that read the terminal would be stopped.
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        die_with_launcher(&mut cmd);
+        let child = self.spawner.spawn(cmd).await.map_err(|source| LaunchError::Io {
+            context: format!("starting {proc} ({} {})", self.program.display(), proc.role.as_str()),
+            source,
+        })?;
+        self.live += 1;
+        tokio::spawn(watch(proc, child, self.stop.clone(), self.grace, self.tx.clone()));
+        Ok(())
+    }
+}
+
+/// Forwards a child's output, stops it when told to, and reports its exit.
+async fn watch(
+    proc: Proc,
+    mut child: Child,
+    stop: CancellationToken,
+    grace: Duration,
+    tx: mpsc::Sender<Msg>,
+) {
+    let readers = [
+        child.stdout.take().map(|out| tokio::spawn(forward_lines(proc, out, true, tx.clone()))),
+        child.stderr.take().map(|err| tokio::spawn(forward_lines(proc, err, false, tx.clone()))),
+    ];
+    let status = tokio::select! {
+        status = child.wait() => status,
+        () = stop.cancelled() => {
+            signal_group(&child, libc::SIGTERM);
+            match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    let _ = tx.send(Msg::Note(format!("{proc} did not exit within {grace:?} of SIGTERM; killing it"))).await;
+                    signal_group(&child, libc::SIGKILL);
+                    child.wait().await
+                }
+            }
+        }
+    };
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    for reader in readers.into_iter().flatten() {
+        let abort = reader.abort_handle();
+        if tokio::time::timeout_at(deadline, reader).await.is_err() {
+            abort.abort();
+        }
+    }
+    let _ = tx.send(Msg::Exited(proc, status)).await;
+}
+
+/// Sends each whole line of `pipe` to the run; on standard output, event lines as events.
+async fn forward_lines(proc: Proc, pipe: impl AsyncRead + Unpin, events: bool, tx: mpsc::Sender<Msg>) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        // Lossy: a stray non-UTF-8 byte must not cost the rest of the log.
+        let text = String::from_utf8_lossy(&buf);
+        let line = text.trim_end_matches(['\n', '\r']);
+        let msg = match events.then(|| Event::parse(line)).flatten() {
+            Some(event) => Msg::Event(proc, event),
+            None => Msg::Log(proc, line.to_string()),
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends `signal` to the child's process group (the child leads it), or to the child alone
+/// if it left its group.
+fn signal_group(child: &Child, signal: libc::c_int) {
+    // `id()` is `None` once the child is reaped; its pid may then name another process.
+    let Some(pid) = child.id() else { return };
+    let pid = pid as libc::pid_t;
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        if libc::kill(-pid, signal) != 0 {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// Makes the kernel SIGKILL the child when the thread that forks it exits (see the module
+/// documentation for why that thread lives as long as the children).
+#[cfg(target_os = "linux")]
+fn die_with_launcher(cmd: &mut Command) {
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and only makes
+    // async-signal-safe system calls; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Had the launcher died between fork and prctl, no signal would ever come.
+            if libc::getppid() != launcher {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_launcher(_: &mut Command) {}
+
+/// Forks every child from one thread that outlives them: `PR_SET_PDEATHSIG` fires when the
+/// forking thread exits. The thread ends when the `Spawner` is dropped, which `run` does
+/// only after reaping every child.
+struct Spawner {
+    requests: std::sync::mpsc::Sender<(Command, oneshot::Sender<io::Result<Child>>)>,
+}
+
+impl Spawner {
+    fn start() -> io::Result<Spawner> {
+        // tokio's `Command::spawn` registers the child with the runtime's SIGCHLD handling,
+        // so the thread enters the caller's runtime.
+        let runtime = tokio::runtime::Handle::current();
+        let (requests, incoming) = std::sync::mpsc::channel::<(Command, oneshot::Sender<_>)>();
+        std::thread::Builder::new().name("gradflow-spawner".into()).spawn(move || {
+            let _entered = runtime.enter();
+            for (mut cmd, reply) in incoming {
+                // If nobody waits for the child any more, dropping it kills it (kill_on_drop).
+                let _ = reply.send(cmd.spawn());
+            }
+        })?;
+        Ok(Spawner { requests })
+    }
+
+    async fn spawn(&self, cmd: Command) -> io::Result<Child> {
+        let (reply, child) = oneshot::channel();
+        let gone = || io::Error::other("the process-spawning thread is gone");
+        self.requests.send((cmd, reply)).map_err(|_| gone())?;
+        child.await.map_err(|_| gone())?
+    }
+}
+
+/// `exit status: 1`, `signal: 9 (SIGKILL)`, or why the status is unknown.
+fn describe(status: &io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("exit status unknown: {e}"),
+    }
+}

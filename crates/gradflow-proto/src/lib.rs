@@ -17,5 +17,10 @@ pub mod pb {
     tonic::include_proto!("gradflow.v1");
 }
 
+/// The worker index of an observer: a client that reads the model (to evaluate or inspect
+/// it) without taking part in training. Servers do not track it, wait for it, or take its
+/// pushes.
+pub const OBSERVER: u32 = u32::MAX;
+
 pub use pb::parameter_server_client::ParameterServerClient;
 pub use pb::parameter_server_server::{ParameterServer, ParameterServerServer};

@@ -109,6 +109,9 @@ impl Coordinator {
     /// Records that `worker` is alive. A dropped or departed worker rejoins: in sync mode it
     /// is waited for from the next step on.
     pub fn touch(&self, worker: u32) -> Result<(), PsError> {
+        if worker == gradflow_proto::OBSERVER {
+            return Ok(());
+        }
         let mut s = self.state.lock().unwrap();
         let version = s.version;
         let num_workers = s.workers.len() as u32;
@@ -129,6 +132,9 @@ impl Coordinator {
 
     /// A worker finished cleanly: it is no longer waited for.
     pub fn leave(&self, worker: u32) -> Result<Option<StepTicket>, PsError> {
+        if worker == gradflow_proto::OBSERVER {
+            return Ok(None);
+        }
         let mut s = self.state.lock().unwrap();
         let num_workers = s.workers.len() as u32;
         let slot =

@@ -10,7 +10,7 @@ use gradflow_proto::ParameterServerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{error, info};
 
 use crate::service::{Service, Shard};
@@ -95,10 +95,13 @@ pub async fn start(
         .add_service(svc);
     info!(%addr, shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
     let s2 = shard.clone();
+    // The builder's tcp_nodelay only applies to listeners tonic binds itself; without it,
+    // the last frame of every streamed reply waits for a delayed ACK (about 40ms).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
         let mut rx = stop_rx;
         let res = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await;

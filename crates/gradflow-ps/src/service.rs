@@ -307,6 +307,9 @@ impl Service {
         let model = shard.model()?;
         let reject = shard.config.reject_non_finite;
         let worker = msgs.first().map(|m| m.worker).unwrap_or(0);
+        if worker == gradflow_proto::OBSERVER {
+            return Err(PsError::InvalidArgument("an observer cannot push gradients".into()));
+        }
         shard.touch(worker)?;
         let m = model.clone();
         let push = blocking(move || validate(&m, msgs, reject)).await??;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use futures::stream::{self, StreamExt};
 use gradflow_core::{ModelSpec, Placement};
-use gradflow_proto::{ParameterServerClient, codec, pb};
+use gradflow_proto::{OBSERVER, ParameterServerClient, codec, pb};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -126,7 +126,7 @@ impl Worker {
                     config.servers[shard], st.shard, st.num_shards
                 )));
             }
-            if config.worker >= st.num_workers {
+            if config.worker != OBSERVER && config.worker >= st.num_workers {
                 return Err(WorkerError::Config(format!(
                     "worker index {} is out of range: the servers expect {} workers",
                     config.worker, st.num_workers
@@ -134,8 +134,11 @@ impl Worker {
             }
         }
         let (step_tx, step_rx) = tokio::sync::watch::channel(0u64);
-        let heartbeat =
-            tokio::spawn(heartbeat_loop(clients.clone(), config.worker, config.heartbeat_interval, step_rx));
+        let heartbeat = if config.worker == OBSERVER {
+            tokio::spawn(async {})
+        } else {
+            tokio::spawn(heartbeat_loop(clients.clone(), config.worker, config.heartbeat_interval, step_rx))
+        };
         info!(worker = config.worker, servers = ?config.servers, "connected to parameter servers");
         Ok(Worker {
             pending: (0..clients.len()).map(|_| Pending::default()).collect(),

@@ -48,6 +48,12 @@ impl WorkerConfig {
         WorkerConfig { servers: servers.into_iter().map(Into::into).collect(), worker, ..Default::default() }
     }
 
+    /// A configuration for an observer: a client that reads the model (to evaluate or inspect
+    /// it) without being counted as a worker.
+    pub fn observer(servers: impl IntoIterator<Item = impl Into<String>>) -> WorkerConfig {
+        WorkerConfig::new(servers, gradflow_proto::OBSERVER)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.servers.is_empty() {
             return Err("servers is empty; expected at least one parameter server address".into());

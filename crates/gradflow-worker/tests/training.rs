@@ -322,3 +322,26 @@ async fn a_dropped_worker_that_comes_back_resynchronises_and_is_counted_again() 
     a.pull_all_dense(&mut d).await.unwrap();
     assert_eq!(d[0], vec![-6.0; 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_observer_reads_the_model_but_is_never_waited_for_and_cannot_push() {
+    init_tracing();
+    let servers = start_shards(1, |s| config(s, 1, 1, Mode::Sync)).await;
+    let addrs = addrs(&servers);
+    let mut w = Worker::connect(WorkerConfig::new(addrs.clone(), 0)).await.unwrap();
+    w.declare(spec()).await.unwrap();
+    let mut obs = Worker::connect(WorkerConfig::observer(addrs.clone())).await.unwrap();
+    obs.declare(spec()).await.unwrap();
+    // The step completes with worker 0 alone: the observer is not part of the job.
+    w.push_dense("b", &[1.0; 7]).unwrap();
+    w.step().await.unwrap();
+    assert_eq!(servers[0].shard().coord.version(), 1);
+    assert_eq!(servers[0].shard().coord.live_workers(), vec![0]);
+    let mut d = vec![Vec::new(), Vec::new()];
+    obs.pull_all_dense(&mut d).await.unwrap();
+    assert_ne!(d[1], vec![0.3; 7], "the observer sees the trained model");
+    obs.push_dense("b", &[1.0; 7]).unwrap();
+    let err = obs.step().await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
+    assert!(err.to_string().contains("observer"), "{err}");
+}

@@ -1,0 +1,89 @@
+//! `gradflow ps`: one parameter-server shard.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use gradflow_launch::Event;
+
+/// Run one parameter-server shard of a job.
+///
+/// Started by `gradflow launch` (or a Kubernetes pod) with GRADFLOW_CLUSTER_SPEC in the
+/// environment; the flags are for running a shard by hand. Stops gracefully on SIGTERM or
+/// Ctrl-C.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Job file (ignored when GRADFLOW_CLUSTER_SPEC is set).
+    #[arg(long)]
+    job: Option<PathBuf>,
+    /// This shard's index.
+    #[arg(long, default_value_t = 0)]
+    shard: u32,
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address of the Prometheus /metrics endpoint; off when not given.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    super::init_logging("info");
+    let (config, listen, metrics) = match super::cluster_from_env()? {
+        Some(spec) => {
+            let listen: SocketAddr = spec
+                .listen
+                .as_deref()
+                .unwrap_or("0.0.0.0:0")
+                .parse()
+                .context("GRADFLOW_CLUSTER_SPEC: listen is not an address")?;
+            let metrics = match spec.metrics_listen.as_deref() {
+                Some(m) => {
+                    Some(m.parse().context("GRADFLOW_CLUSTER_SPEC: metrics_listen is not an address")?)
+                }
+                None => None,
+            };
+            (spec.job_config.server_config(spec.index), listen, metrics)
+        }
+        None => {
+            let Some(path) = args.job else {
+                bail!(
+                    "no job: pass --job JOB.toml, or run under `gradflow launch` (which sets GRADFLOW_CLUSTER_SPEC)"
+                );
+            };
+            let job = super::load_job(&path)?;
+            if args.shard >= job.servers {
+                bail!("--shard {} is out of range: the job has {} servers", args.shard, job.servers);
+            }
+            (job.server_config(args.shard), args.listen, args.metrics)
+        }
+    };
+    super::runtime()?.block_on(async move {
+        let server = gradflow_ps::start(config, listen, metrics).await?;
+        Event::Listening {
+            addr: server.addr().to_string(),
+            metrics: server.metrics_addr().map(|a| a.to_string()),
+        }
+        .emit();
+        shutdown_signal().await;
+        tracing::info!("signal received; shutting down");
+        server.shutdown().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

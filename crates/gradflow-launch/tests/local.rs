@@ -1,0 +1,365 @@
+//! The local backend with real child processes: `tests/fixtures/fake-gradflow` plays the
+//! `gradflow` binary and behaves as `FAKE_MODE` says; every process writes its PID to a
+//! directory, so that the tests can check that nothing is left running afterwards.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gradflow_launch::local::{Console, JobOutcome, LocalLauncher};
+use gradflow_launch::{Event, JobConfig, LaunchError};
+
+const FAKE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake-gradflow");
+
+fn job(servers: u32, workers: u32, max_restarts: u32, grace: Duration) -> JobConfig {
+    let mut job = JobConfig::parse(
+        "name = \"fake\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"x\"\nformat = \"libsvm\"\n",
+    )
+    .unwrap();
+    job.servers = servers;
+    job.workers = workers;
+    job.launcher.max_restarts = max_restarts;
+    job.launcher.grace_period = grace;
+    job.output.metrics = false;
+    job.output.log = "debug".into();
+    job
+}
+
+/// The launcher's output, shared with the test.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// One launch of the fake: its output and PID directory.
+struct Fake {
+    out: Capture,
+    pids: tempfile::TempDir,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        Fake { out: Capture::default(), pids: tempfile::tempdir().unwrap() }
+    }
+
+    fn launcher(&self, job: JobConfig, mode: &str) -> LocalLauncher {
+        LocalLauncher::new(job, FAKE)
+            .console(Console::lines(self.out.clone()).progress_every(Duration::ZERO))
+            .startup_timeout(Duration::from_secs(20))
+            .env("FAKE_MODE", mode)
+            .env("FAKE_PIDS", self.pids.path())
+    }
+
+    async fn run(&self, job: JobConfig, mode: &str) -> Result<JobOutcome, LaunchError> {
+        self.launcher(job, mode).run(std::future::pending()).await
+    }
+
+    /// Names of the processes that started (`worker-1-0`: worker 1, attempt 0).
+    fn started(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.pids.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".tmp"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        self.started().iter().map(|n| read_pid(&self.pids.path().join(n))).collect()
+    }
+
+    /// Every process that started, and anything in its process group, is gone.
+    fn assert_nothing_left(&self) {
+        let pids = self.pids();
+        assert!(!pids.is_empty(), "no process started");
+        // Grandchildren (the fake's `sleep`) are reaped by init, which may take a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left: Vec<i32> = running().into_iter().filter(|(pid, pgrp)| pids.contains(pid) || pids.contains(pgrp)).map(|(pid, _)| pid).collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "still running: {left:?} (started: {:?})", self.started());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> i32 {
+    std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
+}
+
+/// `(pid, process group)` of every process on the machine that is not a zombie.
+fn running() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() != Some(&"Z") {
+            out.push((pid, fields[2].parse().unwrap()));
+        }
+    }
+    out
+}
+
+fn alive(pid: i32) -> bool {
+    running().iter().any(|&(p, _)| p == pid)
+}
+
+async fn wait_for_files(dir: &Path, names: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !names.iter().all(|n| dir.join(n).exists()) {
+        assert!(Instant::now() < deadline, "processes did not start: {names:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+#[tokio::test]
+async fn two_servers_two_workers_succeed_and_leave_nothing_running() {
+    let fake = Fake::new();
+    let outcome = fake.run(job(2, 2, 3, Duration::from_secs(5)), "ok").await.unwrap();
+    let out = fake.out.text();
+
+    assert_eq!(outcome.servers, ["127.0.0.1:41000", "127.0.0.1:41001"]);
+    assert_eq!(outcome.metrics, [None, None]);
+    assert_eq!(outcome.restarts, [0, 0]);
+    assert_eq!(outcome.evals.len(), 1, "{out}");
+    assert!(matches!(outcome.evals[0], Event::Eval { worker: 0, epoch: 1, test_examples: 50000, .. }));
+    assert_eq!(outcome.done.len(), 2);
+    assert_eq!(fake.started(), ["ps-0-0", "ps-1-0", "worker-0-0", "worker-1-0"]);
+
+    // Log lines from stdout and stderr, prefixed, whole, and the contract's environment.
+    assert!(out.contains("[ps-0] shard 0 starting (attempt 0, log filter debug)\n"), "{out}");
+    assert!(out.contains("[ps-1] shard 1: a line on stderr\n"), "{out}");
+    assert!(out.contains("[worker-1] worker 1 attempt 0 servers=127.0.0.1:41000,127.0.0.1:41001\n"), "{out}");
+    assert!(out.contains("[worker-0] worker 0 part one, part two\n"), "{out}");
+    assert!(out.contains("[worker-1] worker 1 part one, part two\n"), "{out}");
+    // Events are shown, not echoed.
+    assert!(!out.contains("@gradflow"), "{out}");
+    assert!(out.contains("\nepoch 1 test AUC 0.7512 loss 0.4601 accuracy 0.7800 (50000 examples)\n"), "{out}");
+    assert!(out.contains("\nstep 2  samples/s "), "{out}");
+    assert!(out.contains("loss 0.5000\n"), "{out}");
+    for line in out.lines() {
+        assert!(
+            line.starts_with('[') || line.starts_with("step ") || line.starts_with("epoch "),
+            "stray line {line:?} in\n{out}"
+        );
+    }
+    // The servers were stopped once each, cleanly, after the workers.
+    assert_eq!(count(&out, "[ps-0] ps 0 got SIGTERM"), 1, "{out}");
+    assert_eq!(count(&out, "[ps-1] ps 1 got SIGTERM"), 1, "{out}");
+    assert_eq!(count(&out, "got SIGTERM"), 2, "{out}");
+    assert!(!out.contains("killing"), "{out}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn metrics_addresses_are_requested_only_when_enabled() {
+    // The fake reports `metrics: null` either way; what matters is that the job runs with
+    // metrics on, and the outcome has one entry per shard.
+    let fake = Fake::new();
+    let mut j = job(1, 1, 0, Duration::from_secs(5));
+    j.output.metrics = true;
+    let outcome = fake.run(j, "ok").await.unwrap();
+    assert_eq!(outcome.metrics, [None]);
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_worker_that_fails_once_is_restarted_with_the_next_attempt() {
+    let fake = Fake::new();
+    let outcome = fake.run(job(1, 2, 1, Duration::from_secs(5)), "fail_once").await.unwrap();
+    let out = fake.out.text();
+    assert_eq!(outcome.restarts, [1, 1], "{out}");
+    assert_eq!(fake.started(), ["ps-0-0", "worker-0-0", "worker-0-1", "worker-1-0", "worker-1-1"]);
+    assert!(out.contains("[worker-0] worker 0 attempt 1 servers=127.0.0.1:41000\n"), "{out}");
+    assert!(out.contains("warning: worker-1 failed (exit status: 1); restarting it (1 of 1 restarts)"), "{out}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_worker_that_always_fails_fails_the_job_after_max_restarts() {
+    let fake = Fake::new();
+    let err = fake.run(job(2, 1, 2, Duration::from_secs(5)), "fail_always").await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LaunchError::JobFailed(_)), "{msg}");
+    assert!(msg.contains("worker-0 failed (exit status: 1) after 2 restart(s)"), "{msg}");
+    assert_eq!(fake.started(), ["ps-0-0", "ps-1-0", "worker-0-0", "worker-0-1", "worker-0-2"]);
+    // The servers were stopped cleanly on the way out.
+    assert_eq!(count(&fake.out.text(), "got SIGTERM"), 2, "{}", fake.out.text());
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_server_that_dies_fails_the_job_and_stops_everything() {
+    let fake = Fake::new();
+    let err = fake.run(job(2, 2, 3, Duration::from_secs(5)), "ps_dies").await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LaunchError::JobFailed(_)), "{msg}");
+    assert!(msg.contains("ps-1 exited (exit status: 3) before the workers finished"), "{msg}");
+    let out = fake.out.text();
+    for name in ["ps 0", "worker 0", "worker 1"] {
+        assert_eq!(count(&out, &format!("{name} got SIGTERM")), 1, "{name}: {out}");
+    }
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_server_that_dies_before_listening_fails_the_job_before_any_worker_starts() {
+    let fake = Fake::new();
+    let err = fake.run(job(2, 2, 3, Duration::from_secs(5)), "ps_early").await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("ps-1 exited (exit status: 4) before it was listening"), "{msg}");
+    assert_eq!(fake.started(), ["ps-0-0", "ps-1-0"]);
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn servers_that_never_listen_time_out() {
+    let fake = Fake::new();
+    let err = fake
+        .launcher(job(2, 1, 3, Duration::from_secs(5)), "ps_silent")
+        .startup_timeout(Duration::from_millis(500))
+        .run(std::future::pending())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("ps-0, ps-1 did not report a listening address within 500ms"), "{msg}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_program_that_cannot_start_is_an_io_error() {
+    let err = LocalLauncher::new(job(1, 1, 0, Duration::from_secs(1)), "/nonexistent/gradflow")
+        .console(Console::lines(Capture::default()))
+        .run(std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, LaunchError::Io { context, .. } if context.contains("starting ps-0")), "{err}");
+}
+
+#[tokio::test]
+async fn cancelling_stops_every_child_cleanly() {
+    let fake = Fake::new();
+    let dir = fake.pids.path().to_path_buf();
+    let started = Instant::now();
+    let cancel = async move {
+        let names = ["ps-0-0", "worker-0-0", "worker-1-0"];
+        wait_for_files(&dir, &names).await;
+        // Each child leads its own process group, so a terminal's Ctrl-C (SIGINT to the
+        // foreground group) reaches only the launcher, which then stops each child once.
+        let procs = running();
+        for name in names {
+            let pid = read_pid(&dir.join(name));
+            let group = procs.iter().find(|&&(p, _)| p == pid).map(|&(_, g)| g);
+            assert_eq!(group, Some(pid), "{name} is not the leader of its own process group");
+        }
+    };
+    let err = fake.launcher(job(1, 2, 3, Duration::from_secs(30)), "hang").run(cancel).await.unwrap_err();
+    assert!(matches!(err, LaunchError::Process(_)), "{err}");
+    assert!(err.to_string().contains("interrupted"), "{err}");
+    // Well inside the grace period: everyone left on SIGTERM.
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    let out = fake.out.text();
+    for name in ["ps 0", "worker 0", "worker 1"] {
+        assert_eq!(count(&out, &format!("{name} got SIGTERM")), 1, "{name}: {out}");
+    }
+    assert!(!out.contains("killing"), "{out}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn cancelling_kills_children_that_ignore_sigterm_after_the_grace_period() {
+    let fake = Fake::new();
+    let dir = fake.pids.path().to_path_buf();
+    let cancelled = Arc::new(Mutex::new(None));
+    let at = cancelled.clone();
+    let cancel = async move {
+        wait_for_files(&dir, &["ps-0-0", "worker-0-0"]).await;
+        *at.lock().unwrap() = Some(Instant::now());
+    };
+    let grace = Duration::from_millis(700);
+    let err = fake.launcher(job(1, 1, 3, grace), "stubborn").run(cancel).await.unwrap_err();
+    let took = cancelled.lock().unwrap().unwrap().elapsed();
+    assert!(matches!(err, LaunchError::Process(_)), "{err}");
+    assert!(took >= grace, "stopped after {took:?}, before the grace period");
+    assert!(took < grace + Duration::from_secs(3), "stopped after {took:?}");
+    let out = fake.out.text();
+    for name in ["ps-0", "worker-0"] {
+        assert!(out.contains(&format!("[launch] {name} did not exit within 700ms of SIGTERM; killing it")), "{out}");
+    }
+    // Exactly one SIGTERM each, then SIGKILL.
+    assert_eq!(count(&out, "ps 0 ignored SIGTERM"), 1, "{out}");
+    assert_eq!(count(&out, "worker 0 ignored SIGTERM"), 1, "{out}");
+    fake.assert_nothing_left();
+}
+
+/// Set to a directory: `launcher_for_the_kill_test` runs a job there until it is killed.
+const HELPER_ENV: &str = "GRADFLOW_TEST_KILLED_LAUNCHER_PIDS";
+
+/// Not a test by itself: `children_die_with_a_killed_launcher` runs this test binary with
+/// only this test and `HELPER_ENV` set, then SIGKILLs it.
+#[test]
+fn launcher_for_the_kill_test() {
+    let Some(dir) = std::env::var_os(HELPER_ENV) else { return };
+    // A multi-threaded runtime: the launcher's children must survive whatever runtime
+    // thread happens to poll it, and die only with the launcher.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let _ = runtime.block_on(
+        LocalLauncher::new(job(1, 2, 3, Duration::from_secs(30)), FAKE)
+            .console(Console::lines(std::io::sink()))
+            .env("FAKE_MODE", "stubborn")
+            .env("FAKE_PIDS", PathBuf::from(dir))
+            .run(std::future::pending()),
+    );
+    unreachable!("the job runs until the test kills this process");
+}
+
+#[tokio::test]
+async fn children_die_with_a_killed_launcher() {
+    let pids = tempfile::tempdir().unwrap();
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["launcher_for_the_kill_test", "--exact", "--nocapture"])
+        .env(HELPER_ENV, pids.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let names = ["ps-0-0", "worker-0-0", "worker-1-0"];
+    wait_for_files(pids.path(), &names).await;
+    let children: Vec<i32> = names.iter().map(|n| read_pid(&pids.path().join(n))).collect();
+    // Children that ignore SIGTERM, alive with their launcher...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(children.iter().all(|&pid| alive(pid)), "children exited early");
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    // ...die with it, by the kernel's hand.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while children.iter().any(|&pid| alive(pid)) {
+        assert!(Instant::now() < deadline, "orphans left: {:?}", children.iter().filter(|&&p| alive(p)).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
