@@ -1,0 +1,71 @@
+//! Running the real `gradflow` binary on job files written into temporary directories.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn gradflow() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gradflow"));
+    c.env("GRADFLOW_LOG", "warn");
+    c
+}
+
+/// Writes `text` as `name` in `dir` and returns its path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn launch(job: &Path) -> Output {
+    gradflow().arg("launch").arg(job).output().expect("run gradflow launch")
+}
+
+/// The JSON lines of a job's results file.
+pub fn results(dir: &Path, job: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("runs").join(job).join("results.jsonl"))
+        .unwrap_or_else(|e| panic!("results of {job}: {e}"));
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// A synthetic wide & deep job.
+pub fn wide_deep_job(name: &str, workers: u32, mode: &str, extra: &str) -> String {
+    format!(
+        r#"
+name = "{name}"
+servers = 2
+workers = {workers}
+mode = "{mode}"
+{extra}
+[model]
+kind = "wide_deep"
+num_fields = 26
+num_dense = 13
+[data]
+train = "data/train.csv"
+test = "data/test.csv"
+[data.synth]
+train_rows = 150000
+test_rows = 30000
+seed = 5
+"#
+    )
+}
+
+/// Processes (other than zombies) whose environment says they belong to job `job`.
+pub fn processes_of_job(job: &str) -> Vec<u32> {
+    let needle = format!("GRADFLOW_JOB={job}\0");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .unwrap_or(true);
+        if !zombie && env.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
