@@ -46,8 +46,8 @@ num_dense = 13
 train = "data/train.csv"
 test = "data/test.csv"
 [data.synth]
-train_rows = 150000
-test_rows = 30000
+train_rows = 300000
+test_rows = 25000
 seed = 5
 "#
     )
