@@ -30,6 +30,16 @@ enum Command {
     /// Datasets for trying gradflow out (`gradflow data synth`).
     #[command(subcommand)]
     Data(cmd::data::Command),
+    /// List and inspect checkpoints (`gradflow checkpoint ls URL`, `inspect URL`).
+    #[command(subcommand)]
+    Checkpoint(cmd::checkpoint::Command),
+    Export(cmd::checkpoint::ExportArgs),
+    Status(cmd::kube::StatusArgs),
+    Logs(cmd::kube::LogsArgs),
+    Delete(cmd::kube::DeleteArgs),
+    Attach(cmd::kube::AttachArgs),
+    #[command(hide = true)]
+    Prepare(cmd::kube::PrepareArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +50,13 @@ fn main() -> std::process::ExitCode {
         Command::Worker(a) => cmd::worker::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Data(c) => cmd::data::run(c),
+        Command::Checkpoint(c) => cmd::checkpoint::run(c),
+        Command::Export(a) => cmd::checkpoint::run_export(a),
+        Command::Status(a) => cmd::kube::status(a),
+        Command::Logs(a) => cmd::kube::logs(a),
+        Command::Delete(a) => cmd::kube::delete(a),
+        Command::Attach(a) => cmd::kube::attach(a),
+        Command::Prepare(a) => cmd::kube::prepare(a),
     };
     match result {
         Ok(code) => code,

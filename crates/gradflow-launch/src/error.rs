@@ -16,4 +16,7 @@ pub enum LaunchError {
     JobFailed(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// The Kubernetes backend failed (see [`KubernetesError`](crate::kubernetes::KubernetesError)).
+    #[error(transparent)]
+    Kubernetes(#[from] crate::kubernetes::KubernetesError),
 }

@@ -11,10 +11,11 @@ use gradflow_core::Mode;
 use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
 use gradflow_proto::TransportConfig;
-use gradflow_ps::ServerConfig;
+use gradflow_ps::{CheckpointConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::LaunchError;
+use crate::kubernetes::KubernetesConfig;
 
 /// A training job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +56,18 @@ pub struct JobConfig {
     /// Local launcher settings.
     #[serde(default)]
     pub launcher: LauncherConfig,
+    /// Checkpoints: `url` (default `./checkpoints`, relative to the job file), `every_steps`
+    /// (1000), `every` (off), `keep` (3), `on_shutdown` (true), `finalize_timeout` ("300s").
+    /// Default: no checkpoints.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointConfig>,
+    /// Start the servers from a checkpoint: `"latest"`, a step, or a checkpoint URL.
+    #[serde(default)]
+    pub restore: Option<String>,
+    /// Settings of the Kubernetes backend (`[kubernetes]`: image, resources, scheduling,
+    /// volumes); the local backend ignores them. Default: none, which runs with the defaults.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 fn one() -> u32 {
@@ -132,7 +145,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Passes over the training data. Default 1.
     pub epochs: u64,
-    /// Stop each worker after this many steps, even mid-epoch. Default: no limit.
+    /// Stop when the job reaches this step (each worker's step count), even mid-epoch.
+    /// Default: no limit.
     pub max_steps: Option<u64>,
     /// Seed of the data shuffle. Default 0.
     pub seed: u64,
@@ -179,7 +193,8 @@ pub struct ServerSection {
 pub struct LauncherConfig {
     /// Restarts allowed per worker before the job fails. Default 3.
     pub max_restarts: u32,
-    /// Time children get to exit after SIGTERM before they are killed. Default "10s".
+    /// Time children get to exit after SIGTERM before they are killed (servers write a last
+    /// checkpoint in it). Default "60s".
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
 }
@@ -211,7 +226,7 @@ impl Default for ServerSection {
 
 impl Default for LauncherConfig {
     fn default() -> Self {
-        LauncherConfig { max_restarts: 3, grace_period: Duration::from_secs(10) }
+        LauncherConfig { max_restarts: 3, grace_period: Duration::from_secs(60) }
     }
 }
 
@@ -290,6 +305,13 @@ impl JobConfig {
         self.data.test.iter_mut().for_each(fix);
         let dir = self.output.dir.get_or_insert_with(|| PathBuf::from("runs").join(&self.name));
         fix(dir);
+        if let Some(c) = &mut self.checkpoint {
+            if !c.url.contains("://") {
+                let mut p = PathBuf::from(&c.url);
+                fix(&mut p);
+                c.url = p.to_string_lossy().into_owned();
+            }
+        }
     }
 
     /// Checks values that parse but make no sense; the message names the key.
@@ -347,6 +369,7 @@ impl JobConfig {
             ));
         }
         self.transport.validate().map_err(|e| format!("transport: {e}"))?;
+        self.server_config(0).validate()?;
         let model = gradflow_models::build(&self.model).map_err(|e| format!("model: {e}"))?;
         if self.data.format == Format::Libsvm && model.num_dense() > 0 {
             return Err(format!(
@@ -412,6 +435,8 @@ impl JobConfig {
             wait_timeout: self.server.wait_timeout,
             reject_non_finite: self.server.reject_non_finite,
             transport: self.transport.clone(),
+            checkpoint: self.checkpoint.clone(),
+            restore: self.restore.clone(),
         }
     }
 

@@ -6,10 +6,12 @@
 //! - [`prepare`]: synthetic data written and data files checked before anything starts.
 //! - [`local`]: the default backend: the job's servers and workers as child processes on
 //!   this machine.
+//! - [`kubernetes`]: the second backend: the same job as pods on a Kubernetes cluster.
 
 pub mod contract;
 pub mod error;
 pub mod job;
+pub mod kubernetes;
 pub mod local;
 pub mod prepare;
 

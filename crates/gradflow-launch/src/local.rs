@@ -128,8 +128,10 @@ impl LocalLauncher {
     /// Must be called inside a tokio runtime with IO and time enabled.
     pub async fn run(self, cancel: impl Future<Output = ()>) -> Result<JobOutcome, LaunchError> {
         let started = Instant::now();
-        let spawner = Spawner::start()
-            .map_err(|source| LaunchError::Io { context: "starting the process-spawning thread".into(), source })?;
+        let spawner = Spawner::start().map_err(|source| LaunchError::Io {
+            context: "starting the process-spawning thread".into(),
+            source,
+        })?;
         let (tx, rx) = mpsc::channel(1024);
         let (servers, workers) = (self.job.servers as usize, self.job.workers as usize);
         let mut run = Run {
@@ -176,10 +178,14 @@ impl LocalLauncher {
 pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, LaunchError> {
     use tokio::signal::unix::{SignalKind, signal};
     let install = |kind: SignalKind| {
-        signal(kind).map_err(|source| LaunchError::Io { context: "installing a signal handler".into(), source })
+        signal(kind)
+            .map_err(|source| LaunchError::Io { context: "installing a signal handler".into(), source })
     };
-    let (mut int, mut term, mut hup) =
-        (install(SignalKind::interrupt())?, install(SignalKind::terminate())?, install(SignalKind::hangup())?);
+    let (mut int, mut term, mut hup) = (
+        install(SignalKind::interrupt())?,
+        install(SignalKind::terminate())?,
+        install(SignalKind::hangup())?,
+    );
     Ok(async move {
         tokio::select! {
             _ = int.recv() => {}
@@ -212,7 +218,9 @@ impl Console {
             return Console::lines(io::stderr());
         }
         let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"),
+        );
         bar.set_message("starting");
         bar.enable_steady_tick(Duration::from_millis(120));
         Console { sink: Sink::Bar(bar), progress_every: Duration::ZERO, last_progress: None }
@@ -220,7 +228,11 @@ impl Console {
 
     /// Plain lines to `out`, progress at most every 5 s.
     pub fn lines(out: impl Write + Send + 'static) -> Console {
-        Console { sink: Sink::Lines(Box::new(out)), progress_every: Duration::from_secs(5), last_progress: None }
+        Console {
+            sink: Sink::Lines(Box::new(out)),
+            progress_every: Duration::from_secs(5),
+            last_progress: None,
+        }
     }
 
     /// The shortest time between two plain progress lines (no effect on a terminal, where

@@ -13,6 +13,23 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> LaunchError {
     move |source| LaunchError::Io { context, source }
 }
 
+/// Turns `restore = "latest"` into the step `latest` names now, so that every server of the
+/// job restores the same checkpoint even if `latest` moves while they start (a previous run's
+/// last upload finishing, say).
+pub async fn pin_restore(job: &mut JobConfig) -> Result<(), LaunchError> {
+    let (Some(which), Some(ck)) = (job.restore.as_deref(), job.checkpoint.as_ref()) else { return Ok(()) };
+    if which.trim() != "latest" {
+        return Ok(());
+    }
+    let store = gradflow_checkpoint::CheckpointStore::open(&ck.url)
+        .map_err(|e| LaunchError::JobFailed(format!("restore: {e}")))?;
+    let manifest =
+        store.resolve("latest").await.map_err(|e| LaunchError::JobFailed(format!("restore: {e}")))?;
+    info!(step = manifest.step, url = %ck.url, "restoring the latest checkpoint");
+    job.restore = Some(manifest.step.to_string());
+    Ok(())
+}
+
 /// Writes the job's synthetic data if it asks for some and the files are missing, then checks
 /// that every data file exists.
 pub fn prepare_data(job: &JobConfig) -> Result<(), LaunchError> {
@@ -37,21 +54,28 @@ pub fn prepare_data(job: &JobConfig) -> Result<(), LaunchError> {
 
 /// One synthetic dataset of `train` + `test_rows` rows from one hidden model, split into a
 /// training file and a test file.
-fn write_split(config: &SynthConfig, test_rows: u64, train: &Path, test: Option<&Path>) -> Result<(), LaunchError> {
+fn write_split(
+    config: &SynthConfig,
+    test_rows: u64,
+    train: &Path,
+    test: Option<&Path>,
+) -> Result<(), LaunchError> {
     let test_rows = if test.is_some() { test_rows } else { 0 };
     let all = SynthConfig { rows: config.rows + test_rows, ..config.clone() };
     let dir = train.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let tmp = train.with_extension("all.tmp");
     info!(rows = all.rows, path = %train.display(), "writing synthetic data");
-    let summary =
-        gradflow_data::write_synth(&all, &tmp).map_err(|e| LaunchError::JobFailed(format!("synthetic data: {e}")))?;
+    let summary = gradflow_data::write_synth(&all, &tmp)
+        .map_err(|e| LaunchError::JobFailed(format!("synthetic data: {e}")))?;
     let reader = BufReader::new(std::fs::File::open(&tmp).map_err(io(format!("reading {}", tmp.display())))?);
     let mut lines = reader.lines();
-    let header = lines.next().transpose().map_err(io(format!("reading {}", tmp.display())))?.unwrap_or_default();
+    let header =
+        lines.next().transpose().map_err(io(format!("reading {}", tmp.display())))?.unwrap_or_default();
     let write = |path: &Path, rows: u64, lines: &mut dyn Iterator<Item = std::io::Result<String>>| {
         let part = path.with_extension("part.tmp");
-        let mut out = BufWriter::new(std::fs::File::create(&part).map_err(io(format!("writing {}", part.display())))?);
+        let mut out =
+            BufWriter::new(std::fs::File::create(&part).map_err(io(format!("writing {}", part.display())))?);
         writeln!(out, "{header}").map_err(io(format!("writing {}", part.display())))?;
         for line in lines.take(rows as usize) {
             let line = line.map_err(io(format!("reading {}", tmp.display())))?;

@@ -3,11 +3,13 @@
 //! directory, so that the tests can check that nothing is left running afterwards.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gradflow_launch::local::{Console, JobOutcome, LocalLauncher};
+use std::os::unix::process::CommandExt;
+
+use gradflow_launch::local::{Console, JobOutcome, LocalLauncher, shutdown_signal};
 use gradflow_launch::{Event, JobConfig, LaunchError};
 
 const FAKE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake-gradflow");
@@ -91,7 +93,11 @@ impl Fake {
         // Grandchildren (the fake's `sleep`) are reaped by init, which may take a moment.
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let left: Vec<i32> = running().into_iter().filter(|(pid, pgrp)| pids.contains(pid) || pids.contains(pgrp)).map(|(pid, _)| pid).collect();
+            let left: Vec<i32> = running()
+                .into_iter()
+                .filter(|(pid, pgrp)| pids.contains(pid) || pids.contains(pgrp))
+                .map(|(pid, _)| pid)
+                .collect();
             if left.is_empty() {
                 return;
             }
@@ -159,7 +165,10 @@ async fn two_servers_two_workers_succeed_and_leave_nothing_running() {
     assert!(out.contains("[worker-1] worker 1 part one, part two\n"), "{out}");
     // Events are shown, not echoed.
     assert!(!out.contains("@gradflow"), "{out}");
-    assert!(out.contains("\nepoch 1 test AUC 0.7512 loss 0.4601 accuracy 0.7800 (50000 examples)\n"), "{out}");
+    assert!(
+        out.contains("\nepoch 1 test AUC 0.7512 loss 0.4601 accuracy 0.7800 (50000 examples)\n"),
+        "{out}"
+    );
     assert!(out.contains("\nstep 2  samples/s "), "{out}");
     assert!(out.contains("loss 0.5000\n"), "{out}");
     for line in out.lines() {
@@ -196,7 +205,10 @@ async fn a_worker_that_fails_once_is_restarted_with_the_next_attempt() {
     assert_eq!(outcome.restarts, [1, 1], "{out}");
     assert_eq!(fake.started(), ["ps-0-0", "worker-0-0", "worker-0-1", "worker-1-0", "worker-1-1"]);
     assert!(out.contains("[worker-0] worker 0 attempt 1 servers=127.0.0.1:41000\n"), "{out}");
-    assert!(out.contains("warning: worker-1 failed (exit status: 1); restarting it (1 of 1 restarts)"), "{out}");
+    assert!(
+        out.contains("warning: worker-1 failed (exit status: 1); restarting it (1 of 1 restarts)"),
+        "{out}"
+    );
     fake.assert_nothing_left();
 }
 
@@ -233,7 +245,10 @@ async fn a_server_that_dies_before_listening_fails_the_job_before_any_worker_sta
     let err = fake.run(job(2, 2, 3, Duration::from_secs(5)), "ps_early").await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("ps-1 exited (exit status: 4) before it was listening"), "{msg}");
-    assert_eq!(fake.started(), ["ps-0-0", "ps-1-0"]);
+    // ps-0 may be stopped before it gets as far as writing its PID.
+    let started = fake.started();
+    assert!(started.contains(&"ps-1-0".to_string()), "{started:?}");
+    assert!(started.iter().all(|n| n.starts_with("ps-")), "{started:?}");
     fake.assert_nothing_left();
 }
 
@@ -309,7 +324,10 @@ async fn cancelling_kills_children_that_ignore_sigterm_after_the_grace_period() 
     assert!(took < grace + Duration::from_secs(3), "stopped after {took:?}");
     let out = fake.out.text();
     for name in ["ps-0", "worker-0"] {
-        assert!(out.contains(&format!("[launch] {name} did not exit within 700ms of SIGTERM; killing it")), "{out}");
+        assert!(
+            out.contains(&format!("[launch] {name} did not exit within 700ms of SIGTERM; killing it")),
+            "{out}"
+        );
     }
     // Exactly one SIGTERM each, then SIGKILL.
     assert_eq!(count(&out, "ps 0 ignored SIGTERM"), 1, "{out}");
@@ -317,37 +335,49 @@ async fn cancelling_kills_children_that_ignore_sigterm_after_the_grace_period() 
     fake.assert_nothing_left();
 }
 
-/// Set to a directory: `launcher_for_the_kill_test` runs a job there until it is killed.
-const HELPER_ENV: &str = "GRADFLOW_TEST_KILLED_LAUNCHER_PIDS";
+/// Set to `<mode>:<directory>` for `helper_launcher`: `kill` runs a job of stubborn
+/// children until the test kills this process; `ctrl_c` runs a job until SIGINT.
+const HELPER_ENV: &str = "GRADFLOW_TEST_HELPER_LAUNCHER";
 
-/// Not a test by itself: `children_die_with_a_killed_launcher` runs this test binary with
-/// only this test and `HELPER_ENV` set, then SIGKILLs it.
+/// Not a test by itself: the tests below run this test binary with only this test and
+/// `HELPER_ENV` set, as a launcher process they can signal and kill.
 #[test]
-fn launcher_for_the_kill_test() {
-    let Some(dir) = std::env::var_os(HELPER_ENV) else { return };
-    // A multi-threaded runtime: the launcher's children must survive whatever runtime
-    // thread happens to poll it, and die only with the launcher.
+fn helper_launcher() {
+    let Ok(arg) = std::env::var(HELPER_ENV) else { return };
+    let (mode, dir) = arg.split_once(':').unwrap();
+    // A multi-threaded runtime: the children must not care which runtime thread happens to
+    // poll the launcher, and die only with the launcher.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let _ = runtime.block_on(
-        LocalLauncher::new(job(1, 2, 3, Duration::from_secs(30)), FAKE)
-            .console(Console::lines(std::io::sink()))
-            .env("FAKE_MODE", "stubborn")
-            .env("FAKE_PIDS", PathBuf::from(dir))
-            .run(std::future::pending()),
-    );
-    unreachable!("the job runs until the test kills this process");
+    let result = runtime.block_on(async {
+        let launcher = LocalLauncher::new(job(1, 2, 3, Duration::from_secs(30)), FAKE)
+            .console(Console::lines(std::io::stdout()))
+            .env("FAKE_PIDS", dir);
+        match mode {
+            "kill" => launcher.env("FAKE_MODE", "stubborn").run(std::future::pending()).await,
+            "ctrl_c" => launcher.env("FAKE_MODE", "hang").run(shutdown_signal().unwrap()).await,
+            _ => panic!("unknown helper mode {mode}"),
+        }
+    });
+    println!("result: {result:?}");
+    std::process::exit(if result.is_ok() { 0 } else { 2 });
+}
+
+fn start_helper(mode: &str, dir: &Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["helper_launcher", "--exact", "--nocapture"])
+        .env(HELPER_ENV, format!("{mode}:{}", dir.display()))
+        // Its own process group, as a shell gives a foreground job.
+        .process_group(0)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn children_die_with_a_killed_launcher() {
     let pids = tempfile::tempdir().unwrap();
-    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["launcher_for_the_kill_test", "--exact", "--nocapture"])
-        .env(HELPER_ENV, pids.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut helper = start_helper("kill", pids.path());
     let names = ["ps-0-0", "worker-0-0", "worker-1-0"];
     wait_for_files(pids.path(), &names).await;
     let children: Vec<i32> = names.iter().map(|n| read_pid(&pids.path().join(n))).collect();
@@ -359,7 +389,30 @@ async fn children_die_with_a_killed_launcher() {
     // ...die with it, by the kernel's hand.
     let deadline = Instant::now() + Duration::from_secs(5);
     while children.iter().any(|&pid| alive(pid)) {
-        assert!(Instant::now() < deadline, "orphans left: {:?}", children.iter().filter(|&&p| alive(p)).collect::<Vec<_>>());
+        let left: Vec<&i32> = children.iter().filter(|&&p| alive(p)).collect();
+        assert!(Instant::now() < deadline, "orphans left: {left:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn ctrl_c_in_a_terminal_stops_each_child_exactly_once() {
+    let pids = tempfile::tempdir().unwrap();
+    let helper = start_helper("ctrl_c", pids.path());
+    let names = ["ps-0-0", "worker-0-0", "worker-1-0"];
+    wait_for_files(pids.path(), &names).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
+    let group = helper.id() as i32;
+    assert_eq!(unsafe { libc::kill(-group, libc::SIGINT) }, 0);
+    let output = tokio::task::spawn_blocking(move || helper.wait_with_output().unwrap()).await.unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(2), "{out}");
+    assert!(out.contains("result: Err(Process(\"interrupted"), "{out}");
+    for name in ["ps 0", "worker 0", "worker 1"] {
+        assert_eq!(count(&out, &format!("{name} got SIGTERM")), 1, "{name}: {out}");
+    }
+    assert!(!out.contains("SIGINT"), "a child saw the terminal's SIGINT: {out}");
+    let children: Vec<i32> = names.iter().map(|n| read_pid(&pids.path().join(n))).collect();
+    assert!(children.iter().all(|&pid| !alive(pid)), "{out}");
 }

@@ -37,6 +37,47 @@ pub struct ServerConfig {
     pub reject_non_finite: bool,
     /// gRPC transport settings.
     pub transport: TransportConfig,
+    /// Where and when to write checkpoints. Default: none.
+    pub checkpoint: Option<CheckpointConfig>,
+    /// Start from a checkpoint instead of an empty model: `"latest"`, a step number, or the
+    /// URL of a checkpoint directory. Needs `checkpoint.url` unless a URL is given.
+    pub restore: Option<String>,
+}
+
+/// When and where a shard writes checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Object-store URL: a local folder (default `./checkpoints`), `s3://`, `gs://`, `az://`,
+    /// or `memory://` (tests).
+    pub url: String,
+    /// A checkpoint every this many model versions (sync: steps). Default 1000.
+    pub every_steps: Option<u64>,
+    /// A checkpoint at the first step after this much time since the last one. Default: off.
+    #[serde(with = "humantime_serde")]
+    pub every: Option<Duration>,
+    /// Complete checkpoints kept; older ones are deleted once a newer one is complete. Default 3.
+    pub keep: usize,
+    /// Write a last checkpoint when the server is stopped (SIGTERM), if the model changed
+    /// since the previous one. Default true.
+    pub on_shutdown: bool,
+    /// How long shard 0 waits for the other shards' files before giving a checkpoint up.
+    /// Default 300s.
+    #[serde(with = "humantime_serde")]
+    pub finalize_timeout: Duration,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            url: "./checkpoints".into(),
+            every_steps: Some(1000),
+            every: None,
+            keep: 3,
+            on_shutdown: true,
+            finalize_timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -52,6 +93,8 @@ impl Default for ServerConfig {
             wait_timeout: Duration::from_secs(600),
             reject_non_finite: true,
             transport: TransportConfig::default(),
+            checkpoint: None,
+            restore: None,
         }
     }
 }
@@ -76,6 +119,19 @@ impl ServerConfig {
         }
         if self.max_staleness.is_some() && self.mode == Mode::Sync {
             return Err("max_staleness applies to async mode only; remove it or set mode = \"async\"".into());
+        }
+        if let Some(c) = &self.checkpoint {
+            if c.every_steps == Some(0) {
+                return Err("checkpoint.every_steps is 0; expected at least 1 (or leave it out)".into());
+            }
+            if c.keep == 0 {
+                return Err("checkpoint.keep is 0; expected at least 1".into());
+            }
+        }
+        if let Some(r) = &self.restore {
+            if self.checkpoint.is_none() && !r.contains("://") {
+                return Err(format!("restore = \"{r}\" needs checkpoint.url to say where checkpoints are"));
+            }
         }
         self.transport.validate()
     }

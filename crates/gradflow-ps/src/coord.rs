@@ -41,6 +41,10 @@ struct State {
     arriving: usize,
     /// Sync: a completed step's update is being applied.
     applying: bool,
+    /// Sync: restored from a checkpoint at this version and no step completed since. Until
+    /// one does, only requests for exactly this step are taken: workers that were ahead
+    /// rewind to it, so no one waits for a step the others will never push.
+    restored_at: Option<u64>,
 }
 
 /// Permission to apply a completed sync step: divide the sums by `divisor`, apply, then call
@@ -83,9 +87,26 @@ impl Coordinator {
                 arrived: vec![false; num_workers as usize],
                 arriving: 0,
                 applying: false,
+                restored_at: None,
             }),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// Starts from a model restored at `version`.
+    pub fn restore(&self, version: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.version = version;
+        if self.mode == Mode::Sync {
+            s.restored_at = Some(version);
+        }
+        drop(s);
+        self.notify();
+    }
+
+    /// Whether no sync step is being applied right now (a snapshot now is one version).
+    pub fn between_steps(&self) -> bool {
+        !self.state.lock().unwrap().applying
     }
 
     pub fn num_workers(&self) -> u32 {
@@ -186,6 +207,15 @@ impl Coordinator {
         loop {
             {
                 let s = self.state.lock().unwrap();
+                if let Some(v) = s.restored_at.filter(|v| *v == s.version) {
+                    // A worker that pushed for the restored step may wait for the next one;
+                    // any other request not for the restored step is from before the restore.
+                    let pushed = s.arrived.get(worker as usize).copied().unwrap_or(false);
+                    let ahead_ok = step == v + 1 && pushed;
+                    if worker != gradflow_proto::OBSERVER && step != v && !ahead_ok {
+                        return Err(PsError::Rewind { requested: step, current: v });
+                    }
+                }
                 let ready = match self.mode {
                     Mode::Sync => s.version >= step,
                     Mode::Async => match self.max_staleness {
@@ -264,6 +294,7 @@ impl Coordinator {
         debug_assert_eq!(ticket.step, s.version);
         s.version += 1;
         s.applying = false;
+        s.restored_at = None;
         s.arrived.iter_mut().for_each(|a| *a = false);
         drop(s);
         self.notify();
@@ -390,5 +421,25 @@ mod tests {
         let t = c.end_push(0, true).unwrap();
         c.finish_step(t);
         assert_eq!(waiter.await.unwrap().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_restore_requests_from_before_it_are_rewound() {
+        let c = sync(2);
+        c.restore(20);
+        let t = Duration::from_millis(20);
+        for step in [3, 21, 25] {
+            let err = c.wait_for_step(0, step, t).await.unwrap_err();
+            assert!(matches!(err, PsError::Rewind { requested, current: 20 } if requested == step), "{err}");
+        }
+        assert_eq!(c.wait_for_step(0, 20, t).await.unwrap(), 20);
+        c.begin_push(0, 20).unwrap();
+        assert!(c.end_push(0, true).is_none());
+        // Having pushed the restored step, worker 0 may wait for the next one.
+        assert!(matches!(c.wait_for_step(0, 21, t).await, Err(PsError::WaitTimeout(_))));
+        c.begin_push(1, 20).unwrap();
+        c.finish_step(c.end_push(1, true).unwrap());
+        // After the first step the usual rules hold again.
+        assert!(matches!(c.wait_for_step(1, 22, t).await, Err(PsError::WaitTimeout(_))));
     }
 }

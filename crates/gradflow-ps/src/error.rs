@@ -29,6 +29,12 @@ pub enum PsError {
     UnknownWorker { worker: u32, num_workers: u32 },
     #[error("push for step {pushed} refused: the model is already at step {current}")]
     StaleStep { pushed: u64, current: u64 },
+    #[error(
+        "request for step {requested} refused: the model was restored from a checkpoint at step {current}; continue from there"
+    )]
+    Rewind { requested: u64, current: u64 },
+    #[error("checkpoints are not configured on this server (checkpoint.url)")]
+    NoCheckpoints,
     #[error("worker {worker} already pushed for step {step}")]
     DuplicatePush { worker: u32, step: u64 },
     #[error("timed out after {0:?} waiting for the model to reach the requested step")]
@@ -42,9 +48,11 @@ pub enum PsError {
 impl From<PsError> for Status {
     fn from(e: PsError) -> Status {
         let code = match &e {
-            PsError::NotDeclared | PsError::SpecMismatch(_) | PsError::StaleStep { .. } => {
-                Code::FailedPrecondition
-            }
+            PsError::NotDeclared
+            | PsError::SpecMismatch(_)
+            | PsError::StaleStep { .. }
+            | PsError::Rewind { .. }
+            | PsError::NoCheckpoints => Code::FailedPrecondition,
             PsError::DuplicatePush { .. } => Code::AlreadyExists,
             PsError::UnknownTensor(_) | PsError::UnknownTable(_) => Code::NotFound,
             PsError::InvalidSpec(_)
@@ -56,7 +64,7 @@ impl From<PsError> for Status {
             PsError::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, e.to_string());
-        if let PsError::StaleStep { current, .. } = e {
+        if let PsError::StaleStep { current, .. } | PsError::Rewind { current, .. } = e {
             // Lets a worker that fell behind resynchronise without another round trip.
             status.metadata_mut().insert(VERSION_METADATA, current.into());
         }

@@ -8,9 +8,11 @@
 //! - [`coord`]: worker liveness and the sync-step / async-staleness rules.
 //! - [`push`]: a push is validated whole before any of it is applied.
 //! - [`model`]: the parameters this shard holds, dense pieces and sparse rows, and the math.
+//! - [`checkpointing`]: when a shard writes checkpoints, and restoring one at start.
 //! - [`metrics`]: Prometheus counters.
 //! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
 
+pub mod checkpointing;
 pub mod config;
 pub mod coord;
 pub mod error;
@@ -20,6 +22,6 @@ pub mod push;
 pub mod server;
 pub mod service;
 
-pub use config::ServerConfig;
+pub use config::{CheckpointConfig, ServerConfig};
 pub use error::PsError;
 pub use server::{RunningServer, serve_until, start};

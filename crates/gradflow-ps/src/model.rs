@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 
+use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
 use gradflow_core::{Initializer, ModelSpec, OptimizerConfig, Placement};
 use gradflow_proto::codec;
 use rayon::prelude::*;
@@ -179,6 +180,71 @@ impl ShardModel {
     }
 }
 
+impl ShardModel {
+    /// A copy of everything this shard holds, for a checkpoint. Each piece and each stripe of
+    /// rows is copied under its own lock; in sync mode the caller takes it between steps, so
+    /// the copy is one model version.
+    pub fn snapshot(&self, version: u64, mode: gradflow_core::Mode) -> ShardSnapshot {
+        let dense = self
+            .pieces
+            .par_iter()
+            .map(|p| {
+                let params = p.params.read().unwrap();
+                let t = self.spec.dense_index(&p.tensor).expect("piece of a spec tensor");
+                DensePieceSnapshot {
+                    tensor: p.tensor.clone(),
+                    partition: p.partition,
+                    offset: self.placement.pieces_of(t)[p.partition as usize].offset,
+                    values: params.values.clone(),
+                    state: params.state.clone(),
+                    steps: params.steps,
+                }
+            })
+            .collect();
+        let sparse = self.tables.iter().map(|t| t.snapshot()).collect();
+        ShardSnapshot {
+            shard: self.shard,
+            num_shards: self.placement.num_shards,
+            version,
+            mode,
+            spec: self.spec.clone(),
+            partition_bytes: self.placement.partition_bytes,
+            dense,
+            sparse,
+        }
+    }
+
+    /// A shard holding exactly what `snap` holds. `snap` must have been loaded for this
+    /// shard's placement (see `CheckpointStore::load_shard`).
+    pub fn from_snapshot(snap: ShardSnapshot) -> Result<ShardModel, PsError> {
+        let model = ShardModel::new(snap.spec.clone(), snap.num_shards, snap.shard, snap.partition_bytes);
+        for d in snap.dense {
+            let idx = model.piece(&d.tensor, d.partition)?;
+            let piece = &model.pieces[idx];
+            let mut p = piece.params.write().unwrap();
+            if d.values.len() != p.values.len() || d.state.len() != p.state.len() {
+                return Err(PsError::Internal(format!(
+                    "checkpoint piece `{}` partition {} has {} values and {} state, expected {} and {}",
+                    d.tensor,
+                    d.partition,
+                    d.values.len(),
+                    d.state.len(),
+                    p.values.len(),
+                    p.state.len()
+                )));
+            }
+            p.values = d.values;
+            p.state = d.state;
+            p.steps = d.steps;
+        }
+        for t in snap.sparse {
+            let idx = model.table(&t.table)?;
+            model.tables[idx].restore(&t)?;
+        }
+        Ok(model)
+    }
+}
+
 impl Piece {
     /// Applies one gradient (already averaged) to this piece.
     pub fn apply(&self, grad: &[f32]) {
@@ -228,6 +294,59 @@ fn stripe_of(id: u64) -> usize {
 impl Table {
     fn stride(&self) -> usize {
         self.dim * (1 + self.slots)
+    }
+
+    /// A copy of every row of this table on this shard.
+    fn snapshot(&self) -> TableSnapshot {
+        let stride = self.stride();
+        let mut snap = TableSnapshot {
+            table: self.name.clone(),
+            dim: self.dim as u32,
+            num_slots: self.slots as u32,
+            ids: Vec::new(),
+            values: Vec::new(),
+            state: Vec::new(),
+            steps: Vec::new(),
+        };
+        for stripe in &self.stripes {
+            let store = stripe.lock().unwrap();
+            for (&id, &row) in &store.index {
+                let row = row as usize;
+                let data = &store.data[row * stride..][..stride];
+                snap.ids.push(id);
+                snap.values.extend_from_slice(&data[..self.dim]);
+                snap.state.extend_from_slice(&data[self.dim..]);
+                snap.steps.push(store.steps[row]);
+            }
+        }
+        snap
+    }
+
+    /// Puts the rows of a snapshot into this (empty) table.
+    fn restore(&self, snap: &TableSnapshot) -> Result<(), PsError> {
+        let (dim, slots) = (self.dim, self.slots);
+        if snap.dim as usize != dim || snap.num_slots as usize != slots {
+            return Err(PsError::Internal(format!(
+                "checkpoint table `{}` has dim {} and {} optimizer slots, the spec says {dim} and {slots}",
+                snap.table, snap.dim, snap.num_slots
+            )));
+        }
+        let n = snap.ids.len();
+        if snap.values.len() != n * dim || snap.state.len() != n * dim * slots || snap.steps.len() != n {
+            return Err(PsError::Internal(format!(
+                "checkpoint table `{}` has inconsistent lengths",
+                snap.table
+            )));
+        }
+        for (k, &id) in snap.ids.iter().enumerate() {
+            let mut store = self.stripes[stripe_of(id)].lock().unwrap();
+            let r = store.steps.len();
+            store.data.extend_from_slice(&snap.values[k * dim..][..dim]);
+            store.data.extend_from_slice(&snap.state[k * dim * slots..][..dim * slots]);
+            store.steps.push(snap.steps[k]);
+            store.index.insert(id, r as u32);
+        }
+        Ok(())
     }
 
     /// Rows created so far.

@@ -73,7 +73,11 @@ pub async fn start(
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let shard = Arc::new(Shard::new(config));
+    let restored = match config.restore.clone() {
+        Some(which) => Some(crate::checkpointing::restore(&config, &which).await?),
+        None => None,
+    };
+    let shard = Arc::new(Shard::new(config, restored)?);
     let (stop, stop_rx) = watch::channel(false);
 
     let reaper = tokio::spawn(reap_loop(shard.clone(), stop_rx.clone()));
@@ -107,6 +111,14 @@ pub async fn start(
             .await;
         s2.coord.close();
         reaper.abort();
+        if let Some(ck) = s2.checkpointer.clone() {
+            ck.wait_idle().await;
+            let v = s2.coord.version();
+            if ck.on_shutdown() && ck.stale(v) && s2.coord.between_steps() {
+                info!(step = v, "writing a last checkpoint before stopping");
+                s2.checkpoint_if_due(v, true, true).await;
+            }
+        }
         res.map_err(|e| PsError::Internal(format!("gRPC server failed: {e}")))
     });
     Ok(RunningServer { addr, metrics_addr, shard, stop, task })

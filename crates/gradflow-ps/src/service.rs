@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
+use crate::checkpointing::Checkpointer;
 use crate::coord::{Coordinator, StepTicket};
 use crate::metrics::Metrics;
 use crate::model::{ShardModel, SparseAccum};
@@ -30,10 +31,13 @@ pub struct Shard {
     pub metrics: Metrics,
     model: RwLock<Option<Arc<ShardModel>>>,
     declare_lock: tokio::sync::Mutex<()>,
+    pub checkpointer: Option<Arc<Checkpointer>>,
 }
 
 impl Shard {
-    pub fn new(config: ServerConfig) -> Shard {
+    /// A shard with no model yet (the first worker declares it), or with `restored`, a model
+    /// loaded from a checkpoint at version `.1`.
+    pub fn new(config: ServerConfig, restored: Option<(ShardModel, u64)>) -> Result<Shard, PsError> {
         let coord = Coordinator::new(
             config.mode,
             config.num_workers,
@@ -41,12 +45,40 @@ impl Shard {
             config.heartbeat_timeout,
             config.startup_timeout,
         );
-        Shard {
+        let version = restored.as_ref().map_or(0, |r| r.1);
+        if restored.is_some() {
+            coord.restore(version);
+        }
+        let checkpointer = Checkpointer::new(&config, version)?.map(Arc::new);
+        let metrics = Metrics::default();
+        metrics.version.set(version as i64);
+        Ok(Shard {
             config,
             coord,
-            metrics: Metrics::default(),
-            model: RwLock::new(None),
+            metrics,
+            model: RwLock::new(restored.map(|r| Arc::new(r.0))),
             declare_lock: tokio::sync::Mutex::new(()),
+            checkpointer,
+        })
+    }
+
+    /// Takes a checkpoint now if one is due at `version` (or `force`), on a blocking thread,
+    /// and uploads it in the background (or, with `wait`, before returning).
+    pub async fn checkpoint_if_due(self: &Arc<Self>, version: u64, force: bool, wait: bool) {
+        let (Some(ck), Ok(model)) = (self.checkpointer.clone(), self.model()) else { return };
+        if !(force || ck.due(version)) {
+            return;
+        }
+        let mode = self.config.mode;
+        let ck2 = ck.clone();
+        let Ok(Some(snap)) = blocking(move || ck2.take(&model, version, mode)).await else { return };
+        let upload = async move {
+            let _ = ck.upload(snap).await;
+        };
+        if wait {
+            upload.await;
+        } else {
+            tokio::spawn(upload);
         }
     }
 
@@ -64,11 +96,24 @@ impl Shard {
         let model = self.model()?;
         let started = Instant::now();
         let divisor = ticket.divisor as f32;
-        blocking(move || model.apply_accumulated(divisor)).await?;
+        let (step, ck) = (ticket.step, self.checkpointer.clone());
+        let mode = self.config.mode;
+        // The snapshot is taken before the version moves on, so no push of the next step can
+        // be in it: every shard's checkpoint of a version holds the same model.
+        let snapshot = blocking(move || {
+            model.apply_accumulated(divisor);
+            ck.filter(|c| c.due(step + 1)).and_then(|c| c.take(&model, step + 1, mode))
+        })
+        .await?;
         debug!(step = ticket.step, workers = ticket.divisor, elapsed = ?started.elapsed(), "step applied");
         self.coord.finish_step(ticket);
         self.metrics.steps.inc();
         self.metrics.version.set(self.coord.version() as i64);
+        if let (Some(snap), Some(ck)) = (snapshot, self.checkpointer.clone()) {
+            tokio::spawn(async move {
+                let _ = ck.upload(snap).await;
+            });
+        }
         Ok(())
     }
 
@@ -299,6 +344,23 @@ impl gradflow_proto::ParameterServer for Service {
             num_workers: shard.coord.num_workers(),
         }))
     }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let target = request.into_inner().step;
+        let shard = self.shard.clone();
+        let ck = shard.checkpointer.clone().ok_or(PsError::NoCheckpoints)?;
+        shard.model()?;
+        ck.request(target);
+        let version = shard.coord.version();
+        if version >= target && shard.coord.between_steps() {
+            shard.checkpoint_if_due(version, true, false).await;
+        }
+        let step = ck.wait_written(target, shard.config.wait_timeout).await?;
+        Ok(Response::new(pb::CheckpointResponse { step }))
+    }
 }
 
 impl Service {
@@ -331,6 +393,7 @@ impl Service {
                 blocking(move || apply_now(&model, push)).await?;
                 let v = shard.coord.applied_async(worker, step);
                 shard.metrics.version.set(v as i64);
+                shard.checkpoint_if_due(v, false, false).await;
                 Ok(v)
             }
         }

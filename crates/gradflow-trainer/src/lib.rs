@@ -121,7 +121,11 @@ fn compute<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 }
 
 /// Trains worker `index` of `job` against `servers` until its data (or `max_steps`) is done.
-pub async fn run_worker(job: &JobConfig, index: u32, servers: Vec<String>) -> Result<WorkerSummary, TrainError> {
+pub async fn run_worker(
+    job: &JobConfig,
+    index: u32,
+    servers: Vec<String>,
+) -> Result<WorkerSummary, TrainError> {
     let model: Arc<dyn Model> = Arc::from(gradflow_models::build(&job.model)?);
     let shard = ShardSpec::new(index as usize, job.workers as usize)?;
     let mut reader = Reader::open(&job.train_reader(), shard)?;
@@ -152,12 +156,23 @@ pub async fn run_worker(job: &JobConfig, index: u32, servers: Vec<String>) -> Re
 
     let mut buffers = StepBuffers::new(model.as_ref());
     let mut batch = Batch::new(reader.num_dense());
+    if first_step > 0 {
+        // Joining a job at step k (a restart, or a job restored from a checkpoint): the first
+        // k batches of this worker's data went into the model already. The data order is a
+        // function of the seed, so skipping them resumes exactly where the job was.
+        for _ in 0..first_step {
+            if compute(|| reader.next_batch(&mut batch, job.train.batch_size))? == 0 {
+                break;
+            }
+        }
+        info!(worker = index, batches = first_step, "skipped the batches trained before this step");
+    }
     let mut summary = WorkerSummary { steps: 0, samples: 0, evals: Vec::new() };
     let (mut window_loss, mut window_batches, mut window_samples) = (0f64, 0u64, 0u64);
     let mut window_start = Instant::now();
     let spec = model.spec().clone();
     loop {
-        if job.train.max_steps.is_some_and(|m| summary.steps >= m) {
+        if job.train.max_steps.is_some_and(|m| worker.current_step() >= m) {
             break;
         }
         let n = compute(|| reader.next_batch(&mut batch, job.train.batch_size))?;
@@ -177,7 +192,10 @@ pub async fn run_worker(job: &JobConfig, index: u32, servers: Vec<String>) -> Re
             worker.push_sparse(&s.name, &g.ids, &g.values)?;
         }
         if let StepOutcome::Stale { resumed_at } = worker.step().await? {
-            warn!(worker = index, resumed_at, "this batch's gradients were discarded: the servers had moved on");
+            warn!(
+                worker = index,
+                resumed_at, "this batch's gradients were discarded: the servers had moved on"
+            );
         }
         summary.steps += 1;
         summary.samples += n as u64;
@@ -200,7 +218,8 @@ pub async fn run_worker(job: &JobConfig, index: u32, servers: Vec<String>) -> Re
         }
         if reader.end_of_epoch() && index == 0 {
             if let Some(test) = job.test_reader() {
-                let e = evaluate(&worker, model.as_ref(), &test, scaler.as_ref(), job.train.batch_size).await?;
+                let e =
+                    evaluate(&worker, model.as_ref(), &test, scaler.as_ref(), job.train.batch_size).await?;
                 let event = Event::Eval {
                     worker: index,
                     epoch: reader.epoch() + 1,

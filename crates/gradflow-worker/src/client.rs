@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,8 +25,9 @@ const VERSION_METADATA: &str = "x-gradflow-version";
 pub enum StepOutcome {
     /// The servers took them.
     Applied,
-    /// The servers had moved past this worker's step (it was dropped as dead and came
-    /// back); the gradients were discarded and the worker now continues at `resumed_at`.
+    /// The servers were not at this worker's step: they had moved on without it (it was
+    /// dropped as dead and came back), or they were restored from a checkpoint. The gradients
+    /// were discarded and the worker now continues at `resumed_at`.
     Stale { resumed_at: u64 },
 }
 
@@ -46,7 +48,8 @@ pub struct Worker {
     config: WorkerConfig,
     clients: Vec<ParameterServerClient<Channel>>,
     model: Option<Arc<(ModelSpec, Placement)>>,
-    step: u64,
+    /// Atomic so that a pull (`&self`) can follow a server's rewind.
+    step: AtomicU64,
     pending: Vec<Pending>,
     heartbeat: JoinHandle<()>,
     step_tx: tokio::sync::watch::Sender<u64>,
@@ -145,7 +148,7 @@ impl Worker {
             config,
             clients,
             model: None,
-            step: 0,
+            step: AtomicU64::new(0),
             heartbeat,
             step_tx,
         })
@@ -164,13 +167,35 @@ impl Worker {
     /// The step this worker is on: pulls wait for the model of this step (sync mode), and
     /// pushes are for it.
     pub fn current_step(&self) -> u64 {
-        self.step
+        self.step.load(Ordering::Relaxed)
     }
 
     /// Sets the step, e.g. when resuming from a checkpoint or joining a running job.
     pub fn set_step(&mut self, step: u64) {
-        self.step = step;
+        self.move_to(step);
+    }
+
+    fn move_to(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
         let _ = self.step_tx.send(step);
+    }
+
+    /// After a pull failed with `e`: if the servers were restored from a checkpoint and ask
+    /// this worker to continue from its step, moves there and says to try again (a few times).
+    fn follow_rewind(&self, e: &WorkerError, tries: &mut u32) -> bool {
+        let Some(v) = rewind_target(e) else { return false };
+        if *tries >= 3 {
+            return false;
+        }
+        *tries += 1;
+        warn!(
+            worker = self.config.worker,
+            from = self.current_step(),
+            to = v,
+            "servers were restored from a checkpoint; continuing from its step"
+        );
+        self.move_to(v);
+        true
     }
 
     /// The declared spec.
@@ -253,9 +278,15 @@ impl Worker {
         for (buf, d) in out.iter_mut().zip(&spec.dense) {
             buf.resize(d.numel() as usize, 0.0);
         }
-        let mut refs: Vec<&mut [f32]> = out.iter_mut().map(|v| v.as_mut_slice()).collect();
         let all: Vec<usize> = (0..spec.dense.len()).collect();
-        self.pull_dense_indices(&all, &mut refs, true).await
+        let mut tries = 0;
+        loop {
+            let mut refs: Vec<&mut [f32]> = out.iter_mut().map(|v| v.as_mut_slice()).collect();
+            match self.pull_dense_indices(&all, &mut refs, true).await {
+                Err(e) if self.follow_rewind(&e, &mut tries) => continue,
+                r => return r,
+            }
+        }
     }
 
     /// Pulls the named dense tensors into the caller's buffers (each exactly the tensor's size).
@@ -270,7 +301,13 @@ impl Worker {
             }
             idx.push(t);
         }
-        self.pull_dense_indices(&idx, out, false).await
+        let mut tries = 0;
+        loop {
+            match self.pull_dense_indices(&idx, out, false).await {
+                Err(e) if self.follow_rewind(&e, &mut tries) => continue,
+                r => return r,
+            }
+        }
     }
 
     async fn pull_dense_indices(
@@ -296,7 +333,7 @@ impl Worker {
             }
         }
         let slot_of = |name: &str| tensors.iter().position(|&t| spec.dense[t].name == name);
-        let (me, step) = (self.config.worker, self.step);
+        let (me, step) = (self.config.worker, self.current_step());
         let streams =
             try_join_all((0..self.clients.len()).filter(|&s| expected_pieces[s] > 0).map(|shard| {
                 let pieces = wanted[shard].clone();
@@ -364,6 +401,20 @@ impl Worker {
         requests: &[(&str, &[u64])],
         out: &mut [Vec<f32>],
     ) -> Result<(), WorkerError> {
+        let mut tries = 0;
+        loop {
+            match self.pull_sparse_once(requests, out).await {
+                Err(e) if self.follow_rewind(&e, &mut tries) => continue,
+                r => return r,
+            }
+        }
+    }
+
+    async fn pull_sparse_once(
+        &self,
+        requests: &[(&str, &[u64])],
+        out: &mut [Vec<f32>],
+    ) -> Result<(), WorkerError> {
         let spec = self.spec()?;
         let n = self.clients.len();
         let mut dims = Vec::with_capacity(requests.len());
@@ -376,7 +427,7 @@ impl Worker {
                 positions[Placement::sparse_shard(id, n as u32) as usize][r].push(i as u32);
             }
         }
-        let (me, step) = (self.config.worker, self.step);
+        let (me, step) = (self.config.worker, self.current_step());
         let replies =
             try_join_all((0..n).filter(|&s| positions[s].iter().any(|p| !p.is_empty())).map(|shard| {
                 let tables: Vec<pb::SparseIds> = requests
@@ -500,7 +551,7 @@ impl Worker {
     pub async fn step(&mut self) -> Result<StepOutcome, WorkerError> {
         let pending = std::mem::take(&mut self.pending);
         self.pending = (0..self.clients.len()).map(|_| Pending::default()).collect();
-        let (me, step) = (self.config.worker, self.step);
+        let (me, step) = (self.config.worker, self.current_step());
         let max = self.config.transport.chunk_bytes;
         let this = &*self;
         let results = futures::future::join_all(pending.into_iter().enumerate().map(|(shard, p)| {
@@ -526,17 +577,9 @@ impl Worker {
         for r in results {
             match r {
                 Ok(()) => {}
-                Err(WorkerError::Server { status, .. })
-                    if status.code() == Code::FailedPrecondition
-                        && status.metadata().get(VERSION_METADATA).is_some() =>
-                {
-                    let v = status
-                        .metadata()
-                        .get(VERSION_METADATA)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(step + 1);
-                    resumed_at = Some(resumed_at.unwrap_or(0).max(v));
+                Err(e) if rewind_target(&e).is_some() => {
+                    let v = rewind_target(&e).unwrap();
+                    resumed_at = Some(resumed_at.map_or(v, |r: u64| r.max(v)));
                 }
                 Err(e) => return Err(e),
             }
@@ -570,7 +613,7 @@ impl Worker {
             )
         }))
         .await?;
-        info!(worker = me, step = self.step, "left the job");
+        info!(worker = me, step = self.current_step(), "left the job");
         Ok(())
     }
 
@@ -584,6 +627,16 @@ impl Worker {
         }))
         .await
     }
+}
+
+/// The step a server asks this worker to continue from: after it fell behind (the servers
+/// moved on without it) or after the servers were restored from a checkpoint.
+fn rewind_target(e: &WorkerError) -> Option<u64> {
+    let WorkerError::Server { status, .. } = e else { return None };
+    if status.code() != Code::FailedPrecondition {
+        return None;
+    }
+    status.metadata().get(VERSION_METADATA)?.to_str().ok()?.parse().ok()
 }
 
 /// Packs staged gradients into push messages of at most about `max` payload bytes each.

@@ -1,32 +1,85 @@
-//! `gradflow launch`: run a whole job.
+//! `gradflow launch`: run a whole job, locally or on Kubernetes.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use gradflow_launch::kubernetes::render::{Renderer, controller_name, to_json, to_yaml};
+use gradflow_launch::kubernetes::{JobClient, JobState, RunOutcome, config};
 use gradflow_launch::local::{LocalLauncher, shutdown_signal};
 
 /// Run a training job from its job file: prepare the data, start the parameter servers and
 /// workers, show progress, print test scores, and stop everything at the end.
 ///
-/// The job runs as child processes of this one (the local backend). Ctrl-C or SIGTERM stops
-/// every child; if this process is killed, its children are killed too. The exit code is 0
-/// when every worker finished, non-zero otherwise.
+/// With the local backend (the default) the job runs as child processes of this one. Ctrl-C
+/// or SIGTERM stops every child; if this process is killed, its children are killed too.
+///
+/// With `--backend kubernetes` the job runs as pods in a cluster (kubeconfig or in-cluster
+/// configuration); this process follows it to its end and prints its state changes, and
+/// Ctrl-C stops it. `--detach` leaves it to a controller in the cluster instead;
+/// `--dry-run` prints the manifests without a cluster. See docs/kubernetes.md.
+///
+/// The exit code is 0 when every worker finished, non-zero otherwise.
 #[derive(clap::Args)]
 pub struct Args {
     /// The job file (TOML); see the README for every key.
     job: PathBuf,
+    /// Where the job runs.
+    #[arg(long, value_enum, default_value_t = Backend::Local)]
+    backend: Backend,
+    /// Kubernetes: the namespace. Default: the job file's `kubernetes.namespace`, else the
+    /// kubeconfig context's (with --dry-run: `default`).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Kubernetes: print every manifest instead of creating anything; needs no cluster.
+    #[arg(long)]
+    dry_run: bool,
+    /// Kubernetes, with --dry-run: the format of the manifests [default: yaml].
+    #[arg(long, short = 'o', value_enum)]
+    output: Option<Output>,
+    /// Kubernetes: create the job and return at once; a controller in the cluster drives
+    /// it (it runs as the service account in deploy/rbac.yaml).
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    /// Child processes of this process, on this machine.
+    Local,
+    /// Pods in a Kubernetes cluster.
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Yaml,
+    Json,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.backend == Backend::Kubernetes {
+        return run_kubernetes(args);
+    }
+    for (set, flag) in [
+        (args.namespace.is_some(), "--namespace"),
+        (args.dry_run, "--dry-run"),
+        (args.output.is_some(), "--output"),
+        (args.detach, "--detach"),
+    ] {
+        if set {
+            bail!("{flag} applies to --backend kubernetes only");
+        }
+    }
     super::init_logging("info");
-    let job = super::load_job(&args.job)?;
+    let mut job = super::load_job(&args.job)?;
     gradflow_launch::prepare::prepare_data(&job)?;
     let program = std::env::current_exe().context("finding the gradflow executable")?;
     let name = job.name.clone();
     let results = job.output_dir().join(&job.output.results);
     let outcome = super::runtime()?.block_on(async move {
         let cancel = shutdown_signal()?;
+        gradflow_launch::prepare::pin_restore(&mut job).await?;
         LocalLauncher::new(job, program).run(cancel).await
     });
     match outcome {
@@ -39,8 +92,61 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("job {name} failed: {e}");
+            eprintln!("job {name}: {e}");
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn run_kubernetes(args: Args) -> anyhow::Result<ExitCode> {
+    if args.output.is_some() && !args.dry_run {
+        bail!("--output applies to --dry-run only");
+    }
+    // Paths of the job file become paths inside the pods (`kubernetes.workdir`).
+    let job = config::load_job(&args.job)?;
+    let namespace =
+        args.namespace.clone().or_else(|| job.kubernetes.as_ref().and_then(|k| k.namespace.clone()));
+    if args.dry_run {
+        let renderer = Renderer::new(job, namespace.as_deref().unwrap_or("default"))?;
+        let manifests = renderer.manifests(args.detach);
+        let text = match args.output.unwrap_or(Output::Yaml) {
+            Output::Yaml => to_yaml(&manifests)?,
+            Output::Json => to_json(&manifests)?,
+        };
+        print!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // kube-rs logs each failed request; the error we print says it once.
+    super::init_logging("warn,kube_client=off");
+    let name = job.name.clone();
+    super::runtime()?.block_on(async move {
+        let client = JobClient::infer(namespace.as_deref()).await?;
+        let ns = client.namespace().to_string();
+        // Installed before anything is created, so that a Ctrl-C in between is not lost.
+        let cancel = shutdown_signal()?;
+        let controller = client.launch(job, args.detach).await?;
+        if args.detach {
+            eprintln!(
+                "job {name} created in namespace {ns}; its controller runs as Job {}.\n\
+                 Follow it with `gradflow status {name} -n {ns}` and `gradflow logs {name} -n {ns} --follow`; \
+                 remove it with `gradflow delete {name} -n {ns}`.",
+                controller_name(&name)
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        eprintln!("[kube] job {name} created in namespace {ns}; following it (Ctrl-C stops it)");
+        let outcome = controller.run(cancel, |line| eprintln!("[kube] {line}")).await?;
+        let RunOutcome::Finished(summary) = outcome else { return Ok(ExitCode::FAILURE) };
+        eprint!("\n{summary}");
+        if summary.state == JobState::Succeeded {
+            eprintln!("\njob {name} succeeded; logs: `gradflow logs {name} -n {ns}`");
+            Ok(ExitCode::SUCCESS)
+        } else {
+            eprintln!(
+                "\njob {name} {}; ended pods are kept for their logs until `gradflow delete {name} -n {ns}`",
+                summary.state.to_string().to_lowercase()
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    })
 }

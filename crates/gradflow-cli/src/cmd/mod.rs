@@ -1,7 +1,9 @@
 //! One module per subcommand, plus what they share.
 
+pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod kube;
 pub mod launch;
 pub mod ps;
 pub mod worker;

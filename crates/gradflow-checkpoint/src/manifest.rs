@@ -1,0 +1,257 @@
+//! Manifests: the JSON files that say what a checkpoint (and each shard's part of it) holds.
+//!
+//! A shard's `shard-<s>/manifest.json` ([`ShardManifest`]) lists that shard's files with their
+//! sizes and CRC-32C checksums. The checkpoint's `manifest.json` ([`Manifest`]) repeats all of
+//! them, so a reader needs only that one file to find and verify everything.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use gradflow_core::{Mode, ModelSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::CheckpointError;
+use crate::store::CheckpointStore;
+
+/// `format` of a checkpoint's `manifest.json`.
+pub const MANIFEST_FORMAT: &str = "gradflow-checkpoint";
+/// `format` of a shard's `manifest.json`.
+pub const SHARD_MANIFEST_FORMAT: &str = "gradflow-checkpoint-shard";
+/// The version of the layout and file formats this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A CRC-32C (Castagnoli) checksum, written in JSON as 8 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Crc32c(pub u32);
+
+impl Crc32c {
+    /// The checksum of `data`.
+    pub fn of(data: &[u8]) -> Crc32c {
+        Crc32c(crc32c::crc32c(data))
+    }
+}
+
+impl fmt::Display for Crc32c {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
+impl Serialize for Crc32c {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Crc32c {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        u32::from_str_radix(&s, 16)
+            .ok()
+            .filter(|_| s.len() == 8)
+            .map(Crc32c)
+            .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a crc32c (8 hex digits)")))
+    }
+}
+
+/// An object of a checkpoint: where it is (relative to the checkpoint directory), its size and
+/// its checksum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectEntry {
+    /// Path relative to the checkpoint directory, `/`-separated (e.g. `shard-0/manifest.json`).
+    pub path: String,
+    pub bytes: u64,
+    pub crc32c: Crc32c,
+}
+
+/// A data file of a shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Path relative to the checkpoint directory, `/`-separated
+    /// (e.g. `shard-0/dense-0.safetensors`).
+    pub path: String,
+    pub bytes: u64,
+    pub crc32c: Crc32c,
+    /// What the file holds.
+    #[serde(flatten)]
+    pub content: FileContent,
+}
+
+/// What a data file holds (in JSON: a `kind` field, `"dense"` or `"sparse"`, beside the rest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FileContent {
+    /// A safetensors file of dense pieces with their optimizer state.
+    Dense { pieces: Vec<PieceEntry> },
+    /// One table's rows in the sparse binary format.
+    Sparse { table: String, dim: u32, num_slots: u32, rows: u64 },
+}
+
+/// A dense piece in a dense file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PieceEntry {
+    pub tensor: String,
+    /// The piece's index among the tensor's pieces under the writer's placement.
+    pub partition: u32,
+    /// First element of the piece in the flattened tensor.
+    pub offset: u64,
+    /// Number of elements.
+    pub len: u64,
+    /// Optimizer updates applied to the piece.
+    pub steps: u64,
+}
+
+/// A shard's part of a checkpoint (`shard-<s>/manifest.json`), written after the shard's files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardManifest {
+    /// Always [`SHARD_MANIFEST_FORMAT`].
+    pub format: String,
+    pub format_version: u32,
+    pub step: u64,
+    pub shard: u32,
+    pub num_shards: u32,
+    /// The shard's model version when the snapshot was taken.
+    pub version: u64,
+    pub mode: Mode,
+    pub partition_bytes: u64,
+    /// When the shard's files were written.
+    pub time: DateTime<Utc>,
+    pub spec: ModelSpec,
+    pub files: Vec<FileEntry>,
+}
+
+impl ShardManifest {
+    /// Bytes of the shard's data files.
+    pub fn data_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+}
+
+/// One shard of a complete checkpoint, as the checkpoint's manifest records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub shard: u32,
+    /// The shard's model version when its snapshot was taken.
+    pub version: u64,
+    /// The shard's own manifest.
+    pub manifest: ObjectEntry,
+    /// The shard's data files.
+    pub files: Vec<FileEntry>,
+}
+
+/// A complete checkpoint: the content of its `manifest.json`.
+///
+/// Returned by [`CheckpointStore::finalize`] and [`CheckpointStore::resolve`], which also
+/// remember where the checkpoint lives, so that [`CheckpointStore::load_shard`] and
+/// [`CheckpointStore::export`] read it from there (even from another root than the store's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    pub format_version: u32,
+    /// The training step the checkpoint was taken at.
+    pub step: u64,
+    /// When the checkpoint was completed.
+    pub time: DateTime<Utc>,
+    pub mode: Mode,
+    /// True when every shard's snapshot has the same model version.
+    pub consistent: bool,
+    pub num_shards: u32,
+    /// The writers' placement: `Placement::new(spec, num_shards, partition_bytes)`.
+    pub partition_bytes: u64,
+    /// Bytes of every file of the checkpoint except this manifest.
+    pub total_bytes: u64,
+    pub spec: ModelSpec,
+    /// Per shard, in shard order.
+    pub shards: Vec<ShardEntry>,
+    #[serde(skip)]
+    pub(crate) origin: Option<Origin>,
+}
+
+/// Where a resolved manifest lives: a store (its root) and the checkpoint directory's name.
+#[derive(Debug, Clone)]
+pub(crate) struct Origin {
+    pub store: CheckpointStore,
+    pub dir: String,
+}
+
+impl Manifest {
+    /// `Ok` when the checkpoint holds the model `spec` describes, else
+    /// [`CheckpointError::SpecMismatch`] with the first difference ("before" is the checkpoint,
+    /// "now" is `spec`).
+    pub fn check_spec(&self, spec: &ModelSpec) -> Result<(), CheckpointError> {
+        match self.spec.first_difference(spec) {
+            None => Ok(()),
+            Some(difference) => Err(CheckpointError::SpecMismatch { checkpoint: self.url(), difference }),
+        }
+    }
+
+    /// The checkpoint directory's name: where it was resolved from, else `ckpt-<step>`.
+    pub fn dir_name(&self) -> String {
+        match &self.origin {
+            Some(o) => o.dir.clone(),
+            None => crate::checkpoint_dir_name(self.step),
+        }
+    }
+
+    /// The URL of the checkpoint directory when known (from `resolve` or `finalize`), else its
+    /// name.
+    pub fn url(&self) -> String {
+        match &self.origin {
+            Some(o) => o.store.child_url(&o.dir),
+            None => self.dir_name(),
+        }
+    }
+
+    /// Each shard's model version, in shard order.
+    pub fn versions(&self) -> Vec<u64> {
+        self.shards.iter().map(|s| s.version).collect()
+    }
+
+    /// Rows of sparse table `table` over all shards (0 for an unknown table).
+    pub fn table_rows(&self, table: &str) -> u64 {
+        self.files()
+            .filter_map(|f| match &f.content {
+                FileContent::Sparse { table: t, rows, .. } if t == table => Some(*rows),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// Every data file of every shard.
+    pub fn files(&self) -> impl Iterator<Item = &FileEntry> {
+        self.shards.iter().flat_map(|s| &s.files)
+    }
+
+    /// A one-line summary for listings.
+    pub fn info(&self) -> CheckpointInfo {
+        CheckpointInfo {
+            step: self.step,
+            dir: self.dir_name(),
+            url: self.url(),
+            time: self.time,
+            mode: self.mode,
+            consistent: self.consistent,
+            num_shards: self.num_shards,
+            total_bytes: self.total_bytes,
+        }
+    }
+}
+
+/// A complete checkpoint in a listing ([`CheckpointStore::list`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    pub step: u64,
+    /// Directory name, `ckpt-<step>`.
+    pub dir: String,
+    /// URL of the checkpoint directory.
+    pub url: String,
+    /// When it was completed.
+    pub time: DateTime<Utc>,
+    pub mode: Mode,
+    /// True when every shard's snapshot has the same model version.
+    pub consistent: bool,
+    pub num_shards: u32,
+    /// Bytes of every file except the top-level manifest.
+    pub total_bytes: u64,
+}

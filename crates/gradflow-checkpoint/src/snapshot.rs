@@ -1,0 +1,166 @@
+//! In-memory copies of what one shard holds: the values a checkpoint is written from, and
+//! what [`crate::CheckpointStore::load_shard`] gives back.
+
+use std::collections::HashSet;
+
+use gradflow_core::{Mode, ModelSpec};
+
+use crate::CheckpointError;
+
+/// One contiguous piece of a dense tensor with its optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DensePieceSnapshot {
+    /// Name of the tensor (in `ModelSpec::dense`).
+    pub tensor: String,
+    /// Index of the piece among the tensor's pieces under the shard's placement.
+    pub partition: u32,
+    /// First element of the piece in the flattened tensor.
+    pub offset: u64,
+    /// The piece's values; its length is the piece's length.
+    pub values: Vec<f32>,
+    /// Optimizer state, slot-major: slot `s` is `state[s * len..(s + 1) * len]`
+    /// (`num_slots * len` floats; empty for an optimizer without state).
+    pub state: Vec<f32>,
+    /// Optimizer updates applied to the piece so far.
+    pub steps: u64,
+}
+
+impl DensePieceSnapshot {
+    /// Number of elements.
+    pub fn len(&self) -> u64 {
+        self.values.len() as u64
+    }
+
+    /// True when the piece has no elements (never the case for a valid snapshot).
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+/// A shard's rows of one sparse embedding table, with their optimizer state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableSnapshot {
+    /// Name of the table (in `ModelSpec::sparse`).
+    pub table: String,
+    /// Floats per row.
+    pub dim: u32,
+    /// Optimizer state slots per element.
+    pub num_slots: u32,
+    /// Row ids, each at most once.
+    pub ids: Vec<u64>,
+    /// Row values, `ids.len() * dim`: row `i` is `values[i * dim..(i + 1) * dim]`.
+    pub values: Vec<f32>,
+    /// Optimizer state, `ids.len() * num_slots * dim`; per row: slot 0 (`dim` floats), slot 1, ...
+    pub state: Vec<f32>,
+    /// Optimizer updates applied to each row so far.
+    pub steps: Vec<u32>,
+}
+
+impl TableSnapshot {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Everything one parameter-server shard holds at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardSnapshot {
+    /// This shard's index.
+    pub shard: u32,
+    /// Number of shards of the job.
+    pub num_shards: u32,
+    /// The shard's model version (completed steps in sync mode, applied pushes in async mode).
+    pub version: u64,
+    pub mode: Mode,
+    pub spec: ModelSpec,
+    /// The placement's largest dense piece, in bytes (`Placement::new(spec, num_shards, partition_bytes)`).
+    pub partition_bytes: u64,
+    /// The dense pieces this shard holds.
+    pub dense: Vec<DensePieceSnapshot>,
+    /// This shard's rows of every sparse table.
+    pub sparse: Vec<TableSnapshot>,
+}
+
+impl ShardSnapshot {
+    /// Checks that every piece and table fits the spec: known names, in-range offsets, and the
+    /// lengths of values, state and steps.
+    pub fn validate(&self) -> Result<(), CheckpointError> {
+        let bad = |reason: String| CheckpointError::InvalidSnapshot { shard: self.shard, reason };
+        if self.num_shards == 0 || self.shard >= self.num_shards {
+            return Err(bad(format!("shard {} of {} does not exist", self.shard, self.num_shards)));
+        }
+        if self.partition_bytes < 4 {
+            return Err(bad(format!("partition_bytes is {}, must be at least 4", self.partition_bytes)));
+        }
+        self.spec.validate().map_err(|e| bad(format!("invalid spec: {e}")))?;
+        let mut seen = HashSet::new();
+        for p in &self.dense {
+            let t = self
+                .spec
+                .dense_index(&p.tensor)
+                .ok_or_else(|| bad(format!("dense tensor `{}` is not in the spec", p.tensor)))?;
+            let d = &self.spec.dense[t];
+            if !seen.insert((p.tensor.as_str(), p.partition)) {
+                return Err(bad(format!(
+                    "dense tensor `{}` partition {} appears twice",
+                    p.tensor, p.partition
+                )));
+            }
+            if p.values.is_empty() || p.offset + p.len() > d.numel() {
+                return Err(bad(format!(
+                    "dense tensor `{}` partition {}: elements {}..{} are outside the tensor's {}",
+                    p.tensor,
+                    p.partition,
+                    p.offset,
+                    p.offset + p.len(),
+                    d.numel()
+                )));
+            }
+            let want = d.optimizer.num_slots() * p.values.len();
+            if p.state.len() != want {
+                return Err(bad(format!(
+                    "dense tensor `{}` partition {}: {} state floats, the optimizer ({}) needs {want}",
+                    p.tensor,
+                    p.partition,
+                    p.state.len(),
+                    d.optimizer.kind()
+                )));
+            }
+        }
+        let mut tables = HashSet::new();
+        for t in &self.sparse {
+            let i = self
+                .spec
+                .sparse_index(&t.table)
+                .ok_or_else(|| bad(format!("sparse table `{}` is not in the spec", t.table)))?;
+            let s = &self.spec.sparse[i];
+            if !tables.insert(t.table.as_str()) {
+                return Err(bad(format!("sparse table `{}` appears twice", t.table)));
+            }
+            if t.dim != s.dim || t.num_slots as usize != s.optimizer.num_slots() {
+                return Err(bad(format!(
+                    "sparse table `{}`: dim {} with {} slots, the spec says dim {} with {} slots",
+                    t.table,
+                    t.dim,
+                    t.num_slots,
+                    s.dim,
+                    s.optimizer.num_slots()
+                )));
+            }
+            let (n, dim, slots) = (t.ids.len(), t.dim as usize, t.num_slots as usize);
+            if t.values.len() != n * dim || t.state.len() != n * slots * dim || t.steps.len() != n {
+                return Err(bad(format!(
+                    "sparse table `{}`: {n} ids need {} values, {} state floats and {n} steps; got {}, {} and {}",
+                    t.table,
+                    n * dim,
+                    n * slots * dim,
+                    t.values.len(),
+                    t.state.len(),
+                    t.steps.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+}

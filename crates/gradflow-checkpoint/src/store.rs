@@ -1,0 +1,822 @@
+//! [`CheckpointStore`]: a checkpoint root on some object store, and the write side (shard
+//! files, finalize, pruning), listing and resolving.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Component, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload, WriteMultipart};
+use url::Url;
+
+use crate::format;
+use crate::manifest::{
+    Crc32c, FORMAT_VERSION, FileContent, FileEntry, MANIFEST_FORMAT, Manifest, ObjectEntry, Origin,
+    SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest,
+};
+use crate::snapshot::{DensePieceSnapshot, ShardSnapshot};
+use crate::{CheckpointError, CheckpointInfo, checkpoint_dir_name, parse_checkpoint_dir_name};
+
+/// Name of the pointer object at the root.
+pub const LATEST: &str = "latest";
+/// Name of a checkpoint's (and a shard's) manifest.
+pub const MANIFEST: &str = "manifest.json";
+
+/// Tunables of a [`CheckpointStore`]; the defaults suit checkpoints from megabytes to many
+/// gigabytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreOptions {
+    /// Dense pieces (values + optimizer state) are grouped into safetensors files of about this
+    /// many bytes (a single larger piece gets a file of its own). Each file is built in memory
+    /// before upload. Default 128 MiB.
+    pub dense_file_bytes: u64,
+    /// Files larger than this are uploaded with a multipart upload. Default 32 MiB.
+    pub multipart_threshold: u64,
+    /// Size of each part of a multipart upload (S3 needs at least 5 MiB). Default 16 MiB.
+    pub part_bytes: usize,
+    /// Files moving at once, and parts in flight per multipart upload. Default 4.
+    pub max_concurrency: usize,
+    /// How often `finalize` looks for missing shard manifests. Default 250 ms.
+    pub poll_interval: Duration,
+    /// Extra configuration for the cloud store builders, applied after the environment:
+    /// object_store keys such as `aws_endpoint`, `aws_allow_http`, `google_service_account`,
+    /// `azure_storage_account_name`. Empty by default (the environment alone configures).
+    pub storage_options: Vec<(String, String)>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            dense_file_bytes: 128 << 20,
+            multipart_threshold: 32 << 20,
+            part_bytes: 16 << 20,
+            max_concurrency: 4,
+            poll_interval: Duration::from_millis(250),
+            storage_options: Vec::new(),
+        }
+    }
+}
+
+/// The process-wide named in-memory stores behind `memory://NAME` URLs.
+static MEMORY_STORES: LazyLock<Mutex<HashMap<String, Arc<InMemory>>>> = LazyLock::new(Default::default);
+
+/// A checkpoint root on an object store: a local folder, `s3://`, `gs://`, `az://` or
+/// `memory://`. Cheap to clone (the store is shared).
+#[derive(Clone)]
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    /// The root's path inside `store`.
+    root: ObjPath,
+    /// The root as shown in messages, without a trailing `/`.
+    url: String,
+    /// For a local folder: the folder (to remove emptied directories when pruning).
+    local_dir: Option<PathBuf>,
+    options: StoreOptions,
+}
+
+impl fmt::Debug for CheckpointStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckpointStore").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl CheckpointStore {
+    /// Opens the checkpoint root at `url` with default options.
+    ///
+    /// - a plain path (`./checkpoints`, `/data/ckpt`) or `file:///...`: a local folder, created
+    ///   on first write;
+    /// - `s3://bucket/prefix` (also `s3a://`): configured by the usual `AWS_*` variables
+    ///   (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` for MinIO
+    ///   and other S3-compatible servers, `AWS_ALLOW_HTTP=true` for a plain-http endpoint, ...);
+    /// - `gs://bucket/prefix`: `GOOGLE_*` variables (`GOOGLE_SERVICE_ACCOUNT`, ...);
+    /// - `az://container/prefix` (also `azure://`, `abfs(s)://`): `AZURE_*` variables
+    ///   (`AZURE_STORAGE_ACCOUNT_NAME`, `AZURE_STORAGE_ACCOUNT_KEY`, ...);
+    /// - `memory://name/prefix`: an in-memory store shared by every handle to the same `name` in
+    ///   this process (for tests).
+    ///
+    /// Opening does no I/O: a wrong bucket or credentials show up at the first read or write.
+    pub fn open(url: &str) -> Result<Self, CheckpointError> {
+        Self::open_with(url, StoreOptions::default())
+    }
+
+    /// [`CheckpointStore::open`] with explicit options.
+    pub fn open_with(url: &str, options: StoreOptions) -> Result<Self, CheckpointError> {
+        let given = url.trim();
+        let invalid = |reason: String| CheckpointError::InvalidUrl { url: given.to_string(), reason };
+        if given.is_empty() {
+            return Err(invalid("empty".into()));
+        }
+        if !given.contains("://") {
+            return Self::open_local(given, PathBuf::from(given), options);
+        }
+        let parsed = Url::parse(given).map_err(|e| invalid(e.to_string()))?;
+        let display = given.trim_end_matches('/').to_string();
+        match parsed.scheme() {
+            "file" => {
+                let dir = parsed.to_file_path().map_err(|()| invalid("not a local absolute path".into()))?;
+                Self::open_local(&display, dir, options)
+            }
+            "memory" => {
+                let name = parsed.host_str().unwrap_or("").to_string();
+                let root = ObjPath::parse(parsed.path()).map_err(|e| invalid(e.to_string()))?;
+                let store = MEMORY_STORES.lock().unwrap().entry(name).or_default().clone();
+                Ok(CheckpointStore { store, root, url: display, local_dir: None, options })
+            }
+            _ => {
+                let (scheme, path) = ObjectStoreScheme::parse(&parsed).map_err(|e| {
+                    invalid(format!("{e} (supported: a local path, file://, s3://, gs://, az://, memory://)"))
+                })?;
+                let root = ObjPath::parse(path).map_err(|e| invalid(e.to_string()))?;
+                let opts = &options.storage_options;
+                let bad_key = |k: &str| invalid(format!("unknown storage option `{k}`"));
+                let open_err = |cause| CheckpointError::Open { url: display.clone(), cause };
+                let store: Arc<dyn ObjectStore> = match scheme {
+                    ObjectStoreScheme::AmazonS3 => {
+                        let mut b = AmazonS3Builder::from_env().with_url(given);
+                        for (k, v) in opts {
+                            b = b.with_config(k.parse().map_err(|_| bad_key(k))?, v);
+                        }
+                        Arc::new(b.build().map_err(open_err)?)
+                    }
+                    ObjectStoreScheme::GoogleCloudStorage => {
+                        let mut b = GoogleCloudStorageBuilder::from_env().with_url(given);
+                        for (k, v) in opts {
+                            b = b.with_config(k.parse().map_err(|_| bad_key(k))?, v);
+                        }
+                        Arc::new(b.build().map_err(open_err)?)
+                    }
+                    ObjectStoreScheme::MicrosoftAzure => {
+                        let mut b = MicrosoftAzureBuilder::from_env().with_url(given);
+                        for (k, v) in opts {
+                            b = b.with_config(k.parse().map_err(|_| bad_key(k))?, v);
+                        }
+                        Arc::new(b.build().map_err(open_err)?)
+                    }
+                    other => {
+                        return Err(invalid(format!(
+                            "{other:?} stores are not supported (supported: a local path, file://, s3://, \
+                             gs://, az://, memory://)"
+                        )));
+                    }
+                };
+                Ok(CheckpointStore { store, root, url: display, local_dir: None, options })
+            }
+        }
+    }
+
+    fn open_local(display: &str, dir: PathBuf, options: StoreOptions) -> Result<Self, CheckpointError> {
+        let invalid = |reason: String| CheckpointError::InvalidUrl { url: display.to_string(), reason };
+        let abs = std::path::absolute(&dir).map_err(|e| invalid(e.to_string()))?;
+        // Resolve `.` and `..` by hand: the folder may not exist yet, so canonicalize can't.
+        let mut clean = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    clean.pop();
+                }
+                other => clean.push(other),
+            }
+        }
+        let clean = std::fs::canonicalize(&clean).unwrap_or(clean);
+        let root = ObjPath::from_absolute_path(&clean).map_err(|e| invalid(e.to_string()))?;
+        let url = if display.starts_with("file://") {
+            display.to_string()
+        } else {
+            clean.display().to_string().trim_end_matches('/').to_string()
+        };
+        Ok(CheckpointStore {
+            // fsync files and folders before a write returns, as remote stores guarantee: a
+            // manifest must never reach the disk before the files it lists.
+            store: Arc::new(LocalFileSystem::new().with_fsync(true)),
+            root,
+            url: if url.is_empty() { "/".into() } else { url },
+            local_dir: Some(clean),
+            options,
+        })
+    }
+
+    /// A checkpoint root at `prefix` in any object store (for stores this crate does not build
+    /// itself, or wrapped ones); `url` is how messages name the root.
+    pub fn from_object_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: ObjPath,
+        url: impl Into<String>,
+        options: StoreOptions,
+    ) -> Self {
+        let url = url.into().trim_end_matches('/').to_string();
+        CheckpointStore { store, root: prefix, url, local_dir: None, options }
+    }
+
+    /// The root's URL (for a plain local path: the absolute folder).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// The URL of checkpoint `step`'s directory.
+    pub fn checkpoint_url(&self, step: u64) -> String {
+        self.child_url(&checkpoint_dir_name(step))
+    }
+
+    pub(crate) fn child_url(&self, rel: &str) -> String {
+        if self.url.ends_with('/') { format!("{}{rel}", self.url) } else { format!("{}/{rel}", self.url) }
+    }
+
+    pub(crate) fn path(&self, rel: &str) -> ObjPath {
+        rel.split('/').filter(|s| !s.is_empty()).fold(self.root.clone(), |p, s| p.clone().join(s))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Object helpers.
+
+    /// The object's bytes, or `None` when it does not exist.
+    pub(crate) async fn get_opt(&self, rel: &str) -> Result<Option<Bytes>, CheckpointError> {
+        let read_err = |cause| CheckpointError::Read { object: self.child_url(rel), cause };
+        match self.store.get(&self.path(rel)).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(read_err)?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(cause) => Err(read_err(cause)),
+        }
+    }
+
+    async fn exists(&self, rel: &str) -> Result<bool, CheckpointError> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(cause) => Err(CheckpointError::Read { object: self.child_url(rel), cause }),
+        }
+    }
+
+    /// Reads a file that a manifest lists and checks its size and checksum.
+    pub(crate) async fn read_verified(
+        &self,
+        rel: &str,
+        bytes: u64,
+        crc: Crc32c,
+    ) -> Result<Bytes, CheckpointError> {
+        let object = self.child_url(rel);
+        let data = self
+            .get_opt(rel)
+            .await?
+            .ok_or_else(|| CheckpointError::MissingFile { object: object.clone() })?;
+        if data.len() as u64 != bytes {
+            return Err(CheckpointError::Corrupt {
+                object,
+                reason: format!(
+                    "it is {} bytes, the manifest says {bytes} (truncated or overwritten?)",
+                    data.len()
+                ),
+            });
+        }
+        let actual = Crc32c::of(&data);
+        if actual != crc {
+            return Err(CheckpointError::Corrupt {
+                object,
+                reason: format!("checksum mismatch: crc32c {actual}, the manifest says {crc}"),
+            });
+        }
+        Ok(data)
+    }
+
+    /// Writes a small object in one request.
+    async fn put_small(&self, rel: &str, data: Bytes) -> Result<(), CheckpointError> {
+        self.store
+            .put(&self.path(rel), PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|cause| CheckpointError::Write { object: self.child_url(rel), cause })
+    }
+
+    /// Writes a file of `total` bytes from `chunks`, multipart when it is large; returns its
+    /// checksum.
+    async fn put_file(
+        &self,
+        rel: &str,
+        total: u64,
+        chunks: impl Iterator<Item = Bytes>,
+    ) -> Result<Crc32c, CheckpointError> {
+        let write_err = |cause| CheckpointError::Write { object: self.child_url(rel), cause };
+        let mut crc = 0u32;
+        let mut written = 0u64;
+        if total <= self.options.multipart_threshold {
+            let parts: Vec<Bytes> = chunks
+                .inspect(|c| {
+                    crc = crc32c::crc32c_append(crc, c);
+                    written += c.len() as u64;
+                })
+                .collect();
+            debug_assert_eq!(written, total);
+            self.store.put(&self.path(rel), PutPayload::from_iter(parts)).await.map_err(write_err)?;
+            return Ok(Crc32c(crc));
+        }
+        let upload = self.store.put_multipart(&self.path(rel)).await.map_err(write_err)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.options.part_bytes.max(1));
+        for chunk in chunks {
+            if let Err(cause) = writer.wait_for_capacity(self.options.max_concurrency.max(1)).await {
+                let _ = writer.abort().await;
+                return Err(write_err(cause));
+            }
+            crc = crc32c::crc32c_append(crc, &chunk);
+            written += chunk.len() as u64;
+            writer.put(chunk);
+        }
+        debug_assert_eq!(written, total);
+        writer.finish().await.map_err(write_err)?;
+        Ok(Crc32c(crc))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writing.
+
+    /// Writes one shard's part of checkpoint `step`: its dense pieces with their optimizer state
+    /// as safetensors files (`shard-<s>/dense-<k>.safetensors`, about
+    /// [`StoreOptions::dense_file_bytes`] each), each sparse table in the sparse binary format
+    /// (`shard-<s>/sparse-<t>.bin`, `t` the table's index in the spec), large files by multipart
+    /// upload, and then, last, the shard's manifest (`shard-<s>/manifest.json`) with every
+    /// file's size and CRC-32C.
+    ///
+    /// Until [`CheckpointStore::finalize`] writes the checkpoint's own manifest, none of this is
+    /// visible as a checkpoint. Writing a shard of a checkpoint that is already complete is
+    /// refused ([`CheckpointError::AlreadyComplete`]); writing it again before then replaces it.
+    pub async fn write_shard(
+        &self,
+        step: u64,
+        snap: &ShardSnapshot,
+    ) -> Result<ShardManifest, CheckpointError> {
+        snap.validate()?;
+        let dir = checkpoint_dir_name(step);
+        if self.exists(&format!("{dir}/{MANIFEST}")).await? {
+            return Err(CheckpointError::AlreadyComplete { checkpoint: self.child_url(&dir) });
+        }
+        let shard_dir = format!("{dir}/shard-{}", snap.shard);
+        // A manifest left by an earlier attempt at this shard would describe files that are
+        // about to be replaced: remove it first, so that `finalize` waits for the new one.
+        let shard_manifest = format!("{shard_dir}/{MANIFEST}");
+        match self.store.delete(&self.path(&shard_manifest)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(cause) => {
+                return Err(CheckpointError::Write { object: self.child_url(&shard_manifest), cause });
+            }
+        }
+        let spec = &snap.spec;
+        let slot_names = |tensor: &str| -> &'static [&'static str] {
+            let t = spec.dense_index(tensor).expect("validated");
+            spec.dense[t].optimizer.slot_names()
+        };
+
+        // Group dense pieces into files of about `dense_file_bytes`.
+        let mut groups: Vec<Vec<&DensePieceSnapshot>> = Vec::new();
+        let mut group_bytes = 0u64;
+        for p in &snap.dense {
+            let bytes = 4 * (p.values.len() + p.state.len()) as u64;
+            match groups.last_mut() {
+                Some(g) if group_bytes + bytes <= self.options.dense_file_bytes => {
+                    g.push(p);
+                    group_bytes += bytes;
+                }
+                _ => {
+                    groups.push(vec![p]);
+                    group_bytes = bytes;
+                }
+            }
+        }
+
+        let dense_jobs = groups.into_iter().enumerate().map(|(k, group)| {
+            let path = format!("shard-{}/dense-{k}.safetensors", snap.shard);
+            let rel = format!("{dir}/{path}");
+            async move {
+                let (data, pieces) =
+                    format::encode_dense(step, snap.shard, &group, slot_names).map_err(|e| {
+                        CheckpointError::InvalidSnapshot {
+                            shard: snap.shard,
+                            reason: format!("cannot encode `{}`: {e}", self.child_url(&rel)),
+                        }
+                    })?;
+                let total = data.len() as u64;
+                let crc = self.put_file(&rel, total, std::iter::once(Bytes::from(data))).await?;
+                Ok::<_, CheckpointError>(FileEntry {
+                    path,
+                    bytes: total,
+                    crc32c: crc,
+                    content: FileContent::Dense { pieces },
+                })
+            }
+            .boxed()
+        });
+        let sparse_jobs = snap.sparse.iter().map(|t| {
+            let index = spec.sparse_index(&t.table).expect("validated");
+            let path = format!("shard-{}/sparse-{index}.bin", snap.shard);
+            let rel = format!("{dir}/{path}");
+            let slots = spec.sparse[index].optimizer.slot_names();
+            async move {
+                let chunk = self.options.part_bytes.clamp(1 << 16, 8 << 20);
+                let (total, chunks) = format::encode_sparse(t, slots, chunk);
+                let crc = self.put_file(&rel, total, chunks).await?;
+                Ok::<_, CheckpointError>(FileEntry {
+                    path,
+                    bytes: total,
+                    crc32c: crc,
+                    content: FileContent::Sparse {
+                        table: t.table.clone(),
+                        dim: t.dim,
+                        num_slots: t.num_slots,
+                        rows: t.ids.len() as u64,
+                    },
+                })
+            }
+            .boxed()
+        });
+        // Built up front (not lazily inside the stream) so that this future is `Send`.
+        let jobs: Vec<BoxFuture<'_, Result<FileEntry, CheckpointError>>> =
+            dense_jobs.chain(sparse_jobs).collect();
+        let files: Vec<FileEntry> =
+            stream::iter(jobs).buffered(self.options.max_concurrency.max(1)).try_collect().await?;
+
+        let manifest = ShardManifest {
+            format: SHARD_MANIFEST_FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            step,
+            shard: snap.shard,
+            num_shards: snap.num_shards,
+            version: snap.version,
+            mode: snap.mode,
+            partition_bytes: snap.partition_bytes,
+            time: chrono::Utc::now(),
+            spec: snap.spec.clone(),
+            files,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+        self.put_small(&shard_manifest, Bytes::from(json)).await?;
+        Ok(manifest)
+    }
+
+    /// Completes checkpoint `step` once all `num_shards` shards have written their part.
+    ///
+    /// Waits (polling every [`StoreOptions::poll_interval`], up to `timeout`) until every
+    /// shard's manifest exists; checks that they agree (step, shard count, mode, spec, partition
+    /// size) and that their dense pieces cover every tensor exactly once; writes the
+    /// checkpoint's `manifest.json` (from then on the checkpoint exists); then points `latest`
+    /// at it (unless `latest` already points at a newer checkpoint); then deletes complete
+    /// checkpoints beyond the newest `keep` (0 keeps all) and abandoned incomplete ones older
+    /// than the oldest kept. Deleting one removes its manifest first, so a reader never sees a
+    /// half-deleted checkpoint as complete.
+    ///
+    /// Call it from one process (e.g. shard 0, after its own `write_shard`).
+    pub async fn finalize(
+        &self,
+        step: u64,
+        num_shards: u32,
+        keep: usize,
+        timeout: Duration,
+    ) -> Result<Manifest, CheckpointError> {
+        if num_shards == 0 {
+            return Err(CheckpointError::InvalidArgument("finalize: num_shards must be at least 1".into()));
+        }
+        let dir = checkpoint_dir_name(step);
+        let checkpoint = self.child_url(&dir);
+        let started = Instant::now();
+        let mut found: Vec<Option<(ShardManifest, ObjectEntry)>> = vec![None; num_shards as usize];
+        loop {
+            for s in 0..num_shards {
+                if found[s as usize].is_some() {
+                    continue;
+                }
+                let rel = format!("shard-{s}/{MANIFEST}");
+                if let Some(bytes) = self.get_opt(&format!("{dir}/{rel}")).await? {
+                    let object = self.child_url(&format!("{dir}/{rel}"));
+                    let m: ShardManifest = serde_json::from_slice(&bytes).map_err(|e| {
+                        CheckpointError::Corrupt { object: object.clone(), reason: e.to_string() }
+                    })?;
+                    let entry =
+                        ObjectEntry { path: rel, bytes: bytes.len() as u64, crc32c: Crc32c::of(&bytes) };
+                    found[s as usize] = Some((m, entry));
+                }
+            }
+            let missing: Vec<u32> = (0..num_shards).filter(|&s| found[s as usize].is_none()).collect();
+            if missing.is_empty() {
+                break;
+            }
+            let waited = started.elapsed();
+            if waited >= timeout {
+                let first_missing = self.child_url(&format!("{dir}/shard-{}/{MANIFEST}", missing[0]));
+                return Err(CheckpointError::Timeout { checkpoint, missing, first_missing, waited });
+            }
+            tokio::time::sleep(self.options.poll_interval.min(timeout - waited)).await;
+        }
+        let shards: Vec<(ShardManifest, ObjectEntry)> =
+            found.into_iter().map(|f| f.expect("all found")).collect();
+        check_shards(&checkpoint, step, num_shards, &shards)?;
+
+        let first = &shards[0].0;
+        let consistent = shards.iter().all(|(m, _)| m.version == first.version);
+        let total_bytes = shards.iter().map(|(m, e)| m.data_bytes() + e.bytes).sum();
+        let mut manifest = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            step,
+            time: chrono::Utc::now(),
+            mode: first.mode,
+            consistent,
+            num_shards,
+            partition_bytes: first.partition_bytes,
+            total_bytes,
+            spec: first.spec.clone(),
+            shards: shards
+                .iter()
+                .map(|(m, e)| ShardEntry {
+                    shard: m.shard,
+                    version: m.version,
+                    manifest: e.clone(),
+                    files: m.files.clone(),
+                })
+                .collect(),
+            origin: None,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+        self.put_small(&format!("{dir}/{MANIFEST}"), Bytes::from(json)).await?;
+        manifest.origin = Some(Origin { store: self.clone(), dir: dir.clone() });
+
+        let current = self.get_opt(LATEST).await?;
+        let current_step =
+            current.as_deref().and_then(|b| parse_checkpoint_dir_name(String::from_utf8_lossy(b).trim()));
+        if current_step.is_none_or(|c| c <= step) {
+            self.put_small(LATEST, Bytes::from(format!("{dir}\n"))).await?;
+        }
+        if keep > 0 {
+            self.prune(keep).await?;
+        }
+        Ok(manifest)
+    }
+
+    /// Checkpoint directories under the root (complete or not), by step.
+    async fn checkpoint_dirs(&self) -> Result<Vec<(u64, String)>, CheckpointError> {
+        let prefix = (!self.root.as_ref().is_empty()).then_some(&self.root);
+        let listing = self
+            .store
+            .list_with_delimiter(prefix)
+            .await
+            .map_err(|cause| CheckpointError::List { prefix: self.url.clone(), cause })?;
+        let mut dirs: Vec<(u64, String)> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename())
+            .filter_map(|name| parse_checkpoint_dir_name(name).map(|step| (step, name.to_string())))
+            .collect();
+        dirs.sort();
+        Ok(dirs)
+    }
+
+    /// Deletes complete checkpoints beyond the newest `keep`, and incomplete ones older than the
+    /// oldest kept.
+    async fn prune(&self, keep: usize) -> Result<(), CheckpointError> {
+        let dirs = self.checkpoint_dirs().await?;
+        let mut complete = Vec::new();
+        for (step, name) in &dirs {
+            if self.exists(&format!("{name}/{MANIFEST}")).await? {
+                complete.push((*step, name.clone()));
+            }
+        }
+        if complete.len() <= keep {
+            return Ok(());
+        }
+        let oldest_kept = complete[complete.len() - keep].0;
+        for (_, name) in dirs.iter().filter(|(step, _)| *step < oldest_kept) {
+            self.delete_checkpoint(name).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes every object of a checkpoint directory, the manifest first.
+    async fn delete_checkpoint(&self, dir: &str) -> Result<(), CheckpointError> {
+        let manifest = self.path(&format!("{dir}/{MANIFEST}"));
+        match self.store.delete(&manifest).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(cause) => {
+                return Err(CheckpointError::Delete {
+                    object: self.child_url(&format!("{dir}/{MANIFEST}")),
+                    cause,
+                });
+            }
+        }
+        let prefix = self.path(dir);
+        let objects: Vec<ObjPath> = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|cause| CheckpointError::List { prefix: self.child_url(dir), cause })?;
+        let mut deleted = self.store.delete_stream(stream::iter(objects.into_iter().map(Ok)).boxed());
+        while let Some(r) = deleted.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(cause) => return Err(CheckpointError::Delete { object: self.child_url(dir), cause }),
+            }
+        }
+        if let Some(local) = &self.local_dir {
+            // The folders are empty now (or hold only leftovers of interrupted uploads).
+            let _ = std::fs::remove_dir_all(local.join(dir));
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Finding checkpoints.
+
+    /// Every complete checkpoint under the root (a directory without `manifest.json` is not
+    /// one), oldest first. A root that does not exist yet has none.
+    pub async fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError> {
+        let dirs = self.checkpoint_dirs().await?;
+        let reads: Vec<BoxFuture<'_, Result<Option<Manifest>, CheckpointError>>> = dirs
+            .into_iter()
+            .map(|(_, name)| async move { self.read_manifest_opt(self, &name).await }.boxed())
+            .collect();
+        let manifests: Vec<Option<Manifest>> =
+            stream::iter(reads).buffered(self.options.max_concurrency.max(1) * 2).try_collect().await?;
+        Ok(manifests.into_iter().flatten().map(|m| m.info()).collect())
+    }
+
+    /// The checkpoint `which` names: `"latest"` (what the `latest` pointer names; when there is
+    /// no pointer, the newest complete checkpoint), a step number (`"1200"`), a directory name
+    /// (`"ckpt-000000001200"`), or the URL or path of a checkpoint directory anywhere
+    /// (`"s3://bucket/run1/ckpt-000000001200"`, opened with this store's options).
+    pub async fn resolve(&self, which: &str) -> Result<Manifest, CheckpointError> {
+        let which = which.trim();
+        if which.is_empty() {
+            return Err(CheckpointError::InvalidArgument(
+                "no checkpoint named: use `latest`, a step number, or the URL of a checkpoint directory"
+                    .into(),
+            ));
+        }
+        if which == LATEST {
+            return match self.get_opt(LATEST).await? {
+                Some(bytes) => {
+                    let name = String::from_utf8_lossy(&bytes).trim().to_string();
+                    if parse_checkpoint_dir_name(&name).is_none() {
+                        return Err(CheckpointError::Corrupt {
+                            object: self.child_url(LATEST),
+                            reason: format!("`{name}` is not a checkpoint directory name"),
+                        });
+                    }
+                    self.read_manifest(self, &name).await
+                }
+                None => {
+                    let newest = self.list().await?.pop();
+                    let newest =
+                        newest.ok_or_else(|| CheckpointError::NoCheckpoint { root: self.url.clone() })?;
+                    self.read_manifest(self, &newest.dir).await
+                }
+            };
+        }
+        if let Ok(step) = which.parse::<u64>() {
+            return self.read_manifest(self, &checkpoint_dir_name(step)).await;
+        }
+        if parse_checkpoint_dir_name(which).is_some() {
+            return self.read_manifest(self, which).await;
+        }
+        // A URL or path of a checkpoint directory: open its parent as a root.
+        let trimmed = which.trim_end_matches('/');
+        let (parent, name) = match trimmed.rsplit_once('/') {
+            Some((p, n)) if !n.is_empty() && !p.ends_with(':') && !p.ends_with(":/") => (p, n),
+            Some((p, n)) if !n.is_empty() && p.ends_with(":/") => {
+                return Err(CheckpointError::InvalidArgument(format!(
+                    "`{which}` is a bucket, not a checkpoint directory (`{p}/{n}/ckpt-...`)"
+                )));
+            }
+            _ if !trimmed.contains('/') => (".", trimmed),
+            _ => {
+                return Err(CheckpointError::InvalidArgument(format!(
+                    "`{which}` is not `latest`, a step number, or the URL of a checkpoint directory"
+                )));
+            }
+        };
+        let parent = if parent.is_empty() { "/" } else { parent };
+        let root = CheckpointStore::open_with(parent, self.options.clone())?;
+        self.read_manifest(&root, name).await
+    }
+
+    async fn read_manifest(&self, root: &CheckpointStore, dir: &str) -> Result<Manifest, CheckpointError> {
+        self.read_manifest_opt(root, dir).await?.ok_or_else(|| CheckpointError::MissingManifest {
+            checkpoint: root.child_url(dir),
+            manifest: root.child_url(&format!("{dir}/{MANIFEST}")),
+        })
+    }
+
+    async fn read_manifest_opt(
+        &self,
+        root: &CheckpointStore,
+        dir: &str,
+    ) -> Result<Option<Manifest>, CheckpointError> {
+        let rel = format!("{dir}/{MANIFEST}");
+        let Some(bytes) = root.get_opt(&rel).await? else { return Ok(None) };
+        let object = root.child_url(&rel);
+        let corrupt = |reason: String| CheckpointError::Corrupt { object: object.clone(), reason };
+        let mut m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(corrupt(format!("format is `{}`, expected `{MANIFEST_FORMAT}`", m.format)));
+        }
+        if m.format_version != FORMAT_VERSION {
+            return Err(corrupt(format!(
+                "format version {}; this build reads version {FORMAT_VERSION}",
+                m.format_version
+            )));
+        }
+        if m.shards.len() != m.num_shards as usize
+            || m.shards.iter().enumerate().any(|(i, s)| s.shard as usize != i)
+        {
+            return Err(corrupt(format!(
+                "lists shards {:?} for {} shards",
+                m.shards.iter().map(|s| s.shard).collect::<Vec<_>>(),
+                m.num_shards
+            )));
+        }
+        m.origin = Some(Origin { store: root.clone(), dir: dir.to_string() });
+        Ok(Some(m))
+    }
+}
+
+/// Checks that the shard manifests of one checkpoint agree and cover every dense tensor.
+fn check_shards(
+    checkpoint: &str,
+    step: u64,
+    num_shards: u32,
+    shards: &[(ShardManifest, ObjectEntry)],
+) -> Result<(), CheckpointError> {
+    let bad = |reason: String| CheckpointError::Inconsistent { checkpoint: checkpoint.to_string(), reason };
+    let first = &shards[0].0;
+    for (s, (m, e)) in shards.iter().enumerate() {
+        let name = format!("{checkpoint}/{}", e.path);
+        if m.format != SHARD_MANIFEST_FORMAT || m.format_version != FORMAT_VERSION {
+            return Err(bad(format!("`{name}` is format `{}` version {}", m.format, m.format_version)));
+        }
+        if m.step != step || m.shard as usize != s || m.num_shards != num_shards {
+            return Err(bad(format!(
+                "`{name}` is shard {} of {} at step {}, expected shard {s} of {num_shards} at step {step}",
+                m.shard, m.num_shards, m.step
+            )));
+        }
+        if m.mode != first.mode || m.partition_bytes != first.partition_bytes {
+            return Err(bad(format!(
+                "shard {s} ran {} with partition_bytes {}, shard 0 {} with {}",
+                m.mode, m.partition_bytes, first.mode, first.partition_bytes
+            )));
+        }
+        if let Some(d) = first.spec.first_difference(&m.spec) {
+            return Err(bad(format!("shard {s}'s spec differs from shard 0's: {d}")));
+        }
+    }
+    // Every element of every dense tensor in exactly one piece.
+    let mut ranges: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for (m, _) in shards {
+        for f in &m.files {
+            if let FileContent::Dense { pieces } = &f.content {
+                for p in pieces {
+                    ranges.entry(p.tensor.as_str()).or_default().push((p.offset, p.offset + p.len));
+                }
+            }
+        }
+    }
+    for d in &first.spec.dense {
+        let mut r = ranges.remove(d.name.as_str()).unwrap_or_default();
+        r.sort();
+        let mut next = 0;
+        for (a, b) in r {
+            if a != next {
+                return Err(bad(format!(
+                    "dense tensor `{}`: elements {}..{} are {}",
+                    d.name,
+                    a.min(next),
+                    a.max(next),
+                    if a > next { "in no shard" } else { "in two shards" }
+                )));
+            }
+            next = b;
+        }
+        if next != d.numel() {
+            return Err(bad(format!(
+                "dense tensor `{}`: elements {next}..{} are in no shard",
+                d.name,
+                d.numel()
+            )));
+        }
+    }
+    if let Some(t) = ranges.keys().next() {
+        return Err(bad(format!("dense tensor `{t}` is not in the spec")));
+    }
+    Ok(())
+}

@@ -1,0 +1,547 @@
+//! The part that talks to the API server: create a job, run its controller, show its status,
+//! read its logs, delete it.
+//!
+//! Everything here is thin on purpose: decisions are made by
+//! [`controller::decide`] from what a pass reads, and a pass is a
+//! fixed sequence of requests: read the record (GET ConfigMap), list the pods (GET pods with
+//! the job's label), then create pods (POST), write the record (PUT, conditional on its
+//! `resourceVersion`), delete pods (DELETE). API errors end the pass; the next pass starts
+//! again from what is there, so a transient error (a 500, a timeout) costs a pass, not the
+//! job.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{AsyncBufReadExt, Stream, StreamExt};
+use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+
+use super::controller::{self, Action, Decision, JobStatus, JobSummary, member};
+use super::render::{Renderer, controller_name};
+use super::{KubernetesError, LABEL_CONTROLLER_OF, LABEL_JOB, RECORD_JOB_KEY, RECORD_STATUS_KEY};
+use crate::{JobConfig, Role};
+
+type Result<T, E = KubernetesError> = std::result::Result<T, E>;
+
+/// A connection to a cluster, in one namespace.
+#[derive(Clone)]
+pub struct JobClient {
+    client: Client,
+    namespace: String,
+}
+
+/// Which pods `gradflow logs` reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogSelection {
+    /// Only this role; both when `None`.
+    pub role: Option<Role>,
+    /// Only this index.
+    pub index: Option<u32>,
+    /// This attempt; the latest of each process when `None`.
+    pub attempt: Option<u32>,
+    /// The detached controller's pod instead of the job's pods.
+    pub controller: bool,
+}
+
+/// Lines of several pods' logs as they come: `(pod, line)`.
+pub type LogLines = Pin<Box<dyn Stream<Item = (String, std::io::Result<String>)> + Send>>;
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl JobClient {
+    /// A client for `namespace` on `client`'s cluster (tests pass a client over a mock
+    /// service).
+    pub fn new(client: Client, namespace: impl Into<String>) -> JobClient {
+        JobClient { client, namespace: namespace.into() }
+    }
+
+    /// A client from the kubeconfig (`KUBECONFIG`, `~/.kube/config`) or, inside a pod, the
+    /// service account, as kube-rs finds them. The namespace is `namespace`, else the
+    /// context's (the service account's in a pod), else `default`.
+    pub async fn infer(namespace: Option<&str>) -> Result<JobClient> {
+        // Other dependencies compile rustls with more than one crypto provider; then none is
+        // the default and a TLS client panics. Pick one (an error means one is installed).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let config = kube::Config::infer().await.map_err(|e| KubernetesError::NoCluster(e.to_string()))?;
+        let namespace = namespace.map(str::to_string).unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).map_err(|e| KubernetesError::NoCluster(e.to_string()))?;
+        Ok(JobClient { client, namespace })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn config_maps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn services(&self) -> Api<Service> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates a job: its root ConfigMap (the record), its Service and, with `detach`, the
+    /// pod that runs its controller in the cluster. Returns the controller to run here
+    /// otherwise. A job of the same name is [`KubernetesError::AlreadyExists`].
+    pub async fn launch(&self, job: JobConfig, detach: bool) -> Result<Controller> {
+        let renderer = Renderer::new(job, &self.namespace)?;
+        let name = renderer.job().name.clone();
+        let root = renderer.root(&JobStatus::new(renderer.job()));
+        let root = match self.config_maps().create(&PostParams::default(), &root).await {
+            Ok(root) => root,
+            Err(e) if is_status(&e, 409) => {
+                return Err(KubernetesError::AlreadyExists { job: name, namespace: self.namespace.clone() });
+            }
+            Err(e) => return Err(KubernetesError::api(format!("creating ConfigMap {name}"))(e)),
+        };
+        let renderer = renderer.with_owner(&root)?;
+        self.ensure_service(&renderer).await?;
+        if detach {
+            let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), &self.namespace);
+            match jobs.create(&PostParams::default(), &renderer.controller_job()).await {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 409) => {}
+                Err(e) => {
+                    return Err(KubernetesError::api(format!("creating Job {}", controller_name(&name)))(e));
+                }
+            }
+        }
+        Ok(Controller::new(self.clone(), renderer))
+    }
+
+    /// The controller of an existing job, to resume driving it (after the launcher that
+    /// created it died, or in a detached job's controller pod).
+    pub async fn attach(&self, name: &str) -> Result<Controller> {
+        let (_, renderer, _) = self.read_record(name).await?;
+        self.ensure_service(&renderer).await?;
+        Ok(Controller::new(self.clone(), renderer))
+    }
+
+    /// Creates the job's Service, or checks that the one there is the job's.
+    async fn ensure_service(&self, renderer: &Renderer) -> Result<()> {
+        let name = &renderer.job().name;
+        match self.services().create(&PostParams::default(), &renderer.service()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 409) => {
+                let existing = self
+                    .services()
+                    .get(name)
+                    .await
+                    .map_err(KubernetesError::api(format!("reading Service {name}")))?;
+                let ours = existing
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| Some(o.uid.as_str()) == renderer.owner_uid());
+                if ours {
+                    Ok(())
+                } else {
+                    Err(KubernetesError::Foreign(format!(
+                        "a Service named {name} already exists in namespace {} and does not belong to this job; rename the job or delete the Service",
+                        self.namespace
+                    )))
+                }
+            }
+            Err(e) => Err(KubernetesError::api(format!("creating Service {name}"))(e)),
+        }
+    }
+
+    /// The job's root ConfigMap, a renderer owned by it, and the recorded status.
+    async fn read_record(&self, name: &str) -> Result<(ConfigMap, Renderer, JobStatus)> {
+        let root = self
+            .config_maps()
+            .get_opt(name)
+            .await
+            .map_err(KubernetesError::api(format!("reading ConfigMap {name}")))?
+            .ok_or_else(|| KubernetesError::NotFound {
+                job: name.into(),
+                namespace: self.namespace.clone(),
+            })?;
+        if root.metadata.deletion_timestamp.is_some() {
+            return Err(KubernetesError::NotFound { job: name.into(), namespace: self.namespace.clone() });
+        }
+        let record = |message: String| KubernetesError::Record { job: name.into(), message };
+        let data = root
+            .data
+            .as_ref()
+            .ok_or_else(|| record("the ConfigMap has no data: not a gradflow job".into()))?;
+        let job_json = data
+            .get(RECORD_JOB_KEY)
+            .ok_or_else(|| record(format!("no {RECORD_JOB_KEY}: not a gradflow job")))?;
+        let job: JobConfig =
+            serde_json::from_str(job_json).map_err(|e| record(format!("{RECORD_JOB_KEY}: {e}")))?;
+        let status = match data.get(RECORD_STATUS_KEY) {
+            Some(text) => {
+                JobStatus::from_json(text).map_err(|e| record(format!("{RECORD_STATUS_KEY}: {e}")))?
+            }
+            None => JobStatus::new(&job),
+        };
+        let renderer = Renderer::new(job, &self.namespace)?.with_owner(&root)?;
+        Ok((root, renderer, status))
+    }
+
+    async fn list_job_pods(&self, name: &str) -> Result<Vec<Pod>> {
+        let lp = ListParams::default().labels(&format!("{LABEL_JOB}={name}"));
+        Ok(self
+            .pods()
+            .list(&lp)
+            .await
+            .map_err(KubernetesError::api(format!("listing the pods of job {name}")))?
+            .items)
+    }
+
+    /// What `gradflow status` shows: the recorded state, the pods, and the latest warning
+    /// event about one of them.
+    pub async fn status(&self, name: &str) -> Result<JobSummary> {
+        let (_, renderer, status) = self.read_record(name).await?;
+        let pods = self.list_job_pods(name).await?;
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        let lp = ListParams::default().fields("involvedObject.kind=Pod,type=Warning");
+        let events = events.list(&lp).await.map_err(KubernetesError::api("listing warning events"))?.items;
+        Ok(controller::summarize(&renderer, &status, &pods, &events))
+    }
+
+    /// The pods (and containers) that `selection` names, in role and index order.
+    pub async fn log_targets(&self, name: &str, selection: &LogSelection) -> Result<Vec<(String, String)>> {
+        if selection.controller {
+            // The newest pod of the controller's Job.
+            let lp = ListParams::default().labels(&format!("{LABEL_CONTROLLER_OF}={name}"));
+            let mut pods = self
+                .pods()
+                .list(&lp)
+                .await
+                .map_err(KubernetesError::api(format!("listing the controller pods of job {name}")))?
+                .items;
+            pods.sort_by(|a, b| a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp));
+            return match pods.pop().and_then(|p| p.metadata.name) {
+                Some(pod) => Ok(vec![(pod, "controller".into())]),
+                None => Err(KubernetesError::NoPods {
+                    job: name.into(),
+                    what: "controller pod (only `launch --detach` makes one)".into(),
+                }),
+            };
+        }
+        let pods = self.list_job_pods(name).await?;
+        let targets = select_pods(&pods, selection);
+        if targets.is_empty() {
+            return Err(KubernetesError::NoPods {
+                job: name.into(),
+                what: "pod matching the selection".into(),
+            });
+        }
+        Ok(targets)
+    }
+
+    /// The logs so far of each selected pod: `(pod, text)`.
+    pub async fn logs(&self, name: &str, selection: &LogSelection) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (pod, container) in self.log_targets(name, selection).await? {
+            let lp = LogParams { container: Some(container), ..LogParams::default() };
+            let text = self
+                .pods()
+                .logs(&pod, &lp)
+                .await
+                .map_err(KubernetesError::api(format!("reading the logs of {pod}")))?;
+            out.push((pod, text));
+        }
+        Ok(out)
+    }
+
+    /// The selected pods' logs from the start, then as they are written, merged line by line.
+    pub async fn follow_logs(&self, name: &str, selection: &LogSelection) -> Result<LogLines> {
+        let mut streams = Vec::new();
+        for (pod, container) in self.log_targets(name, selection).await? {
+            let lp = LogParams { container: Some(container), follow: true, ..LogParams::default() };
+            let reader = self
+                .pods()
+                .log_stream(&pod, &lp)
+                .await
+                .map_err(KubernetesError::api(format!("following the logs of {pod}")))?;
+            let lines = reader.lines().map(move |line| (pod.clone(), line));
+            streams.push(Box::pin(lines) as LogLines);
+        }
+        Ok(Box::pin(futures::stream::select_all(streams)))
+    }
+
+    /// Deletes a job: its root ConfigMap with foreground propagation, so that the garbage
+    /// collector deletes every pod (failed ones and their logs included) and the Service
+    /// first. With `wait`, returns once all of it is gone (true) or `wait` has passed (false).
+    pub async fn delete(&self, name: &str, wait: Option<Duration>) -> Result<bool> {
+        match self.config_maps().delete(name, &DeleteParams::foreground()).await {
+            Ok(_) => {}
+            Err(e) if is_status(&e, 404) => {
+                return Err(KubernetesError::NotFound {
+                    job: name.into(),
+                    namespace: self.namespace.clone(),
+                });
+            }
+            Err(e) => return Err(KubernetesError::api(format!("deleting ConfigMap {name}"))(e)),
+        }
+        let Some(wait) = wait else { return Ok(false) };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let there = self
+                .config_maps()
+                .get_opt(name)
+                .await
+                .map_err(KubernetesError::api(format!("reading ConfigMap {name}")))?;
+            if there.is_none() {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(500).min(wait)).await;
+        }
+    }
+}
+
+/// The pods that `selection` names: `(pod, container)`.
+pub fn select_pods(pods: &[Pod], selection: &LogSelection) -> Vec<(String, String)> {
+    let mut found: Vec<(Role, u32, u32, String)> = pods
+        .iter()
+        .filter_map(|p| {
+            let (role, index, attempt) = member(p)?;
+            Some((role, index, attempt, p.metadata.name.clone()?))
+        })
+        .filter(|(role, index, _, _)| {
+            selection.role.is_none_or(|r| r == *role) && selection.index.is_none_or(|i| i == *index)
+        })
+        .collect();
+    found.sort_by_key(|(role, index, attempt, _)| (*role == Role::Worker, *index, *attempt));
+    let chosen: Vec<_> = match selection.attempt {
+        Some(a) => found.into_iter().filter(|f| f.2 == a).collect(),
+        // The latest attempt of each process: the sort puts it last among its process.
+        None => {
+            let mut latest: Vec<(Role, u32, u32, String)> = Vec::new();
+            for f in found {
+                match latest.last_mut() {
+                    Some(l) if l.0 == f.0 && l.1 == f.1 => *l = f,
+                    _ => latest.push(f),
+                }
+            }
+            latest
+        }
+    };
+    chosen.into_iter().map(|(role, _, _, name)| (name, role.as_str().to_string())).collect()
+}
+
+/// One pass of a controller: what it decided, and the job as it saw it.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    pub decision: Decision,
+    pub summary: JobSummary,
+}
+
+/// Drives one job to its end; see [`controller`] for the rules.
+pub struct Controller {
+    api: JobClient,
+    renderer: Renderer,
+    poll_interval: Duration,
+    max_failed_passes: u32,
+    stop_on_cancel: bool,
+}
+
+impl Controller {
+    fn new(api: JobClient, renderer: Renderer) -> Controller {
+        Controller {
+            api,
+            renderer,
+            poll_interval: Duration::from_secs(2),
+            max_failed_passes: 10,
+            stop_on_cancel: true,
+        }
+    }
+
+    /// The job's renderer (owned by the job's root ConfigMap).
+    pub fn renderer(&self) -> &Renderer {
+        &self.renderer
+    }
+
+    /// Time between two passes. Default 2 s.
+    pub fn poll_interval(mut self, interval: Duration) -> Controller {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Consecutive failed passes (API errors) before [`run`](Self::run) gives up, leaving the
+    /// job as it is. Default 10, with the wait between them doubling up to 30 s.
+    pub fn max_failed_passes(mut self, n: u32) -> Controller {
+        self.max_failed_passes = n.max(1);
+        self
+    }
+
+    /// Whether cancelling [`run`](Self::run) stops the job (default) or only detaches from
+    /// it.
+    pub fn stop_on_cancel(mut self, stop: bool) -> Controller {
+        self.stop_on_cancel = stop;
+        self
+    }
+
+    /// One pass: read the record and the pods, decide, act. With `stop`, a job that is not
+    /// over is failed with that message and its running pods deleted.
+    pub async fn reconcile(&self, stop: Option<&str>) -> Result<Pass> {
+        let name = self.renderer.job().name.clone();
+        let (root, _, status) = self.api.read_record(&name).await?;
+        if root.metadata.uid.as_deref() != self.renderer.owner_uid() {
+            // Deleted and launched again under the same name: not the job this controller
+            // was started for.
+            return Err(KubernetesError::NotFound { job: name, namespace: self.api.namespace.clone() });
+        }
+        let pods = self.api.list_job_pods(&name).await?;
+        let decision = controller::decide(&self.renderer, &status, &pods, stop);
+        let grace = self.renderer.job().launcher.grace_period.as_secs().max(1) as i64;
+        for action in &decision.actions {
+            match action {
+                Action::CreatePod(pod) => {
+                    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+                    match self.api.pods().create(&PostParams::default(), pod).await {
+                        Ok(_) => {}
+                        // Created by an earlier pass or another controller: what we wanted.
+                        Err(e) if is_status(&e, 409) => {}
+                        Err(e) => return Err(KubernetesError::api(format!("creating pod {pod_name}"))(e)),
+                    }
+                }
+                Action::RecordStatus(new) => {
+                    let mut record = root.clone();
+                    record.data.get_or_insert_default().insert(RECORD_STATUS_KEY.into(), new.to_json());
+                    match self.api.config_maps().replace(&name, &PostParams::default(), &record).await {
+                        Ok(_) => {}
+                        Err(e) if is_status(&e, 409) => return Err(KubernetesError::Conflict),
+                        Err(e) => {
+                            return Err(KubernetesError::api(format!("writing the record of job {name}"))(e));
+                        }
+                    }
+                }
+                Action::DeletePod { name: pod_name, .. } => {
+                    let dp =
+                        DeleteParams { grace_period_seconds: Some(grace as u32), ..DeleteParams::default() };
+                    match self.api.pods().delete(pod_name, &dp).await {
+                        Ok(_) => {}
+                        Err(e) if is_status(&e, 404) => {}
+                        Err(e) => return Err(KubernetesError::api(format!("deleting pod {pod_name}"))(e)),
+                    }
+                }
+            }
+        }
+        let mut summary = controller::summarize(&self.renderer, &decision.status, &pods, &[]);
+        // The pods as they are after this pass's deletions were accepted.
+        for action in &decision.actions {
+            if let Action::DeletePod { name, .. } = action
+                && let Some(row) = summary.pods.iter_mut().find(|p| &p.name == name)
+            {
+                row.phase = "Terminating".into();
+            }
+        }
+        Ok(Pass { decision, summary })
+    }
+
+    /// Passes until the job is over and nothing of it runs any more, calling `say` with each
+    /// decision's notes and each pod change.
+    ///
+    /// When `cancel` completes: with [`stop_on_cancel`](Self::stop_on_cancel) (the default,
+    /// what `launch` does) the job is stopped (Failed, running pods deleted) and this returns
+    /// after that pass; without it (`attach`), this returns [`RunOutcome::Detached`] and the
+    /// job goes on without a controller until one attaches again. API errors are retried
+    /// with a growing wait; after [`max_failed_passes`](Self::max_failed_passes) in a row
+    /// this gives up with [`KubernetesError::GaveUp`], leaving the job as it is.
+    pub async fn run(
+        &self,
+        cancel: impl Future<Output = ()>,
+        mut say: impl FnMut(&str),
+    ) -> Result<RunOutcome> {
+        let mut cancel = std::pin::pin!(cancel);
+        let mut before: Option<JobSummary> = None;
+        let mut failed = 0u32;
+        let mut stop: Option<String> = None;
+        loop {
+            let wait = match self.reconcile(stop.as_deref()).await {
+                Ok(pass) => {
+                    failed = 0;
+                    // What was seen, what was decided, what was done.
+                    for line in controller::changes(before.as_ref(), &pass.summary) {
+                        say(&line);
+                    }
+                    for note in &pass.decision.notes {
+                        say(note);
+                    }
+                    for action in &pass.decision.actions {
+                        match action {
+                            Action::CreatePod(pod) => {
+                                say(&format!(
+                                    "created pod {}",
+                                    pod.metadata.name.as_deref().unwrap_or_default()
+                                ));
+                            }
+                            Action::DeletePod { name, reason } => {
+                                say(&format!("deleting pod {name}: {reason}"))
+                            }
+                            Action::RecordStatus(_) => {}
+                        }
+                    }
+                    let stopped = stop.is_some() && pass.decision.status.state.is_terminal();
+                    if pass.decision.finished || stopped {
+                        return Ok(RunOutcome::Finished(pass.summary));
+                    }
+                    before = Some(pass.summary);
+                    self.poll_interval
+                }
+                Err(KubernetesError::Conflict) => {
+                    say("the job record changed during the pass; reading it again");
+                    Duration::from_millis(100).min(self.poll_interval)
+                }
+                Err(e @ (KubernetesError::NotFound { .. } | KubernetesError::Record { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    failed += 1;
+                    if failed >= self.max_failed_passes {
+                        return Err(KubernetesError::GaveUp {
+                            job: self.renderer.job().name.clone(),
+                            attempts: failed,
+                            last: e.to_string(),
+                        });
+                    }
+                    let wait = (self.poll_interval * 2u32.pow(failed.min(5))).min(Duration::from_secs(30));
+                    say(&format!("pass failed ({e}); trying again in {wait:?}"));
+                    wait
+                }
+            };
+            if stop.is_some() {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = &mut cancel => {
+                    if !self.stop_on_cancel {
+                        say("detached: the job goes on without a controller until `gradflow attach`");
+                        return Ok(RunOutcome::Detached);
+                    }
+                    say("interrupted: stopping the job (running pods are deleted, ended ones kept)");
+                    stop = Some("interrupted: the launcher was stopped".into());
+                }
+            }
+        }
+    }
+}
+
+/// How [`Controller::run`] ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// The job is over (Succeeded or Failed) and nothing of it runs any more, or it was
+    /// stopped on cancel.
+    Finished(JobSummary),
+    /// Cancelled without stopping the job.
+    Detached,
+}

@@ -1,0 +1,639 @@
+//! The `[kubernetes]` section of a job file: everything the pods need that the local backend
+//! does not (image, resources, scheduling, queue, volumes), with defaults that run the
+//! example jobs on a kind or minikube cluster.
+//!
+//! Settings under `[kubernetes]` apply to every pod; `[kubernetes.ps]` and
+//! `[kubernetes.worker]` override them for one role: single values replace, maps
+//! (`node_selector`, `env`) merge key by key with the role winning, lists (`tolerations`,
+//! `volumes`, `volume_mounts`) are concatenated.
+//!
+//! `tolerations`, `volumes` and `volume_mounts` are written as in a Kubernetes manifest
+//! (camelCase keys), so examples from the Kubernetes documentation can be pasted; unknown keys
+//! in them are still errors that name the key.
+//!
+//! # Paths
+//!
+//! A job file's relative paths are relative to the job file. In a pod the job file "lives" in
+//! [`KubernetesConfig::workdir`] (default `/workspace`): `data/train.csv` becomes
+//! `/workspace/data/train.csv` inside the pod. Data must get there through `volumes` (a
+//! PersistentVolumeClaim, say) or the image; synthetic data (`[data.synth]`) is generated in
+//! each worker pod by an init container.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Toleration, Volume, VolumeMount};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{JobConfig, LaunchError, Role};
+
+/// The image `launch` uses when the job file names none: the one `deploy/Dockerfile` builds
+/// and tags, for this version.
+pub const DEFAULT_IMAGE: &str = concat!("gradflow:", env!("CARGO_PKG_VERSION"));
+
+/// Port servers listen on for gRPC inside their pod.
+pub const DEFAULT_PORT: u16 = 7070;
+/// Port of a server's Prometheus `/metrics` endpoint inside its pod.
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
+
+/// The `[kubernetes]` section of a job file. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Namespace of the job's objects. Default: `--namespace`, else the kubeconfig context's
+    /// namespace (the service account's in a pod), else `default`.
+    pub namespace: Option<String>,
+    /// Container image with the `gradflow` binary. Default `gradflow:<version>`
+    /// ([`DEFAULT_IMAGE`]), what `deploy/Dockerfile` builds.
+    pub image: String,
+    /// `Always`, `IfNotPresent` (default) or `Never`.
+    pub image_pull_policy: String,
+    /// Names of Secrets used to pull the image.
+    pub image_pull_secrets: Vec<String>,
+    /// Service account of the training pods. Default: the namespace's default. The pods get no
+    /// API token either way: they never talk to the API server.
+    pub service_account: Option<String>,
+    /// PriorityClass of every pod.
+    pub priority_class: Option<String>,
+    /// Scheduler of every pod, e.g. `"volcano"`. Default: the cluster's default scheduler.
+    pub scheduler_name: Option<String>,
+    /// Queue for batch schedulers: sets the `kueue.x-k8s.io/queue-name` label (Kueue) and the
+    /// `scheduling.volcano.sh/queue-name` annotation (Volcano) on every pod.
+    pub queue: Option<String>,
+    /// The directory inside the pods that plays the job file's directory: relative paths of
+    /// the job file are resolved against it. Default `/workspace`.
+    pub workdir: PathBuf,
+    /// Port servers listen on (gRPC). Default 7070.
+    pub port: u16,
+    /// Port of the servers' `/metrics` (when `output.metrics`). Default 9090.
+    pub metrics_port: u16,
+    /// Exit codes of a worker that are worth a new pod (up to `launcher.max_restarts` per
+    /// worker). Default `[1, 137, 143]`: an error (the servers were unreachable too long,
+    /// say), SIGKILL (OOM killer), SIGTERM. Evictions and preemptions are always retried and
+    /// never counted. Servers are recreated whatever their exit code.
+    pub retryable_exit_codes: Vec<i32>,
+    /// Service account of a detached job's controller pod (`launch --detach`); it needs the
+    /// Role in `deploy/rbac.yaml`. Default `gradflow-launcher`.
+    pub controller_service_account: String,
+    /// Extra labels on every object of the job.
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations on every pod of the job.
+    pub annotations: BTreeMap<String, String>,
+
+    /// Program that runs `gradflow` in the image; the role (`ps`, `worker`) is its argument.
+    /// Default `["gradflow"]`.
+    pub command: Option<Vec<String>>,
+    /// CPU request (e.g. `"2"` or `"500m"`). No CPU limit is set: throttling a training
+    /// process only makes it slower.
+    #[serde(deserialize_with = "quantity")]
+    pub cpu: Option<String>,
+    /// Memory request and limit (e.g. `"4Gi"`).
+    #[serde(deserialize_with = "quantity")]
+    pub memory: Option<String>,
+    /// `nvidia.com/gpu` limit.
+    pub gpu: Option<u32>,
+    /// Node labels a pod's node must have.
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations, as in a pod spec.
+    #[serde(deserialize_with = "strict_list")]
+    pub tolerations: Vec<Toleration>,
+    /// Extra environment variables (names starting with `GRADFLOW_` are reserved).
+    pub env: BTreeMap<String, String>,
+    /// Extra volumes, as in a pod spec.
+    #[serde(deserialize_with = "strict_list")]
+    pub volumes: Vec<Volume>,
+    /// Where the volumes are mounted in the gradflow container, as in a container spec.
+    #[serde(deserialize_with = "strict_list")]
+    pub volume_mounts: Vec<VolumeMount>,
+
+    /// Overrides for server pods.
+    pub ps: PodSettings,
+    /// Overrides for worker pods.
+    pub worker: PodSettings,
+}
+
+/// Per-role pod settings (`[kubernetes.ps]`, `[kubernetes.worker]`); see
+/// [`KubernetesConfig`] for each field. After [`KubernetesConfig::for_role`], the merged
+/// settings of one role.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PodSettings {
+    pub image: Option<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(deserialize_with = "quantity")]
+    pub cpu: Option<String>,
+    #[serde(deserialize_with = "quantity")]
+    pub memory: Option<String>,
+    pub gpu: Option<u32>,
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(deserialize_with = "strict_list")]
+    pub tolerations: Vec<Toleration>,
+    pub env: BTreeMap<String, String>,
+    #[serde(deserialize_with = "strict_list")]
+    pub volumes: Vec<Volume>,
+    #[serde(deserialize_with = "strict_list")]
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: None,
+            image: DEFAULT_IMAGE.into(),
+            image_pull_policy: "IfNotPresent".into(),
+            image_pull_secrets: Vec::new(),
+            service_account: None,
+            priority_class: None,
+            scheduler_name: None,
+            queue: None,
+            workdir: PathBuf::from("/workspace"),
+            port: DEFAULT_PORT,
+            metrics_port: DEFAULT_METRICS_PORT,
+            retryable_exit_codes: vec![1, 137, 143],
+            controller_service_account: "gradflow-launcher".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            command: None,
+            cpu: None,
+            memory: None,
+            gpu: None,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            env: BTreeMap::new(),
+            volumes: Vec::new(),
+            volume_mounts: Vec::new(),
+            ps: PodSettings::default(),
+            worker: PodSettings::default(),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// The settings of one role's pods: the role's section over the common ones.
+    pub fn for_role(&self, role: Role) -> PodSettings {
+        let over = match role {
+            Role::Ps => &self.ps,
+            Role::Worker => &self.worker,
+        };
+        let merge = |a: &BTreeMap<String, String>, b: &BTreeMap<String, String>| {
+            let mut m = a.clone();
+            m.extend(b.iter().map(|(k, v)| (k.clone(), v.clone())));
+            m
+        };
+        PodSettings {
+            image: over.image.clone().or_else(|| Some(self.image.clone())),
+            command: over.command.clone().or_else(|| self.command.clone()),
+            cpu: over.cpu.clone().or_else(|| self.cpu.clone()),
+            memory: over.memory.clone().or_else(|| self.memory.clone()),
+            gpu: over.gpu.or(self.gpu),
+            node_selector: merge(&self.node_selector, &over.node_selector),
+            tolerations: [&self.tolerations[..], &over.tolerations].concat(),
+            env: merge(&self.env, &over.env),
+            volumes: [&self.volumes[..], &over.volumes].concat(),
+            volume_mounts: [&self.volume_mounts[..], &over.volume_mounts].concat(),
+        }
+    }
+
+    /// Checks values that parse but cannot work on a cluster; the message names the key
+    /// (`kubernetes.worker.cpu: ...`).
+    pub fn validate(&self) -> Result<(), String> {
+        let key = |k: &str| format!("kubernetes.{k}");
+        if let Some(ns) = &self.namespace {
+            dns_label(ns).map_err(|e| format!("{}: {e}", key("namespace")))?;
+        }
+        if self.image.trim().is_empty() {
+            return Err(format!("{}: expected an image reference, found an empty string", key("image")));
+        }
+        if !["Always", "IfNotPresent", "Never"].contains(&self.image_pull_policy.as_str()) {
+            return Err(format!(
+                "{}: expected \"Always\", \"IfNotPresent\" or \"Never\", found {:?}",
+                key("image_pull_policy"),
+                self.image_pull_policy
+            ));
+        }
+        for (k, v) in [
+            ("service_account", &self.service_account),
+            ("priority_class", &self.priority_class),
+            ("scheduler_name", &self.scheduler_name),
+            ("queue", &self.queue),
+        ] {
+            if let Some(v) = v {
+                dns_subdomain(v).map_err(|e| format!("{}: {e}", key(k)))?;
+            }
+        }
+        dns_subdomain(&self.controller_service_account)
+            .map_err(|e| format!("{}: {e}", key("controller_service_account")))?;
+        for (i, s) in self.image_pull_secrets.iter().enumerate() {
+            dns_subdomain(s).map_err(|e| format!("{}[{i}]: {e}", key("image_pull_secrets")))?;
+        }
+        if !self.workdir.is_absolute() {
+            return Err(format!(
+                "{}: expected an absolute path, found {}",
+                key("workdir"),
+                self.workdir.display()
+            ));
+        }
+        if self.port == 0 || self.metrics_port == 0 || self.port == self.metrics_port {
+            return Err(format!(
+                "{}/{}: expected two different ports from 1 to 65535, found {} and {}",
+                key("port"),
+                key("metrics_port"),
+                self.port,
+                self.metrics_port
+            ));
+        }
+        if let Some(code) = self.retryable_exit_codes.iter().find(|c| !(1..=255).contains(*c)) {
+            return Err(format!(
+                "{}: exit codes are 1 to 255 (0 is success), found {code}",
+                key("retryable_exit_codes")
+            ));
+        }
+        for k in self.labels.keys() {
+            if k.starts_with(super::LABEL_PREFIX) || k.starts_with("app.kubernetes.io/") {
+                return Err(format!("{}: {k:?} is set by gradflow; choose another key", key("labels")));
+            }
+            label_key(k).map_err(|e| format!("{}: {e}", key("labels")))?;
+        }
+        for v in self.labels.values() {
+            label_value(v).map_err(|e| format!("{}: {e}", key("labels")))?;
+        }
+        for k in self.annotations.keys() {
+            label_key(k).map_err(|e| format!("{}: {e}", key("annotations")))?;
+        }
+        for role in [Role::Ps, Role::Worker] {
+            let section = match role {
+                Role::Ps => &self.ps,
+                Role::Worker => &self.worker,
+            };
+            let at = |k: &str| format!("kubernetes.{}.{k}", role.as_str());
+            if section.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
+                return Err(format!("{}: expected an image reference, found an empty string", at("image")));
+            }
+            // Each field is checked where it is written, so that the error names that key.
+            check_settings(section, &at)?;
+            let merged = self.for_role(role);
+            check_mounts(&merged).map_err(|e| format!("kubernetes ({} pods): {e}", role.as_str()))?;
+        }
+        let common = PodSettings {
+            image: None,
+            command: self.command.clone(),
+            cpu: self.cpu.clone(),
+            memory: self.memory.clone(),
+            gpu: self.gpu,
+            node_selector: self.node_selector.clone(),
+            tolerations: self.tolerations.clone(),
+            env: self.env.clone(),
+            volumes: self.volumes.clone(),
+            volume_mounts: self.volume_mounts.clone(),
+        };
+        check_settings(&common, &key)?;
+        Ok(())
+    }
+}
+
+/// Name of the emptyDir volume gradflow adds for the output and synthetic-data directories.
+pub(crate) const SCRATCH_VOLUME: &str = "gradflow-scratch";
+
+fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), String> {
+    if let Some(c) = &s.command
+        && (c.is_empty() || c[0].trim().is_empty())
+    {
+        return Err(format!(
+            "{}: expected the program and its arguments, e.g. [\"gradflow\"]",
+            at("command")
+        ));
+    }
+    for (k, v) in [("cpu", &s.cpu), ("memory", &s.memory)] {
+        if let Some(v) = v {
+            check_quantity(v).map_err(|e| format!("{}: {e}", at(k)))?;
+        }
+    }
+    for (k, v) in &s.node_selector {
+        label_key(k).map_err(|e| format!("{}: {e}", at("node_selector")))?;
+        label_value(v).map_err(|e| format!("{}: {e}", at("node_selector")))?;
+    }
+    for k in s.env.keys() {
+        if k.starts_with("GRADFLOW_") {
+            return Err(format!(
+                "{}: {k} is reserved: gradflow sets the GRADFLOW_ variables (the log filter is output.log)",
+                at("env")
+            ));
+        }
+        let ok = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+        if !ok {
+            return Err(format!("{}: {k:?} is not a valid environment variable name", at("env")));
+        }
+    }
+    for (i, v) in s.volumes.iter().enumerate() {
+        dns_label(&v.name).map_err(|e| format!("{}[{i}].name: {e}", at("volumes")))?;
+        if v.name == SCRATCH_VOLUME {
+            return Err(format!("{}[{i}].name: {SCRATCH_VOLUME} is gradflow's own volume", at("volumes")));
+        }
+    }
+    for (i, m) in s.volume_mounts.iter().enumerate() {
+        if !m.mount_path.starts_with('/') {
+            return Err(format!(
+                "{}[{i}].mountPath: expected an absolute path, found {:?}",
+                at("volume_mounts"),
+                m.mount_path
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every mount names a volume of the same pod, and volume names are unique.
+fn check_mounts(s: &PodSettings) -> Result<(), String> {
+    let mut names = std::collections::BTreeSet::new();
+    for v in &s.volumes {
+        if !names.insert(v.name.as_str()) {
+            return Err(format!("volume {:?} is defined twice", v.name));
+        }
+    }
+    for m in &s.volume_mounts {
+        if !names.contains(m.name.as_str()) {
+            return Err(format!("volume_mounts: no volume named {:?} in volumes", m.name));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a job file for the Kubernetes backend: like [`JobConfig::load`], but relative paths
+/// are resolved against [`KubernetesConfig::workdir`], where they will be inside the pods,
+/// and the `[kubernetes]` section is checked.
+pub fn load_job(path: &Path) -> Result<JobConfig, LaunchError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LaunchError::JobFile { path: path.to_path_buf(), message: e.to_string() })?;
+    parse_job(&text).map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })
+}
+
+/// [`load_job`] for a job file's text.
+pub fn parse_job(text: &str) -> Result<JobConfig, String> {
+    let mut job = JobConfig::parse(text)?;
+    let kube = job.kubernetes.clone().unwrap_or_default();
+    kube.validate()?;
+    check_name(&job.name)?;
+    job.resolve_paths(&kube.workdir);
+    let fix = |p: &mut PathBuf| *p = normalize(p);
+    job.data.train.iter_mut().for_each(fix);
+    job.data.test.iter_mut().for_each(fix);
+    if let Some(dir) = job.output.dir.as_mut() {
+        fix(dir);
+    }
+    Ok(job)
+}
+
+/// Kubernetes names a job's Service after it: a DNS-1035 label, which must start with a
+/// letter (job names may start with a digit).
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(format!(
+            "name: `{name}` must start with a letter to run on Kubernetes (it names the job's Service)"
+        ));
+    }
+    Ok(())
+}
+
+/// `/workspace/../runs/x` -> `/runs/x`, without touching the file system (the path is one
+/// inside a pod). `..` above the root stays at the root.
+pub(crate) fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                let can_pop =
+                    out.has_root() || matches!(out.components().next_back(), Some(Component::Normal(_)));
+                if can_pop {
+                    // Popping the root leaves the root.
+                    out.pop();
+                } else {
+                    out.push("..");
+                }
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok { Ok(()) } else { Err(format!("{s:?} is not a valid name (lowercase letters, digits, '-')")) }
+}
+
+fn dns_subdomain(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty() && s.len() <= 253 && s.split('.').all(|part| dns_label(part).is_ok());
+    if ok { Ok(()) } else { Err(format!("{s:?} is not a valid name (lowercase letters, digits, '-', '.')")) }
+}
+
+fn label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    if let Some(p) = prefix {
+        dns_subdomain(p).map_err(|_| format!("{k:?}: the prefix before '/' must be a DNS subdomain"))?;
+    }
+    label_value(name).map_err(|_| format!("{k:?} is not a valid label key"))?;
+    if name.is_empty() {
+        return Err(format!("{k:?} is not a valid label key"));
+    }
+    Ok(())
+}
+
+fn label_value(v: &str) -> Result<(), String> {
+    let ok = v.len() <= 63
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && (v.is_empty()
+            || (v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && v.ends_with(|c: char| c.is_ascii_alphanumeric())));
+    if ok { Ok(()) } else { Err(format!("{v:?} is not a valid label value")) }
+}
+
+/// A Kubernetes quantity: a decimal number with an optional suffix (`500m`, `2`, `1.5`,
+/// `4Gi`, `1e3`).
+fn check_quantity(q: &str) -> Result<(), String> {
+    const SUFFIXES: [&str; 15] =
+        ["", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "n"];
+    let digits_end = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits_end);
+    let number_ok = !number.is_empty() && number.matches('.').count() <= 1 && number != ".";
+    let suffix_ok = SUFFIXES.contains(&suffix)
+        || suffix.strip_prefix(['e', 'E']).is_some_and(|e| !e.is_empty() && e.parse::<i32>().is_ok());
+    if number_ok && suffix_ok {
+        Ok(())
+    } else {
+        Err(format!("{q:?} is not a Kubernetes quantity (e.g. \"2\", \"500m\", \"4Gi\")"))
+    }
+}
+
+/// `cpu = 2` and `cpu = "2"` both mean two CPUs.
+fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Q {
+        Text(String),
+        Int(i64),
+        Float(f64),
+    }
+    Ok(Option::<Q>::deserialize(d)?.map(|q| match q {
+        Q::Text(s) => s,
+        Q::Int(i) => i.to_string(),
+        Q::Float(f) => f.to_string(),
+    }))
+}
+
+/// A list of Kubernetes objects whose keys are checked: k8s-openapi ignores unknown fields,
+/// which would let a misspelled `mountpath` pass silently.
+fn strict_list<'de, D: Deserializer<'de>, T: DeserializeOwned + Serialize>(d: D) -> Result<Vec<T>, D::Error> {
+    let raw = Vec::<serde_json::Value>::deserialize(d)?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let typed: T = serde_json::from_value(value.clone())
+                .map_err(|e| serde::de::Error::custom(format!("[{i}]: {e}")))?;
+            let back = serde_json::to_value(&typed).map_err(serde::de::Error::custom)?;
+            if let Some(path) = unknown_key(&value, &back, String::new()) {
+                return Err(serde::de::Error::custom(format!("[{i}]: unknown field `{path}`")));
+            }
+            Ok(typed)
+        })
+        .collect()
+}
+
+/// The first key of `given` that `understood` (the same value after a round trip through its
+/// type) does not have.
+fn unknown_key(given: &serde_json::Value, understood: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    match (given, understood) {
+        (Value::Object(g), Value::Object(u)) => g.iter().find_map(|(k, v)| {
+            let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+            match u.get(k) {
+                None => Some(path),
+                Some(w) => unknown_key(v, w, path),
+            }
+        }),
+        (Value::Array(g), Value::Array(u)) => {
+            g.iter().zip(u).enumerate().find_map(|(i, (v, w))| unknown_key(v, w, format!("{at}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "name = \"demo\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.libsvm\"\nformat = \"libsvm\"\n";
+
+    fn parse(extra: &str) -> Result<JobConfig, String> {
+        parse_job(&format!("{MIN}{extra}"))
+    }
+
+    #[test]
+    fn no_section_means_defaults_and_paths_move_into_the_workdir() {
+        let job = parse("").unwrap();
+        assert_eq!(job.kubernetes, None);
+        assert_eq!(job.data.train, vec![PathBuf::from("/workspace/data/train.libsvm")]);
+        assert_eq!(job.output_dir(), PathBuf::from("/workspace/runs/demo"));
+    }
+
+    #[test]
+    fn dot_dot_paths_are_normalized() {
+        let job = parse_job(&MIN.replace("data/train.libsvm", "../runs/data/t.libsvm")).unwrap();
+        assert_eq!(job.data.train, vec![PathBuf::from("/runs/data/t.libsvm")]);
+        assert_eq!(normalize(Path::new("/a/../../b/./c")), PathBuf::from("/b/c"));
+        assert_eq!(normalize(Path::new("../a/../b")), PathBuf::from("../b"));
+    }
+
+    #[test]
+    fn role_settings_override_common_ones() {
+        let job = parse(
+            "[kubernetes]\ncpu = 1\nmemory = \"1Gi\"\nnode_selector = { pool = \"a\", zone = \"z\" }\n\
+             tolerations = [{ key = \"k\", operator = \"Exists\" }]\nenv = { A = \"1\" }\n\
+             [kubernetes.worker]\ncpu = \"500m\"\ngpu = 1\nnode_selector = { pool = \"gpu\" }\n\
+             tolerations = [{ key = \"nvidia.com/gpu\", operator = \"Exists\", effect = \"NoSchedule\" }]\nenv = { B = \"2\" }\n",
+        )
+        .unwrap();
+        let k = job.kubernetes.unwrap();
+        let w = k.for_role(Role::Worker);
+        assert_eq!(w.cpu.as_deref(), Some("500m"));
+        assert_eq!(w.memory.as_deref(), Some("1Gi"));
+        assert_eq!(w.gpu, Some(1));
+        assert_eq!(w.node_selector["pool"], "gpu");
+        assert_eq!(w.node_selector["zone"], "z");
+        assert_eq!(w.tolerations.len(), 2);
+        assert_eq!(w.env.len(), 2);
+        let p = k.for_role(Role::Ps);
+        assert_eq!((p.cpu.as_deref(), p.gpu), (Some("1"), None));
+        assert_eq!(p.image.as_deref(), Some(DEFAULT_IMAGE));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (extra, key) in [
+            ("[kubernetes]\nimage_pull_policy = \"Sometimes\"", "kubernetes.image_pull_policy"),
+            ("[kubernetes]\ncpu = \"two\"", "kubernetes.cpu"),
+            ("[kubernetes.worker]\nmemory = \"4 GB\"", "kubernetes.worker.memory"),
+            ("[kubernetes]\nretryable_exit_codes = [0]", "kubernetes.retryable_exit_codes"),
+            ("[kubernetes]\nworkdir = \"rel\"", "kubernetes.workdir"),
+            ("[kubernetes]\nport = 9090", "kubernetes.port"),
+            ("[kubernetes.ps]\nenv = { GRADFLOW_LOG = \"debug\" }", "kubernetes.ps.env"),
+            ("[kubernetes]\nlabels = { \"gradflow.dev/job\" = \"x\" }", "kubernetes.labels"),
+            ("[kubernetes]\nqueue = \"Team A\"", "kubernetes.queue"),
+            ("[kubernetes]\nnamespace = \"ML\"", "kubernetes.namespace"),
+            ("[kubernetes]\nimagee = \"x\"", "imagee"),
+            ("[kubernetes.worker]\ngpus = 1", "gpus"),
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_objects_in_the_job_file_are_checked_strictly() {
+        let ok = parse(
+            "[kubernetes]\nvolumes = [{ name = \"data\", persistentVolumeClaim = { claimName = \"train-data\" } }]\n\
+             volume_mounts = [{ name = \"data\", mountPath = \"/workspace/data\", readOnly = true }]\n",
+        )
+        .unwrap();
+        let k = ok.kubernetes.unwrap();
+        assert_eq!(k.volumes[0].persistent_volume_claim.as_ref().unwrap().claim_name, "train-data");
+        assert_eq!(k.volume_mounts[0].read_only, Some(true));
+
+        let err = parse(
+            "[kubernetes]\nvolumes = [{ name = \"data\", persistentVolumeClaim = { claimname = \"x\" } }]\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("persistentVolumeClaim.claimname"), "{err}");
+        let err =
+            parse("[kubernetes]\nvolume_mounts = [{ name = \"nope\", mountPath = \"/x\" }]\n").unwrap_err();
+        assert!(err.contains("no volume named \"nope\""), "{err}");
+        let err = parse("[kubernetes]\ntolerations = [{ keys = \"x\" }]\n").unwrap_err();
+        assert!(err.contains("keys"), "{err}");
+    }
+
+    #[test]
+    fn a_job_name_starting_with_a_digit_cannot_name_a_service() {
+        let err = parse_job(&MIN.replace("\"demo\"", "\"1demo\"")).unwrap_err();
+        assert!(err.starts_with("name:"), "{err}");
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["1", "500m", "1.5", "4Gi", "100M", "1e3", "0.5"] {
+            assert!(check_quantity(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "two", "4 Gi", "1.2.3", "Gi", "4GB", "."] {
+            assert!(check_quantity(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! From a job to Kubernetes objects: a pure function, no cluster needed.
+//!
+//! A [`Renderer`] holds a job (already read with [`load_job`](super::config::load_job), so
+//! its paths are paths inside the pods), the namespace, and, once the job's root ConfigMap
+//! exists, the owner reference every other object gets. The same renderer produces what
+//! `launch --dry-run` prints and what the controller creates, so the two cannot differ.
+//!
+//! Names: the root ConfigMap and the headless Service are named after the job; a pod is
+//! `<job>-<role>-<index>-<attempt>` with hostname `<job>-<role>-<index>` and subdomain
+//! `<job>`, so shard `i` is always reachable at `<job>-ps-<i>.<job>.<namespace>.svc`, before
+//! it is ready (`publishNotReadyAddresses`) and after it is recreated.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::batch::v1::{
+    Job as BatchJob, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
+    Pod, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::{Deserialize, Serialize};
+
+use super::config::{KubernetesConfig, PodSettings, SCRATCH_VOLUME, check_name};
+use super::controller::JobStatus;
+use super::{
+    ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT, LABEL_CONTROLLER_OF, LABEL_INDEX,
+    LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_ROLE, RECORD_JOB_KEY, RECORD_STATUS_KEY,
+};
+use crate::contract::CLUSTER_SPEC_VERSION;
+use crate::local::ENV_LOG;
+use crate::{ClusterSpec, JobConfig, Role};
+
+/// Everything a job needs to be turned into objects.
+#[derive(Debug, Clone)]
+pub struct Renderer {
+    job: JobConfig,
+    kube: KubernetesConfig,
+    namespace: String,
+    owner: Option<OwnerReference>,
+}
+
+/// One rendered object, as `launch --dry-run` prints it. (`Job` is a Kubernetes batch Job:
+/// a detached job's controller.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Manifest {
+    ConfigMap(Box<ConfigMap>),
+    Service(Box<Service>),
+    Pod(Box<Pod>),
+    Job(Box<BatchJob>),
+}
+
+impl Manifest {
+    /// `ConfigMap`, `Service` or `Pod`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Manifest::ConfigMap(_) => "ConfigMap",
+            Manifest::Service(_) => "Service",
+            Manifest::Pod(_) => "Pod",
+            Manifest::Job(_) => "Job",
+        }
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        let meta = match self {
+            Manifest::ConfigMap(o) => &o.metadata,
+            Manifest::Service(o) => &o.metadata,
+            Manifest::Pod(o) => &o.metadata,
+            Manifest::Job(o) => &o.metadata,
+        };
+        meta.name.as_deref().unwrap_or_default()
+    }
+}
+
+/// Name of the pod of one attempt of one process.
+pub fn pod_name(job: &str, role: Role, index: u32, attempt: u32) -> String {
+    format!("{job}-{}-{index}-{attempt}", role.as_str())
+}
+
+/// Hostname of every pod of one process: with the job's Service as subdomain, its stable DNS
+/// name.
+pub fn hostname(job: &str, role: Role, index: u32) -> String {
+    format!("{job}-{}-{index}", role.as_str())
+}
+
+/// Name of a detached job's controller (a Kubernetes Job; its pods get generated names).
+pub fn controller_name(job: &str) -> String {
+    format!("{job}-controller")
+}
+
+impl Renderer {
+    /// A renderer for `job` in `namespace`. Fails when the job cannot run on Kubernetes (its
+    /// `[kubernetes]` section is invalid, or its name cannot name a Service).
+    pub fn new(job: JobConfig, namespace: impl Into<String>) -> Result<Renderer, KubernetesError> {
+        let kube = job.kubernetes.clone().unwrap_or_default();
+        kube.validate().map_err(KubernetesError::Config)?;
+        check_name(&job.name).map_err(KubernetesError::Config)?;
+        Ok(Renderer { job, kube, namespace: namespace.into(), owner: None })
+    }
+
+    /// Makes `root` (the job's ConfigMap, as the API server returned it) the controller owner
+    /// of every object rendered from now on, so that deleting it deletes them.
+    pub fn with_owner(mut self, root: &ConfigMap) -> Result<Renderer, KubernetesError> {
+        let uid = root.metadata.uid.clone().ok_or_else(|| KubernetesError::Record {
+            job: self.job.name.clone(),
+            message: "the ConfigMap has no uid (was it returned by the API server?)".into(),
+        })?;
+        self.owner = Some(OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: self.job.name.clone(),
+            uid,
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        });
+        Ok(self)
+    }
+
+    pub fn job(&self) -> &JobConfig {
+        &self.job
+    }
+
+    /// The job's `[kubernetes]` settings (defaults when it has none).
+    pub fn settings(&self) -> &KubernetesConfig {
+        &self.kube
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The uid of the root ConfigMap, once [`with_owner`](Self::with_owner) was called.
+    pub fn owner_uid(&self) -> Option<&str> {
+        self.owner.as_ref().map(|o| o.uid.as_str())
+    }
+
+    /// Server addresses in shard order: stable DNS names through the headless Service.
+    pub fn server_addresses(&self) -> Vec<String> {
+        (0..self.job.servers)
+            .map(|i| {
+                format!(
+                    "{}.{}.{}.svc:{}",
+                    hostname(&self.job.name, Role::Ps, i),
+                    self.job.name,
+                    self.namespace,
+                    self.kube.port
+                )
+            })
+            .collect()
+    }
+
+    /// What the pod of one attempt of one process is told: the same contract as a local
+    /// process, with addresses that work in the cluster.
+    pub fn cluster_spec(&self, role: Role, index: u32, attempt: u32) -> ClusterSpec {
+        let is_ps = role == Role::Ps;
+        ClusterSpec {
+            version: CLUSTER_SPEC_VERSION,
+            job: self.job.name.clone(),
+            attempt,
+            role,
+            index,
+            servers: self.server_addresses(),
+            num_workers: self.job.workers,
+            listen: is_ps.then(|| format!("0.0.0.0:{}", self.kube.port)),
+            metrics_listen: (is_ps && self.job.output.metrics)
+                .then(|| format!("0.0.0.0:{}", self.kube.metrics_port)),
+            job_config: self.job.clone(),
+        }
+    }
+
+    /// Labels every object of the job carries.
+    fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        let mut labels = self.kube.labels.clone();
+        for (k, v) in [
+            ("app.kubernetes.io/name", "gradflow"),
+            ("app.kubernetes.io/instance", self.job.name.as_str()),
+            ("app.kubernetes.io/component", component),
+            ("app.kubernetes.io/managed-by", "gradflow"),
+            (LABEL_JOB, self.job.name.as_str()),
+        ] {
+            labels.insert(k.into(), v.into());
+        }
+        labels
+    }
+
+    fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: self.owner.clone().map(|o| vec![o]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    /// The root object: the job record, which owns everything else.
+    pub fn root(&self, status: &JobStatus) -> ConfigMap {
+        let mut meta = self.meta(self.job.name.clone(), self.labels("job"));
+        meta.owner_references = None;
+        ConfigMap {
+            metadata: meta,
+            data: Some(BTreeMap::from([
+                (
+                    RECORD_JOB_KEY.to_string(),
+                    serde_json::to_string_pretty(&self.job).expect("a JobConfig always serializes"),
+                ),
+                (RECORD_STATUS_KEY.to_string(), status.to_json()),
+            ])),
+            ..ConfigMap::default()
+        }
+    }
+
+    /// The headless Service that gives every pod of the job its DNS name.
+    pub fn service(&self) -> Service {
+        let mut ports = vec![ServicePort {
+            name: Some("grpc".into()),
+            port: self.kube.port.into(),
+            target_port: Some(IntOrString::Int(self.kube.port.into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        }];
+        if self.job.output.metrics {
+            ports.push(ServicePort {
+                name: Some("metrics".into()),
+                port: self.kube.metrics_port.into(),
+                target_port: Some(IntOrString::Int(self.kube.metrics_port.into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            });
+        }
+        Service {
+            metadata: self.meta(self.job.name.clone(), self.labels("job")),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(BTreeMap::from([(LABEL_JOB.to_string(), self.job.name.clone())])),
+                ports: Some(ports),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// The pod of attempt `attempt` of server shard or worker `index`.
+    pub fn pod(&self, role: Role, index: u32, attempt: u32) -> Pod {
+        let job = &self.job;
+        let settings = self.kube.for_role(role);
+        let mut labels = self.labels(role.as_str());
+        labels.insert(LABEL_ROLE.into(), role.as_str().into());
+        labels.insert(LABEL_INDEX.into(), index.to_string());
+        labels.insert(LABEL_ATTEMPT.into(), attempt.to_string());
+        let mut annotations = self.kube.annotations.clone();
+        if let Some(queue) = &self.kube.queue {
+            labels.insert(LABEL_KUEUE_QUEUE.into(), queue.clone());
+            annotations.insert(ANNOTATION_VOLCANO_QUEUE.into(), queue.clone());
+        }
+        if role == Role::Ps && job.output.metrics {
+            annotations.insert("prometheus.io/scrape".into(), "true".into());
+            annotations.insert("prometheus.io/port".into(), self.kube.metrics_port.to_string());
+        }
+        let mut meta = self.meta(pod_name(&job.name, role, index, attempt), labels);
+        meta.annotations = (!annotations.is_empty()).then_some(annotations);
+
+        let mut env: Vec<EnvVar> = self
+            .cluster_spec(role, index, attempt)
+            .to_env()
+            .into_iter()
+            .map(|(k, v)| env_var(k, v))
+            .collect();
+        env.push(env_var(ENV_LOG, &job.output.log));
+        if role == Role::Ps && attempt > 0 {
+            env.push(env_var(ENV_RESTORE, "latest"));
+        }
+        env.extend(settings.env.iter().map(|(k, v)| env_var(k, v)));
+
+        let (scratch_mounts, scratch_volume) = match role {
+            Role::Worker => self.scratch(&settings),
+            Role::Ps => (Vec::new(), None),
+        };
+        let mut mounts = scratch_mounts;
+        mounts.extend(settings.volume_mounts.iter().cloned());
+        let mut volumes: Vec<Volume> = scratch_volume.into_iter().collect();
+        volumes.extend(settings.volumes.iter().cloned());
+
+        let mut main = self.container(role.as_str(), &settings, vec![role.as_str().to_string()]);
+        main.env = Some(env.clone());
+        main.volume_mounts = (!mounts.is_empty()).then(|| mounts.clone());
+        main.resources = resources(&settings);
+        if role == Role::Ps {
+            let mut ports = vec![container_port("grpc", self.kube.port)];
+            if job.output.metrics {
+                ports.push(container_port("metrics", self.kube.metrics_port));
+            }
+            main.ports = Some(ports);
+            // Ready = accepting connections: workers are started only when every shard is.
+            main.readiness_probe = Some(Probe {
+                tcp_socket: Some(TCPSocketAction { port: IntOrString::String("grpc".into()), host: None }),
+                period_seconds: Some(2),
+                ..Probe::default()
+            });
+        }
+        // Synthetic data is generated in each worker pod before the worker starts: the
+        // generator is deterministic, so every worker sees the same files.
+        let init = (role == Role::Worker && job.data.synth.is_some()).then(|| {
+            let mut prepare = self.container("prepare", &settings, vec!["prepare".into()]);
+            prepare.env = Some(env);
+            prepare.volume_mounts = main.volume_mounts.clone();
+            // CPU and memory like the worker (so the pod asks for no more), but no GPU.
+            prepare.resources = resources(&PodSettings { gpu: None, ..settings.clone() });
+            vec![prepare]
+        });
+
+        let mut spec = self.pod_spec();
+        spec.hostname = Some(hostname(&job.name, role, index));
+        spec.subdomain = Some(job.name.clone());
+        // Restarts are recreations, decided and counted by the controller.
+        spec.restart_policy = Some("Never".into());
+        // Training pods never talk to the API server.
+        spec.automount_service_account_token = Some(false);
+        spec.service_account_name = self.kube.service_account.clone();
+        spec.priority_class_name = self.kube.priority_class.clone();
+        spec.scheduler_name = self.kube.scheduler_name.clone();
+        spec.node_selector = (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone());
+        spec.tolerations = (!settings.tolerations.is_empty()).then(|| settings.tolerations.clone());
+        spec.volumes = (!volumes.is_empty()).then_some(volumes);
+        spec.init_containers = init;
+        spec.containers = vec![main];
+        Pod { metadata: meta, spec: Some(spec), status: None }
+    }
+
+    /// The Kubernetes Job that runs a detached job's controller (`gradflow attach`) in the
+    /// cluster. A Job rather than a bare pod: if the node goes away or the pod is evicted, the
+    /// Job controller starts a new one (evictions are not counted, crashes are, up to 6), and
+    /// the new one resumes from the record.
+    pub fn controller_job(&self) -> BatchJob {
+        let job = &self.job;
+        let mut labels = self.labels("controller");
+        labels.remove(LABEL_JOB);
+        labels.insert(LABEL_CONTROLLER_OF.into(), job.name.clone());
+        let settings = PodSettings {
+            image: Some(self.kube.image.clone()),
+            command: self.kube.command.clone(),
+            ..PodSettings::default()
+        };
+        let mut main = self.container(
+            "controller",
+            &settings,
+            vec!["attach".into(), job.name.clone(), "--namespace".into(), self.namespace.clone()],
+        );
+        main.env = Some(vec![env_var(ENV_LOG, "info")]);
+        main.resources = Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("50m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".to_string(), Quantity("128Mi".into()))])),
+            ..ResourceRequirements::default()
+        });
+        let mut spec = self.pod_spec();
+        // Required by a pod failure policy; a crashed controller gets a new pod from the Job.
+        spec.restart_policy = Some("Never".into());
+        spec.service_account_name = Some(self.kube.controller_service_account.clone());
+        spec.priority_class_name = self.kube.priority_class.clone();
+        spec.containers = vec![main];
+        BatchJob {
+            metadata: self.meta(controller_name(&job.name), labels.clone()),
+            spec: Some(JobSpec {
+                backoff_limit: Some(6),
+                pod_failure_policy: Some(PodFailurePolicy {
+                    rules: vec![PodFailurePolicyRule {
+                        action: "Ignore".into(),
+                        on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                            type_: "DisruptionTarget".into(),
+                            status: "True".into(),
+                        }]),
+                        on_exit_codes: None,
+                    }],
+                }),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                    spec: Some(spec),
+                },
+                ..JobSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// Every object `launch` creates at the start, in creation order: the root ConfigMap, the
+    /// Service, the server pods, the worker pods (which the controller creates only once the
+    /// servers are ready), and with `detach` the controller's Kubernetes Job.
+    pub fn manifests(&self, detach: bool) -> Vec<Manifest> {
+        let job = &self.job;
+        let mut out = vec![
+            Manifest::ConfigMap(Box::new(self.root(&JobStatus::new(job)))),
+            Manifest::Service(Box::new(self.service())),
+        ];
+        for i in 0..job.servers {
+            out.push(Manifest::Pod(Box::new(self.pod(Role::Ps, i, 0))));
+        }
+        for i in 0..job.workers {
+            out.push(Manifest::Pod(Box::new(self.pod(Role::Worker, i, 0))));
+        }
+        if detach {
+            out.push(Manifest::Job(Box::new(self.controller_job())));
+        }
+        out
+    }
+
+    fn container(&self, name: &str, settings: &PodSettings, args: Vec<String>) -> Container {
+        Container {
+            name: name.into(),
+            image: Some(settings.image.clone().unwrap_or_else(|| self.kube.image.clone())),
+            image_pull_policy: Some(self.kube.image_pull_policy.clone()),
+            command: Some(settings.command.clone().unwrap_or_else(|| vec!["gradflow".into()])),
+            args: Some(args),
+            working_dir: Some(self.kube.workdir.to_string_lossy().into_owned()),
+            // The restricted Pod Security Standard: the image runs as a non-root user.
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+                run_as_non_root: Some(true),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..SecurityContext::default()
+            }),
+            ..Container::default()
+        }
+    }
+
+    fn pod_spec(&self) -> PodSpec {
+        PodSpec {
+            termination_grace_period_seconds: Some(self.job.launcher.grace_period.as_secs().max(1) as i64),
+            // Service links would add variables for every Service in the namespace.
+            enable_service_links: Some(false),
+            image_pull_secrets: (!self.kube.image_pull_secrets.is_empty()).then(|| {
+                self.kube
+                    .image_pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
+            ..PodSpec::default()
+        }
+    }
+
+    /// Writable directories a worker needs that no volume of the job file provides: the
+    /// output directory and the synthetic data's directories, as sub-paths of one emptyDir.
+    fn scratch(&self, settings: &PodSettings) -> (Vec<VolumeMount>, Option<Volume>) {
+        let job = &self.job;
+        let mut dirs: Vec<PathBuf> = vec![job.output_dir()];
+        if job.data.synth.is_some() {
+            for p in job.data.train.iter().chain(&job.data.test) {
+                if let Some(parent) = p.parent() {
+                    dirs.push(parent.to_path_buf());
+                }
+            }
+        }
+        let user_mounts: Vec<&Path> =
+            settings.volume_mounts.iter().map(|m| Path::new(&m.mount_path)).collect();
+        dirs.sort();
+        dirs.dedup();
+        let all = dirs.clone();
+        dirs.retain(|d| {
+            !user_mounts.iter().any(|m| d.starts_with(m)) && !all.iter().any(|o| o != d && d.starts_with(o))
+        });
+        if dirs.is_empty() {
+            return (Vec::new(), None);
+        }
+        let mounts = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| VolumeMount {
+                name: SCRATCH_VOLUME.into(),
+                mount_path: d.to_string_lossy().into_owned(),
+                sub_path: Some(format!("dir-{i}")),
+                ..VolumeMount::default()
+            })
+            .collect();
+        let volume = Volume {
+            name: SCRATCH_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        };
+        (mounts, Some(volume))
+    }
+}
+
+fn env_var(name: impl Into<String>, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
+}
+
+fn container_port(name: &str, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port.into(),
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+/// Requests CPU and memory; limits memory (an over-committed node then kills the pod that
+/// went over, not a neighbour) and GPUs (which Kubernetes only takes as limits).
+fn resources(s: &PodSettings) -> Option<ResourceRequirements> {
+    let mut requests = BTreeMap::new();
+    let mut limits = BTreeMap::new();
+    if let Some(cpu) = &s.cpu {
+        requests.insert("cpu".to_string(), Quantity(cpu.clone()));
+    }
+    if let Some(memory) = &s.memory {
+        requests.insert("memory".to_string(), Quantity(memory.clone()));
+        limits.insert("memory".to_string(), Quantity(memory.clone()));
+    }
+    if let Some(gpu) = s.gpu.filter(|&g| g > 0) {
+        limits.insert("nvidia.com/gpu".to_string(), Quantity(gpu.to_string()));
+    }
+    if requests.is_empty() && limits.is_empty() {
+        return None;
+    }
+    Some(ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    })
+}
+
+/// The manifests as a multi-document YAML stream, as `kubectl apply -f` reads it.
+pub fn to_yaml(manifests: &[Manifest]) -> Result<String, KubernetesError> {
+    let mut out = String::new();
+    for m in manifests {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(m).map_err(|e| KubernetesError::Serialize(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+/// The manifests as one JSON `v1/List`, as `kubectl apply -f` reads it.
+pub fn to_json(manifests: &[Manifest]) -> Result<String, KubernetesError> {
+    let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": manifests });
+    serde_json::to_string_pretty(&list)
+        .map(|s| s + "\n")
+        .map_err(|e| KubernetesError::Serialize(e.to_string()))
+}
+
+/// Parses what [`to_yaml`] wrote back into typed objects (by `kind`).
+pub fn from_yaml(text: &str) -> Result<Vec<Manifest>, KubernetesError> {
+    let err = |e: serde_yaml_ng::Error| KubernetesError::Serialize(e.to_string());
+    let mut out = Vec::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).map_err(err)?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        out.push(match kind.as_str() {
+            "ConfigMap" => Manifest::ConfigMap(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
+            "Service" => Manifest::Service(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
+            "Pod" => Manifest::Pod(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
+            "Job" => Manifest::Job(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
+            other => return Err(KubernetesError::Serialize(format!("unexpected kind {other:?}"))),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,313 @@
+//! Rendering a job into Kubernetes objects: golden YAML, round trips through the types, the
+//! shared environment contract, and the manifests in `deploy/` staying what the renderer
+//! makes.
+//!
+//! `UPDATE_GOLDEN=1 cargo test -p gradflow-launch --test kubernetes_render` rewrites the
+//! golden files (review the diff).
+
+mod kubernetes_support;
+
+use std::path::{Path, PathBuf};
+
+use gradflow_launch::kubernetes::config::{load_job, parse_job};
+use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, to_json, to_yaml};
+use gradflow_launch::kubernetes::{LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY};
+use gradflow_launch::{ClusterSpec, JobConfig, Role};
+use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kubernetes_support::*;
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+const REDACTED_SPEC: &str =
+    "<GRADFLOW_CLUSTER_SPEC: checked by cluster_spec_in_each_pod_is_the_shared_contract>";
+const REDACTED_JOB: &str = "<job.json: checked by the_root_records_the_job>";
+
+/// Compares `actual` with a golden file, or writes it with UPDATE_GOLDEN=1.
+fn golden(path: &Path, actual: &str) {
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    if expected != actual {
+        let line = expected.lines().zip(actual.lines()).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "{} differs from what the renderer produces, first at line {}:\n  golden: {:?}\n  now:    {:?}\n\
+             If the change is intended, rewrite it with UPDATE_GOLDEN=1 and review the diff.",
+            path.display(),
+            line + 1,
+            expected.lines().nth(line),
+            actual.lines().nth(line)
+        );
+    }
+}
+
+fn golden_path(name: &str) -> PathBuf {
+    Path::new(MANIFEST_DIR).join("tests/golden").join(name)
+}
+
+/// The manifests with the two JSON blobs (the whole job, which other features change often)
+/// replaced by markers; they have their own tests.
+fn redacted(manifests: &[Manifest]) -> Vec<Manifest> {
+    let mut out = manifests.to_vec();
+    for m in &mut out {
+        match m {
+            Manifest::ConfigMap(cm) => {
+                cm.data.as_mut().unwrap().insert(RECORD_JOB_KEY.into(), REDACTED_JOB.into());
+            }
+            Manifest::Pod(pod) => {
+                let spec = pod.spec.as_mut().unwrap();
+                for c in spec.containers.iter_mut().chain(spec.init_containers.iter_mut().flatten()) {
+                    for e in c.env.iter_mut().flatten() {
+                        if e.name == "GRADFLOW_CLUSTER_SPEC" {
+                            e.value = Some(REDACTED_SPEC.into());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A job that sets every Kubernetes option.
+fn full_job() -> JobConfig {
+    parse_job(
+        r#"
+name = "ctr"
+servers = 2
+workers = 2
+
+[model]
+kind = "logistic_regression"
+num_dense = 13
+
+[data]
+train = "data/train.csv"
+test = "data/test.csv"
+[data.synth]
+train_rows = 1000
+test_rows = 100
+
+[launcher]
+max_restarts = 5
+grace_period = "45s"
+
+[kubernetes]
+namespace = "team-a"
+image = "registry.example.com/ml/gradflow:0.1.0"
+image_pull_policy = "Always"
+image_pull_secrets = ["regcred"]
+service_account = "trainer"
+priority_class = "batch-high"
+scheduler_name = "volcano"
+queue = "team-a-queue"
+retryable_exit_codes = [1, 137]
+labels = { team = "ads" }
+annotations = { "example.com/owner" = "ads-ml" }
+cpu = "1"
+memory = "2Gi"
+node_selector = { "cloud.example.com/pool" = "training" }
+env = { RUST_BACKTRACE = "1" }
+volumes = [{ name = "shared", persistentVolumeClaim = { claimName = "ads-shared" } }]
+volume_mounts = [{ name = "shared", mountPath = "/shared", readOnly = true }]
+
+[kubernetes.ps]
+cpu = 4
+memory = "16Gi"
+
+[kubernetes.worker]
+command = ["/usr/local/bin/gradflow"]
+gpu = 1
+node_selector = { "cloud.example.com/pool" = "gpu" }
+tolerations = [{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" }]
+env = { NCCL_DEBUG = "WARN" }
+"#,
+    )
+    .unwrap()
+}
+
+#[test]
+fn golden_minimal_job() {
+    let r = Renderer::new(job(2, 2, 3), "ml").unwrap();
+    golden(&golden_path("minimal.yaml"), &to_yaml(&redacted(&r.manifests(false))).unwrap());
+}
+
+#[test]
+fn golden_job_with_every_kubernetes_option_detached() {
+    let job = full_job();
+    let ns = job.kubernetes.as_ref().unwrap().namespace.clone().unwrap();
+    let r = Renderer::new(job, ns).unwrap();
+    golden(&golden_path("full-detached.yaml"), &to_yaml(&redacted(&r.manifests(true))).unwrap());
+}
+
+#[test]
+fn golden_recreated_pods_are_owned_by_the_root() {
+    let r = renderer(job(2, 2, 3));
+    let pods = vec![
+        Manifest::Service(Box::new(r.service())),
+        Manifest::Pod(Box::new(r.pod(Role::Ps, 1, 1))),
+        Manifest::Pod(Box::new(r.pod(Role::Worker, 0, 2))),
+    ];
+    golden(&golden_path("owned-restarts.yaml"), &to_yaml(&redacted(&pods)).unwrap());
+}
+
+#[test]
+fn every_rendered_object_deserializes_back_into_its_type() {
+    for (r, detach) in [
+        (Renderer::new(job(2, 3, 3), "ml").unwrap(), false),
+        (Renderer::new(full_job(), "team-a").unwrap(), true),
+        (renderer(job(1, 1, 0)), true),
+    ] {
+        let manifests = r.manifests(detach);
+        // YAML, document by document, into the type its `kind` names.
+        let yaml = to_yaml(&manifests).unwrap();
+        assert_eq!(from_yaml(&yaml).unwrap(), manifests);
+        // JSON, item by item, into each concrete type.
+        let list: serde_json::Value = serde_json::from_str(&to_json(&manifests).unwrap()).unwrap();
+        assert_eq!(list["kind"], "List");
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items.len(), manifests.len());
+        for (item, m) in items.iter().zip(&manifests) {
+            let back = match item["kind"].as_str().unwrap() {
+                "ConfigMap" => {
+                    Manifest::ConfigMap(Box::new(serde_json::from_value::<ConfigMap>(item.clone()).unwrap()))
+                }
+                "Service" => {
+                    Manifest::Service(Box::new(serde_json::from_value::<Service>(item.clone()).unwrap()))
+                }
+                "Pod" => Manifest::Pod(Box::new(serde_json::from_value::<Pod>(item.clone()).unwrap())),
+                "Job" => Manifest::Job(Box::new(serde_json::from_value::<BatchJob>(item.clone()).unwrap())),
+                other => panic!("unexpected kind {other}"),
+            };
+            assert_eq!(&back, m);
+        }
+    }
+}
+
+#[test]
+fn cluster_spec_in_each_pod_is_the_shared_contract() {
+    let r = Renderer::new(job(2, 3, 3), "ml").unwrap();
+    for (role, index, attempt) in [(Role::Ps, 0, 0), (Role::Ps, 1, 4), (Role::Worker, 2, 1)] {
+        let pod = r.pod(role, index, attempt);
+        let env: Vec<(String, String)> = pod.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap()))
+            .collect();
+        let spec = r.cluster_spec(role, index, attempt);
+        // The contract's own variables, in its order, then the launcher's.
+        assert_eq!(env[..7], spec.to_env()[..]);
+        let parsed = ClusterSpec::from_json(&env[0].1).unwrap();
+        assert_eq!(parsed, spec);
+        assert_eq!((parsed.role, parsed.index, parsed.attempt), (role, index, attempt));
+        assert_eq!(parsed.servers, ["demo-ps-0.demo.ml.svc:7070", "demo-ps-1.demo.ml.svc:7070"]);
+        assert_eq!(parsed.num_workers, 3);
+        assert_eq!(parsed.job_config, *r.job());
+        if role == Role::Ps {
+            assert_eq!(parsed.listen.as_deref(), Some("0.0.0.0:7070"));
+            assert_eq!(parsed.metrics_listen.as_deref(), Some("0.0.0.0:9090"));
+        } else {
+            assert_eq!(parsed.listen, None);
+        }
+        assert!(env.contains(&("GRADFLOW_LOG".into(), "info".into())));
+        assert_eq!(env.iter().any(|(k, _)| k == "GRADFLOW_RESTORE"), role == Role::Ps && attempt > 0);
+    }
+}
+
+#[test]
+fn the_root_records_the_job() {
+    let r = Renderer::new(full_job(), "team-a").unwrap();
+    let root = r.root(&gradflow_launch::kubernetes::JobStatus::new(r.job()));
+    let job: JobConfig = serde_json::from_str(&root.data.unwrap()[RECORD_JOB_KEY]).unwrap();
+    assert_eq!(job, *r.job());
+    // The same renderer from the record renders the same pods: `attach` and `launch` agree.
+    let again = Renderer::new(job, "team-a").unwrap();
+    assert_eq!(again.pod(Role::Worker, 1, 3), r.pod(Role::Worker, 1, 3));
+}
+
+#[test]
+fn labels_and_owner_references_tie_everything_to_the_root() {
+    let r = renderer(job(2, 2, 3));
+    let manifests = r.manifests(true);
+    for m in &manifests {
+        let meta = match m {
+            Manifest::ConfigMap(o) => &o.metadata,
+            Manifest::Service(o) => &o.metadata,
+            Manifest::Pod(o) => &o.metadata,
+            Manifest::Job(o) => &o.metadata,
+        };
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["app.kubernetes.io/name"], "gradflow");
+        assert_eq!(labels["app.kubernetes.io/instance"], "demo");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "gradflow");
+        assert_eq!(meta.namespace.as_deref(), Some("ml"));
+        if let Manifest::ConfigMap(_) = m {
+            assert_eq!(meta.owner_references, None, "the root owns, it is not owned");
+            continue;
+        }
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("ConfigMap", "demo", ROOT_UID)
+        );
+        assert_eq!((owner.controller, owner.block_owner_deletion), (Some(true), Some(true)));
+        if let Manifest::Pod(pod) = m {
+            let (role, index) = (&labels[LABEL_ROLE], &labels[LABEL_INDEX]);
+            assert_eq!(labels[LABEL_JOB], "demo");
+            assert_eq!(labels[LABEL_ATTEMPT], "0");
+            assert_eq!(labels["app.kubernetes.io/component"], *role);
+            let spec = pod.spec.as_ref().unwrap();
+            assert_eq!(spec.hostname.as_deref(), Some(format!("demo-{role}-{index}").as_str()));
+            assert_eq!(spec.subdomain.as_deref(), Some("demo"));
+            assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        }
+    }
+    // The Service selects the job's pods, and publishes them before they are ready.
+    let svc = r.service();
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(spec.selector.unwrap()[LABEL_JOB], "demo");
+    // The controller's Job is not selected by it.
+    let controller = r.controller_job();
+    let template_labels = controller.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    assert!(!template_labels.contains_key(LABEL_JOB));
+}
+
+#[test]
+fn a_queue_sets_what_kueue_and_volcano_read() {
+    let r = Renderer::new(full_job(), "team-a").unwrap();
+    let pod = r.pod(Role::Worker, 0, 0);
+    assert_eq!(pod.metadata.labels.unwrap()["kueue.x-k8s.io/queue-name"], "team-a-queue");
+    assert_eq!(pod.metadata.annotations.unwrap()["scheduling.volcano.sh/queue-name"], "team-a-queue");
+    assert_eq!(pod.spec.unwrap().scheduler_name.as_deref(), Some("volcano"));
+}
+
+#[test]
+fn deploy_manifests_of_the_wide_deep_example_match_the_renderer() {
+    // What `gradflow launch --backend kubernetes --dry-run -o yaml examples/wide_deep.toml`
+    // prints (no namespace given: "default").
+    let root = Path::new(MANIFEST_DIR).join("../..");
+    let job = load_job(&root.join("examples/wide_deep.toml")).unwrap();
+    let r = Renderer::new(job, "default").unwrap();
+    let yaml = to_yaml(&r.manifests(false)).unwrap();
+    let path = root.join("deploy/manifests/wide-deep.yaml");
+    if std::env::var_os("UPDATE_GOLDEN").is_none() {
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == yaml,
+            "deploy/manifests/wide-deep.yaml is not what the renderer produces; regenerate it with\n  \
+             cargo run -p gradflow-cli -- launch --backend kubernetes --dry-run -o yaml examples/wide_deep.toml > deploy/manifests/wide-deep.yaml"
+        );
+    } else {
+        golden(&path, &yaml);
+    }
+    // And it reads back.
+    assert_eq!(from_yaml(&yaml).unwrap(), r.manifests(false));
+}

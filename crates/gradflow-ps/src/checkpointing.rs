@@ -1,0 +1,173 @@
+//! When a shard writes checkpoints, and restoring one at start.
+//!
+//! A checkpoint is taken between steps: the shard copies its model (a memcpy, on a blocking
+//! thread) and training goes on while the copy is written in the background. At most one
+//! upload is in flight; a checkpoint that falls due while one is still uploading is skipped
+//! (and logged), so memory stays bounded at one copy of the shard. Every shard writes its own
+//! files; shard 0 then waits for all of them and writes the manifest and the `latest` pointer
+//! (gradflow-checkpoint makes the order safe: a checkpoint without its manifest does not exist).
+//!
+//! In sync mode all shards checkpoint the same model version (a consistent cut): the trigger
+//! is a function of the version. In async mode each shard checkpoints on its own.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use gradflow_checkpoint::{CheckpointStore, ShardSnapshot};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::CheckpointConfig;
+use crate::model::ShardModel;
+use crate::{PsError, ServerConfig};
+
+struct State {
+    /// Version of the last checkpoint taken (or restored).
+    last_version: u64,
+    last_time: Instant,
+    /// A requested checkpoint: taken when the version reaches this.
+    requested: Option<u64>,
+    uploading: bool,
+}
+
+pub struct Checkpointer {
+    pub store: CheckpointStore,
+    config: CheckpointConfig,
+    shard: u32,
+    num_shards: u32,
+    state: Mutex<State>,
+    /// The version of the last checkpoint this shard finished writing.
+    written: watch::Sender<u64>,
+    /// Held while an upload runs, so shutdown can wait for it.
+    upload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Checkpointer {
+    pub fn new(config: &ServerConfig, start_version: u64) -> Result<Option<Checkpointer>, PsError> {
+        let Some(c) = &config.checkpoint else { return Ok(None) };
+        let store = CheckpointStore::open(&c.url).map_err(|e| PsError::Internal(e.to_string()))?;
+        Ok(Some(Checkpointer {
+            store,
+            config: c.clone(),
+            shard: config.shard,
+            num_shards: config.num_shards,
+            state: Mutex::new(State {
+                last_version: start_version,
+                last_time: Instant::now(),
+                requested: None,
+                uploading: false,
+            }),
+            written: watch::channel(start_version).0,
+            upload_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Whether a checkpoint of `version` is due.
+    pub fn due(&self, version: u64) -> bool {
+        let s = self.state.lock().unwrap();
+        if version <= s.last_version {
+            return false;
+        }
+        s.requested.is_some_and(|r| version >= r)
+            || self.config.every_steps.is_some_and(|n| version % n == 0)
+            || self.config.every.is_some_and(|t| s.last_time.elapsed() >= t)
+    }
+
+    /// Asks for a checkpoint when the model reaches `version`.
+    pub fn request(&self, version: u64) {
+        let mut s = self.state.lock().unwrap();
+        s.requested = Some(s.requested.map_or(version, |r| r.min(version)));
+    }
+
+    /// Waits until this shard has written a checkpoint of at least `version`.
+    pub async fn wait_written(&self, version: u64, timeout: std::time::Duration) -> Result<u64, PsError> {
+        let mut rx = self.written.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|v| *v >= version)).await {
+            Ok(Ok(v)) => Ok(*v),
+            Ok(Err(_)) => Err(PsError::ShuttingDown),
+            Err(_) => Err(PsError::WaitTimeout(timeout)),
+        }
+    }
+
+    /// Waits until no upload is running.
+    pub async fn wait_idle(&self) {
+        let _ = self.upload_lock.lock().await;
+    }
+
+    /// The model changed since the last checkpoint.
+    pub fn stale(&self, version: u64) -> bool {
+        version > self.state.lock().unwrap().last_version
+    }
+
+    pub fn on_shutdown(&self) -> bool {
+        self.config.on_shutdown
+    }
+
+    /// Copies `model` at `version` if no upload is in flight; the caller is on a blocking
+    /// thread between steps.
+    pub fn take(&self, model: &ShardModel, version: u64, mode: gradflow_core::Mode) -> Option<ShardSnapshot> {
+        let mut s = self.state.lock().unwrap();
+        if s.uploading {
+            warn!(version, "checkpoint skipped: the previous one is still uploading");
+            return None;
+        }
+        s.uploading = true;
+        s.last_version = version;
+        s.last_time = Instant::now();
+        if s.requested.is_some_and(|r| version >= r) {
+            s.requested = None;
+        }
+        drop(s);
+        Some(model.snapshot(version, mode))
+    }
+
+    /// Writes a snapshot taken by [`Checkpointer::take`]; shard 0 also finalizes it.
+    pub async fn upload(self: &Arc<Self>, snap: ShardSnapshot) -> Result<(), PsError> {
+        let version = snap.version;
+        let started = Instant::now();
+        let _uploading = self.upload_lock.lock().await;
+        let result = async {
+            self.store.write_shard(version, &snap).await.map_err(|e| PsError::Internal(e.to_string()))?;
+            drop(snap);
+            if self.shard == 0 {
+                self.store
+                    .finalize(version, self.num_shards, self.config.keep, self.config.finalize_timeout)
+                    .await
+                    .map_err(|e| PsError::Internal(e.to_string()))?;
+            }
+            Ok::<_, PsError>(())
+        }
+        .await;
+        self.state.lock().unwrap().uploading = false;
+        match &result {
+            Ok(()) => {
+                info!(step = version, elapsed = ?started.elapsed(), "checkpoint written");
+                self.written.send_modify(|v| *v = (*v).max(version));
+            }
+            Err(e) => {
+                error!(step = version, error = %e, "checkpoint failed; the previous one stays the latest")
+            }
+        }
+        result
+    }
+}
+
+/// Loads the checkpoint `which` (latest, a step, or a URL) for this shard.
+pub async fn restore(config: &ServerConfig, which: &str) -> Result<(ShardModel, u64), PsError> {
+    let (store, which) = match &config.checkpoint {
+        Some(c) if !which.contains("://") => (CheckpointStore::open(&c.url), which.to_string()),
+        _ => (CheckpointStore::open(which), which.to_string()),
+    };
+    let store = store.map_err(|e| PsError::Internal(e.to_string()))?;
+    let manifest = store.resolve(&which).await.map_err(|e| PsError::Internal(e.to_string()))?;
+    let snap = store
+        .load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes)
+        .await
+        .map_err(|e| PsError::Internal(e.to_string()))?;
+    let version = snap.version;
+    let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap))
+        .await
+        .map_err(|e| PsError::Internal(e.to_string()))??;
+    info!(step = version, checkpoint = which, "model restored from checkpoint");
+    Ok((model, version))
+}
