@@ -147,7 +147,8 @@ fn default_buffer_bytes() -> usize {
     DEFAULT_BUFFER_BYTES
 }
 
-fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+/// Deserializes one path or a list of paths (for config fields such as `paths`).
+pub fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {

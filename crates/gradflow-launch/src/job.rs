@@ -79,10 +79,10 @@ fn one() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training file(s) or directories. Relative paths are relative to the job file.
-    #[serde(deserialize_with = "one_or_many")]
+    #[serde(deserialize_with = "gradflow_data::reader::one_or_many")]
     pub train: Vec<PathBuf>,
     /// Test file(s), scored at the end of every epoch and of the job. Default: none.
-    #[serde(default, deserialize_with = "one_or_many")]
+    #[serde(default, deserialize_with = "gradflow_data::reader::one_or_many")]
     pub test: Vec<PathBuf>,
     /// `"csv"` (default) or `"libsvm"`.
     #[serde(default = "default_format")]
@@ -259,19 +259,6 @@ fn default_synth_cat() -> usize {
 }
 fn default_vocab() -> u32 {
     10_000
-}
-
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(PathBuf),
-        Many(Vec<PathBuf>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(p) => vec![p],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 impl JobConfig {
