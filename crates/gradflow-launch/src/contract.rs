@@ -12,6 +12,7 @@
 //! | `GRADFLOW_INDEX` | shard index or worker index |
 //! | `GRADFLOW_SERVERS` | server addresses in shard order, comma-separated |
 //! | `GRADFLOW_NUM_WORKERS` | number of workers |
+//! | `GRADFLOW_LOG` | log filter of every process (`output.log`) |
 //!
 //! The flat variables are for humans and scripts; processes read the JSON, which is versioned
 //! (`version`, currently 1) so that a newer launcher can refuse an older binary clearly.
@@ -30,6 +31,8 @@ pub const ENV_ROLE: &str = "GRADFLOW_ROLE";
 pub const ENV_INDEX: &str = "GRADFLOW_INDEX";
 pub const ENV_SERVERS: &str = "GRADFLOW_SERVERS";
 pub const ENV_NUM_WORKERS: &str = "GRADFLOW_NUM_WORKERS";
+/// The job's log filter (`output.log`, tracing's env-filter syntax), for every process.
+pub const ENV_LOG: &str = "GRADFLOW_LOG";
 
 /// The version of [`ClusterSpec`] this build writes and reads.
 pub const CLUSTER_SPEC_VERSION: u32 = 1;

@@ -46,9 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::contract::CLUSTER_SPEC_VERSION;
 use crate::{ClusterSpec, Event, JobConfig, LaunchError, Role};
 
-/// Environment variable that carries the job's log filter (`output.log`, tracing's
-/// env-filter syntax) to every process.
-pub const ENV_LOG: &str = "GRADFLOW_LOG";
+pub use crate::contract::ENV_LOG;
 
 /// Address servers are told to listen on: loopback, port chosen by the server.
 const LOCAL_ANY_PORT: &str = "127.0.0.1:0";

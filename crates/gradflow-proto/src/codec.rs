@@ -32,6 +32,18 @@ pub fn extend_f32s(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
+/// Writes `src` as little-endian `f32` into `dst`. Panics if `dst.len() != 4 * src.len()`.
+pub fn write_f32s(dst: &mut [u8], src: &[f32]) {
+    assert_eq!(dst.len(), src.len() * 4, "f32 byte length");
+    if cfg!(target_endian = "little") {
+        dst.copy_from_slice(bytemuck::cast_slice(src));
+    } else {
+        for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+            d.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Number of `f32` values in `bytes`, or `None` when the length is not a multiple of 4.
 pub fn f32_len(bytes: &[u8]) -> Option<usize> {
     (bytes.len() % 4 == 0).then_some(bytes.len() / 4)

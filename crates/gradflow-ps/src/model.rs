@@ -368,9 +368,7 @@ impl Table {
                 let row = self.row(&mut store, ids[pos as usize]);
                 let values = &store.data[row * self.stride()..][..self.dim];
                 let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
-                for (d, v) in dst.chunks_exact_mut(4).zip(values) {
-                    d.copy_from_slice(&v.to_le_bytes());
-                }
+                codec::write_f32s(dst, values);
             }
         }
     }

@@ -16,8 +16,9 @@ use gradflow_launch::{ClusterSpec, JobConfig};
 /// Logs go to stderr; the filter comes from `GRADFLOW_LOG` (set by the launcher from the job
 /// file), else `RUST_LOG`, else `default`.
 pub fn init_logging(default: &str) {
-    let filter =
-        std::env::var("GRADFLOW_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or(default.into());
+    let filter = std::env::var(gradflow_launch::contract::ENV_LOG)
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or(default.into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
