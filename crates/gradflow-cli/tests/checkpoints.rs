@@ -3,8 +3,9 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -67,16 +68,44 @@ fn assert_same_model(a: &ShardSnapshot, b: &ShardSnapshot) {
     }
 }
 
+/// The uninterrupted job every interrupted one is compared with, run once per test binary:
+/// its checkpoint directory and final model.
+fn straight() -> &'static (PathBuf, ShardSnapshot) {
+    static STRAIGHT: OnceLock<(PathBuf, ShardSnapshot)> = OnceLock::new();
+    STRAIGHT.get_or_init(|| {
+        // Shared by tests that outlive any one of them, so not a TempDir.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("checkpoints-straight");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ckpt = dir.join("ckpt-straight");
+        let job = write(&dir, "straight.toml", &job_text("straight", &ckpt, false));
+        let out = launch(&job);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let model = latest(&ckpt);
+        assert_eq!(model.version, 80);
+        (ckpt, model)
+    })
+}
+
+/// Pids of the processes of job `job` with role `role` and index `index`.
+fn process_of(job: &str, role: &str, index: u32) -> Vec<u32> {
+    let want = [format!("GRADFLOW_ROLE={role}"), format!("GRADFLOW_INDEX={index}")];
+    processes_of_job(job)
+        .into_iter()
+        .filter(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+            want.iter().all(|w| vars.contains(&w.as_bytes()))
+        })
+        .collect()
+}
+
 #[test]
 fn a_job_killed_after_a_checkpoint_resumes_to_the_same_parameters() {
     let dir = tempfile::tempdir().unwrap();
     // Uninterrupted.
-    let straight_ckpt = dir.path().join("ckpt-straight");
-    let job = write(dir.path(), "straight.toml", &job_text("straight", &straight_ckpt, false));
-    let out = launch(&job);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let want = latest(&straight_ckpt);
-    assert_eq!(want.version, 80);
+    let (straight_ckpt, want) = straight();
+    let straight_ckpt = straight_ckpt.clone();
     // What users see of it.
     let out = gradflow().args(["checkpoint", "ls"]).arg(&straight_ckpt).output().unwrap();
     let ls = String::from_utf8_lossy(&out.stdout);
@@ -125,5 +154,107 @@ fn a_job_killed_after_a_checkpoint_resumes_to_the_same_parameters() {
     let job = write(dir.path(), "resumed.toml", &job_text("killed", &ckpt, true));
     let out = launch(&job);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_same_model(&latest(&ckpt), &want);
+    assert_same_model(&latest(&ckpt), want);
+}
+
+/// A server killed while it writes a checkpoint: the half-written checkpoint does not count,
+/// `latest` still names the one before, and the launcher restarts every process from it. The
+/// job then ends with the same parameters as if nothing had happened.
+#[test]
+fn a_server_killed_while_writing_a_checkpoint_is_restarted_from_the_latest_complete_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let job = write(dir.path(), "srvkill.toml", &job_text("srvkill", &ckpt, false));
+    let log = dir.path().join("launcher.log");
+    let mut launcher = gradflow()
+        .arg("launch")
+        .arg(&job)
+        .env(gradflow_ps::ENV_FAULT_STALL_UPLOAD, "40")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Both shards write their files of step 40 and stall before the manifest.
+    let stalled = ckpt.join("ckpt-000000000040/shard-1/manifest.json");
+    let start = Instant::now();
+    while !stalled.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint at step 40 was started");
+        assert!(launcher.try_wait().unwrap().is_none(), "the job ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(latest_step(&ckpt), Some(20), "`latest` moved before the manifest was written");
+    assert!(!ckpt.join("ckpt-000000000040/manifest.json").exists());
+    let pids = process_of("srvkill", "ps", 1);
+    assert_eq!(pids.len(), 1, "ps-1 of srvkill: {pids:?}");
+    let killed = std::process::Command::new("kill").arg("-KILL").arg(pids[0].to_string()).status().unwrap();
+    assert!(killed.success());
+
+    // The half-written checkpoint is not one; the one before loads.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = CheckpointStore::open(ckpt.to_str().unwrap()).unwrap();
+        assert!(store.resolve("40").await.is_err());
+        let m = store.resolve("latest").await.unwrap();
+        assert_eq!(m.step, 20);
+        store.load_shard(&m, 0, 1, m.partition_bytes).await.unwrap();
+    });
+
+    let status = launcher.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert!(text.contains("ps-1 exited (signal: 9 (SIGKILL))"), "{text}");
+    assert!(text.contains("restoring checkpoint step 20"), "{text}");
+    assert_same_model(&latest(&ckpt), &straight().1);
+}
+
+/// `gradflow checkpoint now JOB.toml` checkpoints a running job on demand, in both modes, and
+/// returns once the checkpoint is complete.
+#[test]
+fn checkpoint_now_writes_a_complete_checkpoint_of_a_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["sync", "async"] {
+        let name = format!("now-{mode}");
+        let ckpt = dir.path().join(format!("ckpt-{mode}"));
+        let text = wide_deep_job(&name, 2, mode, "")
+            + &format!(
+                "[checkpoint]\nurl = \"{}\"\nevery_steps = 1000000\non_shutdown = false\n[train]\nepochs = 50\n",
+                ckpt.display()
+            );
+        let job = write(dir.path(), &format!("{name}.toml"), &text);
+        let log = dir.path().join(format!("{name}.log"));
+        let mut launcher =
+            gradflow().arg("launch").arg(&job).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let record = dir.path().join(format!("runs/{name}/servers.json"));
+        let start = Instant::now();
+        while !record.exists() {
+            assert!(start.elapsed() < Duration::from_secs(60), "{} never appeared", record.display());
+            assert!(launcher.try_wait().unwrap().is_none(), "the job ended early");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Long enough for training to be under way; the job runs far longer (50 epochs).
+        std::thread::sleep(Duration::from_millis(300));
+        let out = gradflow().args(["checkpoint", "now"]).arg(&job).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {text}{}\nlauncher:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap()
+        );
+        let step: u64 = text
+            .strip_prefix("checkpoint step ")
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{mode}: unexpected output {text:?}"));
+        assert!(step > 0, "{mode}: {text}");
+        assert_eq!(latest_step(&ckpt), Some(step), "{mode}: `latest` names the new checkpoint");
+        let model = latest(&ckpt);
+        assert_eq!(model.version, step, "{mode}");
+        launcher.kill().unwrap();
+        launcher.wait().unwrap();
+    }
+    // A job that does not run is named as such.
+    let job = dir.path().join("now-sync.toml");
+    let out = gradflow().args(["checkpoint", "now"]).arg(&job).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not running"), "{err}");
 }

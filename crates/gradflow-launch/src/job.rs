@@ -38,7 +38,9 @@ pub struct JobConfig {
     #[serde(default)]
     pub max_staleness: Option<u64>,
     /// The built-in model to train (`kind = "wide_deep"` or `"logistic_regression"`).
-    pub model: ModelConfig,
+    /// Required unless `worker.command` runs your own trainer, which declares its own model.
+    #[serde(default)]
+    pub model: Option<ModelConfig>,
     /// Training and test data.
     pub data: DataConfig,
     /// Batch size, epochs, logging cadence.
@@ -53,6 +55,9 @@ pub struct JobConfig {
     /// gRPC transport settings shared by servers and workers.
     #[serde(default)]
     pub transport: TransportConfig,
+    /// What a worker process runs. Default: the built-in trainer (`gradflow worker`).
+    #[serde(default)]
+    pub worker: WorkerSection,
     /// Local launcher settings.
     #[serde(default)]
     pub launcher: LauncherConfig,
@@ -72,6 +77,19 @@ pub struct JobConfig {
 
 fn one() -> u32 {
     1
+}
+
+/// The `[worker]` section: what each worker process runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    /// Your own trainer instead of `gradflow worker`: a program and its arguments, for example
+    /// `["target/release/examples/tch_mlp", "--hidden", "32"]`. A program path with a `/` is
+    /// relative to the job file; a bare name is looked up on `PATH`. The program gets the same
+    /// environment as a built-in worker (see `contract`) and reports on standard output with
+    /// `@gradflow` event lines. Default: none.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 /// Where the data is and how to read it.
@@ -290,6 +308,12 @@ impl JobConfig {
         };
         self.data.train.iter_mut().for_each(fix);
         self.data.test.iter_mut().for_each(fix);
+        if let Some(program) = self.worker.command.as_mut().and_then(|c| c.first_mut())
+            && program.contains('/')
+            && Path::new(program.as_str()).is_relative()
+        {
+            *program = base.join(&*program).to_string_lossy().into_owned();
+        }
         let dir = self.output.dir.get_or_insert_with(|| PathBuf::from("runs").join(&self.name));
         fix(dir);
         if let Some(c) = &mut self.checkpoint {
@@ -357,14 +381,36 @@ impl JobConfig {
         }
         self.transport.validate().map_err(|e| format!("transport: {e}"))?;
         self.server_config(0).validate()?;
-        let model = gradflow_models::build(&self.model).map_err(|e| format!("model: {e}"))?;
-        if self.data.format == Format::Libsvm && model.num_dense() > 0 {
-            return Err(format!(
-                "model.num_dense: libsvm data has no dense features, but the model expects {}",
-                model.num_dense()
-            ));
+        if let Some(command) = &self.worker.command
+            && command.first().is_none_or(|p| p.trim().is_empty())
+        {
+            return Err("worker.command: expected a program and its arguments, found an empty list".into());
+        }
+        match &self.model {
+            Some(config) => {
+                let model = gradflow_models::build(config).map_err(|e| format!("model: {e}"))?;
+                if self.data.format == Format::Libsvm && model.num_dense() > 0 {
+                    return Err(format!(
+                        "model.num_dense: libsvm data has no dense features, but the model expects {}",
+                        model.num_dense()
+                    ));
+                }
+            }
+            None if self.worker.command.is_none() => {
+                return Err("model: missing; expected a [model] section (kind = \"wide_deep\" or \"logistic_regression\"), or worker.command naming your own trainer".into());
+            }
+            None => {}
         }
         Ok(())
+    }
+
+    /// The built-in model, for the processes that train or score it.
+    pub fn model(&self) -> Result<&ModelConfig, LaunchError> {
+        self.model.as_ref().ok_or_else(|| {
+            LaunchError::Environment(
+                "the job has no [model]: its workers run their own trainer (worker.command)".into(),
+            )
+        })
     }
 
     /// The synthetic-data generator settings for the training or test file.
@@ -488,6 +534,27 @@ format = "libsvm"
             .replace("kind = \"logistic_regression\"", "kind = \"wide_deep\"\nnum_fields = 0\nnum_dense = 0");
         let err = JobConfig::parse(&text).unwrap_err();
         assert!(err.starts_with("model:"), "{err}");
+    }
+
+    #[test]
+    fn a_custom_worker_command_replaces_the_model() {
+        let no_model = MIN.replace("[model]\nkind = \"logistic_regression\"\n", "");
+        let err = JobConfig::parse(&no_model).unwrap_err();
+        assert!(err.starts_with("model: missing") && err.contains("worker.command"), "{err}");
+
+        let custom = format!("{no_model}\n[worker]\ncommand = [\"bin/train\", \"--fast\"]\n");
+        let mut job = JobConfig::parse(&custom).unwrap();
+        assert!(job.model().is_err());
+        job.resolve_paths(Path::new("/jobs"));
+        assert_eq!(job.worker.command.unwrap(), ["/jobs/bin/train", "--fast"]);
+
+        // A bare program name is looked up on PATH, not next to the job file.
+        let mut job = JobConfig::parse(&custom.replace("bin/train", "python3")).unwrap();
+        job.resolve_paths(Path::new("/jobs"));
+        assert_eq!(job.worker.command.unwrap()[0], "python3");
+
+        let err = JobConfig::parse(&format!("{no_model}\n[worker]\ncommand = []\n")).unwrap_err();
+        assert!(err.starts_with("worker.command"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! and evaluations, and restarts workers that fail. When every worker has finished it stops
 //! the servers; when the job fails or is cancelled it stops everything.
 //!
+//! # A server that dies
+//!
+//! A shard holds part of the model, so its death stops the job. With a `[checkpoint]`
+//! section the launcher SIGKILLs every remaining process, pins the latest complete
+//! checkpoint, and starts all servers (restoring that step) and all workers (which skip the
+//! batches that step already holds) again, up to `launcher.max_restarts` times. At most one
+//! checkpoint interval of steps is redone. Without checkpoints the job fails.
+//!
 //! # No child outlives the launcher
 //!
 //! - Whenever `run` returns, every child has had SIGTERM, then SIGKILL once
@@ -71,8 +79,11 @@ pub struct JobOutcome {
     pub servers: Vec<String>,
     /// Each shard's `/metrics` address, in shard order; `None` where metrics are off.
     pub metrics: Vec<Option<String>>,
-    /// How many times each worker was restarted.
+    /// How many times each worker was restarted after it failed.
     pub restarts: Vec<u32>,
+    /// How many times the whole job was restarted from its latest checkpoint because a
+    /// server died.
+    pub server_restarts: u32,
     /// Every [`Event::Eval`] the workers reported, in the order they arrived.
     pub evals: Vec<Event>,
     /// Every [`Event::Done`] the workers reported, in the order they arrived.
@@ -143,6 +154,9 @@ impl LocalLauncher {
             tx,
             rx,
             stop: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            ps_attempts: vec![0; servers],
+            worker_attempts: vec![0; workers],
             live: 0,
             rates: vec![None; workers],
             max_step: 0,
@@ -150,6 +164,7 @@ impl LocalLauncher {
                 servers: Vec::with_capacity(servers),
                 metrics: Vec::with_capacity(servers),
                 restarts: vec![0; workers],
+                server_restarts: 0,
                 evals: Vec::new(),
                 done: Vec::new(),
                 wall_time: Duration::ZERO,
@@ -160,10 +175,64 @@ impl LocalLauncher {
             () = cancel => Err(LaunchError::Process("interrupted: stopped every process of the job".into())),
         };
         run.stop_all(result.is_err()).await;
+        let _ = std::fs::remove_file(RunningJob::path(&run.job));
         run.console.finish();
         result?;
         run.outcome.wall_time = started.elapsed();
         Ok(run.outcome)
+    }
+}
+
+/// Where a running local job's servers are: written by the launcher to
+/// `<output dir>/servers.json` once every server listens (again after a restart), and removed
+/// when the job ends, so that `gradflow checkpoint now JOB.toml` can find them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunningJob {
+    pub job: String,
+    /// The launcher's process id.
+    pub launcher_pid: u32,
+    /// Server addresses in shard order.
+    pub servers: Vec<String>,
+}
+
+impl RunningJob {
+    pub fn path(job: &JobConfig) -> PathBuf {
+        job.output_dir().join("servers.json")
+    }
+
+    /// The running job's record; the error says that the job does not seem to run.
+    pub fn read(job: &JobConfig) -> Result<RunningJob, LaunchError> {
+        let path = RunningJob::path(job);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            LaunchError::JobFailed(format!(
+                "job {} is not running on this machine ({}: {e}); pass the server addresses instead",
+                job.name,
+                path.display()
+            ))
+        })?;
+        let record: RunningJob = serde_json::from_str(&text).map_err(|e| {
+            LaunchError::JobFailed(format!("{}: not a running job's record: {e}", path.display()))
+        })?;
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(record.launcher_pid as libc::pid_t, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            return Err(LaunchError::JobFailed(format!(
+                "job {} is not running on this machine: its launcher (pid {}) is gone, {} is left from it",
+                job.name,
+                record.launcher_pid,
+                path.display()
+            )));
+        }
+        Ok(record)
+    }
+
+    fn write(&self, job: &JobConfig) -> io::Result<()> {
+        let path = RunningJob::path(job);
+        std::fs::create_dir_all(job.output_dir())?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("a record always serializes"))?;
+        std::fs::rename(tmp, path)
     }
 }
 
@@ -327,6 +396,11 @@ struct Run {
     rx: mpsc::Receiver<Msg>,
     /// Tells every child's watcher to stop its child.
     stop: CancellationToken,
+    /// Tells the watchers of this generation's children to SIGKILL them at once.
+    kill: CancellationToken,
+    /// The next start's `GRADFLOW_ATTEMPT` of each shard and worker.
+    ps_attempts: Vec<u32>,
+    worker_attempts: Vec<u32>,
     /// Children started whose `Exited` has not arrived yet.
     live: usize,
     /// Each running worker's latest samples/s.
@@ -340,6 +414,17 @@ impl Run {
     /// halfway (cancellation) leaves no state behind that `stop_all` cannot handle: every
     /// await is on the message channel, a timer, or a spawn.
     async fn start_and_train(&mut self) -> Result<(), LaunchError> {
+        loop {
+            match self.generation().await? {
+                None => return Ok(()),
+                Some((proc, status)) => self.restart_from_checkpoint(proc, status).await?,
+            }
+        }
+    }
+
+    /// One start of every server and worker. `Some` names a server that exited while the
+    /// workers still needed it; `None` means every worker finished.
+    async fn generation(&mut self) -> Result<Option<(Proc, io::Result<ExitStatus>)>, LaunchError> {
         let (num_servers, num_workers) = (self.job.servers, self.job.workers);
         self.console.note(&format!(
             "job {}: starting {num_servers} server(s), then {num_workers} worker(s)",
@@ -347,7 +432,8 @@ impl Run {
         ));
         self.console.status("starting servers");
         for shard in 0..num_servers {
-            self.spawn(Proc { role: Role::Ps, index: shard }, 0, Vec::new()).await?;
+            let attempt = self.ps_attempts[shard as usize];
+            self.spawn(Proc { role: Role::Ps, index: shard }, attempt, Vec::new()).await?;
         }
 
         let deadline = tokio::time::Instant::now() + self.startup_timeout;
@@ -381,15 +467,29 @@ impl Run {
                 }
             }
         }
+        self.outcome.servers.clear();
+        self.outcome.metrics.clear();
         for (addr, metrics) in listening.into_iter().flatten() {
             self.outcome.servers.push(addr);
             self.outcome.metrics.push(metrics);
         }
 
-        self.console.status("starting workers");
         let servers = self.outcome.servers.clone();
+        let record = RunningJob {
+            job: self.job.name.clone(),
+            launcher_pid: std::process::id(),
+            servers: servers.clone(),
+        };
+        if let Err(e) = record.write(&self.job) {
+            self.console.note(&format!(
+                "warning: cannot write {} ({e}); `gradflow checkpoint now` will need the server addresses",
+                RunningJob::path(&self.job).display()
+            ));
+        }
+        self.console.status("starting workers");
         for w in 0..num_workers {
-            self.spawn(Proc { role: Role::Worker, index: w }, 0, servers.clone()).await?;
+            let attempt = self.worker_attempts[w as usize];
+            self.spawn(Proc { role: Role::Worker, index: w }, attempt, servers.clone()).await?;
         }
         let max_restarts = self.job.launcher.max_restarts;
         let mut running = num_workers;
@@ -397,12 +497,7 @@ impl Run {
             match self.next().await {
                 // A server has nothing new to say by listening twice.
                 Step::Listening { .. } => {}
-                Step::Exited(proc, status) if proc.role == Role::Ps => {
-                    return Err(LaunchError::JobFailed(format!(
-                        "{proc} exited ({}) before the workers finished",
-                        describe(&status)
-                    )));
-                }
+                Step::Exited(proc, status) if proc.role == Role::Ps => return Ok(Some((proc, status))),
                 Step::Exited(_, Ok(status)) if status.success() => running -= 1,
                 Step::Exited(proc, status) => {
                     let restarts = &mut self.outcome.restarts[proc.index as usize];
@@ -413,16 +508,81 @@ impl Run {
                         )));
                     }
                     *restarts += 1;
-                    let attempt = *restarts;
+                    self.worker_attempts[proc.index as usize] += 1;
+                    let attempt = self.worker_attempts[proc.index as usize];
                     self.console.note(&format!(
-                        "warning: {proc} failed ({}); restarting it ({attempt} of {max_restarts} restarts)",
-                        describe(&status)
+                        "warning: {proc} failed ({}); restarting it ({} of {max_restarts} restarts)",
+                        describe(&status),
+                        *restarts
                     ));
                     self.spawn(proc, attempt, servers.clone()).await?;
                 }
             }
         }
         self.console.note(&format!("all {num_workers} worker(s) finished; stopping the servers"));
+        Ok(None)
+    }
+
+    /// After server `proc` died mid-job: kills every process of the job and points the next
+    /// start at the latest complete checkpoint. Every shard must restore the same step, and
+    /// the workers must skip exactly the batches that step holds, so everything restarts:
+    /// restarting only the dead shard would mix model versions across shards.
+    async fn restart_from_checkpoint(
+        &mut self,
+        proc: Proc,
+        status: io::Result<ExitStatus>,
+    ) -> Result<(), LaunchError> {
+        let Some(checkpoint) = self.job.checkpoint.clone() else {
+            return Err(LaunchError::JobFailed(format!(
+                "{proc} exited ({}) before the workers finished; with a [checkpoint] section the launcher restarts the job from its latest checkpoint instead",
+                describe(&status)
+            )));
+        };
+        let max_restarts = self.job.launcher.max_restarts;
+        if self.outcome.server_restarts >= max_restarts {
+            return Err(LaunchError::JobFailed(format!(
+                "{proc} exited ({}) after the job was restarted {} time(s); launcher.max_restarts = {max_restarts}",
+                describe(&status),
+                self.outcome.server_restarts
+            )));
+        }
+        self.outcome.server_restarts += 1;
+        self.console.note(&format!(
+            "warning: {proc} exited ({}); restarting every process of the job from the latest checkpoint ({} of {max_restarts} restarts)",
+            describe(&status),
+            self.outcome.server_restarts
+        ));
+        // SIGKILL, not SIGTERM: the surviving servers would otherwise write a last
+        // checkpoint that can never be complete without the dead shard, and wait for it.
+        self.kill.cancel();
+        while self.live > 0 {
+            self.next().await;
+        }
+        self.kill = CancellationToken::new();
+
+        let store = gradflow_checkpoint::CheckpointStore::open(&checkpoint.url)
+            .map_err(|e| LaunchError::JobFailed(format!("restarting from a checkpoint: {e}")))?;
+        match store.resolve("latest").await {
+            Ok(manifest) => {
+                self.console
+                    .note(&format!("restoring checkpoint step {} from {}", manifest.step, checkpoint.url));
+                self.job.restore = Some(manifest.step.to_string());
+                self.max_step = manifest.step;
+            }
+            Err(gradflow_checkpoint::CheckpointError::NoCheckpoint { .. }) => {
+                let from = match &self.job.restore {
+                    Some(r) => format!("restore = {r:?} again"),
+                    None => "the beginning".to_string(),
+                };
+                self.console.note(&format!("no checkpoint was written yet; starting from {from}"));
+                self.max_step = 0;
+            }
+            Err(e) => return Err(LaunchError::JobFailed(format!("restarting from a checkpoint: {e}"))),
+        }
+        for a in self.ps_attempts.iter_mut().chain(self.worker_attempts.iter_mut()) {
+            *a += 1;
+        }
+        self.rates.iter_mut().for_each(|r| *r = None);
         Ok(())
     }
 
@@ -508,8 +668,13 @@ impl Run {
             metrics_listen: (is_ps && job.output.metrics).then(|| LOCAL_ANY_PORT.to_string()),
             job_config: job.clone(),
         };
-        let mut cmd = Command::new(&self.program);
-        cmd.arg(proc.role.as_str())
+        // A worker runs the job's own trainer when it names one.
+        let (program, args) = match (&job.worker.command, proc.role) {
+            (Some(command), Role::Worker) => (PathBuf::from(&command[0]), command[1..].to_vec()),
+            _ => (self.program.clone(), vec![proc.role.as_str().to_string()]),
+        };
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
             .envs(spec.to_env())
             .env(ENV_LOG, &job.output.log)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -521,11 +686,11 @@ impl Run {
             .process_group(0);
         die_with_launcher(&mut cmd);
         let child = self.spawner.spawn(cmd).await.map_err(|source| LaunchError::Io {
-            context: format!("starting {proc} ({} {})", self.program.display(), proc.role.as_str()),
+            context: format!("starting {proc} ({} {})", program.display(), args.join(" ")),
             source,
         })?;
         self.live += 1;
-        tokio::spawn(watch(proc, child, self.stop.clone(), self.grace, self.tx.clone()));
+        tokio::spawn(watch(proc, child, self.stop.clone(), self.kill.clone(), self.grace, self.tx.clone()));
         Ok(())
     }
 }
@@ -535,6 +700,7 @@ async fn watch(
     proc: Proc,
     mut child: Child,
     stop: CancellationToken,
+    kill: CancellationToken,
     grace: Duration,
     tx: mpsc::Sender<Msg>,
 ) {
@@ -544,6 +710,10 @@ async fn watch(
     ];
     let status = tokio::select! {
         status = child.wait() => status,
+        () = kill.cancelled() => {
+            signal_group(&child, libc::SIGKILL);
+            child.wait().await
+        }
         () = stop.cancelled() => {
             signal_group(&child, libc::SIGTERM);
             match tokio::time::timeout(grace, child.wait()).await {

@@ -186,6 +186,28 @@ async fn two_servers_two_workers_succeed_and_leave_nothing_running() {
 }
 
 #[tokio::test]
+async fn workers_run_the_jobs_own_command_with_the_same_environment() {
+    let fake = Fake::new();
+    let mut j = job(1, 2, 0, Duration::from_secs(5));
+    j.model = None;
+    j.worker.command = Some(vec![FAKE.into(), "worker".into(), "--hidden".into(), "32".into()]);
+    j.validate().unwrap();
+    let outcome = fake.run(j, "ok").await.unwrap();
+    let out = fake.out.text();
+    assert_eq!(outcome.done.len(), 2, "{out}");
+    for w in 0..2 {
+        assert!(out.contains(&format!("[worker-{w}] worker {w} arguments: worker --hidden 32\n")), "{out}");
+        assert!(
+            out.contains(&format!("[worker-{w}] worker {w} attempt 0 servers=127.0.0.1:41000\n")),
+            "{out}"
+        );
+    }
+    // The servers are still the launcher's program, with no extra arguments.
+    assert!(!out.contains("[ps-0] ps 0 arguments"), "{out}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
 async fn metrics_addresses_are_requested_only_when_enabled() {
     // The fake reports `metrics: null` either way; what matters is that the job runs with
     // metrics on, and the outcome has one entry per shard.

@@ -21,6 +21,17 @@ use crate::config::CheckpointConfig;
 use crate::model::ShardModel;
 use crate::{PsError, ServerConfig};
 
+/// Fault injection for tests: a server whose environment sets this to a step, on its first
+/// attempt (`GRADFLOW_ATTEMPT` unset or 0), writes its files of that step's checkpoint and then
+/// stalls forever before the checkpoint is finalized, so that a test can kill it mid-write.
+pub const ENV_FAULT_STALL_UPLOAD: &str = "GRADFLOW_FAULT_STALL_UPLOAD";
+
+fn stall_at_from_env() -> Option<u64> {
+    let first_attempt = std::env::var("GRADFLOW_ATTEMPT").map_or(true, |a| a.trim() == "0");
+    let step = std::env::var(ENV_FAULT_STALL_UPLOAD).ok()?.trim().parse().ok()?;
+    first_attempt.then_some(step)
+}
+
 struct State {
     /// Version of the last checkpoint taken (or restored).
     last_version: u64,
@@ -40,6 +51,8 @@ pub struct Checkpointer {
     written: watch::Sender<u64>,
     /// Held while an upload runs, so shutdown can wait for it.
     upload_lock: tokio::sync::Mutex<()>,
+    /// See [`ENV_FAULT_STALL_UPLOAD`].
+    stall_at: Option<u64>,
 }
 
 impl Checkpointer {
@@ -59,6 +72,7 @@ impl Checkpointer {
             }),
             written: watch::channel(start_version).0,
             upload_lock: tokio::sync::Mutex::new(()),
+            stall_at: stall_at_from_env(),
         }))
     }
 
@@ -111,6 +125,16 @@ impl Checkpointer {
             warn!(version, "checkpoint skipped: the previous one is still uploading");
             return None;
         }
+        // Async shards reach a due version at different moments, and one may pass it while
+        // an upload is in flight: name the checkpoint after the version that was due, so that
+        // every shard writes into the same checkpoint. (Sync shards snapshot exactly there.)
+        let name = match (mode, s.requested, self.config.every_steps) {
+            (gradflow_core::Mode::Async, Some(r), _) if version >= r && r > s.last_version => r,
+            (gradflow_core::Mode::Async, _, Some(n)) if version - version % n > s.last_version => {
+                version - version % n
+            }
+            _ => version,
+        };
         s.uploading = true;
         s.last_version = version;
         s.last_time = Instant::now();
@@ -118,7 +142,7 @@ impl Checkpointer {
             s.requested = None;
         }
         drop(s);
-        Some(model.snapshot(version, mode))
+        Some(model.snapshot(name, mode))
     }
 
     /// Writes a snapshot taken by [`Checkpointer::take`]; shard 0 also finalizes it.
@@ -129,6 +153,10 @@ impl Checkpointer {
         let result = async {
             self.store.write_shard(version, &snap).await.map_err(|e| PsError::Internal(e.to_string()))?;
             drop(snap);
+            if self.stall_at == Some(version) {
+                warn!(step = version, "{ENV_FAULT_STALL_UPLOAD}: stalling this checkpoint's upload forever");
+                std::future::pending::<()>().await;
+            }
             if self.shard == 0 {
                 self.store
                     .finalize(version, self.num_shards, self.config.keep, self.config.finalize_timeout)

@@ -22,6 +22,7 @@ pub mod push;
 pub mod server;
 pub mod service;
 
+pub use checkpointing::ENV_FAULT_STALL_UPLOAD;
 pub use config::{CheckpointConfig, ServerConfig};
 pub use error::PsError;
 pub use server::{RunningServer, serve_until, start};

@@ -126,7 +126,8 @@ pub async fn run_worker(
     index: u32,
     servers: Vec<String>,
 ) -> Result<WorkerSummary, TrainError> {
-    let model: Arc<dyn Model> = Arc::from(gradflow_models::build(&job.model)?);
+    let config = job.model().map_err(|e| TrainError::Config(e.to_string()))?;
+    let model: Arc<dyn Model> = Arc::from(gradflow_models::build(config)?);
     let shard = ShardSpec::new(index as usize, job.workers as usize)?;
     let mut reader = Reader::open(&job.train_reader(), shard)?;
     if reader.num_dense() != model.num_dense() {

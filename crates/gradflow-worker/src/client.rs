@@ -617,6 +617,30 @@ impl Worker {
         Ok(())
     }
 
+    /// Asks every shard for a checkpoint of model version `steps[shard]` (or the first step at
+    /// or after it) and waits until each has written it; shard 0 answers once the whole
+    /// checkpoint is complete. Returns the version each shard wrote. In sync mode ask every
+    /// shard for the same version: that is what makes the checkpoint a consistent cut.
+    pub async fn checkpoint(&self, steps: &[u64]) -> Result<Vec<u64>, WorkerError> {
+        if steps.len() != self.clients.len() {
+            return Err(WorkerError::Length {
+                name: "checkpoint steps (one per shard)".into(),
+                expected: self.clients.len(),
+                got: steps.len(),
+            });
+        }
+        try_join_all(steps.iter().enumerate().map(|(shard, &step)| async move {
+            Ok(self
+                .call(shard, "Checkpoint", |mut c| async move {
+                    c.checkpoint(pb::CheckpointRequest { step }).await
+                })
+                .await?
+                .into_inner()
+                .step)
+        }))
+        .await
+    }
+
     /// The status of every shard.
     pub async fn status(&self) -> Result<Vec<pb::StatusResponse>, WorkerError> {
         try_join_all((0..self.clients.len()).map(|shard| async move {

@@ -1,5 +1,5 @@
-//! `gradflow checkpoint ls|inspect` and `gradflow export`: look into a job's checkpoints and
-//! export a model for use outside gradflow.
+//! `gradflow checkpoint now|ls|inspect` and `gradflow export`: take a checkpoint of a running
+//! job, look into a job's checkpoints, and export a model for use outside gradflow.
 //!
 //! Checkpoint roots are URLs as in the job file's `checkpoint.url`: a folder, `s3://bucket/prefix`
 //! (with the usual `AWS_*` variables), `gs://...`, `az://...`.
@@ -11,11 +11,26 @@ use anyhow::Context;
 use gradflow_checkpoint::{CheckpointError, CheckpointStore, FileContent, Manifest};
 use gradflow_core::OptimizerConfig;
 
-/// Look into the checkpoints of a job.
+/// Take, list and inspect the checkpoints of a job.
 #[derive(clap::Subcommand)]
 pub enum Command {
+    Now(NowArgs),
     Ls(LsArgs),
     Inspect(InspectArgs),
+}
+
+/// Checkpoint a running job now and wait until the checkpoint is complete.
+///
+/// In sync mode every shard checkpoints the same model version: the next step to complete.
+/// The job's file needs a `[checkpoint]` section. A job started by `gradflow launch` on this
+/// machine is found through `<output dir>/servers.json`; otherwise pass `--servers`.
+#[derive(clap::Args)]
+pub struct NowArgs {
+    /// The job file of the running job.
+    job: PathBuf,
+    /// The servers' addresses in shard order (host:port,...), instead of finding them.
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<String>,
 }
 
 /// List the complete checkpoints under a root: step, time, size, whether every shard had the
@@ -70,6 +85,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     super::init_logging("warn");
     super::runtime()?.block_on(async move {
         match command {
+            Command::Now(a) => now(a).await,
             Command::Ls(a) => ls(a).await,
             Command::Inspect(a) => inspect(a).await,
         }
@@ -116,6 +132,47 @@ async fn resolve(url: &str, which: &str) -> anyhow::Result<(CheckpointStore, Man
         }
         Err(e) => Err(e.into()),
     }
+}
+
+async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
+    let job = super::load_job(&args.job)?;
+    let Some(checkpoint) = &job.checkpoint else {
+        anyhow::bail!(
+            "{}: the job has no [checkpoint] section, so its servers write no checkpoints",
+            args.job.display()
+        );
+    };
+    let servers = if args.servers.is_empty() {
+        gradflow_launch::local::RunningJob::read(&job)?.servers
+    } else {
+        args.servers
+    };
+    if servers.len() != job.servers as usize {
+        anyhow::bail!(
+            "expected {} server addresses (servers = {} in the job file), found {}",
+            job.servers,
+            job.servers,
+            servers.len()
+        );
+    }
+    let mut config = gradflow_worker::WorkerConfig::observer(servers);
+    config.partition_bytes = job.server.partition_bytes;
+    config.transport = job.transport.clone();
+    config.startup_timeout = std::time::Duration::from_secs(10);
+    let observer = gradflow_worker::Worker::connect(config).await?;
+    let versions: Vec<u64> = observer.status().await?.iter().map(|s| s.version).collect();
+    // Sync: the next step every shard completes, the same version everywhere. Async: each
+    // shard's current version, which it can write at once.
+    let steps: Vec<u64> = match job.mode {
+        gradflow_core::Mode::Sync => vec![versions.iter().max().copied().unwrap_or(0) + 1; versions.len()],
+        gradflow_core::Mode::Async => versions,
+    };
+    let written = observer.checkpoint(&steps).await?;
+    let step = written[0];
+    let store = CheckpointStore::open(&checkpoint.url)?;
+    let manifest = store.resolve(&step.to_string()).await?;
+    println!("checkpoint step {step} written: {}", manifest.url());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {

@@ -32,7 +32,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let Some(test) = job.test_reader() else {
         bail!("no test data: pass --test FILE or set data.test in {}", args.job.display());
     };
-    let model = gradflow_models::build(&job.model)?;
+    let model = gradflow_models::build(job.model()?)?;
     let scaler = gradflow_trainer::standardizer(&job)?;
     super::runtime()?.block_on(async move {
         let mut config = WorkerConfig::observer(args.servers);

@@ -289,7 +289,16 @@ impl Renderer {
         let mut volumes: Vec<Volume> = scratch_volume.into_iter().collect();
         volumes.extend(settings.volumes.iter().cloned());
 
-        let mut main = self.container(role.as_str(), &settings, vec![role.as_str().to_string()]);
+        // A job that runs its own trainer runs it in the worker pods too, unless
+        // `[kubernetes.worker] command` says how the image runs it.
+        let (settings, args) = match (&job.worker.command, role) {
+            (Some(command), Role::Worker) if settings.command.is_none() => {
+                (PodSettings { command: Some(command.clone()), ..settings }, Vec::new())
+            }
+            (Some(_), Role::Worker) => (settings, Vec::new()),
+            _ => (settings, vec![role.as_str().to_string()]),
+        };
+        let mut main = self.container(role.as_str(), &settings, args);
         main.env = Some(env.clone());
         main.volume_mounts = (!mounts.is_empty()).then(|| mounts.clone());
         main.resources = resources(&settings);
