@@ -258,3 +258,35 @@ fn checkpoint_now_writes_a_complete_checkpoint_of_a_running_job() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not running"), "{err}");
 }
+
+/// A server started with `GRADFLOW_RESTORE=latest` (what a launcher sets after losing a
+/// server) restores the latest checkpoint, or starts fresh when none was written yet.
+#[test]
+fn a_restarted_server_restores_the_latest_checkpoint_from_the_environment() {
+    let (straight_ckpt, _) = straight();
+    let dir = tempfile::tempdir().unwrap();
+    for (ckpt, want) in [
+        (straight_ckpt.clone(), "restarting from the latest checkpoint step=80"),
+        (dir.path().join("empty"), "no checkpoint was written yet"),
+    ] {
+        let job = write(dir.path(), "restore.toml", &job_text("restore", &ckpt, false));
+        let mut ps = gradflow()
+            .args(["ps", "--shard", "1", "--job"])
+            .arg(&job)
+            .env("GRADFLOW_RESTORE", "latest")
+            .env("GRADFLOW_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The listening event comes once the restore is done.
+        let mut out = std::io::BufReader::new(ps.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(line.contains("listening"), "{line}");
+        ps.kill().unwrap();
+        let output = ps.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(log.contains(want), "{}: {log}", ckpt.display());
+    }
+}

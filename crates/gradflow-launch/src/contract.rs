@@ -13,6 +13,7 @@
 //! | `GRADFLOW_SERVERS` | server addresses in shard order, comma-separated |
 //! | `GRADFLOW_NUM_WORKERS` | number of workers |
 //! | `GRADFLOW_LOG` | log filter of every process (`output.log`) |
+//! | `GRADFLOW_RESTORE` | servers only, on a restart: `latest` (see [`ENV_RESTORE`]) |
 //!
 //! The flat variables are for humans and scripts; processes read the JSON, which is versioned
 //! (`version`, currently 1) so that a newer launcher can refuse an older binary clearly.
@@ -33,6 +34,11 @@ pub const ENV_SERVERS: &str = "GRADFLOW_SERVERS";
 pub const ENV_NUM_WORKERS: &str = "GRADFLOW_NUM_WORKERS";
 /// The job's log filter (`output.log`, tracing's env-filter syntax), for every process.
 pub const ENV_LOG: &str = "GRADFLOW_LOG";
+
+/// Set to `latest` in the environment of a server started again after a server of its job
+/// was lost: restore the latest complete checkpoint, or start from the job's own `restore`
+/// (or from scratch) when none was written yet. Overrides the job file's `restore`.
+pub const ENV_RESTORE: &str = "GRADFLOW_RESTORE";
 
 /// The version of [`ClusterSpec`] this build writes and reads.
 pub const CLUSTER_SPEC_VERSION: u32 = 1;

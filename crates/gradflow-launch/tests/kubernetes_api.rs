@@ -494,11 +494,30 @@ async fn a_failed_server_is_recreated_with_restore() {
     let (c, fake) = running_job(2, 1, 3).await;
     fake.set(Ps, 0, 0, |p| failed(p, 139, "Error"));
     let p = c.reconcile(None).await.unwrap();
-    assert_eq!(fake.requests(), pass(&["POST pods demo-ps-0-1", "PUT configmaps/demo"]));
+    // The others are killed at once (grace 0) before anything is recreated.
+    assert_eq!(
+        fake.requests(),
+        pass(&[
+            "PUT configmaps/demo",
+            "DELETE pods/demo-ps-1-0 grace=0",
+            "DELETE pods/demo-worker-0-0 grace=0"
+        ])
+    );
     assert_eq!(p.decision.status.state, JobState::Restarting);
-    let env = fake.pod("demo-ps-0-1").spec.unwrap().containers[0].env.clone().unwrap();
-    assert!(env.iter().any(|e| e.name == "GRADFLOW_RESTORE" && e.value.as_deref() == Some("latest")));
-    assert!(env.iter().any(|e| e.name == "GRADFLOW_ATTEMPT" && e.value.as_deref() == Some("1")));
+    fake.reap();
+    c.reconcile(None).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        pass(&["POST pods demo-ps-0-1", "POST pods demo-ps-1-1", "PUT configmaps/demo"])
+    );
+    for shard in 0..2 {
+        let env = fake.pod(&format!("demo-ps-{shard}-1")).spec.unwrap().containers[0].env.clone().unwrap();
+        assert!(env.iter().any(|e| e.name == "GRADFLOW_RESTORE" && e.value.as_deref() == Some("latest")));
+        assert!(env.iter().any(|e| e.name == "GRADFLOW_ATTEMPT" && e.value.as_deref() == Some("1")));
+    }
+    fake.everything_runs();
+    c.reconcile(None).await.unwrap();
+    assert_eq!(fake.requests(), pass(&["POST pods demo-worker-0-1", "PUT configmaps/demo"]));
     fake.everything_runs();
     let p = c.reconcile(None).await.unwrap();
     assert_eq!(p.decision.status.state, JobState::Running);

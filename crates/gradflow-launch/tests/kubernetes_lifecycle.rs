@@ -179,31 +179,71 @@ fn the_restart_limit_fails_the_job() {
 }
 
 #[test]
-fn a_failed_server_is_recreated_with_restore_and_the_workers_keep_running() {
+fn a_failed_server_restarts_every_process_from_the_latest_checkpoint() {
     let mut sim = running_job(2, 2, 3);
     sim.set(Ps, 1, 0, |p| failed(p, 137, "OOMKilled"));
     let d = sim.step();
-    assert_eq!(sim.take_log(), ["create demo-ps-1-1", "record"]);
+    // Everything else is killed at once; nothing is created while any of it remains.
+    assert_eq!(
+        sim.take_log(),
+        ["record", "delete demo-ps-0-0", "delete demo-worker-0-0", "delete demo-worker-1-0"]
+    );
+    assert!(d.actions.iter().all(|a| !matches!(a, Action::DeletePod { immediate: false, .. })));
     assert_eq!(d.status.state, JobState::Restarting);
+    assert_eq!(
+        d.status.message.as_deref(),
+        Some("restarting from the latest checkpoint: waiting for 3 pod(s) to stop")
+    );
     assert_eq!(d.status.ps[1].restarts(), 1);
-    assert!(d.notes[0].contains("ps-1 attempt 0 failed") && d.notes[0].contains("GRADFLOW_RESTORE=latest"));
-    let new = &sim.pods["demo-ps-1-1"];
-    assert_eq!(env(new, ENV_RESTORE).as_deref(), Some("latest"));
-    assert_eq!(env(new, "GRADFLOW_ATTEMPT").as_deref(), Some("1"));
-    // Same DNS name as before: the workers reconnect to the same address.
-    assert_eq!(new.spec.as_ref().unwrap().hostname.as_deref(), Some("demo-ps-1"));
-    assert!(env(&sim.pods["demo-ps-0-0"], ENV_RESTORE).is_none());
-
-    // While it is not ready a worker fails: it is not recreated until the servers are back.
-    sim.set(Ps, 1, 1, |p| running(p, false));
-    sim.set(Worker, 0, 0, |p| failed(p, 1, "Error"));
+    assert!(d.notes.iter().any(|n| n.contains("ps-1 attempt 0 failed")), "{:?}", d.notes);
+    assert!(d.notes.iter().any(|n| n.contains("worker-0 attempt 0: stopping it")), "{:?}", d.notes);
+    // Still terminating: the next pass waits, and asks for no second deletion.
     let d = sim.step();
-    assert_eq!(sim.take_log(), ["record"]);
-    assert_eq!(d.status.message.as_deref(), Some("1 worker(s) wait for every server to be ready"));
-    assert_eq!(d.status.worker[0].restarts(), 1);
-    sim.set(Ps, 1, 1, |p| running(p, true));
+    assert_eq!(sim.take_log(), Vec::<String>::new(), "{:?}", d.actions);
+
+    // Gone (killed: a worker's pod may also end as Failed 137 before it goes; the record wins).
+    sim.set(Worker, 0, 0, |p| failed(p, 137, "Error"));
+    sim.reap();
+    let d = sim.step();
+    assert_eq!(sim.take_log(), ["create demo-ps-0-1", "create demo-ps-1-1", "record"]);
+    for shard in 0..2 {
+        let new = &sim.pods[&format!("demo-ps-{shard}-1")];
+        assert_eq!(env(new, ENV_RESTORE).as_deref(), Some("latest"), "ps-{shard}");
+        assert_eq!(env(new, "GRADFLOW_ATTEMPT").as_deref(), Some("1"));
+        // Same DNS name as before.
+        assert_eq!(new.spec.as_ref().unwrap().hostname.as_deref(), Some(format!("demo-ps-{shard}").as_str()));
+    }
+    assert_eq!(d.status.message.as_deref(), Some("2 worker(s) wait for every server to be ready"));
+    sim.everything_runs();
+    let d = sim.step();
+    assert_eq!(sim.take_log(), ["create demo-worker-0-1", "create demo-worker-1-1", "record"]);
+    // Only the server's failure counts against launcher.max_restarts.
+    assert_eq!((d.status.ps[1].restarts(), d.status.ps[0].restarts()), (1, 0));
+    assert_eq!((d.status.worker[0].restarts(), d.status.worker[0].disruptions()), (0, 1));
+    sim.everything_runs();
+    let d = sim.step();
+    assert_eq!(d.status.state, JobState::Running);
+}
+
+#[test]
+fn a_failed_server_fails_a_job_without_checkpoints() {
+    let mut j = job(2, 1, 3);
+    j.checkpoint = None;
+    let mut sim = Sim::new(j);
     sim.step();
-    assert_eq!(sim.take_log(), ["create demo-worker-0-1", "record"]);
+    sim.everything_runs();
+    sim.step();
+    sim.everything_runs();
+    sim.step();
+    sim.take_log();
+    sim.set(Ps, 0, 0, |p| failed(p, 1, "Error"));
+    let d = sim.step();
+    assert_eq!(d.status.state, JobState::Failed);
+    assert_eq!(
+        d.status.message.as_deref(),
+        Some("ps-0 ended and the job has no [checkpoint] section to restart it from")
+    );
+    assert_eq!(sim.take_log(), ["record", "delete demo-ps-1-0", "delete demo-worker-0-0"]);
 }
 
 #[test]
@@ -212,6 +252,9 @@ fn a_server_that_exits_on_its_own_counts_as_a_failure() {
     sim.set(Ps, 0, 0, succeeded);
     let d = sim.step();
     assert_eq!(d.status.ps[0].restarts(), 1);
+    assert_eq!(sim.take_log(), ["record", "delete demo-worker-0-0"]);
+    sim.reap();
+    sim.step();
     assert_eq!(sim.take_log(), ["create demo-ps-0-1", "record"]);
     // Drained: the server is stopped with SIGTERM and exits 0, but the pod says why.
     sim.everything_runs();

@@ -60,6 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     super::runtime()?.block_on(async move {
+        let config = restore_from_env(config).await?;
         let server = gradflow_ps::start(config, listen, metrics).await?;
         Event::Listening {
             addr: server.addr().to_string(),
@@ -71,6 +72,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         server.shutdown().await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Applies `GRADFLOW_RESTORE` (set by a launcher that restarts a job after losing a server):
+/// the latest complete checkpoint, pinned to its step; with none written yet, the job file's
+/// own `restore`.
+async fn restore_from_env(
+    mut config: gradflow_ps::ServerConfig,
+) -> anyhow::Result<gradflow_ps::ServerConfig> {
+    let Ok(which) = std::env::var(gradflow_launch::contract::ENV_RESTORE) else { return Ok(config) };
+    let Some(checkpoint) = &config.checkpoint else {
+        bail!("{}={which}, but the job has no [checkpoint] section", gradflow_launch::contract::ENV_RESTORE);
+    };
+    let store = gradflow_checkpoint::CheckpointStore::open(&checkpoint.url)?;
+    match store.resolve(&which).await {
+        Ok(manifest) => {
+            tracing::info!(step = manifest.step, url = %checkpoint.url, "restarting from the latest checkpoint");
+            config.restore = Some(manifest.step.to_string());
+        }
+        Err(gradflow_checkpoint::CheckpointError::NoCheckpoint { .. }) => {
+            tracing::warn!(url = %checkpoint.url, restore = ?config.restore, "no checkpoint was written yet; starting as the job file says");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(config)
 }
 
 async fn shutdown_signal() {

@@ -423,9 +423,9 @@ impl Controller {
                         }
                     }
                 }
-                Action::DeletePod { name: pod_name, .. } => {
-                    let dp =
-                        DeleteParams { grace_period_seconds: Some(grace as u32), ..DeleteParams::default() };
+                Action::DeletePod { name: pod_name, immediate, .. } => {
+                    let grace = if *immediate { 0 } else { grace as u32 };
+                    let dp = DeleteParams { grace_period_seconds: Some(grace), ..DeleteParams::default() };
                     match self.api.pods().delete(pod_name, &dp).await {
                         Ok(_) => {}
                         Err(e) if is_status(&e, 404) => {}
@@ -483,7 +483,7 @@ impl Controller {
                                     pod.metadata.name.as_deref().unwrap_or_default()
                                 ));
                             }
-                            Action::DeletePod { name, reason } => {
+                            Action::DeletePod { name, reason, .. } => {
                                 say(&format!("deleting pod {name}: {reason}"))
                             }
                             Action::RecordStatus(_) => {}

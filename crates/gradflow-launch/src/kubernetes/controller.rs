@@ -19,7 +19,12 @@
 //!     `kubernetes.retryable_exit_codes` (or the pod failed without one), a server whatever its
 //!     code; each counts as a restart, and a process failing more than
 //!     `launcher.max_restarts` times fails the job. A non-retryable worker exit fails the job.
-//!     A recreated server gets `GRADFLOW_RESTORE=latest` and the workers reconnect.
+//! - A server whose attempt ended (failed, disrupted, or exited) took its part of the model
+//!   with it. With a `[checkpoint]` section every process restarts from the latest complete
+//!   checkpoint: the other pods are deleted at once (grace 0, recorded as disruptions, not
+//!   counted), and once none is left every server is created again with
+//!   `GRADFLOW_RESTORE=latest`, then the workers, which skip the batches the checkpoint holds.
+//!   Without checkpoints the job fails.
 //! - The job succeeds when every worker has succeeded; the servers are then deleted at once.
 //! - On a terminal state (Succeeded, Failed) every pod still running is deleted; pods that
 //!   ended (failed ones with their logs) stay until `gradflow delete`.
@@ -171,8 +176,9 @@ pub enum Action {
     /// Write this status into the job record, conditional on the record being unchanged
     /// since it was read.
     RecordStatus(Box<JobStatus>),
-    /// Delete this pod (gracefully, `launcher.grace_period`); if it is gone already, fine.
-    DeletePod { name: String, reason: String },
+    /// Delete this pod (gracefully, `launcher.grace_period`, or at once with `immediate`); if
+    /// it is gone already, fine.
+    DeletePod { name: String, reason: String, immediate: bool },
 }
 
 /// What one pass decided.
@@ -356,6 +362,7 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
             .map(|p| Action::DeletePod {
                 name: p.metadata.name.clone().unwrap_or_default(),
                 reason: why.to_string(),
+                immediate: false,
             })
             .collect()
     };
@@ -386,6 +393,7 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
                     deletes.push(Action::DeletePod {
                         name: pod_name(&job.name, role, index, attempt),
                         reason: format!("{name}: superseded by attempt {}", current.unwrap_or(0)),
+                        immediate: false,
                     });
                 }
             }
@@ -411,6 +419,12 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
                     match now {
                         Err(live) => live,
                         Ok(ending) => {
+                            // An attempt stopped for a restart of the whole job ended as it was
+                            // recorded then, whatever its pod says (killed: exit 137).
+                            let ending = match rec.ended.get(&a) {
+                                Some(e @ Ending::Disrupted { .. }) => e.clone(),
+                                _ => ending,
+                            };
                             let first_time = !status
                                 .records(role)
                                 .get(index as usize)
@@ -436,13 +450,62 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
     }
 
     let workers_done = needs.iter().filter(|(r, _, n)| *r == Role::Worker && *n == Need::Done).count();
-    let fatal: Vec<&String> = needs
+    let fatal: Vec<String> = needs
         .iter()
         .filter_map(|(_, _, n)| match n {
-            Need::Fatal(m) => Some(m),
+            Need::Fatal(m) => Some(m.clone()),
             _ => None,
         })
         .collect();
+    let mut lost_without_checkpoint: Option<String> = None;
+
+    // A server's attempt ended while the job runs: its part of the model is gone, and a new
+    // attempt alone would restore an older step than the others hold. So every process
+    // restarts from the latest checkpoint: the live pods are killed at once (a server stopped
+    // gracefully would try a last checkpoint that cannot be complete without the lost shard),
+    // and nothing is created until the last of them is gone, so that every new server resolves
+    // the same `latest`. Stopped attempts are recorded as disruptions: not counted as restarts.
+    let server_lost = needs.iter().any(|(r, _, n)| *r == Role::Ps && matches!(n, Need::Create(a) if *a > 0));
+    let mut old_pods_left = 0;
+    if server_lost && fatal.is_empty() && stop.is_none() {
+        if job.checkpoint.is_none() {
+            let lost = needs
+                .iter()
+                .find(|(r, _, n)| *r == Role::Ps && matches!(n, Need::Create(a) if *a > 0))
+                .map(|(_, i, _)| proc_name(Role::Ps, *i))
+                .unwrap_or_default();
+            lost_without_checkpoint =
+                Some(format!("{lost} ended and the job has no [checkpoint] section to restart it from"));
+        } else {
+            for (role, index, need) in needs.iter_mut() {
+                let Need::Live { attempt, .. } = *need else { continue };
+                let name = proc_name(*role, *index);
+                let rec = &mut new.records_mut(*role)[*index as usize];
+                if !rec.ended.contains_key(&attempt) {
+                    rec.ended.insert(
+                        attempt,
+                        Ending::Disrupted {
+                            reason: "restarted with the job from the latest checkpoint".into(),
+                        },
+                    );
+                    notes.push(format!(
+                        "{name} attempt {attempt}: stopping it to restart every process from the latest checkpoint"
+                    ));
+                }
+                let pod = by_proc.get(&(*role == Role::Worker, *index)).and_then(|a| a.get(&attempt));
+                if pod.is_some_and(|p| p.metadata.deletion_timestamp.is_none()) {
+                    deletes.push(Action::DeletePod {
+                        name: pod_name(&job.name, *role, *index, attempt),
+                        reason: format!("{name}: a server was lost; restarting from the latest checkpoint"),
+                        immediate: true,
+                    });
+                }
+                *need = Need::Create(attempt + 1);
+            }
+            old_pods_left = remaining;
+        }
+    }
+    let fatal: Vec<String> = fatal.into_iter().chain(lost_without_checkpoint).collect();
 
     let mut creates = Vec::new();
     if workers_done == job.workers as usize {
@@ -456,7 +519,7 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
     } else if let Some(first) = fatal.first() {
         new.state = JobState::Failed;
         new.message = Some(match fatal.len() {
-            1 => (*first).clone(),
+            1 => first.clone(),
             n => format!("{first} (and {} more)", n - 1),
         });
         deletes = delete_active("the job failed");
@@ -467,6 +530,9 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
             .all(|(_, _, n)| matches!(n, Need::Live { settled: true, .. }));
         let mut waiting_for_servers = 0;
         for (role, index, need) in &needs {
+            if old_pods_left > 0 {
+                break;
+            }
             if let Need::Create(attempt) = need {
                 if *role == Role::Worker && !servers_ready {
                     waiting_for_servers += 1;
@@ -491,8 +557,12 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
         } else {
             JobState::Pending
         };
-        new.message = (waiting_for_servers > 0)
-            .then(|| format!("{waiting_for_servers} worker(s) wait for every server to be ready"));
+        new.message = if old_pods_left > 0 {
+            Some(format!("restarting from the latest checkpoint: waiting for {old_pods_left} pod(s) to stop"))
+        } else {
+            (waiting_for_servers > 0)
+                .then(|| format!("{waiting_for_servers} worker(s) wait for every server to be ready"))
+        };
     }
 
     if new.state != status.state {

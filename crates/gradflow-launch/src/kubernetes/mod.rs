@@ -70,10 +70,7 @@ pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
 /// Annotation Volcano reads to queue a pod (with `scheduler_name = "volcano"`).
 pub const ANNOTATION_VOLCANO_QUEUE: &str = "scheduling.volcano.sh/queue-name";
 
-/// Set to `latest` in a recreated server's environment: restore the latest checkpoint before
-/// serving. Reserved: gradflow writes no checkpoints yet, so a recreated server starts empty
-/// until they exist.
-pub const ENV_RESTORE: &str = "GRADFLOW_RESTORE";
+pub use crate::contract::ENV_RESTORE;
 
 /// The key of the job (JSON) in the root ConfigMap.
 pub const RECORD_JOB_KEY: &str = "job.json";

@@ -19,13 +19,14 @@ use k8s_openapi::jiff::Timestamp;
 
 pub const ROOT_UID: &str = "0f6e2a8c-root";
 
-/// A small job with `servers` and `workers`, up to `max_restarts` restarts, image fixed so
-/// that goldens do not follow the crate version.
+/// A small job with `servers` and `workers`, up to `max_restarts` restarts, checkpoints on S3,
+/// image fixed so that goldens do not follow the crate version.
 pub fn job(servers: u32, workers: u32, max_restarts: u32) -> JobConfig {
     parse_job(&format!(
         "name = \"demo\"\nservers = {servers}\nworkers = {workers}\n\
          [model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.libsvm\"\nformat = \"libsvm\"\n\
          [launcher]\nmax_restarts = {max_restarts}\ngrace_period = \"30s\"\n\
+         [checkpoint]\nurl = \"s3://demo-bucket/checkpoints\"\n\
          [kubernetes]\nimage = \"registry.example.com/gradflow:test\"\n"
     ))
     .unwrap()
