@@ -14,6 +14,7 @@
 //! | `GRADFLOW_NUM_WORKERS` | number of workers |
 //! | `GRADFLOW_LOG` | log filter of every process (`output.log`) |
 //! | `GRADFLOW_RESTORE` | servers only, on a restart: `latest` (see [`ENV_RESTORE`]) |
+//! | `GRADFLOW_TOKEN` | the job's secret token; every call carries it, servers refuse calls without it |
 //!
 //! The flat variables are for humans and scripts; processes read the JSON, which is versioned
 //! (`version`, currently 1) so that a newer launcher can refuse an older binary clearly.
@@ -34,6 +35,8 @@ pub const ENV_SERVERS: &str = "GRADFLOW_SERVERS";
 pub const ENV_NUM_WORKERS: &str = "GRADFLOW_NUM_WORKERS";
 /// The job's log filter (`output.log`, tracing's env-filter syntax), for every process.
 pub const ENV_LOG: &str = "GRADFLOW_LOG";
+
+pub use gradflow_proto::auth::{ENV_TOKEN, Token};
 
 /// Set to `latest` in the environment of a server started again after a server of its job
 /// was lost: restore the latest complete checkpoint, or start from the job's own `restore`

@@ -55,6 +55,9 @@ pub struct JobConfig {
     /// gRPC transport settings shared by servers and workers.
     #[serde(default)]
     pub transport: TransportConfig,
+    /// Who may call the job's servers (`[auth]`). Default: a fresh token per job.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// What a worker process runs. Default: the built-in trainer (`gradflow worker`).
     #[serde(default)]
     pub worker: WorkerSection,
@@ -77,6 +80,41 @@ pub struct JobConfig {
 
 fn one() -> u32 {
     1
+}
+
+/// The `[auth]` section: the token every call to the job's servers must carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Check a token on every call. Default true; false lets anyone who can reach a server
+    /// read and change the model (only for debugging with generic gRPC tools).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Read the token from this file (a mounted Secret, say; relative to the job file).
+    /// Default: the launcher's `GRADFLOW_TOKEN` if set, else a fresh random token per job.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { enabled: true, token_file: None }
+    }
+}
+
+impl AuthConfig {
+    /// The token the job's processes get: none when disabled; else from `token_file`, the
+    /// environment, or freshly generated.
+    pub fn token(&self) -> Result<Option<crate::contract::Token>, LaunchError> {
+        use crate::contract::Token;
+        if !self.enabled {
+            return Ok(None);
+        }
+        if let Some(path) = &self.token_file {
+            return Token::from_file(path).map(Some).map_err(LaunchError::Environment);
+        }
+        Ok(Some(Token::from_env().map_err(LaunchError::Environment)?.unwrap_or_else(Token::generate)))
+    }
 }
 
 /// The `[worker]` section: what each worker process runs.
@@ -308,6 +346,9 @@ impl JobConfig {
         };
         self.data.train.iter_mut().for_each(fix);
         self.data.test.iter_mut().for_each(fix);
+        if let Some(p) = &mut self.auth.token_file {
+            fix(p);
+        }
         if let Some(program) = self.worker.command.as_mut().and_then(|c| c.first_mut())
             && program.contains('/')
             && Path::new(program.as_str()).is_relative()
@@ -470,6 +511,7 @@ impl JobConfig {
             transport: self.transport.clone(),
             checkpoint: self.checkpoint.clone(),
             restore: self.restore.clone(),
+            token: None,
         }
     }
 
@@ -555,6 +597,26 @@ format = "libsvm"
 
         let err = JobConfig::parse(&format!("{no_model}\n[worker]\ncommand = []\n")).unwrap_err();
         assert!(err.starts_with("worker.command"), "{err}");
+    }
+
+    #[test]
+    fn the_token_comes_from_the_file_or_is_fresh_or_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "s3cr3t-t0ken-0123456789\n").unwrap();
+        let mut job = JobConfig::parse(&format!("{MIN}\n[auth]\ntoken_file = \"token\"\n")).unwrap();
+        job.resolve_paths(dir.path());
+        assert_eq!(job.auth.token().unwrap().unwrap().expose(), "s3cr3t-t0ken-0123456789");
+        std::fs::write(dir.path().join("token"), "short").unwrap();
+        let err = job.auth.token().unwrap_err().to_string();
+        assert!(err.contains("token file") && err.contains("16 to 1024"), "{err}");
+
+        let job = JobConfig::parse(&format!("{MIN}\n[auth]\nenabled = false\n")).unwrap();
+        assert!(job.auth.token().unwrap().is_none());
+        if std::env::var_os(crate::contract::ENV_TOKEN).is_none() {
+            let job = JobConfig::parse(MIN).unwrap();
+            let (a, b) = (job.auth.token().unwrap().unwrap(), job.auth.token().unwrap().unwrap());
+            assert_ne!(a, b, "a fresh token per job");
+        }
     }
 
     #[test]

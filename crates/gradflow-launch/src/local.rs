@@ -51,7 +51,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::contract::CLUSTER_SPEC_VERSION;
+use crate::contract::{CLUSTER_SPEC_VERSION, ENV_TOKEN};
 use crate::{ClusterSpec, Event, JobConfig, LaunchError, Role};
 
 pub use crate::contract::ENV_LOG;
@@ -143,11 +143,18 @@ impl LocalLauncher {
         })?;
         let (tx, rx) = mpsc::channel(1024);
         let (servers, workers) = (self.job.servers as usize, self.job.workers as usize);
+        // Every process of the job gets its token; a later `env(GRADFLOW_TOKEN, ..)` wins.
+        let token = self.job.auth.token()?;
+        let mut env = self.env;
+        if let Some(t) = &token {
+            env.insert(0, (ENV_TOKEN.into(), t.expose().into()));
+        }
         let mut run = Run {
+            token: token.map(|t| t.expose().to_string()),
             grace: self.job.launcher.grace_period,
             job: self.job,
             program: self.program,
-            env: self.env,
+            env,
             console: self.console,
             startup_timeout: self.startup_timeout,
             spawner,
@@ -193,6 +200,9 @@ pub struct RunningJob {
     pub launcher_pid: u32,
     /// Server addresses in shard order.
     pub servers: Vec<String>,
+    /// The job's token (the file is readable by its owner only).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 impl RunningJob {
@@ -231,7 +241,12 @@ impl RunningJob {
         let path = RunningJob::path(job);
         std::fs::create_dir_all(job.output_dir())?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("a record always serializes"))?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new();
+        file.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+        file.open(&tmp)?.write_all(&serde_json::to_vec_pretty(self).expect("a record always serializes"))?;
         std::fs::rename(tmp, path)
     }
 }
@@ -385,6 +400,8 @@ enum Step {
 /// One run of a job.
 struct Run {
     job: JobConfig,
+    /// The job's token, for the running job's record.
+    token: Option<String>,
     program: PathBuf,
     env: Vec<(OsString, OsString)>,
     console: Console,
@@ -479,6 +496,7 @@ impl Run {
             job: self.job.name.clone(),
             launcher_pid: std::process::id(),
             servers: servers.clone(),
+            token: self.token.clone(),
         };
         if let Err(e) = record.write(&self.job) {
             self.console.note(&format!(

@@ -177,6 +177,15 @@ async fn two_servers_two_workers_succeed_and_leave_nothing_running() {
             "stray line {line:?} in\n{out}"
         );
     }
+    // One fresh token for the whole job: 64 hex characters, the same in every process.
+    assert!(out.contains("[ps-0] shard 0 token: 64 characters\n"), "{out}");
+    assert!(out.contains("[ps-1] shard 1 token: 64 characters\n"), "{out}");
+    let token = |w: usize| {
+        let prefix = format!("[worker-{w}] worker {w} token: ");
+        out.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap().to_string()
+    };
+    assert_eq!(token(0).len(), 64, "{out}");
+    assert_eq!(token(0), token(1));
     // The servers were stopped once each, cleanly, after the workers.
     assert_eq!(count(&out, "[ps-0] ps 0 got SIGTERM"), 1, "{out}");
     assert_eq!(count(&out, "[ps-1] ps 1 got SIGTERM"), 1, "{out}");

@@ -5,7 +5,9 @@
 //!   not copied when a message is decoded).
 //! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back.
 //! - [`transport`]: message limits, HTTP/2 windows, keepalive and retry settings.
+//! - [`auth`]: the job token every call carries and every server checks.
 
+pub mod auth;
 pub mod codec;
 pub mod transport;
 

@@ -42,6 +42,10 @@ pub struct ServerConfig {
     /// Start from a checkpoint instead of an empty model: `"latest"`, a step number, or the
     /// URL of a checkpoint directory. Needs `checkpoint.url` unless a URL is given.
     pub restore: Option<String>,
+    /// The job's token: with one, every call without it is refused (UNAUTHENTICATED). Never
+    /// read from or written to a file; the binary takes it from `GRADFLOW_TOKEN`. Default none.
+    #[serde(skip)]
+    pub token: Option<gradflow_proto::auth::Token>,
 }
 
 /// When and where a shard writes checkpoints.
@@ -95,6 +99,7 @@ impl Default for ServerConfig {
             transport: TransportConfig::default(),
             checkpoint: None,
             restore: None,
+            token: None,
         }
     }
 }

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gradflow_proto::ParameterServerServer;
+use gradflow_proto::auth::ServerAuth;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tracing::{error, info};
 
@@ -89,6 +91,8 @@ pub async fn start(
     let svc = ParameterServerServer::new(Service { shard: shard.clone() })
         .max_decoding_message_size(t.max_message_bytes)
         .max_encoding_message_size(t.max_message_bytes);
+    // The token is checked before a call reaches the service: a refused call changes nothing.
+    let svc = InterceptedService::new(svc, ServerAuth::new(shard.config.token.clone()));
     let router = tonic::transport::Server::builder()
         .initial_stream_window_size(t.stream_window_bytes)
         .initial_connection_window_size(t.connection_window_bytes)
@@ -97,7 +101,7 @@ pub async fn start(
         .http2_keepalive_timeout(Some(t.keepalive_timeout))
         .tcp_nodelay(true)
         .add_service(svc);
-    info!(%addr, shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
+    info!(%addr, authenticated = shard.config.token.is_some(), shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
     let s2 = shard.clone();
     // The builder's tcp_nodelay only applies to listeners tonic binds itself; without it,
     // the last frame of every streamed reply waits for a delayed ACK (about 40ms).

@@ -9,7 +9,12 @@ use bytes::Bytes;
 use futures::future::try_join_all;
 use futures::stream::{self, StreamExt};
 use gradflow_core::{ModelSpec, Placement};
+use gradflow_proto::auth::ClientAuth;
 use gradflow_proto::{OBSERVER, ParameterServerClient, codec, pb};
+use tonic::service::interceptor::InterceptedService;
+
+/// A client of one shard that sends the job's token with every call.
+type Client = ParameterServerClient<InterceptedService<Channel, ClientAuth>>;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -46,7 +51,7 @@ struct Pending {
 /// [`step`](Worker::step); finally [`leave`](Worker::leave).
 pub struct Worker {
     config: WorkerConfig,
-    clients: Vec<ParameterServerClient<Channel>>,
+    clients: Vec<Client>,
     model: Option<Arc<(ModelSpec, Placement)>>,
     /// Atomic so that a pull (`&self`) can follow a server's rewind.
     step: AtomicU64,
@@ -86,11 +91,15 @@ impl Worker {
     /// checks that each is the shard its position in `servers` says it is.
     pub async fn connect(config: WorkerConfig) -> Result<Worker, WorkerError> {
         config.validate().map_err(WorkerError::Config)?;
+        let mut config = config;
+        if config.token.is_none() {
+            config.token = gradflow_proto::auth::Token::from_env().map_err(WorkerError::Config)?;
+        }
         let mut clients = Vec::with_capacity(config.servers.len());
         for addr in &config.servers {
             let channel = endpoint(addr, &config)?.connect_lazy();
             clients.push(
-                ParameterServerClient::new(channel)
+                ParameterServerClient::with_interceptor(channel, ClientAuth::new(config.token.as_ref()))
                     .max_decoding_message_size(config.transport.max_message_bytes)
                     .max_encoding_message_size(config.transport.max_message_bytes),
             );
@@ -211,7 +220,7 @@ impl Worker {
     /// Calls `f` on shard `shard`'s client, retrying transient failures with backoff.
     async fn call<T, F, Fut>(&self, shard: usize, rpc: &'static str, f: F) -> Result<T, WorkerError>
     where
-        F: Fn(ParameterServerClient<Channel>) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let t = &self.config.transport;
@@ -689,7 +698,7 @@ fn pack(worker: u32, step: u64, p: Pending, max: usize) -> Vec<pb::PushRequest> 
 }
 
 async fn heartbeat_loop(
-    clients: Vec<ParameterServerClient<Channel>>,
+    clients: Vec<Client>,
     worker: u32,
     interval: Duration,
     step: tokio::sync::watch::Receiver<u64>,

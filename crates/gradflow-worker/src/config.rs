@@ -27,6 +27,11 @@ pub struct WorkerConfig {
     pub startup_timeout: Duration,
     /// gRPC transport settings.
     pub transport: TransportConfig,
+    /// The job's token, sent with every call. Never read from or written to a file. Default:
+    /// `GRADFLOW_TOKEN` from the environment when it is set (what a launcher hands its
+    /// processes), else none.
+    #[serde(skip)]
+    pub token: Option<gradflow_proto::auth::Token>,
 }
 
 impl Default for WorkerConfig {
@@ -38,6 +43,7 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(1),
             startup_timeout: Duration::from_secs(120),
             transport: TransportConfig::default(),
+            token: None,
         }
     }
 }

@@ -23,7 +23,8 @@ pub enum Command {
 ///
 /// In sync mode every shard checkpoints the same model version: the next step to complete.
 /// The job's file needs a `[checkpoint]` section. A job started by `gradflow launch` on this
-/// machine is found through `<output dir>/servers.json`; otherwise pass `--servers`.
+/// machine is found through `<output dir>/servers.json` (which also holds its token);
+/// otherwise pass `--servers` and set GRADFLOW_TOKEN.
 #[derive(clap::Args)]
 pub struct NowArgs {
     /// The job file of the running job.
@@ -142,10 +143,11 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
             args.job.display()
         );
     };
-    let servers = if args.servers.is_empty() {
-        gradflow_launch::local::RunningJob::read(&job)?.servers
+    let (servers, token) = if args.servers.is_empty() {
+        let record = gradflow_launch::local::RunningJob::read(&job)?;
+        (record.servers, record.token)
     } else {
-        args.servers
+        (args.servers, None)
     };
     if servers.len() != job.servers as usize {
         anyhow::bail!(
@@ -159,6 +161,10 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
     config.partition_bytes = job.server.partition_bytes;
     config.transport = job.transport.clone();
     config.startup_timeout = std::time::Duration::from_secs(10);
+    // Else GRADFLOW_TOKEN, which `connect` reads.
+    if let Some(t) = token {
+        config.token = Some(gradflow_launch::contract::Token::new(t).map_err(anyhow::Error::msg)?);
+    }
     let observer = gradflow_worker::Worker::connect(config).await?;
     let versions: Vec<u64> = observer.status().await?.iter().map(|s| s.version).collect();
     // Sync: the next step every shard completes, the same version everywhere. Async: each

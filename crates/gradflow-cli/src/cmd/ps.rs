@@ -60,7 +60,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     };
     super::runtime()?.block_on(async move {
-        let config = restore_from_env(config).await?;
+        let mut config = restore_from_env(config).await?;
+        config.token = gradflow_launch::contract::Token::from_env().map_err(anyhow::Error::msg)?;
+        if config.token.is_none() {
+            tracing::warn!(
+                "{} is not set: this server takes calls from anyone who can reach it",
+                gradflow_launch::contract::ENV_TOKEN
+            );
+        }
         let server = gradflow_ps::start(config, listen, metrics).await?;
         Event::Listening {
             addr: server.addr().to_string(),
