@@ -87,10 +87,10 @@ impl Checkpointer {
             || self.config.every.is_some_and(|t| s.last_time.elapsed() >= t)
     }
 
-    /// Asks for a checkpoint when the model reaches `version`.
+    /// Asks for a checkpoint when the model reaches `version`, replacing an earlier request
+    /// (a caller that found one shard past its first choice asks all of them again).
     pub fn request(&self, version: u64) {
-        let mut s = self.state.lock().unwrap();
-        s.requested = Some(s.requested.map_or(version, |r| r.min(version)));
+        self.state.lock().unwrap().requested = Some(version);
     }
 
     /// Waits until this shard has written a checkpoint of at least `version`.

@@ -35,6 +35,10 @@ pub enum PsError {
     Rewind { requested: u64, current: u64 },
     #[error("checkpoints are not configured on this server (checkpoint.url)")]
     NoCheckpoints,
+    #[error(
+        "a checkpoint of step {requested} was asked for, but this shard is at step {current} already; ask for a later step"
+    )]
+    CheckpointPassed { requested: u64, current: u64 },
     #[error("worker {worker} already pushed for step {step}")]
     DuplicatePush { worker: u32, step: u64 },
     #[error("timed out after {0:?} waiting for the model to reach the requested step")]
@@ -52,7 +56,8 @@ impl From<PsError> for Status {
             | PsError::SpecMismatch(_)
             | PsError::StaleStep { .. }
             | PsError::Rewind { .. }
-            | PsError::NoCheckpoints => Code::FailedPrecondition,
+            | PsError::NoCheckpoints
+            | PsError::CheckpointPassed { .. } => Code::FailedPrecondition,
             PsError::DuplicatePush { .. } => Code::AlreadyExists,
             PsError::UnknownTensor(_) | PsError::UnknownTable(_) => Code::NotFound,
             PsError::InvalidSpec(_)

@@ -353,6 +353,12 @@ impl gradflow_proto::ParameterServer for Service {
         let shard = self.shard.clone();
         let ck = shard.checkpointer.clone().ok_or(PsError::NoCheckpoints)?;
         shard.model()?;
+        // Sync: every shard must write the same step. One that is past it already cannot, and
+        // says so, so that the caller asks every shard for a later step instead.
+        let version = shard.coord.version();
+        if shard.config.mode == Mode::Sync && version > target {
+            return Err(PsError::CheckpointPassed { requested: target, current: version }.into());
+        }
         ck.request(target);
         let version = shard.coord.version();
         if version >= target && shard.coord.between_steps() {

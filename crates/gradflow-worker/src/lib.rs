@@ -46,7 +46,11 @@
 pub mod client;
 pub mod config;
 pub mod error;
+#[cfg(feature = "tch")]
+pub mod tch;
 
 pub use client::{StepOutcome, Worker};
 pub use config::WorkerConfig;
 pub use error::WorkerError;
+/// gRPC status codes, as [`WorkerError::code`] returns them.
+pub use tonic::Code;

@@ -166,14 +166,31 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
         config.token = Some(gradflow_launch::contract::Token::new(t).map_err(anyhow::Error::msg)?);
     }
     let observer = gradflow_worker::Worker::connect(config).await?;
-    let versions: Vec<u64> = observer.status().await?.iter().map(|s| s.version).collect();
-    // Sync: the next step every shard completes, the same version everywhere. Async: each
-    // shard's current version, which it can write at once.
-    let steps: Vec<u64> = match job.mode {
-        gradflow_core::Mode::Sync => vec![versions.iter().max().copied().unwrap_or(0) + 1; versions.len()],
-        gradflow_core::Mode::Async => versions,
+    // Sync: a step every shard has still ahead of it, the same everywhere. It is chosen about
+    // a second of training ahead (the pace measured over a quarter second), so that no shard
+    // gets there before every shard has been asked; one that did refuses, and every shard is
+    // asked again for a later step. Async: each shard's current version, written at once.
+    let first = observer.status().await?.iter().map(|s| s.version).max().unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let second = observer.status().await?.iter().map(|s| s.version).max().unwrap_or(0);
+    let mut margin = 2 + 4 * second.saturating_sub(first);
+    let written = loop {
+        let versions: Vec<u64> = observer.status().await?.iter().map(|s| s.version).collect();
+        let steps: Vec<u64> = match job.mode {
+            gradflow_core::Mode::Sync => {
+                vec![versions.iter().max().copied().unwrap_or(0) + margin; versions.len()]
+            }
+            gradflow_core::Mode::Async => versions,
+        };
+        match observer.checkpoint(&steps).await {
+            Ok(written) => break written,
+            Err(e) if e.code() == Some(gradflow_worker::Code::FailedPrecondition) && margin < 100_000 => {
+                tracing::info!("{e}; asking for a later step");
+                margin *= 4;
+            }
+            Err(e) => return Err(e.into()),
+        }
     };
-    let written = observer.checkpoint(&steps).await?;
     let step = written[0];
     let store = CheckpointStore::open(&checkpoint.url)?;
     let manifest = store.resolve(&step.to_string()).await?;
