@@ -3,7 +3,7 @@
 //! `gradflow launch JOB.toml` runs a whole job; `gradflow ps` and `gradflow worker` run one
 //! process of a job (what the launcher starts, and what a Kubernetes pod runs); `gradflow data
 //! synth` writes a synthetic click-through dataset; `gradflow eval` scores the model a job's
-//! servers hold.
+//! servers hold; `gradflow bench` measures the runtime on this machine.
 
 mod cmd;
 
@@ -27,6 +27,7 @@ enum Command {
     Ps(cmd::ps::Args),
     Worker(cmd::worker::Args),
     Eval(cmd::eval::Args),
+    Bench(cmd::bench::Args),
     /// Datasets for trying gradflow out (`gradflow data synth`).
     #[command(subcommand)]
     Data(cmd::data::Command),
@@ -49,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Ps(a) => cmd::ps::run(a),
         Command::Worker(a) => cmd::worker::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Checkpoint(c) => cmd::checkpoint::run(c),
         Command::Export(a) => cmd::checkpoint::run_export(a),

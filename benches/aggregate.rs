@@ -1,0 +1,130 @@
+//! Server-side aggregation and apply, through `gradflow_ps`'s public model API: what a shard
+//! does with a push between receiving its bytes and answering.
+//!
+//! - `validate`: `gradflow_ps::push::validate` of a 16 MiB dense push in 4 MiB slices (names,
+//!   offsets, lengths, finiteness).
+//! - `accumulate`: the slices summed into the step's accumulators (`Piece::accumulate`, as
+//!   the service does for a sync push; the service's own loop is private, so it is repeated
+//!   here).
+//! - `apply`: `ShardModel::apply_accumulated` for two workers (scale, Adagrad, clear), on
+//!   every core.
+//! - sparse: a 10,000-id push summed per id (`SparseAccum::add`) and applied
+//!   (`Table::apply`, Adagrad), and a 10,000-id `Table::pull`, in a table of 1M rows.
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use gradflow_core::{
+    DEFAULT_PARTITION_BYTES, DenseSpec, Initializer, ModelSpec, OptimizerConfig, SparseSpec,
+};
+use gradflow_proto::{codec, pb};
+use gradflow_ps::model::{ShardModel, SparseAccum};
+use gradflow_ps::push::validate;
+
+const FLOATS: u64 = 4 << 20;
+const ROWS: u64 = 1_000_000;
+const IDS: usize = 10_000;
+const DIM: u32 = 16;
+
+fn model() -> ShardModel {
+    let spec = ModelSpec {
+        dense: vec![DenseSpec {
+            name: "w".into(),
+            shape: vec![FLOATS],
+            init: Initializer::Zeros,
+            optimizer: OptimizerConfig::adagrad(0.05),
+        }],
+        sparse: vec![SparseSpec {
+            name: "emb".into(),
+            dim: DIM,
+            init: Initializer::Zeros,
+            optimizer: OptimizerConfig::adagrad(0.05),
+        }],
+    };
+    ShardModel::new(spec, 1, 0, DEFAULT_PARTITION_BYTES)
+}
+
+/// A push of the whole tensor, one 4 MiB slice per message (the worker's packing).
+fn push(model: &ShardModel, grad: &Bytes) -> Vec<pb::PushRequest> {
+    model
+        .placement
+        .pieces_of(0)
+        .iter()
+        .map(|p| pb::PushRequest {
+            worker: 0,
+            step: 0,
+            dense: vec![pb::DenseSlice {
+                tensor: "w".into(),
+                partition: p.partition,
+                offset: 0,
+                data: grad.slice(p.offset as usize * 4..p.end() as usize * 4),
+            }],
+            sparse: Vec::new(),
+        })
+        .collect()
+}
+
+fn dense(c: &mut Criterion) {
+    let model = model();
+    let grad = codec::f32s_to_bytes(&vec![1e-3f32; FLOATS as usize]);
+    let mut group = c.benchmark_group("server dense 16 MiB");
+    group.throughput(Throughput::Bytes(FLOATS * 4));
+    group.bench_function("validate", |b| {
+        b.iter(|| validate(&model, push(&model, &grad), true).expect("valid push"))
+    });
+    let valid = validate(&model, push(&model, &grad), true).expect("valid push");
+    group.bench_function("accumulate", |b| {
+        b.iter(|| {
+            for (idx, slices) in &valid.dense {
+                let mut offset = 0;
+                for s in slices {
+                    model.pieces[*idx].accumulate(offset, s);
+                    offset += s.len() / 4;
+                }
+            }
+        })
+    });
+    group.bench_function("apply_accumulated (adagrad, 2 workers)", |b| {
+        b.iter(|| {
+            for p in &model.pieces {
+                p.accumulate(0, &grad[..p.len * 4]);
+            }
+            model.apply_accumulated(black_box(2.0));
+        })
+    });
+    group.finish();
+}
+
+fn sparse(c: &mut Criterion) {
+    let model = model();
+    let table = &model.tables[0];
+    let all: Vec<u64> = (0..ROWS).collect();
+    let mut out = Vec::new();
+    table.pull(&all, &mut out);
+    let ids: Vec<u64> =
+        (0..IDS as u64).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) % ROWS).collect();
+    let values = codec::f32s_to_bytes(&vec![1e-3f32; IDS * DIM as usize]);
+    let mut group = c.benchmark_group("server sparse 10k ids of 16, 1M rows");
+    group.throughput(Throughput::Elements(IDS as u64));
+    group.bench_function("pull", |b| {
+        b.iter(|| {
+            out.clear();
+            table.pull(black_box(&ids), &mut out)
+        })
+    });
+    group.bench_function("SparseAccum::add", |b| {
+        b.iter(|| {
+            let mut acc = SparseAccum::default();
+            acc.add(black_box(&ids), &values, DIM as usize);
+            acc
+        })
+    });
+    let mut acc = SparseAccum::default();
+    acc.add(&ids, &values, DIM as usize);
+    group.bench_function("Table::apply (adagrad)", |b| b.iter(|| table.apply(black_box(&acc), 1.0)));
+    group.finish();
+}
+
+criterion_group!(benches, dense, sparse);
+criterion_main!(benches);

@@ -1,0 +1,388 @@
+//! What `gradflow bench` measures and how hard: [`BenchConfig`], its defaults (the issue's
+//! sizes, about 2 minutes on a 2-core machine) and the [`BenchConfig::quick`] preset (a few
+//! seconds, for tests and a smoke check).
+//!
+//! Every field has a default, so a JSON or TOML file only names what it changes; unknown fields
+//! are refused. Sizes are in bytes (MiB = 2^20), throughputs in the report in decimal GB/s.
+
+use std::fmt;
+use std::str::FromStr;
+
+use gradflow_core::Mode;
+use serde::{Deserialize, Serialize};
+
+use crate::BenchError;
+
+const MIB: u64 = 1 << 20;
+
+/// One section of the benchmark, as named on the command line (`--only dense,sparse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// (1) Raw TCP over loopback between two processes, and memory-copy bandwidth.
+    Ceiling,
+    /// (2) Dense push then pull through in-process servers over loopback gRPC.
+    Dense,
+    /// (3) Steps per second of a model of many small tensors.
+    Small,
+    /// (4) Sparse pull and push of random ids in a large table.
+    Sparse,
+    /// (5) Optimizer updates: the kernel alone and the server's apply of a step.
+    Update,
+    /// (6) Wide & deep training through `gradflow launch`'s local backend vs one process.
+    Training,
+}
+
+impl Scenario {
+    /// Every scenario, in the order they run and print.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Ceiling,
+        Scenario::Dense,
+        Scenario::Small,
+        Scenario::Sparse,
+        Scenario::Update,
+        Scenario::Training,
+    ];
+
+    /// The name used on the command line and in the JSON report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Ceiling => "ceiling",
+            Scenario::Dense => "dense",
+            Scenario::Small => "small",
+            Scenario::Sparse => "sparse",
+            Scenario::Update => "update",
+            Scenario::Training => "training",
+        }
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = BenchError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scenario::ALL.into_iter().find(|sc| sc.name() == s.trim()).ok_or_else(|| {
+            let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+            BenchError::Config(format!("unknown scenario `{s}`; expected one of {}", names.join(", ")))
+        })
+    }
+}
+
+/// Everything `gradflow bench` can be told. `BenchConfig::default()` is the full run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BenchConfig {
+    /// Scenarios to run; empty (default) runs all. The ceiling is measured whenever a chosen
+    /// scenario reports a ratio to it (dense, sparse, update).
+    pub only: Vec<Scenario>,
+    /// (1) The ceilings.
+    pub ceiling: CeilingConfig,
+    /// (2) Dense exchange.
+    pub dense: DenseConfig,
+    /// (3) Small tensors.
+    pub small: SmallConfig,
+    /// (4) Sparse exchange.
+    pub sparse: SparseConfig,
+    /// (5) Optimizer updates.
+    pub update: UpdateConfig,
+    /// (6) Training.
+    pub training: TrainingConfig,
+}
+
+/// (1) Raw TCP over loopback and memory-copy bandwidth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CeilingConfig {
+    /// Bytes sent per timed repetition. Default 1 GiB.
+    pub tcp_bytes: u64,
+    /// Size of each `write` call. Default 4 MiB (the dense chunk size).
+    pub tcp_write_bytes: usize,
+    /// Size of the buffer copied. Default 256 MiB (far beyond any cache).
+    pub memcpy_bytes: usize,
+    /// Timed repetitions of each measure (after one warm-up); the median is reported.
+    /// Default 5.
+    pub reps: usize,
+}
+
+/// (2) Dense push then pull.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DenseConfig {
+    /// Total model sizes, in bytes. Default 4 MiB, 64 MiB and 512 MiB.
+    pub model_bytes: Vec<u64>,
+    /// Equal tensors the model is made of. Default 4.
+    pub tensors: usize,
+    /// Server shard counts. Default 1, 2 and 4.
+    pub shards: Vec<u32>,
+    /// Worker counts. Default 1 and 2.
+    pub workers: Vec<u32>,
+    /// Timed repetitions per configuration: as many as fit in `rep_budget_seconds` after one
+    /// warm-up, clamped to `min_reps..=max_reps`. Defaults 3 and 10.
+    pub min_reps: usize,
+    pub max_reps: usize,
+    /// Time aimed at per configuration. Default 2.5 s.
+    pub rep_budget_seconds: f64,
+}
+
+/// (3) A model of many small tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmallConfig {
+    /// Number of tensors. Default 1000.
+    pub tensors: usize,
+    /// Smallest and largest tensor, in bytes; sizes are uniform in between. Defaults 1 KiB
+    /// and 64 KiB.
+    pub min_bytes: u64,
+    pub max_bytes: u64,
+    /// Server shard counts. Default 1 and 4.
+    pub shards: Vec<u32>,
+    /// Timed steps per shard count (after 3 warm-up steps); the median step is reported.
+    /// Default 30.
+    pub steps: usize,
+    /// Seed of the tensor sizes. Default 1.
+    pub seed: u64,
+}
+
+/// (4) Sparse pull and push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SparseConfig {
+    /// Rows in the table, created on the server before timing. Default 10,000,000.
+    pub table_rows: u64,
+    /// Random ids (uniform over the table) per pull and per push. Default 10,000.
+    pub ids: usize,
+    /// Row widths, in floats. Default 16 and 64.
+    pub dims: Vec<u32>,
+    /// Server shard counts. Default 1.
+    pub shards: Vec<u32>,
+    /// Timed pulls and pushes (after 2 warm-ups each); the medians are reported. Default 15.
+    pub reps: usize,
+    /// Seed of the ids. Default 7.
+    pub seed: u64,
+}
+
+/// (5) Optimizer updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpdateConfig {
+    /// Parameters updated, in floats. Default 32 Mi (128 MiB of parameters).
+    pub params: usize,
+    /// Timed repetitions (after one warm-up); the median is reported. Default 5.
+    pub reps: usize,
+}
+
+/// (6) Training the wide & deep headline model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Synthetic training rows; every run trains one epoch over them. Default 300,000.
+    pub rows: u64,
+    /// Worker counts. Default 1, 2 and 4.
+    pub workers: Vec<u32>,
+    /// Modes. Default sync and async.
+    pub modes: Vec<Mode>,
+    /// Parameter-server shards of every job. Default 1.
+    pub servers: u32,
+    /// Examples per step per worker. Default 256.
+    pub batch_size: usize,
+    /// Steps per progress report (and per timing window of the single-process baseline).
+    /// The first window of every worker is a warm-up and is not counted. Default 10.
+    pub log_every_steps: u64,
+}
+
+impl Default for CeilingConfig {
+    fn default() -> Self {
+        CeilingConfig { tcp_bytes: 1 << 30, tcp_write_bytes: 4 << 20, memcpy_bytes: 256 << 20, reps: 5 }
+    }
+}
+
+impl Default for DenseConfig {
+    fn default() -> Self {
+        DenseConfig {
+            model_bytes: vec![4 * MIB, 64 * MIB, 512 * MIB],
+            tensors: 4,
+            shards: vec![1, 2, 4],
+            workers: vec![1, 2],
+            min_reps: 3,
+            max_reps: 10,
+            rep_budget_seconds: 2.5,
+        }
+    }
+}
+
+impl Default for SmallConfig {
+    fn default() -> Self {
+        SmallConfig {
+            tensors: 1000,
+            min_bytes: 1024,
+            max_bytes: 64 * 1024,
+            shards: vec![1, 4],
+            steps: 30,
+            seed: 1,
+        }
+    }
+}
+
+impl Default for SparseConfig {
+    fn default() -> Self {
+        SparseConfig {
+            table_rows: 10_000_000,
+            ids: 10_000,
+            dims: vec![16, 64],
+            shards: vec![1],
+            reps: 15,
+            seed: 7,
+        }
+    }
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig { params: 32 << 20, reps: 5 }
+    }
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            rows: 300_000,
+            workers: vec![1, 2, 4],
+            modes: vec![Mode::Sync, Mode::Async],
+            servers: 1,
+            batch_size: 256,
+            log_every_steps: 10,
+        }
+    }
+}
+
+impl BenchConfig {
+    /// Small sizes and few repetitions: every section in a few seconds, even in a debug build.
+    /// The numbers say little; the point is that every path runs.
+    pub fn quick() -> BenchConfig {
+        BenchConfig {
+            only: Vec::new(),
+            ceiling: CeilingConfig {
+                tcp_bytes: 64 * MIB,
+                tcp_write_bytes: 1 << 20,
+                memcpy_bytes: 16 << 20,
+                reps: 3,
+            },
+            dense: DenseConfig {
+                model_bytes: vec![4 * MIB],
+                tensors: 4,
+                shards: vec![1, 2],
+                workers: vec![1, 2],
+                min_reps: 2,
+                max_reps: 3,
+                rep_budget_seconds: 0.3,
+            },
+            small: SmallConfig { tensors: 100, shards: vec![1], steps: 5, ..SmallConfig::default() },
+            sparse: SparseConfig {
+                table_rows: 50_000,
+                ids: 1000,
+                dims: vec![16],
+                shards: vec![1],
+                reps: 3,
+                seed: 7,
+            },
+            update: UpdateConfig { params: 1 << 20, reps: 3 },
+            training: TrainingConfig {
+                rows: 6_000,
+                workers: vec![2],
+                modes: vec![Mode::Sync],
+                servers: 1,
+                batch_size: 256,
+                log_every_steps: 2,
+            },
+        }
+    }
+
+    /// Whether `scenario` is to run.
+    pub fn runs(&self, scenario: Scenario) -> bool {
+        self.only.is_empty() || self.only.contains(&scenario)
+    }
+
+    /// Checks the settings; the message names the field.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        let bad = |m: String| Err(BenchError::Config(m));
+        let c = &self.ceiling;
+        if c.reps == 0 || c.tcp_bytes == 0 || c.tcp_write_bytes == 0 || c.memcpy_bytes < 1024 {
+            return bad(
+                "ceiling: reps, tcp_bytes and tcp_write_bytes must be positive, memcpy_bytes at least 1024"
+                    .into(),
+            );
+        }
+        let d = &self.dense;
+        if d.tensors == 0 || d.min_reps == 0 || d.max_reps < d.min_reps {
+            return bad("dense: tensors and min_reps must be positive and max_reps >= min_reps".into());
+        }
+        if let Some(b) = d.model_bytes.iter().find(|&&b| b < 4 * d.tensors as u64) {
+            return bad(format!("dense.model_bytes: {b} is less than one float per tensor"));
+        }
+        let s = &self.small;
+        if s.tensors == 0 || s.steps == 0 || s.min_bytes < 4 || s.max_bytes < s.min_bytes {
+            return bad("small: tensors and steps must be positive, 4 <= min_bytes <= max_bytes".into());
+        }
+        let sp = &self.sparse;
+        if sp.table_rows == 0 || sp.ids == 0 || sp.reps == 0 || sp.dims.contains(&0) {
+            return bad("sparse: table_rows, ids, reps and every dim must be positive".into());
+        }
+        if self.update.params == 0 || self.update.reps == 0 {
+            return bad("update: params and reps must be positive".into());
+        }
+        let t = &self.training;
+        if t.rows == 0 || t.servers == 0 || t.batch_size == 0 || t.log_every_steps == 0 {
+            return bad("training: rows, servers, batch_size and log_every_steps must be positive".into());
+        }
+        for (name, counts) in [
+            ("dense.shards", &d.shards),
+            ("dense.workers", &d.workers),
+            ("small.shards", &s.shards),
+            ("sparse.shards", &sp.shards),
+            ("training.workers", &t.workers),
+        ] {
+            if counts.contains(&0) {
+                return bad(format!("{name}: counts must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenarios_parse_by_name() {
+        assert_eq!("sparse".parse::<Scenario>().unwrap(), Scenario::Sparse);
+        let e = "nope".parse::<Scenario>().unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("ceiling"), "{e}");
+    }
+
+    #[test]
+    fn defaults_and_quick_validate_and_round_trip() {
+        for c in [BenchConfig::default(), BenchConfig::quick()] {
+            c.validate().unwrap();
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<BenchConfig>(&json).unwrap(), c);
+        }
+        let partial: BenchConfig = serde_json::from_str(r#"{"sparse": {"ids": 5}}"#).unwrap();
+        assert_eq!(partial.sparse.ids, 5);
+        assert_eq!(partial.sparse.table_rows, 10_000_000);
+        assert!(serde_json::from_str::<BenchConfig>(r#"{"sparse": {"idz": 5}}"#).is_err());
+    }
+
+    #[test]
+    fn only_selects() {
+        let c = BenchConfig { only: vec![Scenario::Dense], ..BenchConfig::quick() };
+        assert!(c.runs(Scenario::Dense) && !c.runs(Scenario::Sparse));
+        assert!(BenchConfig::quick().runs(Scenario::Training));
+    }
+}

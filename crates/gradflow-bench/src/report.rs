@@ -1,0 +1,393 @@
+//! The result of a run: [`Report`] serializes to the one JSON object `gradflow bench` prints
+//! (and writes with `--json`), and renders as the table it prints ([`Report::table`], Markdown
+//! pipe tables, so the same text reads in a terminal and pastes into docs/performance.md).
+//!
+//! A section that did not run is absent from the JSON and from the table. [`Target`]s compare
+//! the ratios the issue set goals for with their thresholds.
+
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ceiling::CeilingReport;
+use crate::dense::DenseReport;
+use crate::small::SmallReport;
+use crate::sparse::SparseReport;
+use crate::stats::human_bytes;
+use crate::training::TrainingReport;
+use crate::update::UpdateReport;
+use crate::{BenchConfig, Scenario};
+
+/// Version of the JSON layout; bumped when a field changes meaning or goes away.
+pub const REPORT_VERSION: u32 = 1;
+
+/// Everything one run measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub version: u32,
+    pub machine: Machine,
+    pub config: BenchConfig,
+    /// Wall time of the whole run, seconds.
+    pub elapsed_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<CeilingReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense: Option<DenseReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub small: Option<SmallReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse: Option<SparseReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingReport>,
+    /// The issue's goals that this run has the numbers for.
+    pub targets: Vec<Target>,
+}
+
+/// The machine the numbers come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    /// `model name` of /proc/cpuinfo, when there is one.
+    pub cpu: Option<String>,
+    /// MemTotal of /proc/meminfo, GiB.
+    pub memory_gib: Option<f64>,
+    pub os: String,
+    pub arch: String,
+    /// 1-minute load average when the run started (/proc/loadavg): well above 0, other work
+    /// was competing for the cores and the numbers are noisy.
+    pub load_average: Option<f64>,
+}
+
+impl Machine {
+    /// This machine.
+    pub fn detect() -> Machine {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        });
+        let memory_gib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+            let kib: f64 =
+                s.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+            Some((kib / (1 << 20) as f64 * 10.0).round() / 10.0)
+        });
+        let load_average = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()));
+        Machine {
+            load_average,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu,
+            memory_gib,
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+        }
+    }
+}
+
+/// One goal of the issue: a ratio that must reach `threshold` (and should reach `aim`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    pub name: String,
+    pub value: f64,
+    pub threshold: f64,
+    pub aim: Option<f64>,
+    pub met: bool,
+}
+
+impl Report {
+    /// Which goals this report has numbers for, and whether they are met.
+    pub fn compute_targets(&self) -> Vec<Target> {
+        let mut out = Vec::new();
+        let mut push = |name: String, value: Option<f64>, threshold: f64, aim: Option<f64>| {
+            if let Some(value) = value {
+                out.push(Target { name, value, threshold, aim, met: value >= threshold });
+            }
+        };
+        if let Some(d) = &self.dense {
+            for bytes in [64u64 << 20, 512 << 20] {
+                let row = d.rows.iter().find(|r| r.model_bytes == bytes && r.shards == 1 && r.workers == 1);
+                push(
+                    format!("dense push+pull {}, 1 shard, 1 worker / raw TCP loopback", human_bytes(bytes)),
+                    row.and_then(|r| r.ratio_to_tcp),
+                    0.5,
+                    Some(0.8),
+                );
+            }
+        }
+        if let Some(u) = &self.update {
+            for r in &u.rows {
+                push(
+                    format!("{} server apply / memcpy (all threads)", r.optimizer),
+                    r.apply_ratio_to_memcpy,
+                    0.5,
+                    None,
+                );
+            }
+        }
+        if let Some(t) = &self.training {
+            let run = t
+                .runs
+                .iter()
+                .find(|r| r.workers == 2 && r.servers == 1 && r.mode == gradflow_core::Mode::Sync);
+            push(
+                "wide&deep 2 workers sync 1 shard / single process, per core".into(),
+                run.map(|r| r.ratio_to_single),
+                0.7,
+                None,
+            );
+        }
+        out
+    }
+
+    /// The table `gradflow bench` prints: one Markdown section per scenario that ran, then the
+    /// targets.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "gradflow bench: {} cores{}{}, {} {}; {:.0} s{}\n",
+            m.cores,
+            m.cpu.as_deref().map(|c| format!(", {c}")).unwrap_or_default(),
+            m.memory_gib.map(|g| format!(", {g} GiB")).unwrap_or_default(),
+            m.os,
+            m.arch,
+            self.elapsed_s,
+            m.load_average.map(|l| format!("; load average {l} at start")).unwrap_or_default()
+        );
+        if let Some(c) = &self.ceiling {
+            let _ = writeln!(s, "## 1. Ceiling\n\n| measure | GB/s |\n|---|---:|");
+            let _ = writeln!(
+                s,
+                "| raw TCP loopback, 2 processes ({} per rep, {} writes) | {} |",
+                human_bytes(c.tcp_bytes),
+                human_bytes(c.tcp_write_bytes as u64),
+                num(c.tcp_gb_per_s)
+            );
+            let _ = writeln!(
+                s,
+                "| memcpy, 1 thread ({}) | {} |",
+                human_bytes(c.memcpy_bytes as u64),
+                num(c.memcpy_gb_per_s)
+            );
+            let _ =
+                writeln!(s, "| memcpy, {} threads | {} |\n", c.threads, num(c.memcpy_all_threads_gb_per_s));
+        }
+        if let Some(d) = &self.dense {
+            let _ = writeln!(
+                s,
+                "## 2. Dense push + pull (sync, SGD, in-process servers, gRPC over loopback)\n\n\
+                 | model | shards | workers | GB/s | vs TCP | push GB/s | pull GB/s | step ms |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for r in &d.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    human_bytes(r.model_bytes),
+                    r.shards,
+                    r.workers,
+                    num(r.gb_per_s),
+                    pct(r.ratio_to_tcp),
+                    num(r.push_gb_per_s),
+                    num(r.pull_gb_per_s),
+                    num(r.step.median_s * 1e3)
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(sm) = &self.small {
+            let _ = writeln!(
+                s,
+                "## 3. Small tensors ({} tensors, {} in all, 1 worker)\n\n\
+                 | shards | steps/s | MB/s | step ms |\n|---:|---:|---:|---:|",
+                sm.tensors,
+                human_bytes(sm.model_bytes)
+            );
+            for r in &sm.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    r.shards,
+                    num(r.steps_per_sec),
+                    num(r.mb_per_s),
+                    num(r.step.median_s * 1e3)
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(sp) = &self.sparse {
+            let _ = writeln!(
+                s,
+                "## 4. Sparse ({} random ids per call, table of {} rows, Adagrad, 1 worker)\n\n\
+                 | dim | shards | pull rows/s | push rows/s | pull ms | push ms |\n|---:|---:|---:|---:|---:|---:|",
+                thousands(sp.ids as f64),
+                thousands(sp.table_rows as f64)
+            );
+            for r in &sp.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.dim,
+                    r.shards,
+                    num(r.pull_rows_per_sec),
+                    num(r.push_rows_per_sec),
+                    num(r.pull.median_s * 1e3),
+                    num(r.push.median_s * 1e3)
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(u) = &self.update {
+            let threads = self.ceiling.as_ref().map_or("all".to_string(), |c| c.threads.to_string());
+            let _ = writeln!(
+                s,
+                "## 5. Server update ({} parameters, GB/s of parameters)\n\n\
+                 | optimizer | kernel, 1 thread | vs memcpy 1 thread | server apply, {threads} threads | vs memcpy {threads} threads | aggregate GB/s |\n\
+                 |---|---:|---:|---:|---:|---:|",
+                human_bytes(u.params as u64 * 4)
+            );
+            for r in &u.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.optimizer,
+                    num(r.kernel_gb_per_s),
+                    pct(r.kernel_ratio_to_memcpy),
+                    num(r.apply_gb_per_s),
+                    pct(r.apply_ratio_to_memcpy),
+                    num(r.aggregate_gb_per_s)
+                );
+            }
+            s.push('\n');
+        }
+        if let Some(t) = &self.training {
+            let _ = writeln!(
+                s,
+                "## 6. Training (wide & deep, {} rows, batch {}, {} cores shared by all processes)\n\n\
+                 | run | samples/s | per worker | vs single process | end to end | wall s |\n\
+                 |---|---:|---:|---:|---:|---:|",
+                thousands(t.rows as f64),
+                t.batch_size,
+                t.cores
+            );
+            let sp = &t.single_process;
+            let _ = writeln!(
+                s,
+                "| single process, {} threads, no servers | {} | | 100% | | |",
+                sp.threads,
+                num(sp.samples_per_sec)
+            );
+            let _ = writeln!(
+                s,
+                "| single process, 1 thread, no servers | {} | | {} | | |",
+                num(sp.one_thread_samples_per_sec),
+                pct(Some(sp.one_thread_samples_per_sec / sp.samples_per_sec))
+            );
+            for r in &t.runs {
+                let _ = writeln!(
+                    s,
+                    "| {} worker(s) {}, {} server(s) | {} | {} | {} | {} | {} |",
+                    r.workers,
+                    r.mode,
+                    r.servers,
+                    num(r.samples_per_sec),
+                    num(r.per_worker_samples_per_sec),
+                    pct(Some(r.ratio_to_single)),
+                    num(r.end_to_end_samples_per_sec),
+                    num(r.wall_s)
+                );
+            }
+            s.push('\n');
+        }
+        if !self.targets.is_empty() {
+            let _ =
+                writeln!(s, "## Targets\n\n| target | value | needs | aim | met |\n|---|---:|---:|---:|---|");
+            for t in &self.targets {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    t.name,
+                    pct(Some(t.value)),
+                    pct(Some(t.threshold)),
+                    pct(t.aim),
+                    if t.met { "yes" } else { "no" }
+                );
+            }
+        }
+        s
+    }
+
+    /// The scenarios this report has sections for.
+    pub fn sections(&self) -> Vec<Scenario> {
+        let mut out = Vec::new();
+        for (present, sc) in [
+            (self.ceiling.is_some(), Scenario::Ceiling),
+            (self.dense.is_some(), Scenario::Dense),
+            (self.small.is_some(), Scenario::Small),
+            (self.sparse.is_some(), Scenario::Sparse),
+            (self.update.is_some(), Scenario::Update),
+            (self.training.is_some(), Scenario::Training),
+        ] {
+            if present {
+                out.push(sc);
+            }
+        }
+        out
+    }
+}
+
+/// 3 significant digits below 1000, whole numbers with thousands separators above.
+fn num(x: f64) -> String {
+    if !x.is_finite() {
+        return x.to_string();
+    }
+    if x.abs() >= 1000.0 {
+        return thousands(x);
+    }
+    let digits = if x.abs() >= 100.0 {
+        0
+    } else if x.abs() >= 10.0 {
+        1
+    } else if x.abs() >= 1.0 {
+        2
+    } else {
+        3
+    };
+    format!("{x:.digits$}")
+}
+
+fn thousands(x: f64) -> String {
+    let s = format!("{:.0}", x.abs());
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if x < 0.0 { format!("-{out}") } else { out }
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(num(1234567.8), "1,234,568");
+        assert_eq!(num(4.567), "4.57");
+        assert_eq!(num(45.67), "45.7");
+        assert_eq!(num(0.01234), "0.012");
+        assert_eq!(pct(Some(0.456)), "46%");
+        assert_eq!(thousands(10_000_000.0), "10,000,000");
+    }
+}

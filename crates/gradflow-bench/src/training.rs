@@ -1,0 +1,337 @@
+//! (6) Training: samples per second of the wide & deep headline model (26 fields hashed into
+//! 1M buckets, embeddings of 8 plus a wide weight, MLP 64-32, Adagrad, batches of 256) on
+//! synthetic data, as real jobs and in one process.
+//!
+//! - *Jobs*: each configuration (workers x mode, `servers` shards) runs through
+//!   `gradflow launch`'s local backend ([`LocalLauncher`]): every server and every worker is
+//!   a child process (`gradflow ps`, `gradflow worker`) talking gRPC over loopback. Every job
+//!   trains one epoch over the same file. Its rate is read from the workers' progress
+//!   reports: the launcher's progress line gives the sum of every running worker's latest
+//!   rate; the first report of each worker (start-up, first rows created) is skipped and the
+//!   median of the rest is taken. The end-to-end rate (all samples over the job's wall time,
+//!   process start and stop included) is reported beside it.
+//! - *Single process*: the same file, read and standardized the same way, trained with
+//!   [`LocalTrainer`] (no servers, no network) in this process, with every core and with one
+//!   thread; timed in windows of `log_every_steps` steps, the first skipped, median of the
+//!   rest.
+//!
+//! On one machine both share the same cores, so the ratio of a job's samples/s to the
+//! single-process samples/s is also the ratio per core: what running distributed costs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gradflow_core::Mode;
+use gradflow_data::{Batch, Reader, ShardSpec};
+use gradflow_launch::local::{Console, LocalLauncher};
+use gradflow_launch::{Event, JobConfig};
+use gradflow_models::LocalTrainer;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{median, sig4};
+use crate::{BenchError, Log, TrainingConfig};
+
+/// Every configuration and the baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingReport {
+    /// Training rows (one epoch per run).
+    pub rows: u64,
+    pub batch_size: usize,
+    /// Cores of this machine, shared by every process of a job.
+    pub cores: usize,
+    pub single_process: SingleProcess,
+    pub runs: Vec<TrainingRun>,
+}
+
+/// [`LocalTrainer`] in this process, no servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SingleProcess {
+    /// With rayon on every core.
+    pub samples_per_sec: f64,
+    pub threads: usize,
+    /// With one rayon thread.
+    pub one_thread_samples_per_sec: f64,
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRun {
+    pub workers: u32,
+    pub servers: u32,
+    pub mode: Mode,
+    /// All workers together, steady state (see the module docs).
+    pub samples_per_sec: f64,
+    pub per_worker_samples_per_sec: f64,
+    /// `samples_per_sec` over the single process's (every core).
+    pub ratio_to_single: f64,
+    /// Samples of all workers over the job's wall time, start-up and shutdown included.
+    pub end_to_end_samples_per_sec: f64,
+    pub wall_s: f64,
+    pub samples: u64,
+    /// Progress reports the steady-state rate is the median of.
+    pub reports_used: usize,
+}
+
+pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<TrainingReport, BenchError> {
+    let dir = tempfile::Builder::new()
+        .prefix("gradflow-bench-")
+        .tempdir()
+        .map_err(BenchError::io("creating a temporary directory"))?;
+    let first = job(config, dir.path(), 1, Mode::Sync)?;
+    let started = Instant::now();
+    gradflow_launch::prepare::prepare_data(&first).map_err(|e| job_error(&first, e))?;
+    log(&format!(
+        "training: wrote {} synthetic rows in {:.1} s",
+        config.rows,
+        started.elapsed().as_secs_f64()
+    ));
+
+    let single = single_process(config, &first)?;
+    log(&format!(
+        "training: single process {:.0} samples/s ({} threads), {:.0} on one thread",
+        single.samples_per_sec, single.threads, single.one_thread_samples_per_sec
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(BenchError::io("starting the launcher's runtime"))?;
+    let mut runs = Vec::new();
+    for &mode in &config.modes {
+        for &workers in &config.workers {
+            let job = job(config, dir.path(), workers, mode)?;
+            let run = launch(&runtime, job, program, &single)?;
+            log(&format!(
+                "training: {workers} worker(s) {mode}, {} server(s): {:.0} samples/s ({:.0}% of single process), end to end {:.0} in {:.1} s",
+                run.servers,
+                run.samples_per_sec,
+                run.ratio_to_single * 100.0,
+                run.end_to_end_samples_per_sec,
+                run.wall_s
+            ));
+            runs.push(run);
+        }
+    }
+    Ok(TrainingReport {
+        rows: config.rows,
+        batch_size: config.batch_size,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        single_process: single,
+        runs,
+    })
+}
+
+fn job_error(job: &JobConfig, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Job { job: job.name.clone(), message: e.to_string() }
+}
+
+/// The job file of one configuration; every job reads `dir/data/train.csv`.
+fn job(config: &TrainingConfig, dir: &Path, workers: u32, mode: Mode) -> Result<JobConfig, BenchError> {
+    let name = format!("bench-{workers}w-{mode}");
+    let train = dir.join("data").join("train.csv");
+    let out = dir.join("runs").join(&name);
+    let text = format!(
+        r#"
+name = "{name}"
+servers = {servers}
+workers = {workers}
+mode = "{mode}"
+
+[model]
+kind = "wide_deep"
+num_fields = 26
+num_dense = 13
+hash_buckets = 1000000
+embedding_dim = 8
+hidden = [64, 32]
+sparse_optimizer = {{ kind = "adagrad", lr = 0.05 }}
+dense_optimizer = {{ kind = "adagrad", lr = 0.05 }}
+
+[data]
+train = {train:?}
+
+[data.synth]
+train_rows = {rows}
+test_rows = 0
+seed = 0
+
+[train]
+batch_size = {batch}
+epochs = 1
+log_every_steps = {every}
+
+[output]
+dir = {out:?}
+log = "warn"
+metrics = false
+"#,
+        servers = config.servers,
+        train = path_str(&train),
+        rows = config.rows,
+        batch = config.batch_size,
+        every = config.log_every_steps,
+        out = path_str(&out),
+    );
+    JobConfig::parse(&text).map_err(|message| BenchError::Job { job: name, message })
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Rates of windows of `every` steps of [`LocalTrainer`] over the whole file; the median of
+/// all windows but the first.
+fn single_process_rate(config: &TrainingConfig, job: &JobConfig) -> Result<f64, BenchError> {
+    let model = job.model().map_err(|e| job_error(job, e))?;
+    let scaler = gradflow_trainer::standardizer(job).map_err(|e| job_error(job, e))?;
+    let mut reader = Reader::open(&job.train_reader(), ShardSpec::new(0, 1)?)?;
+    let mut trainer = LocalTrainer::from_config(model)?;
+    let mut batch = Batch::new(reader.num_dense());
+    let mut rates = Vec::new();
+    let (mut steps, mut window_samples, mut window_start) = (0u64, 0usize, Instant::now());
+    loop {
+        let n = reader.next_batch(&mut batch, config.batch_size)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(s) = &scaler {
+            s.apply(&mut batch);
+        }
+        trainer.train_step(&batch)?;
+        steps += 1;
+        window_samples += n;
+        if steps % config.log_every_steps == 0 {
+            rates.push(window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9));
+            (window_samples, window_start) = (0, Instant::now());
+        }
+    }
+    if rates.is_empty() {
+        return Err(BenchError::Config(format!(
+            "training.rows ({}) is less than one window of {} steps of {}",
+            config.rows, config.log_every_steps, config.batch_size
+        )));
+    }
+    Ok(median(if rates.len() > 1 { &rates[1..] } else { &rates }))
+}
+
+fn single_process(config: &TrainingConfig, job: &JobConfig) -> Result<SingleProcess, BenchError> {
+    let all = single_process_rate(config, job)?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| BenchError::Internal(format!("a one-thread pool: {e}")))?;
+    let one = pool.install(|| single_process_rate(config, job))?;
+    Ok(SingleProcess {
+        samples_per_sec: sig4(all),
+        threads: rayon::current_num_threads(),
+        one_thread_samples_per_sec: sig4(one),
+    })
+}
+
+/// Collects what the launcher prints: its progress lines, and the rest for error messages.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<CaptureState>>);
+
+#[derive(Default)]
+struct CaptureState {
+    partial: Vec<u8>,
+    lines: Vec<String>,
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.partial.extend_from_slice(buf);
+        while let Some(i) = s.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = s.partial.drain(..=i).collect();
+            s.lines.push(String::from_utf8_lossy(&line).trim_end().to_string());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The samples/s of a launcher progress line (`step N  samples/s R  loss L`).
+fn progress_rate(line: &str) -> Option<f64> {
+    let rest = line.strip_prefix("step ")?;
+    let after = rest.split("samples/s").nth(1)?;
+    after.split_whitespace().next()?.parse().ok()
+}
+
+fn launch(
+    runtime: &tokio::runtime::Runtime,
+    job: JobConfig,
+    program: &Path,
+    single: &SingleProcess,
+) -> Result<TrainingRun, BenchError> {
+    let (name, workers, servers, mode) = (job.name.clone(), job.workers, job.servers, job.mode);
+    let capture = Capture::default();
+    let console = Console::lines(capture.clone()).progress_every(Duration::ZERO);
+    let launcher = LocalLauncher::new(job, PathBuf::from(program)).console(console);
+    let outcome = runtime.block_on(launcher.run(std::future::pending::<()>()));
+    let lines = std::mem::take(&mut capture.0.lock().unwrap_or_else(|p| p.into_inner()).lines);
+    let outcome = outcome.map_err(|e| {
+        let tail: Vec<&str> = lines.iter().rev().take(20).rev().map(String::as_str).collect();
+        BenchError::Job { job: name.clone(), message: format!("{e}\nlast lines:\n{}", tail.join("\n")) }
+    })?;
+    let samples: u64 = outcome
+        .done
+        .iter()
+        .map(|e| match e {
+            Event::Done { samples, .. } => *samples,
+            _ => 0,
+        })
+        .sum();
+    let wall_s = outcome.wall_time.as_secs_f64();
+    let end_to_end = samples as f64 / wall_s.max(1e-9);
+    let rates: Vec<f64> = lines.iter().filter_map(|l| progress_rate(l)).collect();
+    // The first report of every worker covers its start-up.
+    let steady = rates.get(workers as usize..).filter(|r| !r.is_empty()).unwrap_or(&rates);
+    let samples_per_sec = if steady.is_empty() { end_to_end } else { median(steady) };
+    Ok(TrainingRun {
+        workers,
+        servers,
+        mode,
+        samples_per_sec: sig4(samples_per_sec),
+        per_worker_samples_per_sec: sig4(samples_per_sec / f64::from(workers)),
+        ratio_to_single: sig4(samples_per_sec / single.samples_per_sec),
+        end_to_end_samples_per_sec: sig4(end_to_end),
+        wall_s: sig4(wall_s),
+        samples,
+        reports_used: steady.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_parse() {
+        assert_eq!(progress_rate("step 120  samples/s 51234  loss 0.4312"), Some(51234.0));
+        assert_eq!(progress_rate("[worker-0] WARN something"), None);
+        assert_eq!(progress_rate("[launch] job x: starting"), None);
+    }
+
+    #[test]
+    fn capture_splits_lines() {
+        let mut c = Capture::default();
+        c.write_all(b"step 1  samples/s 10  loss 1\nstep 2").unwrap();
+        c.write_all(b"  samples/s 20  loss 1\n").unwrap();
+        let lines = c.0.lock().unwrap().lines.clone();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(progress_rate(&lines[1]), Some(20.0));
+    }
+
+    #[test]
+    fn job_files_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = job(&TrainingConfig::default(), dir.path(), 2, Mode::Async).unwrap();
+        assert_eq!((j.workers, j.servers, j.mode), (2, 1, Mode::Async));
+        assert_eq!(j.train.batch_size, 256);
+    }
+}

@@ -1,0 +1,98 @@
+//! `gradflow bench --quick` runs every scenario end to end (a TCP sink process, in-process
+//! servers, real training jobs) and reports a sane number for each.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Every number under `value` (a section of the report) must be positive and finite.
+fn check_numbers(path: &str, value: &serde_json::Value, count: &mut usize) {
+    match value {
+        serde_json::Value::Number(n) => {
+            let x = n.as_f64().unwrap();
+            assert!(x.is_finite() && x > 0.0, "{path} is {x}; expected a positive, finite number");
+            *count += 1;
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                check_numbers(&format!("{path}[{i}]"), v, count);
+            }
+        }
+        serde_json::Value::Object(fields) => {
+            for (k, v) in fields {
+                check_numbers(&format!("{path}.{k}"), v, count);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn quick_bench_reports_every_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_gradflow"))
+        .args(["bench", "--quick", "--json"])
+        .arg(&json_path)
+        .env("GRADFLOW_LOG", "warn")
+        .output()
+        .expect("run gradflow bench");
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "gradflow bench --quick failed:\n{stderr}\n{stdout}");
+    assert!(elapsed < Duration::from_secs(120), "--quick took {elapsed:?}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    // The same object is the last line of standard output.
+    let printed: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(printed, report);
+    assert_eq!(report["version"], 1);
+    for section in ["ceiling", "dense", "small", "sparse", "update", "training"] {
+        let mut count = 0;
+        check_numbers(section, &report[section], &mut count);
+        assert!(count > 0, "section {section} is missing or has no numbers: {}", report[section]);
+    }
+    // Ratios that the targets are computed from are there.
+    assert!(report["dense"]["rows"][0]["ratio_to_tcp"].is_number());
+    assert!(report["update"]["rows"][0]["apply_ratio_to_memcpy"].is_number());
+    let training = &report["training"]["runs"][0];
+    assert_eq!((training["workers"].as_u64(), training["mode"].as_str()), (Some(2), Some("sync")));
+    let targets = report["targets"].as_array().unwrap();
+    assert!(targets.iter().any(|t| t["name"].as_str().unwrap().contains("wide&deep")), "{targets:?}");
+    assert!(report["elapsed_s"].as_f64().unwrap() > 0.0);
+
+    // The table names every section.
+    for heading in [
+        "## 1. Ceiling",
+        "## 2. Dense",
+        "## 3. Small",
+        "## 4. Sparse",
+        "## 5. Server update",
+        "## 6. Training",
+    ] {
+        assert!(stdout.contains(heading), "no `{heading}` in the table:\n{stdout}");
+    }
+}
+
+#[test]
+fn only_runs_the_named_scenarios_and_refuses_unknown_ones() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gradflow"))
+        .args(["bench", "--quick", "--only", "small"])
+        .output()
+        .expect("run gradflow bench");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(report["small"].is_object());
+    for absent in ["ceiling", "dense", "sparse", "update", "training"] {
+        assert!(report.get(absent).is_none(), "{absent} ran with --only small");
+    }
+
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_gradflow")).args(["bench", "--only", "nope"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope") && stderr.contains("training"), "{stderr}");
+}
