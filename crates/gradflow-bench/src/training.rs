@@ -6,8 +6,8 @@
 //!   `gradflow launch`'s local backend ([`LocalLauncher`]): every server and every worker is
 //!   a child process (`gradflow ps`, `gradflow worker`) talking gRPC over loopback. Every job
 //!   trains one epoch over the same file. Its rate is read from the workers' progress
-//!   reports: the launcher's progress line gives the sum of every running worker's latest
-//!   rate; the first report of each worker (start-up, first rows created) is skipped and the
+//!   reports ([`gradflow_launch::local::JobOutcome::progress`]: the sum of every running worker's latest rate, as the
+//!   launcher's progress line shows it); the first report of each worker (start-up, first rows created) is skipped and the
 //!   median of the rest is taken. The end-to-end rate (all samples over the job's wall time,
 //!   process start and stop included) is reported beside it.
 //! - *Single process*: the same file, read and standardized the same way, trained with
@@ -255,13 +255,6 @@ impl Write for Capture {
     }
 }
 
-/// The samples/s of a launcher progress line (`step N  samples/s R  loss L`).
-fn progress_rate(line: &str) -> Option<f64> {
-    let rest = line.strip_prefix("step ")?;
-    let after = rest.split("samples/s").nth(1)?;
-    after.split_whitespace().next()?.parse().ok()
-}
-
 fn launch(
     runtime: &tokio::runtime::Runtime,
     job: JobConfig,
@@ -288,7 +281,7 @@ fn launch(
         .sum();
     let wall_s = outcome.wall_time.as_secs_f64();
     let end_to_end = samples as f64 / wall_s.max(1e-9);
-    let rates: Vec<f64> = lines.iter().filter_map(|l| progress_rate(l)).collect();
+    let rates: Vec<f64> = outcome.progress.iter().map(|p| p.samples_per_sec).collect();
     // The first report of every worker covers its start-up.
     let steady = rates.get(workers as usize..).filter(|r| !r.is_empty()).unwrap_or(&rates);
     let samples_per_sec = if steady.is_empty() { end_to_end } else { median(steady) };
@@ -311,20 +304,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn progress_lines_parse() {
-        assert_eq!(progress_rate("step 120  samples/s 51234  loss 0.4312"), Some(51234.0));
-        assert_eq!(progress_rate("[worker-0] WARN something"), None);
-        assert_eq!(progress_rate("[launch] job x: starting"), None);
-    }
-
-    #[test]
     fn capture_splits_lines() {
         let mut c = Capture::default();
         c.write_all(b"step 1  samples/s 10  loss 1\nstep 2").unwrap();
         c.write_all(b"  samples/s 20  loss 1\n").unwrap();
         let lines = c.0.lock().unwrap().lines.clone();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(progress_rate(&lines[1]), Some(20.0));
+        assert_eq!(lines, ["step 1  samples/s 10  loss 1", "step 2  samples/s 20  loss 1"]);
     }
 
     #[test]

@@ -84,12 +84,25 @@ pub struct JobOutcome {
     /// How many times the whole job was restarted from its latest checkpoint because a
     /// server died.
     pub server_restarts: u32,
+    /// The job's progress at every worker report: what the console's progress line shows.
+    pub progress: Vec<JobProgress>,
     /// Every [`Event::Eval`] the workers reported, in the order they arrived.
     pub evals: Vec<Event>,
     /// Every [`Event::Done`] the workers reported, in the order they arrived.
     pub done: Vec<Event>,
     /// From the start of [`LocalLauncher::run`] until every process was gone.
     pub wall_time: Duration,
+}
+
+/// The job's progress when a worker reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobProgress {
+    /// Since the start of [`LocalLauncher::run`].
+    pub elapsed: Duration,
+    /// The highest step any worker reported.
+    pub step: u64,
+    /// The sum of every running worker's latest samples/s.
+    pub samples_per_sec: f64,
 }
 
 impl LocalLauncher {
@@ -150,6 +163,7 @@ impl LocalLauncher {
             env.insert(0, (ENV_TOKEN.into(), t.expose().into()));
         }
         let mut run = Run {
+            started,
             token: token.map(|t| t.expose().to_string()),
             grace: self.job.launcher.grace_period,
             job: self.job,
@@ -172,6 +186,7 @@ impl LocalLauncher {
                 metrics: Vec::with_capacity(servers),
                 restarts: vec![0; workers],
                 server_restarts: 0,
+                progress: Vec::new(),
                 evals: Vec::new(),
                 done: Vec::new(),
                 wall_time: Duration::ZERO,
@@ -400,6 +415,7 @@ enum Step {
 /// One run of a job.
 struct Run {
     job: JobConfig,
+    started: Instant,
     /// The job's token, for the running job's record.
     token: Option<String>,
     program: PathBuf,
@@ -648,6 +664,11 @@ impl Run {
                         self.max_step = self.max_step.max(step);
                         let total: f64 = self.rates.iter().flatten().sum();
                         self.console.progress(self.max_step, total, loss);
+                        self.outcome.progress.push(JobProgress {
+                            elapsed: self.started.elapsed(),
+                            step: self.max_step,
+                            samples_per_sec: total,
+                        });
                     }
                     Event::Eval { epoch, test_loss, test_auc, test_accuracy, test_examples, .. } => {
                         self.console.line(&format!(

@@ -156,6 +156,10 @@ async fn two_servers_two_workers_succeed_and_leave_nothing_running() {
     assert!(matches!(outcome.evals[0], Event::Eval { worker: 0, epoch: 1, test_examples: 50000, .. }));
     assert_eq!(outcome.done.len(), 2);
     assert_eq!(fake.started(), ["ps-0-0", "ps-1-0", "worker-0-0", "worker-1-0"]);
+    // Every progress report, with the job's rate as the console shows it.
+    assert!(!outcome.progress.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.progress.last().unwrap().step, 2);
+    assert!(outcome.progress.iter().all(|p| p.samples_per_sec > 0.0 && p.elapsed < outcome.wall_time));
 
     // Log lines from stdout and stderr, prefixed, whole, and the contract's environment.
     assert!(out.contains("[ps-0] shard 0 starting (attempt 0, log filter debug)\n"), "{out}");
