@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use gradflow_core::{Mode, OptimizerConfig};
-use gradflow_data::{Batch, Epochs, Reader, ShardSpec, Standardizer, metrics};
+use gradflow_data::{Batch, Reader, ShardSpec, Standardizer, metrics};
 use gradflow_launch::{ClusterSpec, Event, JobConfig};
 use gradflow_worker::tch::{TchAdapter, device_for_worker};
 use gradflow_worker::{StepOutcome, Worker, WorkerConfig};
@@ -61,30 +61,6 @@ fn flags() -> Result<Flags> {
         bail!("--hidden and --threads: expected at least 1");
     }
     Ok(f)
-}
-
-/// Dense-feature scaling measured on the first `standardize_rows` training rows in file order,
-/// the same on every worker (as the built-in trainer does).
-fn standardizer(job: &JobConfig) -> Result<Option<Standardizer>> {
-    if !job.data.standardize {
-        return Ok(None);
-    }
-    let mut config = job.train_reader();
-    config.shuffle_buffer = 0;
-    config.epochs = Epochs::Count(1);
-    let mut reader = Reader::open(&config, ShardSpec::new(0, 1)?)?;
-    let mut s = Standardizer::new(reader.num_dense());
-    let mut batch = Batch::new(reader.num_dense());
-    let mut left = job.data.standardize_rows;
-    while left > 0 {
-        let n = reader.next_batch(&mut batch, left.min(4096))?;
-        if n == 0 {
-            break;
-        }
-        s.observe(&batch);
-        left -= n;
-    }
-    Ok(Some(s))
 }
 
 /// Features and labels of a batch as tensors on `device`.
@@ -167,7 +143,8 @@ async fn main() -> Result<()> {
     let device = flags.device.unwrap_or_else(|| device_for_worker(index));
     let mut reader =
         Reader::open(&job.train_reader(), ShardSpec::new(index as usize, cluster.num_workers as usize)?)?;
-    let scaler = standardizer(job)?;
+    // The same scaling on every worker, measured as the built-in trainer does.
+    let scaler = gradflow_trainer::standardizer(job)?;
     let features = reader.num_dense() as i64;
 
     let vs = nn::VarStore::new(device);
