@@ -586,6 +586,8 @@ impl Run {
             describe(&status),
             self.outcome.server_restarts
         ));
+        // Its addresses are about to be stale.
+        let _ = std::fs::remove_file(RunningJob::path(&self.job));
         // SIGKILL, not SIGTERM: the surviving servers would otherwise write a last
         // checkpoint that can never be complete without the dead shard, and wait for it.
         self.kill.cancel();

@@ -53,6 +53,7 @@ pub struct Checkpointer {
     upload_lock: tokio::sync::Mutex<()>,
     /// See [`ENV_FAULT_STALL_UPLOAD`].
     stall_at: Option<u64>,
+    mode: gradflow_core::Mode,
 }
 
 impl Checkpointer {
@@ -71,6 +72,7 @@ impl Checkpointer {
                 uploading: false,
             }),
             written: watch::channel(start_version).0,
+            mode: config.mode,
             upload_lock: tokio::sync::Mutex::new(()),
             stall_at: stall_at_from_env(),
         }))
@@ -82,7 +84,14 @@ impl Checkpointer {
         if version <= s.last_version {
             return false;
         }
-        s.requested.is_some_and(|r| version >= r)
+        // Sync: a requested checkpoint is of exactly that version, as on every other shard; a
+        // shard that passed it without taking it says so to the caller (see `missed`).
+        let requested = match (self.mode, s.requested) {
+            (gradflow_core::Mode::Sync, Some(r)) => version == r,
+            (_, Some(r)) => version >= r,
+            (_, None) => false,
+        };
+        requested
             || self.config.every_steps.is_some_and(|n| version % n == 0)
             || self.config.every.is_some_and(|t| s.last_time.elapsed() >= t)
     }
@@ -91,6 +100,17 @@ impl Checkpointer {
     /// (a caller that found one shard past its first choice asks all of them again).
     pub fn request(&self, version: u64) {
         self.state.lock().unwrap().requested = Some(version);
+    }
+
+    /// The version of the last checkpoint this shard has finished writing.
+    pub fn written(&self) -> u64 {
+        *self.written.borrow()
+    }
+
+    /// Whether this shard, now at `version`, went past `target` without taking a snapshot of
+    /// it (or of anything later): a requested checkpoint of `target` will not come.
+    pub fn missed(&self, target: u64, version: u64) -> bool {
+        version > target && self.state.lock().unwrap().last_version < target
     }
 
     /// Waits until this shard has written a checkpoint of at least `version`.

@@ -56,8 +56,9 @@ impl From<PsError> for Status {
             | PsError::SpecMismatch(_)
             | PsError::StaleStep { .. }
             | PsError::Rewind { .. }
-            | PsError::NoCheckpoints
-            | PsError::CheckpointPassed { .. } => Code::FailedPrecondition,
+            | PsError::NoCheckpoints => Code::FailedPrecondition,
+            // Lost a race with training: ask again, for a later step.
+            PsError::CheckpointPassed { .. } => Code::Aborted,
             PsError::DuplicatePush { .. } => Code::AlreadyExists,
             PsError::UnknownTensor(_) | PsError::UnknownTable(_) => Code::NotFound,
             PsError::InvalidSpec(_)

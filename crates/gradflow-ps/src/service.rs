@@ -364,8 +364,23 @@ impl gradflow_proto::ParameterServer for Service {
         if version >= target && shard.coord.between_steps() {
             shard.checkpoint_if_due(version, true, false).await;
         }
-        let step = ck.wait_written(target, shard.config.wait_timeout).await?;
-        Ok(Response::new(pb::CheckpointResponse { step }))
+        // Until written; in sync mode the shard may also have passed the step before the
+        // request was in (a step completing meanwhile), which the caller must hear about.
+        let deadline = tokio::time::Instant::now() + shard.config.wait_timeout;
+        loop {
+            let written = ck.written();
+            if written >= target {
+                return Ok(Response::new(pb::CheckpointResponse { step: written }));
+            }
+            let version = shard.coord.version();
+            if shard.config.mode == Mode::Sync && ck.missed(target, version) {
+                return Err(PsError::CheckpointPassed { requested: target, current: version }.into());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PsError::WaitTimeout(shard.config.wait_timeout).into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -168,23 +168,24 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
     let observer = gradflow_worker::Worker::connect(config).await?;
     // Sync: a step every shard has still ahead of it, the same everywhere. It is chosen about
     // a second of training ahead (the pace measured over a quarter second), so that no shard
-    // gets there before every shard has been asked; one that did refuses, and every shard is
-    // asked again for a later step. Async: each shard's current version, written at once.
+    // gets there before every shard has been asked; one that did refuses (ABORTED), and every
+    // shard is asked again for a later step. Async: the highest shard version, which every
+    // shard writes when it gets there (under that name).
     let first = observer.status().await?.iter().map(|s| s.version).max().unwrap_or(0);
     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     let second = observer.status().await?.iter().map(|s| s.version).max().unwrap_or(0);
     let mut margin = 2 + 4 * second.saturating_sub(first);
     let written = loop {
         let versions: Vec<u64> = observer.status().await?.iter().map(|s| s.version).collect();
-        let steps: Vec<u64> = match job.mode {
-            gradflow_core::Mode::Sync => {
-                vec![versions.iter().max().copied().unwrap_or(0) + margin; versions.len()]
-            }
-            gradflow_core::Mode::Async => versions,
+        let max = versions.iter().max().copied().unwrap_or(0);
+        let step = match job.mode {
+            gradflow_core::Mode::Sync => max + margin,
+            gradflow_core::Mode::Async => max,
         };
+        let steps = vec![step; versions.len()];
         match observer.checkpoint(&steps).await {
             Ok(written) => break written,
-            Err(e) if e.code() == Some(gradflow_worker::Code::FailedPrecondition) && margin < 100_000 => {
+            Err(e) if e.code() == Some(gradflow_worker::Code::Aborted) && margin < 100_000 => {
                 tracing::info!("{e}; asking for a later step");
                 margin *= 4;
             }

@@ -467,7 +467,7 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
     // the same `latest`. Stopped attempts are recorded as disruptions: not counted as restarts.
     let server_lost = needs.iter().any(|(r, _, n)| *r == Role::Ps && matches!(n, Need::Create(a) if *a > 0));
     let mut old_pods_left = 0;
-    if server_lost && fatal.is_empty() && stop.is_none() {
+    if server_lost && fatal.is_empty() && stop.is_none() && workers_done < job.workers as usize {
         if job.checkpoint.is_none() {
             let lost = needs
                 .iter()
