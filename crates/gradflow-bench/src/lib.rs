@@ -35,7 +35,6 @@ pub mod config;
 pub mod dense;
 pub mod error;
 pub mod report;
-mod rng;
 pub mod small;
 pub mod sparse;
 pub mod stats;

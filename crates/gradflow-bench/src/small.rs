@@ -11,9 +11,9 @@ use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{self, Servers};
-use crate::rng::SplitMix64;
 use crate::stats::{Timing, human_bytes, sig4};
 use crate::{BenchError, Log, SmallConfig};
+use gradflow_data::SplitMix64;
 
 /// Warm-up steps before timing.
 const WARMUP: usize = 3;

@@ -17,9 +17,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{self, Servers};
-use crate::rng::SplitMix64;
 use crate::stats::{Timing, sig4};
 use crate::{BenchError, Log, SparseConfig};
+use gradflow_data::SplitMix64;
 
 const TABLE: &str = "emb";
 const WARMUP: usize = 2;

@@ -36,6 +36,7 @@ pub mod lines;
 pub mod metrics;
 pub mod reader;
 mod rng;
+pub use rng::SplitMix64;
 pub mod shard;
 pub mod shuffle;
 pub mod standardize;

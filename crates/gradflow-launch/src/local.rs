@@ -596,16 +596,13 @@ impl Run {
         }
         self.kill = CancellationToken::new();
 
-        let store = gradflow_checkpoint::CheckpointStore::open(&checkpoint.url)
-            .map_err(|e| LaunchError::JobFailed(format!("restarting from a checkpoint: {e}")))?;
-        match store.resolve("latest").await {
-            Ok(manifest) => {
-                self.console
-                    .note(&format!("restoring checkpoint step {} from {}", manifest.step, checkpoint.url));
-                self.job.restore = Some(manifest.step.to_string());
-                self.max_step = manifest.step;
+        match crate::prepare::latest_step(&checkpoint.url).await? {
+            Some(step) => {
+                self.console.note(&format!("restoring checkpoint step {step} from {}", checkpoint.url));
+                self.job.restore = Some(step.to_string());
+                self.max_step = step;
             }
-            Err(gradflow_checkpoint::CheckpointError::NoCheckpoint { .. }) => {
+            None => {
                 let from = match &self.job.restore {
                     Some(r) => format!("restore = {r:?} again"),
                     None => "the beginning".to_string(),
@@ -613,7 +610,6 @@ impl Run {
                 self.console.note(&format!("no checkpoint was written yet; starting from {from}"));
                 self.max_step = 0;
             }
-            Err(e) => return Err(LaunchError::JobFailed(format!("restarting from a checkpoint: {e}"))),
         }
         for a in self.ps_attempts.iter_mut().chain(self.worker_attempts.iter_mut()) {
             *a += 1;

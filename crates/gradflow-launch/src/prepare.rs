@@ -13,6 +13,18 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> LaunchError {
     move |source| LaunchError::Io { context, source }
 }
 
+/// The step of the latest complete checkpoint under `url`, or `None` when none was written
+/// yet. Every start that restores "latest" pins it to a step through this.
+pub async fn latest_step(url: &str) -> Result<Option<u64>, LaunchError> {
+    let fail = |e: gradflow_checkpoint::CheckpointError| LaunchError::JobFailed(format!("restore: {e}"));
+    let store = gradflow_checkpoint::CheckpointStore::open(url).map_err(fail)?;
+    match store.resolve("latest").await {
+        Ok(manifest) => Ok(Some(manifest.step)),
+        Err(gradflow_checkpoint::CheckpointError::NoCheckpoint { .. }) => Ok(None),
+        Err(e) => Err(fail(e)),
+    }
+}
+
 /// Turns `restore = "latest"` into the step `latest` names now, so that every server of the
 /// job restores the same checkpoint even if `latest` moves while they start (a previous run's
 /// last upload finishing, say).
@@ -21,12 +33,11 @@ pub async fn pin_restore(job: &mut JobConfig) -> Result<(), LaunchError> {
     if which.trim() != "latest" {
         return Ok(());
     }
-    let store = gradflow_checkpoint::CheckpointStore::open(&ck.url)
-        .map_err(|e| LaunchError::JobFailed(format!("restore: {e}")))?;
-    let manifest =
-        store.resolve("latest").await.map_err(|e| LaunchError::JobFailed(format!("restore: {e}")))?;
-    info!(step = manifest.step, url = %ck.url, "restoring the latest checkpoint");
-    job.restore = Some(manifest.step.to_string());
+    let Some(step) = latest_step(&ck.url).await? else {
+        return Err(LaunchError::JobFailed(format!("restore: no checkpoint under `{}`", ck.url)));
+    };
+    info!(step, url = %ck.url, "restoring the latest checkpoint");
+    job.restore = Some(step.to_string());
     Ok(())
 }
 

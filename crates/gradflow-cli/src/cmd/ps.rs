@@ -91,16 +91,18 @@ async fn restore_from_env(
     let Some(checkpoint) = &config.checkpoint else {
         bail!("{}={which}, but the job has no [checkpoint] section", gradflow_launch::contract::ENV_RESTORE);
     };
-    let store = gradflow_checkpoint::CheckpointStore::open(&checkpoint.url)?;
-    match store.resolve(&which).await {
-        Ok(manifest) => {
-            tracing::info!(step = manifest.step, url = %checkpoint.url, "restarting from the latest checkpoint");
-            config.restore = Some(manifest.step.to_string());
+    if which.trim() != "latest" {
+        config.restore = Some(which);
+        return Ok(config);
+    }
+    match gradflow_launch::prepare::latest_step(&checkpoint.url).await? {
+        Some(step) => {
+            tracing::info!(step, url = %checkpoint.url, "restarting from the latest checkpoint");
+            config.restore = Some(step.to_string());
         }
-        Err(gradflow_checkpoint::CheckpointError::NoCheckpoint { .. }) => {
+        None => {
             tracing::warn!(url = %checkpoint.url, restore = ?config.restore, "no checkpoint was written yet; starting as the job file says");
         }
-        Err(e) => return Err(e.into()),
     }
     Ok(config)
 }
