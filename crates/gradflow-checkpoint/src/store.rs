@@ -31,6 +31,8 @@ use crate::{CheckpointError, CheckpointInfo, checkpoint_dir_name, parse_checkpoi
 pub const LATEST: &str = "latest";
 /// Name of a checkpoint's (and a shard's) manifest.
 pub const MANIFEST: &str = "manifest.json";
+/// The folder of a checkpoint's extra objects ([`CheckpointStore::put_extra`]).
+const EXTRA_DIR: &str = "extra";
 
 /// Tunables of a [`CheckpointStore`]; the defaults suit checkpoints from megabytes to many
 /// gigabytes.
@@ -632,6 +634,24 @@ impl CheckpointStore {
             let _ = std::fs::remove_dir_all(local.join(dir));
         }
         Ok(())
+    }
+
+    /// Writes `data` as the extra object `name` of checkpoint `step` (for example the job's
+    /// data-task progress). Call it before [`CheckpointStore::finalize`]: a checkpoint is
+    /// visible only once complete, so an extra is there whenever its checkpoint is. Extras are
+    /// deleted with their checkpoint.
+    pub async fn put_extra(&self, step: u64, name: &str, data: Vec<u8>) -> Result<(), CheckpointError> {
+        let dir = checkpoint_dir_name(step);
+        if self.exists(&format!("{dir}/{MANIFEST}")).await? {
+            return Err(CheckpointError::AlreadyComplete { checkpoint: self.child_url(&dir) });
+        }
+        self.put_small(&format!("{dir}/{EXTRA_DIR}/{name}"), data.into()).await
+    }
+
+    /// The extra object `name` of the checkpoint `manifest` describes, if it was written.
+    pub async fn get_extra(&self, manifest: &Manifest, name: &str) -> Result<Option<Bytes>, CheckpointError> {
+        let root = manifest.origin.as_ref().map_or(self, |o| &o.store);
+        root.get_opt(&format!("{}/{EXTRA_DIR}/{name}", manifest.dir_name())).await
     }
 
     // -----------------------------------------------------------------------------------------

@@ -15,6 +15,14 @@
 //! | `GRADFLOW_LOG` | log filter of every process (`output.log`) |
 //! | `GRADFLOW_RESTORE` | servers only, on a restart: `latest` (see [`ENV_RESTORE`]) |
 //! | `GRADFLOW_TOKEN` | the job's secret token; every call carries it, servers refuse calls without it |
+//! | `GRADFLOW_TLS_CA` | with a `[tls]` section: the CA file clients check the servers against (`tls.ca`) |
+//! | `GRADFLOW_TLS_CLIENT_CERT`, `GRADFLOW_TLS_CLIENT_KEY` | mutual TLS: the certificate and key clients present |
+//! | `GRADFLOW_TLS_DOMAIN` | the name clients check the servers' certificates for (`tls.domain`) |
+//!
+//! The TLS variables let any client of the job's servers (the built-in worker, a trainer of
+//! your own that uses the worker library) speak TLS without reading the job; servers take
+//! their side (`tls.cert`, `tls.key`, `tls.client_ca`) from the job in the JSON. They carry
+//! file paths, not keys.
 //!
 //! The flat variables are for humans and scripts; processes read the JSON, which is versioned
 //! (`version`, currently 1) so that a newer launcher can refuse an older binary clearly.
@@ -37,6 +45,7 @@ pub const ENV_NUM_WORKERS: &str = "GRADFLOW_NUM_WORKERS";
 pub const ENV_LOG: &str = "GRADFLOW_LOG";
 
 pub use gradflow_proto::auth::{ENV_TOKEN, Token};
+pub use gradflow_proto::tls::{ENV_TLS_CA, ENV_TLS_CLIENT_CERT, ENV_TLS_CLIENT_KEY, ENV_TLS_DOMAIN};
 
 /// Set to `latest` in the environment of a server started again after a server of its job
 /// was lost: restore the latest complete checkpoint, or start from the job's own `restore`
@@ -87,9 +96,11 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
-    /// The environment variables that carry this spec.
+    /// The environment variables that carry this spec (the TLS ones only for a job with
+    /// a `[tls]` section).
     pub fn to_env(&self) -> Vec<(String, String)> {
-        vec![
+        let tls = self.job_config.client_tls().map(|t| t.to_env()).unwrap_or_default();
+        let mut env = vec![
             (ENV_CLUSTER_SPEC.into(), serde_json::to_string(self).expect("a ClusterSpec always serializes")),
             (ENV_JOB.into(), self.job.clone()),
             (ENV_ATTEMPT.into(), self.attempt.to_string()),
@@ -97,7 +108,9 @@ impl ClusterSpec {
             (ENV_INDEX.into(), self.index.to_string()),
             (ENV_SERVERS.into(), self.servers.join(",")),
             (ENV_NUM_WORKERS.into(), self.num_workers.to_string()),
-        ]
+        ];
+        env.extend(tls.into_iter().map(|(k, v)| (k.to_string(), v)));
+        env
     }
 
     /// Reads the spec from `GRADFLOW_CLUSTER_SPEC`.
@@ -212,6 +225,35 @@ mod tests {
         assert_eq!(ClusterSpec::from_json(json).unwrap(), spec());
         assert!(env.contains(&(ENV_SERVERS.into(), "127.0.0.1:1,127.0.0.1:2".into())));
         assert!(env.contains(&(ENV_ROLE.into(), "worker".into())));
+    }
+
+    #[test]
+    fn tls_settings_reach_clients_through_the_environment() {
+        assert!(
+            !spec().to_env().iter().any(|(k, _)| k.starts_with("GRADFLOW_TLS")),
+            "no [tls], no TLS variables"
+        );
+        let mut s = spec();
+        s.job_config = JobConfig::parse(
+            "name = \"t\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"x\"\nformat = \"libsvm\"\n\
+             [tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nca = \"ca.pem\"\nclient_ca = \"ca.pem\"\n\
+             client_cert = \"c.pem\"\nclient_key = \"c.key\"\ndomain = \"ps.internal\"\n",
+        )
+        .unwrap();
+        s.job_config.resolve_paths(std::path::Path::new("/jobs"));
+        let env = s.to_env();
+        for (k, v) in [
+            (ENV_TLS_CA, "/jobs/ca.pem"),
+            (ENV_TLS_CLIENT_CERT, "/jobs/c.pem"),
+            (ENV_TLS_CLIENT_KEY, "/jobs/c.key"),
+            (ENV_TLS_DOMAIN, "ps.internal"),
+        ] {
+            assert!(env.contains(&(k.to_string(), v.to_string())), "{k} in {env:?}");
+        }
+        // The servers' own key stays in the job, not in the environment.
+        assert!(!env.iter().any(|(k, v)| k != ENV_CLUSTER_SPEC && v.contains("s.key")));
+        let json = &env.iter().find(|(k, _)| k == ENV_CLUSTER_SPEC).unwrap().1;
+        assert_eq!(ClusterSpec::from_json(json).unwrap(), s);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use gradflow_core::Mode;
 use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
 use gradflow_proto::TransportConfig;
+use gradflow_proto::tls::{ClientTls, TlsConfig};
 use gradflow_ps::{CheckpointConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,13 @@ pub struct JobConfig {
     /// Who may call the job's servers (`[auth]`). Default: a fresh token per job.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// TLS between the job's processes (`[tls]`): `cert`, `key` and `ca` (PEM files,
+    /// relative to the job file) required; mutual TLS with `client_ca`, `client_cert` and
+    /// `client_key`; `domain` to verify another name than the address's host. See
+    /// `gradflow_proto::tls::TlsConfig` and docs/security.md. Default: none, plaintext.
+    /// Left out of the serialized job when off, so jobs without TLS serialize as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// What a worker process runs. Default: the built-in trainer (`gradflow worker`).
     #[serde(default)]
     pub worker: WorkerSection,
@@ -166,6 +174,27 @@ pub struct DataConfig {
     /// files do not exist yet. The CSV schema then comes from the generator. Default: off.
     #[serde(default)]
     pub synth: Option<SynthData>,
+    /// How the training data is divided among workers. `"static"` (default): worker `i` of
+    /// `n` reads the `i`-th byte range of every file, fixed for the job. `"dynamic"`: the
+    /// files are cut into tasks of about `task_bytes` that the first server hands out as
+    /// workers become free; a dead worker's unfinished task goes to another worker from
+    /// where it stopped, and the tasks done are part of every checkpoint.
+    #[serde(default)]
+    pub sharding: Sharding,
+    /// Dynamic sharding: bytes of training file per task. Default 4 MiB.
+    #[serde(default = "default_task_bytes")]
+    pub task_bytes: u64,
+}
+
+/// How the training data is divided among workers; see [`DataConfig::sharding`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// A fixed byte range of every file per worker.
+    #[default]
+    Static,
+    /// Tasks handed out by the first server.
+    Dynamic,
 }
 
 /// Synthetic data written by the launcher before the job starts.
@@ -222,6 +251,13 @@ pub struct OutputConfig {
     pub log: String,
     /// Serve Prometheus metrics from every server on a free port. Default true.
     pub metrics: bool,
+    /// Local backend: where the servers' `/metrics` endpoints listen (plain HTTP), apart from
+    /// their gRPC port: `"host:port"`; port 0 picks a free port per server, any other port
+    /// is the first shard's and shard `i` takes `port + i`. For example `"0.0.0.0:0"` lets
+    /// a Prometheus on another machine scrape while gRPC stays on loopback. Kubernetes pods
+    /// always serve it on port 9090. Default `"127.0.0.1:0"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Parameter-server settings (see gradflow-ps's `ServerConfig`).
@@ -241,6 +277,11 @@ pub struct ServerSection {
     pub reject_non_finite: bool,
     /// Dense tensors larger than this are split across shards. Default 4 MiB.
     pub partition_bytes: u64,
+    /// Sync only: a step completes once all live workers but this many have pushed, so a
+    /// straggler does not hold the job back; the late pushes are discarded. With dynamic
+    /// data sharding the late worker trains that batch again, so no example is lost; with
+    /// static sharding its batch is skipped. Default 0 (wait for every live worker).
+    pub backup_workers: u32,
 }
 
 /// The local launcher's settings.
@@ -263,7 +304,13 @@ impl Default for TrainConfig {
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        OutputConfig { dir: None, results: "results.jsonl".into(), log: "info".into(), metrics: true }
+        OutputConfig {
+            dir: None,
+            results: "results.jsonl".into(),
+            log: "info".into(),
+            metrics: true,
+            metrics_listen: None,
+        }
     }
 }
 
@@ -276,6 +323,7 @@ impl Default for ServerSection {
             wait_timeout: d.wait_timeout,
             reject_non_finite: d.reject_non_finite,
             partition_bytes: gradflow_core::DEFAULT_PARTITION_BYTES,
+            backup_workers: d.backup_workers,
         }
     }
 }
@@ -294,6 +342,9 @@ fn default_label() -> String {
 }
 fn default_shuffle() -> usize {
     10_000
+}
+fn default_task_bytes() -> u64 {
+    4 << 20
 }
 fn yes() -> bool {
     true
@@ -327,7 +378,18 @@ impl JobConfig {
             .map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         job.resolve_paths(&base);
+        job.check_files().map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
         Ok(job)
+    }
+
+    /// Checks the files the job names that its processes read at start: every `[tls]` file
+    /// must exist and hold what its key says (run after [`JobConfig::resolve_paths`], on the
+    /// machine that runs the processes). The message names the key and the file.
+    pub fn check_files(&self) -> Result<(), String> {
+        if let Some(tls) = &self.tls {
+            tls.validate().map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Parses and checks a job file's text. The error names the key that is wrong.
@@ -348,6 +410,9 @@ impl JobConfig {
         self.data.test.iter_mut().for_each(fix);
         if let Some(p) = &mut self.auth.token_file {
             fix(p);
+        }
+        if let Some(tls) = &mut self.tls {
+            tls.resolve_paths(base);
         }
         if let Some(program) = self.worker.command.as_mut().and_then(|c| c.first_mut())
             && program.contains('/')
@@ -414,6 +479,15 @@ impl JobConfig {
                 return Err("data.synth.train_rows: expected at least 1, found 0".into());
             }
         }
+        if self.data.sharding == Sharding::Dynamic && self.data.task_bytes < 1024 {
+            return Err(format!(
+                "data.task_bytes: expected at least 1024 bytes per task, found {}",
+                self.data.task_bytes
+            ));
+        }
+        if self.data.sharding == Sharding::Dynamic && self.worker.command.is_some() {
+            return Err("data.sharding: \"dynamic\" is for the built-in trainer; your own worker.command reads its data itself, so use \"static\"".into());
+        }
         if self.server.partition_bytes < 1024 {
             return Err(format!(
                 "server.partition_bytes: expected at least 1024, found {}",
@@ -421,6 +495,21 @@ impl JobConfig {
             ));
         }
         self.transport.validate().map_err(|e| format!("transport: {e}"))?;
+        if let Some(tls) = &self.tls {
+            tls.check_keys().map_err(|e| e.to_string())?;
+        }
+        if let Some(listen) = &self.output.metrics_listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!(
+                    "output.metrics_listen: `{listen}` is not an address; expected \"host:port\" with an IP, e.g. \"0.0.0.0:9100\""
+                ));
+            }
+            if !self.output.metrics {
+                return Err(
+                    "output.metrics_listen: set, but output.metrics = false turns the endpoint off".into()
+                );
+            }
+        }
         self.server_config(0).validate()?;
         if let Some(command) = &self.worker.command
             && command.first().is_none_or(|p| p.trim().is_empty())
@@ -508,10 +597,34 @@ impl JobConfig {
             startup_timeout: self.server.startup_timeout,
             wait_timeout: self.server.wait_timeout,
             reject_non_finite: self.server.reject_non_finite,
+            backup_workers: self.server.backup_workers,
             transport: self.transport.clone(),
             checkpoint: self.checkpoint.clone(),
             restore: self.restore.clone(),
             token: None,
+            tls: self.tls.as_ref().map(TlsConfig::server),
+        }
+    }
+
+    /// What the job's clients (workers, `gradflow checkpoint now`, `gradflow eval`) need to
+    /// reach its servers over TLS; `None` when the job has no `[tls]` section.
+    pub fn client_tls(&self) -> Option<ClientTls> {
+        self.tls.as_ref().map(TlsConfig::client)
+    }
+
+    /// Where shard `shard`'s `/metrics` endpoint listens under the local launcher (see
+    /// `output.metrics_listen`); `None` when metrics are off.
+    pub fn metrics_listen(&self, shard: u32) -> Option<String> {
+        if !self.output.metrics {
+            return None;
+        }
+        let Some(listen) = &self.output.metrics_listen else { return Some("127.0.0.1:0".into()) };
+        match listen.parse::<std::net::SocketAddr>() {
+            Ok(mut addr) if addr.port() != 0 => {
+                addr.set_port(addr.port().saturating_add(shard.min(u16::MAX as u32) as u16));
+                Some(addr.to_string())
+            }
+            _ => Some(listen.clone()),
         }
     }
 
@@ -617,6 +730,83 @@ format = "libsvm"
             let (a, b) = (job.auth.token().unwrap().unwrap(), job.auth.token().unwrap().unwrap());
             assert_ne!(a, b, "a fresh token per job");
         }
+    }
+
+    const TLS: &str =
+        "\n[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nca = \"certs/ca.pem\"\n";
+
+    #[test]
+    fn without_tls_the_serialized_job_is_as_before() {
+        let job = JobConfig::parse(MIN).unwrap();
+        assert_eq!(job.tls, None);
+        assert!(job.client_tls().is_none() && job.server_config(0).tls.is_none());
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(!json.contains("tls") && !json.contains("metrics_listen"), "{json}");
+    }
+
+    #[test]
+    fn tls_keys_are_checked_and_named() {
+        let mut job = JobConfig::parse(&format!("{MIN}{TLS}")).unwrap();
+        job.resolve_paths(Path::new("/jobs"));
+        let tls = job.tls.as_ref().unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/jobs/certs/server.pem"));
+        assert_eq!(tls.ca, PathBuf::from("/jobs/certs/ca.pem"));
+        assert_eq!(job.server_config(1).tls.unwrap().cert, PathBuf::from("/jobs/certs/server.pem"));
+        assert_eq!(job.client_tls().unwrap().ca, PathBuf::from("/jobs/certs/ca.pem"));
+        // The TLS settings reach every process with the job.
+        let json = serde_json::to_string(&job).unwrap();
+        assert_eq!(serde_json::from_str::<JobConfig>(&json).unwrap(), job);
+
+        for (extra, key) in [
+            ("certificate = \"x.pem\"\n", "certificate"),
+            ("client_cert = \"c.pem\"\n", "tls.client_key"),
+            ("client_key = \"c.key\"\n", "tls.client_cert"),
+            ("client_ca = \"ca.pem\"\n", "tls.client_cert"),
+            ("domain = \"not a name\"\n", "tls.domain"),
+        ] {
+            let err = JobConfig::parse(&format!("{MIN}{TLS}{extra}")).unwrap_err();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let err =
+            JobConfig::parse(&format!("{MIN}\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\n")).unwrap_err();
+        assert!(err.contains("missing field `ca`"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_read_when_the_job_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, format!("{MIN}{TLS}")).unwrap();
+        let err = JobConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("tls.cert") && err.contains("certs/server.pem") && err.contains("cannot read"),
+            "{err}"
+        );
+
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        std::fs::write(dir.path().join("certs/server.pem"), "not a certificate\n").unwrap();
+        let err = JobConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("tls.cert") && err.contains("BEGIN CERTIFICATE"), "{err}");
+    }
+
+    #[test]
+    fn the_metrics_endpoint_can_listen_elsewhere() {
+        let job = JobConfig::parse(MIN).unwrap();
+        assert_eq!(job.metrics_listen(1).as_deref(), Some("127.0.0.1:0"));
+        let job = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics_listen = \"0.0.0.0:9100\"\n")).unwrap();
+        assert_eq!(job.metrics_listen(0).as_deref(), Some("0.0.0.0:9100"));
+        assert_eq!(job.metrics_listen(2).as_deref(), Some("0.0.0.0:9102"));
+        let job = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics_listen = \"0.0.0.0:0\"\n")).unwrap();
+        assert_eq!(job.metrics_listen(3).as_deref(), Some("0.0.0.0:0"));
+        assert!(serde_json::to_string(&job).unwrap().contains("\"metrics_listen\":\"0.0.0.0:0\""));
+        let err = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics_listen = \"anywhere\"\n")).unwrap_err();
+        assert!(err.contains("output.metrics_listen"), "{err}");
+        let err =
+            JobConfig::parse(&format!("{MIN}\n[output]\nmetrics = false\nmetrics_listen = \"0.0.0.0:0\"\n"))
+                .unwrap_err();
+        assert!(err.contains("output.metrics_listen"), "{err}");
+        let job = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics = false\n")).unwrap();
+        assert_eq!(job.metrics_listen(0), None);
     }
 
     #[test]

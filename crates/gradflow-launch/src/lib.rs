@@ -17,4 +17,4 @@ pub mod prepare;
 
 pub use contract::{ClusterSpec, Event, Role};
 pub use error::LaunchError;
-pub use job::JobConfig;
+pub use job::{JobConfig, Sharding};

@@ -702,7 +702,7 @@ impl Run {
             servers,
             num_workers: job.workers,
             listen: is_ps.then(|| LOCAL_ANY_PORT.to_string()),
-            metrics_listen: (is_ps && job.output.metrics).then(|| LOCAL_ANY_PORT.to_string()),
+            metrics_listen: if is_ps { job.metrics_listen(proc.index) } else { None },
             job_config: job.clone(),
         };
         // A worker runs the job's own trainer when it names one.

@@ -16,7 +16,7 @@ use gradflow_launch::kubernetes::controller::{JobState, JobStatus};
 use gradflow_launch::kubernetes::{JobClient, KubernetesError, RECORD_STATUS_KEY};
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
@@ -29,6 +29,7 @@ const NS: &str = "ml";
 #[derive(Default)]
 struct State {
     config_maps: BTreeMap<String, ConfigMap>,
+    secrets: BTreeMap<String, Secret>,
     services: BTreeMap<String, Service>,
     pods: BTreeMap<String, Pod>,
     jobs: BTreeMap<String, BatchJob>,
@@ -132,11 +133,13 @@ impl State {
             }
             ("DELETE", Some(name)) => {
                 let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-                let extra = match (&v["propagationPolicy"], &v["gracePeriodSeconds"]) {
-                    (serde_json::Value::String(p), _) => format!(" propagation={p}"),
-                    (_, serde_json::Value::Number(g)) => format!(" grace={g}"),
-                    _ => String::new(),
-                };
+                let extra =
+                    match (&v["propagationPolicy"], &v["gracePeriodSeconds"], &v["preconditions"]["uid"]) {
+                        (serde_json::Value::String(p), _, _) => format!(" propagation={p}"),
+                        (_, serde_json::Value::Number(g), _) => format!(" grace={g}"),
+                        (_, _, serde_json::Value::String(uid)) => format!(" uid={uid}"),
+                        _ => String::new(),
+                    };
                 format!("DELETE {kind}/{name}{extra}")
             }
             (m, Some(name)) => {
@@ -194,6 +197,7 @@ impl State {
                         )
                     };
                     self.pods.retain(|_, p| !owned(&p.metadata.owner_references));
+                    self.secrets.retain(|_, s| !owned(&s.metadata.owner_references));
                     self.services.retain(|_, s| !owned(&s.metadata.owner_references));
                     self.jobs.retain(|_, j| !owned(&j.metadata.owner_references));
                     self.config_maps.remove(name);
@@ -226,6 +230,34 @@ impl State {
                 }
                 None => error(404, "NotFound", &format!("configmaps \"{name}\" not found")),
             },
+            ("POST", "secrets", None) => {
+                let mut secret: Secret = serde_json::from_slice(body).unwrap();
+                let name = secret.metadata.name.clone().unwrap();
+                if self.secrets.contains_key(&name) {
+                    return error(409, "AlreadyExists", &format!("secrets \"{name}\" already exists"));
+                }
+                secret.metadata.uid = Some(self.uid());
+                self.secrets.insert(name, secret.clone());
+                json(StatusCode::CREATED, &secret)
+            }
+            ("GET", "secrets", Some(name)) => match self.secrets.get(name) {
+                Some(s) => json(StatusCode::OK, s),
+                None => error(404, "NotFound", &format!("secrets \"{name}\" not found")),
+            },
+            ("DELETE", "secrets", Some(name)) => {
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+                match self.secrets.get(name) {
+                    Some(s)
+                        if v["preconditions"]["uid"]
+                            .as_str()
+                            .is_some_and(|u| Some(u) != s.metadata.uid.as_deref()) =>
+                    {
+                        error(409, "Conflict", "Precondition failed: UID in precondition does not match")
+                    }
+                    Some(_) => json(StatusCode::OK, &self.secrets.remove(name).unwrap()),
+                    None => error(404, "NotFound", &format!("secrets \"{name}\" not found")),
+                }
+            }
             ("POST", "services", None) => {
                 let mut svc: Service = serde_json::from_slice(body).unwrap();
                 let name = svc.metadata.name.clone().unwrap();
@@ -405,7 +437,7 @@ async fn running_job(
 async fn launch_creates_the_root_then_the_service_then_servers_then_workers() {
     let (client, fake) = Fake::start();
     let c = client.launch(job(2, 2, 3), false).await.unwrap();
-    assert_eq!(fake.requests(), ["POST configmaps demo", "POST services demo"]);
+    assert_eq!(fake.requests(), ["POST configmaps demo", "POST secrets demo-token", "POST services demo"]);
     let uid = fake.root_uid();
     assert_eq!(c.renderer().owner_uid(), Some(uid.as_str()));
     {
@@ -555,7 +587,10 @@ async fn conflicts_409() {
     // A pod created by another controller between this pass's read and its create: the
     // pass goes on as if it had created it.
     let c = client.attach("demo").await.unwrap();
-    assert_eq!(fake.requests(), ["GET configmaps/demo", "POST services demo", "GET services/demo"]);
+    assert_eq!(
+        fake.requests(),
+        ["GET configmaps/demo", "GET secrets/demo-token", "POST services demo", "GET services/demo"]
+    );
     fake.race("POST pods demo-ps-0-0");
     c.reconcile(None).await.unwrap();
     assert_eq!(fake.requests(), pass(&["POST pods demo-ps-0-0", "PUT configmaps/demo"]));
@@ -814,7 +849,15 @@ async fn logs_of_the_latest_attempt_or_a_chosen_one() {
 async fn detach_creates_the_controller_job_and_attach_resumes() {
     let (client, fake) = Fake::start();
     client.launch(job(1, 1, 3), true).await.unwrap();
-    assert_eq!(fake.requests(), ["POST configmaps demo", "POST services demo", "POST jobs demo-controller"]);
+    assert_eq!(
+        fake.requests(),
+        [
+            "POST configmaps demo",
+            "POST secrets demo-token",
+            "POST services demo",
+            "POST jobs demo-controller"
+        ]
+    );
     let uid = fake.root_uid();
     {
         let state = fake.0.lock().unwrap();
@@ -824,8 +867,13 @@ async fn detach_creates_the_controller_job_and_attach_resumes() {
         assert_eq!(spec.service_account_name.as_deref(), Some("gradflow-launcher"));
         assert_eq!(spec.containers[0].args.as_ref().unwrap(), &["attach", "demo", "--namespace", "ml"]);
     }
-    // What the controller pod does: attach and drive.
+    // What the controller pod does: attach (which checks that the token's Secret is the job's)
+    // and drive.
     let c = fake_client(&fake).attach("demo").await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        ["GET configmaps/demo", "GET secrets/demo-token", "POST services demo", "GET services/demo"]
+    );
     assert_eq!(c.renderer().owner_uid(), Some(uid.as_str()));
     c.reconcile(None).await.unwrap();
     assert!(fake.requests().contains(&"POST pods demo-ps-0-0".to_string()));
@@ -858,9 +906,10 @@ fn verbs(lines: &[String]) -> std::collections::BTreeSet<(String, String)> {
 
 #[tokio::test]
 async fn deploy_rbac_grants_exactly_the_verbs_gradflow_uses() {
-    // Every command, through the mock: launch (detached) and drive, attach, status, logs,
-    // follow, a Service conflict, delete.
+    // Every command, through the mock: launch (detached, over a token Secret an earlier job of
+    // the same name left) and drive, attach, status, logs, follow, a Service conflict, delete.
     let (client, fake) = Fake::start();
+    fake.0.lock().unwrap().secrets.insert("demo-token".into(), earlier_jobs_secret());
     let c = client.launch(job(1, 1, 3), true).await.unwrap();
     c.reconcile(None).await.unwrap();
     fake.everything_runs();
@@ -897,4 +946,236 @@ async fn deploy_rbac_grants_exactly_the_verbs_gradflow_uses() {
     // Not a request gradflow makes, but what setting blockOwnerDeletion can be checked against.
     granted.remove(&("configmaps/finalizers".to_string(), "update".to_string()));
     assert_eq!(used, granted);
+}
+
+/// The Secret of job `demo` in the mock.
+fn token_secret(fake: &Fake) -> Secret {
+    fake.0.lock().unwrap().secrets.get("demo-token").cloned().expect("no Secret demo-token")
+}
+
+/// The token a Secret holds.
+fn token_in(secret: &Secret) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()["token"].0.clone()).unwrap()
+}
+
+/// Where each container of a pod gets `GRADFLOW_TOKEN`: `(container, secret, key)`; a
+/// variable with a literal value fails the test.
+fn token_refs(pod: &Pod) -> Vec<(String, String, String)> {
+    let spec = pod.spec.as_ref().unwrap();
+    let mut out = Vec::new();
+    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+        for e in c.env.iter().flatten().filter(|e| e.name == "GRADFLOW_TOKEN") {
+            assert_eq!(e.value, None, "{}: GRADFLOW_TOKEN has a literal value", c.name);
+            let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            out.push((c.name.clone(), r.name.clone(), r.key.clone()));
+        }
+    }
+    out
+}
+
+/// A token Secret that an earlier job named `demo` left: its owner (that job's root) is gone.
+fn earlier_jobs_secret() -> Secret {
+    let mut secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "demo-token", "namespace": NS, "uid": "uid-secret-earlier",
+            "labels": { "gradflow.dev/job": "demo" },
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "ConfigMap", "name": "demo", "uid": "uid-root-earlier",
+                "controller": true, "blockOwnerDeletion": true
+            }]
+        },
+        "type": "Opaque",
+    }))
+    .unwrap();
+    secret.data = Some(BTreeMap::from([(
+        "token".to_string(),
+        k8s_openapi::ByteString(b"the-earlier-jobs-token-0123".to_vec()),
+    )]));
+    secret
+}
+
+#[tokio::test]
+async fn the_token_secret_comes_before_any_pod_is_owned_by_the_root_and_holds_the_jobs_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "k8s-test-token-0123456789abcdef\n").unwrap();
+    let mut j = job(1, 2, 3);
+    j.auth.token_file = Some(file);
+    let expected = j.auth.token().unwrap().unwrap();
+    assert_eq!(expected.expose(), "k8s-test-token-0123456789abcdef");
+
+    let (client, fake) = Fake::start();
+    let c = client.launch(j, false).await.unwrap();
+    c.reconcile(None).await.unwrap();
+    fake.everything_runs();
+    c.reconcile(None).await.unwrap();
+    fake.everything_runs();
+    c.reconcile(None).await.unwrap();
+    // A recreated worker reads the same Secret; nothing creates another.
+    fake.set(Worker, 0, 0, |p| failed(p, 137, "OOMKilled"));
+    c.reconcile(None).await.unwrap();
+    let requests = fake.requests();
+    let secret_at = requests.iter().position(|r| r == "POST secrets demo-token").unwrap();
+    let first_pod = requests.iter().position(|r| r.starts_with("POST pods")).unwrap();
+    assert!(secret_at < first_pod, "{requests:?}");
+    assert_eq!(requests.iter().filter(|r| r.starts_with("POST secrets")).count(), 1, "{requests:?}");
+    assert!(requests.contains(&"POST pods demo-worker-0-1".to_string()), "{requests:?}");
+
+    let secret = token_secret(&fake);
+    assert_eq!(token_in(&secret), expected.expose());
+    assert_eq!((secret.type_.as_deref(), secret.immutable), (Some("Opaque"), Some(true)));
+    assert_eq!(secret.metadata.annotations, None, "the dry-run note is not on the real Secret");
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+        ("ConfigMap", "demo", fake.root_uid().as_str())
+    );
+    assert_eq!((owner.controller, owner.block_owner_deletion), (Some(true), Some(true)));
+
+    for (pod, container) in [
+        ("demo-ps-0-0", "ps"),
+        ("demo-worker-0-0", "worker"),
+        ("demo-worker-0-1", "worker"),
+        ("demo-worker-1-0", "worker"),
+    ] {
+        assert_eq!(
+            token_refs(&fake.pod(pod)),
+            [(container.to_string(), "demo-token".to_string(), "token".to_string())],
+            "{pod}"
+        );
+    }
+    // Only the Secret holds the token.
+    let state = fake.0.lock().unwrap();
+    let elsewhere = serde_json::to_string(&(&state.config_maps, &state.services, &state.pods)).unwrap();
+    assert!(!elsewhere.contains(expected.expose()));
+}
+
+#[tokio::test]
+async fn without_a_token_file_each_job_gets_a_fresh_token() {
+    if std::env::var_os("GRADFLOW_TOKEN").is_some() {
+        // The launcher's own GRADFLOW_TOKEN would be every job's token.
+        return;
+    }
+    let (client, fake) = Fake::start();
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    let mut other = job(1, 1, 3);
+    other.name = "other".into();
+    client.launch(other, false).await.unwrap();
+    let state = fake.0.lock().unwrap();
+    let tokens: Vec<String> =
+        ["demo-token", "other-token"].iter().map(|n| token_in(&state.secrets[*n])).collect();
+    assert_ne!(tokens[0], tokens[1]);
+    for t in &tokens {
+        assert_eq!(t.len(), 64, "{t}");
+        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()), "{t}");
+    }
+}
+
+#[tokio::test]
+async fn auth_disabled_means_no_secret_and_no_token_variable() {
+    let mut j = job(1, 1, 3);
+    j.auth.enabled = false;
+    let (client, fake) = Fake::start();
+    let c = client.launch(j, false).await.unwrap();
+    assert_eq!(fake.requests(), ["POST configmaps demo", "POST services demo"]);
+    c.reconcile(None).await.unwrap();
+    fake.everything_runs();
+    c.reconcile(None).await.unwrap();
+    for pod in ["demo-ps-0-0", "demo-worker-0-0"] {
+        assert_eq!(token_refs(&fake.pod(pod)), [], "{pod}");
+    }
+    assert!(fake.0.lock().unwrap().secrets.is_empty());
+    // And attach does not look for one.
+    fake.requests();
+    fake_client(&fake).attach("demo").await.unwrap();
+    assert!(!fake.requests().iter().any(|r| r.contains("secrets")));
+}
+
+#[tokio::test]
+async fn an_existing_token_secret_is_reused_replaced_or_refused() {
+    // The job's own (created by an earlier try of the same request): used as it is.
+    let (client, fake) = Fake::start();
+    fake.race("POST secrets demo-token");
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        ["POST configmaps demo", "POST secrets demo-token", "GET secrets/demo-token", "POST services demo"]
+    );
+    assert_eq!(token_secret(&fake).metadata.owner_references.unwrap()[0].uid, fake.root_uid());
+
+    // Left by an earlier job of the same name, whose root is gone: replaced.
+    let (client, fake) = Fake::start();
+    fake.0.lock().unwrap().secrets.insert("demo-token".into(), earlier_jobs_secret());
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        [
+            "POST configmaps demo",
+            "POST secrets demo-token",
+            "GET secrets/demo-token",
+            "DELETE secrets/demo-token uid=uid-secret-earlier",
+            "POST secrets demo-token",
+            "POST services demo"
+        ]
+    );
+    let secret = token_secret(&fake);
+    assert_eq!(secret.metadata.owner_references.as_ref().unwrap()[0].uid, fake.root_uid());
+    assert_ne!(token_in(&secret), "the-earlier-jobs-token-0123");
+
+    // Someone else's: an error that names it; the user's Secret stays, the new root goes.
+    let (client, fake) = Fake::start();
+    let mut theirs = earlier_jobs_secret();
+    theirs.metadata.owner_references = None;
+    fake.0.lock().unwrap().secrets.insert("demo-token".into(), theirs.clone());
+    let err = client.launch(job(1, 1, 3), false).await.err().unwrap();
+    assert!(matches!(err, KubernetesError::Foreign(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("a Secret named demo-token already exists in namespace ml"), "{text}");
+    assert!(text.contains("kubectl delete secret demo-token -n ml"), "{text}");
+    assert_eq!(
+        fake.requests(),
+        [
+            "POST configmaps demo",
+            "POST secrets demo-token",
+            "GET secrets/demo-token",
+            "DELETE configmaps/demo propagation=Background"
+        ]
+    );
+    assert_eq!(token_secret(&fake), theirs);
+
+    // No permission on Secrets (a Role from before job tokens): the same clean slate.
+    let (client, fake) = Fake::start();
+    fake.fail("POST secrets", 403);
+    let err = client.launch(job(1, 1, 3), false).await.err().unwrap();
+    assert_eq!(err.http_status(), Some(403), "{err}");
+    assert!(err.to_string().contains("creating Secret demo-token"), "{err}");
+    assert_eq!(
+        fake.requests(),
+        ["POST configmaps demo", "POST secrets demo-token", "DELETE configmaps/demo propagation=Background"]
+    );
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_be_read_fails_before_anything_is_created() {
+    let mut j = job(1, 1, 3);
+    j.auth.token_file = Some("/nonexistent/gradflow/token".into());
+    let (client, fake) = Fake::start();
+    let err = client.launch(j, false).await.err().unwrap();
+    assert!(matches!(err, KubernetesError::Token(_)), "{err}");
+    assert!(err.to_string().starts_with("job token: token file /nonexistent/gradflow/token"), "{err}");
+    assert_eq!(fake.requests(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn attach_refuses_a_job_whose_token_secret_is_gone() {
+    let (client, fake) = Fake::start();
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    fake.0.lock().unwrap().secrets.clear();
+    fake.requests();
+    let err = fake_client(&fake).attach("demo").await.err().unwrap();
+    assert!(matches!(err, KubernetesError::Token(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("Secret demo-token of job demo is missing"), "{text}");
+    assert!(text.contains("gradflow delete demo"), "{text}");
+    assert_eq!(fake.requests(), ["GET configmaps/demo", "GET secrets/demo-token"]);
 }

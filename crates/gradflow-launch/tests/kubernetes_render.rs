@@ -9,12 +9,15 @@ mod kubernetes_support;
 
 use std::path::{Path, PathBuf};
 
+use gradflow_launch::contract::Token;
 use gradflow_launch::kubernetes::config::{load_job, parse_job};
 use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, to_json, to_yaml};
-use gradflow_launch::kubernetes::{LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY};
+use gradflow_launch::kubernetes::{
+    ANNOTATION_TOKEN, LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY,
+};
 use gradflow_launch::{ClusterSpec, JobConfig, Role};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kubernetes_support::*;
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
@@ -176,6 +179,9 @@ fn every_rendered_object_deserializes_back_into_its_type() {
                 "ConfigMap" => {
                     Manifest::ConfigMap(Box::new(serde_json::from_value::<ConfigMap>(item.clone()).unwrap()))
                 }
+                "Secret" => {
+                    Manifest::Secret(Box::new(serde_json::from_value::<Secret>(item.clone()).unwrap()))
+                }
                 "Service" => {
                     Manifest::Service(Box::new(serde_json::from_value::<Service>(item.clone()).unwrap()))
                 }
@@ -193,12 +199,13 @@ fn cluster_spec_in_each_pod_is_the_shared_contract() {
     let r = Renderer::new(job(2, 3, 3), "ml").unwrap();
     for (role, index, attempt) in [(Role::Ps, 0, 0), (Role::Ps, 1, 4), (Role::Worker, 2, 1)] {
         let pod = r.pod(role, index, attempt);
+        // (`GRADFLOW_TOKEN` has no value: it comes from the job's Secret.)
         let env: Vec<(String, String)> = pod.spec.unwrap().containers[0]
             .env
             .clone()
             .unwrap()
             .into_iter()
-            .map(|e| (e.name, e.value.unwrap()))
+            .filter_map(|e| Some((e.name, e.value?)))
             .collect();
         let spec = r.cluster_spec(role, index, attempt);
         // The contract's own variables, in its order, then the launcher's.
@@ -238,6 +245,7 @@ fn labels_and_owner_references_tie_everything_to_the_root() {
     for m in &manifests {
         let meta = match m {
             Manifest::ConfigMap(o) => &o.metadata,
+            Manifest::Secret(o) => &o.metadata,
             Manifest::Service(o) => &o.metadata,
             Manifest::Pod(o) => &o.metadata,
             Manifest::Job(o) => &o.metadata,
@@ -278,6 +286,95 @@ fn labels_and_owner_references_tie_everything_to_the_root() {
     let controller = r.controller_job();
     let template_labels = controller.spec.unwrap().template.metadata.unwrap().labels.unwrap();
     assert!(!template_labels.contains_key(LABEL_JOB));
+}
+
+/// Where each container of a pod gets `GRADFLOW_TOKEN`: `(container, secret, key)`.
+fn token_refs(pod: &Pod) -> Vec<(String, String, String)> {
+    let spec = pod.spec.as_ref().unwrap();
+    let mut out = Vec::new();
+    for c in spec.init_containers.iter().flatten().chain(&spec.containers) {
+        for e in c.env.iter().flatten().filter(|e| e.name == "GRADFLOW_TOKEN") {
+            assert_eq!(e.value, None, "{}: GRADFLOW_TOKEN has a literal value", c.name);
+            let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            out.push((c.name.clone(), r.name.clone(), r.key.clone()));
+        }
+    }
+    out
+}
+
+#[test]
+fn pods_read_the_token_from_the_jobs_secret_and_no_manifest_holds_it() {
+    // A job whose token is known (a token file), with synthetic data (an init container).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "rendered-never-0123456789abcdef").unwrap();
+    let mut job = full_job();
+    job.auth.token_file = Some(file);
+    let token = job.auth.token().unwrap().unwrap();
+    let r = Renderer::new(job, "team-a").unwrap();
+    let manifests = r.manifests(true);
+
+    // The Secret comes right after the root, before anything that reads it, and has no data.
+    let kinds: Vec<&str> = manifests.iter().map(Manifest::kind).collect();
+    assert_eq!(kinds[..3], ["ConfigMap", "Secret", "Service"]);
+    let Manifest::Secret(secret) = &manifests[1] else { unreachable!() };
+    assert_eq!(secret.metadata.name.as_deref(), Some("ctr-token"));
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+    assert_eq!((&secret.data, &secret.string_data, secret.immutable), (&None, &None, None));
+    let note = &secret.metadata.annotations.as_ref().unwrap()[ANNOTATION_TOKEN];
+    assert!(
+        note.contains(
+            "kubectl create secret generic ctr-token -n team-a --from-literal=token=$(openssl rand -hex 32)"
+        ),
+        "{note}"
+    );
+
+    // Servers and workers read it; the init container that writes synthetic data does not.
+    let pods: Vec<&Pod> = manifests
+        .iter()
+        .filter_map(|m| match m {
+            Manifest::Pod(p) => Some(&**p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pods.len(), 4);
+    for pod in pods {
+        let role = &pod.metadata.labels.as_ref().unwrap()[LABEL_ROLE];
+        assert_eq!(token_refs(pod), [(role.clone(), "ctr-token".to_string(), "token".to_string())]);
+    }
+
+    // Neither printed form holds the token; the YAML says how to create the Secret.
+    let yaml = to_yaml(&manifests).unwrap();
+    let json = to_json(&manifests).unwrap();
+    assert!(!yaml.contains(token.expose()) && !json.contains(token.expose()));
+    assert!(
+        yaml.contains("#   kubectl create secret generic ctr-token -n team-a --from-literal=token=$(openssl rand -hex 32)\n"),
+        "{yaml}"
+    );
+    assert_eq!(from_yaml(&yaml).unwrap(), manifests);
+
+    // What `launch` creates holds it, as the API wants it (base64 in `data`).
+    let real = r.token_secret(Some(&token));
+    assert_eq!(real.data.as_ref().unwrap()["token"].0, token.expose().as_bytes());
+    assert_eq!((real.immutable, &real.metadata.annotations), (Some(true), &None));
+    let as_json = serde_json::to_value(&real).unwrap();
+    assert_eq!(as_json["data"]["token"], "cmVuZGVyZWQtbmV2ZXItMDEyMzQ1Njc4OWFiY2RlZg==");
+    let other = Token::new("another-token-0123456789").unwrap();
+    assert_ne!(r.token_secret(Some(&other)).data, real.data);
+}
+
+#[test]
+fn auth_disabled_renders_no_secret_and_no_token_variable() {
+    let mut job = full_job();
+    job.auth.enabled = false;
+    let r = Renderer::new(job, "team-a").unwrap();
+    for m in r.manifests(true) {
+        assert_ne!(m.kind(), "Secret");
+        if let Manifest::Pod(pod) = &m {
+            assert_eq!(token_refs(pod), [], "{}", m.name());
+        }
+    }
+    assert!(!to_yaml(&r.manifests(false)).unwrap().contains("GRADFLOW_TOKEN"));
 }
 
 #[test]

@@ -6,8 +6,10 @@
 //! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back.
 //! - [`transport`]: message limits, HTTP/2 windows, keepalive and retry settings.
 //! - [`auth`]: the job token every call carries and every server checks.
+//! - [`tls`]: TLS and mutual TLS from the job file's `[tls]` section, shared by servers and clients.
 
 pub mod auth;
+pub mod tls;
 pub mod codec;
 pub mod transport;
 

@@ -19,7 +19,12 @@ use tracing::{error, info, warn};
 
 use crate::config::CheckpointConfig;
 use crate::model::ShardModel;
+use crate::tasks::SavedTasks;
 use crate::{PsError, ServerConfig};
+
+/// The name of the data-task progress ([`SavedTasks`], JSON) among a checkpoint's extras;
+/// shard 0 writes it when the job uses dynamic data sharding.
+pub const TASKS_EXTRA: &str = "data_tasks.json";
 
 /// Fault injection for tests: a server whose environment sets this to a step, on its first
 /// attempt (`GRADFLOW_ATTEMPT` unset or 0), writes its files of that step's checkpoint and then
@@ -165,14 +170,27 @@ impl Checkpointer {
         Some(model.snapshot(name, mode))
     }
 
-    /// Writes a snapshot taken by [`Checkpointer::take`]; shard 0 also finalizes it.
-    pub async fn upload(self: &Arc<Self>, snap: ShardSnapshot) -> Result<(), PsError> {
+    /// Writes a snapshot taken by [`Checkpointer::take`], and with it `tasks`, the data-task
+    /// progress at the same model version (shard 0 of a job with dynamic data sharding);
+    /// shard 0 also finalizes the checkpoint.
+    pub async fn upload(
+        self: &Arc<Self>,
+        snap: ShardSnapshot,
+        tasks: Option<SavedTasks>,
+    ) -> Result<(), PsError> {
         let version = snap.version;
         let started = Instant::now();
         let _uploading = self.upload_lock.lock().await;
         let result = async {
             self.store.write_shard(version, &snap).await.map_err(|e| PsError::Internal(e.to_string()))?;
             drop(snap);
+            if let Some(tasks) = tasks {
+                let json = serde_json::to_vec(&tasks).expect("task state serializes");
+                self.store
+                    .put_extra(version, TASKS_EXTRA, json)
+                    .await
+                    .map_err(|e| PsError::Internal(e.to_string()))?;
+            }
             if self.stall_at == Some(version) {
                 warn!(step = version, "{ENV_FAULT_STALL_UPLOAD}: stalling this checkpoint's upload forever");
                 std::future::pending::<()>().await;
@@ -200,8 +218,16 @@ impl Checkpointer {
     }
 }
 
+/// What a shard starts from when it restores a checkpoint.
+pub struct Restored {
+    pub model: ShardModel,
+    pub version: u64,
+    /// Shard 0 of a job with dynamic data sharding: the data tasks done at that version.
+    pub tasks: Option<SavedTasks>,
+}
+
 /// Loads the checkpoint `which` (latest, a step, or a URL) for this shard.
-pub async fn restore(config: &ServerConfig, which: &str) -> Result<(ShardModel, u64), PsError> {
+pub async fn restore(config: &ServerConfig, which: &str) -> Result<Restored, PsError> {
     let (store, which) = match &config.checkpoint {
         Some(c) if !which.contains("://") => (CheckpointStore::open(&c.url), which.to_string()),
         _ => (CheckpointStore::open(which), which.to_string()),
@@ -216,6 +242,19 @@ pub async fn restore(config: &ServerConfig, which: &str) -> Result<(ShardModel, 
     let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap))
         .await
         .map_err(|e| PsError::Internal(e.to_string()))??;
+    let tasks = match config.shard {
+        0 => match store
+            .get_extra(&manifest, TASKS_EXTRA)
+            .await
+            .map_err(|e| PsError::Internal(e.to_string()))?
+        {
+            Some(json) => Some(serde_json::from_slice(&json).map_err(|e| {
+                PsError::Internal(format!("{TASKS_EXTRA} of checkpoint {}: {e}", manifest.url()))
+            })?),
+            None => None,
+        },
+        _ => None,
+    };
     info!(step = version, checkpoint = which, "model restored from checkpoint");
-    Ok((model, version))
+    Ok(Restored { model, version, tasks })
 }

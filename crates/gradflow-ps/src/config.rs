@@ -35,6 +35,9 @@ pub struct ServerConfig {
     pub wait_timeout: Duration,
     /// Refuse gradients that contain NaN or infinity. Default true.
     pub reject_non_finite: bool,
+    /// Sync only: a step completes once all live workers but this many have pushed; later
+    /// pushes for it are refused as stale. Default 0: every live worker is waited for.
+    pub backup_workers: u32,
     /// gRPC transport settings.
     pub transport: TransportConfig,
     /// Where and when to write checkpoints. Default: none.
@@ -46,6 +49,11 @@ pub struct ServerConfig {
     /// read from or written to a file; the binary takes it from `GRADFLOW_TOKEN`. Default none.
     #[serde(skip)]
     pub token: Option<gradflow_proto::auth::Token>,
+    /// TLS: the server's certificate and key, and for mutual TLS the CAs that must have
+    /// signed its clients' certificates (others are refused in the handshake). Comes from
+    /// the job file's `[tls]` section (`JobConfig::server_config`). Default: plaintext.
+    #[serde(skip)]
+    pub tls: Option<gradflow_proto::tls::ServerTls>,
 }
 
 /// When and where a shard writes checkpoints.
@@ -100,6 +108,8 @@ impl Default for ServerConfig {
             checkpoint: None,
             restore: None,
             token: None,
+            tls: None,
+            backup_workers: 0,
         }
     }
 }
@@ -121,6 +131,15 @@ impl ServerConfig {
         }
         if self.heartbeat_timeout < Duration::from_millis(50) {
             return Err(format!("heartbeat_timeout is {:?}; expected at least 50ms", self.heartbeat_timeout));
+        }
+        if self.backup_workers > 0 && self.mode == Mode::Async {
+            return Err("backup_workers applies to sync mode only; async steps never wait".into());
+        }
+        if self.backup_workers >= self.num_workers {
+            return Err(format!(
+                "backup_workers is {} but the job has {} workers; expected fewer backups than workers",
+                self.backup_workers, self.num_workers
+            ));
         }
         if self.max_staleness.is_some() && self.mode == Mode::Sync {
             return Err("max_staleness applies to async mode only; remove it or set mode = \"async\"".into());

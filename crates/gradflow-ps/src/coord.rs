@@ -25,6 +25,8 @@ struct WorkerSlot {
     seen: bool,
     live: bool,
     left: bool,
+    /// Idle until its next push (dynamic data sharding: no task for it right now).
+    paused: bool,
     /// Sync: the first step this worker is waited for (set when it rejoins mid-step).
     counted_from: u64,
     /// Async: steps pushed so far.
@@ -58,6 +60,8 @@ pub struct StepTicket {
 
 pub struct Coordinator {
     mode: Mode,
+    /// Sync: live workers a step may complete without.
+    backup_workers: u32,
     max_staleness: Option<u64>,
     heartbeat_timeout: Duration,
     startup_timeout: Duration,
@@ -74,10 +78,18 @@ impl Coordinator {
         startup_timeout: Duration,
     ) -> Coordinator {
         let now = Instant::now();
-        let slot =
-            WorkerSlot { last_seen: now, seen: false, live: true, left: false, counted_from: 0, clock: 0 };
+        let slot = WorkerSlot {
+            last_seen: now,
+            seen: false,
+            live: true,
+            left: false,
+            paused: false,
+            counted_from: 0,
+            clock: 0,
+        };
         Coordinator {
             mode,
+            backup_workers: 0,
             max_staleness,
             heartbeat_timeout,
             startup_timeout,
@@ -91,6 +103,12 @@ impl Coordinator {
             }),
             changed: watch::channel(0).0,
         }
+    }
+
+    /// Sync: lets a step complete once all live workers but `n` have pushed.
+    pub fn with_backup_workers(mut self, n: u32) -> Coordinator {
+        self.backup_workers = n;
+        self
     }
 
     /// Starts from a model restored at `version`.
@@ -123,6 +141,14 @@ impl Coordinator {
         (0..s.workers.len() as u32).filter(|&w| is_active(&s.workers[w as usize])).collect()
     }
 
+    /// Indices of workers still in the job: heartbeating and not departed, paused or not.
+    pub fn alive_workers(&self) -> Vec<u32> {
+        let s = self.state.lock().unwrap();
+        (0..s.workers.len() as u32)
+            .filter(|&w| s.workers[w as usize].live && !s.workers[w as usize].left)
+            .collect()
+    }
+
     fn notify(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -151,8 +177,9 @@ impl Coordinator {
         Ok(())
     }
 
-    /// A worker finished cleanly: it is no longer waited for.
-    pub fn leave(&self, worker: u32) -> Result<Option<StepTicket>, PsError> {
+    /// A worker finished cleanly, or with `pause` is idle until its next push: it is no
+    /// longer waited for.
+    pub fn leave(&self, worker: u32, pause: bool) -> Result<Option<StepTicket>, PsError> {
         if worker == gradflow_proto::OBSERVER {
             return Ok(None);
         }
@@ -160,8 +187,13 @@ impl Coordinator {
         let num_workers = s.workers.len() as u32;
         let slot =
             s.workers.get_mut(worker as usize).ok_or(PsError::UnknownWorker { worker, num_workers })?;
-        slot.left = true;
-        info!(worker, "worker left");
+        if pause {
+            slot.paused = true;
+            info!(worker, "worker idle: not waited for until its next push");
+        } else {
+            slot.left = true;
+            info!(worker, "worker left");
+        }
         let ticket = self.try_complete(&mut s);
         drop(s);
         self.notify();
@@ -252,6 +284,7 @@ impl Coordinator {
         }
         s.arrived[worker as usize] = true;
         s.arriving += 1;
+        s.workers[worker as usize].paused = false;
         Ok(())
     }
 
@@ -276,12 +309,13 @@ impl Coordinator {
         if arrived == 0 {
             return None;
         }
-        let waiting_for_someone = s
+        let missing = s
             .workers
             .iter()
             .enumerate()
-            .any(|(w, slot)| is_active(slot) && slot.counted_from <= s.version && !s.arrived[w]);
-        if waiting_for_someone {
+            .filter(|(w, slot)| is_active(slot) && slot.counted_from <= s.version && !s.arrived[*w])
+            .count() as u32;
+        if missing > self.backup_workers {
             return None;
         }
         s.applying = true;
@@ -306,6 +340,7 @@ impl Coordinator {
         s.version += 1;
         let slot = &mut s.workers[worker as usize];
         slot.clock = slot.clock.max(step + 1);
+        slot.paused = false;
         let v = s.version;
         drop(s);
         self.notify();
@@ -324,7 +359,7 @@ impl Coordinator {
 }
 
 fn is_active(slot: &WorkerSlot) -> bool {
-    slot.live && !slot.left
+    slot.live && !slot.left && !slot.paused
 }
 
 /// Async: the smallest clock among active workers other than `me` (a worker never waits for
@@ -397,8 +432,42 @@ mod tests {
         let c = sync(2);
         c.begin_push(0, 0).unwrap();
         assert!(c.end_push(0, true).is_none());
-        let t = c.leave(1).unwrap().expect("leave completes the step");
+        let t = c.leave(1, false).unwrap().expect("leave completes the step");
         assert_eq!(t.divisor, 1);
+    }
+
+    #[test]
+    fn a_paused_worker_is_waited_for_again_after_its_next_push_not_its_heartbeat() {
+        let c = sync(2);
+        c.begin_push(0, 0).unwrap();
+        assert!(c.end_push(0, true).is_none());
+        let t = c.leave(1, true).unwrap().expect("pausing completes the step");
+        assert_eq!(t.divisor, 1);
+        c.finish_step(t);
+        c.touch(1).unwrap(); // a heartbeat
+        c.begin_push(0, 1).unwrap();
+        let t = c.end_push(0, true).expect("a heartbeat does not end the pause");
+        c.finish_step(t);
+        c.begin_push(1, 2).unwrap();
+        assert!(c.end_push(1, true).is_none(), "worker 0 is still waited for");
+        c.begin_push(0, 2).unwrap();
+        let t = c.end_push(0, true).expect("both pushed");
+        assert_eq!(t.divisor, 2);
+        c.finish_step(t);
+        c.begin_push(0, 3).unwrap();
+        assert!(c.end_push(0, true).is_none(), "the resumed worker 1 is waited for again");
+    }
+
+    #[test]
+    fn with_a_backup_worker_a_step_completes_without_the_slowest() {
+        let c = sync(3).with_backup_workers(1);
+        c.begin_push(2, 0).unwrap();
+        assert!(c.end_push(2, true).is_none(), "one of three is not enough");
+        c.begin_push(0, 0).unwrap();
+        let t = c.end_push(0, true).expect("two of three complete the step");
+        assert_eq!(t.divisor, 2, "the average is over the pushes taken");
+        c.finish_step(t);
+        assert!(matches!(c.begin_push(1, 0), Err(PsError::StaleStep { pushed: 0, current: 1 })));
     }
 
     #[tokio::test]

@@ -5,6 +5,9 @@ use tonic::{Code, Status};
 
 /// Metadata key carrying the shard's model version on a stale-step refusal.
 pub const VERSION_METADATA: &str = "x-gradflow-version";
+/// Metadata key carrying the lost lease on a refusal because a data task went to another
+/// worker.
+pub const LEASE_LOST_METADATA: &str = "x-gradflow-lease-lost";
 
 /// Why a request was refused. Every refused request leaves the model as it was.
 #[derive(Debug, Error)]
@@ -43,6 +46,14 @@ pub enum PsError {
     DuplicatePush { worker: u32, step: u64 },
     #[error("timed out after {0:?} waiting for the model to reach the requested step")]
     WaitTimeout(std::time::Duration),
+    #[error(
+        "worker {worker} no longer holds data task lease {lease}: it was handed to another worker after this one stopped heartbeating; ask for a new task"
+    )]
+    LeaseLost { worker: u32, lease: u64 },
+    #[error("dynamic data sharding is served by shard 0; this is shard {0}")]
+    NotTaskShard(u32),
+    #[error("no data tasks declared yet: a worker must call DeclareTasks first")]
+    NoTasks,
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -56,7 +67,10 @@ impl From<PsError> for Status {
             | PsError::SpecMismatch(_)
             | PsError::StaleStep { .. }
             | PsError::Rewind { .. }
-            | PsError::NoCheckpoints => Code::FailedPrecondition,
+            | PsError::NoCheckpoints
+            | PsError::LeaseLost { .. }
+            | PsError::NotTaskShard(_)
+            | PsError::NoTasks => Code::FailedPrecondition,
             // Lost a race with training: ask again, for a later step.
             PsError::CheckpointPassed { .. } => Code::Aborted,
             PsError::DuplicatePush { .. } => Code::AlreadyExists,
@@ -73,6 +87,9 @@ impl From<PsError> for Status {
         if let PsError::StaleStep { current, .. } | PsError::Rewind { current, .. } = e {
             // Lets a worker that fell behind resynchronise without another round trip.
             status.metadata_mut().insert(VERSION_METADATA, current.into());
+        }
+        if let PsError::LeaseLost { lease, .. } = e {
+            status.metadata_mut().insert(LEASE_LOST_METADATA, lease.into());
         }
         status
     }

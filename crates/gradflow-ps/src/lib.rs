@@ -8,6 +8,7 @@
 //! - [`coord`]: worker liveness and the sync-step / async-staleness rules.
 //! - [`push`]: a push is validated whole before any of it is applied.
 //! - [`model`]: the parameters this shard holds, dense pieces and sparse rows, and the math.
+//! - [`tasks`]: dynamic data sharding, the queue of data tasks shard 0 hands out.
 //! - [`checkpointing`]: when a shard writes checkpoints, and restoring one at start.
 //! - [`metrics`]: Prometheus counters.
 //! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
@@ -21,6 +22,7 @@ pub mod model;
 pub mod push;
 pub mod server;
 pub mod service;
+pub mod tasks;
 
 pub use checkpointing::ENV_FAULT_STALL_UPLOAD;
 pub use config::{CheckpointConfig, ServerConfig};

@@ -1,5 +1,10 @@
 //! Starting and stopping a shard: the gRPC server, the metrics endpoint, and the background
 //! task that drops silent workers.
+//!
+//! The gRPC server speaks TLS when the config has `tls` (mutual TLS with a client CA) and
+//! checks the job token on every call either way. The `/metrics` endpoint is plain HTTP on
+//! an address of its own, so it can be bound to another interface than the gRPC port (a
+//! scrape network) or left off; it only reads counters.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,6 +67,16 @@ pub async fn start(
     metrics_addr: Option<SocketAddr>,
 ) -> Result<RunningServer, PsError> {
     config.validate().map_err(PsError::InvalidArgument)?;
+    // The TLS files are read before anything binds, so a bad [tls] section fails at once. A
+    // client that fails the handshake (plaintext, an untrusted certificate, none with mutual
+    // TLS) never gets to send a call.
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let tls = tls.load().map_err(|e| PsError::InvalidArgument(e.to_string()))?;
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| PsError::InvalidArgument(format!("the TLS settings do not work: {e}")))?;
+    }
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| PsError::Internal(format!("cannot listen on {addr}: {e}")))?;
@@ -93,7 +108,7 @@ pub async fn start(
         .max_encoding_message_size(t.max_message_bytes);
     // The token is checked before a call reaches the service: a refused call changes nothing.
     let svc = InterceptedService::new(svc, ServerAuth::new(shard.config.token.clone()));
-    let router = tonic::transport::Server::builder()
+    let router = builder
         .initial_stream_window_size(t.stream_window_bytes)
         .initial_connection_window_size(t.connection_window_bytes)
         .max_frame_size(Some(1 << 20))
@@ -101,7 +116,12 @@ pub async fn start(
         .http2_keepalive_timeout(Some(t.keepalive_timeout))
         .tcp_nodelay(true)
         .add_service(svc);
-    info!(%addr, authenticated = shard.config.token.is_some(), shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
+    let tls_mode = match &shard.config.tls {
+        None => "off",
+        Some(t) if t.mutual() => "mutual",
+        Some(_) => "on",
+    };
+    info!(%addr, authenticated = shard.config.token.is_some(), tls = tls_mode, shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
     let s2 = shard.clone();
     // The builder's tcp_nodelay only applies to listeners tonic binds itself; without it,
     // the last frame of every streamed reply waits for a delayed ACK (about 40ms).

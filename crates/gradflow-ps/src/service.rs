@@ -5,7 +5,7 @@
 //! turned into statuses in `error.rs`.
 
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use futures::Stream;
@@ -17,11 +17,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
-use crate::checkpointing::Checkpointer;
+use crate::checkpointing::{Checkpointer, Restored};
 use crate::coord::{Coordinator, StepTicket};
 use crate::metrics::Metrics;
 use crate::model::{ShardModel, SparseAccum};
 use crate::push::{ValidPush, check_ids_on_shard, validate};
+use crate::tasks::{Handout, Piece, SavedTasks, TaskPlan, TaskQueue};
 use crate::{PsError, ServerConfig};
 
 /// The state of one shard, shared by all handlers and background tasks.
@@ -32,20 +33,26 @@ pub struct Shard {
     model: RwLock<Option<Arc<ShardModel>>>,
     declare_lock: tokio::sync::Mutex<()>,
     pub checkpointer: Option<Arc<Checkpointer>>,
+    /// Shard 0, dynamic data sharding: the job's data tasks, once a worker declared them.
+    tasks: Mutex<Option<TaskQueue>>,
+    /// Shard 0: the task progress of the checkpoint this shard was restored from, until the
+    /// workers declare the plan again.
+    restored_tasks: Mutex<Option<SavedTasks>>,
 }
 
 impl Shard {
-    /// A shard with no model yet (the first worker declares it), or with `restored`, a model
-    /// loaded from a checkpoint at version `.1`.
-    pub fn new(config: ServerConfig, restored: Option<(ShardModel, u64)>) -> Result<Shard, PsError> {
+    /// A shard with no model yet (the first worker declares it), or one restored from a
+    /// checkpoint.
+    pub fn new(config: ServerConfig, restored: Option<Restored>) -> Result<Shard, PsError> {
         let coord = Coordinator::new(
             config.mode,
             config.num_workers,
             config.max_staleness,
             config.heartbeat_timeout,
             config.startup_timeout,
-        );
-        let version = restored.as_ref().map_or(0, |r| r.1);
+        )
+        .with_backup_workers(config.backup_workers);
+        let version = restored.as_ref().map_or(0, |r| r.version);
         if restored.is_some() {
             coord.restore(version);
         }
@@ -56,10 +63,29 @@ impl Shard {
             config,
             coord,
             metrics,
-            model: RwLock::new(restored.map(|r| Arc::new(r.0))),
+            restored_tasks: Mutex::new(restored.as_ref().and_then(|r| r.tasks.clone())),
+            model: RwLock::new(restored.map(|r| Arc::new(r.model))),
             declare_lock: tokio::sync::Mutex::new(()),
             checkpointer,
+            tasks: Mutex::new(None),
         })
+    }
+
+    /// The data-task progress to save with a checkpoint (shard 0 with dynamic sharding).
+    fn tasks_state(&self) -> Option<SavedTasks> {
+        let tasks = self.tasks.lock().unwrap();
+        match &*tasks {
+            Some(q) => Some(q.save()),
+            // Declared by no one yet after a restore: keep what the checkpoint had.
+            None => self.restored_tasks.lock().unwrap().clone(),
+        }
+    }
+
+    fn task_queue(&self) -> Result<std::sync::MutexGuard<'_, Option<TaskQueue>>, PsError> {
+        if self.config.shard != 0 {
+            return Err(PsError::NotTaskShard(self.config.shard));
+        }
+        Ok(self.tasks.lock().unwrap())
     }
 
     /// Takes a checkpoint now if one is due at `version` (or `force`), on a blocking thread,
@@ -71,9 +97,14 @@ impl Shard {
         }
         let mode = self.config.mode;
         let ck2 = ck.clone();
-        let Ok(Some(snap)) = blocking(move || ck2.take(&model, version, mode)).await else { return };
+        let shard = self.clone();
+        let Ok(Some((snap, tasks))) =
+            blocking(move || ck2.take(&model, version, mode).map(|snap| (snap, shard.tasks_state()))).await
+        else {
+            return;
+        };
         let upload = async move {
-            let _ = ck.upload(snap).await;
+            let _ = ck.upload(snap, tasks).await;
         };
         if wait {
             upload.await;
@@ -100,18 +131,20 @@ impl Shard {
         let mode = self.config.mode;
         // The snapshot is taken before the version moves on, so no push of the next step can
         // be in it: every shard's checkpoint of a version holds the same model.
+        let shard = self.clone();
         let snapshot = blocking(move || {
             model.apply_accumulated(divisor);
-            ck.filter(|c| c.due(step + 1)).and_then(|c| c.take(&model, step + 1, mode))
+            let snap = ck.filter(|c| c.due(step + 1)).and_then(|c| c.take(&model, step + 1, mode));
+            snap.map(|snap| (snap, shard.tasks_state()))
         })
         .await?;
         debug!(step = ticket.step, workers = ticket.divisor, elapsed = ?started.elapsed(), "step applied");
         self.coord.finish_step(ticket);
         self.metrics.steps.inc();
         self.metrics.version.set(self.coord.version() as i64);
-        if let (Some(snap), Some(ck)) = (snapshot, self.checkpointer.clone()) {
+        if let (Some((snap, tasks)), Some(ck)) = (snapshot, self.checkpointer.clone()) {
             tokio::spawn(async move {
-                let _ = ck.upload(snap).await;
+                let _ = ck.upload(snap, tasks).await;
             });
         }
         Ok(())
@@ -318,8 +351,8 @@ impl gradflow_proto::ParameterServer for Service {
     }
 
     async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
-        let worker = request.into_inner().worker;
-        if let Some(ticket) = self.shard.coord.leave(worker)? {
+        let req = request.into_inner();
+        if let Some(ticket) = self.shard.coord.leave(req.worker, req.pause)? {
             self.shard.complete_step(ticket).await?;
         }
         self.shard.metrics.live_workers.set(self.shard.coord.live_workers().len() as i64);
@@ -382,9 +415,120 @@ impl gradflow_proto::ParameterServer for Service {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
+
+    async fn declare_tasks(
+        &self,
+        request: Request<pb::DeclareTasksRequest>,
+    ) -> Result<Response<pb::DeclareTasksResponse>, Status> {
+        let created = self.declare_tasks_inner(request.into_inner())?;
+        Ok(Response::new(pb::DeclareTasksResponse { created }))
+    }
+
+    async fn next_task(
+        &self,
+        request: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        Ok(Response::new(self.next_task_inner(request.into_inner())?))
+    }
+}
+
+/// The first way `now` differs from `before`, for the refusal message.
+fn plan_difference(before: &TaskPlan, now: &TaskPlan) -> String {
+    if before.epochs != now.epochs {
+        return format!("epochs {} before, {} now", before.epochs, now.epochs);
+    }
+    if before.seed != now.seed {
+        return format!("seed {} before, {} now", before.seed, now.seed);
+    }
+    if before.pieces.len() != now.pieces.len() {
+        return format!(
+            "{} pieces before, {} now (a different task_bytes or data?)",
+            before.pieces.len(),
+            now.pieces.len()
+        );
+    }
+    match before.pieces.iter().zip(&now.pieces).position(|(a, b)| a != b) {
+        Some(i) => format!("piece {i} was {:?}, now {:?}", before.pieces[i], now.pieces[i]),
+        None => "no difference".into(),
+    }
 }
 
 impl Service {
+    fn declare_tasks_inner(&self, req: pb::DeclareTasksRequest) -> Result<bool, PsError> {
+        let shard = &self.shard;
+        shard.touch(req.worker)?;
+        let plan = TaskPlan {
+            pieces: req
+                .pieces
+                .into_iter()
+                .map(|p| Piece { path: p.path, start: p.start, end: p.end })
+                .collect(),
+            epochs: req.epochs,
+            seed: req.seed,
+        };
+        plan.validate()?;
+        let mut tasks = shard.task_queue()?;
+        let differs = |have: &TaskPlan, source: &str| {
+            PsError::SpecMismatch(format!(
+                "the data tasks differ from the ones {source}: {}",
+                plan_difference(have, &plan)
+            ))
+        };
+        if let Some(q) = tasks.as_ref() {
+            return if q.plan() == &plan { Ok(false) } else { Err(differs(q.plan(), "already declared")) };
+        }
+        let queue = match shard.restored_tasks.lock().unwrap().take() {
+            Some(saved) if saved.plan != plan => {
+                return Err(differs(&saved.plan, "in the checkpoint this server restored"));
+            }
+            Some(saved) => {
+                info!("data tasks restored from the checkpoint");
+                TaskQueue::restore(saved)?
+            }
+            None => TaskQueue::new(plan),
+        };
+        info!(pieces = queue.plan().pieces.len(), epochs = queue.plan().epochs, "data tasks declared");
+        *tasks = Some(queue);
+        Ok(true)
+    }
+
+    fn next_task_inner(&self, req: pb::NextTaskRequest) -> Result<pb::NextTaskResponse, PsError> {
+        let shard = &self.shard;
+        shard.touch(req.worker)?;
+        // Paused workers are idle, not gone: a scoring they were given stays theirs.
+        let live = shard.coord.alive_workers();
+        let mut tasks = shard.task_queue()?;
+        let queue = tasks.as_mut().ok_or(PsError::NoTasks)?;
+        let scored = req.scored_epoch.checked_sub(1);
+        let (handout, completed) = queue.next(req.worker, req.done_lease, scored, |w| live.contains(&w));
+        let mut resp = pb::NextTaskResponse {
+            completed_epoch: completed.map_or(0, |(e, _)| e + 1),
+            completed_epoch_examples: completed.map_or(0, |(_, n)| n),
+            ..Default::default()
+        };
+        match handout {
+            Handout::Task(t) => {
+                debug!(
+                    worker = req.worker,
+                    epoch = t.epoch,
+                    piece = t.piece_index,
+                    skip = t.skip_examples,
+                    "task handed out"
+                );
+                resp.state = pb::next_task_response::State::Task as i32;
+                resp.lease = t.lease;
+                resp.epoch = t.epoch;
+                resp.piece_index = t.piece_index;
+                resp.piece =
+                    Some(pb::TaskPiece { path: t.piece.path, start: t.piece.start, end: t.piece.end });
+                resp.skip_examples = t.skip_examples;
+            }
+            Handout::Wait => resp.state = pb::next_task_response::State::Wait as i32,
+            Handout::Finished => resp.state = pb::next_task_response::State::Finished as i32,
+        }
+        Ok(resp)
+    }
+
     async fn push_inner(&self, msgs: Vec<pb::PushRequest>) -> Result<u64, PsError> {
         let shard = self.shard.clone();
         let model = shard.model()?;
@@ -394,6 +538,17 @@ impl Service {
             return Err(PsError::InvalidArgument("an observer cannot push gradients".into()));
         }
         shard.touch(worker)?;
+        let task = msgs.first().and_then(|m| m.task);
+        if let Some(t) = task {
+            // A push quoting a task that was handed to someone else must not be taken.
+            shard.task_queue()?.as_ref().ok_or(PsError::NoTasks)?.check(worker, t.lease)?;
+        }
+        let record_progress = |shard: &Shard| {
+            if let (Some(t), Ok(mut q)) = (task, shard.task_queue()) {
+                // Cannot fail: only a worker that stopped heartbeating loses its lease.
+                let _ = q.as_mut().map(|q| q.progress(worker, t.lease, t.examples));
+            }
+        };
         let m = model.clone();
         let push = blocking(move || validate(&m, msgs, reject)).await??;
         shard.metrics.bytes_received.inc_by(push.bytes);
@@ -404,6 +559,10 @@ impl Service {
                 shard.coord.begin_push(worker, step)?;
                 let m = model.clone();
                 let added = blocking(move || accumulate(&m, push)).await;
+                if added.is_ok() {
+                    // Before the push counts: the step's checkpoint must hold its progress.
+                    record_progress(&shard);
+                }
                 if let Some(ticket) = shard.coord.end_push(worker, added.is_ok()) {
                     shard.complete_step(ticket).await?;
                 }
@@ -412,6 +571,7 @@ impl Service {
             }
             Mode::Async => {
                 blocking(move || apply_now(&model, push)).await?;
+                record_progress(&shard);
                 let v = shard.coord.applied_async(worker, step);
                 shard.metrics.version.set(v as i64);
                 shard.checkpoint_if_due(v, false, false).await;

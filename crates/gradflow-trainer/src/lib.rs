@@ -12,15 +12,15 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use gradflow_core::Mode;
-use gradflow_data::{Batch, Reader, ReaderConfig, ShardSpec, Standardizer, metrics};
-use gradflow_launch::{Event, JobConfig};
+use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer, metrics};
+use gradflow_launch::{Event, JobConfig, Sharding};
 use gradflow_models::{Grads, Model, Params, SparseRows};
-use gradflow_worker::{StepOutcome, Worker, WorkerConfig};
+use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Why training stopped.
 #[derive(Debug, Error)]
@@ -128,8 +128,8 @@ pub async fn run_worker(
 ) -> Result<WorkerSummary, TrainError> {
     let config = job.model().map_err(|e| TrainError::Config(e.to_string()))?;
     let model: Arc<dyn Model> = Arc::from(gradflow_models::build(config)?);
-    let shard = ShardSpec::new(index as usize, job.workers as usize)?;
-    let mut reader = Reader::open(&job.train_reader(), shard)?;
+    // Opening the reader checks the data against the model before any server is involved.
+    let reader = Reader::open(&job.train_reader(), ShardSpec::new(index as usize, job.workers as usize)?)?;
     if reader.num_dense() != model.num_dense() {
         return Err(TrainError::Config(format!(
             "the training data has {} dense features ({:?}) but model.num_dense is {}",
@@ -149,99 +149,335 @@ pub async fn run_worker(
     worker.declare(model.spec().clone()).await?;
     if job.mode == Mode::Sync {
         // A restarted worker joins the step the servers are on.
-        let version = worker.status().await?.iter().map(|s| s.version).max().unwrap_or(0);
-        worker.set_step(version);
+        catch_up(&mut worker).await?;
     }
-    let first_step = worker.current_step();
-    info!(worker = index, step = first_step, "training");
+    info!(worker = index, step = worker.current_step(), sharding = ?job.data.sharding, "training");
+    let mut session = Session {
+        job,
+        index,
+        buffers: StepBuffers::new(model.as_ref()),
+        batch: Batch::new(reader.num_dense()),
+        model,
+        scaler,
+        worker,
+        summary: WorkerSummary { steps: 0, samples: 0, evals: Vec::new() },
+        window: Window::new(),
+    };
+    match job.data.sharding {
+        Sharding::Static => session.train_static(reader).await?,
+        Sharding::Dynamic => session.train_dynamic().await?,
+    }
+    let Session { worker, summary, .. } = session;
+    Event::Done { worker: index, step: worker.current_step(), samples: summary.samples }.emit();
+    worker.leave().await?;
+    Ok(summary)
+}
 
-    let mut buffers = StepBuffers::new(model.as_ref());
-    let mut batch = Batch::new(reader.num_dense());
-    if first_step > 0 {
-        // Joining a job at step k (a restart, or a job restored from a checkpoint): the first
-        // k batches of this worker's data went into the model already. The data order is a
-        // function of the seed, so skipping them resumes exactly where the job was.
-        for _ in 0..first_step {
-            if compute(|| reader.next_batch(&mut batch, job.train.batch_size))? == 0 {
-                break;
-            }
-        }
-        info!(worker = index, batches = first_step, "skipped the batches trained before this step");
+/// Moves a sync worker to the step the servers are on: the lowest shard's. A worker killed
+/// while pushing may have reached some shards and not others, and the shards it did not
+/// reach wait for it at that step; the ones ahead refuse the step as stale and say where to
+/// go on.
+async fn catch_up(worker: &mut Worker) -> Result<(), TrainError> {
+    let version = worker.status().await?.iter().map(|s| s.version).min().unwrap_or(0);
+    worker.set_step(version);
+    Ok(())
+}
+
+/// Loss and throughput since the last progress report.
+struct Window {
+    loss: f64,
+    batches: u64,
+    samples: u64,
+    start: Instant,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window { loss: 0.0, batches: 0, samples: 0, start: Instant::now() }
     }
-    let mut summary = WorkerSummary { steps: 0, samples: 0, evals: Vec::new() };
-    let (mut window_loss, mut window_batches, mut window_samples) = (0f64, 0u64, 0u64);
-    let mut window_start = Instant::now();
-    let spec = model.spec().clone();
-    loop {
-        if job.train.max_steps.is_some_and(|m| worker.current_step() >= m) {
-            break;
+}
+
+/// One worker's training: its connection, model, buffers and counters.
+struct Session<'a> {
+    job: &'a JobConfig,
+    index: u32,
+    model: Arc<dyn Model>,
+    scaler: Option<Standardizer>,
+    worker: Worker,
+    buffers: StepBuffers,
+    batch: Batch,
+    summary: WorkerSummary,
+    window: Window,
+}
+
+/// What became of one batch.
+enum Trained {
+    Applied,
+    /// Sync: the servers finished the step without this batch; its gradients were discarded.
+    Discarded,
+    /// Dynamic sharding: the task was handed to another worker; nothing of the batch counted.
+    LeaseLost,
+}
+
+impl Session<'_> {
+    fn max_steps_reached(&self) -> bool {
+        self.job.train.max_steps.is_some_and(|m| self.worker.current_step() >= m)
+    }
+
+    /// Reads the next batch of `reader` into `self.batch` (scaled); 0 at the end.
+    fn read(&mut self, reader: &mut Reader) -> Result<usize, TrainError> {
+        let n = compute(|| reader.next_batch(&mut self.batch, self.job.train.batch_size))?;
+        if let (Some(s), true) = (&self.scaler, n > 0) {
+            s.apply(&mut self.batch);
         }
-        let n = compute(|| reader.next_batch(&mut batch, job.train.batch_size))?;
-        if n == 0 {
-            break;
-        }
-        if let Some(s) = &scaler {
-            s.apply(&mut batch);
-        }
-        buffers.pull(&worker, model.as_ref(), &batch).await?;
-        let StepBuffers { params, grads, .. } = &mut buffers;
-        let loss = compute(|| model.forward_backward(&batch, params, grads))?;
+        Ok(n)
+    }
+
+    /// Pulls what the batch in `self.batch` needs, computes its gradients and pushes them.
+    async fn train_batch(&mut self) -> Result<(Trained, f32), TrainError> {
+        let (model, worker, batch) = (self.model.as_ref(), &mut self.worker, &self.batch);
+        self.buffers.pull(worker, model, batch).await?;
+        let StepBuffers { params, grads, .. } = &mut self.buffers;
+        let loss = compute(|| model.forward_backward(batch, params, grads))?;
+        let spec = model.spec();
         for (d, g) in spec.dense.iter().zip(&grads.dense) {
             worker.push_dense(&d.name, g)?;
         }
         for (s, g) in spec.sparse.iter().zip(&grads.sparse) {
             worker.push_sparse(&s.name, &g.ids, &g.values)?;
         }
-        if let StepOutcome::Stale { resumed_at } = worker.step().await? {
-            warn!(
-                worker = index,
-                resumed_at, "this batch's gradients were discarded: the servers had moved on"
-            );
+        match worker.step().await {
+            Ok(StepOutcome::Applied) => Ok((Trained::Applied, loss)),
+            Ok(StepOutcome::Stale { .. }) => Ok((Trained::Discarded, loss)),
+            Err(e) if e.is_lease_lost() => Ok((Trained::LeaseLost, loss)),
+            Err(e) => Err(e.into()),
         }
-        summary.steps += 1;
-        summary.samples += n as u64;
-        window_loss += loss as f64;
-        window_batches += 1;
-        window_samples += n as u64;
-        if summary.steps % job.train.log_every_steps == 0 {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+    }
+
+    /// Counts a trained batch of `n` examples and reports progress every `log_every_steps`.
+    fn count(&mut self, n: usize, loss: f32, epoch: u64) {
+        self.summary.steps += 1;
+        self.summary.samples += n as u64;
+        let w = &mut self.window;
+        w.loss += loss as f64;
+        w.batches += 1;
+        w.samples += n as u64;
+        if self.summary.steps % self.job.train.log_every_steps == 0 {
+            let secs = w.start.elapsed().as_secs_f64().max(1e-9);
             Event::Progress {
-                worker: index,
-                step: worker.current_step(),
-                epoch: reader.epoch(),
-                samples: summary.samples,
-                loss: window_loss / window_batches as f64,
-                samples_per_sec: window_samples as f64 / secs,
+                worker: self.index,
+                step: self.worker.current_step(),
+                epoch,
+                samples: self.summary.samples,
+                loss: w.loss / w.batches as f64,
+                samples_per_sec: w.samples as f64 / secs,
             }
             .emit();
-            (window_loss, window_batches, window_samples) = (0.0, 0, 0);
-            window_start = Instant::now();
+            self.window = Window::new();
         }
-        if reader.end_of_epoch() && index == 0 {
-            if let Some(test) = job.test_reader() {
-                let e =
-                    evaluate(&worker, model.as_ref(), &test, scaler.as_ref(), job.train.batch_size).await?;
-                let event = Event::Eval {
-                    worker: index,
-                    epoch: reader.epoch() + 1,
-                    step: worker.current_step(),
-                    test_loss: e.loss,
-                    test_auc: e.auc,
-                    test_accuracy: e.accuracy,
-                    test_examples: e.examples,
-                };
-                event.emit();
-                append_result(job, &event)?;
-                summary.evals.push(event);
+    }
+
+    /// Scores the model on the test data after `epoch` (0-based) and records the result,
+    /// with `trained`, the examples the epoch put in the model, when known.
+    async fn evaluate_epoch(&mut self, epoch: u64, trained: Option<u64>) -> Result<(), TrainError> {
+        let Some(test) = self.job.test_reader() else { return Ok(()) };
+        let e = evaluate(
+            &self.worker,
+            self.model.as_ref(),
+            &test,
+            self.scaler.as_ref(),
+            self.job.train.batch_size,
+        )
+        .await?;
+        let event = Event::Eval {
+            worker: self.index,
+            epoch: epoch + 1,
+            step: self.worker.current_step(),
+            test_loss: e.loss,
+            test_auc: e.auc,
+            test_accuracy: e.accuracy,
+            test_examples: e.examples,
+        };
+        event.emit();
+        append_result(self.job, &event, trained)?;
+        self.summary.evals.push(event);
+        Ok(())
+    }
+
+    /// Static sharding: this worker's fixed byte range of every file, epoch after epoch;
+    /// worker 0 scores the model at the end of each of its epochs.
+    async fn train_static(&mut self, mut reader: Reader) -> Result<(), TrainError> {
+        let first_step = self.worker.current_step();
+        if first_step > 0 {
+            // Joining a job at step k (a restart, or a job restored from a checkpoint): the
+            // first k batches of this worker's data went into the model already. The data
+            // order is a function of the seed, so skipping them resumes exactly where the job
+            // was.
+            for _ in 0..first_step {
+                if compute(|| reader.next_batch(&mut self.batch, self.job.train.batch_size))? == 0 {
+                    break;
+                }
+            }
+            info!(worker = self.index, batches = first_step, "skipped the batches trained before this step");
+        }
+        while !self.max_steps_reached() {
+            let n = self.read(&mut reader)?;
+            if n == 0 {
+                break;
+            }
+            let (outcome, loss) = self.train_batch().await?;
+            if let Trained::Discarded = outcome {
+                warn!(
+                    worker = self.index,
+                    resumed_at = self.worker.current_step(),
+                    "this batch's gradients were discarded: the servers had moved on"
+                );
+            }
+            self.count(n, loss, reader.epoch());
+            if reader.end_of_epoch() && self.index == 0 {
+                self.evaluate_epoch(reader.epoch(), None).await?;
             }
         }
+        if reader.skipped() > 0 {
+            warn!(worker = self.index, skipped = reader.skipped(), "malformed lines were skipped");
+        }
+        Ok(())
     }
-    if reader.skipped() > 0 {
-        warn!(worker = index, skipped = reader.skipped(), "malformed lines were skipped");
+
+    /// Dynamic sharding: tasks from shard 0 until every epoch is done. A batch whose
+    /// gradients the servers discarded is trained again, so every example of an epoch is in
+    /// the model exactly once; the worker that finishes an epoch's last task scores the model.
+    async fn train_dynamic(&mut self) -> Result<(), TrainError> {
+        let pieces = task_pieces(self.job)?;
+        let created = self.worker.declare_tasks(&pieces, self.job.train.epochs, self.job.train.seed).await?;
+        info!(worker = self.index, tasks = pieces.len(), created, "data tasks declared");
+        let (mut done, mut paused, mut skipped, mut scored) = (0u64, false, 0u64, None);
+        let mut idle_wait = Duration::from_millis(10);
+        while !self.max_steps_reached() {
+            let next = self.worker.next_task(std::mem::take(&mut done), scored.take()).await?;
+            if let Some((epoch, examples)) = next.completed_epoch {
+                info!(worker = self.index, epoch, examples, "epoch done; scoring the model");
+                self.evaluate_epoch(epoch, Some(examples)).await?;
+                scored = Some(epoch);
+            }
+            let task = match next.handout {
+                TaskHandout::Finished => break,
+                TaskHandout::Wait => {
+                    if !paused {
+                        self.worker.pause().await?;
+                        paused = true;
+                    }
+                    tokio::time::sleep(idle_wait).await;
+                    idle_wait = (idle_wait * 2).min(Duration::from_millis(200));
+                    continue;
+                }
+                TaskHandout::Task(task) => task,
+            };
+            idle_wait = Duration::from_millis(10);
+            if paused && self.job.mode == Mode::Sync {
+                catch_up(&mut self.worker).await?;
+            }
+            paused = false;
+            let mut reader = self.task_reader(&task)?;
+            let mut examples = task.skip_examples;
+            if examples > 0 {
+                skip_examples(&mut reader, &mut self.batch, examples)?;
+                info!(
+                    worker = self.index,
+                    lease = task.lease,
+                    examples,
+                    "resuming a task another attempt started"
+                );
+            }
+            let finished = loop {
+                if self.max_steps_reached() {
+                    break false;
+                }
+                let n = self.read(&mut reader)?;
+                if n == 0 {
+                    break true;
+                }
+                let outcome = loop {
+                    self.worker.set_task_progress(task.lease, examples + n as u64);
+                    match self.train_batch().await? {
+                        (Trained::Discarded, _) => {
+                            debug!(worker = self.index, "batch discarded by the servers; training it again");
+                        }
+                        (outcome, loss) => break (outcome, loss),
+                    }
+                };
+                match outcome {
+                    (Trained::Applied, loss) => {
+                        examples += n as u64;
+                        self.count(n, loss, task.epoch);
+                    }
+                    _ => {
+                        warn!(
+                            worker = self.index,
+                            lease = task.lease,
+                            "this worker's task was handed to another worker while it was unreachable; asking for a new one"
+                        );
+                        if self.job.mode == Mode::Sync {
+                            catch_up(&mut self.worker).await?;
+                        }
+                        break false;
+                    }
+                }
+            };
+            skipped += reader.skipped();
+            if finished {
+                done = task.lease;
+            }
+        }
+        if skipped > 0 {
+            warn!(worker = self.index, skipped, "malformed lines were skipped");
+        }
+        Ok(())
     }
-    Event::Done { worker: index, step: worker.current_step(), samples: summary.samples }.emit();
-    worker.leave().await?;
-    Ok(summary)
+
+    /// The reader of one task: its piece, in an example order drawn from the job's seed, the
+    /// epoch and the piece, so that any worker reading it again sees the same order.
+    fn task_reader(&self, task: &DataTask) -> Result<Reader, TrainError> {
+        let mut cfg = self.job.train_reader();
+        cfg.epochs = gradflow_data::Epochs::Count(1);
+        let mut rng = gradflow_data::SplitMix64::new(
+            self.job.train.seed
+                ^ task.epoch.rotate_left(32)
+                ^ u64::from(task.piece_index).wrapping_mul(0x9E37_79B9),
+        );
+        cfg.seed = rng.next_u64();
+        let piece =
+            FilePiece { path: PathBuf::from(&task.piece.path), range: task.piece.start..task.piece.end };
+        Ok(Reader::from_pieces(&cfg, vec![piece])?)
+    }
+}
+
+/// Reads and drops `count` examples.
+fn skip_examples(reader: &mut Reader, batch: &mut Batch, mut count: u64) -> Result<(), TrainError> {
+    while count > 0 {
+        let n = compute(|| reader.next_batch(batch, count.min(4096) as usize))?;
+        if n == 0 {
+            break;
+        }
+        count -= n as u64;
+    }
+    Ok(())
+}
+
+/// The job's data tasks: every training file cut into pieces of about `data.task_bytes`.
+pub fn task_pieces(job: &JobConfig) -> Result<Vec<TaskPiece>, TrainError> {
+    let files = job.train_reader().files()?;
+    let mut pieces = Vec::new();
+    for path in files {
+        let len = std::fs::metadata(&path)
+            .map_err(|e| TrainError::Config(format!("training file {}: {e}", path.display())))?
+            .len();
+        let parts = len.div_ceil(job.data.task_bytes).max(1) as usize;
+        for range in gradflow_data::split_ranges(len, parts) {
+            pieces.push(TaskPiece { path: path.display().to_string(), start: range.start, end: range.end });
+        }
+    }
+    Ok(pieces)
 }
 
 /// Scores on a test set.
@@ -289,8 +525,9 @@ pub async fn evaluate(
     })
 }
 
-/// Appends an evaluation to the job's results file as one JSON line.
-fn append_result(job: &JobConfig, event: &Event) -> Result<(), TrainError> {
+/// Appends an evaluation to the job's results file as one JSON line, with the examples the
+/// epoch trained when known (dynamic sharding).
+fn append_result(job: &JobConfig, event: &Event, trained: Option<u64>) -> Result<(), TrainError> {
     let path = job.output_dir().join(&job.output.results);
     let err = |source| TrainError::Results { path: path.clone(), source };
     if let Some(dir) = path.parent() {
@@ -301,6 +538,9 @@ fn append_result(job: &JobConfig, event: &Event) -> Result<(), TrainError> {
     line["mode"] = job.mode.to_string().into();
     line["workers"] = job.workers.into();
     line["servers"] = job.servers.into();
+    if let Some(n) = trained {
+        line["epoch_train_examples"] = n.into();
+    }
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
     writeln!(f, "{line}").map_err(err)?;
     Ok(())

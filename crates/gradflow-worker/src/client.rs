@@ -10,13 +10,14 @@ use futures::future::try_join_all;
 use futures::stream::{self, StreamExt};
 use gradflow_core::{ModelSpec, Placement};
 use gradflow_proto::auth::ClientAuth;
+use gradflow_proto::tls::{self, ClientTls};
 use gradflow_proto::{OBSERVER, ParameterServerClient, codec, pb};
 use tonic::service::interceptor::InterceptedService;
 
 /// A client of one shard that sends the job's token with every call.
 type Client = ParameterServerClient<InterceptedService<Channel, ClientAuth>>;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
@@ -58,6 +59,8 @@ pub struct Worker {
     pending: Vec<Pending>,
     heartbeat: JoinHandle<()>,
     step_tx: tokio::sync::watch::Sender<u64>,
+    /// Dynamic data sharding: the task progress the next push to shard 0 carries.
+    pub(crate) task_progress: Option<pb::TaskProgress>,
 }
 
 impl Drop for Worker {
@@ -66,11 +69,22 @@ impl Drop for Worker {
     }
 }
 
-fn endpoint(addr: &str, config: &WorkerConfig) -> Result<Endpoint, WorkerError> {
+/// The connection settings of one server; `tls` makes it `https://`.
+fn endpoint(
+    addr: &str,
+    config: &WorkerConfig,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, WorkerError> {
     let t = &config.transport;
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    Ok(Endpoint::from_shared(url)
-        .map_err(|e| WorkerError::Config(format!("server address `{addr}` is not valid: {e}")))?
+    let url = gradflow_proto::tls::url(addr, tls.is_some()).map_err(WorkerError::Config)?;
+    let mut endpoint = Endpoint::from_shared(url)
+        .map_err(|e| WorkerError::Config(format!("server address `{addr}` is not valid: {e}")))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| WorkerError::Config(format!("TLS settings for `{addr}` do not work: {e}")))?;
+    }
+    Ok(endpoint
         .connect_timeout(t.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(t.stream_window_bytes)
@@ -98,9 +112,19 @@ impl Worker {
         if config.token.is_none() {
             config.token = gradflow_proto::auth::Token::from_env().map_err(WorkerError::Config)?;
         }
+        if config.tls.is_none() {
+            config.tls = ClientTls::from_env().map_err(|e| WorkerError::Config(e.to_string()))?;
+        }
+        // The files are read once, here: a bad path or PEM fails before any connection.
+        let tls_config = config
+            .tls
+            .as_ref()
+            .map(ClientTls::load)
+            .transpose()
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
         let mut clients = Vec::with_capacity(config.servers.len());
         for addr in &config.servers {
-            let channel = endpoint(addr, &config)?.connect_lazy();
+            let channel = endpoint(addr, &config, tls_config.as_ref())?.connect_lazy();
             clients.push(
                 ParameterServerClient::with_interceptor(channel, ClientAuth::new(config.token.as_ref()))
                     .max_decoding_message_size(config.transport.max_message_bytes)
@@ -112,10 +136,32 @@ impl Worker {
         let statuses = try_join_all(clients.iter().enumerate().map(|(shard, c)| {
             let mut c = c.clone();
             let addr = config.servers[shard].clone();
+            let speaks_tls = tls_config.is_some();
+            let connect_timeout = config.transport.connect_timeout;
             async move {
                 let mut attempt = 0;
                 loop {
-                    match c.status(pb::StatusRequest {}).await {
+                    let result = c.status(pb::StatusRequest {}).await;
+                    // A TLS mismatch or an untrusted certificate does not go away by waiting:
+                    // say so now instead of retrying until startup_timeout.
+                    if let Err(s) = &result {
+                        if let Some((_, message)) = tls::diagnose(s, speaks_tls) {
+                            return Err(WorkerError::Unreachable { shard, addr, message });
+                        }
+                        // A TLS server closes a plaintext connection at once; so may a server
+                        // going away. Ask it which one it is.
+                        if !speaks_tls
+                            && tls::could_be_tls_server(s)
+                            && tls::answers_plaintext_http2(&addr, connect_timeout).await == Some(false)
+                        {
+                            return Err(WorkerError::Unreachable {
+                                shard,
+                                addr,
+                                message: tls::expects_tls(s),
+                            });
+                        }
+                    }
+                    match result {
                         Ok(r) => return Ok(r.into_inner()),
                         Err(s) if transient(&s) && tokio::time::Instant::now() < deadline => {
                             attempt += 1;
@@ -163,6 +209,7 @@ impl Worker {
             step: AtomicU64::new(0),
             heartbeat,
             step_tx,
+            task_progress: None,
         })
     }
 
@@ -221,7 +268,7 @@ impl Worker {
     }
 
     /// Calls `f` on shard `shard`'s client, retrying transient failures with backoff.
-    async fn call<T, F, Fut>(&self, shard: usize, rpc: &'static str, f: F) -> Result<T, WorkerError>
+    pub(crate) async fn call<T, F, Fut>(&self, shard: usize, rpc: &'static str, f: F) -> Result<T, WorkerError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -565,9 +612,13 @@ impl Worker {
         self.pending = (0..self.clients.len()).map(|_| Pending::default()).collect();
         let (me, step) = (self.config.worker, self.current_step());
         let max = self.config.transport.chunk_bytes;
+        let mut task = self.task_progress.take();
         let this = &*self;
         let results = futures::future::join_all(pending.into_iter().enumerate().map(|(shard, p)| {
-            let msgs = pack(me, step, p, max);
+            let mut msgs = pack(me, step, p, max);
+            if shard == 0 {
+                msgs[0].task = task.take();
+            }
             async move {
                 let r = this
                     .call(shard, "Push", |mut c| {
@@ -621,7 +672,7 @@ impl Worker {
             self.call(
                 shard,
                 "Leave",
-                move |mut c| async move { c.leave(pb::LeaveRequest { worker: me }).await },
+                move |mut c| async move { c.leave(pb::LeaveRequest { worker: me, pause: false }).await },
             )
         }))
         .await?;
@@ -677,7 +728,7 @@ fn rewind_target(e: &WorkerError) -> Option<u64> {
 
 /// Packs staged gradients into push messages of at most about `max` payload bytes each.
 fn pack(worker: u32, step: u64, p: Pending, max: usize) -> Vec<pb::PushRequest> {
-    let new = || pb::PushRequest { worker, step, dense: Vec::new(), sparse: Vec::new() };
+    let new = || pb::PushRequest { worker, step, dense: Vec::new(), sparse: Vec::new(), task: None };
     let mut msgs = vec![new()];
     let mut size = 0;
     for d in p.dense {

@@ -32,6 +32,11 @@ pub struct WorkerConfig {
     /// processes), else none.
     #[serde(skip)]
     pub token: Option<gradflow_proto::auth::Token>,
+    /// TLS: the CAs the servers' certificates must be signed by, and for mutual TLS the
+    /// certificate this worker presents. Default: from `GRADFLOW_TLS_CA` (and the variables
+    /// beside it, see `gradflow_proto::tls`) when it is set, else plaintext.
+    #[serde(skip)]
+    pub tls: Option<gradflow_proto::tls::ClientTls>,
 }
 
 impl Default for WorkerConfig {
@@ -44,6 +49,7 @@ impl Default for WorkerConfig {
             startup_timeout: Duration::from_secs(120),
             transport: TransportConfig::default(),
             token: None,
+            tls: None,
         }
     }
 }

@@ -34,4 +34,10 @@ impl WorkerError {
             _ => None,
         }
     }
+
+    /// Whether the server refused because this worker's data task (dynamic sharding) was
+    /// handed to another worker; ask for a new task with [`Worker::next_task`](crate::Worker::next_task).
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, WorkerError::Server { status, .. } if status.metadata().contains_key("x-gradflow-lease-lost"))
+    }
 }

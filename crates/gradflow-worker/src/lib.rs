@@ -46,11 +46,13 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod tasks;
 #[cfg(feature = "tch")]
 pub mod tch;
 
 pub use client::{StepOutcome, Worker};
 pub use config::WorkerConfig;
 pub use error::WorkerError;
+pub use tasks::{DataTask, NextTask, TaskHandout, TaskPiece};
 /// gRPC status codes, as [`WorkerError::code`] returns them.
 pub use tonic::Code;

@@ -90,9 +90,30 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
             ),
         ),
         ("Push", code(c.push(futures::stream::iter(vec![grad])).await.map(drop))),
-        ("Leave", code(c.leave(pb::LeaveRequest { worker: 0 }).await.map(drop))),
+        ("Leave", code(c.leave(pb::LeaveRequest { worker: 0, pause: false }).await.map(drop))),
         ("Status", code(c.status(pb::StatusRequest {}).await.map(drop))),
         ("Checkpoint", code(c.checkpoint(pb::CheckpointRequest { step: 1 }).await.map(drop))),
+        (
+            "DeclareTasks",
+            code(
+                c.declare_tasks(pb::DeclareTasksRequest {
+                    worker: 0,
+                    pieces: vec![pb::TaskPiece { path: "train.csv".into(), start: 0, end: 100 }],
+                    epochs: 1,
+                    seed: 0,
+                })
+                .await
+                .map(drop),
+            ),
+        ),
+        (
+            "NextTask",
+            code(
+                c.next_task(pb::NextTaskRequest { worker: 0, done_lease: 0, scored_epoch: 0 })
+                    .await
+                    .map(drop),
+            ),
+        ),
     ]
 }
 
@@ -118,7 +139,7 @@ async fn strangers_are_refused_on_every_rpc_and_change_nothing() {
         let mut stranger =
             ParameterServerClient::with_interceptor(channel.clone(), ClientAuth::new(auth.as_ref()));
         let codes = every_rpc(&mut stranger).await;
-        assert_eq!(codes.len(), 8);
+        assert_eq!(codes.len(), 10, "every RPC of the service");
         for (rpc, code) in codes {
             assert_eq!(code, Code::Unauthenticated, "{rpc} with {who}");
         }

@@ -161,6 +161,8 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
     config.partition_bytes = job.server.partition_bytes;
     config.transport = job.transport.clone();
     config.startup_timeout = std::time::Duration::from_secs(10);
+    // The job's [tls] section; without one, GRADFLOW_TLS_CA if set (read by `connect`).
+    config.tls = job.client_tls();
     // Else GRADFLOW_TOKEN, which `connect` reads.
     if let Some(t) = token {
         config.token = Some(gradflow_launch::contract::Token::new(t).map_err(anyhow::Error::msg)?);

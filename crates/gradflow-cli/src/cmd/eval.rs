@@ -39,6 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.partition_bytes = job.server.partition_bytes;
         config.transport = job.transport.clone();
         config.startup_timeout = std::time::Duration::from_secs(10);
+        config.tls = job.client_tls();
         let mut observer = Worker::connect(config).await?;
         observer.declare(model.spec().clone()).await.context("the servers hold another model than this job's")?;
         let s = gradflow_trainer::evaluate(&observer, model.as_ref(), &test, scaler.as_ref(), 4096).await?;

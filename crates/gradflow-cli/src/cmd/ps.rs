@@ -23,7 +23,8 @@ pub struct Args {
     /// Address to listen on; port 0 picks a free port (printed at start).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Address of the Prometheus /metrics endpoint; off when not given.
+    /// Address of the Prometheus /metrics endpoint (plain HTTP, apart from the gRPC port);
+    /// default: the job's output.metrics_listen if it sets one, else off.
     #[arg(long)]
     metrics: Option<SocketAddr>,
 }
@@ -56,7 +57,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             if args.shard >= job.servers {
                 bail!("--shard {} is out of range: the job has {} servers", args.shard, job.servers);
             }
-            (job.server_config(args.shard), args.listen, args.metrics)
+            let metrics = match args.metrics {
+                Some(m) => Some(m),
+                None if job.output.metrics_listen.is_some() => match job.metrics_listen(args.shard) {
+                    Some(m) => Some(m.parse().context("output.metrics_listen is not an address")?),
+                    None => None,
+                },
+                None => None,
+            };
+            // The job's [tls] section, if any, is in the server config.
+            (job.server_config(args.shard), args.listen, metrics)
         }
     };
     super::runtime()?.block_on(async move {

@@ -44,6 +44,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (job, args.index, args.servers)
         }
     };
+    if let Some(tls) = job.client_tls()
+        && std::env::var_os(gradflow_launch::contract::ENV_TLS_CA).is_none()
+    {
+        // The trainer's client takes its TLS settings from the environment, as a trainer of
+        // your own does; a launcher sets them, a worker started by hand gets them here.
+        for (key, value) in tls.to_env() {
+            // SAFETY: no other thread runs yet (the runtime starts below), so nothing reads
+            // the environment while it changes.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
     super::runtime()?.block_on(async move {
         let summary = gradflow_trainer::run_worker(&job, index, servers).await?;
         tracing::info!(steps = summary.steps, samples = summary.samples, "worker finished");

@@ -69,3 +69,25 @@ pub fn processes_of_job(job: &str) -> Vec<u32> {
     }
     pids
 }
+
+/// Writes `data/train.csv` (`train_rows` rows) and `data/test.csv` (`test_rows` rows) in
+/// `dir` with `gradflow data synth`: the files [`wide_deep_job`] names, for processes started
+/// by hand (under `gradflow launch`, the launcher writes them).
+pub fn synth_train_test(dir: &Path, train_rows: usize, test_rows: usize) {
+    let all = dir.join("data/all.csv");
+    let out = gradflow()
+        .args(["data", "synth", "--rows", &(train_rows + test_rows).to_string(), "--seed", "5", "--out"])
+        .arg(&all)
+        .output()
+        .expect("run gradflow data synth");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&all).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), train_rows + test_rows);
+    let (train, test) = rows.split_at(train_rows);
+    std::fs::write(dir.join("data/train.csv"), format!("{header}\n{}\n", train.join("\n"))).unwrap();
+    std::fs::write(dir.join("data/test.csv"), format!("{header}\n{}\n", test.join("\n"))).unwrap();
+    std::fs::remove_file(all).unwrap();
+}

@@ -1,6 +1,10 @@
 //! The part that talks to the API server: create a job, run its controller, show its status,
 //! read its logs, delete it.
 //!
+//! `launch` creates, in this order, the job's root ConfigMap, the Secret with its token (when
+//! `auth.enabled`), its Service and, detached, its controller's Kubernetes Job; every pod comes
+//! later, from the controller, so the Secret always exists before the first pod that reads it.
+//!
 //! Everything here is thin on purpose: decisions are made by
 //! [`controller::decide`] from what a pass reads, and a pass is a
 //! fixed sequence of requests: read the record (GET ConfigMap), list the pods (GET pods with
@@ -15,14 +19,16 @@ use std::time::Duration;
 
 use futures::{AsyncBufReadExt, Stream, StreamExt};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, Preconditions};
 
 use super::controller::{self, Action, Decision, JobStatus, JobSummary, member};
-use super::render::{Renderer, controller_name};
+use super::render::{Renderer, controller_name, token_secret_name};
 use super::{KubernetesError, LABEL_CONTROLLER_OF, LABEL_JOB, RECORD_JOB_KEY, RECORD_STATUS_KEY};
-use crate::{JobConfig, Role};
+use crate::contract::Token;
+use crate::{JobConfig, LaunchError, Role};
 
 type Result<T, E = KubernetesError> = std::result::Result<T, E>;
 
@@ -89,10 +95,23 @@ impl JobClient {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Creates a job: its root ConfigMap (the record), its Service and, with `detach`, the
-    /// pod that runs its controller in the cluster. Returns the controller to run here
-    /// otherwise. A job of the same name is [`KubernetesError::AlreadyExists`].
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Creates a job: its root ConfigMap (the record), the Secret with its token (with
+    /// `auth.enabled`: from `auth.token_file`, else this process's `GRADFLOW_TOKEN`, else
+    /// fresh), its Service and, with `detach`, the pod that runs its controller in the
+    /// cluster. Returns the controller to run here otherwise. A job of the same name is
+    /// [`KubernetesError::AlreadyExists`]. A token that cannot be read fails before anything
+    /// is created; a Secret that cannot be created removes the root again.
     pub async fn launch(&self, job: JobConfig, detach: bool) -> Result<Controller> {
+        let token = job.auth.token().map_err(|e| {
+            KubernetesError::Token(match e {
+                LaunchError::Environment(message) => message,
+                other => other.to_string(),
+            })
+        })?;
         let renderer = Renderer::new(job, &self.namespace)?;
         let name = renderer.job().name.clone();
         let root = renderer.root(&JobStatus::new(renderer.job()));
@@ -104,6 +123,14 @@ impl JobClient {
             Err(e) => return Err(KubernetesError::api(format!("creating ConfigMap {name}"))(e)),
         };
         let renderer = renderer.with_owner(&root)?;
+        if let Some(token) = &token
+            && let Err(e) = self.create_token_secret(&renderer, token).await
+        {
+            // Nothing else exists yet: without the root, launching again after fixing the cause
+            // (a missing permission, a Secret of that name) starts from a clean slate.
+            let _ = self.config_maps().delete(&name, &DeleteParams::background()).await;
+            return Err(e);
+        }
         self.ensure_service(&renderer).await?;
         if detach {
             let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), &self.namespace);
@@ -119,11 +146,96 @@ impl JobClient {
     }
 
     /// The controller of an existing job, to resume driving it (after the launcher that
-    /// created it died, or in a detached job's controller pod).
+    /// created it died, or in a detached job's controller pod). The job's token Secret must be
+    /// there: pods created without it could not start, and only `launch` knows a token.
     pub async fn attach(&self, name: &str) -> Result<Controller> {
         let (_, renderer, _) = self.read_record(name).await?;
+        if renderer.job().auth.enabled {
+            self.check_token_secret(&renderer).await?;
+        }
         self.ensure_service(&renderer).await?;
         Ok(Controller::new(self.clone(), renderer))
+    }
+
+    /// Creates the Secret with the job's token, owned by the job's (new) root.
+    ///
+    /// A Secret of that name may be there already: one this job owns (an earlier try of this
+    /// request) is used as it is; one owned by an earlier job of the same name, whose root is
+    /// gone (`kubectl delete configmap` returns before the garbage collector has deleted the
+    /// dependents), is deleted and created again; any other one is an error that names it.
+    async fn create_token_secret(&self, renderer: &Renderer, token: &Token) -> Result<()> {
+        let name = token_secret_name(&renderer.job().name);
+        let secret = renderer.token_secret(Some(token));
+        let creating = || KubernetesError::api(format!("creating Secret {name}"));
+        match self.secrets().create(&PostParams::default(), &secret).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_status(&e, 409) => {}
+            Err(e) => return Err(creating()(e)),
+        }
+        let existing = self
+            .secrets()
+            .get_opt(&name)
+            .await
+            .map_err(KubernetesError::api(format!("reading Secret {name}")))?;
+        let Some(existing) = existing else {
+            // Deleted in between (by the garbage collector, say): the conflict is over.
+            return self
+                .secrets()
+                .create(&PostParams::default(), &secret)
+                .await
+                .map(|_| ())
+                .map_err(creating());
+        };
+        match secret_owner(&existing.metadata, renderer) {
+            SecretOwner::ThisJob => Ok(()),
+            SecretOwner::EarlierJob => {
+                let dp = DeleteParams::default().preconditions(Preconditions {
+                    uid: existing.metadata.uid.clone(),
+                    resource_version: None,
+                });
+                match self.secrets().delete(&name, &dp).await {
+                    Ok(_) => {}
+                    Err(e) if is_status(&e, 404) => {}
+                    Err(e) => {
+                        return Err(KubernetesError::api(format!(
+                            "deleting Secret {name}, left by an earlier job of this name"
+                        ))(e));
+                    }
+                }
+                self.secrets().create(&PostParams::default(), &secret).await.map(|_| ()).map_err(creating())
+            }
+            SecretOwner::Other => Err(self.foreign_secret(&name)),
+        }
+    }
+
+    /// Checks that the job's token Secret is there and the job's.
+    async fn check_token_secret(&self, renderer: &Renderer) -> Result<()> {
+        let job = &renderer.job().name;
+        let name = token_secret_name(job);
+        let existing = self
+            .secrets()
+            .get_opt(&name)
+            .await
+            .map_err(KubernetesError::api(format!("reading Secret {name}")))?;
+        match existing.map(|s| secret_owner(&s.metadata, renderer)) {
+            Some(SecretOwner::ThisJob) => Ok(()),
+            Some(_) => Err(self.foreign_secret(&name)),
+            None => Err(KubernetesError::Token(format!(
+                "Secret {name} of job {job} is missing in namespace {}: pods created from now on could not \
+                 start, and the running ones hold a token no one else knows; remove the job with \
+                 `gradflow delete {job}` and launch it again",
+                self.namespace
+            ))),
+        }
+    }
+
+    fn foreign_secret(&self, name: &str) -> KubernetesError {
+        KubernetesError::Foreign(format!(
+            "a Secret named {name} already exists in namespace {} and does not belong to this job; \
+             gradflow creates the job's token Secret itself: delete that one (`kubectl delete secret {name} -n {}`) \
+             or rename the job (to use a token of your own, set auth.token_file)",
+            self.namespace, self.namespace
+        ))
     }
 
     /// Creates the job's Service, or checks that the one there is the job's.
@@ -303,6 +415,30 @@ impl JobClient {
             }
             tokio::time::sleep(Duration::from_millis(500).min(wait)).await;
         }
+    }
+}
+
+/// Whose an existing token Secret is.
+enum SecretOwner {
+    /// Owned by the job's root.
+    ThisJob,
+    /// Owned by a root of the same name that is gone (its uid is not the current root's).
+    EarlierJob,
+    /// Anyone else's, or no one's.
+    Other,
+}
+
+fn secret_owner(meta: &ObjectMeta, renderer: &Renderer) -> SecretOwner {
+    let Some(owner) = meta.owner_references.iter().flatten().find(|o| o.controller == Some(true)) else {
+        return SecretOwner::Other;
+    };
+    if Some(owner.uid.as_str()) == renderer.owner_uid() {
+        SecretOwner::ThisJob
+    } else if owner.kind == "ConfigMap" && owner.api_version == "v1" && owner.name == renderer.job().name {
+        // There is one ConfigMap of that name, and it is ours: this owner no longer exists.
+        SecretOwner::EarlierJob
+    } else {
+        SecretOwner::Other
     }
 }
 

@@ -17,7 +17,8 @@
 //! [`KubernetesConfig::workdir`] (default `/workspace`): `data/train.csv` becomes
 //! `/workspace/data/train.csv` inside the pod. Data must get there through `volumes` (a
 //! PersistentVolumeClaim, say) or the image; synthetic data (`[data.synth]`) is generated in
-//! each worker pod by an init container.
+//! each worker pod by an init container. `auth.token_file` is the one path the launcher reads
+//! on its own machine (relative to the job file there): the pods get the token from a Secret.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -364,19 +365,32 @@ fn check_mounts(s: &PodSettings) -> Result<(), String> {
 /// Reads a job file for the Kubernetes backend: like [`JobConfig::load`], but relative paths
 /// are resolved against [`KubernetesConfig::workdir`], where they will be inside the pods,
 /// and the `[kubernetes]` section is checked.
+///
+/// The exception is `auth.token_file`: the launcher reads it, on its own machine, to put the
+/// token in the job's Secret, so it stays relative to the job file.
 pub fn load_job(path: &Path) -> Result<JobConfig, LaunchError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| LaunchError::JobFile { path: path.to_path_buf(), message: e.to_string() })?;
-    parse_job(&text).map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })
+    let mut job =
+        parse_job(&text).map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
+    if let Some(file) = job.auth.token_file.as_mut()
+        && file.is_relative()
+    {
+        *file = path.parent().unwrap_or(Path::new("")).join(&*file);
+    }
+    Ok(job)
 }
 
-/// [`load_job`] for a job file's text.
+/// [`load_job`] for a job file's text (`auth.token_file` stays as written: relative to the
+/// current directory).
 pub fn parse_job(text: &str) -> Result<JobConfig, String> {
     let mut job = JobConfig::parse(text)?;
     let kube = job.kubernetes.clone().unwrap_or_default();
     kube.validate()?;
     check_name(&job.name)?;
+    let token_file = job.auth.token_file.take();
     job.resolve_paths(&kube.workdir);
+    job.auth.token_file = token_file;
     let fix = |p: &mut PathBuf| *p = normalize(p);
     job.data.train.iter_mut().for_each(fix);
     job.data.test.iter_mut().for_each(fix);
@@ -544,6 +558,18 @@ mod tests {
         assert_eq!(job.kubernetes, None);
         assert_eq!(job.data.train, vec![PathBuf::from("/workspace/data/train.libsvm")]);
         assert_eq!(job.output_dir(), PathBuf::from("/workspace/runs/demo"));
+    }
+
+    #[test]
+    fn the_token_file_is_read_by_the_launcher_so_it_stays_next_to_the_job_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, format!("{MIN}[auth]\ntoken_file = \"secrets/token\"\n")).unwrap();
+        let job = load_job(&path).unwrap();
+        assert_eq!(job.auth.token_file, Some(dir.path().join("secrets/token")));
+        assert_eq!(job.data.train, vec![PathBuf::from("/workspace/data/train.libsvm")]);
+        let job = parse("[auth]\ntoken_file = \"/etc/gradflow/token\"\n").unwrap();
+        assert_eq!(job.auth.token_file, Some(PathBuf::from("/etc/gradflow/token")));
     }
 
     #[test]

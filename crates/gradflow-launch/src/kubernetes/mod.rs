@@ -24,6 +24,15 @@
 //! anyway. What is lost: `kubectl get gradflowjobs`, schema validation by the API server, and
 //! a status subresource (the record is one object updated with optimistic concurrency).
 //!
+//! # The job token
+//!
+//! With `[auth] enabled` (the default), `launch` puts the job's token (`auth.token_file`, else
+//! the launcher's `GRADFLOW_TOKEN`, else a fresh random one) in a Secret `<job>-token`, owned
+//! by the root like everything else and created before any pod; every server and worker pod
+//! reads `GRADFLOW_TOKEN` from it (`secretKeyRef`), so recreated pods get the same token and
+//! deleting the job deletes it. Rendered manifests (`--dry-run`) never hold the token: they
+//! show the Secret without its data.
+//!
 //! # Lifecycle
 //!
 //! State comes from observed pod status, level-triggered: each pass reads the record and the
@@ -71,6 +80,12 @@ pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
 pub const ANNOTATION_VOLCANO_QUEUE: &str = "scheduling.volcano.sh/queue-name";
 
 pub use crate::contract::ENV_RESTORE;
+
+/// The key of the token in the job's Secret (`<job>-token`).
+pub const TOKEN_SECRET_KEY: &str = "token";
+/// Annotation of the Secret in rendered manifests (`--dry-run`), which carries no token: how
+/// to create the real one when applying the manifests by hand.
+pub const ANNOTATION_TOKEN: &str = "gradflow.dev/token";
 
 /// The key of the job (JSON) in the root ConfigMap.
 pub const RECORD_JOB_KEY: &str = "job.json";
@@ -124,6 +139,10 @@ pub enum KubernetesError {
     /// The job's record (ConfigMap) is not one gradflow wrote.
     #[error("job record {job}: {message}")]
     Record { job: String, message: String },
+    /// The job's token could not be read (`auth.token_file`, `GRADFLOW_TOKEN`), or the job's
+    /// Secret that holds it is gone.
+    #[error("job token: {0}")]
+    Token(String),
     /// `gradflow logs` found no pod to read.
     #[error("job {job} has no {what}")]
     NoPods { job: String, what: String },

@@ -9,17 +9,24 @@
 //! `<job>-<role>-<index>-<attempt>` with hostname `<job>-<role>-<index>` and subdomain
 //! `<job>`, so shard `i` is always reachable at `<job>-ps-<i>.<job>.<namespace>.svc`, before
 //! it is ready (`publishNotReadyAddresses`) and after it is recreated.
+//!
+//! The job's token lives in the Secret `<job>-token`, which the server and worker containers
+//! read `GRADFLOW_TOKEN` from. The renderer only sees the token when `launch` hands it to
+//! [`Renderer::token_secret`]; what [`Renderer::manifests`] returns (and `--dry-run` prints)
+//! has the Secret without its data.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{
     Job as BatchJob, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
-    Pod, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    LocalObjectReference, Pod, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -29,10 +36,11 @@ use serde::{Deserialize, Serialize};
 use super::config::{KubernetesConfig, PodSettings, SCRATCH_VOLUME, check_name};
 use super::controller::JobStatus;
 use super::{
-    ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT, LABEL_CONTROLLER_OF, LABEL_INDEX,
-    LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_ROLE, RECORD_JOB_KEY, RECORD_STATUS_KEY,
+    ANNOTATION_TOKEN, ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT,
+    LABEL_CONTROLLER_OF, LABEL_INDEX, LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_ROLE, RECORD_JOB_KEY,
+    RECORD_STATUS_KEY, TOKEN_SECRET_KEY,
 };
-use crate::contract::CLUSTER_SPEC_VERSION;
+use crate::contract::{CLUSTER_SPEC_VERSION, ENV_TOKEN, Token};
 use crate::local::ENV_LOG;
 use crate::{ClusterSpec, JobConfig, Role};
 
@@ -51,16 +59,18 @@ pub struct Renderer {
 #[serde(untagged)]
 pub enum Manifest {
     ConfigMap(Box<ConfigMap>),
+    Secret(Box<Secret>),
     Service(Box<Service>),
     Pod(Box<Pod>),
     Job(Box<BatchJob>),
 }
 
 impl Manifest {
-    /// `ConfigMap`, `Service` or `Pod`.
+    /// `ConfigMap`, `Secret`, `Service`, `Pod` or `Job`.
     pub fn kind(&self) -> &'static str {
         match self {
             Manifest::ConfigMap(_) => "ConfigMap",
+            Manifest::Secret(_) => "Secret",
             Manifest::Service(_) => "Service",
             Manifest::Pod(_) => "Pod",
             Manifest::Job(_) => "Job",
@@ -71,6 +81,7 @@ impl Manifest {
     pub fn name(&self) -> &str {
         let meta = match self {
             Manifest::ConfigMap(o) => &o.metadata,
+            Manifest::Secret(o) => &o.metadata,
             Manifest::Service(o) => &o.metadata,
             Manifest::Pod(o) => &o.metadata,
             Manifest::Job(o) => &o.metadata,
@@ -88,6 +99,11 @@ pub fn pod_name(job: &str, role: Role, index: u32, attempt: u32) -> String {
 /// name.
 pub fn hostname(job: &str, role: Role, index: u32) -> String {
     format!("{job}-{}-{index}", role.as_str())
+}
+
+/// Name of the Secret that holds the job's token (key [`TOKEN_SECRET_KEY`]).
+pub fn token_secret_name(job: &str) -> String {
+    format!("{job}-token")
 }
 
 /// Name of a detached job's controller (a Kubernetes Job; its pods get generated names).
@@ -217,6 +233,40 @@ impl Renderer {
         }
     }
 
+    /// The Secret that holds the job's token, which the server and worker pods read
+    /// `GRADFLOW_TOKEN` from. With `None` (what `--dry-run` prints) it has no data, and an
+    /// annotation says how to create the real one when the manifests are applied by hand;
+    /// `launch` creates it with the token, immutable (a new token is a new job).
+    pub fn token_secret(&self, token: Option<&Token>) -> Secret {
+        let name = token_secret_name(&self.job.name);
+        let mut meta = self.meta(name.clone(), self.labels("job"));
+        let data = match token {
+            Some(token) => Some(BTreeMap::from([(
+                TOKEN_SECRET_KEY.to_string(),
+                ByteString(token.expose().as_bytes().to_vec()),
+            )])),
+            None => {
+                meta.annotations = Some(BTreeMap::from([(
+                    ANNOTATION_TOKEN.to_string(),
+                    format!(
+                        "the token is not rendered: `gradflow launch` creates this Secret with the job's token. \
+                         To apply these manifests by hand, create it first: kubectl create secret generic {name} \
+                         -n {} --from-literal={TOKEN_SECRET_KEY}=$(openssl rand -hex 32)",
+                        self.namespace
+                    ),
+                )]));
+                None
+            }
+        };
+        Secret {
+            metadata: meta,
+            type_: Some("Opaque".into()),
+            immutable: token.is_some().then_some(true),
+            data,
+            ..Secret::default()
+        }
+    }
+
     /// The headless Service that gives every pod of the job its DNS name.
     pub fn service(&self) -> Service {
         let mut ports = vec![ServicePort {
@@ -278,7 +328,25 @@ impl Renderer {
         if role == Role::Ps && attempt > 0 {
             env.push(env_var(ENV_RESTORE, "latest"));
         }
-        env.extend(settings.env.iter().map(|(k, v)| env_var(k, v)));
+        // Only the main container talks to the servers; `prepare` (below) gets no token.
+        let mut main_env = env.clone();
+        if job.auth.enabled {
+            main_env.push(EnvVar {
+                name: ENV_TOKEN.into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: token_secret_name(&job.name),
+                        key: TOKEN_SECRET_KEY.into(),
+                        optional: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        }
+        let user_env: Vec<EnvVar> = settings.env.iter().map(|(k, v)| env_var(k, v)).collect();
+        main_env.extend(user_env.iter().cloned());
+        env.extend(user_env);
 
         let (scratch_mounts, scratch_volume) = match role {
             Role::Worker => self.scratch(&settings),
@@ -299,7 +367,7 @@ impl Renderer {
             _ => (settings, vec![role.as_str().to_string()]),
         };
         let mut main = self.container(role.as_str(), &settings, args);
-        main.env = Some(env.clone());
+        main.env = Some(main_env);
         main.volume_mounts = (!mounts.is_empty()).then(|| mounts.clone());
         main.resources = resources(&settings);
         if role == Role::Ps {
@@ -403,14 +471,17 @@ impl Renderer {
     }
 
     /// Every object `launch` creates at the start, in creation order: the root ConfigMap, the
-    /// Service, the server pods, the worker pods (which the controller creates only once the
-    /// servers are ready), and with `detach` the controller's Kubernetes Job.
+    /// token's Secret (with `auth.enabled`; without the token, see
+    /// [`token_secret`](Self::token_secret)), the Service, the server pods, the worker pods
+    /// (which the controller creates only once the servers are ready), and with `detach` the
+    /// controller's Kubernetes Job.
     pub fn manifests(&self, detach: bool) -> Vec<Manifest> {
         let job = &self.job;
-        let mut out = vec![
-            Manifest::ConfigMap(Box::new(self.root(&JobStatus::new(job)))),
-            Manifest::Service(Box::new(self.service())),
-        ];
+        let mut out = vec![Manifest::ConfigMap(Box::new(self.root(&JobStatus::new(job))))];
+        if job.auth.enabled {
+            out.push(Manifest::Secret(Box::new(self.token_secret(None))));
+        }
+        out.push(Manifest::Service(Box::new(self.service())));
         for i in 0..job.servers {
             out.push(Manifest::Pod(Box::new(self.pod(Role::Ps, i, 0))));
         }
@@ -542,11 +613,25 @@ fn resources(s: &PodSettings) -> Option<ResourceRequirements> {
     })
 }
 
-/// The manifests as a multi-document YAML stream, as `kubectl apply -f` reads it.
+/// The manifests as a multi-document YAML stream, as `kubectl apply -f` reads it. A Secret
+/// without data (the token's, as rendered) is preceded by a comment that says how to create it.
 pub fn to_yaml(manifests: &[Manifest]) -> Result<String, KubernetesError> {
     let mut out = String::new();
     for m in manifests {
         out.push_str("---\n");
+        if let Manifest::Secret(secret) = m
+            && secret.data.is_none()
+            && secret.string_data.is_none()
+        {
+            let name = m.name();
+            let namespace = secret.metadata.namespace.as_deref().unwrap_or("default");
+            out.push_str(&format!(
+                "# The job's token is not in this file: `gradflow launch` creates Secret {name} itself,\n\
+                 # owned by the job, with a fresh token (or the job's auth.token_file). To apply this file\n\
+                 # by hand, create the Secret first, with a new token per job:\n\
+                 #   kubectl create secret generic {name} -n {namespace} --from-literal={TOKEN_SECRET_KEY}=$(openssl rand -hex 32)\n"
+            ));
+        }
         out.push_str(&serde_yaml_ng::to_string(m).map_err(|e| KubernetesError::Serialize(e.to_string()))?);
     }
     Ok(out)
@@ -572,6 +657,7 @@ pub fn from_yaml(text: &str) -> Result<Vec<Manifest>, KubernetesError> {
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
         out.push(match kind.as_str() {
             "ConfigMap" => Manifest::ConfigMap(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
+            "Secret" => Manifest::Secret(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
             "Service" => Manifest::Service(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
             "Pod" => Manifest::Pod(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
             "Job" => Manifest::Job(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),

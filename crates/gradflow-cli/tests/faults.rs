@@ -1,0 +1,321 @@
+//! The fault-injection suite, part 1: processes killed with SIGKILL at random points of a
+//! running job (`.ci/faults.sh` runs the whole suite). With dynamic data sharding, every epoch
+//! must still put each training example into the model exactly once, and the test AUC must
+//! stay within 0.01 of an undisturbed run.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TRAIN_ROWS: u64 = 60_000;
+
+/// A 2-epoch wide & deep job with dynamic data sharding over small tasks.
+fn job_text(name: &str, mode: &str, extra: &str) -> String {
+    wide_deep_job(name, 2, mode, "")
+        .replace("train_rows = 300000", &format!("train_rows = {TRAIN_ROWS}"))
+        .replace("test_rows = 25000", "test_rows = 10000")
+        .replace("[data]\n", "[data]\nsharding = \"dynamic\"\ntask_bytes = 200000\n")
+        + "[train]\nepochs = 2\nlog_every_steps = 10\n"
+        + extra
+}
+
+/// Every epoch's score: (AUC, examples the epoch trained). A worker killed after writing its
+/// score but before reporting it has the epoch scored again by another: the last line counts.
+fn epochs(dir: &std::path::Path, job: &str) -> Vec<(f64, u64)> {
+    let mut by_epoch = std::collections::BTreeMap::new();
+    for r in results(dir, job) {
+        let score = (r["test_auc"].as_f64().unwrap(), r["epoch_train_examples"].as_u64().unwrap());
+        by_epoch.insert(r["epoch"].as_u64().unwrap(), score);
+    }
+    by_epoch.into_values().collect()
+}
+
+/// The launcher's console lines, as they come.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a console line containing `needle`, collecting every line into `log`.
+fn wait_for(rx: &mpsc::Receiver<String>, log: &mut Vec<String>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            let hit = line.contains(needle);
+            log.push(line);
+            if hit {
+                return;
+            }
+        }
+    }
+    panic!("no line with `{needle}` in:\n{}", log.join("\n"));
+}
+
+/// Waits for the launcher to exit, collecting its lines; kills it (and fails, with the log)
+/// if the job hangs.
+fn finish(
+    launcher: &mut Child,
+    rx: &mpsc::Receiver<String>,
+    log: &mut Vec<String>,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        log.extend(rx.try_iter());
+        if let Some(status) = launcher.try_wait().unwrap() {
+            std::thread::sleep(Duration::from_millis(50));
+            log.extend(rx.try_iter());
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = launcher.kill();
+            let _ = launcher.wait();
+            panic!("the job hung; its console:\n{}", log.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pid of the job's process whose command line has `role` and `index`.
+fn pid_of(job: &str, role: &str, index: u32) -> u32 {
+    for pid in processes_of_job(job) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> =
+            cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let index_var = format!("GRADFLOW_INDEX={index}\0");
+        let is_index = env.windows(index_var.len()).any(|w| w == index_var.as_bytes());
+        if args.iter().any(|a| a == role) && is_index {
+            return pid;
+        }
+    }
+    panic!("no {role} {index} of job {job} is running");
+}
+
+/// `gradflow_ps_model_version` from a shard's `/metrics` endpoint at `addr`.
+fn model_version(addr: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find(|l| l.starts_with("gradflow_ps_model_version "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no model version in:\n{body}")) as u64
+}
+
+fn sigkill(pid: u32) {
+    let ok = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+/// A pseudo-random delay in `lo..hi` ms; the seed is printed so a failure can be replayed.
+fn random_delays(n: usize, lo: u64, hi: u64) -> Vec<Duration> {
+    let seed = std::env::var("GRADFLOW_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    });
+    eprintln!("fault delays from GRADFLOW_FAULT_SEED={seed}");
+    let mut rng = gradflow_data::SplitMix64::new(seed);
+    (0..n).map(|_| Duration::from_millis(lo + rng.below(hi - lo))).collect()
+}
+
+fn undisturbed(dir: &std::path::Path, name: &str, mode: &str) -> Vec<(f64, u64)> {
+    let job = write(dir, &format!("{name}.toml"), &job_text(name, mode, ""));
+    let out = launch(&job);
+    assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+    epochs(dir, name)
+}
+
+fn workers_killed_at_random_points(mode: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = undisturbed(dir.path(), &format!("calm-{mode}"), mode);
+    assert_eq!(reference.len(), 2);
+    for (_, examples) in &reference {
+        assert_eq!(*examples, TRAIN_ROWS, "an undisturbed epoch trains every example once");
+    }
+
+    let name = format!("kill-{mode}");
+    let job = write(dir.path(), &format!("{name}.toml"), &job_text(&name, mode, ""));
+    let mut launcher = gradflow().arg("launch").arg(&job).stderr(Stdio::piped()).spawn().unwrap();
+    let rx = lines_of(&mut launcher);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, "samples/s");
+    let started = Instant::now();
+    let mut kills = 0;
+    for (i, delay) in random_delays(2, 200, 1500).into_iter().enumerate() {
+        std::thread::sleep(delay);
+        if launcher.try_wait().unwrap().is_some() {
+            break;
+        }
+        let worker = (i % 2) as u32;
+        // The previous kill's restart may still be under way.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            match std::panic::catch_unwind(|| pid_of(&name, "worker", worker)) {
+                Ok(pid) => break Some(pid),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => break None,
+            }
+        };
+        if let Some(pid) = pid {
+            eprintln!("SIGKILL worker-{worker} (pid {pid}) at {:?}", started.elapsed());
+            sigkill(pid);
+            kills += 1;
+        }
+    }
+    let status = finish(&mut launcher, &rx, &mut log);
+    let log = log.join("\n");
+    assert!(status.success(), "the job survives its workers being killed:\n{log}");
+    assert!(kills > 0, "the job ended before any worker could be killed; make it longer");
+    assert!(log.contains("restart"), "the launcher restarted the killed worker(s):\n{log}");
+
+    let disturbed = epochs(dir.path(), &name);
+    assert_eq!(disturbed.len(), 2, "{log}");
+    for (epoch, ((auc, examples), (ref_auc, _))) in disturbed.iter().zip(&reference).enumerate() {
+        assert_eq!(*examples, TRAIN_ROWS, "epoch {epoch}: every example in the model exactly once");
+        assert!((auc - ref_auc).abs() < 0.01, "epoch {epoch}: AUC {auc} vs {ref_auc} undisturbed");
+        eprintln!("{mode} epoch {epoch}: AUC {auc:.4} vs {ref_auc:.4} undisturbed, {kills} worker kill(s)");
+    }
+}
+
+#[test]
+fn sync_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
+    workers_killed_at_random_points("sync");
+}
+
+#[test]
+fn async_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
+    workers_killed_at_random_points("async");
+}
+
+/// Kills a server at a random point: the launcher restarts the job from the latest checkpoint,
+/// the task progress comes back with it, and at most one checkpoint interval is redone.
+#[test]
+fn a_killed_server_costs_at_most_one_checkpoint_interval_and_no_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let every = 40;
+    let ckpt = dir.path().join("ckpt");
+    let extra = format!("[checkpoint]\nurl = \"{}\"\nevery_steps = {every}\n", ckpt.display());
+    let name = "kill-ps";
+    let job = write(dir.path(), "kill-ps.toml", &job_text(name, "sync", &extra));
+    let mut launcher = gradflow().arg("launch").arg(&job).stderr(Stdio::piped()).spawn().unwrap();
+    let rx = lines_of(&mut launcher);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, "ps-0 listening on");
+    let metrics = log
+        .last()
+        .unwrap()
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .expect("ps-0 serves metrics")
+        .to_string();
+    wait_for(&rx, &mut log, "samples/s");
+    let delay = random_delays(1, 1000, 3000)[0];
+    std::thread::sleep(delay);
+    let pid = pid_of(name, "ps", 1);
+    // The model's step just before the kill: what the restore goes back from.
+    let reached = model_version(&metrics);
+    let killed_at = Instant::now();
+    sigkill(pid);
+    eprintln!("SIGKILL ps-1 (pid {pid}) after {delay:?}");
+    wait_for(&rx, &mut log, "restoring checkpoint step");
+    let restored_line = log.last().unwrap().clone();
+    let restored: u64 = restored_line
+        .split("restoring checkpoint step ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a step in `{restored_line}`"));
+    wait_for(&rx, &mut log, "samples/s");
+    let recovered = killed_at.elapsed();
+    let status = finish(&mut launcher, &rx, &mut log);
+    let log = log.join("\n");
+    assert!(status.success(), "{log}");
+
+    assert!(restored % every == 0, "restored step {restored} is a checkpoint step");
+    // A step or two may complete between reading the version and the kill.
+    let redone = (reached + 2).saturating_sub(restored);
+    assert!(
+        redone <= every + 2,
+        "killed at step {reached}, restored {restored}: more than one interval ({every}) redone"
+    );
+    eprintln!(
+        "ps-1 killed at step {reached}; restored step {restored} ({} steps redone), training again after {recovered:?}",
+        reached.saturating_sub(restored)
+    );
+    for (epoch, (_, examples)) in epochs(dir.path(), name).iter().enumerate() {
+        assert_eq!(*examples, TRAIN_ROWS, "epoch {epoch}: task progress restored with the model");
+    }
+}
+
+fn send(signal: &str, pid: u32) {
+    let ok =
+        std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+/// Starts `job`, stops worker 1 (SIGSTOP) for two seconds once training runs, and returns how
+/// many model versions ps-0 advanced meanwhile; then lets the job finish and checks every
+/// epoch trained each example once.
+fn versions_while_worker_1_is_stopped(dir: &std::path::Path, name: &str, mode: &str, extra: &str) -> u64 {
+    let job = write(dir, &format!("{name}.toml"), &job_text(name, mode, extra));
+    let mut launcher = gradflow().arg("launch").arg(&job).stderr(Stdio::piped()).spawn().unwrap();
+    let rx = lines_of(&mut launcher);
+    let mut log = Vec::new();
+    wait_for(&rx, &mut log, "ps-0 listening on");
+    let metrics = log
+        .last()
+        .unwrap()
+        .split("metrics at http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    wait_for(&rx, &mut log, "samples/s");
+    let pid = pid_of(name, "worker", 1);
+    send("STOP", pid);
+    let before = model_version(&metrics);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = model_version(&metrics);
+    send("CONT", pid);
+    let status = finish(&mut launcher, &rx, &mut log);
+    assert!(status.success(), "{name}:\n{}", log.join("\n"));
+    for (epoch, (_, examples)) in epochs(dir, name).iter().enumerate() {
+        assert_eq!(*examples, TRAIN_ROWS, "{name} epoch {epoch}: every example in the model exactly once");
+    }
+    after - before
+}
+
+/// A straggler (a worker stopped for 2 s, shorter than the heartbeat timeout): sync mode
+/// waits for it unless the job has a backup worker; async mode never waits.
+#[test]
+fn a_straggler_holds_back_sync_steps_only_without_backup_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let waiting = versions_while_worker_1_is_stopped(dir.path(), "strag-sync", "sync", "");
+    let backup = "[server]\nbackup_workers = 1\n";
+    let with_backup = versions_while_worker_1_is_stopped(dir.path(), "strag-backup", "sync", backup);
+    let asynch = versions_while_worker_1_is_stopped(dir.path(), "strag-async", "async", "");
+    eprintln!(
+        "model versions during a 2 s straggler: sync {waiting}, sync + 1 backup {with_backup}, async {asynch}"
+    );
+    assert!(waiting <= 1, "sync without backups waits for the stopped worker ({waiting} steps)");
+    assert!(with_backup >= 10, "a backup worker keeps sync steps going ({with_backup} steps in 2 s)");
+    assert!(asynch >= 10, "async does not wait for the straggler ({asynch} pushes in 2 s)");
+}
