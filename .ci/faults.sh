@@ -14,4 +14,5 @@ cd "$(dirname "$0")/.."
 export GRADFLOW_FAULT_SECS="${GRADFLOW_FAULT_SECS:-60}"
 
 echo "== fault injection (GRADFLOW_FAULT_SECS=$GRADFLOW_FAULT_SECS)"
-cargo test -p gradflow-cli --test faults --test faults_net --test checkpoints -- --nocapture --test-threads=1
+# --no-fail-fast: a failure in one file does not hide the results of the others.
+cargo test -p gradflow-cli --no-fail-fast --test faults --test faults_net --test checkpoints -- --nocapture --test-threads=1

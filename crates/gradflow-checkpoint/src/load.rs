@@ -10,7 +10,7 @@ use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use gradflow_core::Placement;
 
 use crate::format::{self, DenseFile, PodView, SparseFile};
-use crate::manifest::{FileContent, FileEntry, Manifest, PieceEntry};
+use crate::manifest::{FileContent, FileEntry, Manifest, PieceEntry, check_coverage};
 use crate::snapshot::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
 use crate::store::CheckpointStore;
 use crate::{CheckpointError, checkpoint_dir_name};
@@ -209,6 +209,64 @@ impl CheckpointStore {
         }
     }
 
+    /// Checks, before anything is allocated, that `manifest` describes its dense data coherently
+    /// and that the dense files are there with the sizes it gives (one HEAD request per file):
+    /// every element of every dense tensor in exactly one listed piece, and every dense file
+    /// large enough for the values and optimizer state of the pieces it lists. What a load
+    /// allocates then comes from objects that exist, so a corrupt manifest (a tensor's shape, a
+    /// piece's length, a file's size) cannot make it allocate more than the checkpoint holds.
+    async fn check_dense_sizes(
+        &self,
+        store: &CheckpointStore,
+        dir: &str,
+        manifest: &Manifest,
+        inconsistent: &impl Fn(String) -> CheckpointError,
+    ) -> Result<(), CheckpointError> {
+        let spec = &manifest.spec;
+        let dense_files = || {
+            manifest.files().filter_map(|f| match &f.content {
+                FileContent::Dense { pieces } => Some((f, pieces)),
+                FileContent::Sparse { .. } => None,
+            })
+        };
+        check_coverage(spec, dense_files().flat_map(|(_, pieces)| pieces)).map_err(inconsistent)?;
+        for (f, pieces) in dense_files() {
+            // Every listed tensor is in the spec: the coverage check says so.
+            let need = pieces.iter().try_fold(0u64, |sum, p| {
+                let slots = spec.dense[spec.dense_index(&p.tensor)?].optimizer.num_slots() as u64;
+                sum.checked_add(p.len.checked_mul(4 * (1 + slots))?)
+            });
+            if need.is_none_or(|need| need > f.bytes) {
+                return Err(inconsistent(format!(
+                    "`{}` is {} bytes, too small for the pieces it lists ({})",
+                    f.path,
+                    f.bytes,
+                    need.map_or("more than 2^64 bytes".to_string(), |n| format!("{n} bytes of data"))
+                )));
+            }
+        }
+        let heads: Vec<BoxFuture<'_, Result<(), CheckpointError>>> = dense_files()
+            .map(|(f, _)| {
+                async move {
+                    let rel = format!("{dir}/{}", f.path);
+                    match store.size_of(&rel).await? {
+                        None => Err(CheckpointError::MissingFile { object: store.child_url(&rel) }),
+                        Some(size) if size != f.bytes => Err(CheckpointError::Corrupt {
+                            object: store.child_url(&rel),
+                            reason: format!(
+                                "it is {size} bytes, the manifest says {} (truncated or overwritten?)",
+                                f.bytes
+                            ),
+                        }),
+                        Some(_) => Ok(()),
+                    }
+                }
+                .boxed()
+            })
+            .collect();
+        stream::iter(heads).buffer_unordered(self.options().max_concurrency.max(1)).try_collect::<()>().await
+    }
+
     /// Builds shard `shard` of `num_shards`'s dense pieces and table rows from the checkpoint
     /// (without optimizer state unless `with_state`); returns them and the highest old version.
     async fn assemble(
@@ -226,6 +284,7 @@ impl CheckpointStore {
             |reason: String| CheckpointError::Inconsistent { checkpoint: checkpoint.clone(), reason };
         let spec = &manifest.spec;
         spec.validate().map_err(|e| inconsistent(format!("invalid spec: {e}")))?;
+        self.check_dense_sizes(store, dir, manifest, &inconsistent).await?;
         let placement = Placement::new(spec, num_shards, partition_bytes);
 
         // Old pieces per tensor, by offset.
@@ -461,5 +520,109 @@ impl safetensors::View for ExportView<'_> {
             ExportView::F32(v) => v.data_len(),
             ExportView::U64(v) => v.data_len(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig};
+
+    use super::*;
+
+    /// A one-shard checkpoint of a 4-element tensor with Adagrad (one slot), at step 1.
+    async fn tiny(name: &str) -> (CheckpointStore, Manifest) {
+        let spec = ModelSpec {
+            dense: vec![DenseSpec {
+                name: "w".into(),
+                shape: vec![4],
+                init: Initializer::Zeros,
+                optimizer: OptimizerConfig::adagrad(0.1),
+            }],
+            sparse: vec![],
+        };
+        let snap = ShardSnapshot {
+            shard: 0,
+            num_shards: 1,
+            version: 1,
+            mode: Mode::Sync,
+            spec,
+            partition_bytes: 1024,
+            dense: vec![DensePieceSnapshot {
+                tensor: "w".into(),
+                partition: 0,
+                offset: 0,
+                values: vec![1.0, 2.0, 3.0, 4.0],
+                state: vec![0.5; 4],
+                steps: 1,
+            }],
+            sparse: vec![],
+        };
+        let store = CheckpointStore::open(&format!("memory://load-unit-{name}")).unwrap();
+        store.write_shard(1, &snap).await.unwrap();
+        let m = store.finalize(1, 1, 0, Duration::from_secs(5)).await.unwrap();
+        (store, m)
+    }
+
+    fn dense_pieces(m: &mut Manifest) -> &mut Vec<PieceEntry> {
+        match &mut m.shards[0].files.iter_mut().find(|f| matches!(f.content, FileContent::Dense { .. })).unwrap().content {
+            FileContent::Dense { pieces } => pieces,
+            FileContent::Sparse { .. } => unreachable!(),
+        }
+    }
+
+    fn is_inconsistent(r: Result<ShardSnapshot, CheckpointError>, says: &str) {
+        match r {
+            Err(CheckpointError::Inconsistent { reason, .. }) => assert!(reason.contains(says), "{reason}"),
+            other => panic!("expected Inconsistent ({says}), got {other:?}"),
+        }
+    }
+
+    // Found by the `ckpt_manifest` fuzz target: a manifest's spec with a shape whose element
+    // count overflows u64 made the load panic (multiply with overflow) in `Placement::new`.
+    #[tokio::test]
+    async fn a_shape_too_large_to_count_is_refused() {
+        let (store, mut m) = tiny("overflow").await;
+        m.spec.dense[0].shape = vec![1 << 32, 1 << 32];
+        is_inconsistent(store.load_shard(&m, 0, 1, 1024).await, "too large");
+        dense_pieces(&mut m)[0].offset = u64::MAX;
+        m.spec.dense[0].shape = vec![4];
+        is_inconsistent(store.load_shard(&m, 0, 1, 1024).await, "ends past 2^64");
+    }
+
+    // Found by the `ckpt_manifest` fuzz target: a manifest saying a tensor (and its piece) is
+    // huge made the load allocate that much before reading any file.
+    #[tokio::test]
+    async fn a_huge_tensor_the_files_cannot_hold_is_refused_before_allocating() {
+        let (store, mut m) = tiny("huge").await;
+        m.spec.dense[0].shape = vec![1 << 40];
+        dense_pieces(&mut m)[0].len = 1 << 40;
+        is_inconsistent(store.load_shard(&m, 0, 1, 1 << 20).await, "too small for the pieces");
+        // Even when the manifest also lies about the file's size, the store has the truth.
+        let file = m.shards[0].files.iter_mut().find(|f| matches!(f.content, FileContent::Dense { .. })).unwrap();
+        file.bytes = 1 << 44;
+        match store.load_shard(&m, 0, 1, 1 << 20).await {
+            Err(CheckpointError::Corrupt { object, reason }) => {
+                assert!(object.ends_with(".safetensors") && reason.contains("the manifest says"), "{reason}")
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(matches!(store.export(&m, Path::new("/nonexistent/x")).await, Err(CheckpointError::Corrupt { .. })));
+    }
+
+    #[tokio::test]
+    async fn pieces_must_cover_each_tensor_once() {
+        let (store, m) = tiny("cover").await;
+        store.load_shard(&m, 0, 1, 1024).await.unwrap();
+        let mut short = m.clone();
+        dense_pieces(&mut short)[0].len = 3;
+        is_inconsistent(store.load_shard(&short, 0, 1, 1024).await, "elements 3..4 are in no shard");
+        let mut long = m.clone();
+        dense_pieces(&mut long)[0].len = 5;
+        is_inconsistent(store.load_shard(&long, 0, 1, 1024).await, "pieces end at 5");
+        let mut unknown = m.clone();
+        dense_pieces(&mut unknown)[0].tensor = "v".into();
+        is_inconsistent(store.load_shard(&unknown, 0, 1, 1024).await, "");
     }
 }

@@ -4,6 +4,7 @@
 //! sizes and CRC-32C checksums. The checkpoint's `manifest.json` ([`Manifest`]) repeats all of
 //! them, so a reader needs only that one file to find and verify everything.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -121,9 +122,9 @@ pub struct ShardManifest {
 }
 
 impl ShardManifest {
-    /// Bytes of the shard's data files.
+    /// Bytes of the shard's data files (at most `u64::MAX`: only a corrupt manifest comes near).
     pub fn data_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.bytes).sum()
+        self.files.iter().fold(0u64, |a, f| a.saturating_add(f.bytes))
     }
 }
 
@@ -208,14 +209,15 @@ impl Manifest {
         self.shards.iter().map(|s| s.version).collect()
     }
 
-    /// Rows of sparse table `table` over all shards (0 for an unknown table).
+    /// Rows of sparse table `table` over all shards (0 for an unknown table; at most
+    /// `u64::MAX`: only a corrupt manifest comes near).
     pub fn table_rows(&self, table: &str) -> u64 {
         self.files()
             .filter_map(|f| match &f.content {
                 FileContent::Sparse { table: t, rows, .. } if t == table => Some(*rows),
                 _ => None,
             })
-            .sum()
+            .fold(0u64, u64::saturating_add)
     }
 
     /// Every data file of every shard.
@@ -235,6 +237,57 @@ impl Manifest {
             num_shards: self.num_shards,
             total_bytes: self.total_bytes,
         }
+    }
+}
+
+/// Elements of a tensor of shape `shape`, or `None` when there are more than `u64::MAX` (a
+/// spec read from storage may say anything; `DenseSpec::numel` would overflow).
+pub(crate) fn numel(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+}
+
+/// Checks that `pieces` hold every element of every dense tensor of `spec` exactly once, and
+/// nothing else; the reason names the tensor and the elements at fault.
+pub(crate) fn check_coverage<'a>(
+    spec: &ModelSpec,
+    pieces: impl IntoIterator<Item = &'a PieceEntry>,
+) -> Result<(), String> {
+    let mut ranges: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
+    for p in pieces {
+        let end = p.offset.checked_add(p.len).ok_or_else(|| {
+            format!("dense tensor `{}`: a piece of {} elements at {} ends past 2^64", p.tensor, p.len, p.offset)
+        })?;
+        ranges.entry(p.tensor.as_str()).or_default().push((p.offset, end));
+    }
+    for d in &spec.dense {
+        let numel =
+            numel(&d.shape).ok_or_else(|| format!("dense tensor `{}`: shape {:?} is too large", d.name, d.shape))?;
+        let mut r = ranges.remove(d.name.as_str()).unwrap_or_default();
+        r.sort_unstable();
+        let mut next = 0;
+        for (a, b) in r {
+            if a != next {
+                return Err(format!(
+                    "dense tensor `{}`: elements {}..{} are {}",
+                    d.name,
+                    a.min(next),
+                    a.max(next),
+                    if a > next { "in no shard" } else { "in two shards" }
+                ));
+            }
+            next = b;
+        }
+        if next != numel {
+            return Err(if next < numel {
+                format!("dense tensor `{}`: elements {next}..{numel} are in no shard", d.name)
+            } else {
+                format!("dense tensor `{}` has {numel} elements, but its pieces end at {next}", d.name)
+            });
+        }
+    }
+    match ranges.keys().next() {
+        Some(t) => Err(format!("dense tensor `{t}` is not in the spec")),
+        None => Ok(()),
     }
 }
 

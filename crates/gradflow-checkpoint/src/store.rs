@@ -22,7 +22,7 @@ use url::Url;
 use crate::format;
 use crate::manifest::{
     Crc32c, FORMAT_VERSION, FileContent, FileEntry, MANIFEST_FORMAT, Manifest, ObjectEntry, Origin,
-    SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest,
+    SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest, check_coverage,
 };
 use crate::snapshot::{DensePieceSnapshot, ShardSnapshot};
 use crate::{CheckpointError, CheckpointInfo, checkpoint_dir_name, parse_checkpoint_dir_name};
@@ -259,6 +259,15 @@ impl CheckpointStore {
         match self.store.head(&self.path(rel)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(cause) => Err(CheckpointError::Read { object: self.child_url(rel), cause }),
+        }
+    }
+
+    /// The object's size in bytes, or `None` when it does not exist (one HEAD request).
+    pub(crate) async fn size_of(&self, rel: &str) -> Result<Option<u64>, CheckpointError> {
+        match self.store.head(&self.path(rel)).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(cause) => Err(CheckpointError::Read { object: self.child_url(rel), cause }),
         }
     }
@@ -525,7 +534,14 @@ impl CheckpointStore {
 
         let first = &shards[0].0;
         let consistent = shards.iter().all(|(m, _)| m.version == first.version);
-        let total_bytes = shards.iter().map(|(m, e)| m.data_bytes() + e.bytes).sum();
+        let total_bytes = shards
+            .iter()
+            .flat_map(|(m, e)| std::iter::once(e.bytes).chain(m.files.iter().map(|f| f.bytes)))
+            .try_fold(0u64, u64::checked_add)
+            .ok_or_else(|| CheckpointError::Inconsistent {
+                checkpoint: checkpoint.clone(),
+                reason: "its files add up to more than 2^64 bytes".into(),
+            })?;
         let mut manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             format_version: FORMAT_VERSION,
@@ -801,42 +817,9 @@ fn check_shards(
         }
     }
     // Every element of every dense tensor in exactly one piece.
-    let mut ranges: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
-    for (m, _) in shards {
-        for f in &m.files {
-            if let FileContent::Dense { pieces } = &f.content {
-                for p in pieces {
-                    ranges.entry(p.tensor.as_str()).or_default().push((p.offset, p.offset + p.len));
-                }
-            }
-        }
-    }
-    for d in &first.spec.dense {
-        let mut r = ranges.remove(d.name.as_str()).unwrap_or_default();
-        r.sort();
-        let mut next = 0;
-        for (a, b) in r {
-            if a != next {
-                return Err(bad(format!(
-                    "dense tensor `{}`: elements {}..{} are {}",
-                    d.name,
-                    a.min(next),
-                    a.max(next),
-                    if a > next { "in no shard" } else { "in two shards" }
-                )));
-            }
-            next = b;
-        }
-        if next != d.numel() {
-            return Err(bad(format!(
-                "dense tensor `{}`: elements {next}..{} are in no shard",
-                d.name,
-                d.numel()
-            )));
-        }
-    }
-    if let Some(t) = ranges.keys().next() {
-        return Err(bad(format!("dense tensor `{t}` is not in the spec")));
-    }
-    Ok(())
+    let pieces = shards.iter().flat_map(|(m, _)| &m.files).flat_map(|f| match &f.content {
+        FileContent::Dense { pieces } => pieces.as_slice(),
+        FileContent::Sparse { .. } => &[],
+    });
+    check_coverage(&first.spec, pieces).map_err(bad)
 }

@@ -3,7 +3,7 @@
 //! The coordinator tracks each worker's liveness (heartbeats), its clock (steps pushed) and,
 //! in sync mode, which workers have pushed for the current step. A sync step completes when
 //! every live worker has pushed; a worker that stops heartbeating is dropped so that nothing
-//! waits forever, and a worker that comes back is counted again from the next step.
+//! waits forever, and a worker that comes back is counted again once its next push arrives.
 //!
 //! All state sits behind one mutex that is never held across an `.await` or during optimizer
 //! math. Waiters (pulls and pushes for a future step) sleep on a `watch` channel that is bumped
@@ -25,10 +25,9 @@ struct WorkerSlot {
     seen: bool,
     live: bool,
     left: bool,
-    /// Idle until its next push (dynamic data sharding: no task for it right now).
+    /// Not waited for until its next push: idle (dynamic data sharding, no task for it right
+    /// now) or back after being dropped.
     paused: bool,
-    /// Sync: the first step this worker is waited for (set when it rejoins mid-step).
-    counted_from: u64,
     /// Async: steps pushed so far.
     clock: u64,
 }
@@ -78,15 +77,8 @@ impl Coordinator {
         startup_timeout: Duration,
     ) -> Coordinator {
         let now = Instant::now();
-        let slot = WorkerSlot {
-            last_seen: now,
-            seen: false,
-            live: true,
-            left: false,
-            paused: false,
-            counted_from: 0,
-            clock: 0,
-        };
+        let slot =
+            WorkerSlot { last_seen: now, seen: false, live: true, left: false, paused: false, clock: 0 };
         Coordinator {
             mode,
             backup_workers: 0,
@@ -154,7 +146,7 @@ impl Coordinator {
     }
 
     /// Records that `worker` is alive. A dropped or departed worker rejoins: in sync mode it
-    /// is waited for from the next step on.
+    /// is waited for again once its next push arrives.
     pub fn touch(&self, worker: u32) -> Result<(), PsError> {
         if worker == gradflow_proto::OBSERVER {
             return Ok(());
@@ -167,10 +159,13 @@ impl Coordinator {
         slot.last_seen = Instant::now();
         slot.seen = true;
         if !slot.live || slot.left {
-            info!(worker, step = version, "worker rejoined; counted again from the next step");
+            // Not waited for until its next push reaches this shard: each shard sees the
+            // worker come back at its own moment, and a shard that counted it from a step the
+            // worker then skipped (moving to another shard's later step) would wait forever.
+            info!(worker, step = version, "worker rejoined; counted again from its next push");
             slot.live = true;
             slot.left = false;
-            slot.counted_from = version + 1;
+            slot.paused = true;
             drop(s);
             self.notify();
         }
@@ -309,12 +304,8 @@ impl Coordinator {
         if arrived == 0 {
             return None;
         }
-        let missing = s
-            .workers
-            .iter()
-            .enumerate()
-            .filter(|(w, slot)| is_active(slot) && slot.counted_from <= s.version && !s.arrived[*w])
-            .count() as u32;
+        let missing =
+            s.workers.iter().enumerate().filter(|(w, slot)| is_active(slot) && !s.arrived[*w]).count() as u32;
         if missing > self.backup_workers {
             return None;
         }
@@ -418,13 +409,16 @@ mod tests {
         assert_eq!(t.divisor, 1);
         c.finish_step(t);
         assert_eq!(c.live_workers(), vec![0]);
-        // worker 1 comes back during step 1: not waited for until step 2
+        // worker 1 comes back during step 1: not waited for until it pushes
         c.touch(1).unwrap();
         c.begin_push(0, 1).unwrap();
         let t = c.end_push(0, true).expect("step 1 does not wait for the rejoiner");
         c.finish_step(t);
+        c.begin_push(1, 2).unwrap();
+        assert!(c.end_push(1, true).is_none(), "step 2 waits for worker 0");
         c.begin_push(0, 2).unwrap();
-        assert!(c.end_push(0, true).is_none(), "step 2 waits for worker 1 again");
+        let t = c.end_push(0, true).expect("both pushed step 2");
+        assert_eq!(t.divisor, 2, "the rejoiner counts again once it pushed");
     }
 
     #[test]

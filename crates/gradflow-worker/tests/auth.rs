@@ -50,6 +50,7 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
             ids: codec::u64s_to_bytes(&[7]),
             values: codec::f32s_to_bytes(&[1.0, 1.0]),
         }],
+        task: None,
     };
     let ids = pb::SparseIds { table: "emb".into(), ids: codec::u64s_to_bytes(&[7]) };
     vec![

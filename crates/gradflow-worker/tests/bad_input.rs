@@ -41,7 +41,7 @@ fn sparse(table: &str, ids: &[u64], values: &[f32]) -> pb::SparseGrad {
 }
 
 fn push(worker: u32, step: u64, d: Vec<pb::DenseSlice>, s: Vec<pb::SparseGrad>) -> pb::PushRequest {
-    pb::PushRequest { worker, step, dense: d, sparse: s }
+    pb::PushRequest { worker, step, dense: d, sparse: s, task: None }
 }
 
 async fn send(
