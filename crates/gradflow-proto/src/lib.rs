@@ -9,8 +9,8 @@
 //! - [`tls`]: TLS and mutual TLS from the job file's `[tls]` section, shared by servers and clients.
 
 pub mod auth;
-pub mod tls;
 pub mod codec;
+pub mod tls;
 pub mod transport;
 
 pub use transport::TransportConfig;

@@ -268,7 +268,12 @@ impl Worker {
     }
 
     /// Calls `f` on shard `shard`'s client, retrying transient failures with backoff.
-    pub(crate) async fn call<T, F, Fut>(&self, shard: usize, rpc: &'static str, f: F) -> Result<T, WorkerError>
+    pub(crate) async fn call<T, F, Fut>(
+        &self,
+        shard: usize,
+        rpc: &'static str,
+        f: F,
+    ) -> Result<T, WorkerError>
     where
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -669,11 +674,9 @@ impl Worker {
     pub async fn leave(self) -> Result<(), WorkerError> {
         let me = self.config.worker;
         try_join_all((0..self.clients.len()).map(|shard| {
-            self.call(
-                shard,
-                "Leave",
-                move |mut c| async move { c.leave(pb::LeaveRequest { worker: me, pause: false }).await },
-            )
+            self.call(shard, "Leave", move |mut c| async move {
+                c.leave(pb::LeaveRequest { worker: me, pause: false }).await
+            })
         }))
         .await?;
         info!(worker = me, step = self.current_step(), "left the job");

@@ -1,0 +1,14 @@
+//! Fuzz target `data_lines`: see `gradflow_fuzz::data_lines`. Without `--cfg fuzzing` (a plain
+//! `cargo build`), replays the files named on the command line.
+#![cfg_attr(fuzzing, no_main)]
+
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    gradflow_fuzz::single_threaded();
+    gradflow_fuzz::data_lines(data)
+});
+
+#[cfg(not(fuzzing))]
+fn main() {
+    gradflow_fuzz::replay_main("data_lines");
+}

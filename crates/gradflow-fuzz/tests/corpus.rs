@@ -1,0 +1,85 @@
+//! Replays every fuzz target's committed corpus (`corpus/<target>/`), its regression inputs
+//! (`regressions/<target>/`: inputs that once crashed, kept after the fix) and its seeds, on
+//! stable Rust and without libFuzzer, so that CI catches a decoder that regresses.
+//!
+//! `GRADFLOW_FUZZ_WRITE_SEEDS=1 cargo test --manifest-path crates/gradflow-fuzz/Cargo.toml`
+//! rewrites the `corpus/<target>/seed-*` files from gradflow's own encoders.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use gradflow_fuzz::{TARGETS, seeds, target};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).filter(|p| p.is_file()).collect();
+    files.sort();
+    files
+}
+
+/// Runs `f` on every input; panics naming every input that failed.
+fn replay(f: fn(&[u8]), inputs: impl IntoIterator<Item = (String, Vec<u8>)>) -> usize {
+    let mut failed = Vec::new();
+    let mut n = 0;
+    for (name, data) in inputs {
+        n += 1;
+        if catch_unwind(AssertUnwindSafe(|| f(&data))).is_err() {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "failed: {failed:#?}");
+    n
+}
+
+#[test]
+fn corpus_replays() {
+    for (name, f) in TARGETS {
+        let inputs = files(&root().join("corpus").join(name))
+            .into_iter()
+            .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()));
+        let n = replay(*f, inputs);
+        assert!(n > 0, "target `{name}` has no corpus under corpus/{name}/");
+    }
+}
+
+#[test]
+fn regressions_replay() {
+    for (name, f) in TARGETS {
+        let inputs = files(&root().join("regressions").join(name))
+            .into_iter()
+            .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()));
+        replay(*f, inputs);
+    }
+}
+
+#[test]
+fn seeds_replay() {
+    for (name, f) in TARGETS {
+        let inputs = seeds().into_iter().filter(|(t, _, _)| t == name).map(|(_, n, d)| (n, d));
+        let n = replay(*f, inputs);
+        assert!(n > 0, "target `{name}` has no seeds");
+    }
+    // Every folder under corpus/ and regressions/ is a target's.
+    for dir in ["corpus", "regressions"] {
+        for entry in std::fs::read_dir(root().join(dir)).into_iter().flatten() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(name.starts_with('.') || target(&name).is_some(), "{dir}/{name} is not a target");
+        }
+    }
+}
+
+#[test]
+fn write_seeds_when_asked() {
+    if std::env::var_os("GRADFLOW_FUZZ_WRITE_SEEDS").is_none() {
+        return;
+    }
+    for (name, file, data) in seeds() {
+        let dir = root().join("corpus").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), data).unwrap();
+    }
+}
