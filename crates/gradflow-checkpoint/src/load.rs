@@ -566,7 +566,13 @@ mod tests {
     }
 
     fn dense_pieces(m: &mut Manifest) -> &mut Vec<PieceEntry> {
-        match &mut m.shards[0].files.iter_mut().find(|f| matches!(f.content, FileContent::Dense { .. })).unwrap().content {
+        match &mut m.shards[0]
+            .files
+            .iter_mut()
+            .find(|f| matches!(f.content, FileContent::Dense { .. }))
+            .unwrap()
+            .content
+        {
             FileContent::Dense { pieces } => pieces,
             FileContent::Sparse { .. } => unreachable!(),
         }
@@ -600,7 +606,8 @@ mod tests {
         dense_pieces(&mut m)[0].len = 1 << 40;
         is_inconsistent(store.load_shard(&m, 0, 1, 1 << 20).await, "too small for the pieces");
         // Even when the manifest also lies about the file's size, the store has the truth.
-        let file = m.shards[0].files.iter_mut().find(|f| matches!(f.content, FileContent::Dense { .. })).unwrap();
+        let file =
+            m.shards[0].files.iter_mut().find(|f| matches!(f.content, FileContent::Dense { .. })).unwrap();
         file.bytes = 1 << 44;
         match store.load_shard(&m, 0, 1, 1 << 20).await {
             Err(CheckpointError::Corrupt { object, reason }) => {
@@ -608,7 +615,10 @@ mod tests {
             }
             other => panic!("expected Corrupt, got {other:?}"),
         }
-        assert!(matches!(store.export(&m, Path::new("/nonexistent/x")).await, Err(CheckpointError::Corrupt { .. })));
+        assert!(matches!(
+            store.export(&m, Path::new("/nonexistent/x")).await,
+            Err(CheckpointError::Corrupt { .. })
+        ));
     }
 
     #[tokio::test]

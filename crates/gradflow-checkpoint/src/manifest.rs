@@ -255,13 +255,16 @@ pub(crate) fn check_coverage<'a>(
     let mut ranges: HashMap<&str, Vec<(u64, u64)>> = HashMap::new();
     for p in pieces {
         let end = p.offset.checked_add(p.len).ok_or_else(|| {
-            format!("dense tensor `{}`: a piece of {} elements at {} ends past 2^64", p.tensor, p.len, p.offset)
+            format!(
+                "dense tensor `{}`: a piece of {} elements at {} ends past 2^64",
+                p.tensor, p.len, p.offset
+            )
         })?;
         ranges.entry(p.tensor.as_str()).or_default().push((p.offset, end));
     }
     for d in &spec.dense {
-        let numel =
-            numel(&d.shape).ok_or_else(|| format!("dense tensor `{}`: shape {:?} is too large", d.name, d.shape))?;
+        let numel = numel(&d.shape)
+            .ok_or_else(|| format!("dense tensor `{}`: shape {:?} is too large", d.name, d.shape))?;
         let mut r = ranges.remove(d.name.as_str()).unwrap_or_default();
         r.sort_unstable();
         let mut next = 0;
