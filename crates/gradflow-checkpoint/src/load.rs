@@ -527,40 +527,12 @@ impl safetensors::View for ExportView<'_> {
 mod tests {
     use std::time::Duration;
 
-    use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig};
-
     use super::*;
 
-    /// A one-shard checkpoint of a 4-element tensor with Adagrad (one slot), at step 1.
+    /// A one-shard checkpoint of [`crate::snapshot::tiny`] at step 1.
     async fn tiny(name: &str) -> (CheckpointStore, Manifest) {
-        let spec = ModelSpec {
-            dense: vec![DenseSpec {
-                name: "w".into(),
-                shape: vec![4],
-                init: Initializer::Zeros,
-                optimizer: OptimizerConfig::adagrad(0.1),
-            }],
-            sparse: vec![],
-        };
-        let snap = ShardSnapshot {
-            shard: 0,
-            num_shards: 1,
-            version: 1,
-            mode: Mode::Sync,
-            spec,
-            partition_bytes: 1024,
-            dense: vec![DensePieceSnapshot {
-                tensor: "w".into(),
-                partition: 0,
-                offset: 0,
-                values: vec![1.0, 2.0, 3.0, 4.0],
-                state: vec![0.5; 4],
-                steps: 1,
-            }],
-            sparse: vec![],
-        };
         let store = CheckpointStore::open(&format!("memory://load-unit-{name}")).unwrap();
-        store.write_shard(1, &snap).await.unwrap();
+        store.write_shard(1, &crate::snapshot::tiny()).await.unwrap();
         let m = store.finalize(1, 1, 0, Duration::from_secs(5)).await.unwrap();
         (store, m)
     }
@@ -633,6 +605,6 @@ mod tests {
         is_inconsistent(store.load_shard(&long, 0, 1, 1024).await, "pieces end at 5");
         let mut unknown = m.clone();
         dense_pieces(&mut unknown)[0].tensor = "v".into();
-        is_inconsistent(store.load_shard(&unknown, 0, 1, 1024).await, "");
+        is_inconsistent(store.load_shard(&unknown, 0, 1, 1024).await, "elements 0..4 are in no shard");
     }
 }

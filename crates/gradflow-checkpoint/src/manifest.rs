@@ -311,3 +311,36 @@ pub struct CheckpointInfo {
     /// Bytes of every file except the top-level manifest.
     pub total_bytes: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use gradflow_core::{DenseSpec, Initializer, OptimizerConfig};
+
+    use super::*;
+
+    fn piece(offset: u64, len: u64) -> PieceEntry {
+        PieceEntry { tensor: "w".into(), partition: 0, offset, len, steps: 0 }
+    }
+
+    // Found by the fuzz targets: a spec or pieces read from storage overflowed u64 while being
+    // checked (`DenseSpec::numel`, `offset + len`), a panic in debug builds.
+    #[test]
+    fn coverage_counts_without_overflow() {
+        let mut spec = ModelSpec {
+            dense: vec![DenseSpec {
+                name: "w".into(),
+                shape: vec![2, 3],
+                init: Initializer::Zeros,
+                optimizer: OptimizerConfig::sgd(0.1),
+            }],
+            sparse: vec![],
+        };
+        assert_eq!(check_coverage(&spec, &[piece(0, 4), piece(4, 2)]), Ok(()));
+        assert!(check_coverage(&spec, &[piece(0, 4), piece(3, 3)]).unwrap_err().contains("in two shards"));
+        assert!(check_coverage(&spec, &[piece(0, 4), piece(4, u64::MAX)]).unwrap_err().contains("past 2^64"));
+        spec.dense[0].shape = vec![u64::MAX, 2];
+        assert_eq!(numel(&spec.dense[0].shape), None);
+        assert!(check_coverage(&spec, &[piece(0, 4)]).unwrap_err().contains("too large"));
+        assert_eq!(numel(&[]), Some(1));
+    }
+}

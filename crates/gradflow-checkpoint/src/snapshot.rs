@@ -164,3 +164,34 @@ impl ShardSnapshot {
         Ok(())
     }
 }
+
+/// A one-shard snapshot of a 4-element tensor `w` with Adagrad (one slot), for tests.
+#[cfg(test)]
+pub(crate) fn tiny() -> ShardSnapshot {
+    use gradflow_core::{DenseSpec, Initializer, OptimizerConfig};
+    ShardSnapshot {
+        shard: 0,
+        num_shards: 1,
+        version: 1,
+        mode: Mode::Sync,
+        spec: ModelSpec {
+            dense: vec![DenseSpec {
+                name: "w".into(),
+                shape: vec![4],
+                init: Initializer::Zeros,
+                optimizer: OptimizerConfig::adagrad(0.1),
+            }],
+            sparse: vec![],
+        },
+        partition_bytes: 1024,
+        dense: vec![DensePieceSnapshot {
+            tensor: "w".into(),
+            partition: 0,
+            offset: 0,
+            values: vec![1.0, 2.0, 3.0, 4.0],
+            state: vec![0.5; 4],
+            steps: 1,
+        }],
+        sparse: vec![],
+    }
+}

@@ -823,3 +823,35 @@ fn check_shards(
     });
     check_coverage(&first.spec, pieces).map_err(bad)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Found by the `ckpt_shard_manifest` fuzz target: a shard manifest whose piece ends past
+    // u64::MAX, or whose file sizes add up past it, made `finalize` panic (add with overflow).
+    #[tokio::test]
+    async fn finalize_refuses_shard_manifests_whose_numbers_overflow() {
+        let store = CheckpointStore::open("memory://store-unit-overflow").unwrap();
+        let written = store.write_shard(1, &crate::snapshot::tiny()).await.unwrap();
+        let tampered = |f: &dyn Fn(&mut ShardManifest)| {
+            let mut m = written.clone();
+            f(&mut m);
+            Bytes::from(serde_json::to_vec(&m).unwrap())
+        };
+        let offset = tampered(&|m| match &mut m.files[0].content {
+            FileContent::Dense { pieces } => pieces[0].offset = u64::MAX,
+            FileContent::Sparse { .. } => unreachable!(),
+        });
+        let bytes = tampered(&|m| m.files[0].bytes = u64::MAX);
+        for (data, says) in [(offset, "ends past 2^64"), (bytes, "more than 2^64 bytes")] {
+            store.put_small("ckpt-000000000001/shard-0/manifest.json", data).await.unwrap();
+            match store.finalize(1, 1, 0, Duration::ZERO).await {
+                Err(CheckpointError::Inconsistent { reason, .. }) => {
+                    assert!(reason.contains(says), "{reason}")
+                }
+                other => panic!("expected Inconsistent ({says}), got {other:?}"),
+            }
+        }
+    }
+}
