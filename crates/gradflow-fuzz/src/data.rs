@@ -57,7 +57,9 @@ pub fn data_lines(data: &[u8]) {
             assert_eq!(skipped, all_skipped, "{workers} workers skip the same lines");
         }
         (Ok(_), true) => panic!("a worker refused a file that one reader reads whole"),
-        (Err(_), false) => panic!("a file one reader refuses must be refused by the worker with the bad line"),
+        (Err(_), false) => {
+            panic!("a file one reader refuses must be refused by the worker with the bad line")
+        }
         (Err(_), true) => {}
     }
 }
@@ -78,7 +80,10 @@ fn read(config: &ReaderConfig, worker: usize, workers: usize) -> Read {
                 .sparse_range(i)
                 .map(|j| (batch.sparse_fields[j], batch.sparse_ids[j], batch.sparse_values[j].to_bits()))
                 .collect();
-            assert!(batch.sparse_range(i).all(|j| batch.sparse_values[j].is_finite()), "sparse values are finite");
+            assert!(
+                batch.sparse_range(i).all(|j| batch.sparse_values[j].is_finite()),
+                "sparse values are finite"
+            );
             rows.push((label.to_bits(), dense.iter().map(|v| v.to_bits()).collect(), sparse));
         }
     }
@@ -88,13 +93,16 @@ fn read(config: &ReaderConfig, worker: usize, workers: usize) -> Read {
 /// A refused file names a line that exists.
 fn check_refusal(e: &DataError, lines: u64) {
     match e {
-        DataError::Parse { line, .. } => assert!((1..=lines.max(1)).contains(line), "line {line} of {lines}: {e}"),
+        DataError::Parse { line, .. } => {
+            assert!((1..=lines.max(1)).contains(line), "line {line} of {lines}: {e}")
+        }
         other => panic!("a bad data file is a parse error naming the line, not {other:?}"),
     }
 }
 
 pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
-    let csv = "label,d0,c,d1\n1,0.5,red,2\n0,-1.25,\"blue, dark\",3e2\n1,7,,0\n-1,1e-3,\"say \"\"hi\"\"\",4\r\n";
+    let csv =
+        "label,d0,c,d1\n1,0.5,red,2\n0,-1.25,\"blue, dark\",3e2\n1,7,,0\n-1,1e-3,\"say \"\"hi\"\"\",4\r\n";
     let svm = "+1 3:0.5 18446744073709551615:2 # tail\n-1 1:1\n\n# only a comment\n0.25 7:1e-2\t9:3\n";
     let bad_csv = "label,c,d0\n1,x,oops\n0,y,1\n";
     let bad_svm = "1 1:1\n1 a:1\nnan 2:1\n1 2:inf\n";

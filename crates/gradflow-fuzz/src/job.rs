@@ -9,10 +9,12 @@ pub fn job_file(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(job) = JobConfig::parse(text) else { return };
     let toml = toml::to_string(&job).unwrap_or_else(|e| panic!("a valid job serializes to TOML: {e}"));
-    let back = JobConfig::parse(&toml).unwrap_or_else(|e| panic!("a valid job reads back from `{toml}`: {e}"));
+    let back =
+        JobConfig::parse(&toml).unwrap_or_else(|e| panic!("a valid job reads back from `{toml}`: {e}"));
     assert_eq!(back, job, "TOML round trip of\n{toml}");
     let json = serde_json::to_string(&job).expect("a valid job serializes to JSON");
-    let back: JobConfig = serde_json::from_str(&json).unwrap_or_else(|e| panic!("JSON round trip `{json}`: {e}"));
+    let back: JobConfig =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("JSON round trip `{json}`: {e}"));
     assert_eq!(back, job, "JSON round trip");
 }
 

@@ -30,13 +30,7 @@ pub fn data_tasks(data: &[u8]) {
     let again = TaskQueue::restore(state.clone()).expect("a saved queue restores");
     assert_eq!(again.save(), state, "save(restore(save(q))) == save(q)");
 
-    if inconsistent(&saved) {
-        // KNOWN (reported, docs/fuzzing.md): `TaskQueue::restore` accepts a state whose epochs
-        // are not all before `next_epoch`, and the queue then opens such an epoch again and
-        // hands out pieces that were done before the checkpoint. Until it refuses such a
-        // state, the simulation below runs only on states a queue can have saved.
-        return;
-    }
+    assert!(!inconsistent(&saved), "restore refuses states no queue can have saved");
     let plan = saved.plan.clone();
     let n = plan.pieces.len() as u64;
     let Some(total) = n.checked_mul(plan.epochs).filter(|&t| t <= MAX_TASKS) else { return };
@@ -110,16 +104,21 @@ pub fn data_tasks(data: &[u8]) {
 /// Whether `saved` could not have come from `TaskQueue::save`: an open or unscored epoch at or
 /// after `next_epoch`, an epoch listed twice, or more epochs opened than planned.
 fn inconsistent(saved: &SavedTasks) -> bool {
-    let mut epochs: Vec<u64> = saved.epochs.iter().map(|e| e.epoch).chain(saved.unscored.iter().map(|u| u.0)).collect();
+    let mut epochs: Vec<u64> =
+        saved.epochs.iter().map(|e| e.epoch).chain(saved.unscored.iter().map(|u| u.0)).collect();
     let listed = epochs.len();
     epochs.sort_unstable();
     epochs.dedup();
-    saved.next_epoch > saved.plan.epochs || epochs.len() != listed || epochs.last().is_some_and(|&e| e >= saved.next_epoch)
+    saved.next_epoch > saved.plan.epochs
+        || epochs.len() != listed
+        || epochs.last().is_some_and(|&e| e >= saved.next_epoch)
 }
 
 pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let plan = TaskPlan {
-        pieces: (0..4).map(|i| Piece { path: "train.csv".into(), start: i * 100, end: i * 100 + 100 }).collect(),
+        pieces: (0..4)
+            .map(|i| Piece { path: "train.csv".into(), start: i * 100, end: i * 100 + 100 })
+            .collect(),
         epochs: 3,
         seed: 7,
     };

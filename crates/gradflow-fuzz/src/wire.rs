@@ -432,8 +432,13 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         }
         let ids = ids_on(shard, 3);
         let sparse = vec![grad("emb", &ids, 3), grad("wide", &ids[..2], 1)];
-        let one =
-            pb::PushRequest { worker: 1, step: 4, dense: dense.clone(), sparse: sparse.clone(), ..Default::default() };
+        let one = pb::PushRequest {
+            worker: 1,
+            step: 4,
+            dense: dense.clone(),
+            sparse: sparse.clone(),
+            ..Default::default()
+        };
         let mut stream = vec![(shard as u8) | 2];
         one.encode_length_delimited(&mut stream).unwrap();
         out.push(("push", format!("seed-shard{shard}-one-message"), stream));
@@ -477,12 +482,16 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         pb::PieceRef { tensor: "w".into(), partition: 0 },
         pb::PieceRef { tensor: "b".into(), partition: 0 },
     ];
-    req(2, "pull-dense", &|b| pb::PullDenseRequest { worker: 0, step: 1, pieces: pieces.clone() }.encode(b).unwrap());
+    req(2, "pull-dense", &|b| {
+        pb::PullDenseRequest { worker: 0, step: 1, pieces: pieces.clone() }.encode(b).unwrap()
+    });
     let tables = vec![
         pb::SparseIds { table: "emb".into(), ids: c::u64s_to_bytes(&ids_on(1, 4)) },
         pb::SparseIds { table: "wide".into(), ids: c::u64s_to_bytes(&ids_on(1, 2)) },
     ];
-    req(3, "pull-sparse", &|b| pb::PullSparseRequest { worker: 1, step: 1, tables: tables.clone() }.encode(b).unwrap());
+    req(3, "pull-sparse", &|b| {
+        pb::PullSparseRequest { worker: 1, step: 1, tables: tables.clone() }.encode(b).unwrap()
+    });
     let push = pb::PushRequest {
         worker: 0,
         step: 2,

@@ -72,6 +72,25 @@ fn seeds_replay() {
     }
 }
 
+/// The committed checkpoint seeds are the fixture's own files, so that the fuzzer starts from
+/// a checkpoint that loads (and the pristine-input checks run on them).
+#[test]
+fn checkpoint_seeds_are_current() {
+    if std::env::var_os("GRADFLOW_FUZZ_WRITE_SEEDS").is_some() {
+        return;
+    }
+    for (name, file, data) in seeds().into_iter().filter(|(t, _, _)| t.starts_with("ckpt_")) {
+        let path = root().join("corpus").join(name).join(&file);
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            committed == data,
+            "{} is out of date: rewrite the seeds with GRADFLOW_FUZZ_WRITE_SEEDS=1 cargo test --manifest-path \
+             crates/gradflow-fuzz/Cargo.toml",
+            path.display()
+        );
+    }
+}
+
 #[test]
 fn write_seeds_when_asked() {
     if std::env::var_os("GRADFLOW_FUZZ_WRITE_SEEDS").is_none() {

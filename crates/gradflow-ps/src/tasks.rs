@@ -177,6 +177,28 @@ impl TaskQueue {
     /// The queue a checkpoint saved.
     pub fn restore(saved: SavedTasks) -> Result<TaskQueue, PsError> {
         saved.plan.validate()?;
+        let bad = |what: String| PsError::Internal(format!("saved tasks: {what}"));
+        if saved.next_epoch > saved.plan.epochs {
+            return Err(bad(format!(
+                "the next epoch is {} of a plan of {} epochs",
+                saved.next_epoch, saved.plan.epochs
+            )));
+        }
+        // A queue opens an epoch when it hands out the epoch's first task, and `next_epoch` is
+        // past every epoch it opened: an epoch at or after it cannot have been started, let
+        // alone scored.
+        let mut listed = std::collections::BTreeSet::new();
+        for epoch in saved.epochs.iter().map(|e| e.epoch).chain(saved.unscored.iter().map(|u| u.0)) {
+            if epoch >= saved.next_epoch {
+                return Err(bad(format!(
+                    "epoch {epoch} is open or awaiting scoring, but the next epoch to open is {}",
+                    saved.next_epoch
+                )));
+            }
+            if !listed.insert(epoch) {
+                return Err(bad(format!("epoch {epoch} is listed twice")));
+            }
+        }
         let n = saved.plan.pieces.len();
         let mut q = TaskQueue::new(saved.plan);
         q.next_epoch = saved.next_epoch;
@@ -489,6 +511,29 @@ mod tests {
             .collect();
         want.sort_unstable();
         assert_eq!(got, want);
+    }
+
+    // Found by the `data_tasks` fuzz target: a state listing an epoch at or after
+    // `next_epoch` restored, and the queue then opened that epoch again and handed out pieces
+    // done before the checkpoint.
+    #[test]
+    fn states_no_queue_can_save_are_refused() {
+        let state = |next_epoch, epochs: Vec<u64>, unscored: Vec<u64>| SavedTasks {
+            plan: plan(2, 2),
+            next_epoch,
+            epochs: epochs
+                .into_iter()
+                .map(|epoch| SavedEpoch { epoch, done: vec![0], progress: vec![], examples: 1 })
+                .collect(),
+            unscored: unscored.into_iter().map(|e| (e, 1)).collect(),
+        };
+        let refused = |s: SavedTasks| TaskQueue::restore(s).err().expect("refused").to_string();
+        assert!(refused(state(0, vec![0], vec![])).contains("epoch 0 is open"));
+        assert!(refused(state(1, vec![], vec![1])).contains("the next epoch to open is 1"));
+        assert!(refused(state(2, vec![1], vec![1])).contains("epoch 1 is listed twice"));
+        assert!(refused(state(3, vec![], vec![])).contains("plan of 2 epochs"));
+        let ok = TaskQueue::restore(state(2, vec![1], vec![0])).unwrap();
+        assert_eq!(ok.save(), state(2, vec![1], vec![0]));
     }
 
     #[test]
