@@ -173,10 +173,10 @@ impl ShardModel {
     pub fn apply_accumulated(&self, divisor: f32) {
         let scale = 1.0 / divisor;
         self.pieces.par_iter().for_each(|p| p.apply_accumulated(scale));
-        for t in &self.tables {
+        self.tables.par_iter().for_each(|t| {
             let acc = std::mem::take(&mut *t.accum.lock().unwrap());
             t.apply(&acc, scale);
-        }
+        });
     }
 }
 
@@ -364,35 +364,62 @@ impl Table {
                 continue;
             }
             let mut store = self.stripes[s].lock().unwrap();
-            for pos in positions {
-                let row = self.row(&mut store, ids[pos as usize]);
-                let values = &store.data[row * self.stride()..][..self.dim];
+            let rows = self.rows_of(&mut store, ids, &positions);
+            let stride = self.stride();
+            for (&pos, &row) in positions.iter().zip(&rows) {
+                let values = &store.data[row as usize * stride..][..self.dim];
                 let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
                 codec::write_f32s(dst, values);
             }
         }
     }
 
+    /// The rows of `ids[p]` for every `p` in `positions`, all in `store`'s stripe, created where
+    /// new. Looked up in one pass before any row is read: consecutive lookups do not depend on
+    /// each other, so the processor overlaps their cache misses (a lookup in a large table is
+    /// mostly waiting for memory).
+    fn rows_of(&self, store: &mut RowStore, ids: &[u64], positions: &[u32]) -> Vec<u32> {
+        positions.iter().map(|&pos| self.row(store, ids[pos as usize]) as u32).collect()
+    }
+
     /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row.
+    ///
+    /// Large updates run on rayon's threads, one stripe at a time each: a sync step's update
+    /// is on every worker's critical path, and the stripes are independent.
     pub fn apply(&self, acc: &SparseAccum, scale: f32) {
-        let mut grad = vec![0f32; self.dim];
-        for (s, positions) in self.group_by_stripe(&acc.ids).into_iter().enumerate() {
-            if positions.is_empty() {
-                continue;
+        /// Fewer rows than this are not worth handing to other threads.
+        const PARALLEL_ROWS: usize = 4096;
+        let groups = self.group_by_stripe(&acc.ids);
+        if acc.ids.len() >= PARALLEL_ROWS {
+            groups.into_par_iter().enumerate().for_each_init(
+                || vec![0f32; self.dim],
+                |grad, (s, positions)| self.apply_stripe(acc, scale, s, &positions, grad),
+            );
+        } else {
+            let mut grad = vec![0f32; self.dim];
+            for (s, positions) in groups.into_iter().enumerate() {
+                self.apply_stripe(acc, scale, s, &positions, &mut grad);
             }
-            let mut store = self.stripes[s].lock().unwrap();
-            for pos in positions {
-                let pos = pos as usize;
-                let row = self.row(&mut store, acc.ids[pos]);
-                for (g, a) in grad.iter_mut().zip(&acc.sums[pos * self.dim..][..self.dim]) {
-                    *g = a * scale;
-                }
-                let stride = self.stride();
-                let RowStore { data, steps, .. } = &mut *store;
-                let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
-                steps[row] += 1;
-                self.optimizer.step(values, &grad, state, steps[row] as u64);
+        }
+    }
+
+    /// [`apply`](Self::apply) to the rows of `acc` at `positions`, all in stripe `s`.
+    fn apply_stripe(&self, acc: &SparseAccum, scale: f32, s: usize, positions: &[u32], grad: &mut [f32]) {
+        if positions.is_empty() {
+            return;
+        }
+        let stride = self.stride();
+        let mut store = self.stripes[s].lock().unwrap();
+        let rows = self.rows_of(&mut store, &acc.ids, positions);
+        for (&pos, &row) in positions.iter().zip(&rows) {
+            let (pos, row) = (pos as usize, row as usize);
+            for (g, a) in grad.iter_mut().zip(&acc.sums[pos * self.dim..][..self.dim]) {
+                *g = a * scale;
             }
+            let RowStore { data, steps, .. } = &mut *store;
+            let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
+            steps[row] += 1;
+            self.optimizer.step(values, grad, state, steps[row] as u64);
         }
     }
 
