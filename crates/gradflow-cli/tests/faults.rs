@@ -1,7 +1,10 @@
 //! The fault-injection suite, part 1: processes killed with SIGKILL at random points of a
 //! running job (`.ci/faults.sh` runs the whole suite). With dynamic data sharding, every epoch
 //! must still put each training example into the model exactly once, and the test AUC must
-//! stay within 0.01 of an undisturbed run.
+//! not fall more than 0.01 below an undisturbed run's.
+//!
+//! The tests run one at a time: each is a multi-process job timed against its own faults, and
+//! on a small machine four at once starve each other.
 
 mod common;
 
@@ -13,6 +16,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const TRAIN_ROWS: u64 = 60_000;
+
+/// Held by each test for its whole run.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A 2-epoch wide & deep job with dynamic data sharding over small tasks.
 fn job_text(name: &str, mode: &str, extra: &str) -> String {
@@ -187,18 +196,22 @@ fn workers_killed_at_random_points(mode: &str) {
     assert_eq!(disturbed.len(), 2, "{log}");
     for (epoch, ((auc, examples), (ref_auc, _))) in disturbed.iter().zip(&reference).enumerate() {
         assert_eq!(*examples, TRAIN_ROWS, "epoch {epoch}: every example in the model exactly once");
-        assert!((auc - ref_auc).abs() < 0.01, "epoch {epoch}: AUC {auc} vs {ref_auc} undisturbed");
+        // Async runs differ from run to run (the order of pushes), in either direction; what must
+        // not happen is a loss of accuracy.
+        assert!(*auc > ref_auc - 0.01, "epoch {epoch}: AUC {auc} vs {ref_auc} undisturbed");
         eprintln!("{mode} epoch {epoch}: AUC {auc:.4} vs {ref_auc:.4} undisturbed, {kills} worker kill(s)");
     }
 }
 
 #[test]
 fn sync_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
+    let _serial = serial();
     workers_killed_at_random_points("sync");
 }
 
 #[test]
 fn async_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
+    let _serial = serial();
     workers_killed_at_random_points("async");
 }
 
@@ -206,6 +219,7 @@ fn async_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
 /// the task progress comes back with it, and at most one checkpoint interval is redone.
 #[test]
 fn a_killed_server_costs_at_most_one_checkpoint_interval_and_no_example() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let every = 40;
     let ckpt = dir.path().join("ckpt");
@@ -228,8 +242,10 @@ fn a_killed_server_costs_at_most_one_checkpoint_interval_and_no_example() {
     let delay = random_delays(1, 1000, 3000)[0];
     std::thread::sleep(delay);
     let pid = pid_of(name, "ps", 1);
-    // The model's step just before the kill: what the restore goes back from.
+    // The model's step just before the kill: what the restore goes back from; and the latest
+    // checkpoint complete at the kill, the one the restore must use.
     let reached = model_version(&metrics);
+    let complete = latest_complete_checkpoint(&ckpt);
     let killed_at = Instant::now();
     sigkill(pid);
     eprintln!("SIGKILL ps-1 (pid {pid}) after {delay:?}");
@@ -247,11 +263,18 @@ fn a_killed_server_costs_at_most_one_checkpoint_interval_and_no_example() {
     assert!(status.success(), "{log}");
 
     assert!(restored % every == 0, "restored step {restored} is a checkpoint step");
-    // A step or two may complete between reading the version and the kill.
-    let redone = (reached + 2).saturating_sub(restored);
     assert!(
-        redone <= every + 2,
-        "killed at step {reached}, restored {restored}: more than one interval ({every}) redone"
+        restored >= complete.unwrap_or(0),
+        "checkpoint {complete:?} was complete at the kill, but the job restored {restored}"
+    );
+    // A step or two may complete between reading the version and the kill. One more interval
+    // is lost only when the kill lands while the last interval's checkpoint is being written.
+    let redone = (reached + 2).saturating_sub(restored);
+    let writing = complete.is_none_or(|c| c + every <= reached);
+    let allowed = if writing { 2 * every + 2 } else { every + 2 };
+    assert!(
+        redone <= allowed,
+        "killed at step {reached}, restored {restored} (complete at the kill: {complete:?}): more than {allowed} steps redone"
     );
     eprintln!(
         "ps-1 killed at step {reached}; restored step {restored} ({} steps redone); every process restarted {recovered:?} after the kill",
@@ -260,6 +283,29 @@ fn a_killed_server_costs_at_most_one_checkpoint_interval_and_no_example() {
     for (epoch, (_, examples)) in epochs(dir.path(), name).iter().enumerate() {
         assert_eq!(*examples, TRAIN_ROWS, "epoch {epoch}: task progress restored with the model");
     }
+}
+
+/// The step of the newest checkpoint under `root` whose top-level manifest is written (a
+/// checkpoint is complete once it is).
+fn latest_complete_checkpoint(root: &std::path::Path) -> Option<u64> {
+    fn walk(dir: &std::path::Path, best: &mut Option<u64>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            match name.strip_prefix("ckpt-").and_then(|n| n.parse::<u64>().ok()) {
+                Some(step) if path.join("manifest.json").is_file() => {
+                    *best = Some(best.map_or(step, |b| b.max(step)))
+                }
+                Some(_) => {}
+                None if path.is_dir() => walk(&path, best),
+                None => {}
+            }
+        }
+    }
+    let mut best = None;
+    walk(root, &mut best);
+    best
 }
 
 fn send(signal: &str, pid: u32) {
@@ -306,6 +352,7 @@ fn versions_while_worker_1_is_stopped(dir: &std::path::Path, name: &str, mode: &
 /// waits for it unless the job has a backup worker; async mode never waits.
 #[test]
 fn a_straggler_holds_back_sync_steps_only_without_backup_workers() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let waiting = versions_while_worker_1_is_stopped(dir.path(), "strag-sync", "sync", "");
     let backup = "[server]\nbackup_workers = 1\n";

@@ -123,7 +123,18 @@ impl Shard {
     }
 
     /// Applies a completed sync step on a blocking thread and advances the version.
+    ///
+    /// Runs on a task of its own, which the caller awaits: the request that completed the step
+    /// may be cancelled while the update is applied (its worker killed mid-call, the
+    /// connection reset), and a step left applying would stop every worker for good.
     pub async fn complete_step(self: &Arc<Self>, ticket: StepTicket) -> Result<(), PsError> {
+        let shard = self.clone();
+        tokio::spawn(async move { shard.apply_step(ticket).await })
+            .await
+            .map_err(|e| PsError::Internal(format!("applying the step failed: {e}")))?
+    }
+
+    async fn apply_step(self: &Arc<Self>, ticket: StepTicket) -> Result<(), PsError> {
         let model = self.model()?;
         let started = Instant::now();
         let divisor = ticket.divisor as f32;
@@ -543,7 +554,7 @@ impl Service {
             // A push quoting a task that was handed to someone else must not be taken.
             shard.task_queue()?.as_ref().ok_or(PsError::NoTasks)?.check(worker, t.lease)?;
         }
-        let record_progress = |shard: &Shard| {
+        let record_progress = move |shard: &Shard| {
             if let (Some(t), Ok(mut q)) = (task, shard.task_queue()) {
                 // Cannot fail: only a worker that stopped heartbeating loses its lease.
                 let _ = q.as_mut().map(|q| q.progress(worker, t.lease, t.examples));
@@ -556,18 +567,27 @@ impl Service {
         shard.coord.wait_for_step(worker, step, shard.config.wait_timeout).await?;
         match shard.config.mode {
             Mode::Sync => {
-                shard.coord.begin_push(worker, step)?;
-                let m = model.clone();
-                let added = blocking(move || accumulate(&m, push)).await;
-                if added.is_ok() {
-                    // Before the push counts: the step's checkpoint must hold its progress.
-                    record_progress(&shard);
-                }
-                if let Some(ticket) = shard.coord.end_push(worker, added.is_ok()) {
-                    shard.complete_step(ticket).await?;
-                }
-                added?;
-                Ok(step)
+                // From the reservation of its slot to the end of the step it may complete, a
+                // push runs on a task of its own, awaited here: this request may be cancelled
+                // (its worker killed, the connection reset), and a push half-counted or a step
+                // left applying would stop every worker for good.
+                let task = async move {
+                    shard.coord.begin_push(worker, step)?;
+                    let m = model.clone();
+                    let added = blocking(move || accumulate(&m, push)).await;
+                    if added.is_ok() {
+                        // Before the push counts: the step's checkpoint must hold its progress.
+                        record_progress(&shard);
+                    }
+                    if let Some(ticket) = shard.coord.end_push(worker, added.is_ok()) {
+                        shard.apply_step(ticket).await?;
+                    }
+                    added?;
+                    Ok(step)
+                };
+                tokio::spawn(task)
+                    .await
+                    .map_err(|e| PsError::Internal(format!("taking the push failed: {e}")))?
             }
             Mode::Async => {
                 blocking(move || apply_now(&model, push)).await?;
