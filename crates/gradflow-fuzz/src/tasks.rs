@@ -47,7 +47,10 @@ pub fn data_tasks(data: &[u8]) {
     let mut finished = false;
     for round in 0..bound {
         if round == 3 {
-            lost = Some(1); // worker 1 dies holding whatever it holds
+            // Worker 1 dies holding whatever it holds; a scoring it was given is the queue's to
+            // hand to another, not this simulation's to wait for.
+            lost = Some(1);
+            scoring[1] = None;
         }
         let mut all_done = true;
         for w in 0..WORKERS {
