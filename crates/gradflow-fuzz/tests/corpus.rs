@@ -10,6 +10,13 @@ use std::path::{Path, PathBuf};
 
 use gradflow_fuzz::{TARGETS, seeds, target};
 
+/// Held by each test: the checkpoint targets share one in-memory checkpoint per process and put
+/// their input into it, so two at once would read each other's objects.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -37,6 +44,7 @@ fn replay(f: fn(&[u8]), inputs: impl IntoIterator<Item = (String, Vec<u8>)>) -> 
 
 #[test]
 fn corpus_replays() {
+    let _serial = serial();
     for (name, f) in TARGETS {
         let inputs = files(&root().join("corpus").join(name))
             .into_iter()
@@ -48,6 +56,7 @@ fn corpus_replays() {
 
 #[test]
 fn regressions_replay() {
+    let _serial = serial();
     for (name, f) in TARGETS {
         let inputs = files(&root().join("regressions").join(name))
             .into_iter()
@@ -58,6 +67,7 @@ fn regressions_replay() {
 
 #[test]
 fn seeds_replay() {
+    let _serial = serial();
     for (name, f) in TARGETS {
         let inputs = seeds().into_iter().filter(|(t, _, _)| t == name).map(|(_, n, d)| (n, d));
         let n = replay(*f, inputs);
@@ -76,6 +86,7 @@ fn seeds_replay() {
 /// a checkpoint that loads (and the pristine-input checks run on them).
 #[test]
 fn checkpoint_seeds_are_current() {
+    let _serial = serial();
     if std::env::var_os("GRADFLOW_FUZZ_WRITE_SEEDS").is_some() {
         return;
     }
@@ -93,6 +104,7 @@ fn checkpoint_seeds_are_current() {
 
 #[test]
 fn write_seeds_when_asked() {
+    let _serial = serial();
     if std::env::var_os("GRADFLOW_FUZZ_WRITE_SEEDS").is_none() {
         return;
     }
