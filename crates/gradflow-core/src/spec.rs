@@ -165,6 +165,21 @@ impl ModelSpec {
 mod tests {
     use super::*;
 
+    // Found by the `model_spec` fuzz target: a hyperparameter written with more digits than an
+    // f64 holds read back one ulp off after a JSON round trip (serde_json's default float
+    // parser is not exact), so a job could refuse its own checkpoint's spec as "different".
+    #[test]
+    fn hyperparameters_survive_json_exactly() {
+        let text = format!(r#"{{"kind": "adam", "lr": 5.01, "beta2": 0.9{}199}}"#, "1".repeat(70));
+        let config: OptimizerConfig = serde_json::from_str(&text).unwrap();
+        let back: OptimizerConfig = serde_json::from_str(&serde_json::to_string(&config).unwrap()).unwrap();
+        assert_eq!(back, config);
+        for x in [0.1f64, 1.0 / 3.0, 0.9111111111111111, 1e-300, 5e-324, f64::MAX] {
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{x:e}");
+        }
+    }
+
     fn spec() -> ModelSpec {
         ModelSpec {
             dense: vec![DenseSpec {
