@@ -113,18 +113,32 @@ fn pid_of(job: &str, role: &str, index: u32) -> u32 {
     panic!("no {role} {index} of job {job} is running");
 }
 
-/// `gradflow_ps_model_version` from a shard's `/metrics` endpoint at `addr`.
-fn model_version(addr: &str) -> u64 {
+/// The address of ps-0's metrics endpoint, from its `listening on` line (the last in `log`).
+fn metrics_addr(log: &[String]) -> String {
+    log.last()
+        .unwrap()
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .expect("ps-0 serves metrics")
+        .to_string()
+}
+
+/// `gradflow_ps_model_version` from a shard's `/metrics` endpoint at `addr`; `None` when the
+/// shard does not answer (the job has ended, or the shard is restarting).
+fn model_version(addr: &str) -> Option<u64> {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut conn = std::net::TcpStream::connect(addr).ok()?;
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut body = String::new();
-    conn.read_to_string(&mut body).unwrap();
-    body.lines()
+    conn.read_to_string(&mut body).ok()?;
+    let version = body
+        .lines()
         .find(|l| l.starts_with("gradflow_ps_model_version "))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no model version in:\n{body}")) as u64
+        .unwrap_or_else(|| panic!("no model version in:\n{body}"));
+    Some(version as u64)
 }
 
 fn sigkill(pid: u32) {
@@ -132,14 +146,15 @@ fn sigkill(pid: u32) {
     assert!(ok.success());
 }
 
-/// A pseudo-random delay in `lo..hi` ms; the seed is printed so a failure can be replayed.
-fn random_delays(n: usize, lo: u64, hi: u64) -> Vec<Duration> {
+/// `n` numbers in `lo..hi` from `GRADFLOW_FAULT_SEED` (printed, so a failure can be replayed),
+/// or from the clock.
+fn random_numbers(n: usize, lo: u64, hi: u64) -> Vec<u64> {
     let seed = std::env::var("GRADFLOW_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
     });
     eprintln!("fault delays from GRADFLOW_FAULT_SEED={seed}");
     let mut rng = gradflow_data::SplitMix64::new(seed);
-    (0..n).map(|_| Duration::from_millis(lo + rng.below(hi - lo))).collect()
+    (0..n).map(|_| lo + rng.below(hi - lo)).collect()
 }
 
 fn undisturbed(dir: &std::path::Path, name: &str, mode: &str) -> Vec<(f64, u64)> {
@@ -162,11 +177,23 @@ fn workers_killed_at_random_points(mode: &str) {
     let mut launcher = gradflow().arg("launch").arg(&job).stderr(Stdio::piped()).spawn().unwrap();
     let rx = lines_of(&mut launcher);
     let mut log = Vec::new();
-    wait_for(&rx, &mut log, "samples/s");
+    wait_for(&rx, &mut log, "ps-0 listening on");
+    let metrics = metrics_addr(&log);
     let started = Instant::now();
     let mut kills = 0;
-    for (i, delay) in random_delays(2, 200, 1500).into_iter().enumerate() {
-        std::thread::sleep(delay);
+    // Kills land at random model steps (not after random times, which a fast machine could
+    // outrun): both well inside the job's first epoch.
+    let mut targets = random_numbers(2, 10, 100);
+    targets.sort();
+    for (i, target) in targets.into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while launcher.try_wait().unwrap().is_none()
+            && Instant::now() < deadline
+            && model_version(&metrics).unwrap_or(0) < target
+        {
+            log.extend(rx.try_iter());
+            std::thread::sleep(Duration::from_millis(5));
+        }
         if launcher.try_wait().unwrap().is_some() {
             break;
         }
@@ -181,7 +208,7 @@ fn workers_killed_at_random_points(mode: &str) {
             }
         };
         if let Some(pid) = pid {
-            eprintln!("SIGKILL worker-{worker} (pid {pid}) at {:?}", started.elapsed());
+            eprintln!("SIGKILL worker-{worker} (pid {pid}) at step {target}, {:?} in", started.elapsed());
             sigkill(pid);
             kills += 1;
         }
@@ -230,25 +257,24 @@ fn a_killed_server_costs_at_most_one_checkpoint_interval_and_no_example() {
     let rx = lines_of(&mut launcher);
     let mut log = Vec::new();
     wait_for(&rx, &mut log, "ps-0 listening on");
-    let metrics = log
-        .last()
-        .unwrap()
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|s| s.split('/').next())
-        .expect("ps-0 serves metrics")
-        .to_string();
-    wait_for(&rx, &mut log, "samples/s");
-    let delay = random_delays(1, 1000, 3000)[0];
-    std::thread::sleep(delay);
+    let metrics = metrics_addr(&log);
+    // The kill lands at a random step, not after a random time: how long the job runs
+    // depends on the machine, and a kill after the job's end would test nothing.
+    let target = random_numbers(1, every + 5, 3 * every)[0];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while model_version(&metrics).unwrap_or(0) < target {
+        log.extend(rx.try_iter());
+        assert!(Instant::now() < deadline, "the job never reached step {target}:\n{}", log.join("\n"));
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let pid = pid_of(name, "ps", 1);
     // The model's step just before the kill: what the restore goes back from; and the latest
     // checkpoint complete at the kill, the one the restore must use.
-    let reached = model_version(&metrics);
+    let reached = model_version(&metrics).expect("ps-0 answers while ps-1 is killed");
     let complete = latest_complete_checkpoint(&ckpt);
     let killed_at = Instant::now();
     sigkill(pid);
-    eprintln!("SIGKILL ps-1 (pid {pid}) after {delay:?}");
+    eprintln!("SIGKILL ps-1 (pid {pid}) at step {reached} (target {target})");
     wait_for(&rx, &mut log, "restoring checkpoint step");
     let restored_line = log.last().unwrap().clone();
     let restored: u64 = restored_line
@@ -323,22 +349,14 @@ fn versions_while_worker_1_is_stopped(dir: &std::path::Path, name: &str, mode: &
     let rx = lines_of(&mut launcher);
     let mut log = Vec::new();
     wait_for(&rx, &mut log, "ps-0 listening on");
-    let metrics = log
-        .last()
-        .unwrap()
-        .split("metrics at http://")
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let metrics = metrics_addr(&log);
     wait_for(&rx, &mut log, "samples/s");
     let pid = pid_of(name, "worker", 1);
     send("STOP", pid);
-    let before = model_version(&metrics);
+    let before = model_version(&metrics).expect("ps-0 answers");
     std::thread::sleep(Duration::from_secs(2));
-    let after = model_version(&metrics);
+    // The stopped worker holds a task, so the job cannot have ended.
+    let after = model_version(&metrics).expect("ps-0 answers while a worker is stopped");
     send("CONT", pid);
     let status = finish(&mut launcher, &rx, &mut log);
     assert!(status.success(), "{name}:\n{}", log.join("\n"));
