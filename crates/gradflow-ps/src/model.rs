@@ -73,9 +73,62 @@ pub struct Table {
 /// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
 #[derive(Default)]
 struct RowStore {
-    index: FxHashMap<u64, u32>,
+    index: RowIndex,
+    /// The id of each row, in row order.
+    ids: Vec<u64>,
     data: Vec<f32>,
     steps: Vec<u32>,
+}
+
+/// Where each id's row is in a [`RowStore`] of one stripe.
+///
+/// Ids of most tables are small and dense (hashed into a fixed number of buckets), so they are
+/// indexed directly by `id / STRIPES` (the stripe is `id % STRIPES`): one load from an array
+/// of 4 bytes per id instead of a hash probe, which on a large table is two cache misses. The
+/// array grows only while it stays within a few entries per row, so sparse ids (large,
+/// scattered) cannot make it big; those go to a hash map.
+#[derive(Default)]
+struct RowIndex {
+    /// Row of id `local * STRIPES + stripe` at `direct[local]`; `ABSENT` where there is none.
+    direct: Vec<u32>,
+    /// Rows of ids that were past `direct`'s end when they came.
+    other: FxHashMap<u64, u32>,
+}
+
+impl RowIndex {
+    const ABSENT: u32 = u32::MAX;
+    /// `direct` may always grow this far...
+    const DIRECT_MIN: usize = 1 << 14;
+    /// ...and beyond it, to at most this many entries per row: about what a hash map spends
+    /// per row, and room for the gaps of ids that other shards hold (with 8 shards, a shard
+    /// holds one id in 8 of a dense range).
+    const DIRECT_PER_ROW: usize = 8;
+
+    fn get(&self, id: u64) -> Option<u32> {
+        let local = id / STRIPES as u64;
+        if let Some(&r) = self.direct.get(local as usize)
+            && r != Self::ABSENT
+        {
+            return Some(r);
+        }
+        if self.other.is_empty() { None } else { self.other.get(&id).copied() }
+    }
+
+    /// Records `row` for `id` (not yet present); `rows` is how many rows the store holds.
+    fn insert(&mut self, id: u64, row: u32, rows: usize) {
+        let local = id / STRIPES as u64;
+        let limit = Self::DIRECT_MIN.max(Self::DIRECT_PER_ROW * rows) as u64;
+        if local < self.direct.len() as u64 || local < limit {
+            let local = local as usize;
+            if local >= self.direct.len() {
+                let len = (local + 1).next_power_of_two().min(limit as usize).max(local + 1);
+                self.direct.resize(len, Self::ABSENT);
+            }
+            self.direct[local] = row;
+        } else {
+            self.other.insert(id, row);
+        }
+    }
 }
 
 /// Gradients summed per id.
@@ -286,9 +339,9 @@ impl Piece {
 }
 
 fn stripe_of(id: u64) -> usize {
-    // Top bits of a multiplicative hash: independent of the shard choice, which uses the
-    // low bits of a different mix.
-    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize % STRIPES
+    // The low bits, so that `id / STRIPES` numbers a stripe's ids densely (see `RowIndex`).
+    // The shard choice mixes the id first, so every stripe of a shard gets ids.
+    (id % STRIPES as u64) as usize
 }
 
 impl Table {
@@ -310,8 +363,7 @@ impl Table {
         };
         for stripe in &self.stripes {
             let store = stripe.lock().unwrap();
-            for (&id, &row) in &store.index {
-                let row = row as usize;
+            for (row, &id) in store.ids.iter().enumerate() {
                 let data = &store.data[row * stride..][..stride];
                 snap.ids.push(id);
                 snap.values.extend_from_slice(&data[..self.dim]);
@@ -344,7 +396,8 @@ impl Table {
             store.data.extend_from_slice(&snap.values[k * dim..][..dim]);
             store.data.extend_from_slice(&snap.state[k * dim * slots..][..dim * slots]);
             store.steps.push(snap.steps[k]);
-            store.index.insert(id, r as u32);
+            store.ids.push(id);
+            store.index.insert(id, r as u32, r + 1);
         }
         Ok(())
     }
@@ -425,7 +478,7 @@ impl Table {
 
     /// The row index of `id` in `store`, creating and initializing the row if it is new.
     fn row(&self, store: &mut RowStore, id: u64) -> usize {
-        if let Some(&r) = store.index.get(&id) {
+        if let Some(r) = store.index.get(id) {
             return r as usize;
         }
         let r = store.steps.len();
@@ -435,7 +488,8 @@ impl Table {
         self.init.fill_row(&self.name, id, values);
         self.optimizer.init_state(state);
         store.steps.push(0);
-        store.index.insert(id, r as u32);
+        store.ids.push(id);
+        store.index.insert(id, r as u32, r + 1);
         r
     }
 
@@ -474,6 +528,41 @@ impl SparseAccum {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_index_finds_what_a_hash_map_finds() {
+        let mut state = 3u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state ^ (state >> 29)
+        };
+        let mut index = RowIndex::default();
+        let mut model = HashMap::new();
+        for step in 0..200_000u64 {
+            // Mostly small ids (dense ones go direct), some huge ones, some repeats.
+            let id = match next() % 10 {
+                0 => next(),
+                1 => u64::MAX - next() % 100,
+                _ => next() % (1 << 22),
+            };
+            // An index holds the ids of one stripe.
+            let id = id - id % STRIPES as u64 + 5;
+            match model.get(&id) {
+                Some(&r) => assert_eq!(index.get(id), Some(r), "step {step}: id {id}"),
+                None => {
+                    assert_eq!(index.get(id), None, "step {step}: id {id} was never inserted");
+                    let row = model.len() as u32;
+                    model.insert(id, row);
+                    index.insert(id, row, model.len());
+                }
+            }
+        }
+        for (&id, &row) in &model {
+            assert_eq!(index.get(id), Some(row));
+        }
+        assert!(!index.other.is_empty(), "huge ids go to the hash map");
+        assert!(index.direct.len() <= RowIndex::DIRECT_PER_ROW * model.len());
+    }
     use gradflow_core::{DenseSpec, SparseSpec};
 
     fn spec() -> ModelSpec {
@@ -526,6 +615,29 @@ mod tests {
         let vals: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(vals, vec![-0.5, -0.5, 0.25, 0.25, -0.75, -0.75]);
         assert_eq!(t.rows(), 3);
+    }
+
+    #[test]
+    fn rows_of_small_and_huge_ids_survive_a_snapshot() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let t = &m.tables[0];
+        // Small ids are indexed directly, huge ones by hash; both must update and come back.
+        let ids: Vec<u64> = (0..5000u64).map(|i| i * 7).chain([u64::MAX, 1 << 50, (1 << 50) + 32]).collect();
+        let grads: Vec<f32> = (0..ids.len() * 2).map(|i| (i % 13) as f32 * 0.125).collect();
+        let mut acc = SparseAccum::default();
+        acc.add(&ids, &codec::f32s_to_bytes(&grads), 2);
+        t.apply(&acc, 1.0);
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        t.pull(&ids, &mut before);
+        for (k, id) in ids.iter().enumerate() {
+            let row = f32::from_le_bytes(before[k * 8..][..4].try_into().unwrap());
+            assert_eq!(row, 0.25 - grads[k * 2], "id {id}");
+        }
+        let restored = ShardModel::from_snapshot(m.snapshot(1, gradflow_core::Mode::Sync)).unwrap();
+        assert_eq!(restored.tables[0].rows(), ids.len() as u64);
+        restored.tables[0].pull(&ids, &mut after);
+        assert_eq!(after, before);
+        assert_eq!(restored.tables[0].rows(), ids.len() as u64, "no row was created twice");
     }
 
     #[test]
