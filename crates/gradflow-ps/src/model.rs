@@ -86,7 +86,9 @@ struct RowStore {
 /// indexed directly by `id / STRIPES` (the stripe is `id % STRIPES`): one load from an array
 /// of 4 bytes per id instead of a hash probe, which on a large table is two cache misses. The
 /// array grows only while it stays within a few entries per row, so sparse ids (large,
-/// scattered) cannot make it big; those go to a hash map.
+/// scattered) cannot make it big; those go to a hash map. When the array grows, the ids of
+/// the map that now fit move into it, so a table whose ids turn out dense ends up with an
+/// empty map (and a lookup of a new id does not probe it).
 #[derive(Default)]
 struct RowIndex {
     /// Row of id `local * STRIPES + stripe` at `direct[local]`; `ABSENT` where there is none.
@@ -97,8 +99,8 @@ struct RowIndex {
 
 impl RowIndex {
     const ABSENT: u32 = u32::MAX;
-    /// `direct` may always grow this far...
-    const DIRECT_MIN: usize = 1 << 14;
+    /// `direct` may always grow this far (256 KiB: 2M ids over the 32 stripes)...
+    const DIRECT_MIN: usize = 1 << 16;
     /// ...and beyond it, to at most this many entries per row: about what a hash map spends
     /// per row, and room for the gaps of ids that other shards hold (with 8 shards, a shard
     /// holds one id in 8 of a dense range).
@@ -123,6 +125,14 @@ impl RowIndex {
             if local >= self.direct.len() {
                 let len = (local + 1).next_power_of_two().min(limit as usize).max(local + 1);
                 self.direct.resize(len, Self::ABSENT);
+                let direct = &mut self.direct;
+                self.other.retain(|&id, &mut row| match direct.get_mut((id / STRIPES as u64) as usize) {
+                    Some(slot) => {
+                        *slot = row;
+                        false
+                    }
+                    None => true,
+                });
             }
             self.direct[local] = row;
         } else {
@@ -562,6 +572,8 @@ mod tests {
         }
         assert!(!index.other.is_empty(), "huge ids go to the hash map");
         assert!(index.direct.len() <= RowIndex::DIRECT_PER_ROW * model.len());
+        let fits = |id: &u64| ((id / STRIPES as u64) as usize) < index.direct.len();
+        assert!(!index.other.keys().any(fits), "ids that fit the array moved into it");
     }
     use gradflow_core::{DenseSpec, SparseSpec};
 
