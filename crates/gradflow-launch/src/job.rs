@@ -603,6 +603,7 @@ impl JobConfig {
             restore: self.restore.clone(),
             token: None,
             tls: self.tls.as_ref().map(TlsConfig::server),
+            ..ServerConfig::default()
         }
     }
 

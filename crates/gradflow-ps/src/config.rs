@@ -38,6 +38,11 @@ pub struct ServerConfig {
     /// Sync only: a step completes once all live workers but this many have pushed; later
     /// pushes for it are refused as stale. Default 0: every live worker is waited for.
     pub backup_workers: u32,
+    /// Work on a request's tensors of at most this many bytes (checking and adding a push,
+    /// reading a pull) runs on the async runtime's thread; larger work goes to the blocking
+    /// pool. Handing work to the pool costs two thread wake-ups, more than small work takes.
+    /// Default 1 MiB; 0 sends all of it to the pool.
+    pub inline_bytes: u64,
     /// gRPC transport settings.
     pub transport: TransportConfig,
     /// Where and when to write checkpoints. Default: none.
@@ -110,6 +115,7 @@ impl Default for ServerConfig {
             token: None,
             tls: None,
             backup_workers: 0,
+            inline_bytes: 1 << 20,
         }
     }
 }

@@ -226,6 +226,13 @@ impl ShardModel {
         self.pieces.iter().map(|p| p.len as u64 * 4).sum()
     }
 
+    /// Bytes a sync step's apply works over: every dense piece, and the summed rows of every
+    /// table.
+    pub fn accumulated_bytes(&self) -> u64 {
+        let rows = self.tables.iter().map(|t| (t.accum.lock().unwrap().ids.len() * t.dim * 4) as u64);
+        self.dense_bytes() + rows.sum::<u64>()
+    }
+
     /// Sparse rows created on this shard so far.
     pub fn sparse_rows(&self) -> u64 {
         self.tables.iter().map(|t| t.rows()).sum()

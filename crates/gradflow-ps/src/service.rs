@@ -143,7 +143,10 @@ impl Shard {
         // The snapshot is taken before the version moves on, so no push of the next step can
         // be in it: every shard's checkpoint of a version holds the same model.
         let shard = self.clone();
-        let snapshot = blocking(move || {
+        // A checkpoint's snapshot copies the whole shard: never on a runtime thread.
+        let due = ck.as_ref().is_some_and(|c| c.due(step + 1));
+        let bytes = if due { u64::MAX } else { model.accumulated_bytes() };
+        let snapshot = offload(bytes, self.config.inline_bytes, move || {
             model.apply_accumulated(divisor);
             let snap = ck.filter(|c| c.due(step + 1)).and_then(|c| c.take(&model, step + 1, mode));
             snap.map(|snap| (snap, shard.tasks_state()))
@@ -171,6 +174,16 @@ impl Shard {
 /// Runs blocking work off the async runtime.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PsError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| PsError::Internal(format!("blocking task failed: {e}")))
+}
+
+/// Runs `f`, which works over `bytes` bytes: here if they are at most `inline` (see
+/// `ServerConfig::inline_bytes`), else on the blocking pool.
+async fn offload<T: Send + 'static>(
+    bytes: u64,
+    inline: u64,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PsError> {
+    if bytes <= inline { Ok(f()) } else { blocking(f).await }
 }
 
 /// The tonic service; cheap to clone.
@@ -273,32 +286,26 @@ impl gradflow_proto::ParameterServer for Service {
             req.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect::<Result<_, _>>()?
         };
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        let bytes: u64 = pieces.iter().map(|&i| model.pieces[i].len as u64 * 4).sum();
         let chunk_elems = shard.config.transport.chunk_bytes / 4;
-        let (tx, rx) = mpsc::channel(4);
         let metrics = shard.metrics.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut sent = 0u64;
-            for idx in pieces {
-                let piece = &model.pieces[idx];
-                let mut start = 0;
-                while start < piece.len {
-                    let n = chunk_elems.min(piece.len - start);
-                    let chunk = pb::DenseChunk {
-                        tensor: piece.tensor.clone(),
-                        partition: piece.partition,
-                        offset: start as u64,
-                        data: piece.read(start, n),
-                        version,
-                    };
-                    sent += n as u64 * 4;
-                    if tx.blocking_send(Ok(chunk)).is_err() {
-                        return; // the client went away
-                    }
-                    start += n;
-                }
+        let done = move |sent: Option<u64>| {
+            if let Some(sent) = sent {
+                metrics.bytes_sent.inc_by(sent);
+                metrics.observe_pull("dense", started.elapsed());
             }
-            metrics.bytes_sent.inc_by(sent);
-            metrics.observe_pull("dense", started.elapsed());
+        };
+        if bytes <= shard.config.inline_bytes {
+            let mut chunks = Vec::new();
+            done(read_chunks(&model, &pieces, chunk_elems, version, |c| {
+                chunks.push(Ok(c));
+                true
+            }));
+            return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            done(read_chunks(&model, &pieces, chunk_elems, version, |c| tx.blocking_send(Ok(c)).is_ok()))
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -328,7 +335,9 @@ impl gradflow_proto::ParameterServer for Service {
             wanted.push((idx, ids));
         }
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
-        let tables = blocking(move || {
+        let bytes: u64 =
+            wanted.iter().map(|(idx, ids)| (ids.len() * model.tables[*idx].dim * 4) as u64).sum();
+        let tables = offload(bytes, shard.config.inline_bytes, move || {
             wanted
                 .into_iter()
                 .map(|(idx, ids)| {
@@ -561,7 +570,15 @@ impl Service {
             }
         };
         let m = model.clone();
-        let push = blocking(move || validate(&m, msgs, reject)).await??;
+        let received: u64 = msgs
+            .iter()
+            .flat_map(|m| {
+                let dense = m.dense.iter().map(|d| d.data.len());
+                dense.chain(m.sparse.iter().map(|g| g.ids.len() + g.values.len()))
+            })
+            .map(|n| n as u64)
+            .sum();
+        let push = offload(received, shard.config.inline_bytes, move || validate(&m, msgs, reject)).await??;
         shard.metrics.bytes_received.inc_by(push.bytes);
         let (worker, step) = (push.worker, push.step);
         shard.coord.wait_for_step(worker, step, shard.config.wait_timeout).await?;
@@ -574,7 +591,8 @@ impl Service {
                 let task = async move {
                     shard.coord.begin_push(worker, step)?;
                     let m = model.clone();
-                    let added = blocking(move || accumulate(&m, push)).await;
+                    let added =
+                        offload(push.bytes, shard.config.inline_bytes, move || accumulate(&m, push)).await;
                     if added.is_ok() {
                         // Before the push counts: the step's checkpoint must hold its progress.
                         record_progress(&shard);
@@ -590,7 +608,7 @@ impl Service {
                     .map_err(|e| PsError::Internal(format!("taking the push failed: {e}")))?
             }
             Mode::Async => {
-                blocking(move || apply_now(&model, push)).await?;
+                offload(push.bytes, shard.config.inline_bytes, move || apply_now(&model, push)).await?;
                 record_progress(&shard);
                 let v = shard.coord.applied_async(worker, step);
                 shard.metrics.version.set(v as i64);
@@ -599,6 +617,39 @@ impl Service {
             }
         }
     }
+}
+
+/// Reads `pieces` of `model` in chunks of at most `chunk_elems` values and hands each to
+/// `send`, which says whether the client still listens. The bytes sent, or `None` if the
+/// client went away.
+fn read_chunks(
+    model: &ShardModel,
+    pieces: &[usize],
+    chunk_elems: usize,
+    version: u64,
+    mut send: impl FnMut(pb::DenseChunk) -> bool,
+) -> Option<u64> {
+    let mut sent = 0u64;
+    for &idx in pieces {
+        let piece = &model.pieces[idx];
+        let mut start = 0;
+        while start < piece.len {
+            let n = chunk_elems.min(piece.len - start);
+            let chunk = pb::DenseChunk {
+                tensor: piece.tensor.clone(),
+                partition: piece.partition,
+                offset: start as u64,
+                data: piece.read(start, n),
+                version,
+            };
+            sent += n as u64 * 4;
+            if !send(chunk) {
+                return None;
+            }
+            start += n;
+        }
+    }
+    Some(sent)
 }
 
 /// Sync: adds a validated push into the step's sums.

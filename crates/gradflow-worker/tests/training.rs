@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use common::*;
 use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, Placement, SparseSpec};
+use gradflow_ps::ServerConfig;
 use gradflow_worker::{StepOutcome, Worker, WorkerConfig};
 
 const WORKERS: u32 = 3;
@@ -149,8 +150,21 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_equals_one_process_with_the_mean_gradient() {
+    sync_training_equals_the_reference(ServerConfig::default().inline_bytes).await;
+}
+
+/// The same with every push and pull handed to the servers' blocking pool (the path large
+/// tensors take).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_training_on_the_blocking_pool_equals_one_process() {
+    sync_training_equals_the_reference(0).await;
+}
+
+async fn sync_training_equals_the_reference(inline_bytes: u64) {
     init_tracing();
-    let servers = start_shards(SHARDS, |s| config(s, SHARDS, WORKERS, Mode::Sync)).await;
+    let servers =
+        start_shards(SHARDS, |s| ServerConfig { inline_bytes, ..config(s, SHARDS, WORKERS, Mode::Sync) })
+            .await;
     let addrs = addrs(&servers);
     let handles: Vec<_> = (0..WORKERS).map(|w| tokio::spawn(run_worker(addrs.clone(), w))).collect();
     let mut results = Vec::new();
