@@ -6,7 +6,7 @@
 //! run it on a blocking thread or on rayon, never on the async runtime.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
 use gradflow_core::{Initializer, ModelSpec, OptimizerConfig, Placement};
@@ -44,7 +44,9 @@ pub struct Piece {
 }
 
 pub struct PieceParams {
-    pub values: Vec<f32>,
+    /// Shared with the pulls in flight, which send these values without copying them
+    /// ([`Piece::read`]); an update while one is in flight writes to a copy.
+    pub values: Arc<Vec<f32>>,
     /// Optimizer state, slot-major (see `OptimizerConfig::step`).
     pub state: Vec<f32>,
     /// Updates applied so far.
@@ -175,7 +177,7 @@ impl ShardModel {
                     partition: p.partition,
                     len,
                     optimizer: d.optimizer.clone(),
-                    params: RwLock::new(PieceParams { values, state, steps: 0 }),
+                    params: RwLock::new(PieceParams { values: Arc::new(values), state, steps: 0 }),
                     accum: Mutex::new(Accum::default()),
                 }
             })
@@ -265,7 +267,7 @@ impl ShardModel {
                     tensor: p.tensor.clone(),
                     partition: p.partition,
                     offset: self.placement.pieces_of(t)[p.partition as usize].offset,
-                    values: params.values.clone(),
+                    values: params.values.to_vec(),
                     state: params.state.clone(),
                     steps: params.steps,
                 }
@@ -303,7 +305,7 @@ impl ShardModel {
                     p.state.len()
                 )));
             }
-            p.values = d.values;
+            p.values = Arc::new(d.values);
             p.state = d.state;
             p.steps = d.steps;
         }
@@ -321,7 +323,7 @@ impl Piece {
         let mut p = self.params.write().unwrap();
         let PieceParams { values, state, steps } = &mut *p;
         *steps += 1;
-        self.optimizer.step(values, grad, state, *steps);
+        self.optimizer.step(Arc::make_mut(values).as_mut_slice(), grad, state, *steps);
     }
 
     /// Adds little-endian gradient bytes at element `offset` into this step's sum.
@@ -348,10 +350,29 @@ impl Piece {
         acc.touched = false;
     }
 
-    /// Copies elements `[start, start + n)` of the values as little-endian bytes.
+    /// Elements `[start, start + n)` of the values as little-endian bytes. On little-endian
+    /// machines the bytes are the values themselves, not a copy: the `Bytes` keeps this
+    /// version of the values alive until it is sent.
     pub fn read(&self, start: usize, n: usize) -> bytes::Bytes {
         let p = self.params.read().unwrap();
-        codec::f32s_to_bytes(&p.values[start..start + n])
+        if cfg!(target_endian = "little") {
+            bytes::Bytes::from_owner(ValuesRange { values: p.values.clone(), start, end: start + n })
+        } else {
+            codec::f32s_to_bytes(&p.values[start..start + n])
+        }
+    }
+}
+
+/// A range of a piece's values, seen as bytes (little-endian machines only).
+struct ValuesRange {
+    values: Arc<Vec<f32>>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for ValuesRange {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.values[self.start..self.end])
     }
 }
 
@@ -609,11 +630,31 @@ mod tests {
         p.accumulate(0, &codec::f32s_to_bytes(&[4.0; 10]));
         m.apply_accumulated(2.0);
         // 1 - 0.5 * mean(2, 4)
-        assert_eq!(p.params.read().unwrap().values, vec![-0.5; 10]);
+        assert_eq!(*p.params.read().unwrap().values, vec![-0.5; 10]);
         assert_eq!(p.params.read().unwrap().steps, 1);
         // a step with no gradient leaves the piece alone
         m.apply_accumulated(2.0);
         assert_eq!(p.params.read().unwrap().steps, 1);
+    }
+
+    #[test]
+    fn a_pull_in_flight_keeps_its_values_while_a_step_updates_the_piece() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let p = &m.pieces[m.piece("w", 0).unwrap()];
+        let before = p.read(2, 4);
+        assert_eq!(before, codec::f32s_to_bytes(&[1.0; 4]));
+        p.accumulate(0, &codec::f32s_to_bytes(&[3.0; 10]));
+        m.apply_accumulated(1.0);
+        // The update went to a copy: the bytes taken before it are unchanged, a new read sees it.
+        assert_eq!(before, codec::f32s_to_bytes(&[1.0; 4]));
+        assert_eq!(p.read(0, 10), codec::f32s_to_bytes(&[-0.5; 10]));
+        assert_eq!(*p.params.read().unwrap().values, vec![-0.5; 10]);
+        // With no read in flight the update is in place.
+        let at = p.params.read().unwrap().values.as_ptr();
+        p.accumulate(0, &codec::f32s_to_bytes(&[1.0; 10]));
+        m.apply_accumulated(1.0);
+        assert_eq!(p.params.read().unwrap().values.as_ptr(), at);
+        assert_eq!(*p.params.read().unwrap().values, vec![-1.0; 10]);
     }
 
     #[test]
