@@ -127,6 +127,15 @@ pub fn validate(
     Ok(ValidPush { worker, step, dense: out, sparse, bytes })
 }
 
+/// The name of the first tensor or table in `msg` with a NaN or infinite gradient value.
+///
+/// The server checks each message as it arrives, while its bytes are still in the cache from
+/// being received; checked after the whole push, a large push is read from memory once more.
+pub fn non_finite(msg: &pb::PushRequest) -> Option<&str> {
+    let dense = msg.dense.iter().find(|s| !codec::all_finite(&s.data)).map(|s| s.tensor.as_str());
+    dense.or_else(|| msg.sparse.iter().find(|g| !codec::all_finite(&g.values)).map(|g| g.table.as_str()))
+}
+
 /// Sparse ids must be sent to the shard that owns them.
 pub fn check_ids_on_shard(model: &ShardModel, table: &str, ids: &[u64]) -> Result<(), PsError> {
     let n = model.placement.num_shards;

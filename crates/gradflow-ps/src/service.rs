@@ -21,7 +21,7 @@ use crate::checkpointing::{Checkpointer, Restored};
 use crate::coord::{Coordinator, StepTicket};
 use crate::metrics::Metrics;
 use crate::model::{ShardModel, SparseAccum};
-use crate::push::{ValidPush, check_ids_on_shard, validate};
+use crate::push::{self, ValidPush, check_ids_on_shard, validate};
 use crate::tasks::{Handout, Piece, SavedTasks, TaskPlan, TaskQueue};
 use crate::{PsError, ServerConfig};
 
@@ -361,11 +361,22 @@ impl gradflow_proto::ParameterServer for Service {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let started = Instant::now();
         let mut stream = request.into_inner();
+        let reject = self.shard.config.reject_non_finite;
         let mut msgs = Vec::new();
+        let mut result = None;
         while let Some(msg) = stream.next().await {
-            msgs.push(msg?);
+            let msg = msg?;
+            if let Some(name) = reject.then(|| push::non_finite(&msg)).flatten() {
+                result = Some(Err(PsError::NonFinite(name.to_string())));
+                break;
+            }
+            msgs.push(msg);
         }
-        let result = self.push_inner(msgs).await;
+        // Every message was checked for non-finite values as it came.
+        let result = match result {
+            Some(refused) => refused,
+            None => self.push_inner(msgs).await,
+        };
         self.shard.metrics.observe_push(result.is_ok(), started.elapsed());
         Ok(Response::new(pb::PushResponse { version: result? }))
     }
@@ -552,7 +563,6 @@ impl Service {
     async fn push_inner(&self, msgs: Vec<pb::PushRequest>) -> Result<u64, PsError> {
         let shard = self.shard.clone();
         let model = shard.model()?;
-        let reject = shard.config.reject_non_finite;
         let worker = msgs.first().map(|m| m.worker).unwrap_or(0);
         if worker == gradflow_proto::OBSERVER {
             return Err(PsError::InvalidArgument("an observer cannot push gradients".into()));
@@ -578,7 +588,7 @@ impl Service {
             })
             .map(|n| n as u64)
             .sum();
-        let push = offload(received, shard.config.inline_bytes, move || validate(&m, msgs, reject)).await??;
+        let push = offload(received, shard.config.inline_bytes, move || validate(&m, msgs, false)).await??;
         shard.metrics.bytes_received.inc_by(push.bytes);
         let (worker, step) = (push.worker, push.step);
         shard.coord.wait_for_step(worker, step, shard.config.wait_timeout).await?;

@@ -157,6 +157,17 @@ async fn bad_input_is_refused_with_its_status_and_changes_nothing() {
             Code::InvalidArgument,
             "",
         ),
+        // Each message is checked for NaN as it arrives; one in the second message refuses the
+        // first one's good gradient too.
+        (
+            "NaN in a later message",
+            vec![
+                push(0, 0, vec![ok_w()], vec![]),
+                push(0, 0, vec![], vec![sparse("emb", &[1], &[f32::NAN, 0.0, 0.0])]),
+            ],
+            Code::InvalidArgument,
+            "non-finite",
+        ),
         ("unknown worker", vec![push(9, 0, vec![ok_w()], vec![])], Code::InvalidArgument, "worker 9"),
         ("empty stream", vec![], Code::InvalidArgument, "empty push"),
         (
