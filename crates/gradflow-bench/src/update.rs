@@ -124,7 +124,7 @@ fn server_apply(opt: &OptimizerConfig, n: usize, reps: usize) -> (Timing, Timing
         for p in &pieces {
             let piece =
                 &model.pieces[model.piece("w", p.partition).expect("every piece is on the one shard")];
-            piece.accumulate(0, &grad[p.offset as usize * 4..p.end() as usize * 4]);
+            piece.accumulate_push(&[grad.slice(p.offset as usize * 4..p.end() as usize * 4)]);
         }
         let summed = Instant::now();
         model.apply_accumulated(WORKERS);

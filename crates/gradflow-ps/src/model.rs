@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use bytes::Bytes;
+
 use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
 use gradflow_core::{Initializer, ModelSpec, OptimizerConfig, Placement};
 use gradflow_proto::codec;
@@ -54,9 +56,13 @@ pub struct PieceParams {
 }
 
 /// A gradient sum for one piece; allocated on first use.
+///
+/// Between steps `sum` holds the last step's average, not zeros: the first push of a step
+/// overwrites it (a copy, no pass to clear it after the step and none to add into zeros).
 #[derive(Default)]
 pub struct Accum {
     pub sum: Vec<f32>,
+    /// Whether `sum` holds this step's gradients (otherwise it is stale).
     pub touched: bool,
 }
 
@@ -331,9 +337,34 @@ impl Piece {
         let mut acc = self.accum.lock().unwrap();
         if acc.sum.is_empty() {
             acc.sum = vec![0f32; self.len];
+        } else if !acc.touched {
+            acc.sum.fill(0.0);
         }
         let n = bytes.len() / 4;
         codec::add_f32s(&mut acc.sum[offset..offset + n], bytes);
+        acc.touched = true;
+    }
+
+    /// Adds one worker's gradient for the whole piece, in `slices` that cover it in order (as
+    /// a validated push's do), into this step's sum. The first push of a step is copied.
+    pub fn accumulate_push(&self, slices: &[Bytes]) {
+        debug_assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), self.len * 4);
+        let mut acc = self.accum.lock().unwrap();
+        if acc.sum.is_empty() {
+            acc.sum = vec![0f32; self.len];
+        }
+        let first = !acc.touched;
+        let mut offset = 0;
+        for s in slices {
+            let n = s.len() / 4;
+            let dst = &mut acc.sum[offset..offset + n];
+            if first {
+                codec::copy_f32s(dst, s)
+            } else {
+                codec::add_f32s(dst, s)
+            }
+            offset += n;
+        }
         acc.touched = true;
     }
 
@@ -346,7 +377,6 @@ impl Piece {
             acc.sum.iter_mut().for_each(|g| *g *= scale);
         }
         self.apply(&acc.sum);
-        acc.sum.iter_mut().for_each(|g| *g = 0.0);
         acc.touched = false;
     }
 
@@ -635,6 +665,29 @@ mod tests {
         // a step with no gradient leaves the piece alone
         m.apply_accumulated(2.0);
         assert_eq!(p.params.read().unwrap().steps, 1);
+    }
+
+    #[test]
+    fn a_step_sums_only_its_own_pushes() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let p = &m.pieces[m.piece("w", 0).unwrap()];
+        let halves = |a: f32, b: f32| [codec::f32s_to_bytes(&[a; 4]), codec::f32s_to_bytes(&[b; 6])];
+        p.accumulate_push(&halves(2.0, 4.0));
+        p.accumulate_push(&halves(6.0, 8.0));
+        m.apply_accumulated(2.0);
+        // 1 - 0.5 * mean: 1 - 0.5 * 4 = -1 on the first 4, 1 - 0.5 * 6 = -2 on the rest.
+        let mut want = vec![-1.0; 4];
+        want.extend([-2.0; 6]);
+        assert_eq!(*p.params.read().unwrap().values, want);
+        // The next step's first push overwrites the last sum; a partial one starts from zero.
+        p.accumulate_push(&halves(1.0, 1.0));
+        m.apply_accumulated(1.0);
+        want.iter_mut().for_each(|v| *v -= 0.5);
+        assert_eq!(*p.params.read().unwrap().values, want);
+        p.accumulate(2, &codec::f32s_to_bytes(&[2.0; 2]));
+        m.apply_accumulated(1.0);
+        want[2..4].iter_mut().for_each(|v| *v -= 1.0);
+        assert_eq!(*p.params.read().unwrap().values, want);
     }
 
     #[test]

@@ -665,12 +665,7 @@ fn read_chunks(
 /// Sync: adds a validated push into the step's sums.
 fn accumulate(model: &ShardModel, push: ValidPush) {
     for (idx, slices) in push.dense {
-        let piece = &model.pieces[idx];
-        let mut offset = 0;
-        for s in slices {
-            piece.accumulate(offset, &s);
-            offset += s.len() / 4;
-        }
+        model.pieces[idx].accumulate_push(&slices);
     }
     for (t, ids, values) in push.sparse {
         let table = &model.tables[t];
