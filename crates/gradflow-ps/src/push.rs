@@ -2,8 +2,9 @@
 //!
 //! A push arrives as a stream of messages. [`validate`] resolves every tensor and table name,
 //! checks that the slices of each dense piece arrive in order and cover it exactly, that byte
-//! lengths agree with the spec, that sparse ids belong to this shard, and (by default) that no
-//! value is NaN or infinite. Only a push that passes all of this is applied, so a refused push
+//! lengths agree with the spec, that sparse ids belong to this shard, and (when asked) that no
+//! value is NaN or infinite; the server does that last check with [`non_finite`] on each
+//! message as it arrives. Only a push that passes all of this is applied, so a refused push
 //! changes nothing.
 
 use bytes::Bytes;
