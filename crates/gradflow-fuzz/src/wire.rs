@@ -8,7 +8,7 @@ use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, Placemen
 use gradflow_proto::{codec as c, pb};
 use gradflow_ps::PsError;
 use gradflow_ps::model::{ShardModel, SparseAccum};
-use gradflow_ps::push::{check_ids_on_shard, validate};
+use gradflow_ps::push::{check_ids_on_shard, non_finite, validate};
 use prost::Message;
 
 /// Largest dense piece of the fuzzed model, in bytes: 4 elements, so tensors split in pieces.
@@ -158,7 +158,11 @@ pub fn push(data: &[u8]) {
 
 fn check_push(model: &ShardModel, msgs: Vec<pb::PushRequest>, reject: bool) {
     let sent = msgs.clone();
-    let valid = match validate(model, msgs, reject) {
+    // As the server does: a push with a NaN or infinity in any message is refused whole.
+    if reject && msgs.iter().any(|m| non_finite(m).is_some()) {
+        return;
+    }
+    let valid = match validate(model, msgs) {
         Ok(v) => v,
         Err(e) => {
             assert!(

@@ -383,10 +383,10 @@ impl Piece {
     /// Elements `[start, start + n)` of the values as little-endian bytes. On little-endian
     /// machines the bytes are the values themselves, not a copy: the `Bytes` keeps this
     /// version of the values alive until it is sent.
-    pub fn read(&self, start: usize, n: usize) -> bytes::Bytes {
+    pub fn read(&self, start: usize, n: usize) -> Bytes {
         let p = self.params.read().unwrap();
         if cfg!(target_endian = "little") {
-            bytes::Bytes::from_owner(ValuesRange { values: p.values.clone(), start, end: start + n })
+            Bytes::from_owner(ValuesRange { values: p.values.clone(), start, end: start + n })
         } else {
             codec::f32s_to_bytes(&p.values[start..start + n])
         }

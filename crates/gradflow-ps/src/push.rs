@@ -2,10 +2,9 @@
 //!
 //! A push arrives as a stream of messages. [`validate`] resolves every tensor and table name,
 //! checks that the slices of each dense piece arrive in order and cover it exactly, that byte
-//! lengths agree with the spec, that sparse ids belong to this shard, and (when asked) that no
-//! value is NaN or infinite; the server does that last check with [`non_finite`] on each
-//! message as it arrives. Only a push that passes all of this is applied, so a refused push
-//! changes nothing.
+//! lengths agree with the spec, and that sparse ids belong to this shard; [`non_finite`] finds
+//! NaN and infinite values, which the server checks for (by default) on each message as it
+//! arrives. Only a push that passes all of this is applied, so a refused push changes nothing.
 
 use bytes::Bytes;
 use gradflow_core::Placement;
@@ -27,11 +26,7 @@ pub struct ValidPush {
 }
 
 /// Validates the messages of one push stream against the shard's model.
-pub fn validate(
-    model: &ShardModel,
-    msgs: Vec<pb::PushRequest>,
-    reject_non_finite: bool,
-) -> Result<ValidPush, PsError> {
+pub fn validate(model: &ShardModel, msgs: Vec<pb::PushRequest>) -> Result<ValidPush, PsError> {
     let first = msgs
         .first()
         .ok_or_else(|| PsError::InvalidArgument("empty push stream: expected at least one message".into()))?;
@@ -78,9 +73,6 @@ pub fn validate(
                     piece.len
                 )));
             }
-            if reject_non_finite && !codec::all_finite(&s.data) {
-                return Err(PsError::NonFinite(s.tensor));
-            }
             bytes += s.data.len() as u64;
             entry.0 += n;
             entry.1.push(s.data);
@@ -106,9 +98,6 @@ pub fn validate(
             }
             let ids: Vec<u64> = codec::u64s(&g.ids).collect();
             check_ids_on_shard(model, &g.table, &ids)?;
-            if reject_non_finite && !codec::all_finite(&g.values) {
-                return Err(PsError::NonFinite(g.table));
-            }
             bytes += g.values.len() as u64 + g.ids.len() as u64;
             sparse.push((t, ids, g.values));
         }

@@ -363,18 +363,17 @@ impl gradflow_proto::ParameterServer for Service {
         let mut stream = request.into_inner();
         let reject = self.shard.config.reject_non_finite;
         let mut msgs = Vec::new();
-        let mut result = None;
+        let mut refused = None;
         while let Some(msg) = stream.next().await {
             let msg = msg?;
-            if let Some(name) = reject.then(|| push::non_finite(&msg)).flatten() {
-                result = Some(Err(PsError::NonFinite(name.to_string())));
+            if reject && let Some(name) = push::non_finite(&msg) {
+                refused = Some(PsError::NonFinite(name.to_string()));
                 break;
             }
             msgs.push(msg);
         }
-        // Every message was checked for non-finite values as it came.
-        let result = match result {
-            Some(refused) => refused,
+        let result = match refused {
+            Some(e) => Err(e),
             None => self.push_inner(msgs).await,
         };
         self.shard.metrics.observe_push(result.is_ok(), started.elapsed());
@@ -588,7 +587,7 @@ impl Service {
             })
             .map(|n| n as u64)
             .sum();
-        let push = offload(received, shard.config.inline_bytes, move || validate(&m, msgs, false)).await??;
+        let push = offload(received, shard.config.inline_bytes, move || validate(&m, msgs)).await??;
         shard.metrics.bytes_received.inc_by(push.bytes);
         let (worker, step) = (push.worker, push.step);
         shard.coord.wait_for_step(worker, step, shard.config.wait_timeout).await?;
