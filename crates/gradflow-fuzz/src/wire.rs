@@ -523,6 +523,7 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         dense_bytes: 76,
         sparse_rows: 9,
         num_workers: 2,
+        link_port: 0,
     };
     req(13, "status", &|b| status.encode(b).unwrap());
     out

@@ -282,6 +282,10 @@ pub struct ServerSection {
     /// data sharding the late worker trains that batch again, so no example is lost; with
     /// static sharding its batch is skipped. Default 0 (wait for every live worker).
     pub backup_workers: u32,
+    /// Port of each server's tensor link (pushes and dense pulls over plain TCP, see
+    /// `transport.tensor_link`) on the server's interface. Default 0: any free port, which
+    /// workers learn from the server (on Kubernetes, `kubernetes.link_port`).
+    pub link_port: u16,
 }
 
 /// The local launcher's settings.
@@ -324,6 +328,7 @@ impl Default for ServerSection {
             reject_non_finite: d.reject_non_finite,
             partition_bytes: gradflow_core::DEFAULT_PARTITION_BYTES,
             backup_workers: d.backup_workers,
+            link_port: d.link_port,
         }
     }
 }
@@ -598,6 +603,7 @@ impl JobConfig {
             wait_timeout: self.server.wait_timeout,
             reject_non_finite: self.server.reject_non_finite,
             backup_workers: self.server.backup_workers,
+            link_port: self.server.link_port,
             transport: self.transport.clone(),
             checkpoint: self.checkpoint.clone(),
             restore: self.restore.clone(),

@@ -108,20 +108,28 @@ impl ServerAuth {
     }
 }
 
-impl Interceptor for ServerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else { return Ok(request) };
-        let sent = request.metadata().get(HEADER).map(|v| v.as_bytes()).unwrap_or_default();
-        let Some(sent) = sent.strip_prefix(SCHEME.as_bytes()) else {
+impl ServerAuth {
+    /// Checks the token a client sent (`None`: it sent none), for calls that do not come
+    /// through gRPC (the tensor link).
+    pub fn check(&self, sent: Option<&[u8]>) -> Result<(), Status> {
+        let Some(token) = &self.token else { return Ok(()) };
+        let Some(sent) = sent else {
             return Err(Status::unauthenticated(format!(
                 "no job token: this server needs `{HEADER}: {SCHEME}<token>` on every call (set {ENV_TOKEN} for the client)"
             )));
         };
         if bool::from(sent.ct_eq(token.0.as_bytes())) {
-            Ok(request)
+            Ok(())
         } else {
             Err(Status::unauthenticated("wrong job token: this server belongs to another job"))
         }
+    }
+}
+
+impl Interceptor for ServerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let sent = request.metadata().get(HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+        self.check(sent.strip_prefix(SCHEME.as_bytes())).map(|_| request)
     }
 }
 

@@ -35,6 +35,11 @@ pub struct TransportConfig {
     /// Longest retry delay. Default 2s.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// Send pushes and dense pulls over the tensor link, a plain TCP connection beside gRPC
+    /// that moves tensor bytes without HTTP/2 framing or protobuf copies (see
+    /// `gradflow_proto::link`). A server offers it unless this is false or it speaks TLS; a
+    /// worker uses it where offered unless this is false. Default true.
+    pub tensor_link: bool,
 }
 
 impl Default for TransportConfig {
@@ -50,6 +55,7 @@ impl Default for TransportConfig {
             max_retries: 8,
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
+            tensor_link: true,
         }
     }
 }

@@ -43,8 +43,11 @@ pub struct ServerConfig {
     /// pool. Handing work to the pool costs two thread wake-ups, more than small work takes.
     /// Default 1 MiB; 0 sends all of it to the pool.
     pub inline_bytes: u64,
-    /// gRPC transport settings.
+    /// gRPC and tensor-link transport settings.
     pub transport: TransportConfig,
+    /// The port of the tensor link (`transport.tensor_link`), on the gRPC address's
+    /// interface. Default 0: any free port, which workers learn from the server's status.
+    pub link_port: u16,
     /// Where and when to write checkpoints. Default: none.
     pub checkpoint: Option<CheckpointConfig>,
     /// Start from a checkpoint instead of an empty model: `"latest"`, a step number, or the
@@ -116,6 +119,7 @@ impl Default for ServerConfig {
             tls: None,
             backup_workers: 0,
             inline_bytes: 1 << 20,
+            link_port: 0,
         }
     }
 }

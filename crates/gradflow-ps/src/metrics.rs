@@ -38,6 +38,8 @@ pub struct Metrics {
     pub version: Gauge,
     pub live_workers: Gauge,
     pub sparse_rows: Gauge,
+    /// Tensor-link connections accepted (authenticated).
+    pub link_connections: Counter,
     registry: Arc<Registry>,
 }
 
@@ -55,6 +57,7 @@ impl Default for Metrics {
             version: Gauge::default(),
             live_workers: Gauge::default(),
             sparse_rows: Gauge::default(),
+            link_connections: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         registry.register("pushes", "Gradient pushes, by result (ok or refused)", m.pushes.clone());
@@ -71,6 +74,11 @@ impl Default for Metrics {
         );
         registry.register("live_workers", "Workers currently counted as alive", m.live_workers.clone());
         registry.register("sparse_rows", "Sparse rows held by this shard", m.sparse_rows.clone());
+        registry.register(
+            "link_connections",
+            "Tensor-link connections accepted from workers (pushes and dense pulls over plain TCP)",
+            m.link_connections.clone(),
+        );
         Metrics { registry: Arc::new(registry), ..m }
     }
 }

@@ -1,6 +1,9 @@
 //! Starting and stopping a shard: the gRPC server, the metrics endpoint, and the background
 //! task that drops silent workers.
 //!
+//! Beside gRPC, a shard listens for the tensor link (`link.rs`) unless it speaks TLS or
+//! `transport.tensor_link` is off; its port is in the shard's status.
+//!
 //! The gRPC server speaks TLS when the config has `tls` (mutual TLS with a client CA) and
 //! checks the job token on every call either way. The `/metrics` endpoint is plain HTTP on
 //! an address of its own, so it can be bound to another interface than the gRPC port (a
@@ -94,12 +97,30 @@ pub async fn start(
         Some(which) => Some(crate::checkpointing::restore(&config, &which).await?),
         None => None,
     };
-    let shard = Arc::new(Shard::new(config, restored)?);
+    // The tensor link listens on the gRPC address's interface. Not with TLS: it would carry
+    // the job's tensors in the clear.
+    let link_listener = if config.transport.tensor_link && config.tls.is_none() {
+        let a = SocketAddr::new(addr.ip(), config.link_port);
+        Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| PsError::Internal(format!("cannot listen for the tensor link on {a}: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let mut shard = Shard::new(config, restored)?;
+    shard.link_port = link_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or(0, |a| a.port());
+    let shard = Arc::new(shard);
     let (stop, stop_rx) = watch::channel(false);
 
     let reaper = tokio::spawn(reap_loop(shard.clone(), stop_rx.clone()));
     if let Some(l) = metrics_listener {
         tokio::spawn(serve_metrics(shard.clone(), l, stop_rx.clone()));
+    }
+
+    if let Some(l) = link_listener {
+        tokio::spawn(crate::link::serve(Service { shard: shard.clone() }, l, stop_rx.clone()));
     }
 
     let t = &shard.config.transport;
@@ -121,7 +142,7 @@ pub async fn start(
         Some(t) if t.mutual() => "mutual",
         Some(_) => "on",
     };
-    info!(%addr, authenticated = shard.config.token.is_some(), tls = tls_mode, shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
+    info!(%addr, link_port = shard.link_port, authenticated = shard.config.token.is_some(), tls = tls_mode, shard = shard.config.shard, num_shards = shard.config.num_shards, mode = %shard.config.mode, workers = shard.config.num_workers, "parameter server listening");
     let s2 = shard.clone();
     // The builder's tcp_nodelay only applies to listeners tonic binds itself; without it,
     // the last frame of every streamed reply waits for a delayed ACK (about 40ms).

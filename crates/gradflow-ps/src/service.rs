@@ -30,6 +30,8 @@ pub struct Shard {
     pub config: ServerConfig,
     pub coord: Coordinator,
     pub metrics: Metrics,
+    /// The port of this shard's tensor link; 0 when it has none. Set by `server::start`.
+    pub link_port: u16,
     model: RwLock<Option<Arc<ShardModel>>>,
     declare_lock: tokio::sync::Mutex<()>,
     pub checkpointer: Option<Arc<Checkpointer>>,
@@ -68,6 +70,7 @@ impl Shard {
             declare_lock: tokio::sync::Mutex::new(()),
             checkpointer,
             tasks: Mutex::new(None),
+            link_port: 0,
         })
     }
 
@@ -278,14 +281,7 @@ impl gradflow_proto::ParameterServer for Service {
         let started = Instant::now();
         let req = request.into_inner();
         let shard = self.shard.clone();
-        shard.touch(req.worker)?;
-        let model = shard.model()?;
-        let pieces: Vec<usize> = if req.pieces.is_empty() {
-            (0..model.pieces.len()).collect()
-        } else {
-            req.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect::<Result<_, _>>()?
-        };
-        let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        let (model, pieces, version) = self.dense_pull(&req).await?;
         let bytes: u64 = pieces.iter().map(|&i| model.pieces[i].len as u64 * 4).sum();
         let chunk_elems = shard.config.transport.chunk_bytes / 4;
         let metrics = shard.metrics.clone();
@@ -405,6 +401,7 @@ impl gradflow_proto::ParameterServer for Service {
             dense_bytes: model.as_ref().map_or(0, |m| m.dense_bytes()),
             sparse_rows: model.as_ref().map_or(0, |m| m.sparse_rows()),
             num_workers: shard.coord.num_workers(),
+            link_port: u32::from(shard.link_port),
         }))
     }
 
@@ -557,6 +554,41 @@ impl Service {
             Handout::Finished => resp.state = pb::next_task_response::State::Finished as i32,
         }
         Ok(resp)
+    }
+
+    /// A dense pull's pieces (indices into `ShardModel::pieces`) and the model version to
+    /// read, once the model has reached the requested step.
+    pub(crate) async fn dense_pull(
+        &self,
+        req: &pb::PullDenseRequest,
+    ) -> Result<(Arc<ShardModel>, Vec<usize>, u64), PsError> {
+        let shard = &self.shard;
+        shard.touch(req.worker)?;
+        let model = shard.model()?;
+        let pieces: Vec<usize> = if req.pieces.is_empty() {
+            (0..model.pieces.len()).collect()
+        } else {
+            req.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect::<Result<_, _>>()?
+        };
+        let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        Ok((model, pieces, version))
+    }
+
+    /// Takes one push: refuses non-finite values (when configured), validates the whole push,
+    /// then adds it to the step (sync) or applies it (async). Records the push metrics.
+    pub(crate) async fn take_push(
+        &self,
+        msgs: Vec<pb::PushRequest>,
+        started: Instant,
+    ) -> Result<u64, PsError> {
+        let reject = self.shard.config.reject_non_finite;
+        let refused = msgs.iter().find_map(|m| if reject { push::non_finite(m) } else { None });
+        let result = match refused {
+            Some(name) => Err(PsError::NonFinite(name.to_string())),
+            None => self.push_inner(msgs).await,
+        };
+        self.shard.metrics.observe_push(result.is_ok(), started.elapsed());
+        result
     }
 
     async fn push_inner(&self, msgs: Vec<pb::PushRequest>) -> Result<u64, PsError> {

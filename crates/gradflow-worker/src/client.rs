@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::try_join_all;
-use futures::stream::{self, StreamExt};
+use futures::stream;
 use gradflow_core::{ModelSpec, Placement};
 use gradflow_proto::auth::ClientAuth;
 use gradflow_proto::tls::{self, ClientTls};
@@ -21,6 +21,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
+use crate::link::{Link, LinkPort, Slot};
 use crate::{WorkerConfig, WorkerError};
 
 /// Metadata key a server sets on a stale-step refusal (see gradflow-ps).
@@ -53,6 +54,8 @@ struct Pending {
 pub struct Worker {
     config: WorkerConfig,
     clients: Vec<Client>,
+    /// The tensor link to each shard (pushes and dense pulls; gRPC where a shard has none).
+    links: Vec<Link>,
     model: Option<Arc<(ModelSpec, Placement)>>,
     /// Atomic so that a pull (`&self`) can follow a server's rewind.
     step: AtomicU64,
@@ -194,6 +197,26 @@ impl Worker {
                 )));
             }
         }
+        // The link carries tensors in the clear, so never beside TLS (servers speaking TLS
+        // offer none either).
+        let use_link = config.transport.tensor_link && tls_config.is_none();
+        let links = statuses
+            .iter()
+            .enumerate()
+            .map(|(shard, st)| {
+                let port = match u16::try_from(st.link_port) {
+                    Ok(p) if p != 0 && use_link => LinkPort::At(p),
+                    _ => LinkPort::None,
+                };
+                Link::new(
+                    &config.servers[shard],
+                    port,
+                    config.worker,
+                    config.token.as_ref(),
+                    &config.transport,
+                )
+            })
+            .collect();
         let (step_tx, step_rx) = tokio::sync::watch::channel(0u64);
         let heartbeat = if config.worker == OBSERVER {
             tokio::spawn(async {})
@@ -205,6 +228,7 @@ impl Worker {
             pending: (0..clients.len()).map(|_| Pending::default()).collect(),
             config,
             clients,
+            links,
             model: None,
             step: AtomicU64::new(0),
             heartbeat,
@@ -278,27 +302,69 @@ impl Worker {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let t = &self.config.transport;
+        self.retry(shard, rpc, || f(self.clients[shard].clone())).await
+    }
+
+    /// Runs `f` until it succeeds, fails for good, or runs out of retries.
+    async fn retry<T, F, Fut>(&self, shard: usize, rpc: &'static str, mut f: F) -> Result<T, WorkerError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let mut attempt = 0;
         loop {
-            match f(self.clients[shard].clone()).await {
+            match f().await {
                 Ok(v) => return Ok(v),
-                Err(s) if transient(&s) && attempt < t.max_retries => {
-                    let delay = t.backoff(attempt);
-                    warn!(shard, rpc, attempt, ?delay, "transient error, retrying: {}", s.message());
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(status) => {
-                    return Err(WorkerError::Server {
-                        shard,
-                        addr: self.config.servers[shard].clone(),
-                        rpc,
-                        status,
-                    });
-                }
+                Err(status) => match self.retry_delay(shard, rpc, &mut attempt, &status) {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    None => return Err(self.refused(shard, rpc, status)),
+                },
             }
         }
+    }
+
+    /// How long to wait before trying `rpc` again after `status`; `None`: do not.
+    fn retry_delay(
+        &self,
+        shard: usize,
+        rpc: &'static str,
+        attempt: &mut u32,
+        status: &Status,
+    ) -> Option<Duration> {
+        let t = &self.config.transport;
+        if !transient(status) || *attempt >= t.max_retries {
+            return None;
+        }
+        let delay = t.backoff(*attempt);
+        warn!(shard, rpc, attempt = *attempt, ?delay, "transient error, retrying: {}", status.message());
+        *attempt += 1;
+        Some(delay)
+    }
+
+    fn refused(&self, shard: usize, rpc: &'static str, status: Status) -> WorkerError {
+        WorkerError::Server { shard, addr: self.config.servers[shard].clone(), rpc, status }
+    }
+
+    /// The port of shard `shard`'s tensor link, asking the shard when it is not known (after
+    /// a refused connection); `None`: use gRPC.
+    async fn link_port(&self, shard: usize) -> Result<Option<u16>, Status> {
+        let link = &self.links[shard];
+        let port = match link.port() {
+            LinkPort::Unknown => {
+                let st = self.clients[shard].clone().status(pb::StatusRequest {}).await?.into_inner();
+                let port = match u16::try_from(st.link_port) {
+                    Ok(p) if p != 0 => LinkPort::At(p),
+                    _ => LinkPort::None,
+                };
+                link.set_port(port);
+                port
+            }
+            port => port,
+        };
+        Ok(match port {
+            LinkPort::At(p) => Some(p),
+            _ => None,
+        })
     }
 
     /// Declares the model on every shard: creates it on the first call of the job, checks it
@@ -384,73 +450,78 @@ impl Worker {
             let m = self.model.as_ref().ok_or(WorkerError::NotDeclared)?;
             (&m.0, &m.1)
         };
-        // Which pieces to ask each shard for; `everything` asks for all of them in one word.
-        let mut wanted: Vec<Vec<pb::PieceRef>> = vec![Vec::new(); self.clients.len()];
-        let mut expected_pieces = vec![0usize; self.clients.len()];
-        for &t in tensors {
+        // Each piece's place in the caller's buffers, by shard: pulled values land there.
+        let mut slots: Vec<Vec<Slot<'_>>> = (0..self.clients.len()).map(|_| Vec::new()).collect();
+        for (buf, &t) in out.iter_mut().zip(tensors) {
+            let mut rest: &mut [f32] = buf;
             for p in placement.pieces_of(t) {
-                expected_pieces[p.shard as usize] += 1;
-                if !everything {
-                    wanted[p.shard as usize]
-                        .push(pb::PieceRef { tensor: spec.dense[t].name.clone(), partition: p.partition });
-                }
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(p.len as usize);
+                rest = tail;
+                let tensor = spec.dense[t].name.as_str();
+                slots[p.shard as usize].push(Slot { tensor, partition: p.partition, dst, filled: 0 });
             }
         }
-        let slot_of = |name: &str| tensors.iter().position(|&t| spec.dense[t].name == name);
         let (me, step) = (self.config.worker, self.current_step());
-        let streams =
-            try_join_all((0..self.clients.len()).filter(|&s| expected_pieces[s] > 0).map(|shard| {
-                let pieces = wanted[shard].clone();
+        try_join_all(slots.into_iter().enumerate().filter(|(_, s)| !s.is_empty()).map(
+            |(shard, mut slots)| {
+                // `everything` asks for all of the shard's pieces in one word.
+                let pieces = if everything {
+                    Vec::new()
+                } else {
+                    slots
+                        .iter()
+                        .map(|s| pb::PieceRef { tensor: s.tensor.to_string(), partition: s.partition })
+                        .collect()
+                };
+                let req = pb::PullDenseRequest { worker: me, step, pieces };
                 async move {
-                    let s = self
-                        .call(shard, "PullDense", move |mut c| {
-                            let req = pb::PullDenseRequest { worker: me, step, pieces: pieces.clone() };
-                            async move { c.pull_dense(req).await }
-                        })
-                        .await?
-                        .into_inner();
-                    Ok::<_, WorkerError>(s.map(move |r| (shard, r)))
+                    self.pull_dense_shard(shard, req, &mut slots).await?;
+                    match slots.iter().find(|s| s.filled != s.dst.len() as u64) {
+                        Some(s) => Err(WorkerError::Protocol {
+                            shard,
+                            message: format!(
+                                "`{}` partition {}: received {} of {} values",
+                                s.tensor,
+                                s.partition,
+                                s.filled,
+                                s.dst.len()
+                            ),
+                        }),
+                        None => Ok(()),
+                    }
                 }
-            }))
-            .await?;
-        let mut merged = stream::select_all(streams);
-        let mut received = vec![0u64; tensors.len()];
-        while let Some((shard, chunk)) = merged.next().await {
-            let chunk = chunk.map_err(|status| WorkerError::Server {
-                shard,
-                addr: self.config.servers[shard].clone(),
-                rpc: "PullDense",
-                status,
-            })?;
-            let bad = |message: String| WorkerError::Protocol { shard, message };
-            let slot = slot_of(&chunk.tensor)
-                .ok_or_else(|| bad(format!("unrequested tensor `{}` in PullDense reply", chunk.tensor)))?;
-            let piece = placement
-                .pieces_of(tensors[slot])
-                .get(chunk.partition as usize)
-                .ok_or_else(|| bad(format!("`{}` has no partition {}", chunk.tensor, chunk.partition)))?;
-            let n = codec::f32_len(&chunk.data).ok_or_else(|| bad("chunk is not whole f32 values".into()))?;
-            let start = (piece.offset + chunk.offset) as usize;
-            if chunk.offset + n as u64 > piece.len {
-                return Err(bad(format!("chunk of `{}` runs past its partition", chunk.tensor)));
-            }
-            codec::copy_f32s(&mut out[slot][start..start + n], &chunk.data);
-            received[slot] += n as u64;
-        }
-        for (slot, &t) in tensors.iter().enumerate() {
-            if received[slot] != spec.dense[t].numel() {
-                return Err(WorkerError::Protocol {
-                    shard: 0,
-                    message: format!(
-                        "`{}`: received {} of {} values",
-                        spec.dense[t].name,
-                        received[slot],
-                        spec.dense[t].numel()
-                    ),
-                });
-            }
-        }
+            },
+        ))
+        .await?;
         Ok(())
+    }
+
+    /// One shard's part of a dense pull, over the tensor link or gRPC, retried like `call`.
+    async fn pull_dense_shard(
+        &self,
+        shard: usize,
+        req: pb::PullDenseRequest,
+        slots: &mut [Slot<'_>],
+    ) -> Result<(), WorkerError> {
+        let mut attempt = 0;
+        loop {
+            for s in slots.iter_mut() {
+                s.filled = 0;
+            }
+            let result = match self.link_port(shard).await {
+                Ok(Some(port)) => self.links[shard].pull_dense(port, req.clone(), slots).await,
+                Ok(None) => pull_dense_grpc(self.clients[shard].clone(), req.clone(), slots).await,
+                Err(status) => Err(status),
+            };
+            match result {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(message)) => return Err(WorkerError::Protocol { shard, message }),
+                Err(status) => match self.retry_delay(shard, "PullDense", &mut attempt, &status) {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    None => return Err(self.refused(shard, "PullDense", status)),
+                },
+            }
+        }
     }
 
     /// Pulls the rows of `ids` from sparse table `table` into `out` (`ids.len() * dim` values,
@@ -620,15 +691,20 @@ impl Worker {
         let mut task = self.task_progress.take();
         let this = &*self;
         let results = futures::future::join_all(pending.into_iter().enumerate().map(|(shard, p)| {
-            let mut msgs = pack(me, step, p, max);
-            if shard == 0 {
-                msgs[0].task = task.take();
-            }
+            let task = if shard == 0 { task.take() } else { None };
             async move {
+                let (header, payload) = link_push(me, step, &p, task);
+                let (header, payload, p) = (&header, &payload, &p);
                 let r = this
-                    .call(shard, "Push", |mut c| {
-                        let msgs = msgs.clone();
-                        async move { c.push(stream::iter(msgs)).await }
+                    .retry(shard, "Push", || async move {
+                        match this.link_port(shard).await? {
+                            Some(port) => this.links[shard].push(port, header, payload).await,
+                            None => {
+                                let msgs = pack(me, step, p, max, task);
+                                let reply = this.clients[shard].clone().push(stream::iter(msgs)).await?;
+                                Ok(reply.into_inner().version)
+                            }
+                        }
                     })
                     .await;
                 match r {
@@ -729,29 +805,99 @@ fn rewind_target(e: &WorkerError) -> Option<u64> {
     status.metadata().get(VERSION_METADATA)?.to_str().ok()?.parse().ok()
 }
 
-/// Packs staged gradients into push messages of at most about `max` payload bytes each.
-fn pack(worker: u32, step: u64, p: Pending, max: usize) -> Vec<pb::PushRequest> {
+/// Packs staged gradients into gRPC push messages of at most about `max` payload bytes each
+/// (the bytes are shared, not copied); the first carries `task`.
+fn pack(
+    worker: u32,
+    step: u64,
+    p: &Pending,
+    max: usize,
+    task: Option<pb::TaskProgress>,
+) -> Vec<pb::PushRequest> {
     let new = || pb::PushRequest { worker, step, dense: Vec::new(), sparse: Vec::new(), task: None };
-    let mut msgs = vec![new()];
+    let mut msgs = vec![pb::PushRequest { task, ..new() }];
     let mut size = 0;
-    for d in p.dense {
+    for d in &p.dense {
         if size > 0 && size + d.data.len() > max {
             msgs.push(new());
             size = 0;
         }
         size += d.data.len();
-        msgs.last_mut().unwrap().dense.push(d);
+        msgs.last_mut().unwrap().dense.push(d.clone());
     }
-    for s in p.sparse {
+    for s in &p.sparse {
         let len = s.ids.len() + s.values.len();
         if size > 0 && size + len > max {
             msgs.push(new());
             size = 0;
         }
         size += len;
-        msgs.last_mut().unwrap().sparse.push(s);
+        msgs.last_mut().unwrap().sparse.push(s.clone());
     }
     msgs
+}
+
+/// A push for the tensor link: one message with its byte fields empty, and their contents
+/// in message order (see `LinkRequest`).
+fn link_push(
+    worker: u32,
+    step: u64,
+    p: &Pending,
+    task: Option<pb::TaskProgress>,
+) -> (pb::PushRequest, Vec<&[u8]>) {
+    let mut payload = Vec::with_capacity(p.dense.len() + 2 * p.sparse.len());
+    let dense = p
+        .dense
+        .iter()
+        .map(|d| {
+            payload.push(d.data.as_ref());
+            pb::DenseSlice {
+                tensor: d.tensor.clone(),
+                partition: d.partition,
+                offset: d.offset,
+                data: Bytes::new(),
+            }
+        })
+        .collect();
+    let sparse = p
+        .sparse
+        .iter()
+        .map(|g| {
+            payload.push(g.ids.as_ref());
+            payload.push(g.values.as_ref());
+            pb::SparseGrad { table: g.table.clone(), ids: Bytes::new(), values: Bytes::new() }
+        })
+        .collect();
+    (pb::PushRequest { worker, step, dense, sparse, task }, payload)
+}
+
+/// One shard's part of a dense pull over gRPC: chunks copied into their slots.
+async fn pull_dense_grpc(
+    mut client: Client,
+    req: pb::PullDenseRequest,
+    slots: &mut [Slot<'_>],
+) -> Result<Result<(), String>, Status> {
+    let mut chunks = client.pull_dense(req).await?.into_inner();
+    while let Some(chunk) = chunks.message().await? {
+        let Some(slot) =
+            slots.iter_mut().find(|s| s.tensor == chunk.tensor && s.partition == chunk.partition)
+        else {
+            return Ok(Err(format!(
+                "unrequested piece `{}` partition {} in the reply",
+                chunk.tensor, chunk.partition
+            )));
+        };
+        let Some(n) = codec::f32_len(&chunk.data) else {
+            return Ok(Err(format!("chunk of `{}` is not whole f32 values", chunk.tensor)));
+        };
+        if chunk.offset.checked_add(n as u64).is_none_or(|end| end > slot.dst.len() as u64) {
+            return Ok(Err(format!("chunk of `{}` runs past its partition", chunk.tensor)));
+        }
+        let start = chunk.offset as usize;
+        codec::copy_f32s(&mut slot.dst[start..start + n], &chunk.data);
+        slot.filled += n as u64;
+    }
+    Ok(Ok(()))
 }
 
 async fn heartbeat_loop(

@@ -41,11 +41,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Pushes and dense pulls go over the tensor link, a plain TCP connection beside gRPC that
+//! moves tensor bytes without HTTP/2 or protobuf copies, where the servers offer one (not
+//! with TLS; `transport.tensor_link = false` turns it off); everything else is gRPC.
+//!
 //! Modules: [`config`] (settings and defaults), [`client`] (the [`Worker`]), [`error`].
 
 pub mod client;
 pub mod config;
 pub mod error;
+mod link;
 pub mod tasks;
 #[cfg(feature = "tch")]
 pub mod tch;

@@ -55,8 +55,9 @@ fn grad(value: f32, w: u32, s: u64, i: usize) -> f32 {
     0.5 * value + ((w as f32 + 1.0) * 0.37 + s as f32 * 0.11 + i as f32 * 0.013).sin()
 }
 
-async fn run_worker(servers: Vec<String>, w: u32) -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
+async fn run_worker(servers: Vec<String>, w: u32, link: bool) -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
     let mut config = WorkerConfig::new(servers, w);
+    config.transport.tensor_link = link;
     config.partition_bytes = 1024; // splits w1 (4800 bytes) into pieces across both shards
     let mut worker = Worker::connect(config).await.unwrap();
     worker.declare(spec()).await.unwrap();
@@ -150,23 +151,47 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_equals_one_process_with_the_mean_gradient() {
-    sync_training_equals_the_reference(ServerConfig::default().inline_bytes).await;
+    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::Link).await;
+}
+
+/// The same over gRPC alone: the servers offer no tensor link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_training_over_grpc_equals_one_process() {
+    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::ServersOfferNoLink).await;
+}
+
+/// The same with workers that do not use the link the servers offer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_training_with_workers_that_decline_the_link_equals_one_process() {
+    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::WorkersDeclineLink).await;
+}
+
+/// How pushes and dense pulls travel.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Link,
+    ServersOfferNoLink,
+    WorkersDeclineLink,
 }
 
 /// The same with every push and pull handed to the servers' blocking pool (the path large
 /// tensors take).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_on_the_blocking_pool_equals_one_process() {
-    sync_training_equals_the_reference(0).await;
+    sync_training_equals_the_reference(0, Path::Link).await;
 }
 
-async fn sync_training_equals_the_reference(inline_bytes: u64) {
+async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path) {
     init_tracing();
-    let servers =
-        start_shards(SHARDS, |s| ServerConfig { inline_bytes, ..config(s, SHARDS, WORKERS, Mode::Sync) })
-            .await;
+    let servers = start_shards(SHARDS, |s| {
+        let mut c = ServerConfig { inline_bytes, ..config(s, SHARDS, WORKERS, Mode::Sync) };
+        c.transport.tensor_link = path != Path::ServersOfferNoLink;
+        c
+    })
+    .await;
     let addrs = addrs(&servers);
-    let handles: Vec<_> = (0..WORKERS).map(|w| tokio::spawn(run_worker(addrs.clone(), w))).collect();
+    let link = path != Path::WorkersDeclineLink;
+    let handles: Vec<_> = (0..WORKERS).map(|w| tokio::spawn(run_worker(addrs.clone(), w, link))).collect();
     let mut results = Vec::new();
     for h in handles {
         results.push(h.await.unwrap());
@@ -205,6 +230,16 @@ async fn sync_training_equals_the_reference(inline_bytes: u64) {
         text.contains(&format!("gradflow_ps_pushes_total{{result=\"ok\"}} {}", STEPS * WORKERS as u64)),
         "{text}"
     );
+    // Pushes and dense pulls took the path asked for.
+    for server in &servers {
+        let links = server.shard().metrics.link_connections.get();
+        assert_eq!(server.shard().link_port != 0, path != Path::ServersOfferNoLink);
+        if path == Path::Link {
+            assert!(links >= WORKERS as u64, "every worker used the link: {links} connections");
+        } else {
+            assert_eq!(links, 0, "no link connections");
+        }
+    }
     for s in servers {
         s.shutdown().await.unwrap();
     }

@@ -35,6 +35,8 @@ pub const DEFAULT_IMAGE: &str = concat!("gradflow:", env!("CARGO_PKG_VERSION"));
 
 /// Port servers listen on for gRPC inside their pod.
 pub const DEFAULT_PORT: u16 = 7070;
+/// The servers' tensor-link port in the pods.
+pub const DEFAULT_LINK_PORT: u16 = 7071;
 /// Port of a server's Prometheus `/metrics` endpoint inside its pod.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
 
@@ -69,6 +71,10 @@ pub struct KubernetesConfig {
     pub port: u16,
     /// Port of the servers' `/metrics` (when `output.metrics`). Default 9090.
     pub metrics_port: u16,
+    /// Port of the servers' tensor link (when `transport.tensor_link`), unless the job file
+    /// sets `server.link_port`. A fixed port, so that network policies can name it. Default
+    /// 7071.
+    pub link_port: u16,
     /// Exit codes of a worker that are worth a new pod (up to `launcher.max_restarts` per
     /// worker). Default `[1, 137, 143]`: an error (the servers were unreachable too long,
     /// say), SIGKILL (OOM killer), SIGTERM. Evictions and preemptions are always retried and
@@ -151,6 +157,7 @@ impl Default for KubernetesConfig {
             workdir: PathBuf::from("/workspace"),
             port: DEFAULT_PORT,
             metrics_port: DEFAULT_METRICS_PORT,
+            link_port: DEFAULT_LINK_PORT,
             retryable_exit_codes: vec![1, 137, 143],
             controller_service_account: "gradflow-launcher".into(),
             labels: BTreeMap::new(),
@@ -242,6 +249,13 @@ impl KubernetesConfig {
                 key("metrics_port"),
                 self.port,
                 self.metrics_port
+            ));
+        }
+        if self.link_port == 0 || self.link_port == self.port || self.link_port == self.metrics_port {
+            return Err(format!(
+                "{}: expected a port from 1 to 65535 other than port and metrics_port, found {}",
+                key("link_port"),
+                self.link_port
             ));
         }
         if let Some(code) = self.retryable_exit_codes.iter().find(|c| !(1..=255).contains(*c)) {

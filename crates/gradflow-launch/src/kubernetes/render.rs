@@ -187,8 +187,24 @@ impl Renderer {
             listen: is_ps.then(|| format!("0.0.0.0:{}", self.kube.port)),
             metrics_listen: (is_ps && self.job.output.metrics)
                 .then(|| format!("0.0.0.0:{}", self.kube.metrics_port)),
-            job_config: self.job.clone(),
+            job_config: self.pod_job_config(),
         }
+    }
+
+    /// The job file as the pods see it: the tensor link on `kubernetes.link_port` unless the
+    /// job file names a port.
+    fn pod_job_config(&self) -> JobConfig {
+        let mut job = self.job.clone();
+        if job.server.link_port == 0 {
+            job.server.link_port = self.kube.link_port;
+        }
+        job
+    }
+
+    /// The servers' tensor-link port, if they offer the link (not with TLS).
+    fn link_port(&self) -> Option<u16> {
+        let job = self.pod_job_config();
+        (job.transport.tensor_link && job.tls.is_none()).then_some(job.server.link_port)
     }
 
     /// Labels every object of the job carries.
@@ -285,6 +301,15 @@ impl Renderer {
                 ..ServicePort::default()
             });
         }
+        if let Some(link_port) = self.link_port() {
+            ports.push(ServicePort {
+                name: Some("link".into()),
+                port: link_port.into(),
+                target_port: Some(IntOrString::Int(link_port.into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            });
+        }
         Service {
             metadata: self.meta(self.job.name.clone(), self.labels("job")),
             spec: Some(ServiceSpec {
@@ -374,6 +399,9 @@ impl Renderer {
             let mut ports = vec![container_port("grpc", self.kube.port)];
             if job.output.metrics {
                 ports.push(container_port("metrics", self.kube.metrics_port));
+            }
+            if let Some(link_port) = self.link_port() {
+                ports.push(container_port("link", link_port));
             }
             main.ports = Some(ports);
             // Ready = accepting connections: workers are started only when every shard is.

@@ -1,0 +1,237 @@
+//! The tensor link's worker side: pushes and dense pulls to one shard over plain TCP.
+//!
+//! A [`Link`] keeps idle connections to its shard and uses one per request, so that a push
+//! and a pull can overlap. A connection is returned only after a complete exchange; one
+//! that failed, or whose request was dropped half-way, is closed. Connection and I/O
+//! failures come back as `UNAVAILABLE` statuses, which the worker retries like gRPC's.
+//!
+//! The shard's link port is learnt from its status; after a connection is refused (the
+//! server restarted, on a new port) it is learnt again before the next try.
+
+use std::sync::Mutex;
+
+use gradflow_proto::auth::Token;
+use gradflow_proto::link::{self, read_f32s, read_header, write_frame};
+use gradflow_proto::{TransportConfig, pb};
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tonic::Status;
+
+/// Bytes a connection's reader buffers; larger values are read straight into place.
+const READ_BUFFER: usize = 64 << 10;
+
+/// Where a shard's link is, as far as this worker knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkPort {
+    /// At this port.
+    At(u16),
+    /// Unknown since a connection was refused: ask the shard's status.
+    Unknown,
+    /// The shard offers none: use gRPC.
+    None,
+}
+
+/// Where one pulled piece goes: exactly its values' place in the caller's buffer.
+pub(crate) struct Slot<'a> {
+    pub tensor: &'a str,
+    pub partition: u32,
+    pub dst: &'a mut [f32],
+    /// Values written so far.
+    pub filled: u64,
+}
+
+struct Conn {
+    r: BufReader<OwnedReadHalf>,
+    w: OwnedWriteHalf,
+}
+
+/// The tensor link to one shard.
+pub(crate) struct Link {
+    /// The host part of the shard's gRPC address.
+    host: String,
+    port: Mutex<LinkPort>,
+    hello: pb::LinkHello,
+    transport: TransportConfig,
+    idle: Mutex<Vec<Conn>>,
+}
+
+/// The host of a `host:port` address (an `http://` or `https://` prefix allowed).
+fn host_of(addr: &str) -> &str {
+    let addr = addr.strip_prefix("http://").or_else(|| addr.strip_prefix("https://")).unwrap_or(addr);
+    let addr = addr.split('/').next().unwrap_or(addr);
+    addr.rsplit_once(':').map_or(addr, |(host, _)| host)
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("tensor link: {what}: {e}"))
+}
+
+impl Link {
+    pub(crate) fn new(
+        addr: &str,
+        port: LinkPort,
+        worker: u32,
+        token: Option<&Token>,
+        transport: &TransportConfig,
+    ) -> Link {
+        Link {
+            host: host_of(addr).to_string(),
+            port: Mutex::new(port),
+            hello: pb::LinkHello { token: token.map(|t| t.expose().to_string()).unwrap_or_default(), worker },
+            transport: transport.clone(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn port(&self) -> LinkPort {
+        *self.port.lock().unwrap()
+    }
+
+    pub(crate) fn set_port(&self, port: LinkPort) {
+        *self.port.lock().unwrap() = port;
+        self.idle.lock().unwrap().clear();
+    }
+
+    async fn connect(&self, port: u16) -> Result<Conn, Status> {
+        let target = format!("{}:{port}", self.host);
+        let timeout = self.transport.connect_timeout;
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&target)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                // Refused: the server may have restarted on another port. Learn it again.
+                self.set_port(LinkPort::Unknown);
+                return Err(unavailable(&format!("cannot connect to {target}"), e));
+            }
+            Err(_) => {
+                self.set_port(LinkPort::Unknown);
+                return Err(Status::unavailable(format!(
+                    "tensor link: connecting to {target} timed out after {timeout:?}"
+                )));
+            }
+        };
+        link::tune(&stream, &self.transport).map_err(|e| unavailable("setting up the socket", e))?;
+        let (r, w) = stream.into_split();
+        let mut conn = Conn { r: BufReader::with_capacity(READ_BUFFER, r), w };
+        // A server that accepts but never answers (stopped, or not a gradflow server).
+        let hello = async {
+            write_frame(&mut conn.w, &self.hello, &[]).await.map_err(|e| unavailable("sending hello", e))?;
+            read_reply(&mut conn).await
+        };
+        let reply = tokio::time::timeout(timeout, hello).await.map_err(|_| {
+            Status::unavailable(format!("tensor link: {target} did not answer the hello within {timeout:?}"))
+        })??;
+        if let Some(status) = link::status_of(&reply) {
+            return Err(status);
+        }
+        Ok(conn)
+    }
+
+    /// An idle connection, or a new one.
+    async fn conn(&self, port: u16) -> Result<Conn, Status> {
+        let idle = self.idle.lock().unwrap().pop();
+        match idle {
+            Some(c) => Ok(c),
+            None => self.connect(port).await,
+        }
+    }
+
+    fn put_back(&self, conn: Conn) {
+        self.idle.lock().unwrap().push(conn);
+    }
+
+    /// Sends one push: `msg` with its byte fields empty, `payload` their contents in message
+    /// order (see `LinkRequest`). Returns the version the server answered.
+    pub(crate) async fn push(
+        &self,
+        port: u16,
+        msg: &pb::PushRequest,
+        payload: &[&[u8]],
+    ) -> Result<u64, Status> {
+        let mut conn = self.conn(port).await?;
+        let request = pb::LinkRequest {
+            request: Some(pb::link_request::Request::Push(msg.clone())),
+            payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),
+        };
+        write_frame(&mut conn.w, &request, payload).await.map_err(|e| self.broken("sending a push", e))?;
+        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
+        self.put_back(conn);
+        match link::status_of(&reply) {
+            Some(status) => Err(status),
+            None => Ok(reply.version),
+        }
+    }
+
+    /// Sends one dense pull and reads each piece of the reply straight into its slot.
+    /// `Ok(Err(message))`: the reply does not fit the slots (a protocol error).
+    pub(crate) async fn pull_dense(
+        &self,
+        port: u16,
+        req: pb::PullDenseRequest,
+        slots: &mut [Slot<'_>],
+    ) -> Result<Result<(), String>, Status> {
+        let mut conn = self.conn(port).await?;
+        let request = pb::LinkRequest {
+            request: Some(pb::link_request::Request::PullDense(req)),
+            payload_bytes: vec![],
+        };
+        write_frame(&mut conn.w, &request, &[]).await.map_err(|e| self.broken("sending a pull", e))?;
+        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
+        if let Some(status) = link::status_of(&reply) {
+            self.put_back(conn);
+            return Err(status);
+        }
+        for piece in &reply.pieces {
+            // A reply this worker cannot place: the connection is dropped with the rest of it.
+            let Some(slot) =
+                slots.iter_mut().find(|s| s.tensor == piece.tensor && s.partition == piece.partition)
+            else {
+                return Ok(Err(format!(
+                    "unrequested piece `{}` partition {} in the reply",
+                    piece.tensor, piece.partition
+                )));
+            };
+            if piece.len != slot.dst.len() as u64 {
+                return Ok(Err(format!(
+                    "`{}` partition {}: {} values in the reply, the piece has {}",
+                    piece.tensor,
+                    piece.partition,
+                    piece.len,
+                    slot.dst.len()
+                )));
+            }
+            read_f32s(&mut conn.r, slot.dst).await.map_err(|e| self.broken("reading pulled values", e))?;
+            slot.filled = piece.len;
+        }
+        self.put_back(conn);
+        Ok(Ok(()))
+    }
+
+    /// An I/O failure mid-request: the connection is gone, and the idle ones are suspect.
+    fn broken(&self, what: &str, e: std::io::Error) -> Status {
+        self.idle.lock().unwrap().clear();
+        unavailable(what, e)
+    }
+}
+
+async fn read_reply(conn: &mut Conn) -> Result<pb::LinkReply, Status> {
+    match read_header::<pb::LinkReply, _>(&mut conn.r).await {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(Status::unavailable("tensor link: the server closed the connection")),
+        Err(e) => Err(unavailable("reading the reply", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_addresses() {
+        assert_eq!(host_of("127.0.0.1:5000"), "127.0.0.1");
+        assert_eq!(host_of("http://ps-0.job:5000"), "ps-0.job");
+        assert_eq!(host_of("https://ps-0.job:5000/"), "ps-0.job");
+        assert_eq!(host_of("[::1]:5000"), "[::1]");
+        assert_eq!(host_of("localhost"), "localhost");
+    }
+}
