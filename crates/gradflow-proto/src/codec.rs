@@ -32,6 +32,20 @@ pub fn extend_f32s(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
+/// Puts `values` as little-endian `f32` into `buf`, replacing what it held and reusing its
+/// allocation when that is large enough.
+pub fn put_f32s(buf: &mut bytes::BytesMut, values: &[f32]) {
+    buf.clear();
+    if cfg!(target_endian = "little") {
+        buf.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        buf.reserve(values.len() * 4);
+        for v in values {
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Writes `src` as little-endian `f32` into `dst`. Panics if `dst.len() != 4 * src.len()`.
 pub fn write_f32s(dst: &mut [u8], src: &[f32]) {
     assert_eq!(dst.len(), src.len() * 4, "f32 byte length");
@@ -123,6 +137,16 @@ mod tests {
         copy_f32s(&mut out, &b);
         assert_eq!(out, v);
         assert_eq!(f32_at(&b, 1), -2.25);
+    }
+
+    #[test]
+    fn put_replaces_and_reuses() {
+        let mut buf = bytes::BytesMut::new();
+        put_f32s(&mut buf, &[1.0, 2.0, 3.0]);
+        let ptr = buf.as_ptr();
+        put_f32s(&mut buf, &[4.0, 5.0]);
+        assert_eq!(&buf[..], &f32s_to_bytes(&[4.0, 5.0])[..]);
+        assert_eq!(buf.as_ptr(), ptr, "same allocation");
     }
 
     #[test]

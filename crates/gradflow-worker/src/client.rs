@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use futures::stream;
 use gradflow_core::{ModelSpec, Placement};
@@ -60,6 +60,9 @@ pub struct Worker {
     /// Atomic so that a pull (`&self`) can follow a server's rewind.
     step: AtomicU64,
     pending: Vec<Pending>,
+    /// Staging buffers of the last step's dense gradients, taken back once sent: a fresh
+    /// buffer of many MiB every step costs a page fault per 4 KiB.
+    spare: Vec<BytesMut>,
     heartbeat: JoinHandle<()>,
     step_tx: tokio::sync::watch::Sender<u64>,
     /// Dynamic data sharding: the task progress the next push to shard 0 carries.
@@ -226,6 +229,7 @@ impl Worker {
         info!(worker = config.worker, servers = ?config.servers, "connected to parameter servers");
         Ok(Worker {
             pending: (0..clients.len()).map(|_| Pending::default()).collect(),
+            spare: Vec::new(),
             config,
             clients,
             links,
@@ -638,11 +642,13 @@ impl Worker {
         for p in placement.pieces_of(t) {
             let piece = &grad[p.offset as usize..(p.offset + p.len) as usize];
             for (k, part) in piece.chunks(chunk).enumerate() {
+                let mut buf = self.spare.pop().unwrap_or_default();
+                codec::put_f32s(&mut buf, part);
                 self.pending[p.shard as usize].dense.push(pb::DenseSlice {
                     tensor: name.to_string(),
                     partition: p.partition,
                     offset: (k * chunk) as u64,
-                    data: codec::f32s_to_bytes(part),
+                    data: buf.freeze(),
                 });
             }
         }
@@ -690,13 +696,13 @@ impl Worker {
         let max = self.config.transport.chunk_bytes;
         let mut task = self.task_progress.take();
         let this = &*self;
-        let results = futures::future::join_all(pending.into_iter().enumerate().map(|(shard, p)| {
+        let sent = futures::future::join_all(pending.into_iter().enumerate().map(|(shard, p)| {
             let task = if shard == 0 { task.take() } else { None };
             async move {
-                let (header, payload) = link_push(me, step, &p, task);
-                let (header, payload, p) = (&header, &payload, &p);
-                let r = this
-                    .retry(shard, "Push", || async move {
+                let result = {
+                    let (header, payload) = link_push(me, step, &p, task);
+                    let (header, payload, p) = (&header, &payload, &p);
+                    this.retry(shard, "Push", || async move {
                         match this.link_port(shard).await? {
                             Some(port) => this.links[shard].push(port, header, payload).await,
                             None => {
@@ -706,17 +712,25 @@ impl Worker {
                             }
                         }
                     })
-                    .await;
-                match r {
+                    .await
+                };
+                let result = match result {
                     // step() sends once per step, so this can only be a retry of a push
                     // whose first attempt arrived although its answer was lost.
                     Err(e) if e.code() == Some(Code::AlreadyExists) => Ok(()),
                     Err(e) => Err(e),
                     Ok(_) => Ok(()),
-                }
+                };
+                (result, p)
             }
         }))
         .await;
+        let mut results = Vec::with_capacity(sent.len());
+        for (result, p) in sent {
+            results.push(result);
+            // Nothing else holds a sent gradient's bytes now: keep its buffer for the next step.
+            self.spare.extend(p.dense.into_iter().filter_map(|d| d.data.try_into_mut().ok()));
+        }
         let mut resumed_at = None;
         for r in results {
             match r {
