@@ -59,11 +59,29 @@ pub struct PieceParams {
 ///
 /// Between steps `sum` holds the last step's average, not zeros: the first push of a step
 /// overwrites it (a copy, no pass to clear it after the step and none to add into zeros).
+/// A first push that arrived as one slice is not even copied: it is `held` as received, and
+/// copied into `sum` only when a second push comes. A step with one push (one worker, or
+/// async-like sync jobs) then updates the piece straight from the received bytes.
 #[derive(Default)]
 pub struct Accum {
     pub sum: Vec<f32>,
     /// Whether `sum` holds this step's gradients (otherwise it is stale).
     pub touched: bool,
+    /// The step's only push so far, as received: the whole piece as little-endian `f32`.
+    pub held: Option<Bytes>,
+}
+
+impl Accum {
+    /// Moves a held push into `sum` (of `len` elements), so that more can be added to it.
+    fn settle(&mut self, len: usize) {
+        if self.sum.len() != len {
+            self.sum = vec![0f32; len];
+        }
+        if let Some(held) = self.held.take() {
+            codec::copy_f32s(&mut self.sum, &held);
+            self.touched = true;
+        }
+    }
 }
 
 /// This shard's rows of one sparse table.
@@ -335,9 +353,8 @@ impl Piece {
     /// Adds little-endian gradient bytes at element `offset` into this step's sum.
     pub fn accumulate(&self, offset: usize, bytes: &[u8]) {
         let mut acc = self.accum.lock().unwrap();
-        if acc.sum.is_empty() {
-            acc.sum = vec![0f32; self.len];
-        } else if !acc.touched {
+        acc.settle(self.len);
+        if !acc.touched {
             acc.sum.fill(0.0);
         }
         let n = bytes.len() / 4;
@@ -350,9 +367,15 @@ impl Piece {
     pub fn accumulate_push(&self, slices: &[Bytes]) {
         debug_assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), self.len * 4);
         let mut acc = self.accum.lock().unwrap();
-        if acc.sum.is_empty() {
-            acc.sum = vec![0f32; self.len];
+        if let [whole] = slices
+            && !acc.touched
+            && acc.held.is_none()
+            && as_f32s(whole).is_some()
+        {
+            acc.held = Some(whole.clone());
+            return;
         }
+        acc.settle(self.len);
         let first = !acc.touched;
         let mut offset = 0;
         for s in slices {
@@ -370,6 +393,14 @@ impl Piece {
 
     fn apply_accumulated(&self, scale: f32) {
         let mut acc = self.accum.lock().unwrap();
+        if let Some(held) = acc.held.take() {
+            if scale == 1.0 {
+                self.apply(as_f32s(&held).expect("held only when aligned"));
+                return;
+            }
+            acc.held = Some(held);
+            acc.settle(self.len);
+        }
         if !acc.touched {
             return;
         }
@@ -391,6 +422,12 @@ impl Piece {
             codec::f32s_to_bytes(&p.values[start..start + n])
         }
     }
+}
+
+/// Little-endian `f32` bytes as `f32`s without a copy, where the host and the bytes' alignment
+/// allow it.
+pub(crate) fn as_f32s(bytes: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "little") { bytemuck::try_cast_slice(bytes).ok() } else { None }
 }
 
 /// A range of a piece's values, seen as bytes (little-endian machines only).
@@ -687,6 +724,45 @@ mod tests {
         p.accumulate(2, &codec::f32s_to_bytes(&[2.0; 2]));
         m.apply_accumulated(1.0);
         want[2..4].iter_mut().for_each(|v| *v -= 1.0);
+        assert_eq!(*p.params.read().unwrap().values, want);
+    }
+
+    #[test]
+    fn a_lone_push_is_applied_from_its_own_bytes_and_a_second_one_is_summed_with_it() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let p = &m.pieces[m.piece("w", 0).unwrap()];
+        let whole = |v: f32| codec::f32s_to_bytes(&[v; 10]);
+        // One push in the step: held as received, applied from it.
+        p.accumulate_push(&[whole(2.0)]);
+        assert!(p.accum.lock().unwrap().held.is_some());
+        m.apply_accumulated(1.0);
+        assert!(p.accum.lock().unwrap().held.is_none());
+        assert_eq!(*p.params.read().unwrap().values, vec![0.0; 10]);
+        // Two pushes: the held one is summed with the next; averaged over two.
+        p.accumulate_push(&[whole(2.0)]);
+        p.accumulate_push(&[whole(4.0)]);
+        m.apply_accumulated(2.0);
+        assert_eq!(*p.params.read().unwrap().values, vec![-1.5; 10]);
+        // One push averaged over two workers (a step completed by a dropped worker's absence
+        // is still divided by its divisor): scaled, then applied.
+        p.accumulate_push(&[whole(2.0)]);
+        m.apply_accumulated(2.0);
+        assert_eq!(*p.params.read().unwrap().values, vec![-2.0; 10]);
+        // A held push followed by a partial one.
+        p.accumulate_push(&[whole(2.0)]);
+        p.accumulate(0, &codec::f32s_to_bytes(&[2.0; 5]));
+        m.apply_accumulated(1.0);
+        let mut want = vec![-4.0; 5];
+        want.extend([-3.0; 5]);
+        assert_eq!(*p.params.read().unwrap().values, want);
+        // Bytes that are not aligned for f32 are copied, not held.
+        let mut raw = vec![0u8];
+        codec::extend_f32s(&mut raw, &[2.0; 10]);
+        let odd = Bytes::from(raw).slice(1..);
+        p.accumulate_push(&[odd]);
+        assert!(p.accum.lock().unwrap().held.is_none());
+        m.apply_accumulated(1.0);
+        want.iter_mut().for_each(|v| *v -= 1.0);
         assert_eq!(*p.params.read().unwrap().values, want);
     }
 

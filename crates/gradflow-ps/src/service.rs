@@ -709,6 +709,13 @@ fn apply_now(model: &ShardModel, push: ValidPush) {
     let mut grad = Vec::new();
     for (idx, slices) in push.dense {
         let piece = &model.pieces[idx];
+        // A piece that arrived whole and aligned is applied from the received bytes.
+        if let [whole] = slices.as_slice()
+            && let Some(g) = crate::model::as_f32s(whole)
+        {
+            piece.apply(g);
+            continue;
+        }
         grad.clear();
         grad.resize(piece.len, 0.0);
         let mut offset = 0;
