@@ -62,8 +62,9 @@ async fn connection(
     }
     write_frame(&mut w, &pb::LinkReply::default(), &[]).await?;
     service.shard.metrics.link_connections.inc();
-    // The last push's payload buffer, taken back once the push is done with it.
-    let mut spare = BytesMut::new();
+    // The last push's payload, whose buffer the next push reuses if nothing holds a part of
+    // it by then (a sync step keeps a lone push's pieces until the step is applied).
+    let mut last: Option<Bytes> = None;
     loop {
         let request = tokio::select! {
             r = read_header::<pb::LinkRequest, _>(&mut r) => r?,
@@ -76,12 +77,13 @@ async fn connection(
                 let lengths = request.payload_bytes;
                 let reply = match push_payload(&service, &msg, &lengths) {
                     Ok(total) => {
-                        read_payload_into(&mut r, &mut spare, total).await?;
-                        let payload = std::mem::take(&mut spare).freeze();
+                        let mut buf: BytesMut =
+                            last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
+                        read_payload_into(&mut r, &mut buf, total).await?;
+                        let payload = buf.freeze();
                         let result =
                             service.take_push(vec![fill(msg, &lengths, payload.clone())], started).await;
-                        // Every slice of the payload is dropped once the push is taken or refused.
-                        spare = payload.try_into_mut().unwrap_or_default();
+                        last = Some(payload);
                         match result {
                             Ok(version) => pb::LinkReply { version, ..Default::default() },
                             Err(e) => link::reply_of(&Status::from(e)),
