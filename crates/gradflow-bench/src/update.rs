@@ -4,10 +4,11 @@
 //! - *kernel*: `OptimizerConfig::step` over one flat slice on one thread, compared with the
 //!   one-thread memcpy of (1);
 //! - *server apply*: what a sync shard does when a step completes, through the server's own
-//!   model (`gradflow_ps::model::ShardModel`, the tensor cut in 4 MiB pieces): the gradients
-//!   of one push are summed into the step's accumulators (`Piece::accumulate`, reported as
-//!   *aggregate*), then `apply_accumulated` averages over two workers and runs the optimizer
-//!   on every piece in parallel; compared with the all-threads memcpy of (1).
+//!   model (`gradflow_ps::model::ShardModel`, the tensor cut in 4 MiB pieces): two workers'
+//!   pushes are summed into the step's accumulators (`Piece::accumulate_push`: the first is
+//!   held as received, the second summed with it; reported as *aggregate*, in GB/s of
+//!   gradients received), then `apply_accumulated` averages them and runs the optimizer on
+//!   every piece in parallel; compared with the all-threads memcpy of (1).
 //!
 //! Note what the ratio means: it compares parameters updated per second with bytes copied per
 //! second, and an update reads the parameter, the gradient and each state slot and writes the
@@ -76,7 +77,7 @@ pub fn run(
             apply_gb_per_s,
             apply_ratio_to_memcpy: ceiling.map(|c| sig4(apply_gb_per_s / c.memcpy_all_threads_gb_per_s)),
             aggregate,
-            aggregate_gb_per_s: sig4(aggregate.rate(bytes) / GB),
+            aggregate_gb_per_s: sig4(aggregate.rate(bytes * WORKERS as f64) / GB),
         };
         log(&format!(
             "update: {name} kernel {} GB/s (1 thread), server apply {} GB/s, aggregate {} GB/s",
@@ -121,10 +122,13 @@ fn server_apply(opt: &OptimizerConfig, n: usize, reps: usize) -> (Timing, Timing
     let (mut aggregate, mut apply) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for rep in 0..=reps {
         let started = Instant::now();
-        for p in &pieces {
-            let piece =
-                &model.pieces[model.piece("w", p.partition).expect("every piece is on the one shard")];
-            piece.accumulate_push(&[grad.slice(p.offset as usize * 4..p.end() as usize * 4)]);
+        // Both workers' pushes: the first is held as received, the second summed with it.
+        for _ in 0..WORKERS as usize {
+            for p in &pieces {
+                let piece =
+                    &model.pieces[model.piece("w", p.partition).expect("every piece is on the one shard")];
+                piece.accumulate_push(&[grad.slice(p.offset as usize * 4..p.end() as usize * 4)]);
+            }
         }
         let summed = Instant::now();
         model.apply_accumulated(WORKERS);
