@@ -282,7 +282,7 @@ pub struct ServerSection {
     /// data sharding the late worker trains that batch again, so no example is lost; with
     /// static sharding its batch is skipped. Default 0 (wait for every live worker).
     pub backup_workers: u32,
-    /// Port of each server's tensor link (pushes and dense pulls over plain TCP, see
+    /// Port of each server's tensor link (pushes and pulls over plain TCP, see
     /// `transport.tensor_link`) on the server's interface. Default 0: any free port, which
     /// workers learn from the server (on Kubernetes, `kubernetes.link_port`).
     pub link_port: u16,

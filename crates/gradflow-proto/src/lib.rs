@@ -5,7 +5,7 @@
 //!   not copied when a message is decoded).
 //! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back.
 //! - [`transport`]: message limits, HTTP/2 windows, keepalive and retry settings.
-//! - [`link`]: the framing of the tensor link, the raw-TCP path for pushes and dense pulls.
+//! - [`link`]: the framing of the tensor link, the raw-TCP path for pushes and pulls.
 //! - [`auth`]: the job token every call carries and every server checks.
 //! - [`tls`]: TLS and mutual TLS from the job file's `[tls]` section, shared by servers and clients.
 

@@ -1,6 +1,6 @@
 //! The tensor link's framing, shared by servers and workers.
 //!
-//! The tensor link is a plain TCP connection beside gRPC that carries pushes and dense pulls
+//! The tensor link is a plain TCP connection beside gRPC that carries pushes and pulls
 //! (see `LinkRequest` in `proto/gradflow.proto`). A frame is a little-endian `u32` header
 //! length, a protobuf header, then raw payload bytes whose lengths the header gives. Tensor
 //! bytes are written from where they lie and read into where they belong: no HTTP/2 frames

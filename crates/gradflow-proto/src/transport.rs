@@ -35,7 +35,7 @@ pub struct TransportConfig {
     /// Longest retry delay. Default 2s.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
-    /// Send pushes and dense pulls over the tensor link, a plain TCP connection beside gRPC
+    /// Send pushes and pulls over the tensor link, a plain TCP connection beside gRPC
     /// that moves tensor bytes without HTTP/2 framing or protobuf copies (see
     /// `gradflow_proto::link`). A server offers it unless this is false or it speaks TLS; a
     /// worker uses it where offered unless this is false. Default true.

@@ -1,4 +1,4 @@
-//! The tensor link's server side: pushes and dense pulls over plain TCP, beside gRPC.
+//! The tensor link's server side: pushes and pulls over plain TCP, beside gRPC.
 //!
 //! Each connection authenticates once (`LinkHello`, the job token), then carries one request
 //! at a time. A push's payload is read from the socket into one buffer and handed, as the
@@ -103,6 +103,7 @@ async fn connection(
             Some(pb::link_request::Request::PullDense(req)) => {
                 pull_dense(&service, req, started, &mut w).await?
             }
+            Some(pb::link_request::Request::PullSparse(req)) => pull_sparse(&service, req, &mut w).await?,
             None => {
                 let status = Status::invalid_argument("tensor link request names no operation");
                 write_frame(&mut w, &link::reply_of(&status), &[]).await?;
@@ -184,4 +185,22 @@ async fn pull_dense<W: AsyncWrite + Unpin>(
     metrics.bytes_sent.inc_by(payload.iter().map(|p| p.len() as u64).sum());
     metrics.observe_pull("dense", started.elapsed());
     Ok(())
+}
+
+/// Answers a sparse pull: one entry per table, then the tables' rows.
+async fn pull_sparse<W: AsyncWrite + Unpin>(
+    service: &Service,
+    req: pb::PullSparseRequest,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let (tables, version) = match service.sparse_pull(req).await {
+        Ok(t) => t,
+        Err(e) => return write_frame(w, &link::reply_of(&Status::from(e)), &[]).await,
+    };
+    let pieces = tables
+        .iter()
+        .map(|t| pb::LinkPiece { tensor: t.table.clone(), partition: 0, len: t.values.len() as u64 / 4 })
+        .collect();
+    let payload: Vec<&[u8]> = tables.iter().map(|t| t.values.as_ref()).collect();
+    write_frame(w, &pb::LinkReply { version, pieces, ..Default::default() }, &payload).await
 }

@@ -76,7 +76,7 @@ impl Default for Metrics {
         registry.register("sparse_rows", "Sparse rows held by this shard", m.sparse_rows.clone());
         registry.register(
             "link_connections",
-            "Tensor-link connections accepted from workers (pushes and dense pulls over plain TCP)",
+            "Tensor-link connections accepted from workers (pushes and pulls over plain TCP)",
             m.link_connections.clone(),
         );
         Metrics { registry: Arc::new(registry), ..m }

@@ -310,44 +310,7 @@ impl gradflow_proto::ParameterServer for Service {
         &self,
         request: Request<pb::PullSparseRequest>,
     ) -> Result<Response<pb::PullSparseResponse>, Status> {
-        let started = Instant::now();
-        let req = request.into_inner();
-        let shard = self.shard.clone();
-        shard.touch(req.worker)?;
-        let model = shard.model()?;
-        let mut wanted = Vec::with_capacity(req.tables.len());
-        for t in &req.tables {
-            let idx = model.table(&t.table)?;
-            if codec::u64_len(&t.ids).is_none() {
-                return Err(PsError::InvalidArgument(format!(
-                    "ids of `{}`: {} bytes is not a whole number of u64 ids",
-                    t.table,
-                    t.ids.len()
-                ))
-                .into());
-            }
-            let ids: Vec<u64> = codec::u64s(&t.ids).collect();
-            check_ids_on_shard(&model, &t.table, &ids)?;
-            wanted.push((idx, ids));
-        }
-        let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
-        let bytes: u64 =
-            wanted.iter().map(|(idx, ids)| (ids.len() * model.tables[*idx].dim * 4) as u64).sum();
-        let tables = offload(bytes, shard.config.inline_bytes, move || {
-            wanted
-                .into_iter()
-                .map(|(idx, ids)| {
-                    let table = &model.tables[idx];
-                    let mut values = Vec::with_capacity(ids.len() * table.dim * 4);
-                    table.pull(&ids, &mut values);
-                    pb::SparseRows { table: table.name.clone(), values: values.into() }
-                })
-                .collect::<Vec<_>>()
-        })
-        .await?;
-        let sent: u64 = tables.iter().map(|t| t.values.len() as u64).sum();
-        shard.metrics.bytes_sent.inc_by(sent);
-        shard.metrics.observe_pull("sparse", started.elapsed());
+        let (tables, version) = self.sparse_pull(request.into_inner()).await?;
         Ok(Response::new(pb::PullSparseResponse { tables, version }))
     }
 
@@ -572,6 +535,51 @@ impl Service {
         };
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
         Ok((model, pieces, version))
+    }
+
+    /// A sparse pull's rows, table by table in request order, and the model version they
+    /// belong to, once the model has reached the requested step. Records the pull metrics.
+    pub(crate) async fn sparse_pull(
+        &self,
+        req: pb::PullSparseRequest,
+    ) -> Result<(Vec<pb::SparseRows>, u64), PsError> {
+        let started = Instant::now();
+        let shard = self.shard.clone();
+        shard.touch(req.worker)?;
+        let model = shard.model()?;
+        let mut wanted = Vec::with_capacity(req.tables.len());
+        for t in &req.tables {
+            let idx = model.table(&t.table)?;
+            if codec::u64_len(&t.ids).is_none() {
+                return Err(PsError::InvalidArgument(format!(
+                    "ids of `{}`: {} bytes is not a whole number of u64 ids",
+                    t.table,
+                    t.ids.len()
+                )));
+            }
+            let ids: Vec<u64> = codec::u64s(&t.ids).collect();
+            check_ids_on_shard(&model, &t.table, &ids)?;
+            wanted.push((idx, ids));
+        }
+        let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        let bytes: u64 =
+            wanted.iter().map(|(idx, ids)| (ids.len() * model.tables[*idx].dim * 4) as u64).sum();
+        let tables = offload(bytes, shard.config.inline_bytes, move || {
+            wanted
+                .into_iter()
+                .map(|(idx, ids)| {
+                    let table = &model.tables[idx];
+                    let mut values = Vec::with_capacity(ids.len() * table.dim * 4);
+                    table.pull(&ids, &mut values);
+                    pb::SparseRows { table: table.name.clone(), values: values.into() }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        let sent: u64 = tables.iter().map(|t| t.values.len() as u64).sum();
+        shard.metrics.bytes_sent.inc_by(sent);
+        shard.metrics.observe_pull("sparse", started.elapsed());
+        Ok((tables, version))
     }
 
     /// Takes one push: refuses non-finite values (when configured), validates the whole push,

@@ -54,7 +54,7 @@ struct Pending {
 pub struct Worker {
     config: WorkerConfig,
     clients: Vec<Client>,
-    /// The tensor link to each shard (pushes and dense pulls; gRPC where a shard has none).
+    /// The tensor link to each shard (pushes and pulls; gRPC where a shard has none).
     links: Vec<Link>,
     model: Option<Arc<(ModelSpec, Placement)>>,
     /// Atomic so that a pull (`&self`) can follow a server's rewind.
@@ -580,13 +580,20 @@ impl Worker {
                     })
                     .collect();
                 async move {
+                    let req = pb::PullSparseRequest { worker: me, step, tables };
+                    let req = &req;
                     let reply = self
-                        .call(shard, "PullSparse", move |mut c| {
-                            let req = pb::PullSparseRequest { worker: me, step, tables: tables.clone() };
-                            async move { c.pull_sparse(req).await }
+                        .retry(shard, "PullSparse", || async move {
+                            match self.link_port(shard).await? {
+                                Some(port) => self.links[shard].pull_sparse(port, req.clone()).await,
+                                None => Ok(self.clients[shard]
+                                    .clone()
+                                    .pull_sparse(req.clone())
+                                    .await?
+                                    .into_inner()),
+                            }
                         })
-                        .await?
-                        .into_inner();
+                        .await?;
                     Ok::<_, WorkerError>((shard, reply))
                 }
             }))

@@ -41,7 +41,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Pushes and dense pulls go over the tensor link, a plain TCP connection beside gRPC that
+//! Pushes and pulls go over the tensor link, a plain TCP connection beside gRPC that
 //! moves tensor bytes without HTTP/2 or protobuf copies, where the servers offer one (not
 //! with TLS; `transport.tensor_link = false` turns it off); everything else is gRPC.
 //!

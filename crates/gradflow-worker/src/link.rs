@@ -1,4 +1,4 @@
-//! The tensor link's worker side: pushes and dense pulls to one shard over plain TCP.
+//! The tensor link's worker side: pushes and pulls to one shard over plain TCP.
 //!
 //! A [`Link`] keeps idle connections to its shard and uses one per request, so that a push
 //! and a pull can overlap. A connection is returned only after a complete exchange; one
@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 
 use gradflow_proto::auth::Token;
-use gradflow_proto::link::{self, read_f32s, read_header, write_frame};
+use gradflow_proto::link::{self, read_f32s, read_header, read_payload, write_frame};
 use gradflow_proto::{TransportConfig, pb};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
@@ -205,6 +205,44 @@ impl Link {
         }
         self.put_back(conn);
         Ok(Ok(()))
+    }
+
+    /// Sends one sparse pull; the reply as gRPC's would be.
+    pub(crate) async fn pull_sparse(
+        &self,
+        port: u16,
+        req: pb::PullSparseRequest,
+    ) -> Result<pb::PullSparseResponse, Status> {
+        let mut conn = self.conn(port).await?;
+        let request = pb::LinkRequest {
+            request: Some(pb::link_request::Request::PullSparse(req)),
+            payload_bytes: vec![],
+        };
+        write_frame(&mut conn.w, &request, &[]).await.map_err(|e| self.broken("sending a pull", e))?;
+        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
+        if let Some(status) = link::status_of(&reply) {
+            self.put_back(conn);
+            return Err(status);
+        }
+        let mut tables = Vec::with_capacity(reply.pieces.len());
+        for piece in &reply.pieces {
+            let n = usize::try_from(piece.len)
+                .ok()
+                .and_then(|n| n.checked_mul(4))
+                .filter(|&n| n <= link::MAX_HEADER_BYTES.max(self.transport.max_message_bytes))
+                .ok_or_else(|| {
+                    self.idle.lock().unwrap().clear();
+                    Status::internal(format!(
+                        "tensor link: {} values of `{}` is more than a reply may hold",
+                        piece.len, piece.tensor
+                    ))
+                })?;
+            let values =
+                read_payload(&mut conn.r, n).await.map_err(|e| self.broken("reading pulled rows", e))?;
+            tables.push(pb::SparseRows { table: piece.tensor.clone(), values: values.freeze() });
+        }
+        self.put_back(conn);
+        Ok(pb::PullSparseResponse { tables, version: reply.version })
     }
 
     /// An I/O failure mid-request: the connection is gone, and the idle ones are suspect.

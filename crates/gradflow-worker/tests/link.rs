@@ -137,6 +137,18 @@ async fn malformed_link_requests_are_refused_by_name_and_the_connection_stays_in
     assert_eq!(reply.code, Code::InvalidArgument as i32, "{reply:?}");
     assert!(reply.message.contains("non-finite"), "{}", reply.message);
 
+    // A sparse pull whose ids are not whole u64s.
+    let pull = pb::PullSparseRequest {
+        worker: 0,
+        step: 0,
+        tables: vec![pb::SparseIds { table: "emb".into(), ids: vec![0u8; 7].into() }],
+    };
+    let request =
+        pb::LinkRequest { request: Some(pb::link_request::Request::PullSparse(pull)), payload_bytes: vec![] };
+    let reply = ask(&request, &[]).await;
+    assert_eq!(reply.code, Code::InvalidArgument as i32, "{reply:?}");
+    assert!(reply.message.contains("whole number of u64"), "{}", reply.message);
+
     // A request naming no operation.
     let reply = ask(&pb::LinkRequest::default(), &[]).await;
     assert_eq!(reply.code, Code::InvalidArgument as i32, "{reply:?}");

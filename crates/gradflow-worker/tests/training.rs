@@ -166,7 +166,7 @@ async fn sync_training_with_workers_that_decline_the_link_equals_one_process() {
     sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::WorkersDeclineLink).await;
 }
 
-/// How pushes and dense pulls travel.
+/// How pushes and pulls travel.
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Link,
@@ -230,7 +230,7 @@ async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path) {
         text.contains(&format!("gradflow_ps_pushes_total{{result=\"ok\"}} {}", STEPS * WORKERS as u64)),
         "{text}"
     );
-    // Pushes and dense pulls took the path asked for.
+    // Pushes and pulls took the path asked for.
     for server in &servers {
         let links = server.shard().metrics.link_connections.get();
         assert_eq!(server.shard().link_port != 0, path != Path::ServersOfferNoLink);
