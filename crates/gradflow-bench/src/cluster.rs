@@ -2,7 +2,7 @@
 //!
 //! The shards run on one tokio runtime of this process ([`Servers`]); each worker runs on its
 //! own OS thread with its own multi-threaded runtime ([`on_worker_threads`]), as it would in
-//! its own process. Workers reach the servers through real gRPC over loopback TCP, so every
+//! its own process. Workers reach the servers over loopback TCP (the tensor link and gRPC), so every
 //! byte is encoded, sent through the kernel and decoded; what does not cross is a process
 //! boundary (the scheduler sees one process, and memory is shared by the allocator).
 

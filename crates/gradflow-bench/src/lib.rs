@@ -18,7 +18,7 @@
 //!
 //! What crosses a process boundary: (1) and (6) use child processes (a TCP sink; the job's
 //! servers and workers). (2)-(4) run the servers in this process and each worker on its own
-//! thread and tokio runtime, talking real gRPC over loopback TCP ([`cluster`]). (5) has no
+//! thread and tokio runtime, talking over loopback TCP, tensor link and gRPC ([`cluster`]). (5) has no
 //! network at all.
 //!
 //! The result is a [`Report`]: one JSON object, and a table ([`Report::table`]). Every figure

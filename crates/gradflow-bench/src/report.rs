@@ -180,7 +180,7 @@ impl Report {
         if let Some(d) = &self.dense {
             let _ = writeln!(
                 s,
-                "## 2. Dense push + pull (sync, SGD, in-process servers, gRPC over loopback)\n\n\
+                "## 2. Dense push + pull (sync, SGD, in-process servers, tensor link over loopback)\n\n\
                  | model | shards | workers | GB/s | vs TCP | push GB/s | pull GB/s | step ms |\n\
                  |---|---:|---:|---:|---:|---:|---:|---:|"
             );

@@ -4,7 +4,7 @@
 //!
 //! - *Jobs*: each configuration (workers x mode, `servers` shards) runs through
 //!   `gradflow launch`'s local backend ([`LocalLauncher`]): every server and every worker is
-//!   a child process (`gradflow ps`, `gradflow worker`) talking gRPC over loopback. Every job
+//!   a child process (`gradflow ps`, `gradflow worker`) talking over loopback (tensor link and gRPC). Every job
 //!   trains one epoch over the same file. Its rate is read from the workers' progress
 //!   reports ([`gradflow_launch::local::JobOutcome::progress`]: the sum of every running worker's latest rate, as the
 //!   launcher's progress line shows it); the first report of each worker (start-up, first rows created) is skipped and the

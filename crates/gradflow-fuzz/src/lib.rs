@@ -9,7 +9,8 @@
 //! the error variant that names the problem.
 //!
 //! - [`wire`]: the byte codecs, prost decoding of every message the server accepts (and the
-//!   responses a worker reads), push validation, the model spec a worker declares.
+//!   responses a worker reads), push validation, the tensor link's frames, the model spec a
+//!   worker declares.
 //! - [`checkpoint`]: checkpoint manifests, shard manifests, dense (safetensors) and sparse files,
 //!   read through the public API from an in-memory store.
 //! - [`job`]: the job file.
@@ -31,13 +32,14 @@ pub use checkpoint::{ckpt_dense_file, ckpt_manifest, ckpt_shard_manifest, ckpt_s
 pub use data::data_lines;
 pub use job::job_file;
 pub use tasks::data_tasks;
-pub use wire::{codec, model_spec, push, requests};
+pub use wire::{codec, link, model_spec, push, requests};
 
 /// Every target: its name (the name of its bin, corpus and regression folders) and its body.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("codec", codec),
     ("push", push),
     ("requests", requests),
+    ("link", link),
     ("model_spec", model_spec),
     ("ckpt_manifest", ckpt_manifest),
     ("ckpt_shard_manifest", ckpt_shard_manifest),

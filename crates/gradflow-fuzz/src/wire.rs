@@ -327,6 +327,89 @@ pub fn requests(data: &[u8]) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// link
+
+/// The tensor link's frames (`gradflow_proto::link`): `data[0]` picks what is read, `data[1..3]`
+/// is the header's length (little-endian `u16`), then the header, then payload bytes.
+///
+/// - 0: a `LinkRequest` as a server reads it. A push's payload lengths are checked as the
+///   server does before reading any payload (`gradflow_ps::link::push_lengths`: a refusal is
+///   the client's error); when the input holds that much payload, the segments are put into
+///   the message (`fill`, each field exactly its announced length) and the push goes through
+///   the same checks as a gRPC push. Pulls go through their handlers' checks.
+/// - 1: a `LinkReply` as a worker reads it: the status it carries is absent exactly when the
+///   code is 0, and keeps the message.
+/// - other: a `LinkHello`.
+pub fn link(data: &[u8]) {
+    let [kind, a, b, rest @ ..] = data else { return };
+    let (header, payload) = rest.split_at(usize::from(u16::from_le_bytes([*a, *b])).min(rest.len()));
+    match kind % 3 {
+        0 => {
+            let Some(req) = decode::<pb::LinkRequest>(header) else { return };
+            match req.request {
+                Some(pb::link_request::Request::Push(msg)) => {
+                    let m = model(msg.worker % SHARDS);
+                    let limit = m.dense_bytes() + LINK_SPARSE_LIMIT;
+                    match gradflow_ps::link::push_lengths(&msg, &req.payload_bytes, limit) {
+                        Ok(total) => {
+                            assert_eq!(Some(total as u64), gradflow_proto::link::payload_total(&req.payload_bytes));
+                            assert!(total as u64 <= limit);
+                            // With less, the server would wait for the rest of the payload.
+                            if total > payload.len() {
+                                return;
+                            }
+                            let body = Bytes::copy_from_slice(&payload[..total]);
+                            let filled = gradflow_ps::link::fill(msg, &req.payload_bytes, body);
+                            let lengths: Vec<u64> = filled
+                                .dense
+                                .iter()
+                                .map(|d| d.data.len() as u64)
+                                .chain(filled.sparse.iter().flat_map(|g| [g.ids.len() as u64, g.values.len() as u64]))
+                                .collect();
+                            assert_eq!(lengths, req.payload_bytes, "each field holds its announced bytes");
+                            check_push(&m, vec![filled], true);
+                        }
+                        Err(e) => assert!(matches!(e, PsError::InvalidArgument(_)), "{e:?}"),
+                    }
+                }
+                Some(pb::link_request::Request::PullDense(r)) => pull_dense(&model(r.worker % SHARDS), &r),
+                Some(pb::link_request::Request::PullSparse(r)) => pull_sparse(&model(r.worker % SHARDS), &r),
+                None => {}
+            }
+        }
+        1 => {
+            let Some(reply) = decode::<pb::LinkReply>(header) else { return };
+            match gradflow_proto::link::status_of(&reply) {
+                None => assert_eq!(reply.code, 0),
+                Some(status) => {
+                    assert_ne!(reply.code, 0);
+                    assert_eq!(status.message(), reply.message);
+                }
+            }
+        }
+        _ => {
+            decode::<pb::LinkHello>(header);
+        }
+    }
+}
+
+/// The sparse part of a link push's size limit in the `link` target (a server's
+/// `transport.max_message_bytes`).
+const LINK_SPARSE_LIMIT: u64 = 1 << 16;
+
+/// A `link` target input: kind, header length, header, payload.
+fn link_input(kind: u8, header: &impl Message, payload: &[&[u8]]) -> Vec<u8> {
+    let header = header.encode_to_vec();
+    let mut out = vec![kind];
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(&header);
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
 /// PullDense: the pieces asked for (all when none) resolve, and each reads at its length.
 fn pull_dense(model: &ShardModel, r: &pb::PullDenseRequest) {
     let pieces: Result<Vec<usize>, PsError> = if r.pieces.is_empty() {
@@ -465,6 +548,52 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         b.encode_length_delimited(&mut stream).unwrap();
         out.push(("push", format!("seed-shard{shard}-two-messages"), stream));
     }
+
+    // The tensor link: a push per shard as a worker sends it, pulls, replies, a hello.
+    for shard in 0..SHARDS {
+        let m = model(shard);
+        let mut header = pb::PushRequest { worker: shard, step: 2, ..Default::default() };
+        let mut payload: Vec<Vec<u8>> = Vec::new();
+        for p in &m.pieces {
+            let values: Vec<f32> = (0..p.len).map(|i| i as f32 * 0.25).collect();
+            header.dense.push(pb::DenseSlice { tensor: p.tensor.clone(), partition: p.partition, offset: 0, data: Bytes::new() });
+            payload.push(c::f32s_to_bytes(&values).to_vec());
+        }
+        let ids = ids_on(shard, 2);
+        let g = grad("emb", &ids, 3);
+        header.sparse.push(pb::SparseGrad { table: g.table.clone(), ids: Bytes::new(), values: Bytes::new() });
+        payload.push(g.ids.to_vec());
+        payload.push(g.values.to_vec());
+        let req = pb::LinkRequest {
+            request: Some(pb::link_request::Request::Push(header)),
+            payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),
+        };
+        let parts: Vec<&[u8]> = payload.iter().map(|p| p.as_slice()).collect();
+        out.push(("link", format!("seed-push-shard{shard}"), link_input(0, &req, &parts)));
+    }
+    let pull = pb::LinkRequest {
+        request: Some(pb::link_request::Request::PullDense(pb::PullDenseRequest { worker: 0, step: 1, pieces: vec![] })),
+        payload_bytes: vec![],
+    };
+    out.push(("link", "seed-pull-dense".into(), link_input(0, &pull, &[])));
+    let pull = pb::LinkRequest {
+        request: Some(pb::link_request::Request::PullSparse(pb::PullSparseRequest {
+            worker: 1,
+            step: 1,
+            tables: vec![pb::SparseIds { table: "emb".into(), ids: c::u64s_to_bytes(&ids_on(1, 3)) }],
+        })),
+        payload_bytes: vec![],
+    };
+    out.push(("link", "seed-pull-sparse".into(), link_input(0, &pull, &[])));
+    let reply = pb::LinkReply {
+        code: 9,
+        message: "stale".into(),
+        metadata: [("x-gradflow-version".to_string(), "7".to_string())].into(),
+        version: 7,
+        pieces: vec![pb::LinkPiece { tensor: "w".into(), partition: 0, len: 4 }],
+    };
+    out.push(("link", "seed-reply".into(), link_input(1, &reply, &[])));
+    out.push(("link", "seed-hello".into(), link_input(2, &pb::LinkHello { token: "t".repeat(32), worker: 3 }, &[])));
 
     let spec_text = serde_json::to_string(&spec()).unwrap();
     out.push(("model_spec", "seed-spec".into(), spec_text.clone().into_bytes()));

@@ -17,7 +17,7 @@ pub mod checkpointing;
 pub mod config;
 pub mod coord;
 pub mod error;
-mod link;
+pub mod link;
 pub mod metrics;
 pub mod model;
 pub mod push;

@@ -112,9 +112,16 @@ async fn connection(
     }
 }
 
-/// Checks a push's payload lengths before any of it is read: one per dense slice and two per
-/// sparse gradient, adding up to no more than this shard could take. Returns the total.
+/// Checks a push's payload lengths before any of it is read, against the shard's model.
 fn push_payload(service: &Service, msg: &pb::PushRequest, lengths: &[u64]) -> Result<usize, PsError> {
+    let model = service.shard.model()?;
+    push_lengths(msg, lengths, model.dense_bytes() + service.shard.config.transport.max_message_bytes as u64)
+}
+
+/// Checks a push's payload lengths: one per dense slice and two per sparse gradient, adding
+/// up to at most `limit` bytes (a shard's dense bytes, which a push covers once, plus the
+/// transport's message limit for sparse gradients). Returns the total.
+pub fn push_lengths(msg: &pb::PushRequest, lengths: &[u64], limit: u64) -> Result<usize, PsError> {
     let segments = msg.dense.len() + 2 * msg.sparse.len();
     if lengths.len() != segments {
         return Err(PsError::InvalidArgument(format!(
@@ -126,19 +133,19 @@ fn push_payload(service: &Service, msg: &pb::PushRequest, lengths: &[u64]) -> Re
     }
     let total = link::payload_total(lengths)
         .ok_or_else(|| PsError::InvalidArgument("tensor link push payload lengths overflow".into()))?;
-    // Dense gradients cover each piece once; sparse ones are bounded like a gRPC message.
-    let model = service.shard.model()?;
-    let limit = model.dense_bytes() + service.shard.config.transport.max_message_bytes as u64;
     if total > limit {
         return Err(PsError::InvalidArgument(format!(
             "tensor link push of {total} bytes; this shard takes at most {limit} (its dense bytes plus transport.max_message_bytes)"
         )));
     }
-    Ok(total as usize)
+    usize::try_from(total).map_err(|_| {
+        PsError::InvalidArgument(format!("tensor link push of {total} bytes does not fit in memory"))
+    })
 }
 
-/// Puts the payload's segments into the message's empty byte fields.
-fn fill(mut msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> pb::PushRequest {
+/// Puts the payload's segments into the message's empty byte fields. `lengths` must have
+/// passed [`push_lengths`] and `payload` must hold exactly their total.
+pub fn fill(mut msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> pb::PushRequest {
     let mut at = 0usize;
     let mut lengths = lengths.iter();
     let mut next = || {
