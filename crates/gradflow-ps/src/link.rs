@@ -90,12 +90,15 @@ async fn connection(
                         }
                     }
                     Err(e) => {
-                        // Read past the payload, so that the connection stays in step and the
-                        // worker hears why.
-                        let total = link::payload_total(&lengths).unwrap_or(0);
-                        skip_payload(&mut r, total).await?;
                         service.shard.metrics.observe_push(false, started.elapsed());
-                        link::reply_of(&Status::from(e))
+                        let reply = link::reply_of(&Status::from(e));
+                        // Read past the payload, so that the connection stays in step and the
+                        // worker hears why; lengths that overflow cannot be read past.
+                        match link::payload_total(&lengths) {
+                            Some(total) => skip_payload(&mut r, total).await?,
+                            None => return write_frame(&mut w, &reply, &[]).await,
+                        }
+                        reply
                     }
                 };
                 write_frame(&mut w, &reply, &[]).await?;
