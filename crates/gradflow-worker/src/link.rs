@@ -148,18 +148,32 @@ impl Link {
         msg: &pb::PushRequest,
         payload: &[&[u8]],
     ) -> Result<u64, Status> {
-        let mut conn = self.conn(port).await?;
         let request = pb::LinkRequest {
             request: Some(pb::link_request::Request::Push(msg.clone())),
             payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),
         };
-        write_frame(&mut conn.w, &request, payload).await.map_err(|e| self.broken("sending a push", e))?;
-        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
+        let (conn, reply) = self.exchange(port, &request, payload).await?;
         self.put_back(conn);
-        match link::status_of(&reply) {
-            Some(status) => Err(status),
-            None => Ok(reply.version),
+        Ok(reply.version)
+    }
+
+    /// Sends `request` (and its payload) on a connection and reads the reply's header. A
+    /// refusal comes back as its status, with the connection kept for the next request; on
+    /// success the caller reads the reply's payload and then puts the connection back.
+    async fn exchange(
+        &self,
+        port: u16,
+        request: &pb::LinkRequest,
+        payload: &[&[u8]],
+    ) -> Result<(Conn, pb::LinkReply), Status> {
+        let mut conn = self.conn(port).await?;
+        write_frame(&mut conn.w, request, payload).await.map_err(|e| self.broken("sending a request", e))?;
+        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
+        if let Some(status) = link::status_of(&reply) {
+            self.put_back(conn);
+            return Err(status);
         }
+        Ok((conn, reply))
     }
 
     /// Sends one dense pull and reads each piece of the reply straight into its slot.
@@ -170,17 +184,11 @@ impl Link {
         req: pb::PullDenseRequest,
         slots: &mut [Slot<'_>],
     ) -> Result<Result<(), String>, Status> {
-        let mut conn = self.conn(port).await?;
         let request = pb::LinkRequest {
             request: Some(pb::link_request::Request::PullDense(req)),
             payload_bytes: vec![],
         };
-        write_frame(&mut conn.w, &request, &[]).await.map_err(|e| self.broken("sending a pull", e))?;
-        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
-        if let Some(status) = link::status_of(&reply) {
-            self.put_back(conn);
-            return Err(status);
-        }
+        let (mut conn, reply) = self.exchange(port, &request, &[]).await?;
         for piece in &reply.pieces {
             // A reply this worker cannot place: the connection is dropped with the rest of it.
             let Some(slot) =
@@ -213,17 +221,11 @@ impl Link {
         port: u16,
         req: pb::PullSparseRequest,
     ) -> Result<pb::PullSparseResponse, Status> {
-        let mut conn = self.conn(port).await?;
         let request = pb::LinkRequest {
             request: Some(pb::link_request::Request::PullSparse(req)),
             payload_bytes: vec![],
         };
-        write_frame(&mut conn.w, &request, &[]).await.map_err(|e| self.broken("sending a pull", e))?;
-        let reply = read_reply(&mut conn).await.inspect_err(|_| self.idle.lock().unwrap().clear())?;
-        if let Some(status) = link::status_of(&reply) {
-            self.put_back(conn);
-            return Err(status);
-        }
+        let (mut conn, reply) = self.exchange(port, &request, &[]).await?;
         let mut tables = Vec::with_capacity(reply.pieces.len());
         for piece in &reply.pieces {
             let n = usize::try_from(piece.len)
