@@ -27,6 +27,12 @@ pub struct Args {
     /// default: the job's output.metrics_listen if it sets one, else off.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Port of the tensor link (pushes and pulls over plain TCP, beside gRPC) on the listen
+    /// address's interface; default: the job's server.link_port, else any free port, which
+    /// workers learn from the server. No link when the job uses TLS or sets
+    /// transport.tensor_link = false.
+    #[arg(long)]
+    link_port: Option<u16>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -71,6 +77,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     super::runtime()?.block_on(async move {
         let mut config = restore_from_env(config).await?;
+        if let Some(port) = args.link_port {
+            config.link_port = port;
+        }
         config.token = gradflow_launch::contract::Token::from_env().map_err(anyhow::Error::msg)?;
         if config.token.is_none() {
             tracing::warn!(
