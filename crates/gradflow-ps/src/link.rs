@@ -81,8 +81,9 @@ async fn connection(
                             last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
                         read_payload_into(&mut r, &mut buf, total).await?;
                         let payload = buf.freeze();
-                        let result =
-                            service.take_push(vec![fill(msg, &lengths, payload.clone())], started).await;
+                        let msg = fill(msg, &lengths, payload.clone());
+                        let received = service.non_finite(&msg).map_or(Ok(vec![msg]), Err);
+                        let result = service.take_push(received, started).await;
                         last = Some(payload);
                         match result {
                             Ok(version) => pb::LinkReply { version, ..Default::default() },

@@ -320,22 +320,18 @@ impl gradflow_proto::ParameterServer for Service {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let started = Instant::now();
         let mut stream = request.into_inner();
-        let reject = self.shard.config.reject_non_finite;
         let mut msgs = Vec::new();
         let mut refused = None;
         while let Some(msg) = stream.next().await {
             let msg = msg?;
-            if reject && let Some(name) = push::non_finite(&msg) {
-                refused = Some(PsError::NonFinite(name.to_string()));
+            // Checked as each message arrives, while its bytes are in the cache.
+            if let Some(e) = self.non_finite(&msg) {
+                refused = Some(e);
                 break;
             }
             msgs.push(msg);
         }
-        let result = match refused {
-            Some(e) => Err(e),
-            None => self.push_inner(msgs).await,
-        };
-        self.shard.metrics.observe_push(result.is_ok(), started.elapsed());
+        let result = self.take_push(refused.map_or(Ok(msgs), Err), started).await;
         Ok(Response::new(pb::PushResponse { version: result? }))
     }
 
@@ -582,18 +578,23 @@ impl Service {
         Ok((tables, version))
     }
 
-    /// Takes one push: refuses non-finite values (when configured), validates the whole push,
-    /// then adds it to the step (sync) or applies it (async). Records the push metrics.
+    /// The refusal of a push message holding NaN or infinity, when this shard refuses them.
+    pub(crate) fn non_finite(&self, msg: &pb::PushRequest) -> Option<PsError> {
+        let name = self.shard.config.reject_non_finite.then(|| push::non_finite(msg)).flatten()?;
+        Some(PsError::NonFinite(name.to_string()))
+    }
+
+    /// Takes one received push (or the refusal found while receiving it, see
+    /// [`Service::non_finite`]): validates it whole, then adds it to the step (sync) or
+    /// applies it (async). Records the push metrics.
     pub(crate) async fn take_push(
         &self,
-        msgs: Vec<pb::PushRequest>,
+        received: Result<Vec<pb::PushRequest>, PsError>,
         started: Instant,
     ) -> Result<u64, PsError> {
-        let reject = self.shard.config.reject_non_finite;
-        let refused = msgs.iter().find_map(|m| if reject { push::non_finite(m) } else { None });
-        let result = match refused {
-            Some(name) => Err(PsError::NonFinite(name.to_string())),
-            None => self.push_inner(msgs).await,
+        let result = match received {
+            Ok(msgs) => self.push_inner(msgs).await,
+            Err(e) => Err(e),
         };
         self.shard.metrics.observe_push(result.is_ok(), started.elapsed());
         result

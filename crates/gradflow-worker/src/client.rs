@@ -707,11 +707,11 @@ impl Worker {
             let task = if shard == 0 { task.take() } else { None };
             async move {
                 let result = {
-                    let (header, payload) = link_push(me, step, &p, task);
-                    let (header, payload, p) = (&header, &payload, &p);
+                    let (request, payload) = link_push(me, step, &p, task);
+                    let (request, payload, p) = (&request, &payload, &p);
                     this.retry(shard, "Push", || async move {
                         match this.link_port(shard).await? {
-                            Some(port) => this.links[shard].push(port, header, payload).await,
+                            Some(port) => this.links[shard].push(port, request, payload).await,
                             None => {
                                 let msgs = pack(me, step, p, max, task);
                                 let reply = this.clients[shard].clone().push(stream::iter(msgs)).await?;
@@ -858,14 +858,14 @@ fn pack(
     msgs
 }
 
-/// A push for the tensor link: one message with its byte fields empty, and their contents
-/// in message order (see `LinkRequest`).
+/// A push for the tensor link: one request whose message has its byte fields empty, and their
+/// contents in message order (see `LinkRequest`). Built once per step, whatever the retries.
 fn link_push(
     worker: u32,
     step: u64,
     p: &Pending,
     task: Option<pb::TaskProgress>,
-) -> (pb::PushRequest, Vec<&[u8]>) {
+) -> (pb::LinkRequest, Vec<&[u8]>) {
     let mut payload = Vec::with_capacity(p.dense.len() + 2 * p.sparse.len());
     let dense = p
         .dense
@@ -889,7 +889,12 @@ fn link_push(
             pb::SparseGrad { table: g.table.clone(), ids: Bytes::new(), values: Bytes::new() }
         })
         .collect();
-    (pb::PushRequest { worker, step, dense, sparse, task }, payload)
+    let push = pb::PushRequest { worker, step, dense, sparse, task };
+    let request = pb::LinkRequest {
+        request: Some(pb::link_request::Request::Push(push)),
+        payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),
+    };
+    (request, payload)
 }
 
 /// One shard's part of a dense pull over gRPC: chunks copied into their slots.
@@ -900,13 +905,9 @@ async fn pull_dense_grpc(
 ) -> Result<Result<(), String>, Status> {
     let mut chunks = client.pull_dense(req).await?.into_inner();
     while let Some(chunk) = chunks.message().await? {
-        let Some(slot) =
-            slots.iter_mut().find(|s| s.tensor == chunk.tensor && s.partition == chunk.partition)
-        else {
-            return Ok(Err(format!(
-                "unrequested piece `{}` partition {} in the reply",
-                chunk.tensor, chunk.partition
-            )));
+        let slot = match Slot::find(slots, &chunk.tensor, chunk.partition) {
+            Ok(slot) => slot,
+            Err(message) => return Ok(Err(message)),
         };
         let Some(n) = codec::f32_len(&chunk.data) else {
             return Ok(Err(format!("chunk of `{}` is not whole f32 values", chunk.tensor)));

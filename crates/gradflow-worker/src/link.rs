@@ -41,6 +41,20 @@ pub(crate) struct Slot<'a> {
     pub filled: u64,
 }
 
+impl<'a> Slot<'a> {
+    /// The slot of piece `partition` of `tensor`, or why a reply naming it is wrong.
+    pub(crate) fn find<'s>(
+        slots: &'s mut [Slot<'a>],
+        tensor: &str,
+        partition: u32,
+    ) -> Result<&'s mut Slot<'a>, String> {
+        slots
+            .iter_mut()
+            .find(|s| s.tensor == tensor && s.partition == partition)
+            .ok_or_else(|| format!("unrequested piece `{tensor}` partition {partition} in the reply"))
+    }
+}
+
 struct Conn {
     r: BufReader<OwnedReadHalf>,
     w: OwnedWriteHalf,
@@ -140,19 +154,16 @@ impl Link {
         self.idle.lock().unwrap().push(conn);
     }
 
-    /// Sends one push: `msg` with its byte fields empty, `payload` their contents in message
-    /// order (see `LinkRequest`). Returns the version the server answered.
+    /// Sends one push: `request` names it (its byte fields empty, `payload_bytes` set) and
+    /// `payload` holds the bytes in message order (see `LinkRequest`). Returns the version the
+    /// server answered.
     pub(crate) async fn push(
         &self,
         port: u16,
-        msg: &pb::PushRequest,
+        request: &pb::LinkRequest,
         payload: &[&[u8]],
     ) -> Result<u64, Status> {
-        let request = pb::LinkRequest {
-            request: Some(pb::link_request::Request::Push(msg.clone())),
-            payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),
-        };
-        let (conn, reply) = self.exchange(port, &request, payload).await?;
+        let (conn, reply) = self.exchange(port, request, payload).await?;
         self.put_back(conn);
         Ok(reply.version)
     }
@@ -191,13 +202,9 @@ impl Link {
         let (mut conn, reply) = self.exchange(port, &request, &[]).await?;
         for piece in &reply.pieces {
             // A reply this worker cannot place: the connection is dropped with the rest of it.
-            let Some(slot) =
-                slots.iter_mut().find(|s| s.tensor == piece.tensor && s.partition == piece.partition)
-            else {
-                return Ok(Err(format!(
-                    "unrequested piece `{}` partition {} in the reply",
-                    piece.tensor, piece.partition
-                )));
+            let slot = match Slot::find(slots, &piece.tensor, piece.partition) {
+                Ok(slot) => slot,
+                Err(message) => return Ok(Err(message)),
             };
             if piece.len != slot.dst.len() as u64 {
                 return Ok(Err(format!(
