@@ -247,7 +247,7 @@ impl Report {
             let _ = writeln!(
                 s,
                 "## 5. Server update ({} parameters, GB/s of parameters)\n\n\
-                 | optimizer | kernel, 1 thread | vs memcpy 1 thread | server apply, {threads} threads | vs memcpy {threads} threads | aggregate GB/s |\n\
+                 | optimizer | kernel, 1 thread | vs memcpy 1 thread | server apply, {threads} threads | vs memcpy {threads} threads | taking 2 pushes, ms |\n\
                  |---|---:|---:|---:|---:|---:|",
                 human_bytes(u.params as u64 * 4)
             );
@@ -260,7 +260,7 @@ impl Report {
                     pct(r.kernel_ratio_to_memcpy),
                     num(r.apply_gb_per_s),
                     pct(r.apply_ratio_to_memcpy),
-                    num(r.aggregate_gb_per_s)
+                    num(r.aggregate.median_s * 1e3)
                 );
             }
             s.push('\n');

@@ -5,15 +5,16 @@
 //!   one-thread memcpy of (1);
 //! - *server apply*: what a sync shard does when a step completes, through the server's own
 //!   model (`gradflow_ps::model::ShardModel`, the tensor cut in 4 MiB pieces): two workers'
-//!   pushes are summed into the step's accumulators (`Piece::accumulate_push`: the first is
-//!   held as received, the second summed with it; reported as *aggregate*, in GB/s of
-//!   gradients received), then `apply_accumulated` averages them and runs the optimizer on
-//!   every piece in parallel; compared with the all-threads memcpy of (1).
+//!   pushes are taken into the step's accumulators (`Piece::accumulate_push`, which holds
+//!   both as received; reported as *aggregate*), then `apply_accumulated` runs the optimizer
+//!   on every piece in parallel, averaging the two pushes as it reads them; compared with the
+//!   all-threads memcpy of (1). The two measures together are the server's whole cost of a
+//!   two-worker step's dense update, from the pushes received to the parameters updated.
 //!
 //! Note what the ratio means: it compares parameters updated per second with bytes copied per
 //! second, and an update reads the parameter, the gradient and each state slot and writes the
-//! parameter and the state (Adam: 4 streams in, 3 out; Adagrad: 3 in, 2 out), where a copy
-//! reads one and writes one.
+//! parameter and the state (the server apply of two pushes, Adam: 5 streams in, 3 out;
+//! Adagrad: 4 in, 2 out), where a copy reads one and writes one.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -52,7 +53,8 @@ pub struct UpdateRow {
     /// `apply_gb_per_s` over all-threads memcpy.
     pub apply_ratio_to_memcpy: Option<f64>,
     pub aggregate: Timing,
-    /// Gradient bytes summed into the step's accumulators per second (one thread), GB/s.
+    /// Gradient bytes taken into the step's accumulators per second (one thread), GB/s: the
+    /// pushes are held as received, so this is large.
     pub aggregate_gb_per_s: f64,
 }
 
@@ -122,7 +124,7 @@ fn server_apply(opt: &OptimizerConfig, n: usize, reps: usize) -> (Timing, Timing
     let (mut aggregate, mut apply) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for rep in 0..=reps {
         let started = Instant::now();
-        // Both workers' pushes: the first is held as received, the second summed with it.
+        // Both workers' pushes, held as received.
         for _ in 0..WORKERS as usize {
             for p in &pieces {
                 let piece =

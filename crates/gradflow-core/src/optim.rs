@@ -438,6 +438,12 @@ impl OptimizerConfig {
     /// If `grad.len() != param.len()`, `state.len() != num_slots() * param.len()`, or `t == 0`:
     /// all caller bugs.
     pub fn step(&self, param: &mut [f32], grad: &[f32], state: &mut [f32], t: u64) {
+        self.step_with(param, Grad::Plain(grad), state, t)
+    }
+
+    /// [`step`](Self::step) with a gradient that is computed as it is read (see [`Grad`]): the
+    /// same result, bit for bit, as materializing `grad` first, without the extra pass.
+    pub fn step_with(&self, param: &mut [f32], grad: Grad<'_>, state: &mut [f32], t: u64) {
         let n = param.len();
         assert_eq!(
             grad.len(),
@@ -446,6 +452,9 @@ impl OptimizerConfig {
             self.kind(),
             grad.len()
         );
+        if let Grad::SumScaled(a, b, _) = grad {
+            assert_eq!(a.len(), b.len(), "{} step: summed gradients differ in length", self.kind());
+        }
         assert_eq!(
             state.len(),
             self.num_slots() * n,
@@ -497,10 +506,68 @@ impl OptimizerConfig {
     }
 }
 
+/// Binds `$g` to an iterator over the elements of `$grad` (a [`Grad`]) and evaluates `$body`,
+/// once per form, so that each kernel is compiled for each form with a plain loop.
+macro_rules! each_grad {
+    ($grad:expr, $g:ident => $body:expr) => {
+        match $grad {
+            Grad::Plain(a) => {
+                let $g = a.iter().copied();
+                $body
+            }
+            Grad::Scaled(a, scale) => {
+                let $g = a.iter().map(move |&x| x * scale);
+                $body
+            }
+            Grad::SumScaled(a, b, scale) => {
+                let $g = a.iter().zip(b).map(move |(&x, &y)| (x + y) * scale);
+                $body
+            }
+        }
+    };
+}
+
+/// The gradient of one step as the optimizer reads it, element by element.
+///
+/// A sync step's gradient is the mean of the workers' pushes. The update is bound by memory
+/// traffic, not arithmetic, so computing that mean in a pass of its own (reading and writing
+/// every element once more) costs about as much as a fifth of the update itself; here it is
+/// computed as the kernel reads each element instead. Each form rounds exactly as the separate
+/// passes would (one addition, then one multiplication, per element), so the results are bit
+/// for bit those of materializing the gradient first.
+#[derive(Debug, Clone, Copy)]
+pub enum Grad<'a> {
+    /// `g[i]`.
+    Plain(&'a [f32]),
+    /// `g[i] * scale`: a sum of pushes, averaged.
+    Scaled(&'a [f32], f32),
+    /// `(a[i] + b[i]) * scale`: two pushes summed and averaged, in that order.
+    SumScaled(&'a [f32], &'a [f32], f32),
+}
+
+impl Grad<'_> {
+    /// Elements in the gradient.
+    pub fn len(&self) -> usize {
+        match self {
+            Grad::Plain(g) | Grad::Scaled(g, _) | Grad::SumScaled(g, _, _) => g.len(),
+        }
+    }
+
+    /// Whether the gradient has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The gradient as a vector (for tests and references).
+    pub fn to_vec(&self) -> Vec<f32> {
+        each_grad!(*self, g => g.collect())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn sgd_step(
     param: &mut [f32],
-    grad: &[f32],
+    grad: Grad<'_>,
     state: &mut [f32],
     t: u64,
     lr: f64,
@@ -512,10 +579,7 @@ fn sgd_step(
     let lr = lr as f32;
     let wd = weight_decay as f32;
     if momentum == 0.0 {
-        for (p, &g) in param.iter_mut().zip(grad) {
-            let g = g + wd * *p;
-            *p -= lr * g;
-        }
+        each_grad!(grad, grad => sgd_plain(param, grad, lr, wd));
         return;
     }
     let mu = momentum as f32;
@@ -523,7 +587,20 @@ fn sgd_step(
     let (keep, take) = if t == 1 { (0.0, 1.0) } else { (mu, (1.0 - dampening) as f32) };
     // Nesterov steps along g + mu * buf, plain momentum along buf.
     let (along_g, along_buf) = if nesterov { (1.0, mu) } else { (0.0, 1.0) };
-    for ((p, &g), buf) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
+    let k = [lr, wd, keep, take, along_g, along_buf];
+    each_grad!(grad, grad => sgd_momentum(param, grad, state, k))
+}
+
+fn sgd_plain(param: &mut [f32], grad: impl Iterator<Item = f32>, lr: f32, wd: f32) {
+    for (p, g) in param.iter_mut().zip(grad) {
+        let g = g + wd * *p;
+        *p -= lr * g;
+    }
+}
+
+fn sgd_momentum(param: &mut [f32], grad: impl Iterator<Item = f32>, state: &mut [f32], k: [f32; 6]) {
+    let [lr, wd, keep, take, along_g, along_buf] = k;
+    for ((p, g), buf) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
         let g = g + wd * *p;
         let b = keep * *buf + take * g;
         *buf = b;
@@ -554,12 +631,29 @@ macro_rules! with_avx2 {
     };
 }
 
-with_avx2!(adagrad_step, adagrad_kernel(param: &mut [f32], grad: &[f32], sum: &mut [f32], clr: f32, wd: f32, eps: f32));
-with_avx2!(adam_step, adam_kernel(param: &mut [f32], grad: &[f32], state: &mut [f32], k: &AdamConsts, amsgrad: bool));
+with_avx2!(adagrad_step, adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mut [f32], clr: f32, wd: f32, eps: f32));
+with_avx2!(adam_step, adam_any(param: &mut [f32], grad: Grad<'_>, state: &mut [f32], k: &AdamConsts, amsgrad: bool));
 
 #[inline(always)]
-fn adagrad_kernel(param: &mut [f32], grad: &[f32], sum: &mut [f32], clr: f32, wd: f32, eps: f32) {
-    for ((p, &g), s) in param.iter_mut().zip(grad).zip(sum.iter_mut()) {
+fn adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mut [f32], clr: f32, wd: f32, eps: f32) {
+    each_grad!(grad, grad => adagrad_kernel(param, grad, sum, clr, wd, eps))
+}
+
+#[inline(always)]
+fn adam_any(param: &mut [f32], grad: Grad<'_>, state: &mut [f32], k: &AdamConsts, amsgrad: bool) {
+    each_grad!(grad, grad => adam_kernel(param, grad, state, k, amsgrad))
+}
+
+#[inline(always)]
+fn adagrad_kernel(
+    param: &mut [f32],
+    grad: impl Iterator<Item = f32>,
+    sum: &mut [f32],
+    clr: f32,
+    wd: f32,
+    eps: f32,
+) {
+    for ((p, g), s) in param.iter_mut().zip(grad).zip(sum.iter_mut()) {
         let g = g + wd * *p;
         let acc = *s + g * g;
         *s = acc;
@@ -604,13 +698,19 @@ impl AdamConsts {
 }
 
 #[inline(always)]
-fn adam_kernel(param: &mut [f32], grad: &[f32], state: &mut [f32], k: &AdamConsts, amsgrad: bool) {
+fn adam_kernel(
+    param: &mut [f32],
+    grad: impl Iterator<Item = f32>,
+    state: &mut [f32],
+    k: &AdamConsts,
+    amsgrad: bool,
+) {
     let n = param.len();
     let (m, rest) = state.split_at_mut(n);
     let (v, vmax) = rest.split_at_mut(n);
     // Separate loops rather than a branch per element, so that each one vectorizes.
     if amsgrad {
-        for ((((p, &g), m), v), vmax) in
+        for ((((p, g), m), v), vmax) in
             param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()).zip(vmax.iter_mut())
         {
             let g = g + k.weight_decay * *p;
@@ -623,7 +723,7 @@ fn adam_kernel(param: &mut [f32], grad: &[f32], state: &mut [f32], k: &AdamConst
             *p -= k.step_size * mt / (vm.sqrt() * k.inv_bc2_sqrt + k.eps);
         }
     } else {
-        for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        for (((p, g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
             let g = g + k.weight_decay * *p;
             let mt = k.beta1 * *m + k.one_minus_beta1 * g;
             let vt = k.beta2 * *v + k.one_minus_beta2 * g * g;
@@ -643,28 +743,28 @@ struct FtrlConsts {
     l1: f32,
 }
 
-fn ftrl_step(param: &mut [f32], grad: &[f32], state: &mut [f32], k: &FtrlConsts, lr_power: f64) {
+fn ftrl_step(param: &mut [f32], grad: Grad<'_>, state: &mut [f32], k: &FtrlConsts, lr_power: f64) {
     let n = param.len();
     let (acc, lin) = state.split_at_mut(n);
     if lr_power == -0.5 {
         // The default: powers are square roots, which vectorize where powf does not.
-        ftrl_loop(param, grad, acc, lin, k, f32::sqrt);
+        each_grad!(grad, grad => ftrl_loop(param, grad, acc, lin, k, f32::sqrt));
     } else {
         let e = (-lr_power) as f32;
-        ftrl_loop(param, grad, acc, lin, k, |x| x.powf(e));
+        each_grad!(grad, grad => ftrl_loop(param, grad, acc, lin, k, |x| x.powf(e)));
     }
 }
 
 #[inline(always)]
 fn ftrl_loop(
     param: &mut [f32],
-    grad: &[f32],
+    grad: impl Iterator<Item = f32>,
     acc: &mut [f32],
     lin: &mut [f32],
     k: &FtrlConsts,
     pow: impl Fn(f32) -> f32,
 ) {
-    for (((w, &g), n), z) in param.iter_mut().zip(grad).zip(acc.iter_mut()).zip(lin.iter_mut()) {
+    for (((w, g), n), z) in param.iter_mut().zip(grad).zip(acc.iter_mut()).zip(lin.iter_mut()) {
         let g_shrunk = g + k.two_shrinkage * *w;
         let n_new = *n + g * g;
         let p_new = pow(n_new);
@@ -692,8 +792,8 @@ mod tests {
         let param: Vec<f32> = (0..n).map(|i| val(i, 2.0)).collect();
         let (mut p1, mut p2) = (param.clone(), param.clone());
         let (mut s1, mut s2) = (vec![0.1f32; n], vec![0.1f32; n]);
-        adagrad_step(&mut p1, &grad, &mut s1, 0.05, 0.01, 1e-10);
-        adagrad_kernel(&mut p2, &grad, &mut s2, 0.05, 0.01, 1e-10);
+        adagrad_step(&mut p1, Grad::Plain(&grad), &mut s1, 0.05, 0.01, 1e-10);
+        adagrad_any(&mut p2, Grad::Plain(&grad), &mut s2, 0.05, 0.01, 1e-10);
         assert_eq!(
             (p1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s1),
             (p2.iter().map(|v| v.to_bits()).collect(), s2)
@@ -702,11 +802,60 @@ mod tests {
             let k = AdamConsts::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 7);
             let (mut p1, mut p2) = (param.clone(), param.clone());
             let (mut s1, mut s2) = (vec![0.01f32; 3 * n], vec![0.01f32; 3 * n]);
-            adam_step(&mut p1, &grad, &mut s1, &k, amsgrad);
-            adam_kernel(&mut p2, &grad, &mut s2, &k, amsgrad);
+            adam_step(&mut p1, Grad::Plain(&grad), &mut s1, &k, amsgrad);
+            adam_any(&mut p2, Grad::Plain(&grad), &mut s2, &k, amsgrad);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "amsgrad {amsgrad}");
         }
+    }
+
+    #[test]
+    fn a_gradient_computed_as_read_matches_the_one_materialized_first() {
+        let n = 1037;
+        let val = |i: usize, salt: f32| ((i as f32 * 0.389 + salt).cos() * 10f32.powi((i % 7) as i32 - 3));
+        let a: Vec<f32> = (0..n).map(|i| val(i, 0.5)).collect();
+        let b: Vec<f32> = (0..n).map(|i| val(i, 1.5)).collect();
+        let param: Vec<f32> = (0..n).map(|i| val(i, 2.5)).collect();
+        let configs = [
+            OptimizerConfig::sgd(0.1),
+            tweak(OptimizerConfig::sgd(0.1), json!({"momentum": 0.9, "nesterov": true})),
+            tweak(OptimizerConfig::adagrad(0.05), json!({"weight_decay": 0.01})),
+            OptimizerConfig::adam(1e-3),
+            tweak(OptimizerConfig::adam(1e-3), json!({"amsgrad": true})),
+            OptimizerConfig::adamw(1e-3),
+            OptimizerConfig::ftrl(0.1),
+            tweak(OptimizerConfig::ftrl(0.1), json!({"lr_power": -0.6})),
+        ];
+        let scale = 1.0 / 3.0;
+        let summed: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x + y) * scale).collect();
+        let scaled: Vec<f32> = a.iter().map(|x| x * scale).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for c in configs {
+            for (grad, materialized) in [
+                (Grad::SumScaled(&a, &b, scale), &summed),
+                (Grad::Scaled(&a, scale), &scaled),
+                (Grad::Plain(&a), &a),
+            ] {
+                assert_eq!(bits(&grad.to_vec()), bits(materialized));
+                let mut state = vec![0f32; c.num_slots() * n];
+                c.init_state(&mut state);
+                let (mut p1, mut s1) = (param.clone(), state.clone());
+                let (mut p2, mut s2) = (param.clone(), state);
+                for t in 1..=3 {
+                    c.step_with(&mut p1, grad, &mut s1, t);
+                    c.step(&mut p2, materialized, &mut s2, t);
+                }
+                assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "{c:?} with {grad:?}");
+                assert_ne!(bits(&p1), bits(&param), "{c:?} moved nothing");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "summed gradients differ in length")]
+    fn summed_gradients_of_different_lengths_panic() {
+        let c = OptimizerConfig::sgd(0.1);
+        c.step_with(&mut [0.0; 2], Grad::SumScaled(&[1.0; 2], &[1.0; 3], 0.5), &mut [], 1);
     }
 
     /// `base` with some hyperparameters replaced, the way a config file would override them.

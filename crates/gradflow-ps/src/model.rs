@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 
 use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
-use gradflow_core::{Initializer, ModelSpec, OptimizerConfig, Placement};
+use gradflow_core::{Grad, Initializer, ModelSpec, OptimizerConfig, Placement};
 use gradflow_proto::codec;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -57,31 +57,63 @@ pub struct PieceParams {
 
 /// A gradient sum for one piece; allocated on first use.
 ///
-/// Between steps `sum` holds the last step's average, not zeros: the first push of a step
+/// Between steps `sum` holds the last step's gradients, not zeros: the first push of a step
 /// overwrites it (a copy, no pass to clear it after the step and none to add into zeros).
-/// A first push that arrived as one slice is not even copied: it is `held` as received, and
-/// copied into `sum` only when a second push comes. A step with one push (one worker, or
-/// async-like sync jobs) then updates the piece straight from the received bytes.
+/// The first two pushes that arrived as one aligned slice each are not even copied: they are
+/// `held` as received, and the update reads them directly, averaging as it goes
+/// ([`Grad::SumScaled`]). Only a third push, or one in several slices, moves them into `sum`
+/// (summed in one pass). A step of one or two workers thus never writes its gradient to
+/// memory: the update is bound by memory traffic, and each pass saved is a pass over the piece.
 #[derive(Default)]
 pub struct Accum {
     pub sum: Vec<f32>,
     /// Whether `sum` holds this step's gradients (otherwise it is stale).
     pub touched: bool,
-    /// The step's only push so far, as received: the whole piece as little-endian `f32`.
-    pub held: Option<Bytes>,
+    /// The step's pushes so far while there are at most [`Accum::HELD`] and `sum` is stale,
+    /// in the order they came, as received: each the whole piece as aligned little-endian
+    /// `f32`. The vector keeps its capacity from step to step.
+    pub held: Vec<Bytes>,
 }
 
 impl Accum {
-    /// Moves a held push into `sum` (of `len` elements), so that more can be added to it.
+    /// Pushes held as received at most: as many as [`Grad`] can sum as it is read.
+    pub const HELD: usize = 2;
+
+    /// Moves held pushes into `sum` (of `len` elements), so that more can be added to it.
     fn settle(&mut self, len: usize) {
         if self.sum.len() != len {
             self.sum = vec![0f32; len];
         }
-        if let Some(held) = self.held.take() {
-            codec::copy_f32s(&mut self.sum, &held);
-            self.touched = true;
+        match self.held.as_slice() {
+            [] => return,
+            [a] => codec::copy_f32s(&mut self.sum, a),
+            [a, b] => {
+                let (a, b) = (f32s_of_held(a), f32s_of_held(b));
+                for ((s, x), y) in self.sum.iter_mut().zip(a).zip(b) {
+                    *s = x + y;
+                }
+            }
+            more => unreachable!("{} pushes held, at most {} are", more.len(), Self::HELD),
+        }
+        self.held.clear();
+        self.touched = true;
+    }
+
+    /// This step's gradient averaged by `scale`, where there is one.
+    fn grad(&self, scale: f32) -> Option<Grad<'_>> {
+        let scaled = |g| if scale == 1.0 { Grad::Plain(g) } else { Grad::Scaled(g, scale) };
+        match self.held.as_slice() {
+            [] if self.touched => Some(scaled(&self.sum)),
+            [] => None,
+            [a] => Some(scaled(f32s_of_held(a))),
+            [a, b] => Some(Grad::SumScaled(f32s_of_held(a), f32s_of_held(b), scale)),
+            more => unreachable!("{} pushes held, at most {} are", more.len(), Self::HELD),
         }
     }
+}
+
+fn f32s_of_held(bytes: &Bytes) -> &[f32] {
+    as_f32s(bytes).expect("held only when aligned")
 }
 
 /// This shard's rows of one sparse table.
@@ -344,10 +376,15 @@ impl ShardModel {
 impl Piece {
     /// Applies one gradient (already averaged) to this piece.
     pub fn apply(&self, grad: &[f32]) {
+        self.apply_with(Grad::Plain(grad))
+    }
+
+    /// Applies one gradient, computed as it is read (see [`Grad`]), to this piece.
+    pub fn apply_with(&self, grad: Grad<'_>) {
         let mut p = self.params.write().unwrap();
         let PieceParams { values, state, steps } = &mut *p;
         *steps += 1;
-        self.optimizer.step(Arc::make_mut(values).as_mut_slice(), grad, state, *steps);
+        self.optimizer.step_with(Arc::make_mut(values).as_mut_slice(), grad, state, *steps);
     }
 
     /// Adds little-endian gradient bytes at element `offset` into this step's sum.
@@ -363,16 +400,17 @@ impl Piece {
     }
 
     /// Adds one worker's gradient for the whole piece, in `slices` that cover it in order (as
-    /// a validated push's do), into this step's sum. The first push of a step is copied.
+    /// a validated push's do), into this step's sum. The first two pushes of a step are held
+    /// as received where they can be (see [`Accum`]); otherwise the first is copied.
     pub fn accumulate_push(&self, slices: &[Bytes]) {
         debug_assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), self.len * 4);
         let mut acc = self.accum.lock().unwrap();
         if let [whole] = slices
             && !acc.touched
-            && acc.held.is_none()
+            && acc.held.len() < Accum::HELD
             && as_f32s(whole).is_some()
         {
-            acc.held = Some(whole.clone());
+            acc.held.push(whole.clone());
             return;
         }
         acc.settle(self.len);
@@ -393,21 +431,9 @@ impl Piece {
 
     fn apply_accumulated(&self, scale: f32) {
         let mut acc = self.accum.lock().unwrap();
-        if let Some(held) = acc.held.take() {
-            if scale == 1.0 {
-                self.apply(as_f32s(&held).expect("held only when aligned"));
-                return;
-            }
-            acc.held = Some(held);
-            acc.settle(self.len);
-        }
-        if !acc.touched {
-            return;
-        }
-        if scale != 1.0 {
-            acc.sum.iter_mut().for_each(|g| *g *= scale);
-        }
-        self.apply(&acc.sum);
+        let Some(grad) = acc.grad(scale) else { return };
+        self.apply_with(grad);
+        acc.held.clear();
         acc.touched = false;
     }
 
@@ -549,20 +575,19 @@ impl Table {
         const PARALLEL_ROWS: usize = 4096;
         let groups = self.group_by_stripe(&acc.ids);
         if acc.ids.len() >= PARALLEL_ROWS {
-            groups.into_par_iter().enumerate().for_each_init(
-                || vec![0f32; self.dim],
-                |grad, (s, positions)| self.apply_stripe(acc, scale, s, &positions, grad),
-            );
+            groups
+                .into_par_iter()
+                .enumerate()
+                .for_each(|(s, positions)| self.apply_stripe(acc, scale, s, &positions));
         } else {
-            let mut grad = vec![0f32; self.dim];
             for (s, positions) in groups.into_iter().enumerate() {
-                self.apply_stripe(acc, scale, s, &positions, &mut grad);
+                self.apply_stripe(acc, scale, s, &positions);
             }
         }
     }
 
     /// [`apply`](Self::apply) to the rows of `acc` at `positions`, all in stripe `s`.
-    fn apply_stripe(&self, acc: &SparseAccum, scale: f32, s: usize, positions: &[u32], grad: &mut [f32]) {
+    fn apply_stripe(&self, acc: &SparseAccum, scale: f32, s: usize, positions: &[u32]) {
         if positions.is_empty() {
             return;
         }
@@ -571,13 +596,12 @@ impl Table {
         let rows = self.rows_of(&mut store, &acc.ids, positions);
         for (&pos, &row) in positions.iter().zip(&rows) {
             let (pos, row) = (pos as usize, row as usize);
-            for (g, a) in grad.iter_mut().zip(&acc.sums[pos * self.dim..][..self.dim]) {
-                *g = a * scale;
-            }
+            let sum = &acc.sums[pos * self.dim..][..self.dim];
+            let grad = if scale == 1.0 { Grad::Plain(sum) } else { Grad::Scaled(sum, scale) };
             let RowStore { data, steps, .. } = &mut *store;
             let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
             steps[row] += 1;
-            self.optimizer.step(values, grad, state, steps[row] as u64);
+            self.optimizer.step_with(values, grad, state, steps[row] as u64);
         }
     }
 
@@ -728,41 +752,58 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_push_is_applied_from_its_own_bytes_and_a_second_one_is_summed_with_it() {
+    fn the_first_two_pushes_are_applied_from_their_own_bytes_and_more_are_summed() {
         let m = ShardModel::new(spec(), 1, 0, 1 << 20);
         let p = &m.pieces[m.piece("w", 0).unwrap()];
         let whole = |v: f32| codec::f32s_to_bytes(&[v; 10]);
+        let held = || p.accum.lock().unwrap().held.len();
         // One push in the step: held as received, applied from it.
         p.accumulate_push(&[whole(2.0)]);
-        assert!(p.accum.lock().unwrap().held.is_some());
+        assert_eq!(held(), 1);
         m.apply_accumulated(1.0);
-        assert!(p.accum.lock().unwrap().held.is_none());
+        assert_eq!(held(), 0);
         assert_eq!(*p.params.read().unwrap().values, vec![0.0; 10]);
-        // Two pushes: the held one is summed with the next; averaged over two.
+        // Two pushes: both held, averaged over two as the update reads them.
         p.accumulate_push(&[whole(2.0)]);
         p.accumulate_push(&[whole(4.0)]);
+        assert_eq!(held(), 2);
         m.apply_accumulated(2.0);
+        assert_eq!(held(), 0);
         assert_eq!(*p.params.read().unwrap().values, vec![-1.5; 10]);
         // One push averaged over two workers (a step completed by a dropped worker's absence
-        // is still divided by its divisor): scaled, then applied.
+        // is still divided by its divisor).
         p.accumulate_push(&[whole(2.0)]);
         m.apply_accumulated(2.0);
         assert_eq!(*p.params.read().unwrap().values, vec![-2.0; 10]);
-        // A held push followed by a partial one.
+        // A third push: the two held ones are summed into the sum, the third added to it.
+        for v in [1.0, 2.0, 3.0] {
+            p.accumulate_push(&[whole(v)]);
+        }
+        assert_eq!(held(), 0);
+        m.apply_accumulated(3.0);
+        assert_eq!(*p.params.read().unwrap().values, vec![-3.0; 10]);
+        // Two held pushes followed by a partial one.
+        p.accumulate_push(&[whole(2.0)]);
         p.accumulate_push(&[whole(2.0)]);
         p.accumulate(0, &codec::f32s_to_bytes(&[2.0; 5]));
-        m.apply_accumulated(1.0);
-        let mut want = vec![-4.0; 5];
-        want.extend([-3.0; 5]);
+        m.apply_accumulated(2.0);
+        // (2 + 2 + 2) / 2 on the first five, (2 + 2) / 2 on the rest, times the rate 0.5.
+        let mut want = vec![-4.5; 5];
+        want.extend([-4.0; 5]);
         assert_eq!(*p.params.read().unwrap().values, want);
-        // Bytes that are not aligned for f32 are copied, not held.
+        // Bytes that are not aligned for f32 are copied, not held; a whole push after them is
+        // added to the sum.
         let mut raw = vec![0u8];
         codec::extend_f32s(&mut raw, &[2.0; 10]);
         let odd = Bytes::from(raw).slice(1..);
         p.accumulate_push(&[odd]);
-        assert!(p.accum.lock().unwrap().held.is_none());
-        m.apply_accumulated(1.0);
-        want.iter_mut().for_each(|v| *v -= 1.0);
+        p.accumulate_push(&[whole(4.0)]);
+        assert_eq!(held(), 0);
+        m.apply_accumulated(2.0);
+        want.iter_mut().for_each(|v| *v -= 1.5);
+        assert_eq!(*p.params.read().unwrap().values, want);
+        // A step with nothing pushed leaves the piece alone.
+        m.apply_accumulated(2.0);
         assert_eq!(*p.params.read().unwrap().values, want);
     }
 
