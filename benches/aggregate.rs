@@ -3,11 +3,12 @@
 //!
 //! - `validate`: `gradflow_ps::push::validate` of a 16 MiB dense push in 4 MiB slices (names,
 //!   offsets, lengths, finiteness).
-//! - `accumulate`: the slices summed into the step's accumulators (`Piece::accumulate`, as
-//!   the service does for a sync push; the service's own loop is private, so it is repeated
-//!   here).
-//! - `apply`: `ShardModel::apply_accumulated` for two workers (scale, Adagrad, clear), on
-//!   every core.
+//! - two workers: their pushes taken into the step's accumulators (`Piece::accumulate_push`,
+//!   as the service does for a sync push: both are held as received), then
+//!   `ShardModel::apply_accumulated` (Adagrad, reading both pushes and averaging them as it
+//!   goes), on every core;
+//! - three workers: the same, where the third push makes the first two be summed into the
+//!   step's sum and is added to it.
 //! - sparse: a 10,000-id push summed per id (`SparseAccum::add`) and applied
 //!   (`Table::apply`, Adagrad), and a 10,000-id `Table::pull`, in a table of 1M rows.
 
@@ -61,6 +62,7 @@ fn push(model: &ShardModel, grad: &Bytes) -> Vec<pb::PushRequest> {
                 data: grad.slice(p.offset as usize * 4..p.end() as usize * 4),
             }],
             sparse: Vec::new(),
+            task: None,
         })
         .collect()
 }
@@ -71,24 +73,25 @@ fn dense(c: &mut Criterion) {
     let mut group = c.benchmark_group("server dense 16 MiB");
     group.throughput(Throughput::Bytes(FLOATS * 4));
     group.bench_function("validate", |b| {
-        b.iter(|| validate(&model, push(&model, &grad), true).expect("valid push"))
+        b.iter(|| validate(&model, push(&model, &grad)).expect("valid push"))
     });
-    let valid = validate(&model, push(&model, &grad), true).expect("valid push");
-    group.bench_function("accumulate", |b| {
+    let valid = validate(&model, push(&model, &grad)).expect("valid push");
+    group.bench_function("accumulate_push and apply_accumulated (adagrad, 3 workers)", |b| {
         b.iter(|| {
-            for (idx, slices) in &valid.dense {
-                let mut offset = 0;
-                for s in slices {
-                    model.pieces[*idx].accumulate(offset, s);
-                    offset += s.len() / 4;
+            for _ in 0..3 {
+                for (idx, slices) in &valid.dense {
+                    model.pieces[*idx].accumulate_push(slices);
                 }
             }
+            model.apply_accumulated(black_box(3.0));
         })
     });
     group.bench_function("apply_accumulated (adagrad, 2 workers)", |b| {
         b.iter(|| {
-            for p in &model.pieces {
-                p.accumulate(0, &grad[..p.len * 4]);
+            for _ in 0..2 {
+                for (idx, slices) in &valid.dense {
+                    model.pieces[*idx].accumulate_push(slices);
+                }
             }
             model.apply_accumulated(black_box(2.0));
         })

@@ -302,8 +302,15 @@ impl ShardModel {
         let scale = 1.0 / divisor;
         self.pieces.par_iter().for_each(|p| p.apply_accumulated(scale));
         self.tables.par_iter().for_each(|t| {
-            let acc = std::mem::take(&mut *t.accum.lock().unwrap());
+            let mut acc = std::mem::take(&mut *t.accum.lock().unwrap());
             t.apply(&acc, scale);
+            // Back for the next step, emptied but with its capacity: a step's ids would
+            // otherwise grow a new map from nothing, rehashing as it goes.
+            acc.clear();
+            let mut next = t.accum.lock().unwrap();
+            if next.is_empty() {
+                *next = acc;
+            }
         });
     }
 }
@@ -469,6 +476,34 @@ impl AsRef<[u8]> for ValuesRange {
     }
 }
 
+/// How many rows ahead an update of a table's rows asks for the row it will need.
+///
+/// A large table's rows are mostly not in the cache, and an update knows every row it will
+/// visit before it starts; each row's optimizer call is long enough that the processor does
+/// not reach the next row's loads on its own, so they are asked for ahead. (A pull's loop,
+/// a plain copy per row, overlaps its loads without help and was slower with it.)
+const PREFETCH_ROWS_AHEAD: usize = 8;
+
+/// Hints the processor to load the cache lines of `row` (no effect on what the program does).
+#[inline(always)]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        const LINE: usize = 64;
+        let (start, len) = (row.as_ptr().cast::<i8>(), std::mem::size_of_val(row));
+        // Every line the row touches: the first byte of each, then the row's last byte,
+        // which may sit on one more line when the row does not start on a line.
+        for offset in (0..len).step_by(LINE).chain(len.checked_sub(1)) {
+            // SAFETY: a prefetch is a hint that never faults, and the address is inside
+            // `row`; SSE is part of every x86-64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
 fn stripe_of(id: u64) -> usize {
     // The low bits, so that `id / STRIPES` numbers a stripe's ids densely (see `RowIndex`).
     // The shard choice mixes the id first, so every stripe of a shard gets ids.
@@ -594,7 +629,10 @@ impl Table {
         let stride = self.stride();
         let mut store = self.stripes[s].lock().unwrap();
         let rows = self.rows_of(&mut store, &acc.ids, positions);
-        for (&pos, &row) in positions.iter().zip(&rows) {
+        for (i, (&pos, &row)) in positions.iter().zip(&rows).enumerate() {
+            if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
+                prefetch(&store.data[ahead as usize * stride..][..stride]);
+            }
             let (pos, row) = (pos as usize, row as usize);
             let sum = &acc.sums[pos * self.dim..][..self.dim];
             let grad = if scale == 1.0 { Grad::Plain(sum) } else { Grad::Scaled(sum, scale) };
@@ -651,6 +689,13 @@ impl SparseAccum {
 
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+
+    /// Empties the sums, keeping their allocations.
+    pub fn clear(&mut self) {
+        self.index.clear();
+        self.ids.clear();
+        self.sums.clear();
     }
 }
 
@@ -845,6 +890,32 @@ mod tests {
         let vals: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(vals, vec![-0.5, -0.5, 0.25, 0.25, -0.75, -0.75]);
         assert_eq!(t.rows(), 3);
+    }
+
+    #[test]
+    fn a_sync_step_applies_only_its_own_sparse_gradients() {
+        let m = ShardModel::new(spec(), 1, 0, 1 << 20);
+        let t = &m.tables[0];
+        let rows = |ids: &[u64]| {
+            let mut out = Vec::new();
+            t.pull(ids, &mut out);
+            out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<f32>>()
+        };
+        let push = |ids: &[u64], g: f32| {
+            t.accum.lock().unwrap().add(ids, &codec::f32s_to_bytes(&vec![g; ids.len() * 2]), 2)
+        };
+        push(&[3, 5], 1.0);
+        push(&[5], 1.0);
+        m.apply_accumulated(2.0);
+        // 0.25 - (sum / 2): id 3 had one gradient of 1, id 5 two.
+        assert_eq!(rows(&[3, 5]), vec![-0.25, -0.25, -0.75, -0.75]);
+        // The sums went back emptied: the next step sees only its own pushes.
+        assert!(t.accum.lock().unwrap().is_empty());
+        push(&[8], 0.5);
+        m.apply_accumulated(1.0);
+        assert_eq!(rows(&[3, 5, 8]), vec![-0.25, -0.25, -0.75, -0.75, -0.25, -0.25]);
+        m.apply_accumulated(1.0);
+        assert_eq!(rows(&[8]), vec![-0.25, -0.25], "a step with no push changes nothing");
     }
 
     #[test]
