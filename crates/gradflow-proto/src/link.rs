@@ -105,9 +105,19 @@ pub async fn read_payload_into<R: AsyncRead + Unpin>(
     n: usize,
 ) -> io::Result<()> {
     buf.clear();
+    read_payload_more(r, buf, n).await
+}
+
+/// Reads exactly `n` more payload bytes onto the end of `buf`, without zeroing them first.
+pub async fn read_payload_more<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    n: usize,
+) -> io::Result<()> {
     buf.reserve(n);
+    let end = buf.len() + n;
     let mut limited = r.take(n as u64);
-    while buf.len() < n {
+    while buf.len() < end {
         if limited.read_buf(buf).await? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }

@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use gradflow_proto::auth::ServerAuth;
-use gradflow_proto::link::{self, read_header, read_payload_into, skip_payload, write_frame};
-use gradflow_proto::pb;
-use tokio::io::{AsyncWrite, BufReader};
+use gradflow_proto::link::{self, read_header, read_payload_more, skip_payload, write_frame};
+use gradflow_proto::{codec, pb};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tonic::Status;
@@ -24,6 +24,10 @@ use crate::service::Service;
 
 /// Bytes the connection's reader buffers; larger payloads are read straight into place.
 const READ_BUFFER: usize = 64 << 10;
+
+/// A push's gradient bytes are checked for NaN in blocks of this many as they arrive, while
+/// the block is still in the processor's cache (a multiple of 4: blocks split no `f32`).
+const CHECK_BLOCK: usize = 512 << 10;
 
 /// Accepts connections until `stop` says so.
 pub(crate) async fn serve(service: Service, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -79,10 +83,11 @@ async fn connection(
                     Ok(total) => {
                         let mut buf: BytesMut =
                             last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
-                        read_payload_into(&mut r, &mut buf, total).await?;
+                        let check = service.shard.config.reject_non_finite;
+                        let bad = read_push_payload(&mut r, &mut buf, &msg, &lengths, total, check).await?;
                         let payload = buf.freeze();
                         let msg = fill(msg, &lengths, payload.clone());
-                        let received = service.non_finite(&msg).map_or(Ok(vec![msg]), Err);
+                        let received = bad.map_or(Ok(vec![msg]), |name| Err(PsError::NonFinite(name)));
                         let result = service.take_push(received, started).await;
                         last = Some(payload);
                         match result {
@@ -114,6 +119,43 @@ async fn connection(
             }
         }
     }
+}
+
+/// Reads a push's payload of `total` bytes (segments of `lengths`, as [`fill`] assigns them to
+/// `msg`'s fields) into `buf`. Where `check`, each gradient segment (a dense slice, a sparse
+/// gradient's values; not its ids) is checked for values that are not finite as it arrives,
+/// rather than in a second pass over the whole push from memory. Returns the tensor or table
+/// of the first such value, dense slices first, as [`crate::push::non_finite`] would name it.
+pub async fn read_push_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    msg: &pb::PushRequest,
+    lengths: &[u64],
+    total: usize,
+    check: bool,
+) -> std::io::Result<Option<String>> {
+    buf.clear();
+    buf.reserve(total);
+    let gradients = msg.dense.iter().map(|d| Some(&d.tensor));
+    let segments = gradients.chain(msg.sparse.iter().flat_map(|g| [None, Some(&g.table)]));
+    let mut bad = None;
+    for (&n, name) in lengths.iter().zip(segments) {
+        let (mut left, checked) = (n as usize, check && bad.is_none());
+        while left > 0 {
+            let block = if checked { left.min(CHECK_BLOCK) } else { left };
+            let start = buf.len();
+            read_payload_more(r, buf, block).await?;
+            left -= block;
+            if let Some(name) = name
+                && checked
+                && bad.is_none()
+                && !codec::all_finite(&buf[start..])
+            {
+                bad = Some(name.clone());
+            }
+        }
+    }
+    Ok(bad)
 }
 
 /// Checks a push's payload lengths before any of it is read, against the shard's model.
@@ -214,4 +256,71 @@ async fn pull_sparse<W: AsyncWrite + Unpin>(
         .collect();
     let payload: Vec<&[u8]> = tables.iter().map(|t| t.values.as_ref()).collect();
     write_frame(w, &pb::LinkReply { version, pieces, ..Default::default() }, &payload).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A push of dense slices of `sizes` floats then one sparse gradient of 3 ids of dim 2,
+    /// with the payload as the worker would send it; values all 1.
+    fn push(sizes: &[usize]) -> (pb::PushRequest, Vec<u64>, Vec<u8>) {
+        let mut msg = pb::PushRequest::default();
+        let (mut lengths, mut payload) = (Vec::new(), Vec::new());
+        for (k, &n) in sizes.iter().enumerate() {
+            msg.dense.push(pb::DenseSlice { tensor: format!("t{k}"), ..Default::default() });
+            lengths.push(n as u64 * 4);
+            codec::extend_f32s(&mut payload, &vec![1.0; n]);
+        }
+        msg.sparse.push(pb::SparseGrad { table: "emb".into(), ..Default::default() });
+        lengths.extend([24, 24]);
+        payload.extend(codec::u64s_to_bytes(&[1, 2, 3]));
+        codec::extend_f32s(&mut payload, &[1.0; 6]);
+        (msg, lengths, payload)
+    }
+
+    async fn read(msg: &pb::PushRequest, lengths: &[u64], payload: &[u8], check: bool) -> Option<String> {
+        let mut buf = BytesMut::new();
+        let mut r = payload;
+        let bad = read_push_payload(&mut r, &mut buf, msg, lengths, payload.len(), check).await.unwrap();
+        assert_eq!(&buf[..], payload, "the payload is read whole, bad values or not");
+        bad
+    }
+
+    fn put(payload: &mut [u8], at: usize, v: f32) {
+        payload[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_push_payload_is_checked_for_nan_as_it_arrives_and_the_first_bad_gradient_named() {
+        // A slice of several check blocks, so that a bad value in a later block is found too.
+        let big = 3 * CHECK_BLOCK / 4 + 5;
+        let (msg, lengths, clean) = push(&[7, big]);
+        assert_eq!(read(&msg, &lengths, &clean, true).await, None);
+
+        let mut p = clean.clone();
+        put(&mut p, 28 + 2 * CHECK_BLOCK + 8, f32::NAN);
+        assert_eq!(read(&msg, &lengths, &p, true).await.as_deref(), Some("t1"));
+        assert_eq!(read(&msg, &lengths, &p, false).await, None, "not checked when not asked");
+
+        // The first dense slice is named before a later one, and before a sparse table.
+        put(&mut p, 4, f32::INFINITY);
+        let sparse_values = clean.len() - 24;
+        put(&mut p, sparse_values + 4, f32::NEG_INFINITY);
+        assert_eq!(read(&msg, &lengths, &p, true).await.as_deref(), Some("t0"));
+
+        // Sparse values are checked, sparse ids are not (an id's bytes are not a float).
+        let mut p = clean.clone();
+        put(&mut p, sparse_values + 20, f32::NAN);
+        assert_eq!(read(&msg, &lengths, &p, true).await.as_deref(), Some("emb"));
+        let mut p = clean.clone();
+        put(&mut p, sparse_values - 24, f32::NAN);
+        assert_eq!(read(&msg, &lengths, &p, true).await, None);
+
+        // A payload cut short is an error, not a push.
+        let mut buf = BytesMut::new();
+        let mut r = &clean[..clean.len() - 1];
+        let err = read_push_payload(&mut r, &mut buf, &msg, &lengths, clean.len(), true).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 }
