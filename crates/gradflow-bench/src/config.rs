@@ -103,6 +103,11 @@ pub struct CeilingConfig {
     pub tcp_bytes: u64,
     /// Size of each `write` call. Default 4 MiB (the dense chunk size).
     pub tcp_write_bytes: usize,
+    /// The second TCP measure sends from and receives into buffers of this size, going
+    /// through them in turn, as a model's tensors are sent from and pulled into memory; the
+    /// first sends one `tcp_write_bytes` block again and again into a buffer as large, both of
+    /// which stay in the processor's cache. Default 256 MiB (far beyond any cache).
+    pub tcp_memory_bytes: usize,
     /// Size of the buffer copied. Default 256 MiB (far beyond any cache).
     pub memcpy_bytes: usize,
     /// Timed repetitions of each measure (after one warm-up); the median is reported.
@@ -198,7 +203,13 @@ pub struct TrainingConfig {
 
 impl Default for CeilingConfig {
     fn default() -> Self {
-        CeilingConfig { tcp_bytes: 1 << 30, tcp_write_bytes: 4 << 20, memcpy_bytes: 256 << 20, reps: 5 }
+        CeilingConfig {
+            tcp_bytes: 1 << 30,
+            tcp_write_bytes: 4 << 20,
+            tcp_memory_bytes: 256 << 20,
+            memcpy_bytes: 256 << 20,
+            reps: 5,
+        }
     }
 }
 
@@ -270,6 +281,7 @@ impl BenchConfig {
             ceiling: CeilingConfig {
                 tcp_bytes: 64 * MIB,
                 tcp_write_bytes: 1 << 20,
+                tcp_memory_bytes: 16 << 20,
                 memcpy_bytes: 16 << 20,
                 reps: 3,
             },
@@ -317,6 +329,12 @@ impl BenchConfig {
                 "ceiling: reps, tcp_bytes and tcp_write_bytes must be positive, memcpy_bytes at least 1024"
                     .into(),
             );
+        }
+        if c.tcp_memory_bytes < c.tcp_write_bytes {
+            return bad(format!(
+                "ceiling: tcp_memory_bytes ({}) must be at least tcp_write_bytes ({})",
+                c.tcp_memory_bytes, c.tcp_write_bytes
+            ));
         }
         let d = &self.dense;
         if d.tensors == 0 || d.min_reps == 0 || d.max_reps < d.min_reps {

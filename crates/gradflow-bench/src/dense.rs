@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::{self, Servers};
 use crate::stats::{GB, Timing, human_bytes, median, sig4};
-use crate::{BenchError, DenseConfig, Log};
+use crate::{BenchError, CeilingReport, DenseConfig, Log};
 
 /// Gradient value pushed everywhere: finite, small, and not zero.
 const GRAD: f32 = 1e-3;
@@ -39,21 +39,27 @@ pub struct DenseRow {
     pub step: Timing,
     /// Gradient plus parameter bytes of all workers per second at the median step.
     pub gb_per_s: f64,
-    /// `gb_per_s` over the raw TCP loopback throughput of (1).
+    /// `gb_per_s` over the raw TCP loopback throughput of (1), the data in the cache.
     pub ratio_to_tcp: Option<f64>,
+    /// `gb_per_s` over the raw TCP loopback throughput of (1), memory to memory.
+    pub ratio_to_tcp_memory: Option<f64>,
     /// The push half alone (staging and `step`, slowest worker, median), in GB/s of gradients.
     pub push_gb_per_s: f64,
     /// The pull half alone (slowest worker, median), in GB/s of parameters.
     pub pull_gb_per_s: f64,
 }
 
-/// Runs every configuration of `config`; `tcp_gb_per_s` is the ceiling for the ratios.
-pub fn run(config: &DenseConfig, tcp_gb_per_s: Option<f64>, log: Log<'_>) -> Result<DenseReport, BenchError> {
+/// Runs every configuration of `config`; `ceiling`'s TCP figures are the ceilings of the ratios.
+pub fn run(
+    config: &DenseConfig,
+    ceiling: Option<&CeilingReport>,
+    log: Log<'_>,
+) -> Result<DenseReport, BenchError> {
     let mut rows = Vec::new();
     for &bytes in &config.model_bytes {
         for &shards in &config.shards {
             for &workers in &config.workers {
-                let row = measure(config, bytes, shards, workers, tcp_gb_per_s)?;
+                let row = measure(config, bytes, shards, workers, ceiling)?;
                 log(&format!(
                     "dense: {} model, {shards} shard(s), {workers} worker(s): {} GB/s (push {}, pull {}){}",
                     human_bytes(bytes),
@@ -94,7 +100,7 @@ fn measure(
     bytes: u64,
     shards: u32,
     workers: u32,
-    tcp_gb_per_s: Option<f64>,
+    ceiling: Option<&CeilingReport>,
 ) -> Result<DenseRow, BenchError> {
     let spec = spec(bytes, config.tensors);
     let servers = Servers::start(shards, workers, Mode::Sync)?;
@@ -159,7 +165,8 @@ fn measure(
         workers,
         step,
         gb_per_s,
-        ratio_to_tcp: tcp_gb_per_s.map(|tcp| sig4(gb_per_s / tcp)),
+        ratio_to_tcp: ceiling.map(|c| sig4(gb_per_s / c.tcp_gb_per_s)),
+        ratio_to_tcp_memory: ceiling.map(|c| sig4(gb_per_s / c.tcp_memory_gb_per_s)),
         push_gb_per_s: sig4(one_way / median(&push).max(1e-12) / GB),
         pull_gb_per_s: sig4(one_way / median(&pull).max(1e-12) / GB),
     })

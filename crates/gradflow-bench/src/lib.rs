@@ -66,8 +66,8 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
     let needs_ceiling =
         [Scenario::Ceiling, Scenario::Dense, Scenario::Update].into_iter().any(|s| config.runs(s));
     let ceiling = if needs_ceiling { Some(ceiling::run(&config.ceiling, program, log)?) } else { None };
-    let tcp = ceiling.as_ref().map(|c| c.tcp_gb_per_s);
-    let dense = config.runs(Scenario::Dense).then(|| dense::run(&config.dense, tcp, log)).transpose()?;
+    let dense =
+        config.runs(Scenario::Dense).then(|| dense::run(&config.dense, ceiling.as_ref(), log)).transpose()?;
     let small = config.runs(Scenario::Small).then(|| small::run(&config.small, log)).transpose()?;
     let sparse = config.runs(Scenario::Sparse).then(|| sparse::run(&config.sparse, log)).transpose()?;
     let update = config

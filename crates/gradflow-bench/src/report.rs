@@ -111,7 +111,10 @@ impl Report {
             for bytes in [64u64 << 20, 512 << 20] {
                 let row = d.rows.iter().find(|r| r.model_bytes == bytes && r.shards == 1 && r.workers == 1);
                 push(
-                    format!("dense push+pull {}, 1 shard, 1 worker / raw TCP loopback", human_bytes(bytes)),
+                    format!(
+                        "dense push+pull {}, 1 shard, 1 worker / raw TCP loopback (in the cache)",
+                        human_bytes(bytes)
+                    ),
                     row.and_then(|r| r.ratio_to_tcp),
                     0.5,
                     Some(0.8),
@@ -163,10 +166,16 @@ impl Report {
             let _ = writeln!(s, "## 1. Ceiling\n\n| measure | GB/s |\n|---|---:|");
             let _ = writeln!(
                 s,
-                "| raw TCP loopback, 2 processes ({} per rep, {} writes) | {} |",
+                "| raw TCP loopback, 2 processes ({} per rep, {} writes), in the cache | {} |",
                 human_bytes(c.tcp_bytes),
                 human_bytes(c.tcp_write_bytes as u64),
                 num(c.tcp_gb_per_s)
+            );
+            let _ = writeln!(
+                s,
+                "| raw TCP loopback, 2 processes, memory to memory ({} buffers) | {} |",
+                human_bytes(c.tcp_memory_bytes as u64),
+                num(c.tcp_memory_gb_per_s)
             );
             let _ = writeln!(
                 s,
@@ -181,18 +190,19 @@ impl Report {
             let _ = writeln!(
                 s,
                 "## 2. Dense push + pull (sync, SGD, in-process servers, tensor link over loopback)\n\n\
-                 | model | shards | workers | GB/s | vs TCP | push GB/s | pull GB/s | step ms |\n\
-                 |---|---:|---:|---:|---:|---:|---:|---:|"
+                 | model | shards | workers | GB/s | vs TCP | vs TCP memory to memory | push GB/s | pull GB/s | step ms |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for r in &d.rows {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     human_bytes(r.model_bytes),
                     r.shards,
                     r.workers,
                     num(r.gb_per_s),
                     pct(r.ratio_to_tcp),
+                    pct(r.ratio_to_tcp_memory),
                     num(r.push_gb_per_s),
                     num(r.pull_gb_per_s),
                     num(r.step.median_s * 1e3)

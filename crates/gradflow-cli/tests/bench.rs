@@ -56,6 +56,8 @@ fn quick_bench_reports_every_section() {
     }
     // Ratios that the targets are computed from are there.
     assert!(report["dense"]["rows"][0]["ratio_to_tcp"].is_number());
+    assert!(report["dense"]["rows"][0]["ratio_to_tcp_memory"].is_number());
+    assert!(report["ceiling"]["tcp_memory_gb_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["update"]["rows"][0]["apply_ratio_to_memcpy"].is_number());
     let training = &report["training"]["runs"][0];
     assert_eq!((training["workers"].as_u64(), training["mode"].as_str()), (Some(2), Some("sync")));

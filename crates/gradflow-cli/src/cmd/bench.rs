@@ -12,11 +12,12 @@ use gradflow_bench::{BenchConfig, Scenario};
 /// 7 GiB of memory):
 ///
 ///   ceiling   raw TCP throughput over loopback between this process and a child (1 GiB in
-///             4 MiB writes), and memcpy bandwidth on 1 thread and on all cores. ~4 s
+///             4 MiB writes), the data in the cache and memory to memory (256 MiB buffers),
+///             and memcpy bandwidth on 1 thread and on all cores. ~6 s
 ///
 ///   dense     push then pull of a dense model of 4, 64 and 512 MiB through 1, 2 and 4
 ///             parameter-server shards, by 1 and 2 workers (sync, SGD): GB/s of gradient
-///             and parameter bytes moved, and the ratio to raw TCP. ~50 s
+///             and parameter bytes moved, and the ratios to both raw TCP figures. ~50 s
 ///
 ///   small     a model of 1000 tensors of 1-64 KiB through 1 and 4 shards: steps per second.
 ///             ~5 s
