@@ -322,7 +322,9 @@ impl Report {
                     s,
                     "| {} | {} | {} | {} | {} |",
                     t.name,
-                    pct(Some(t.value)),
+                    // One decimal, so that a value just under its threshold does not read
+                    // as equal to it.
+                    format!("{:.1}%", t.value * 100.0),
                     pct(Some(t.threshold)),
                     pct(t.aim),
                     if t.met { "yes" } else { "no" }
