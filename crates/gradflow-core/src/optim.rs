@@ -10,6 +10,10 @@
 //! defaults) and are checked against trajectories recorded from PyTorch in
 //! `tests/optim_reference.rs`. FTRL follows `tf.keras.optimizers.Ftrl`, since PyTorch has none.
 //!
+//! A step's gradient is a [`Grad`]: a slice, or a sum of pushes averaged as the kernel reads
+//! it, so that a server's sync step needs no pass of its own to average (the updates are bound
+//! by memory traffic).
+//!
 //! The arithmetic is done in `f32`: against PyTorch's `float64` trajectories it stays within
 //! about 1e-7 relative error, and `f32` lanes vectorize twice as wide as `f64` ones.
 
@@ -587,8 +591,20 @@ fn sgd_step(
     let (keep, take) = if t == 1 { (0.0, 1.0) } else { (mu, (1.0 - dampening) as f32) };
     // Nesterov steps along g + mu * buf, plain momentum along buf.
     let (along_g, along_buf) = if nesterov { (1.0, mu) } else { (0.0, 1.0) };
-    let k = [lr, wd, keep, take, along_g, along_buf];
-    each_grad!(grad, grad => sgd_momentum(param, grad, state, k))
+    let k = SgdConsts { lr, wd, keep, take, along_g, along_buf };
+    each_grad!(grad, grad => sgd_momentum(param, grad, state, &k))
+}
+
+/// The per-call constants of an SGD step with momentum.
+struct SgdConsts {
+    lr: f32,
+    wd: f32,
+    /// How much of the momentum buffer is kept, and how much of the gradient goes into it.
+    keep: f32,
+    take: f32,
+    /// The step is `along_g * g + along_buf * buf`.
+    along_g: f32,
+    along_buf: f32,
 }
 
 fn sgd_plain(param: &mut [f32], grad: impl Iterator<Item = f32>, lr: f32, wd: f32) {
@@ -598,13 +614,12 @@ fn sgd_plain(param: &mut [f32], grad: impl Iterator<Item = f32>, lr: f32, wd: f3
     }
 }
 
-fn sgd_momentum(param: &mut [f32], grad: impl Iterator<Item = f32>, state: &mut [f32], k: [f32; 6]) {
-    let [lr, wd, keep, take, along_g, along_buf] = k;
+fn sgd_momentum(param: &mut [f32], grad: impl Iterator<Item = f32>, state: &mut [f32], k: &SgdConsts) {
     for ((p, g), buf) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
-        let g = g + wd * *p;
-        let b = keep * *buf + take * g;
+        let g = g + k.wd * *p;
+        let b = k.keep * *buf + k.take * g;
         *buf = b;
-        *p -= lr * (along_g * g + along_buf * b);
+        *p -= k.lr * (k.along_g * g + k.along_buf * b);
     }
 }
 

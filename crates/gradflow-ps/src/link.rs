@@ -140,14 +140,14 @@ pub async fn read_push_payload<R: AsyncRead + Unpin>(
     let segments = gradients.chain(msg.sparse.iter().flat_map(|g| [None, Some(&g.table)]));
     let mut bad = None;
     for (&n, name) in lengths.iter().zip(segments) {
-        let (mut left, checked) = (n as usize, check && bad.is_none());
+        let checked = if check && bad.is_none() { name } else { None };
+        let mut left = n as usize;
         while left > 0 {
-            let block = if checked { left.min(CHECK_BLOCK) } else { left };
+            let block = if checked.is_some() { left.min(CHECK_BLOCK) } else { left };
             let start = buf.len();
             read_payload_more(r, buf, block).await?;
             left -= block;
-            if let Some(name) = name
-                && checked
+            if let Some(name) = checked
                 && bad.is_none()
                 && !codec::all_finite(&buf[start..])
             {
