@@ -119,13 +119,15 @@ fn server_apply(opt: &OptimizerConfig, n: usize, reps: usize) -> (Timing, Timing
         sparse: Vec::new(),
     };
     let model = ShardModel::new(spec, 1, 0, DEFAULT_PARTITION_BYTES);
-    let grad = codec::f32s_to_bytes(&vec![1e-3f32; n]);
+    // One buffer per worker, as two workers' pushes are: the update reads both from memory.
+    let grads: Vec<_> =
+        (0..WORKERS as usize).map(|w| codec::f32s_to_bytes(&vec![1e-3 * (w + 1) as f32; n])).collect();
     let pieces = model.placement.pieces_of(0).to_vec();
     let (mut aggregate, mut apply) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for rep in 0..=reps {
         let started = Instant::now();
         // Both workers' pushes, held as received.
-        for _ in 0..WORKERS as usize {
+        for grad in &grads {
             for p in &pieces {
                 let piece =
                     &model.pieces[model.piece("w", p.partition).expect("every piece is on the one shard")];
