@@ -3,8 +3,9 @@
 //!
 //! - `validate`: `gradflow_ps::push::validate` of a 16 MiB dense push in 4 MiB slices (names,
 //!   offsets, lengths, finiteness).
-//! - two workers: their pushes taken into the step's accumulators (`Piece::accumulate_push`,
-//!   as the service does for a sync push: both are held as received), then
+//! - two workers: their pushes (each from its own buffer) taken into the step's accumulators
+//!   (`Piece::accumulate_push`, as the service does for a sync push: both are held as
+//!   received), then
 //!   `ShardModel::apply_accumulated` (Adagrad, reading both pushes and averaging them as it
 //!   goes), on every core;
 //! - three workers: the same, where the third push makes the first two be summed into the
@@ -75,27 +76,27 @@ fn dense(c: &mut Criterion) {
     group.bench_function("validate", |b| {
         b.iter(|| validate(&model, push(&model, &grad)).expect("valid push"))
     });
-    let valid = validate(&model, push(&model, &grad)).expect("valid push");
-    group.bench_function("accumulate_push and apply_accumulated (adagrad, 3 workers)", |b| {
-        b.iter(|| {
-            for _ in 0..3 {
-                for (idx, slices) in &valid.dense {
-                    model.pieces[*idx].accumulate_push(slices);
-                }
-            }
-            model.apply_accumulated(black_box(3.0));
+    // One push per worker, each from its own buffer as in a job: the update reads every one
+    // from memory (one buffer pushed twice would be read the second time from the cache).
+    let pushes: Vec<_> = (0..3)
+        .map(|w| {
+            let grad = codec::f32s_to_bytes(&vec![1e-3 * (w + 1) as f32; FLOATS as usize]);
+            validate(&model, push(&model, &grad)).expect("valid push")
         })
-    });
-    group.bench_function("apply_accumulated (adagrad, 2 workers)", |b| {
-        b.iter(|| {
-            for _ in 0..2 {
-                for (idx, slices) in &valid.dense {
-                    model.pieces[*idx].accumulate_push(slices);
+        .collect();
+    for workers in [2, 3] {
+        let name = format!("accumulate_push and apply_accumulated (adagrad, {workers} workers)");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for valid in &pushes[..workers] {
+                    for (idx, slices) in &valid.dense {
+                        model.pieces[*idx].accumulate_push(slices);
+                    }
                 }
-            }
-            model.apply_accumulated(black_box(2.0));
-        })
-    });
+                model.apply_accumulated(black_box(workers as f32));
+            })
+        });
+    }
     group.finish();
 }
 

@@ -1,5 +1,5 @@
 //! What `gradflow bench` measures and how hard: [`BenchConfig`], its defaults (the issue's
-//! sizes, about 2 minutes on a 2-core machine) and the [`BenchConfig::quick`] preset (a few
+//! sizes, about 70 s on a 2-core machine) and the [`BenchConfig::quick`] preset (a few
 //! seconds, for tests and a smoke check).
 //!
 //! Every field has a default, so a JSON or TOML file only names what it changes; unknown fields
@@ -27,7 +27,7 @@ pub enum Scenario {
     Small,
     /// (4) Sparse pull and push of random ids in a large table.
     Sparse,
-    /// (5) Optimizer updates: the kernel alone and the server's apply of a step.
+    /// (5) Optimizer updates: the kernel alone and the server's apply of a two-worker step.
     Update,
     /// (6) Wide & deep training through `gradflow launch`'s local backend vs one process.
     Training,

@@ -23,7 +23,7 @@
 //!
 //! The result is a [`Report`]: one JSON object, and a table ([`Report::table`]). Every figure
 //! is the median of a few repetitions after a warm-up ([`stats`]). [`BenchConfig`] holds the
-//! sizes and repetitions; its defaults take about 2 minutes on 2 cores, and
+//! sizes and repetitions; its defaults take about 70 s on 2 cores, and
 //! [`BenchConfig::quick`] a few seconds.
 //!
 //! The hot paths also have criterion benches in `benches/` at the repository root, for

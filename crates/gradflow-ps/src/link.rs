@@ -67,7 +67,7 @@ async fn connection(
     write_frame(&mut w, &pb::LinkReply::default(), &[]).await?;
     service.shard.metrics.link_connections.inc();
     // The last push's payload, whose buffer the next push reuses if nothing holds a part of
-    // it by then (a sync step keeps a lone push's pieces until the step is applied).
+    // it by then (a sync step holds a push's pieces as received until the step is applied).
     let mut last: Option<Bytes> = None;
     loop {
         let request = tokio::select! {
@@ -126,6 +126,8 @@ async fn connection(
 /// gradient's values; not its ids) is checked for values that are not finite as it arrives,
 /// rather than in a second pass over the whole push from memory. Returns the tensor or table
 /// of the first such value, dense slices first, as [`crate::push::non_finite`] would name it.
+///
+/// `lengths` must have one entry per segment and add up to `total`, as [`push_lengths`] checks.
 pub async fn read_push_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
@@ -155,6 +157,7 @@ pub async fn read_push_payload<R: AsyncRead + Unpin>(
             }
         }
     }
+    debug_assert_eq!(buf.len(), total, "push_lengths checks the lengths before the payload is read");
     Ok(bad)
 }
 
@@ -279,12 +282,47 @@ mod tests {
         (msg, lengths, payload)
     }
 
+    /// A reader that hands over at most `step` bytes per read, as a socket may.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.step.min(self.data.len()).min(buf.remaining());
+            let (head, rest) = self.data.split_at(n);
+            buf.put_slice(head);
+            self.data = rest;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The payload read by `read_push_payload`, in one read and in reads of an odd size that
+    /// straddle floats and blocks; both must name what the whole-push check names.
     async fn read(msg: &pb::PushRequest, lengths: &[u64], payload: &[u8], check: bool) -> Option<String> {
-        let mut buf = BytesMut::new();
-        let mut r = payload;
-        let bad = read_push_payload(&mut r, &mut buf, msg, lengths, payload.len(), check).await.unwrap();
-        assert_eq!(&buf[..], payload, "the payload is read whole, bad values or not");
-        bad
+        let mut found = Vec::new();
+        for step in [usize::MAX, 4093] {
+            let mut buf = BytesMut::new();
+            let mut r = Trickle { data: payload, step };
+            let bad = read_push_payload(&mut r, &mut buf, msg, lengths, payload.len(), check).await.unwrap();
+            assert_eq!(&buf[..], payload, "the payload is read whole, bad values or not");
+            if check {
+                let whole = fill(msg.clone(), lengths, Bytes::copy_from_slice(payload));
+                assert_eq!(
+                    bad.as_deref(),
+                    crate::push::non_finite(&whole),
+                    "as the whole-push check names it"
+                );
+            }
+            found.push(bad);
+        }
+        assert_eq!(found[0], found[1], "the same however the bytes arrive");
+        found.pop().unwrap()
     }
 
     fn put(payload: &mut [u8], at: usize, v: f32) {
@@ -302,6 +340,14 @@ mod tests {
         put(&mut p, 28 + 2 * CHECK_BLOCK + 8, f32::NAN);
         assert_eq!(read(&msg, &lengths, &p, true).await.as_deref(), Some("t1"));
         assert_eq!(read(&msg, &lengths, &p, false).await, None, "not checked when not asked");
+
+        // At the edges of the check blocks: the last float of the first block, the first of
+        // the second, the last of the short block at the end of the slice.
+        for at in [CHECK_BLOCK - 4, CHECK_BLOCK, 3 * CHECK_BLOCK + 16] {
+            let mut p = clean.clone();
+            put(&mut p, 28 + at, f32::NAN);
+            assert_eq!(read(&msg, &lengths, &p, true).await.as_deref(), Some("t1"), "NaN at byte {at} of t1");
+        }
 
         // The first dense slice is named before a later one, and before a sparse table.
         put(&mut p, 4, f32::INFINITY);

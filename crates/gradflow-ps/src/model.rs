@@ -61,18 +61,20 @@ pub struct PieceParams {
 /// overwrites it (a copy, no pass to clear it after the step and none to add into zeros).
 /// The first two pushes that arrived as one aligned slice each are not even copied: they are
 /// `held` as received, and the update reads them directly, averaging as it goes
-/// ([`Grad::SumScaled`]). Only a third push, or one in several slices, moves them into `sum`
-/// (summed in one pass). A step of one or two workers thus never writes its gradient to
+/// ([`Grad::SumScaled`]). Anything else moves them into `sum` (summed in one pass) first: a
+/// third push, a push in several slices or not aligned for `f32`, or a partial gradient
+/// ([`Piece::accumulate`]). A step of one or two workers thus never writes its gradient to
 /// memory: the update is bound by memory traffic, and each pass saved is a pass over the piece.
 #[derive(Default)]
 pub struct Accum {
-    pub sum: Vec<f32>,
+    sum: Vec<f32>,
     /// Whether `sum` holds this step's gradients (otherwise it is stale).
-    pub touched: bool,
+    touched: bool,
     /// The step's pushes so far while there are at most [`Accum::HELD`] and `sum` is stale,
     /// in the order they came, as received: each the whole piece as aligned little-endian
-    /// `f32`. The vector keeps its capacity from step to step.
-    pub held: Vec<Bytes>,
+    /// `f32`. The vector keeps its capacity from step to step. Only
+    /// [`Piece::accumulate_push`] adds to it, and only while `touched` is false.
+    held: Vec<Bytes>,
 }
 
 impl Accum {
@@ -89,6 +91,12 @@ impl Accum {
             [a] => codec::copy_f32s(&mut self.sum, a),
             [a, b] => {
                 let (a, b) = (f32s_of_held(a), f32s_of_held(b));
+                assert!(
+                    a.len() == len && b.len() == len,
+                    "held pushes of {} and {} for {len} elements",
+                    a.len(),
+                    b.len()
+                );
                 for ((s, x), y) in self.sum.iter_mut().zip(a).zip(b) {
                     *s = x + y;
                 }
@@ -492,8 +500,8 @@ fn prefetch(row: &[f32]) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         const LINE: usize = 64;
         let (start, len) = (row.as_ptr().cast::<i8>(), std::mem::size_of_val(row));
-        // Every line the row touches: the first byte of each, then the row's last byte,
-        // which may sit on one more line when the row does not start on a line.
+        // One address every 64 bytes from the row's start, then its last byte: together they
+        // fall on every line the row touches, whether or not it starts on a line.
         for offset in (0..len).step_by(LINE).chain(len.checked_sub(1)) {
             // SAFETY: a prefetch is a hint that never faults, and the address is inside
             // `row`; SSE is part of every x86-64.
@@ -911,9 +919,11 @@ mod tests {
         assert_eq!(rows(&[3, 5]), vec![-0.25, -0.25, -0.75, -0.75]);
         // The sums went back emptied: the next step sees only its own pushes.
         assert!(t.accum.lock().unwrap().is_empty());
-        push(&[8], 0.5);
+        // Id 5 again, and a new one: had the emptied sums kept their index, 5 would find a
+        // stale slot.
+        push(&[8, 5], 0.5);
         m.apply_accumulated(1.0);
-        assert_eq!(rows(&[3, 5, 8]), vec![-0.25, -0.25, -0.75, -0.75, -0.25, -0.25]);
+        assert_eq!(rows(&[3, 5, 8]), vec![-0.25, -0.25, -1.25, -1.25, -0.25, -0.25]);
         m.apply_accumulated(1.0);
         assert_eq!(rows(&[8]), vec![-0.25, -0.25], "a step with no push changes nothing");
     }
@@ -939,6 +949,138 @@ mod tests {
         restored.tables[0].pull(&ids, &mut after);
         assert_eq!(after, before);
         assert_eq!(restored.tables[0].rows(), ids.len() as u64, "no row was created twice");
+    }
+
+    /// A gradient that no sum of a few terms can make round like another: different in every
+    /// element and worker.
+    fn irregular(n: usize, worker: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.7311 + worker as f32 * 1.37).sin() * 0.1) / (1.0 + i as f32 * 1e-3))
+            .collect()
+    }
+
+    /// Bytes of `values` that start one byte into their buffer: not aligned for `f32`.
+    fn unaligned(values: &[f32]) -> Bytes {
+        let mut raw = vec![0u8];
+        codec::extend_f32s(&mut raw, values);
+        Bytes::from(raw).slice(1..)
+    }
+
+    #[test]
+    fn a_steps_update_rounds_exactly_as_the_mean_worked_out_first() {
+        const N: usize = 1003;
+        let spec = ModelSpec {
+            dense: vec![DenseSpec {
+                name: "w".into(),
+                shape: vec![N as u64],
+                init: Initializer::Normal { mean: 0.0, std: 0.3, seed: 11 },
+                optimizer: OptimizerConfig::adam(0.01),
+            }],
+            sparse: vec![],
+        };
+        let whole = |w: u32| vec![codec::f32s_to_bytes(&irregular(N, w))];
+        let sliced = |w: u32| {
+            let g = codec::f32s_to_bytes(&irregular(N, w));
+            vec![g.slice(..400), g.slice(400..1200), g.slice(1200..)]
+        };
+        let odd = |w: u32| vec![unaligned(&irregular(N, w))];
+        type Push = Box<dyn Fn(u32) -> Vec<Bytes>>;
+        // The pushes of a step, and how many workers the step counts: a step completed without
+        // a dropped worker's push is still divided by its count. (Halving is exact, so only a
+        // divisor like 3 tells `(a + b) * s` from `a * s + b * s`.)
+        let (wh, sl, od): (Push, Push, Push) = (Box::new(whole), Box::new(sliced), Box::new(odd));
+        let cases: Vec<(&str, Vec<&Push>, f32)> = vec![
+            ("one whole push", vec![&wh], 1.0),
+            ("one whole push of three workers", vec![&wh], 3.0),
+            ("two whole pushes (both held)", vec![&wh, &wh], 2.0),
+            ("two whole pushes (both held) of three workers", vec![&wh, &wh], 3.0),
+            ("three whole pushes", vec![&wh, &wh, &wh], 3.0),
+            ("a sliced push, then a whole one", vec![&sl, &wh], 3.0),
+            ("a whole push, then a sliced one", vec![&wh, &sl], 3.0),
+            ("an unaligned push, then a whole one", vec![&od, &wh], 3.0),
+            ("two whole pushes, then an unaligned one", vec![&wh, &wh, &od], 3.0),
+        ];
+        for (what, pushes, divisor) in cases {
+            let m = ShardModel::new(spec.clone(), 1, 0, 1 << 20);
+            let p = &m.pieces[m.piece("w", 0).unwrap()];
+            let (mut want, mut state) = {
+                let params = p.params.read().unwrap();
+                (params.values.to_vec(), params.state.clone())
+            };
+            // Two steps, so that the second starts from what the first left behind.
+            for step in 1..=2u64 {
+                let workers = pushes.len() as u32;
+                for (w, push) in pushes.iter().enumerate() {
+                    p.accumulate_push(&push(w as u32 + 10 * step as u32));
+                }
+                m.apply_accumulated(divisor);
+                // In one process: the workers' gradients summed in the order they came, then
+                // scaled by 1 / divisor, then one optimizer step.
+                let mut sum = irregular(N, 10 * step as u32);
+                for w in 1..workers {
+                    sum.iter_mut().zip(irregular(N, w + 10 * step as u32)).for_each(|(s, g)| *s += g);
+                }
+                let scale = 1.0 / divisor;
+                let mean: Vec<f32> = sum.iter().map(|g| g * scale).collect();
+                spec.dense[0].optimizer.step(&mut want, &mean, &mut state, step);
+                let got = p.params.read().unwrap().values.to_vec();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{what}, step {step}, element {i}: got {g}, want {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_sparse_update_matches_one_row_at_a_time() {
+        let dim = 8;
+        let table = SparseSpec {
+            name: "emb".into(),
+            dim: dim as u32,
+            init: Initializer::Uniform { low: -0.1, high: 0.1, seed: 5 },
+            optimizer: OptimizerConfig::adagrad(0.1),
+        };
+        let m = ShardModel::new(ModelSpec { dense: vec![], sparse: vec![table.clone()] }, 1, 0, 1 << 20);
+        let t = &m.tables[0];
+        // Enough ids for the parallel path and for rows far past the prefetch distance in
+        // every stripe; some repeated, some huge.
+        let ids: Vec<u64> =
+            (0..6000u64).map(|i| if i % 500 == 0 { u64::MAX - i } else { (i * 7919) % 4000 }).collect();
+        let grads: Vec<f32> = (0..ids.len() * dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut acc = SparseAccum::default();
+        acc.add(&ids, &codec::f32s_to_bytes(&grads), dim);
+        t.apply(&acc, 0.5);
+        // One row at a time: the sum of each id's gradients in the order they came, scaled.
+        let mut sums: Vec<(u64, Vec<f32>)> = Vec::new();
+        for (k, &id) in ids.iter().enumerate() {
+            let g = &grads[k * dim..(k + 1) * dim];
+            match sums.iter_mut().find(|(i, _)| *i == id) {
+                Some((_, s)) => s.iter_mut().zip(g).for_each(|(a, b)| *a += b),
+                None => sums.push((id, g.to_vec())),
+            }
+        }
+        assert!(sums.len() < ids.len(), "some ids repeat");
+        let unique: Vec<u64> = sums.iter().map(|(id, _)| *id).collect();
+        let mut out = Vec::new();
+        t.pull(&unique, &mut out);
+        for (k, (id, sum)) in sums.iter().enumerate() {
+            let mut row = vec![0f32; dim];
+            table.init.fill_row(&table.name, *id, &mut row);
+            let mut state = vec![0f32; dim * table.optimizer.num_slots()];
+            table.optimizer.init_state(&mut state);
+            let mean: Vec<f32> = sum.iter().map(|g| g * 0.5).collect();
+            table.optimizer.step(&mut row, &mean, &mut state, 1);
+            let got: Vec<f32> = out[k * dim * 4..][..dim * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&row), "id {id}: got {got:?}, want {row:?}");
+        }
     }
 
     #[test]

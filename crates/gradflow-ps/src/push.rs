@@ -119,8 +119,10 @@ pub fn validate(model: &ShardModel, msgs: Vec<pb::PushRequest>) -> Result<ValidP
 
 /// The name of the first tensor or table in `msg` with a NaN or infinite gradient value.
 ///
-/// The server checks each message as it arrives, while its bytes are still in the cache from
-/// being received; checked after the whole push, a large push is read from memory once more.
+/// The gRPC path calls it on each message as it arrives, while its bytes are still in the
+/// cache from being received (checked after the whole push, a large push is read from memory
+/// once more); the tensor link checks block by block as it reads
+/// ([`crate::link::read_push_payload`]), naming the same tensor or table.
 pub fn non_finite(msg: &pb::PushRequest) -> Option<&str> {
     let dense = msg.dense.iter().find(|s| !codec::all_finite(&s.data)).map(|s| s.tensor.as_str());
     dense.or_else(|| msg.sparse.iter().find(|g| !codec::all_finite(&g.values)).map(|g| g.table.as_str()))

@@ -1,5 +1,6 @@
-//! Training through real shards: sync training equals one process applying the mean gradient,
-//! async training converges, sparse rows live on the shard their id hashes to.
+//! Training through real shards: sync training equals one process applying the mean gradient
+//! (bit for bit where the mean rounds the same, with two workers), async training converges,
+//! sparse rows live on the shard their id hashes to.
 
 mod common;
 
@@ -55,7 +56,12 @@ fn grad(value: f32, w: u32, s: u64, i: usize) -> f32 {
     0.5 * value + ((w as f32 + 1.0) * 0.37 + s as f32 * 0.11 + i as f32 * 0.013).sin()
 }
 
-async fn run_worker(servers: Vec<String>, w: u32, link: bool) -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
+async fn run_worker(
+    servers: Vec<String>,
+    w: u32,
+    workers: u32,
+    link: bool,
+) -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
     let mut config = WorkerConfig::new(servers, w);
     config.transport.tensor_link = link;
     config.partition_bytes = 1024; // splits w1 (4800 bytes) into pieces across both shards
@@ -76,7 +82,7 @@ async fn run_worker(servers: Vec<String>, w: u32, link: bool) -> (Vec<Vec<f32>>,
         assert_eq!(worker.step().await.unwrap(), StepOutcome::Applied);
     }
     worker.pull_all_dense(&mut dense).await.unwrap();
-    let all: Vec<u64> = (0..WORKERS).flat_map(|w| (0..STEPS).flat_map(move |s| ids(w, s))).collect();
+    let all: Vec<u64> = (0..workers).flat_map(|w| (0..STEPS).flat_map(move |s| ids(w, s))).collect();
     let unique: Vec<u64> = all.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
     worker.pull_sparse("emb", &unique, &mut rows).await.unwrap();
     let sparse = unique.iter().enumerate().map(|(k, id)| (*id, rows[k * 4..k * 4 + 4].to_vec())).collect();
@@ -84,8 +90,8 @@ async fn run_worker(servers: Vec<String>, w: u32, link: bool) -> (Vec<Vec<f32>>,
     (dense, sparse)
 }
 
-/// One process: same initial values, mean of the workers' gradients, same optimizers.
-fn reference() -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
+/// One process: same initial values, mean of the `workers` gradients, same optimizers.
+fn reference(workers: u32) -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
     let spec = spec();
     let mut dense: Vec<Vec<f32>> = spec
         .dense
@@ -118,13 +124,13 @@ fn reference() -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
     for s in 0..STEPS {
         for (t, d) in spec.dense.iter().enumerate() {
             let mean: Vec<f32> = (0..dense[t].len())
-                .map(|i| (0..WORKERS).map(|w| grad(dense[t][i], w, s, i)).sum::<f32>() / WORKERS as f32)
+                .map(|i| (0..workers).map(|w| grad(dense[t][i], w, s, i)).sum::<f32>() / workers as f32)
                 .collect();
             d.optimizer.step(&mut dense[t], &mean, &mut dstate[t], s + 1);
         }
         // Every worker pulled the same rows at the start of the step.
         let mut sums: HashMap<u64, Vec<f32>> = HashMap::new();
-        for w in 0..WORKERS {
+        for w in 0..workers {
             for id in ids(w, s) {
                 let row = rows.entry(id).or_insert_with(|| new_row(id));
                 let g: Vec<f32> = row.0.iter().enumerate().map(|(i, v)| grad(*v, w, s, i)).collect();
@@ -133,7 +139,7 @@ fn reference() -> (Vec<Vec<f32>>, HashMap<u64, Vec<f32>>) {
             }
         }
         for (id, sum) in sums {
-            let mean: Vec<f32> = sum.iter().map(|g| g / WORKERS as f32).collect();
+            let mean: Vec<f32> = sum.iter().map(|g| g / workers as f32).collect();
             let (v, st, t) = rows.get_mut(&id).unwrap();
             *t += 1;
             table.optimizer.step(v, &mean, st, *t);
@@ -149,21 +155,47 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_equals_one_process_with_the_mean_gradient() {
-    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::Link).await;
+    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::Link, WORKERS).await;
+}
+
+/// Two workers: the servers hold both pushes as received and average them as the update reads
+/// them, `(a + b) * 0.5`, which rounds exactly as the reference's `(0 + a + b) / 2`; the dense
+/// tensors must come out bit for bit the same. (Sparse rows may not: a row pushed twice by
+/// each worker sums four terms in the order the pushes arrive.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_training_of_two_workers_equals_one_process_bit_for_bit() {
+    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::Link, 2).await;
 }
 
 /// The same over gRPC alone: the servers offer no tensor link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_over_grpc_equals_one_process() {
-    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::ServersOfferNoLink).await;
+    sync_training_equals_the_reference(
+        ServerConfig::default().inline_bytes,
+        Path::ServersOfferNoLink,
+        WORKERS,
+    )
+    .await;
 }
 
 /// The same with workers that do not use the link the servers offer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_with_workers_that_decline_the_link_equals_one_process() {
-    sync_training_equals_the_reference(ServerConfig::default().inline_bytes, Path::WorkersDeclineLink).await;
+    sync_training_equals_the_reference(
+        ServerConfig::default().inline_bytes,
+        Path::WorkersDeclineLink,
+        WORKERS,
+    )
+    .await;
 }
 
 /// How pushes and pulls travel.
@@ -178,26 +210,31 @@ enum Path {
 /// tensors take).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sync_training_on_the_blocking_pool_equals_one_process() {
-    sync_training_equals_the_reference(0, Path::Link).await;
+    sync_training_equals_the_reference(0, Path::Link, WORKERS).await;
 }
 
-async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path) {
+async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path, workers: u32) {
     init_tracing();
     let servers = start_shards(SHARDS, |s| {
-        let mut c = ServerConfig { inline_bytes, ..config(s, SHARDS, WORKERS, Mode::Sync) };
+        let mut c = ServerConfig { inline_bytes, ..config(s, SHARDS, workers, Mode::Sync) };
         c.transport.tensor_link = path != Path::ServersOfferNoLink;
         c
     })
     .await;
     let addrs = addrs(&servers);
     let link = path != Path::WorkersDeclineLink;
-    let handles: Vec<_> = (0..WORKERS).map(|w| tokio::spawn(run_worker(addrs.clone(), w, link))).collect();
+    let handles: Vec<_> =
+        (0..workers).map(|w| tokio::spawn(run_worker(addrs.clone(), w, workers, link))).collect();
     let mut results = Vec::new();
     for h in handles {
         results.push(h.await.unwrap());
     }
-    let (want_dense, want_rows) = reference();
+    let (want_dense, want_rows) = reference(workers);
     for (dense, rows) in &results {
+        if workers == 2 {
+            assert_same_bits("w1", &dense[0], &want_dense[0]);
+            assert_same_bits("b", &dense[1], &want_dense[1]);
+        }
         assert_close("w1", &dense[0], &want_dense[0]);
         assert_close("b", &dense[1], &want_dense[1]);
         assert_eq!(rows.len(), want_rows.len());
@@ -227,7 +264,7 @@ async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path) {
     assert!(text.contains(&format!("gradflow_ps_model_version {STEPS}")), "{text}");
     assert!(text.contains(&format!("gradflow_ps_sparse_rows {}", owner_counts[0])), "{text}");
     assert!(
-        text.contains(&format!("gradflow_ps_pushes_total{{result=\"ok\"}} {}", STEPS * WORKERS as u64)),
+        text.contains(&format!("gradflow_ps_pushes_total{{result=\"ok\"}} {}", STEPS * workers as u64)),
         "{text}"
     );
     // Pushes and pulls took the path asked for.
@@ -235,7 +272,7 @@ async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path) {
         let links = server.shard().metrics.link_connections.get();
         assert_eq!(server.shard().link_port != 0, path != Path::ServersOfferNoLink);
         if path == Path::Link {
-            assert!(links >= WORKERS as u64, "every worker used the link: {links} connections");
+            assert!(links >= workers as u64, "every worker used the link: {links} connections");
         } else {
             assert_eq!(links, 0, "no link connections");
         }

@@ -8,8 +8,8 @@ use gradflow_bench::{BenchConfig, Scenario};
 
 /// Measure what gradflow achieves on this machine, next to what the machine can do.
 ///
-/// Scenarios, in the order they run (defaults: about 2 minutes on 2 cores, at most
-/// 7 GiB of memory):
+/// Scenarios, in the order they run (defaults: about 70 s on 2 cores, at most 7 GiB of
+/// memory):
 ///
 ///   ceiling   raw TCP throughput over loopback between this process and a child (1 GiB in
 ///             4 MiB writes), the data in the cache and memory to memory (256 MiB buffers),
@@ -25,9 +25,9 @@ use gradflow_bench::{BenchConfig, Scenario};
 ///   sparse    pull and push of 10,000 random ids, rows of 16 and 64 floats, in a table of
 ///             10 million rows (Adagrad): rows per second. ~15 s
 ///
-///   update    Adam and Adagrad on 128 MiB of parameters: the kernel on one thread and the
-///             server's apply of a step on all cores, in GB/s of parameters and as a ratio
-///             to memcpy. ~4 s
+///   update    Adam and Adagrad on 128 MiB of parameters: the kernel on one thread, and the
+///             server's apply of a two-worker sync step (each push from its own buffer) on
+///             all cores, in GB/s of parameters and as a ratio to memcpy. ~4 s
 ///
 ///   training  the wide & deep model (1M hash buckets, embeddings of 8, MLP 64-32, Adagrad,
 ///             batch 256) on 300,000 synthetic rows: 1, 2 and 4 workers, sync and async, as
@@ -35,8 +35,8 @@ use gradflow_bench::{BenchConfig, Scenario};
 ///             this process with no servers (the overhead users pay). ~35 s
 ///
 /// The servers of dense, small and sparse run inside this process (each worker on its own
-/// thread and runtime, talking gRPC over loopback); ceiling and training cross real process
-/// boundaries. Every figure is the median of a few repetitions after a warm-up.
+/// thread and runtime, talking to them over loopback: the tensor link for pushes and pulls,
+/// gRPC for the rest); ceiling and training cross real process boundaries. Every figure is the median of a few repetitions after a warm-up.
 ///
 /// Progress goes to standard error; the table, then the JSON object (one line), to standard
 /// output. The elapsed time is in both.
