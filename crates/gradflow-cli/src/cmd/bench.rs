@@ -36,7 +36,8 @@ use gradflow_bench::{BenchConfig, Scenario};
 ///
 /// The servers of dense, small and sparse run inside this process (each worker on its own
 /// thread and runtime, talking to them over loopback: the tensor link for pushes and pulls,
-/// gRPC for the rest); ceiling and training cross real process boundaries. Every figure is the median of a few repetitions after a warm-up.
+/// gRPC for the rest); ceiling and training cross real process boundaries. Every figure is
+/// the median of a few repetitions after a warm-up.
 ///
 /// Progress goes to standard error; the table, then the JSON object (one line), to standard
 /// output. The elapsed time is in both.
