@@ -251,6 +251,13 @@ const ALONE_STEPS: u64 = 5;
 /// The cut ends here whatever happened (the assertions then say what did not).
 const MAX_CUT: Duration = Duration::from_secs(30);
 
+/// The first status sample from `cut_at` until before `until` in which shard 0 no longer counts
+/// worker 1 as live.
+fn dropped_after(samples: &[Sample], cut_at: Instant, until: Instant) -> Option<usize> {
+    let after_cut = samples.iter().position(|s| s.at >= cut_at)?;
+    samples[after_cut..].iter().position(|s| s.at < until && !s.live.contains(&1)).map(|i| after_cut + i)
+}
+
 /// A 2-worker sync wide & deep job with dynamic data sharding over small tasks and a 1 s
 /// heartbeat timeout.
 fn partition_job() -> String {
@@ -311,10 +318,7 @@ fn a_worker_cut_off_the_network_is_dropped_and_taken_back() {
     let cut_at = Instant::now();
     let gone_on_without_1 = || {
         let samples = watcher.lock().unwrap();
-        let after_cut = samples.iter().position(|s| s.at >= cut_at);
-        let dropped =
-            after_cut.and_then(|a| samples[a..].iter().position(|s| !s.live.contains(&1)).map(|d| a + d));
-        dropped.is_some_and(|d| {
+        dropped_after(&samples, cut_at, Instant::now()).is_some_and(|d| {
             let before = samples[d.saturating_sub(1)].version;
             samples.last().is_some_and(|s| s.version >= before + ALONE_STEPS)
         })
@@ -343,11 +347,7 @@ fn a_worker_cut_off_the_network_is_dropped_and_taken_back() {
 
     // (a) The job went on without worker 1: shard 0 dropped it from the quorum during the
     // cut and completed steps with worker 0 alone.
-    let after_cut = samples.iter().position(|s| s.at >= cut_at).expect("status samples after the cut");
-    let dropped = samples[after_cut..]
-        .iter()
-        .position(|s| s.at < heal_at && !s.live.contains(&1))
-        .map(|i| after_cut + i)
+    let dropped = dropped_after(&samples, cut_at, heal_at)
         .unwrap_or_else(|| panic!("worker 1 was never dropped during the cut:\n{story}"));
     let version_before_drop = samples[dropped - 1].version;
     let going_on = samples[dropped..]

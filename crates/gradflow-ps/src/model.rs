@@ -846,10 +846,7 @@ mod tests {
         assert_eq!(*p.params.read().unwrap().values, want);
         // Bytes that are not aligned for f32 are copied, not held; a whole push after them is
         // added to the sum.
-        let mut raw = vec![0u8];
-        codec::extend_f32s(&mut raw, &[2.0; 10]);
-        let odd = Bytes::from(raw).slice(1..);
-        p.accumulate_push(&[odd]);
+        p.accumulate_push(&[unaligned(&[2.0; 10])]);
         p.accumulate_push(&[whole(4.0)]);
         assert_eq!(held(), 0);
         m.apply_accumulated(2.0);
