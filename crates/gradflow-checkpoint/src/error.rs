@@ -71,6 +71,10 @@ pub enum CheckpointError {
     /// The exported file could not be written.
     #[error("exporting to `{path}` failed: {reason}")]
     Export { path: PathBuf, reason: String },
+    /// A shard gave the checkpoint up (its upload failed, or it went past the step without
+    /// taking it): the checkpoint will never be complete.
+    #[error("checkpoint `{checkpoint}` was abandoned by shard {shard}: {reason}")]
+    Abandoned { checkpoint: String, shard: u32, reason: String },
 }
 
 impl CheckpointError {

@@ -31,6 +31,12 @@ use crate::{CheckpointError, CheckpointInfo, checkpoint_dir_name, parse_checkpoi
 pub const LATEST: &str = "latest";
 /// Name of a checkpoint's (and a shard's) manifest.
 pub const MANIFEST: &str = "manifest.json";
+/// The marker a shard writes into its folder of a checkpoint it gives up
+/// ([`CheckpointStore::abandon`]); its content is the reason.
+pub const ABANDONED: &str = "ABANDONED";
+/// The folder, beside the checkpoints, where a stopping shard says at which step it stopped
+/// ([`CheckpointStore::mark_stopped`]).
+pub const STOPPED: &str = "stopped";
 /// The folder of a checkpoint's extra objects ([`CheckpointStore::put_extra`]).
 const EXTRA_DIR: &str = "extra";
 
@@ -377,10 +383,12 @@ impl CheckpointStore {
         // A manifest left by an earlier attempt at this shard would describe files that are
         // about to be replaced: remove it first, so that `finalize` waits for the new one.
         let shard_manifest = format!("{shard_dir}/{MANIFEST}");
-        match self.store.delete(&self.path(&shard_manifest)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(cause) => {
-                return Err(CheckpointError::Write { object: self.child_url(&shard_manifest), cause });
+        // So is a marker of an earlier attempt that gave this checkpoint up (a job restored
+        // from an older checkpoint reaches the step again).
+        for stale in [shard_manifest.clone(), format!("{shard_dir}/{ABANDONED}")] {
+            match self.store.delete(&self.path(&stale)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(cause) => return Err(CheckpointError::Write { object: self.child_url(&stale), cause }),
             }
         }
         let spec = &snap.spec;
@@ -521,6 +529,20 @@ impl CheckpointStore {
             if missing.is_empty() {
                 break;
             }
+            for &s in &missing {
+                if let Some(reason) = self.get_opt(&format!("{dir}/shard-{s}/{ABANDONED}")).await? {
+                    let reason = String::from_utf8_lossy(&reason[..reason.len().min(500)]).into_owned();
+                    return Err(CheckpointError::Abandoned { checkpoint, shard: s, reason });
+                }
+                if let Some(stopped) = self.get_opt(&format!("{STOPPED}/shard-{s}")).await?
+                    && let Some(at) =
+                        std::str::from_utf8(&stopped).ok().and_then(|t| t.trim().parse::<u64>().ok())
+                    && at != step
+                {
+                    let reason = format!("it stopped at step {at} and will not write step {step}");
+                    return Err(CheckpointError::Abandoned { checkpoint, shard: s, reason });
+                }
+            }
             let waited = started.elapsed();
             if waited >= timeout {
                 let first_missing = self.child_url(&format!("{dir}/shard-{}/{MANIFEST}", missing[0]));
@@ -650,6 +672,32 @@ impl CheckpointStore {
             let _ = std::fs::remove_dir_all(local.join(dir));
         }
         Ok(())
+    }
+
+    /// Gives shard `shard`'s part of checkpoint `step` up, saying why: [`CheckpointStore::finalize`]
+    /// of that step then fails at once with [`CheckpointError::Abandoned`] instead of waiting
+    /// for files that will not come. A later [`CheckpointStore::write_shard`] of the same step
+    /// and shard removes the marker.
+    pub async fn abandon(&self, step: u64, shard: u32, reason: &str) -> Result<(), CheckpointError> {
+        let rel = format!("{}/shard-{shard}/{ABANDONED}", checkpoint_dir_name(step));
+        self.put_small(&rel, Bytes::from(reason.to_string())).await
+    }
+
+    /// Says that shard `shard` stopped for good at model version `step` (a server shutting
+    /// down): a [`CheckpointStore::finalize`] of any other step then fails at once instead of
+    /// waiting for that shard's files. Cleared by [`CheckpointStore::clear_stopped`] when the
+    /// shard starts again.
+    pub async fn mark_stopped(&self, shard: u32, step: u64) -> Result<(), CheckpointError> {
+        self.put_small(&format!("{STOPPED}/shard-{shard}"), Bytes::from(step.to_string())).await
+    }
+
+    /// Removes shard `shard`'s [`CheckpointStore::mark_stopped`] marker (a shard starting).
+    pub async fn clear_stopped(&self, shard: u32) -> Result<(), CheckpointError> {
+        let rel = format!("{STOPPED}/shard-{shard}");
+        match self.store.delete(&self.path(&rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(cause) => Err(CheckpointError::Write { object: self.child_url(&rel), cause }),
+        }
     }
 
     /// Writes `data` as the extra object `name` of checkpoint `step` (for example the job's

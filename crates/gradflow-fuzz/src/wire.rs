@@ -608,6 +608,7 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         partition_bytes: 1024,
         num_shards: 2,
         shard: 1,
+        servers: vec![],
     };
     req(0, "declare", &|b| declare.encode(b).unwrap());
     req(1, "heartbeat", &|b| pb::HeartbeatRequest { worker: 3, step: 12 }.encode(b).unwrap());

@@ -1,20 +1,34 @@
 //! When a shard writes checkpoints, and restoring one at start.
 //!
 //! A checkpoint is taken between steps: the shard copies its model (a memcpy, on a blocking
-//! thread) and training goes on while the copy is written in the background. At most one
-//! upload is in flight; a checkpoint that falls due while one is still uploading is skipped
-//! (and logged), so memory stays bounded at one copy of the shard. Every shard writes its own
-//! files; shard 0 then waits for all of them and writes the manifest and the `latest` pointer
-//! (gradflow-checkpoint makes the order safe: a checkpoint without its manifest does not exist).
+//! thread) and training goes on while an uploader task writes the copy in the background.
+//! One copy uploads while at most one more waits; a checkpoint that falls due while one waits
+//! holds the step until there is room. A checkpoint is never skipped, so every shard writes
+//! every checkpoint it was asked for, and memory stays bounded at two copies of the shard.
 //!
-//! In sync mode all shards checkpoint the same model version (a consistent cut): the trigger
-//! is a function of the version. In async mode each shard checkpoints on its own.
+//! One decision per checkpoint for the whole job:
+//! - `every_steps` is a function of the model version, the same on every shard.
+//! - `every` (time): shard 0 alone watches the clock. When it is due, shard 0 picks a step a
+//!   little ahead and asks every shard for it (the `Checkpoint` RPC, at the addresses the
+//!   workers declared). A shard that has gone past that step already says so and gives its part
+//!   up; shard 0 then asks every shard again for a later step.
+//! - A shard that cannot write its part (an upload failed, a step passed) writes an abandon
+//!   marker ([`CheckpointStore::abandon`]): shard 0's finalize fails at once instead of waiting
+//!   `finalize_timeout` for files that will not come.
+//!
+//! Every shard writes its own files; shard 0 then waits for all of them and writes the manifest
+//! and the `latest` pointer (gradflow-checkpoint makes the order safe: a checkpoint without its
+//! manifest does not exist). Shard 0 finalizes on a task of its own, in order, so waiting for
+//! the other shards never holds its own uploads. Checkpoints that failed are remembered: the
+//! server reports them when it stops (and `gradflow ps` exits non-zero).
 
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
-use gradflow_checkpoint::{CheckpointStore, ShardSnapshot};
-use tokio::sync::watch;
+use gradflow_checkpoint::{CheckpointError, CheckpointStore, ShardSnapshot};
+use gradflow_core::Mode;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::CheckpointConfig;
@@ -31,6 +45,20 @@ pub const TASKS_EXTRA: &str = "data_tasks.json";
 /// stalls forever before the checkpoint is finalized, so that a test can kill it mid-write.
 pub const ENV_FAULT_STALL_UPLOAD: &str = "GRADFLOW_FAULT_STALL_UPLOAD";
 
+/// The run id the launcher gives every process of a run; written into checkpoint manifests.
+pub const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
+
+/// An abandon marker whose reason starts with this gives a checkpoint up in favour of a later
+/// one (a shard passed the step it was asked for): not a failure of the job.
+const SUPERSEDED: &str = "superseded";
+
+/// How long a stopping server waits for checkpoints still uploading or being finalized.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(20);
+
+/// How many times shard 0 asks every shard again for a later step before it gives a
+/// time-based checkpoint up.
+const COORDINATION_ATTEMPTS: u32 = 8;
+
 fn stall_at_from_env() -> Option<u64> {
     let first_attempt = std::env::var("GRADFLOW_ATTEMPT").map_or(true, |a| a.trim() == "0");
     let step = std::env::var(ENV_FAULT_STALL_UPLOAD).ok()?.trim().parse().ok()?;
@@ -38,52 +66,105 @@ fn stall_at_from_env() -> Option<u64> {
 }
 
 struct State {
-    /// Version of the last checkpoint taken (or restored).
+    /// Version of the last snapshot taken (or restored).
     last_version: u64,
     last_time: Instant,
     /// A requested checkpoint: taken when the version reaches this.
     requested: Option<u64>,
-    uploading: bool,
 }
+
+/// A snapshot on its way to storage, with the data-task progress of the same version.
+pub struct Upload {
+    snap: ShardSnapshot,
+    tasks: Option<SavedTasks>,
+}
+
+/// Room for one snapshot in the upload queue ([`Checkpointer::reserve`]).
+pub type Slot = mpsc::OwnedPermit<Upload>;
 
 pub struct Checkpointer {
     pub store: CheckpointStore,
     config: CheckpointConfig,
     shard: u32,
     num_shards: u32,
+    mode: Mode,
     state: Mutex<State>,
-    /// The version of the last checkpoint this shard finished writing.
+    /// The version of the last checkpoint this shard finished writing (shard 0: finalizing).
     written: watch::Sender<u64>,
-    /// Held while an upload runs, so shutdown can wait for it.
-    upload_lock: tokio::sync::Mutex<()>,
+    queue: mpsc::Sender<Upload>,
+    finalize_queue: mpsc::UnboundedSender<u64>,
+    /// Snapshots queued or uploading, and checkpoints waiting for their finalize.
+    busy: watch::Sender<usize>,
+    /// Checkpoints that failed in this run, with why.
+    failures: Mutex<Vec<String>>,
+    /// Every shard's address, in shard order, as the workers declared them; set once.
+    peers: OnceLock<Vec<String>>,
+    /// Shard 0: a time-based checkpoint is being agreed on with the other shards.
+    coordinating: AtomicBool,
+    /// The server is stopping: requested checkpoints that were not reached will not come.
+    stopping: AtomicBool,
     /// See [`ENV_FAULT_STALL_UPLOAD`].
     stall_at: Option<u64>,
-    mode: gradflow_core::Mode,
 }
 
 impl Checkpointer {
-    pub fn new(config: &ServerConfig, start_version: u64) -> Result<Option<Checkpointer>, PsError> {
+    /// The shard's checkpointer, with its uploader (and on shard 0 its finalizer) running.
+    pub fn new(config: &ServerConfig, start_version: u64) -> Result<Option<Arc<Checkpointer>>, PsError> {
         let Some(c) = &config.checkpoint else { return Ok(None) };
-        let store = CheckpointStore::open(&c.url).map_err(|e| PsError::Internal(e.to_string()))?;
-        Ok(Some(Checkpointer {
+        let store = CheckpointStore::open(&c.url)?;
+        let (queue, uploads) = mpsc::channel(1);
+        let (finalize_queue, finalizes) = mpsc::unbounded_channel();
+        let ck = Arc::new(Checkpointer {
             store,
             config: c.clone(),
             shard: config.shard,
             num_shards: config.num_shards,
+            mode: config.mode,
             state: Mutex::new(State {
                 last_version: start_version,
                 last_time: Instant::now(),
                 requested: None,
-                uploading: false,
             }),
             written: watch::channel(start_version).0,
-            mode: config.mode,
-            upload_lock: tokio::sync::Mutex::new(()),
+            queue,
+            finalize_queue,
+            busy: watch::channel(0).0,
+            failures: Mutex::new(Vec::new()),
+            peers: OnceLock::new(),
+            coordinating: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             stall_at: stall_at_from_env(),
-        }))
+        });
+        tokio::spawn(upload_loop(Arc::downgrade(&ck), uploads));
+        if config.shard == 0 {
+            tokio::spawn(finalize_loop(Arc::downgrade(&ck), finalizes));
+        }
+        Ok(Some(ck))
     }
 
-    /// Whether a checkpoint of `version` is due.
+    /// Records every shard's address (from a worker's declare); the first complete list wins.
+    pub fn set_peers(&self, servers: &[String]) {
+        if servers.len() == self.num_shards as usize && self.peers.set(servers.to_vec()).is_ok() {
+            info!(
+                ?servers,
+                "checkpoints: shard addresses known; time-based checkpoints are decided by shard 0"
+            );
+        }
+    }
+
+    /// The other shards' addresses, when shard 0 decides time-based checkpoints for the job.
+    pub fn peers(&self) -> Option<&[String]> {
+        self.peers.get().map(|p| p.as_slice())
+    }
+
+    /// This shard follows its own clock for `every`: it is alone, or nobody told it where the
+    /// other shards are (clients older than the `servers` field of DeclareSpec).
+    fn own_clock(&self) -> bool {
+        self.num_shards == 1 || self.peers.get().is_none()
+    }
+
+    /// Whether a checkpoint of `version` is due on this shard by steps, by a request, or by
+    /// its own clock (see [`Checkpointer::own_clock`]).
     pub fn due(&self, version: u64) -> bool {
         let s = self.state.lock().unwrap();
         if version <= s.last_version {
@@ -92,19 +173,39 @@ impl Checkpointer {
         // Sync: a requested checkpoint is of exactly that version, as on every other shard; a
         // shard that passed it without taking it says so to the caller (see `missed`).
         let requested = match (self.mode, s.requested) {
-            (gradflow_core::Mode::Sync, Some(r)) => version == r,
+            (Mode::Sync, Some(r)) => version == r,
             (_, Some(r)) => version >= r,
             (_, None) => false,
         };
         requested
             || self.config.every_steps.is_some_and(|n| version % n == 0)
-            || self.config.every.is_some_and(|t| s.last_time.elapsed() >= t)
+            || (self.own_clock() && self.config.every.is_some_and(|t| s.last_time.elapsed() >= t))
+    }
+
+    /// Shard 0 of a job whose shards know each other: whether the job's time-based checkpoint
+    /// is due, and if so claims the right to agree on its step (see [`coordinate`]).
+    pub fn claim_time_checkpoint(&self) -> bool {
+        if self.shard != 0 || self.own_clock() {
+            return false;
+        }
+        let Some(every) = self.config.every else { return false };
+        let due = self.state.lock().unwrap().last_time.elapsed() >= every;
+        due && !self.coordinating.swap(true, Ordering::AcqRel)
     }
 
     /// Asks for a checkpoint when the model reaches `version`, replacing an earlier request
     /// (a caller that found one shard past its first choice asks all of them again).
     pub fn request(&self, version: u64) {
         self.state.lock().unwrap().requested = Some(version);
+    }
+
+    /// The server stops: checkpoint requests not reached yet are answered as such.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// The version of the last checkpoint this shard has finished writing.
@@ -118,19 +219,16 @@ impl Checkpointer {
         version > target && self.state.lock().unwrap().last_version < target
     }
 
-    /// Waits until this shard has written a checkpoint of at least `version`.
-    pub async fn wait_written(&self, version: u64, timeout: std::time::Duration) -> Result<u64, PsError> {
-        let mut rx = self.written.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|v| *v >= version)).await {
-            Ok(Ok(v)) => Ok(*v),
-            Ok(Err(_)) => Err(PsError::ShuttingDown),
-            Err(_) => Err(PsError::WaitTimeout(timeout)),
-        }
+    /// The version of the last snapshot this shard took.
+    pub fn last_taken(&self) -> u64 {
+        self.state.lock().unwrap().last_version
     }
 
-    /// Waits until no upload is running.
-    pub async fn wait_idle(&self) {
-        let _ = self.upload_lock.lock().await;
+    /// Waits until no snapshot is queued or uploading and no finalize is pending, or
+    /// `timeout` passed; says whether it is idle.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let mut rx = self.busy.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// The model changed since the last checkpoint.
@@ -142,80 +240,190 @@ impl Checkpointer {
         self.config.on_shutdown
     }
 
-    /// Copies `model` at `version` if no upload is in flight; the caller is on a blocking
-    /// thread between steps.
-    pub fn take(&self, model: &ShardModel, version: u64, mode: gradflow_core::Mode) -> Option<ShardSnapshot> {
+    /// Room in the upload queue: waits while one snapshot uploads and another waits. Reserve
+    /// before taking a snapshot, so at most two copies of the shard exist at once.
+    pub async fn reserve(&self) -> Result<Slot, PsError> {
+        self.queue.clone().reserve_owned().await.map_err(|_| PsError::ShuttingDown)
+    }
+
+    /// Copies `model` at `version` into `slot`; the caller is on a blocking thread between
+    /// steps and has checked [`Checkpointer::due`] (or is forced).
+    pub fn take(&self, slot: Slot, model: &ShardModel, version: u64, tasks: Option<SavedTasks>) {
         let mut s = self.state.lock().unwrap();
-        if s.uploading {
-            warn!(version, "checkpoint skipped: the previous one is still uploading");
-            return None;
-        }
-        // Async shards reach a due version at different moments, and one may pass it while
-        // an upload is in flight: name the checkpoint after the version that was due, so that
-        // every shard writes into the same checkpoint. (Sync shards snapshot exactly there.)
-        let name = match (mode, s.requested, self.config.every_steps) {
-            (gradflow_core::Mode::Async, Some(r), _) if version >= r && r > s.last_version => r,
-            (gradflow_core::Mode::Async, _, Some(n)) if version - version % n > s.last_version => {
-                version - version % n
-            }
+        // Async shards reach a due version at different moments: name the checkpoint after
+        // the version that was due, so that every shard writes into the same checkpoint.
+        // (Sync shards snapshot exactly there.)
+        let name = match (self.mode, s.requested, self.config.every_steps) {
+            (Mode::Async, Some(r), _) if version >= r && r > s.last_version => r,
+            (Mode::Async, _, Some(n)) if version - version % n > s.last_version => version - version % n,
             _ => version,
         };
-        s.uploading = true;
         s.last_version = version;
         s.last_time = Instant::now();
         if s.requested.is_some_and(|r| version >= r) {
             s.requested = None;
         }
         drop(s);
-        Some(model.snapshot(name, mode))
+        let snap = model.snapshot(name, self.mode);
+        self.busy.send_modify(|n| *n += 1);
+        slot.send(Upload { snap, tasks });
     }
 
-    /// Writes a snapshot taken by [`Checkpointer::take`], and with it `tasks`, the data-task
-    /// progress at the same model version (shard 0 of a job with dynamic data sharding);
-    /// shard 0 also finalizes the checkpoint.
-    pub async fn upload(
-        self: &Arc<Self>,
-        snap: ShardSnapshot,
-        tasks: Option<SavedTasks>,
-    ) -> Result<(), PsError> {
+    /// Gives this shard's part of checkpoint `step` up (best effort), so that shard 0 does not
+    /// wait for it; `superseded` when a later checkpoint replaces it (not a failure).
+    pub async fn give_up(&self, step: u64, reason: &str, superseded: bool) {
+        let reason = if superseded { format!("{SUPERSEDED}: {reason}") } else { reason.to_string() };
+        if let Err(e) = self.store.abandon(step, self.shard, &reason).await {
+            warn!(step, error = %e, "could not mark the checkpoint as given up; shard 0 waits for it until finalize_timeout");
+        }
+    }
+
+    /// Remembers a failed checkpoint, for the server's exit.
+    fn failed(&self, step: u64, error: &dyn std::fmt::Display) {
+        error!(step, error = %error, "checkpoint failed; the previous one stays the latest");
+        self.failures.lock().unwrap().push(format!("step {step}: {error}"));
+    }
+
+    /// Remembers a checkpoint that could not be agreed on or written (see [`Checkpointer::failures`]).
+    pub fn record_failure(&self, step: u64, error: &dyn std::fmt::Display) {
+        self.failed(step, error);
+    }
+
+    /// The checkpoints that failed in this run.
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Writes one snapshot; shard 0 hands the checkpoint on to its finalizer.
+    async fn upload(&self, job: Upload) {
+        let Upload { snap, tasks } = job;
         let version = snap.version;
         let started = Instant::now();
-        let _uploading = self.upload_lock.lock().await;
         let result = async {
-            self.store.write_shard(version, &snap).await.map_err(|e| PsError::Internal(e.to_string()))?;
+            self.store.write_shard(version, &snap).await?;
             drop(snap);
             if let Some(tasks) = tasks {
                 let json = serde_json::to_vec(&tasks).expect("task state serializes");
-                self.store
-                    .put_extra(version, TASKS_EXTRA, json)
-                    .await
-                    .map_err(|e| PsError::Internal(e.to_string()))?;
+                self.store.put_extra(version, TASKS_EXTRA, json).await?;
             }
-            if self.stall_at == Some(version) {
-                warn!(step = version, "{ENV_FAULT_STALL_UPLOAD}: stalling this checkpoint's upload forever");
-                std::future::pending::<()>().await;
-            }
-            if self.shard == 0 {
-                self.store
-                    .finalize(version, self.num_shards, self.config.keep, self.config.finalize_timeout)
-                    .await
-                    .map_err(|e| PsError::Internal(e.to_string()))?;
-            }
-            Ok::<_, PsError>(())
+            Ok::<_, CheckpointError>(())
         }
         .await;
-        self.state.lock().unwrap().uploading = false;
-        match &result {
+        if self.stall_at == Some(version) {
+            warn!(step = version, "{ENV_FAULT_STALL_UPLOAD}: stalling this checkpoint's upload forever");
+            std::future::pending::<()>().await;
+        }
+        match result {
+            Ok(()) if self.shard == 0 => {
+                // Finalized in order on its own task; `busy` goes down there.
+                let _ = self.finalize_queue.send(version);
+                return;
+            }
             Ok(()) => {
-                info!(step = version, elapsed = ?started.elapsed(), "checkpoint written");
+                info!(step = version, elapsed = ?started.elapsed(), "checkpoint files written");
                 self.written.send_modify(|v| *v = (*v).max(version));
             }
             Err(e) => {
-                error!(step = version, error = %e, "checkpoint failed; the previous one stays the latest")
+                self.failed(version, &e);
+                self.give_up(version, &format!("shard {} could not write its files: {e}", self.shard), false)
+                    .await;
             }
         }
-        result
+        self.busy.send_modify(|n| *n -= 1);
     }
+
+    /// Shard 0: completes checkpoint `step` once every shard's files are there.
+    async fn finalize(&self, step: u64) {
+        let started = Instant::now();
+        let result =
+            self.store.finalize(step, self.num_shards, self.config.keep, self.config.finalize_timeout).await;
+        match result {
+            Ok(_) => {
+                info!(step, elapsed = ?started.elapsed(), "checkpoint written");
+                self.written.send_modify(|v| *v = (*v).max(step));
+            }
+            Err(CheckpointError::Abandoned { reason, shard, .. }) if reason.starts_with(SUPERSEDED) => {
+                info!(step, shard, reason, "checkpoint given up for a later one");
+            }
+            Err(e) => self.failed(step, &e),
+        }
+        self.busy.send_modify(|n| *n -= 1);
+    }
+}
+
+async fn upload_loop(ck: Weak<Checkpointer>, mut uploads: mpsc::Receiver<Upload>) {
+    while let Some(job) = uploads.recv().await {
+        let Some(ck) = ck.upgrade() else { return };
+        ck.upload(job).await;
+    }
+}
+
+async fn finalize_loop(ck: Weak<Checkpointer>, mut steps: mpsc::UnboundedReceiver<u64>) {
+    while let Some(step) = steps.recv().await {
+        let Some(ck) = ck.upgrade() else { return };
+        ck.finalize(step).await;
+    }
+}
+
+/// Shard 0: agrees with every other shard on the step of a time-based checkpoint and asks each
+/// for it. A shard that has passed the chosen step already answers with its version; every
+/// shard is then asked again for a step further ahead (the first choice's files are given up).
+/// `target` is the first choice, which the caller has already requested on shard 0 (before
+/// shard 0 can pass it); `ask` asks shard `s` for a checkpoint of a step and answers with the
+/// shard's version when it had passed it.
+pub async fn coordinate<F, Fut>(ck: &Checkpointer, mut target: u64, ask: F)
+where
+    F: Fn(u32, u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), AskError>>,
+{
+    for attempt in 0..COORDINATION_ATTEMPTS {
+        ck.request(target);
+        let answers = futures::future::join_all((1..ck.num_shards).map(|s| ask(s, target))).await;
+        let mut passed = None;
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Ok(()) => {}
+                Err(AskError::Passed(current)) => passed = Some(passed.unwrap_or(0).max(current)),
+                // The job ended before the step: the last checkpoint replaces this one.
+                Err(AskError::Stopping) => {
+                    ck.coordinating.store(false, Ordering::Release);
+                    return;
+                }
+                Err(AskError::Failed(_)) if ck.stopping() => {
+                    ck.coordinating.store(false, Ordering::Release);
+                    return;
+                }
+                Err(AskError::Failed(message)) => {
+                    ck.record_failure(target, &format!("shard {} could not take it: {message}", i + 1));
+                    ck.coordinating.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        let Some(current) = passed else {
+            ck.coordinating.store(false, Ordering::Release);
+            return;
+        };
+        // Steps may be faster than a round trip: look further ahead each time.
+        let next = current.max(target) + (2u64 << attempt.min(16));
+        info!(
+            step = target,
+            next, "a shard had passed the checkpoint's step; asking every shard for a later one"
+        );
+        target = next;
+    }
+    ck.record_failure(target, &format!("no step agreed on after {COORDINATION_ATTEMPTS} attempts"));
+    ck.coordinating.store(false, Ordering::Release);
+}
+
+/// Why a shard did not take a checkpoint it was asked for (see [`coordinate`]).
+#[derive(Debug)]
+pub enum AskError {
+    /// It had passed the step already; its version.
+    Passed(u64),
+    /// It is stopping before it reached the step.
+    Stopping,
+    Failed(String),
 }
 
 /// What a shard starts from when it restores a checkpoint.
@@ -232,24 +440,17 @@ pub async fn restore(config: &ServerConfig, which: &str) -> Result<Restored, PsE
         Some(c) if !which.contains("://") => (CheckpointStore::open(&c.url), which.to_string()),
         _ => (CheckpointStore::open(which), which.to_string()),
     };
-    let store = store.map_err(|e| PsError::Internal(e.to_string()))?;
-    let manifest = store.resolve(&which).await.map_err(|e| PsError::Internal(e.to_string()))?;
-    let snap = store
-        .load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes)
-        .await
-        .map_err(|e| PsError::Internal(e.to_string()))?;
+    let store = store?;
+    let manifest = store.resolve(&which).await?;
+    let snap = store.load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes).await?;
     let version = snap.version;
     let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap))
         .await
         .map_err(|e| PsError::Internal(e.to_string()))??;
     let tasks = match config.shard {
-        0 => match store
-            .get_extra(&manifest, TASKS_EXTRA)
-            .await
-            .map_err(|e| PsError::Internal(e.to_string()))?
-        {
+        0 => match store.get_extra(&manifest, TASKS_EXTRA).await? {
             Some(json) => Some(serde_json::from_slice(&json).map_err(|e| {
-                PsError::Internal(format!("{TASKS_EXTRA} of checkpoint {}: {e}", manifest.url()))
+                PsError::Checkpoint(format!("{TASKS_EXTRA} of checkpoint {}: {e}", manifest.url()))
             })?),
             None => None,
         },

@@ -133,6 +133,12 @@ impl Coordinator {
         (0..s.workers.len() as u32).filter(|&w| is_active(&s.workers[w as usize])).collect()
     }
 
+    /// When a request last came from any worker still in the job; `None` if none is.
+    pub fn last_heard(&self) -> Option<Instant> {
+        let s = self.state.lock().unwrap();
+        s.workers.iter().filter(|w| w.seen && w.live && !w.left).map(|w| w.last_seen).max()
+    }
+
     /// Indices of workers still in the job: heartbeating and not departed, paused or not.
     pub fn alive_workers(&self) -> Vec<u32> {
         let s = self.state.lock().unwrap();
@@ -336,6 +342,20 @@ impl Coordinator {
         drop(s);
         self.notify();
         v
+    }
+
+    /// Sync, at shutdown: completes the open step with the pushes that arrived, as if its
+    /// other workers had been dropped. Workers stopped mid-push reach some shards and not
+    /// others; the shards they reached completed the step, and this shard must reach the same
+    /// version for the job's last checkpoint. `None` when no push for the open step arrived.
+    pub fn complete_open_step(&self) -> Option<StepTicket> {
+        let mut s = self.state.lock().unwrap();
+        if self.mode != Mode::Sync || s.applying || s.arriving > 0 || !s.arrived.iter().any(|a| *a) {
+            return None;
+        }
+        s.applying = true;
+        let divisor = s.arrived.iter().filter(|a| **a).count() as u32;
+        Some(StepTicket { divisor, step: s.version })
     }
 
     /// Stops every waiter (shutdown).

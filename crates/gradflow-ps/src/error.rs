@@ -54,10 +54,25 @@ pub enum PsError {
     NotTaskShard(u32),
     #[error("no data tasks declared yet: a worker must call DeclareTasks first")]
     NoTasks,
+    /// A checkpoint could not be read, written or used (the store's error, as it is).
+    #[error("{0}")]
+    Checkpoint(String),
+    /// Checkpoints this run was asked for did not complete.
+    #[error("{} checkpoint(s) failed: {}", .0.len(), .0.join("; "))]
+    CheckpointsFailed(Vec<String>),
+    /// An address could not be bound (in use, not this machine's).
+    #[error("cannot listen {what} on {addr}: {source}")]
+    Bind { what: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<gradflow_checkpoint::CheckpointError> for PsError {
+    fn from(e: gradflow_checkpoint::CheckpointError) -> PsError {
+        PsError::Checkpoint(e.to_string())
+    }
 }
 
 impl From<PsError> for Status {
@@ -80,11 +95,17 @@ impl From<PsError> for Status {
             | PsError::NonFinite(_)
             | PsError::UnknownWorker { .. } => Code::InvalidArgument,
             PsError::WaitTimeout(_) => Code::DeadlineExceeded,
+            PsError::Checkpoint(_) | PsError::CheckpointsFailed(_) | PsError::Bind { .. } => {
+                Code::FailedPrecondition
+            }
             PsError::ShuttingDown => Code::Unavailable,
             PsError::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, e.to_string());
-        if let PsError::StaleStep { current, .. } | PsError::Rewind { current, .. } = e {
+        if let PsError::StaleStep { current, .. }
+        | PsError::Rewind { current, .. }
+        | PsError::CheckpointPassed { current, .. } = e
+        {
             // Lets a worker that fell behind resynchronise without another round trip.
             status.metadata_mut().insert(VERSION_METADATA, current.into());
         }

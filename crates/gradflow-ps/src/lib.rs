@@ -9,7 +9,8 @@
 //! - [`push`]: a push is validated whole before any of it is applied.
 //! - [`model`]: the parameters this shard holds, dense pieces and sparse rows, and the math.
 //! - [`tasks`]: dynamic data sharding, the queue of data tasks shard 0 hands out.
-//! - [`checkpointing`]: when a shard writes checkpoints, and restoring one at start.
+//! - [`checkpointing`]: when a shard writes checkpoints, and restoring one at start; `peer`:
+//!   shard 0 asking the other shards for a checkpoint.
 //! - [`metrics`]: Prometheus counters.
 //! - [`error`]: [`PsError`] and its mapping to gRPC status codes.
 
@@ -20,6 +21,7 @@ pub mod error;
 pub mod link;
 pub mod metrics;
 pub mod model;
+mod peer;
 pub mod push;
 pub mod server;
 pub mod service;

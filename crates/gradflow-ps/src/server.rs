@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
+use crate::checkpointing::{Checkpointer, SHUTDOWN_WAIT};
 use crate::service::{Service, Shard};
 use crate::{PsError, ServerConfig};
 
@@ -80,16 +81,15 @@ pub async fn start(
             .tls_config(tls)
             .map_err(|e| PsError::InvalidArgument(format!("the TLS settings do not work: {e}")))?;
     }
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| PsError::Internal(format!("cannot listen on {addr}: {e}")))?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| PsError::Bind { what: "for gRPC", addr, source })?;
     let addr = listener.local_addr().map_err(|e| PsError::Internal(e.to_string()))?;
     let metrics_listener = match metrics_addr {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| PsError::Internal(format!("cannot listen for metrics on {a}: {e}")))?,
-        ),
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|source| PsError::Bind {
+            what: "for metrics",
+            addr: a,
+            source,
+        })?),
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -101,18 +101,29 @@ pub async fn start(
     // the job's tensors in the clear.
     let link_listener = if config.transport.tensor_link && config.tls.is_none() {
         let a = SocketAddr::new(addr.ip(), config.link_port);
-        Some(
-            TcpListener::bind(a)
-                .await
-                .map_err(|e| PsError::Internal(format!("cannot listen for the tensor link on {a}: {e}")))?,
-        )
+        Some(TcpListener::bind(a).await.map_err(|source| PsError::Bind {
+            what: "for the tensor link",
+            addr: a,
+            source,
+        })?)
     } else {
         None
     };
     let mut shard = Shard::new(config, restored)?;
     shard.link_port = link_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or(0, |a| a.port());
     let shard = Arc::new(shard);
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, asked_rx) = watch::channel(false);
+    // Serving stops once pushes have settled after the stop was asked for (see `settle`).
+    let (serving_stop, stop_rx) = watch::channel(false);
+    tokio::spawn({
+        let shard = shard.clone();
+        let mut asked = asked_rx;
+        async move {
+            let _ = asked.wait_for(|s| *s).await;
+            settle(&shard).await;
+            let _ = serving_stop.send(true);
+        }
+    });
 
     let reaper = tokio::spawn(reap_loop(shard.clone(), stop_rx.clone()));
     if let Some(l) = metrics_listener {
@@ -147,26 +158,98 @@ pub async fn start(
     // The builder's tcp_nodelay only applies to listeners tonic binds itself; without it,
     // the last frame of every streamed reply waits for a delayed ACK (about 40ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    if let Some(ck) = &shard.checkpointer {
+        // A marker of this shard's last stop would make shard 0 give up every checkpoint.
+        ck.store.clear_stopped(shard.config.shard).await?;
+    }
     let task = tokio::spawn(async move {
         let mut rx = stop_rx;
-        let res = router
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await;
+        let mut drain = rx.clone();
+        let checkpointer = s2.checkpointer.clone();
+        let serve = router.serve_with_incoming_shutdown(incoming, async move {
+            let _ = rx.wait_for(|s| *s).await;
+            if let Some(ck) = checkpointer {
+                ck.stop();
+            }
+        });
+        // Stopping waits for open connections to finish; one that carries no call (an idle
+        // stranger, a client that only sent the HTTP/2 preface) would hold it forever.
+        let res = tokio::select! {
+            res = serve => res,
+            _ = async {
+                let _ = drain.wait_for(|s| *s).await;
+                tokio::time::sleep(DRAIN_TIMEOUT).await;
+            } => {
+                warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after stopping; closing them");
+                Ok(())
+            }
+        };
         s2.coord.close();
         reaper.abort();
+        let mut result = res.map_err(|e| PsError::Internal(format!("gRPC server failed: {e}")));
         if let Some(ck) = s2.checkpointer.clone() {
-            ck.wait_idle().await;
-            let v = s2.coord.version();
-            if ck.on_shutdown() && ck.stale(v) && s2.coord.between_steps() {
-                info!(step = v, "writing a last checkpoint before stopping");
-                s2.checkpoint_if_due(v, true, true).await;
+            if let Err(e) = last_checkpoint(&s2, &ck).await {
+                error!(error = %e, "the last checkpoint failed");
+            }
+            let failures = ck.failures();
+            if result.is_ok() && !failures.is_empty() {
+                result = Err(PsError::CheckpointsFailed(failures));
             }
         }
-        res.map_err(|e| PsError::Internal(format!("gRPC server failed: {e}")))
+        result
     });
     Ok(RunningServer { addr, metrics_addr, shard, stop, task })
+}
+
+/// A stopping server goes on serving until no worker was heard from for this long (at most
+/// `SETTLE_MAX`).
+pub const SETTLE_QUIET: Duration = Duration::from_millis(300);
+pub const SETTLE_MAX: Duration = Duration::from_millis(1500);
+
+/// Waits, before a stopping server stops serving, until its workers have gone quiet: the
+/// launcher stops every process at once, and pushes still on their way to this shard must land
+/// (or the step they complete on the other shards would be missing here).
+async fn settle(shard: &Shard) {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < SETTLE_MAX {
+        if shard.coord.last_heard().is_none_or(|t| t.elapsed() >= SETTLE_QUIET) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long a stopping server waits for open connections before it closes them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes the checkpoint a stopping shard owes: the open sync step completed with what
+/// arrived, then (with `on_shutdown`) a last checkpoint of the model if it changed since the
+/// previous one, and everything uploaded and finalized (up to `SHUTDOWN_WAIT`).
+async fn last_checkpoint(shard: &Arc<Shard>, ck: &Arc<Checkpointer>) -> Result<(), PsError> {
+    if let Some(ticket) = shard.coord.complete_open_step() {
+        info!(
+            step = ticket.step,
+            pushes = ticket.divisor,
+            "completing the open step with the pushes that arrived"
+        );
+        shard.complete_step(ticket).await?;
+    }
+    let v = shard.coord.version();
+    if shard.model().is_ok() {
+        // Shard 0 need not wait for any other step from this shard.
+        ck.store.mark_stopped(shard.config.shard, v).await?;
+        if ck.on_shutdown() && ck.stale(v) && shard.coord.between_steps() {
+            info!(step = v, "writing a last checkpoint before stopping");
+            shard.checkpoint_if_due(v, true).await;
+        }
+    }
+    if !ck.wait_idle(SHUTDOWN_WAIT).await {
+        ck.record_failure(
+            v,
+            &format!("still uploading or finalizing {SHUTDOWN_WAIT:?} after the server stopped"),
+        );
+    }
+    Ok(())
 }
 
 /// Serves until `signal` resolves (e.g. SIGTERM or Ctrl-C), then shuts down gracefully.

@@ -58,7 +58,7 @@ impl Shard {
         if restored.is_some() {
             coord.restore(version);
         }
-        let checkpointer = Checkpointer::new(&config, version)?.map(Arc::new);
+        let checkpointer = Checkpointer::new(&config, version)?;
         let metrics = Metrics::default();
         metrics.version.set(version as i64);
         Ok(Shard {
@@ -92,28 +92,42 @@ impl Shard {
     }
 
     /// Takes a checkpoint now if one is due at `version` (or `force`), on a blocking thread,
-    /// and uploads it in the background (or, with `wait`, before returning).
-    pub async fn checkpoint_if_due(self: &Arc<Self>, version: u64, force: bool, wait: bool) {
+    /// and queues it for upload; waits while the upload queue is full.
+    pub async fn checkpoint_if_due(self: &Arc<Self>, version: u64, force: bool) {
         let (Some(ck), Ok(model)) = (self.checkpointer.clone(), self.model()) else { return };
         if !(force || ck.due(version)) {
             return;
         }
-        let mode = self.config.mode;
-        let ck2 = ck.clone();
+        let Ok(slot) = ck.reserve().await else { return };
         let shard = self.clone();
-        let Ok(Some((snap, tasks))) =
-            blocking(move || ck2.take(&model, version, mode).map(|snap| (snap, shard.tasks_state()))).await
-        else {
+        let _ = blocking(move || {
+            // Another push may have taken it while this one waited for room.
+            if force || ck.due(version) {
+                ck.take(slot, &model, version, shard.tasks_state());
+            }
+        })
+        .await;
+    }
+
+    /// Shard 0: starts agreeing on a time-based checkpoint with the other shards when one is
+    /// due (see `checkpointing::coordinate`).
+    fn coordinate_if_due(self: &Arc<Self>) {
+        let Some(ck) = self.checkpointer.clone() else { return };
+        if !ck.claim_time_checkpoint() {
             return;
-        };
-        let upload = async move {
-            let _ = ck.upload(snap, tasks).await;
-        };
-        if wait {
-            upload.await;
-        } else {
-            tokio::spawn(upload);
         }
+        let Some(peers) = ck.peers().map(|p| p.to_vec()) else { return };
+        // Two steps ahead: no shard can be past it yet (a shard completes a step only after
+        // every worker pulled shard 0's model of the step before).
+        let target = self.coord.version() + 2;
+        ck.request(target);
+        let token = self.config.token.clone();
+        tokio::spawn(async move {
+            crate::checkpointing::coordinate(&ck, target, |s, target| {
+                crate::peer::ask_checkpoint(peers[s as usize].clone(), token.clone(), target)
+            })
+            .await;
+        });
     }
 
     /// The declared model, or `NotDeclared`.
@@ -142,28 +156,29 @@ impl Shard {
         let started = Instant::now();
         let divisor = ticket.divisor as f32;
         let (step, ck) = (ticket.step, self.checkpointer.clone());
-        let mode = self.config.mode;
         // The snapshot is taken before the version moves on, so no push of the next step can
         // be in it: every shard's checkpoint of a version holds the same model.
         let shard = self.clone();
+        // Room in the upload queue first: a checkpoint is never skipped, so a step that falls
+        // due while the queue is full waits for it (every shard must write every checkpoint).
+        let slot = match ck.as_ref().filter(|c| c.due(step + 1)) {
+            Some(c) => Some(c.reserve().await?),
+            None => None,
+        };
         // A checkpoint's snapshot copies the whole shard: never on a runtime thread.
-        let due = ck.as_ref().is_some_and(|c| c.due(step + 1));
-        let bytes = if due { u64::MAX } else { model.accumulated_bytes() };
-        let snapshot = offload(bytes, self.config.inline_bytes, move || {
+        let bytes = if slot.is_some() { u64::MAX } else { model.accumulated_bytes() };
+        offload(bytes, self.config.inline_bytes, move || {
             model.apply_accumulated(divisor);
-            let snap = ck.filter(|c| c.due(step + 1)).and_then(|c| c.take(&model, step + 1, mode));
-            snap.map(|snap| (snap, shard.tasks_state()))
+            if let (Some(c), Some(slot)) = (ck, slot) {
+                c.take(slot, &model, step + 1, shard.tasks_state());
+            }
         })
         .await?;
         debug!(step = ticket.step, workers = ticket.divisor, elapsed = ?started.elapsed(), "step applied");
         self.coord.finish_step(ticket);
         self.metrics.steps.inc();
         self.metrics.version.set(self.coord.version() as i64);
-        if let (Some((snap, tasks)), Some(ck)) = (snapshot, self.checkpointer.clone()) {
-            tokio::spawn(async move {
-                let _ = ck.upload(snap, tasks).await;
-            });
-        }
+        self.coordinate_if_due();
         Ok(())
     }
 
@@ -225,6 +240,9 @@ impl gradflow_proto::ParameterServer for Service {
         })?;
         spec.validate().map_err(|e| PsError::InvalidSpec(e.to_string()))?;
         shard.touch(req.worker)?;
+        if let Some(ck) = &shard.checkpointer {
+            ck.set_peers(&req.servers);
+        }
 
         let _guard = shard.declare_lock.lock().await;
         if let Some(existing) = shard.declared() {
@@ -376,12 +394,19 @@ impl gradflow_proto::ParameterServer for Service {
         // says so, so that the caller asks every shard for a later step instead.
         let version = shard.coord.version();
         if shard.config.mode == Mode::Sync && version > target {
+            if ck.missed(target, version) {
+                let reason = format!(
+                    "shard {} was at step {version} when step {target} was asked for",
+                    shard.config.shard
+                );
+                ck.give_up(target, &reason, true).await;
+            }
             return Err(PsError::CheckpointPassed { requested: target, current: version }.into());
         }
         ck.request(target);
         let version = shard.coord.version();
         if version >= target && shard.coord.between_steps() {
-            shard.checkpoint_if_due(version, true, false).await;
+            shard.checkpoint_if_due(version, true).await;
         }
         // Until written; in sync mode the shard may also have passed the step before the
         // request was in (a step completing meanwhile), which the caller must hear about.
@@ -393,7 +418,15 @@ impl gradflow_proto::ParameterServer for Service {
             }
             let version = shard.coord.version();
             if shard.config.mode == Mode::Sync && ck.missed(target, version) {
+                let reason = format!(
+                    "shard {} was at step {version} when step {target} was asked for",
+                    shard.config.shard
+                );
+                ck.give_up(target, &reason, true).await;
                 return Err(PsError::CheckpointPassed { requested: target, current: version }.into());
+            }
+            if ck.stopping() {
+                return Err(PsError::ShuttingDown.into());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(PsError::WaitTimeout(shard.config.wait_timeout).into());
@@ -662,7 +695,8 @@ impl Service {
                 record_progress(&shard);
                 let v = shard.coord.applied_async(worker, step);
                 shard.metrics.version.set(v as i64);
-                shard.checkpoint_if_due(v, false, false).await;
+                shard.checkpoint_if_due(v, false).await;
+                shard.coordinate_if_due();
                 Ok(v)
             }
         }

@@ -379,6 +379,7 @@ impl Worker {
         let n = self.clients.len() as u32;
         let me = self.config.worker;
         let pbytes = self.config.partition_bytes;
+        let servers = &self.config.servers;
         try_join_all((0..self.clients.len()).map(|shard| {
             let json = json.clone();
             self.call(shard, "DeclareSpec", move |mut c| {
@@ -388,6 +389,7 @@ impl Worker {
                     partition_bytes: pbytes,
                     num_shards: n,
                     shard: shard as u32,
+                    servers: servers.clone(),
                 };
                 async move { c.declare_spec(req).await }
             })

@@ -216,6 +216,7 @@ async fn bad_input_is_refused_with_its_status_and_changes_nothing() {
             partition_bytes: 4 << 20,
             num_shards: 1,
             shard: 0,
+            servers: vec![],
         })
         .await
         .unwrap_err();
@@ -228,6 +229,7 @@ async fn bad_input_is_refused_with_its_status_and_changes_nothing() {
             partition_bytes: 4 << 20,
             num_shards: 2,
             shard: 1,
+            servers: vec![],
         })
         .await
         .unwrap_err();
