@@ -261,13 +261,37 @@ impl Lease {
     /// Gives the lease up. An object-store lease is marked released (naming this run as the
     /// last one) unless it was lost meanwhile.
     pub async fn release(self) -> Result<(), LeaseError> {
-        let Lease { url: _, kind } = self;
+        self.release_as(None).await
+    }
+
+    /// Gives the lease up leaving `last` recorded as the last holder instead of this run (for
+    /// a run that was refused before it wrote anything): `Some(previous)` puts the holder
+    /// before it back, `None` leaves no holder recorded.
+    pub async fn release_restoring(self, last: Option<&Holder>) -> Result<(), LeaseError> {
+        self.release_as(Some(last)).await
+    }
+
+    async fn release_as(self, last: Option<Option<&Holder>>) -> Result<(), LeaseError> {
+        let Lease { url, kind } = self;
+        if let (Kind::Local { _file: file }, Some(last)) = (&kind, last) {
+            let text =
+                last.map(|h| serde_json::to_vec_pretty(h).expect("a holder serializes")).unwrap_or_default();
+            let mut file = file;
+            file.set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| file.write_all(&text))
+                .map_err(|source| LeaseError::Io { path: PathBuf::from(&url).join(LEASE), source })?;
+        }
         if let Kind::Object { store, path, holder, version, lost, renew } = &kind {
             renew.abort();
             if lost.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let mut record = holder.clone();
+            let mut record = match last {
+                Some(Some(previous)) => previous.clone(),
+                Some(None) => Holder { run_id: String::new(), ..holder.clone() },
+                None => holder.clone(),
+            };
             record.released = true;
             record.expires = Some(Utc::now());
             let payload = PutPayload::from(serde_json::to_vec(&record).expect("a holder serializes"));
@@ -283,6 +307,11 @@ impl Lease {
     /// The last holder recorded at `store`'s root (this run's own record while it holds the
     /// lease), or `None` when no run has taken it yet.
     pub async fn last_holder(store: &CheckpointStore) -> Result<Option<Holder>, CheckpointError> {
+        let holder = Self::read_last_holder(store).await?;
+        Ok(holder.filter(|h| !h.run_id.is_empty()))
+    }
+
+    async fn read_last_holder(store: &CheckpointStore) -> Result<Option<Holder>, CheckpointError> {
         let (object_store, _, local) = store.parts();
         let bytes = match local {
             Some(dir) => match std::fs::read(dir.join(LEASE)) {
@@ -484,8 +513,8 @@ mod tests {
         Holder::this_process(run, "test-host")
     }
 
-    #[test]
-    fn a_local_folder_is_held_by_one_lease_at_a_time_and_freed_when_dropped() {
+    #[tokio::test]
+    async fn a_local_folder_is_held_by_one_lease_at_a_time_and_freed_when_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let first = Lease::acquire_dir(dir.path(), &holder("a-1")).unwrap();
         // flock locks belong to the open file, so a second open in this process conflicts too.
@@ -503,6 +532,19 @@ mod tests {
         assert!(Lease::is_held_dir(dir.path()).unwrap());
         drop(second);
         assert!(!Lease::is_held_dir(tempfile::tempdir().unwrap().path()).unwrap(), "no lease file");
+        let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+        let last = |store: CheckpointStore| async move {
+            Lease::last_holder(&store).await.unwrap().map(|h| h.run_id)
+        };
+        assert_eq!(last(store.clone()).await.as_deref(), Some("a-2"));
+        // A refused run puts the record of the one before back.
+        let third = Lease::acquire(&store, &holder("a-3"), &LeaseOptions::default()).await.unwrap();
+        assert_eq!(last(store.clone()).await.as_deref(), Some("a-3"));
+        third.release_restoring(Some(&holder("a-2"))).await.unwrap();
+        assert_eq!(last(store.clone()).await.as_deref(), Some("a-2"));
+        let fourth = Lease::acquire(&store, &holder("a-4"), &LeaseOptions::default()).await.unwrap();
+        fourth.release_restoring(None).await.unwrap();
+        assert_eq!(last(store.clone()).await, None);
     }
 
     #[tokio::test]
@@ -523,6 +565,9 @@ mod tests {
         second.release().await.unwrap();
         let last = Lease::last_holder(&store).await.unwrap().unwrap();
         assert!(last.released && last.run_id == "b-2", "{last:?}");
+        let refused = Lease::acquire(&store, &holder("b-9"), &short).await.unwrap();
+        refused.release_restoring(Some(&last)).await.unwrap();
+        assert_eq!(Lease::last_holder(&store).await.unwrap().unwrap().run_id, "b-2");
         Lease::acquire(&store, &holder("b-3"), &short).await.unwrap().release().await.unwrap();
     }
 

@@ -272,7 +272,11 @@ fn a_bad_log_filter_is_refused_naming_the_key_and_the_directive() {
 fn the_servers_record_of_a_killed_launcher_is_private_and_removed_by_the_next_reader() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let job = write(dir.path(), "stale.toml", &small_job("stale", 20000, None, "epochs = 1000"));
+    // A checkpoint section for `gradflow checkpoint now`, with no checkpoint ever due.
+    let ckpt = dir.path().join("ckpt");
+    let text = small_job("stale", 20000, Some(&ckpt), "epochs = 1000")
+        .replace("every_steps = 20", "every_steps = 100000000\non_shutdown = false");
+    let job = write(dir.path(), "stale.toml", &text);
     let record = dir.path().join("runs/stale/servers.json");
     let mut launcher = gradflow().arg("launch").arg(&job).stderr(Stdio::null()).spawn().unwrap();
     let start = Instant::now();
@@ -283,7 +287,7 @@ fn the_servers_record_of_a_killed_launcher_is_private_and_removed_by_the_next_re
     }
     let mode = std::fs::metadata(&record).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the record holds the token: {mode:o}");
-    let text = std::fs::read_to_string(&record).unwrap();
+    let left = std::fs::read_to_string(&record).unwrap();
     launcher.kill().unwrap(); // SIGKILL: the launcher cannot remove it
     launcher.wait().unwrap();
     wait_until_gone("stale");
@@ -296,8 +300,8 @@ fn the_servers_record_of_a_killed_launcher_is_private_and_removed_by_the_next_re
     assert!(!record.exists(), "{err}");
 
     // So does the next launcher.
-    std::fs::write(&record, &text).unwrap();
-    let short = write(dir.path(), "stale-short.toml", &small_job("stale", 5000, None, "max_steps = 5"));
+    std::fs::write(&record, &left).unwrap();
+    let short = write(dir.path(), "stale-short.toml", &text.replace("epochs = 1000", "max_steps = 5"));
     let out = launch(&short);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");

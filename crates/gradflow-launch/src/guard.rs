@@ -24,6 +24,10 @@ pub struct RunGuard {
     checkpoint: Option<(CheckpointStore, Option<Lease>)>,
     /// The run that held the checkpoint root before this one, read before this run took it.
     previous: Option<Holder>,
+    /// Set once the run starts processes; a run refused before leaves the earlier run
+    /// recorded as the root's last holder, so that `--fresh` names the archive after the run
+    /// that wrote the checkpoints.
+    started: bool,
 }
 
 /// This machine's name, for the lease records.
@@ -39,8 +43,7 @@ pub fn hostname() -> String {
 fn in_use(job: &JobConfig, what: &str, e: LeaseError) -> LaunchError {
     match e {
         LeaseError::Held { .. } | LeaseError::HeldUnknown { .. } => LaunchError::InUse(format!(
-            "job {} is already running: its {what} {e}; wait for that run to end or stop it",
-            job.name
+            "this job is already running: its {what} {e}; wait for that run to end or stop it"
         )),
         other => LaunchError::InUse(format!("cannot claim the {what} of job {}: {other}", job.name)),
     }
@@ -71,12 +74,17 @@ impl RunGuard {
                 (Some((store, lease)), previous)
             }
         };
-        Ok(RunGuard { run_id: run_id.to_string(), output, checkpoint, previous })
+        Ok(RunGuard { run_id: run_id.to_string(), output, checkpoint, previous, started: false })
     }
 
     /// The run's id.
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// Call when the run starts its processes (see [`RunGuard::release`]).
+    pub fn mark_started(&mut self) {
+        self.started = true;
     }
 
     /// Removes `servers.json` if a launcher that is gone left it: this run holds the output
@@ -144,8 +152,10 @@ impl RunGuard {
         )))
     }
 
-    /// Gives the leases back. Returns a warning to print when the checkpoint root's lease was
-    /// lost while the job ran (another run may have written into it).
+    /// Gives the leases back, recording this run as the checkpoint root's last holder if it
+    /// started ([`RunGuard::mark_started`]), else the run before it. Returns a warning to print
+    /// when the checkpoint root's lease was lost while the job ran (another run may have
+    /// written into it).
     pub async fn release(self) -> Option<String> {
         let mut warning = None;
         if let Some((store, Some(lease))) = self.checkpoint {
@@ -155,7 +165,11 @@ impl RunGuard {
                     store.url()
                 ));
             }
-            if let Err(e) = lease.release().await {
+            let released = match self.started {
+                true => lease.release().await,
+                false => lease.release_restoring(self.previous.as_ref()).await,
+            };
+            if let Err(e) = released {
                 warning.get_or_insert(format!("giving back the lease on `{}`: {e}", store.url()));
             }
         }

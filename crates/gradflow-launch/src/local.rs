@@ -317,8 +317,10 @@ pub fn check_process_count(job: &JobConfig) -> Result<(), LaunchError> {
         return Ok(());
     }
     Err(LaunchError::TooManyProcesses(format!(
-        "job {} asks for {processes} processes ({} server(s) + {} worker(s)), but this machine has {cpus} CPU(s) and          runs at most {limit} ({MAX_PROCESSES_PER_CPU} per CPU) well; lower `servers`/`workers`, or pass          --allow-oversubscribe (or set launcher.allow_oversubscribe = true) to start them anyway",
-        job.name, job.servers, job.workers
+        "{processes} processes asked for ({} server(s) + {} worker(s)), but this machine has {cpus} CPU(s) and \
+         runs at most {limit} ({MAX_PROCESSES_PER_CPU} per CPU) well; lower `servers`/`workers`, or pass \
+         --allow-oversubscribe (or set launcher.allow_oversubscribe = true) to start them anyway",
+        job.servers, job.workers
     )))
 }
 

@@ -106,7 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let run_id = new_run_id(&name);
     let outcome = super::runtime()?.block_on(async {
         let cancel = shutdown_signal()?;
-        let guard = RunGuard::acquire(&job, &run_id).await?;
+        let mut guard = RunGuard::acquire(&job, &run_id).await?;
         eprintln!("[launch] job {name}: run {run_id}");
         let started = async {
             if let Some(note) = guard.remove_stale_record(&job) {
@@ -117,6 +117,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             gradflow_launch::prepare::prepare_data(&job)?;
             gradflow_launch::prepare::pin_restore(&mut job).await?;
+            guard.mark_started();
             LocalLauncher::new(job, program).run_id(run_id.clone()).run(cancel).await
         }
         .await;
