@@ -300,6 +300,8 @@ pub struct LauncherConfig {
     pub grace_period: Duration,
     /// Start more local processes (servers + workers) than 4 per CPU of this machine. Default
     /// false: such a job is refused (the same as `gradflow launch --allow-oversubscribe`).
+    /// Left out of the serialized job when false, so jobs serialize as before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub allow_oversubscribe: bool,
 }
 
