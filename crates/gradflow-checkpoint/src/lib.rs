@@ -92,6 +92,7 @@
 
 mod error;
 mod format;
+pub mod lease;
 mod load;
 mod manifest;
 mod snapshot;

@@ -226,6 +226,12 @@ impl CheckpointStore {
         CheckpointStore { store, root: prefix, url, local_dir: None, options }
     }
 
+    /// The store, the root's path in it, and the folder of a local root: what
+    /// [`crate::lease`] works on.
+    pub(crate) fn parts(&self) -> (&Arc<dyn ObjectStore>, &ObjPath, Option<&std::path::Path>) {
+        (&self.store, &self.root, self.local_dir.as_deref())
+    }
+
     /// The root's URL (for a plain local path: the absolute folder).
     pub fn url(&self) -> &str {
         &self.url

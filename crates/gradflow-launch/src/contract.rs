@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `GRADFLOW_CLUSTER_SPEC` | the [`ClusterSpec`] as JSON: everything below plus the whole job |
 //! | `GRADFLOW_JOB` | job name |
+//! | `GRADFLOW_RUN_ID` | this run of the job: `<job name>-<UTC start, YYYYMMDDTHHMMSSZ>-<4 hex>`, the same for every process of the run (see [`ENV_RUN_ID`]) |
 //! | `GRADFLOW_ATTEMPT` | 0 for the first start of this process, +1 per restart |
 //! | `GRADFLOW_ROLE` | `ps` or `worker` |
 //! | `GRADFLOW_INDEX` | shard index or worker index |
@@ -27,6 +28,10 @@
 //! The flat variables are for humans and scripts; processes read the JSON, which is versioned
 //! (`version`, currently 1) so that a newer launcher can refuse an older binary clearly.
 //!
+//! A worker that fails with an error a restart would only repeat (bad data, a model that does
+//! not fit its data) exits with [`EXIT_NO_RESTART`]; the launcher then fails the job at once
+//! instead of restarting it.
+//!
 //! Processes report back on standard output with lines that start with [`EVENT_PREFIX`]
 //! followed by one JSON [`Event`]; everything else they print is a log line.
 
@@ -43,6 +48,26 @@ pub const ENV_SERVERS: &str = "GRADFLOW_SERVERS";
 pub const ENV_NUM_WORKERS: &str = "GRADFLOW_NUM_WORKERS";
 /// The job's log filter (`output.log`, tracing's env-filter syntax), for every process.
 pub const ENV_LOG: &str = "GRADFLOW_LOG";
+/// The id of this run of the job, made by the launcher when it starts ([`new_run_id`]): every
+/// process of one run gets the same, a restart of the whole job from a checkpoint keeps it,
+/// and the next `gradflow launch` of the same job file gets another.
+pub const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
+
+/// The exit code of a worker whose error would come back on a restart (bad data, a model
+/// that does not fit its data): the launcher does not restart it and fails the job at once.
+pub const EXIT_NO_RESTART: i32 = 3;
+
+/// A new run id for job `job`: `<job>-<UTC time, YYYYMMDDTHHMMSSZ>-<4 hex digits>`, e.g.
+/// `ctr-20250101T120000Z-3fa9`. The hex digits keep two runs started in the same second apart.
+pub fn new_run_id(job: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
+    format!("{job}-{}-{:04x}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), h.finish() & 0xffff)
+}
 
 pub use gradflow_proto::auth::{ENV_TOKEN, Token};
 pub use gradflow_proto::tls::{ENV_TLS_CA, ENV_TLS_CLIENT_CERT, ENV_TLS_CLIENT_KEY, ENV_TLS_DOMAIN};
@@ -254,6 +279,18 @@ mod tests {
         assert!(!env.iter().any(|(k, v)| k != ENV_CLUSTER_SPEC && v.contains("s.key")));
         let json = &env.iter().find(|(k, _)| k == ENV_CLUSTER_SPEC).unwrap().1;
         assert_eq!(ClusterSpec::from_json(json).unwrap(), s);
+    }
+
+    #[test]
+    fn run_ids_name_the_job_and_the_time_and_differ() {
+        let (a, b) = (new_run_id("ctr"), new_run_id("ctr"));
+        let parts: Vec<&str> = a.rsplitn(3, '-').collect();
+        assert_eq!(parts.len(), 3, "{a}");
+        assert_eq!(parts[2], "ctr", "{a}");
+        assert!(parts[1].len() == 16 && parts[1].ends_with('Z') && parts[1].contains('T'), "{a}");
+        assert!(parts[0].len() == 4 && parts[0].chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+        // The same second, so only the random part tells them apart (1 in 65536 to collide).
+        assert!(a != b || new_run_id("ctr") != a, "{a} {b}");
     }
 
     #[test]

@@ -14,6 +14,19 @@ pub enum LaunchError {
     Process(String),
     #[error("job failed: {0}")]
     JobFailed(String),
+    /// Another run of the job holds its output folder or checkpoint root.
+    #[error("{0}")]
+    InUse(String),
+    /// A run without `restore` into a checkpoint root that holds an earlier run's checkpoints.
+    #[error("{0}")]
+    CheckpointRootUsed(String),
+    /// More local processes than the machine can run well, without `allow_oversubscribe`.
+    #[error("{0}")]
+    TooManyProcesses(String),
+    /// The data does not fit the job (files, columns, the model's features), found before any
+    /// process started.
+    #[error("data: {0}")]
+    Data(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
     /// The Kubernetes backend failed (see [`KubernetesError`](crate::kubernetes::KubernetesError)).

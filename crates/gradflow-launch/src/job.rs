@@ -298,6 +298,11 @@ pub struct LauncherConfig {
     /// checkpoint in it). Default "60s".
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+    /// Start more local processes (servers + workers) than 4 per CPU of this machine. Default
+    /// false: such a job is refused (the same as `gradflow launch --allow-oversubscribe`).
+    /// Left out of the serialized job when false, so jobs serialize as before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_oversubscribe: bool,
 }
 
 impl Default for TrainConfig {
@@ -335,7 +340,7 @@ impl Default for ServerSection {
 
 impl Default for LauncherConfig {
     fn default() -> Self {
-        LauncherConfig { max_restarts: 3, grace_period: Duration::from_secs(60) }
+        LauncherConfig { max_restarts: 3, grace_period: Duration::from_secs(60), allow_oversubscribe: false }
     }
 }
 
@@ -371,6 +376,18 @@ fn default_synth_cat() -> usize {
 }
 fn default_vocab() -> u32 {
     10_000
+}
+
+/// Checks `output.log` directive by directive, so that the message names the bad one.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if let Err(e) = directive.parse::<tracing_subscriber::filter::Directive>() {
+            return Err(format!(
+                "output.log: `{directive}` is not a log filter directive ({e}); expected a level (\"info\"), a target and a level (\"gradflow_ps=debug\"), or several of them separated by commas"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl JobConfig {
@@ -500,6 +517,7 @@ impl JobConfig {
             ));
         }
         self.transport.validate().map_err(|e| format!("transport: {e}"))?;
+        check_log_filter(&self.output.log)?;
         if let Some(tls) = &self.tls {
             tls.check_keys().map_err(|e| e.to_string())?;
         }
@@ -688,6 +706,19 @@ format = "libsvm"
         assert!(err.contains("train.batch_size"), "{err}");
         let err = JobConfig::parse(&format!("{MIN}\n[server]\nheartbeat_timeout = \"soon\"\n")).unwrap_err();
         assert!(err.contains("heartbeat_timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_log_filter_is_named() {
+        for good in ["info", "warn,gradflow_ps=debug", "gradflow_worker=trace"] {
+            JobConfig::parse(&format!("{MIN}\n[output]\nlog = \"{good}\"\n")).unwrap();
+        }
+        for (bad, directive) in
+            [("gradflow_ps=lots", "gradflow_ps=lots"), ("info, h2=verbose", "h2=verbose"), ("a=b=c", "a=b=c")]
+        {
+            let err = JobConfig::parse(&format!("{MIN}\n[output]\nlog = \"{bad}\"\n")).unwrap_err();
+            assert!(err.starts_with("output.log") && err.contains(&format!("`{directive}`")), "{bad}: {err}");
+        }
     }
 
     #[test]

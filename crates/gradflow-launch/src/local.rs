@@ -51,7 +51,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::contract::{CLUSTER_SPEC_VERSION, ENV_TOKEN};
+use crate::contract::{CLUSTER_SPEC_VERSION, ENV_RUN_ID, ENV_TOKEN, EXIT_NO_RESTART};
 use crate::{ClusterSpec, Event, JobConfig, LaunchError, Role};
 
 pub use crate::contract::ENV_LOG;
@@ -66,6 +66,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Runs one job as child processes of this process.
 pub struct LocalLauncher {
     job: JobConfig,
+    run_id: String,
     program: PathBuf,
     env: Vec<(OsString, OsString)>,
     console: Console,
@@ -112,12 +113,20 @@ impl LocalLauncher {
     /// Output goes to [`Console::stderr`]; servers get 60 s to report their address.
     pub fn new(job: JobConfig, program: impl Into<PathBuf>) -> LocalLauncher {
         LocalLauncher {
+            run_id: crate::contract::new_run_id(&job.name),
             job,
             program: program.into(),
             env: Vec::new(),
             console: Console::stderr(),
             startup_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// The run's id, passed to every child as `GRADFLOW_RUN_ID` (default: a new one, see
+    /// [`crate::contract::new_run_id`]).
+    pub fn run_id(mut self, run_id: impl Into<String>) -> LocalLauncher {
+        self.run_id = run_id.into();
+        self
     }
 
     /// Where logs, progress and the launcher's own messages go.
@@ -144,12 +153,16 @@ impl LocalLauncher {
     /// When `cancel` completes (pass [`shutdown_signal`] in the `gradflow` binary), every
     /// child is stopped and the result is [`LaunchError::Process`]. A job that cannot go on
     /// (a server exits, a worker fails more than `launcher.max_restarts` times, a server
-    /// does not report its address in time) is [`LaunchError::JobFailed`]; a child that
-    /// cannot be started is [`LaunchError::Io`].
+    /// does not report its address in time, a worker exits with
+    /// [`EXIT_NO_RESTART`](crate::contract::EXIT_NO_RESTART), a server exits non-zero or has to
+    /// be killed while the finished job stops, which may have cost its last checkpoint) is
+    /// [`LaunchError::JobFailed`]; a child that cannot be started is [`LaunchError::Io`]; more
+    /// processes than [`check_process_count`] allows is [`LaunchError::TooManyProcesses`].
     ///
     /// Must be called inside a tokio runtime with IO and time enabled.
     pub async fn run(self, cancel: impl Future<Output = ()>) -> Result<JobOutcome, LaunchError> {
         let started = Instant::now();
+        check_process_count(&self.job)?;
         let spawner = Spawner::start().map_err(|source| LaunchError::Io {
             context: "starting the process-spawning thread".into(),
             source,
@@ -162,8 +175,10 @@ impl LocalLauncher {
         if let Some(t) = &token {
             env.insert(0, (ENV_TOKEN.into(), t.expose().into()));
         }
+        env.insert(0, (ENV_RUN_ID.into(), self.run_id.clone().into()));
         let mut run = Run {
             started,
+            run_id: self.run_id,
             token: token.map(|t| t.expose().to_string()),
             grace: self.job.launcher.grace_period,
             job: self.job,
@@ -196,10 +211,11 @@ impl LocalLauncher {
             result = run.start_and_train() => result,
             () = cancel => Err(LaunchError::Process("interrupted: stopped every process of the job".into())),
         };
-        run.stop_all(result.is_err()).await;
+        let stopped = run.stop_all(result.is_err()).await;
         let _ = std::fs::remove_file(RunningJob::path(&run.job));
         run.console.finish();
         result?;
+        stopped?;
         run.outcome.wall_time = started.elapsed();
         Ok(run.outcome)
     }
@@ -211,6 +227,9 @@ impl LocalLauncher {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunningJob {
     pub job: String,
+    /// The run's id (`GRADFLOW_RUN_ID`).
+    #[serde(default)]
+    pub run_id: Option<String>,
     /// The launcher's process id.
     pub launcher_pid: u32,
     /// Server addresses in shard order.
@@ -225,7 +244,10 @@ impl RunningJob {
         job.output_dir().join("servers.json")
     }
 
-    /// The running job's record; the error says that the job does not seem to run.
+    /// The running job's record; the error says that the job does not seem to run. A record
+    /// whose launcher is gone (killed, so it could not remove it) is removed, and the error
+    /// says so: the launcher's process is gone, or it no longer holds the output folder's
+    /// lease (its pid now names another process).
     pub fn read(job: &JobConfig) -> Result<RunningJob, LaunchError> {
         let path = RunningJob::path(job);
         let text = std::fs::read_to_string(&path).map_err(|e| {
@@ -241,9 +263,19 @@ impl RunningJob {
         // SAFETY: kill with signal 0 only checks that the process exists.
         let alive = unsafe { libc::kill(record.launcher_pid as libc::pid_t, 0) } == 0
             || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
+        // A record written by a launcher that holds the folder's lease is stale once the lease
+        // is free; records of launchers that take no lease (the library used alone) have only
+        // their pid to go by.
+        let released = gradflow_checkpoint::lease::Lease::is_held_dir(&job.output_dir())
+            .is_ok_and(|held| !held)
+            && job.output_dir().join(gradflow_checkpoint::lease::LEASE).exists();
+        if !alive || released {
+            let removed = match std::fs::remove_file(&path) {
+                Ok(()) => "removed it".to_string(),
+                Err(e) => format!("could not remove it: {e}"),
+            };
             return Err(LaunchError::JobFailed(format!(
-                "job {} is not running on this machine: its launcher (pid {}) is gone, {} is left from it",
+                "job {} is not running on this machine: its launcher (pid {}) is gone and left {} behind ({removed})",
                 job.name,
                 record.launcher_pid,
                 path.display()
@@ -264,6 +296,32 @@ impl RunningJob {
         file.open(&tmp)?.write_all(&serde_json::to_vec_pretty(self).expect("a record always serializes"))?;
         std::fs::rename(tmp, path)
     }
+}
+
+/// Processes per CPU that a local job may start without `launcher.allow_oversubscribe`.
+///
+/// Every server and worker runs a tokio runtime and trains or applies updates on its own
+/// threads; past a few processes per CPU they mostly wait for a CPU, heartbeats come late
+/// (`server.heartbeat_timeout`, 5 s), and sync steps wait for the slowest. 4 per CPU leaves
+/// room for jobs that wait on I/O and still refuses the thousands of processes a typo in
+/// `workers` starts.
+pub const MAX_PROCESSES_PER_CPU: usize = 4;
+
+/// Refuses a job of more local processes (servers + workers) than [`MAX_PROCESSES_PER_CPU`]
+/// per CPU of this machine, unless `launcher.allow_oversubscribe` is set.
+pub fn check_process_count(job: &JobConfig) -> Result<(), LaunchError> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let processes = job.servers as usize + job.workers as usize;
+    let limit = cpus * MAX_PROCESSES_PER_CPU;
+    if processes <= limit || job.launcher.allow_oversubscribe {
+        return Ok(());
+    }
+    Err(LaunchError::TooManyProcesses(format!(
+        "{processes} processes asked for ({} server(s) + {} worker(s)), but this machine has {cpus} CPU(s) and \
+         runs at most {limit} ({MAX_PROCESSES_PER_CPU} per CPU) well; lower `servers`/`workers`, or pass \
+         --allow-oversubscribe (or set launcher.allow_oversubscribe = true) to start them anyway",
+        job.servers, job.workers
+    )))
 }
 
 /// Completes on the first SIGINT (Ctrl-C), SIGTERM or SIGHUP sent to this process: the
@@ -415,6 +473,7 @@ enum Step {
 /// One run of a job.
 struct Run {
     job: JobConfig,
+    run_id: String,
     started: Instant,
     /// The job's token, for the running job's record.
     token: Option<String>,
@@ -460,8 +519,8 @@ impl Run {
     async fn generation(&mut self) -> Result<Option<(Proc, io::Result<ExitStatus>)>, LaunchError> {
         let (num_servers, num_workers) = (self.job.servers, self.job.workers);
         self.console.note(&format!(
-            "job {}: starting {num_servers} server(s), then {num_workers} worker(s)",
-            self.job.name
+            "job {} (run {}): starting {num_servers} server(s), then {num_workers} worker(s)",
+            self.job.name, self.run_id
         ));
         self.console.status("starting servers");
         for shard in 0..num_servers {
@@ -510,6 +569,7 @@ impl Run {
         let servers = self.outcome.servers.clone();
         let record = RunningJob {
             job: self.job.name.clone(),
+            run_id: Some(self.run_id.clone()),
             launcher_pid: std::process::id(),
             servers: servers.clone(),
             token: self.token.clone(),
@@ -533,6 +593,11 @@ impl Run {
                 Step::Listening { .. } => {}
                 Step::Exited(proc, status) if proc.role == Role::Ps => return Ok(Some((proc, status))),
                 Step::Exited(_, Ok(status)) if status.success() => running -= 1,
+                Step::Exited(proc, Ok(status)) if status.code() == Some(EXIT_NO_RESTART) => {
+                    return Err(LaunchError::JobFailed(format!(
+                        "{proc} stopped with an error that a restart would repeat ({status}; its message is above); not restarting it"
+                    )));
+                }
                 Step::Exited(proc, status) => {
                     let restarts = &mut self.outcome.restarts[proc.index as usize];
                     if *restarts >= max_restarts {
@@ -618,8 +683,11 @@ impl Run {
         Ok(())
     }
 
-    /// Stops every child that is still running and waits until all have been reaped.
-    async fn stop_all(&mut self, failed: bool) {
+    /// Stops every child that is still running and waits until all have been reaped. After a
+    /// job that succeeded, a server that exits non-zero or must be killed makes it fail: its
+    /// shutdown checkpoint, or an earlier one it was still writing, may be lost.
+    async fn stop_all(&mut self, failed: bool) -> Result<(), LaunchError> {
+        let mut servers_failed = Vec::new();
         if failed && self.live > 0 {
             self.console.note(&format!(
                 "stopping {} process(es) (SIGTERM, SIGKILL after {:?})",
@@ -629,14 +697,21 @@ impl Run {
         self.console.status("stopping");
         self.stop.cancel();
         while self.live > 0 {
-            if let Step::Exited(proc, Ok(status)) = self.next().await {
-                // A server that cannot shut down cleanly is worth knowing about even when
-                // the job succeeded; a SIGKILL was already reported by the watcher.
-                if !failed && status.code().is_some_and(|code| code != 0) {
-                    self.console.note(&format!("warning: {proc} exited ({status}) while stopping"));
-                }
+            if let Step::Exited(proc, status) = self.next().await
+                && !failed
+                && proc.role == Role::Ps
+                && !status.as_ref().is_ok_and(ExitStatus::success)
+            {
+                servers_failed.push(format!("{proc} ({})", describe(&status)));
             }
         }
+        if servers_failed.is_empty() {
+            return Ok(());
+        }
+        Err(LaunchError::JobFailed(format!(
+            "every worker finished, but {} did not stop cleanly: a checkpoint may not have been written (see the server's log above)",
+            servers_failed.join(", ")
+        )))
     }
 
     /// Waits for the next message that moves the job along; prints log lines and notes,

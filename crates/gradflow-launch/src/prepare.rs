@@ -1,10 +1,13 @@
 //! Getting a job's data ready before any process starts: synthetic data is written once, and
-//! the data files are checked to exist, so a typo fails in the launcher and not in N workers.
+//! the data is checked against the job, so that a mistake fails in the launcher, once, and not
+//! in N workers that each retry it: every file exists, a data folder holds files, the CSV
+//! header has the label and categorical columns and as many dense columns as the model's
+//! `num_dense`, and the first example of the training and test data parses.
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
-use gradflow_data::SynthConfig;
+use gradflow_data::{Batch, Epochs, Reader, ReaderConfig, ShardSpec, SynthConfig};
 use tracing::info;
 
 use crate::{JobConfig, LaunchError};
@@ -42,7 +45,8 @@ pub async fn pin_restore(job: &mut JobConfig) -> Result<(), LaunchError> {
 }
 
 /// Writes the job's synthetic data if it asks for some and the files are missing, then checks
-/// that every data file exists.
+/// the data against the job (see the module documentation); the error is
+/// [`LaunchError::Data`].
 pub fn prepare_data(job: &JobConfig) -> Result<(), LaunchError> {
     if let Some(config) = job.synth_config(false) {
         let train = &job.data.train[0];
@@ -59,6 +63,36 @@ pub fn prepare_data(job: &JobConfig) -> Result<(), LaunchError> {
                 p.display()
             )));
         }
+    }
+    check_against_model(job)
+}
+
+/// Opens the training and test data as a worker would and reads their first example: the
+/// built-in trainer's checks, made once before anything starts. A job that runs its own
+/// trainer (`worker.command`) reads its data itself, so only the files' existence is checked.
+fn check_against_model(job: &JobConfig) -> Result<(), LaunchError> {
+    let Some(config) = &job.model else { return Ok(()) };
+    let model = gradflow_models::build(config).map_err(|e| LaunchError::Data(format!("model: {e}")))?;
+    let readers: [(&str, Option<ReaderConfig>); 2] =
+        [("data.train", Some(job.train_reader())), ("data.test", job.test_reader())];
+    for (key, config) in readers {
+        let Some(mut config) = config else { continue };
+        config.shuffle_buffer = 0;
+        config.epochs = Epochs::Count(1);
+        let fail = |e: gradflow_data::DataError| LaunchError::Data(format!("{key}: {e}"));
+        let mut reader = Reader::open(&config, ShardSpec::default()).map_err(fail)?;
+        if reader.num_dense() != model.num_dense() {
+            return Err(LaunchError::Data(format!(
+                "{key}: the data has {} dense feature column(s) ({}), but model.num_dense is {}; every CSV column other \
+                 than the label (`{}`) and the categorical ones (data.categorical) is a dense feature",
+                reader.num_dense(),
+                reader.dense_names().join(", "),
+                model.num_dense(),
+                job.data.label
+            )));
+        }
+        let mut batch = Batch::new(reader.num_dense());
+        reader.next_batch(&mut batch, 1).map_err(fail)?;
     }
     Ok(())
 }
@@ -133,6 +167,55 @@ mod tests {
         let before = std::fs::metadata(dir.path().join("train.csv")).unwrap().modified().unwrap();
         prepare_data(&job).unwrap();
         assert_eq!(before, std::fs::metadata(dir.path().join("train.csv")).unwrap().modified().unwrap());
+    }
+
+    fn csv_job(dir: &Path, header: &str, extra: &str) -> JobConfig {
+        std::fs::write(dir.join("train.csv"), format!("{header}\n1,0.5,0.25,a\n0,0.1,0.2,b\n")).unwrap();
+        JobConfig::parse(&format!(
+            "name = \"s\"\n[model]\nkind = \"logistic_regression\"\nnum_dense = 2\n{extra}[data]\ntrain = \"{}\"\ncategorical = [\"c\"]\n",
+            dir.join("train.csv").display()
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn data_that_does_not_fit_the_model_is_refused_with_one_message() {
+        let dir = tempfile::tempdir().unwrap();
+        prepare_data(&csv_job(dir.path(), "label,x,y,c", "")).unwrap();
+
+        let err = prepare_data(&csv_job(dir.path(), "click,x,y,c", "")).unwrap_err();
+        assert!(matches!(err, LaunchError::Data(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.starts_with("data: data.train: ") && text.contains("label"), "{text}");
+
+        let err =
+            prepare_data(&csv_job(dir.path(), "label,x,y,c", "").clone().with_num_dense(3)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("2 dense feature column(s) (x, y)") && text.contains("model.num_dense is 3"),
+            "{text}"
+        );
+
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let mut job = csv_job(dir.path(), "label,x,y,c", "");
+        job.data.train = vec![empty.clone()];
+        let text = prepare_data(&job).unwrap_err().to_string();
+        assert!(text.contains(&empty.display().to_string()) && text.contains("no data files"), "{text}");
+    }
+
+    trait WithNumDense {
+        fn with_num_dense(self, n: usize) -> JobConfig;
+    }
+
+    impl WithNumDense for JobConfig {
+        fn with_num_dense(mut self, n: usize) -> JobConfig {
+            let text = serde_json::to_value(&self.model).unwrap();
+            let mut text = text;
+            text["num_dense"] = n.into();
+            self.model = Some(serde_json::from_value(text).unwrap());
+            self
+        }
     }
 
     #[test]

@@ -451,3 +451,71 @@ async fn ctrl_c_in_a_terminal_stops_each_child_exactly_once() {
     let children: Vec<i32> = names.iter().map(|n| read_pid(&pids.path().join(n))).collect();
     assert!(children.iter().all(|&pid| !alive(pid)), "{out}");
 }
+
+#[tokio::test]
+async fn a_server_that_fails_while_stopping_fails_the_finished_job_once() {
+    let fake = Fake::new();
+    let err = fake.run(job(2, 1, 3, Duration::from_secs(5)), "ps_fails_stop").await.unwrap_err();
+    let out = fake.out.text();
+    let text = err.to_string();
+    assert!(matches!(err, LaunchError::JobFailed(_)), "{err:?}");
+    assert!(text.contains("ps-1 (exit status: 1)") && text.contains("checkpoint"), "{text}");
+    assert!(!text.contains("ps-0"), "ps-0 stopped cleanly: {text}");
+    assert_eq!(count(&out, "the last checkpoint failed"), 1, "{out}");
+    assert!(!out.contains("while stopping"), "the reason is given once, at the end:\n{out}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_server_killed_after_its_grace_period_fails_the_finished_job() {
+    let fake = Fake::new();
+    let err = fake.run(job(1, 1, 3, Duration::from_millis(500)), "ps_stubborn").await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("ps-0") && text.contains("SIGKILL"), "{text}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_worker_that_exits_with_no_restart_is_not_restarted() {
+    let fake = Fake::new();
+    let err = fake.run(job(1, 2, 3, Duration::from_secs(5)), "no_restart").await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("worker-0") && text.contains("restart would repeat"), "{text}");
+    let started = fake.started();
+    assert!(!started.contains(&"worker-0-1".to_string()), "restarted: {started:?}");
+    let out = fake.out.text();
+    assert_eq!(count(&out, "no label column"), 1, "{out}");
+    assert!(!out.contains("restarting"), "{out}");
+    fake.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn every_child_gets_the_run_id() {
+    let fake = Fake::new();
+    let launcher =
+        fake.launcher(job(1, 1, 3, Duration::from_secs(5)), "ok").run_id("fake-20250101T000000Z-beef");
+    launcher.run(std::future::pending()).await.unwrap();
+    let out = fake.out.text();
+    assert!(out.contains("run fake-20250101T000000Z-beef"), "{out}");
+    assert_eq!(count(&out, "run id fake-20250101T000000Z-beef"), 2, "{out}");
+}
+
+#[test]
+fn more_processes_than_the_machine_runs_well_are_refused_unless_allowed() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let limit = cpus * gradflow_launch::local::MAX_PROCESSES_PER_CPU;
+    let mut j = job(1, limit as u32 - 1, 3, Duration::from_secs(5));
+    gradflow_launch::local::check_process_count(&j).unwrap();
+    j.workers = limit as u32;
+    let err = gradflow_launch::local::check_process_count(&j).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, LaunchError::TooManyProcesses(_)), "{err:?}");
+    assert!(
+        text.contains(&format!("{} processes", limit + 1))
+            && text.contains(&format!("{cpus} CPU(s)"))
+            && text.contains("--allow-oversubscribe"),
+        "{text}"
+    );
+    j.launcher.allow_oversubscribe = true;
+    gradflow_launch::local::check_process_count(&j).unwrap();
+}

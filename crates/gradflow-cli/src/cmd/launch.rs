@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use gradflow_launch::contract::new_run_id;
+use gradflow_launch::guard::RunGuard;
 use gradflow_launch::kubernetes::render::{Renderer, controller_name, to_json, to_yaml};
 use gradflow_launch::kubernetes::{JobClient, JobState, RunOutcome, config};
 use gradflow_launch::local::{LocalLauncher, shutdown_signal};
@@ -19,7 +21,16 @@ use gradflow_launch::local::{LocalLauncher, shutdown_signal};
 /// Ctrl-C stops it. `--detach` leaves it to a controller in the cluster instead;
 /// `--dry-run` prints the manifests without a cluster. See docs/kubernetes.md.
 ///
-/// The exit code is 0 when every worker finished, non-zero otherwise.
+/// Locally, each run gets a run id (`<job>-<UTC time>-<4 hex>`, printed at the start and
+/// given to every process as GRADFLOW_RUN_ID) and holds a lease on the job's output folder
+/// and checkpoint root while it runs (`lease.json` there): a second launch of a running job
+/// is refused, naming the run that holds them. A run without `restore` into a checkpoint root
+/// that holds checkpoints is refused too (see --fresh). A job of more processes than 4 per
+/// CPU is refused (see --allow-oversubscribe), and the data is checked against the model
+/// before any process starts.
+///
+/// The exit code is 0 when every worker finished and every server stopped cleanly (a server
+/// that fails or is killed while stopping may have lost a checkpoint), non-zero otherwise.
 #[derive(clap::Args)]
 pub struct Args {
     /// The job file (TOML); see the README for every key.
@@ -41,6 +52,16 @@ pub struct Args {
     /// it (it runs as the service account in deploy/rbac.yaml).
     #[arg(long)]
     detach: bool,
+    /// Start from scratch although the checkpoint root holds an earlier run's checkpoints:
+    /// first move them, and `latest`, into `<root>/archive/<earlier run id>/` (under the same
+    /// store), where `gradflow checkpoint ls` and `restore` still find them. Nothing is
+    /// deleted. Not with `restore`.
+    #[arg(long)]
+    fresh: bool,
+    /// Start more processes (servers + workers) than 4 per CPU of this machine, which is
+    /// refused otherwise (the same as `launcher.allow_oversubscribe = true`).
+    #[arg(long)]
+    allow_oversubscribe: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,26 +94,49 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     super::init_logging("info");
     let mut job = super::load_job(&args.job)?;
-    gradflow_launch::prepare::prepare_data(&job)?;
-    let program = std::env::current_exe().context("finding the gradflow executable")?;
+    job.launcher.allow_oversubscribe |= args.allow_oversubscribe;
     let name = job.name.clone();
+    // Refusals that need nothing but the job file come before anything is written.
+    if let Err(e) = gradflow_launch::local::check_process_count(&job) {
+        eprintln!("job {name}: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let program = std::env::current_exe().context("finding the gradflow executable")?;
     let results = job.output_dir().join(&job.output.results);
-    let outcome = super::runtime()?.block_on(async move {
+    let run_id = new_run_id(&name);
+    let outcome = super::runtime()?.block_on(async {
         let cancel = shutdown_signal()?;
-        gradflow_launch::prepare::pin_restore(&mut job).await?;
-        LocalLauncher::new(job, program).run(cancel).await
+        let mut guard = RunGuard::acquire(&job, &run_id).await?;
+        eprintln!("[launch] job {name}: run {run_id}");
+        let started = async {
+            if let Some(note) = guard.remove_stale_record(&job) {
+                eprintln!("[launch] {note}");
+            }
+            if let Some(note) = guard.check_checkpoint_root(&job, args.fresh).await? {
+                eprintln!("[launch] {note}");
+            }
+            gradflow_launch::prepare::prepare_data(&job)?;
+            gradflow_launch::prepare::pin_restore(&mut job).await?;
+            guard.mark_started();
+            LocalLauncher::new(job, program).run_id(run_id.clone()).run(cancel).await
+        }
+        .await;
+        if let Some(warning) = guard.release().await {
+            eprintln!("[launch] warning: {warning}");
+        }
+        started
     });
     match outcome {
         Ok(outcome) => {
             eprintln!(
-                "job {name} finished in {:.1}s; results in {}",
+                "job {name} (run {run_id}) finished in {:.1}s; results in {}",
                 outcome.wall_time.as_secs_f64(),
                 results.display()
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("job {name}: {e}");
+            eprintln!("job {name} (run {run_id}): {e}");
             Ok(ExitCode::FAILURE)
         }
     }
@@ -101,6 +145,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn run_kubernetes(args: Args) -> anyhow::Result<ExitCode> {
     if args.output.is_some() && !args.dry_run {
         bail!("--output applies to --dry-run only");
+    }
+    for (set, flag) in [(args.fresh, "--fresh"), (args.allow_oversubscribe, "--allow-oversubscribe")] {
+        if set {
+            bail!("{flag} applies to --backend local only");
+        }
     }
     // Paths of the job file become paths inside the pods (`kubernetes.workdir`).
     let job = config::load_job(&args.job)?;
