@@ -333,7 +333,6 @@ fn every_process_gets_the_run_id_the_launcher_prints() {
 /// A server whose last checkpoint cannot be written fails the job, with the reason once at
 /// the end. The checkpoint root is replaced by a regular file once the job runs.
 #[test]
-#[ignore = "needs `gradflow ps` to exit non-zero when its last checkpoint fails (the server side of issue 17)"]
 fn a_job_whose_last_checkpoint_fails_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");

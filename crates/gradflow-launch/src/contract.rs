@@ -51,7 +51,7 @@ pub const ENV_LOG: &str = "GRADFLOW_LOG";
 /// The id of this run of the job, made by the launcher when it starts ([`new_run_id`]): every
 /// process of one run gets the same, a restart of the whole job from a checkpoint keeps it,
 /// and the next `gradflow launch` of the same job file gets another.
-pub const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
+pub const ENV_RUN_ID: &str = gradflow_ps::checkpointing::ENV_RUN_ID;
 
 /// The exit code of a worker whose error would come back on a restart (bad data, a model
 /// that does not fit its data): the launcher does not restart it and fails the job at once.

@@ -144,7 +144,10 @@ impl Checkpointer {
 
     /// Records every shard's address (from a worker's declare); the first complete list wins.
     pub fn set_peers(&self, servers: &[String]) {
-        if servers.len() == self.num_shards as usize && self.peers.set(servers.to_vec()).is_ok() {
+        if servers.len() == self.num_shards as usize
+            && self.peers.set(servers.to_vec()).is_ok()
+            && self.num_shards > 1
+        {
             info!(
                 ?servers,
                 "checkpoints: shard addresses known; time-based checkpoints are decided by shard 0"

@@ -189,7 +189,7 @@ pub async fn start(
         let mut result = res.map_err(|e| PsError::Internal(format!("gRPC server failed: {e}")));
         if let Some(ck) = s2.checkpointer.clone() {
             if let Err(e) = last_checkpoint(&s2, &ck).await {
-                error!(error = %e, "the last checkpoint failed");
+                ck.record_failure(s2.coord.version(), &format!("the last checkpoint: {e}"));
             }
             let failures = ck.failures();
             if result.is_ok() && !failures.is_empty() {
@@ -237,7 +237,9 @@ async fn last_checkpoint(shard: &Arc<Shard>, ck: &Arc<Checkpointer>) -> Result<(
     let v = shard.coord.version();
     if shard.model().is_ok() {
         // Shard 0 need not wait for any other step from this shard.
-        ck.store.mark_stopped(shard.config.shard, v).await?;
+        if let Err(e) = ck.store.mark_stopped(shard.config.shard, v).await {
+            ck.record_failure(v, &e);
+        }
         if ck.on_shutdown() && ck.stale(v) && shard.coord.between_steps() {
             info!(step = v, "writing a last checkpoint before stopping");
             shard.checkpoint_if_due(v, true).await;
