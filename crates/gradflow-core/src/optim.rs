@@ -1164,8 +1164,8 @@ mod tests {
         let (mut p, mut sum) = ([0.5f32; 4], [0f32; 4]);
         c.step_checked(&mut p, Grad::Plain(&[3e38; 4]), &mut sum, 1).unwrap();
         // Each element of the clipped gradient is 1 / sqrt(4) = 0.5.
-        assert!(sum.iter().all(|&s| (s - 0.25).abs() < 1e-6), "{sum:?}");
-        assert!(p.iter().all(|&v| (v - (0.5 - 0.05)).abs() < 1e-6), "{p:?}");
+        assert!(sum.iter().all(|&s| (s - 0.25).abs() < 1e-5), "{sum:?}");
+        assert!(p.iter().all(|&v| (v - (0.5 - 0.05)).abs() < 1e-5), "{p:?}");
         for bad in [0.0, -1.0] {
             let c = tweak(OptimizerConfig::adam(0.1), json!({"clip_norm": bad}));
             let e = c.validate("w").unwrap_err().to_string();

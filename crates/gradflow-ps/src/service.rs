@@ -116,12 +116,16 @@ impl Shard {
         }
     }
 
-    /// The declared model, or `NotDeclared`.
+    /// The declared model, or `NotDeclared`; or the model's fault once an update would have
+    /// made it non-finite.
     pub fn model(&self) -> Result<Arc<ShardModel>, PsError> {
-        self.model.read().unwrap().clone().ok_or(PsError::NotDeclared)
+        let model = self.model.read().unwrap().clone().ok_or(PsError::NotDeclared)?;
+        model.healthy()?;
+        Ok(model)
     }
 
-    fn declared(&self) -> Option<Arc<ShardModel>> {
+    /// The declared model, whether or not an update made it fail (see [`ShardModel::healthy`]).
+    pub fn declared(&self) -> Option<Arc<ShardModel>> {
         self.model.read().unwrap().clone()
     }
 
@@ -149,13 +153,16 @@ impl Shard {
         // A checkpoint's snapshot copies the whole shard: never on a runtime thread.
         let due = ck.as_ref().is_some_and(|c| c.due(step + 1));
         let bytes = if due { u64::MAX } else { model.accumulated_bytes() };
-        let snapshot = offload(bytes, self.config.inline_bytes, move || {
-            model.apply_accumulated(divisor);
-            let snap = ck.filter(|c| c.due(step + 1)).and_then(|c| c.take(&model, step + 1, mode));
-            snap.map(|snap| (snap, shard.tasks_state()))
+        let (applied, snapshot) = offload(bytes, self.config.inline_bytes, move || {
+            let applied = model.try_apply_accumulated(divisor, step);
+            let snap = ck
+                .filter(|c| applied.is_ok() && c.due(step + 1))
+                .and_then(|c| c.take(&model, step + 1, mode));
+            (applied, snap.map(|snap| (snap, shard.tasks_state())))
         })
         .await?;
         debug!(step = ticket.step, workers = ticket.divisor, elapsed = ?started.elapsed(), "step applied");
+        // Finished even when refused, so that the requests waiting for it wake and hear why.
         self.coord.finish_step(ticket);
         self.metrics.steps.inc();
         self.metrics.version.set(self.coord.version() as i64);
@@ -164,7 +171,7 @@ impl Shard {
                 let _ = ck.upload(snap, tasks).await;
             });
         }
-        Ok(())
+        applied
     }
 
     fn touch(&self, worker: u32) -> Result<(), PsError> {
@@ -247,6 +254,8 @@ impl gradflow_proto::ParameterServer for Service {
             }));
         }
         let (n, s, pb_) = (cfg.num_shards, cfg.shard, req.partition_bytes);
+        let max_message = cfg.transport.max_message_bytes as u64;
+        ShardModel::check_fits(&spec, n, s, pb_, cfg.memory_budget(), max_message)?;
         let model = blocking(move || ShardModel::new(spec, n, s, pb_)).await?;
         info!(
             dense_tensors = model.spec.dense.len(),
@@ -530,6 +539,7 @@ impl Service {
             req.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect::<Result<_, _>>()?
         };
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        model.healthy()?;
         Ok((model, pieces, version))
     }
 
@@ -558,6 +568,7 @@ impl Service {
             wanted.push((idx, ids));
         }
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        model.healthy()?;
         let bytes: u64 =
             wanted.iter().map(|(idx, ids)| (ids.len() * model.tables[*idx].dim * 4) as u64).sum();
         let tables = offload(bytes, shard.config.inline_bytes, move || {
@@ -658,7 +669,7 @@ impl Service {
                     .map_err(|e| PsError::Internal(format!("taking the push failed: {e}")))?
             }
             Mode::Async => {
-                offload(push.bytes, shard.config.inline_bytes, move || apply_now(&model, push)).await?;
+                offload(push.bytes, shard.config.inline_bytes, move || apply_now(&model, push)).await??;
                 record_progress(&shard);
                 let v = shard.coord.applied_async(worker, step);
                 shard.metrics.version.set(v as i64);
@@ -714,7 +725,9 @@ fn accumulate(model: &ShardModel, push: ValidPush) {
 }
 
 /// Async: applies a validated push at once.
-fn apply_now(model: &ShardModel, push: ValidPush) {
+fn apply_now(model: &ShardModel, push: ValidPush) -> Result<(), PsError> {
+    let step = push.step;
+    let fail = |tensor: &str, at: String, e| model.fail(tensor, at, step, e);
     let mut grad = Vec::new();
     for (idx, slices) in push.dense {
         let piece = &model.pieces[idx];
@@ -722,7 +735,9 @@ fn apply_now(model: &ShardModel, push: ValidPush) {
         if let [whole] = slices.as_slice()
             && let Some(g) = crate::model::as_f32s(whole)
         {
-            piece.apply(g);
+            piece
+                .try_apply(g)
+                .map_err(|e| fail(&piece.tensor, format!("partition {}", piece.partition), e))?;
             continue;
         }
         grad.clear();
@@ -733,12 +748,15 @@ fn apply_now(model: &ShardModel, push: ValidPush) {
             codec::copy_f32s(&mut grad[offset..offset + n], &s);
             offset += n;
         }
-        piece.apply(&grad);
+        piece
+            .try_apply(&grad)
+            .map_err(|e| fail(&piece.tensor, format!("partition {}", piece.partition), e))?;
     }
     for (t, ids, values) in push.sparse {
         let table = &model.tables[t];
         let mut acc = SparseAccum::default();
         acc.add(&ids, &values, table.dim);
-        table.apply(&acc, 1.0);
+        table.try_apply(&acc, 1.0).map_err(|(id, e)| fail(&table.name, format!("row {id}"), e))?;
     }
+    Ok(())
 }
