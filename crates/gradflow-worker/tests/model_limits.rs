@@ -6,6 +6,7 @@ mod common;
 
 use common::{addrs, config, start_shards};
 use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
+use gradflow_proto::{ParameterServerClient, pb};
 use gradflow_ps::ServerConfig;
 use gradflow_worker::{Code, Worker, WorkerConfig, WorkerError};
 
@@ -30,7 +31,17 @@ fn rss() -> u64 {
 }
 
 async fn declare(servers: &[gradflow_ps::RunningServer], spec: ModelSpec) -> Result<(), WorkerError> {
-    let mut worker = Worker::connect(WorkerConfig::new(addrs(servers), 0)).await.unwrap();
+    declare_in_pieces(servers, spec, gradflow_core::DEFAULT_PARTITION_BYTES).await
+}
+
+async fn declare_in_pieces(
+    servers: &[gradflow_ps::RunningServer],
+    spec: ModelSpec,
+    partition_bytes: u64,
+) -> Result<(), WorkerError> {
+    let mut config = WorkerConfig::new(addrs(servers), 0);
+    config.partition_bytes = partition_bytes;
+    let mut worker = Worker::connect(config).await.unwrap();
     worker.declare(spec).await
 }
 
@@ -48,14 +59,24 @@ async fn models_too_large_for_the_machine_are_refused_at_declare_naming_the_size
     assert!(message.contains("`w` [1000000000000] (1000000000000 elements)"), "{message}");
     assert!(message.contains("8000000000000 bytes") && message.contains("server.max_memory"), "{message}");
 
-    // 2^32 x 2^32 overflows a u64 (it used to wrap to 0 elements in release builds).
-    let (code, message) = refusal(
-        declare(&servers, dense(vec![4_294_967_296, 4_294_967_296], OptimizerConfig::sgd(0.1)))
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(code, Code::InvalidArgument, "{message}");
-    assert!(message.contains("`w`") && message.contains("more than 2^64"), "{message}");
+    // 2^32 x 2^32 overflows a u64 (it used to wrap to 0 elements in release builds): the
+    // worker library refuses it, and so does the server when a client sends it anyway.
+    let overflow = dense(vec![4_294_967_296, 4_294_967_296], OptimizerConfig::sgd(0.1));
+    match declare(&servers, overflow.clone()).await.unwrap_err() {
+        WorkerError::InvalidSpec(m) => assert!(m.contains("`w`") && m.contains("more than 2^64"), "{m}"),
+        other => panic!("expected an invalid spec, got {other}"),
+    }
+    let mut client = ParameterServerClient::connect(format!("http://{}", servers[0].addr())).await.unwrap();
+    let request = pb::DeclareSpecRequest {
+        worker: 0,
+        spec_json: serde_json::to_string(&overflow).unwrap(),
+        partition_bytes: 4 << 20,
+        num_shards: 1,
+        shard: 0,
+    };
+    let status = client.declare_spec(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("`w`") && status.message().contains("more than 2^64"), "{status:?}");
 
     // The first weight matrix of wide & deep with `hidden = [4000000000]` (26 fields of dim 8
     // and 13 dense features make 221 inputs); tests/model_limits.rs of gradflow-cli launches
@@ -112,10 +133,10 @@ async fn max_memory_bounds_what_a_shard_holds_and_zero_turns_it_off() {
         "{message}"
     );
 
-    // Split over 4 shards each holds a quarter and fits.
+    // Cut in pieces of 1 MiB over 4 shards, each shard holds a quarter and fits.
     let servers =
         start_shards(4, |s| ServerConfig { max_memory: Some(8 << 20), ..config(s, 4, 1, Mode::Sync) }).await;
-    declare(&servers, spec()).await.unwrap();
+    declare_in_pieces(&servers, spec(), 1 << 20).await.unwrap();
 
     let servers =
         start_shards(1, |s| ServerConfig { max_memory: Some(0), ..config(s, 1, 1, Mode::Sync) }).await;
