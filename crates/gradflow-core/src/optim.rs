@@ -555,6 +555,12 @@ impl OptimizerConfig {
         Ok(())
     }
 
+    /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
+    /// to `clip_norm` (see [`clip_norm`](Self::clip_norm)), and not checked.
+    pub fn step_clipped(&self, param: &mut [f32], grad: Grad<'_>, state: &mut [f32], t: u64) {
+        self.step_with(param, self.clip(grad), state, t)
+    }
+
     /// The L2 norm a gradient is clipped to before each update, if any. The norm is that of
     /// the whole gradient handed to one update, computed in `f64` after averaging: on a
     /// server, one dense piece's averaged gradient (a tensor of at most `partition_bytes` is

@@ -84,7 +84,7 @@ impl ModelSpec {
                 Some(n) if n <= MAX_DENSE_ELEMENTS => {}
                 n => {
                     return Err(CoreError::InvalidSpec(format!(
-                        "dense tensor `{}` of shape {:?} has {} elements; expected at most {MAX_DENSE_ELEMENTS}",
+                        "dense tensor `{}` of shape {:?} is too large: {} elements; expected at most {MAX_DENSE_ELEMENTS}",
                         d.name,
                         d.shape,
                         n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())

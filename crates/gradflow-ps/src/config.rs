@@ -33,7 +33,8 @@ pub struct ServerConfig {
     /// DEADLINE_EXCEEDED. Default 600s.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
-    /// Refuse gradients that contain NaN or infinity. Default true.
+    /// Refuse gradients that contain NaN or infinity, and stop the shard when an update would
+    /// make a parameter or its optimizer state NaN or infinite. Default true.
     pub reject_non_finite: bool,
     /// Sync only: a step completes once all live workers but this many have pushed; later
     /// pushes for it are refused as stale. Default 0: every live worker is waited for.

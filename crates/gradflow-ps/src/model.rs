@@ -12,6 +12,7 @@
 //! ([`ShardModel::check_fits`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
@@ -66,6 +67,8 @@ pub struct Piece {
     pub params: RwLock<PieceParams>,
     /// Sync mode: the sum of this step's gradients.
     pub accum: Mutex<Accum>,
+    /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
+    check_finite: AtomicBool,
 }
 
 pub struct PieceParams {
@@ -157,6 +160,8 @@ pub struct Table {
     stripes: Vec<Mutex<RowStore>>,
     /// Sync mode: the sum of this step's gradients, per id.
     pub accum: Mutex<SparseAccum>,
+    /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
+    check_finite: AtomicBool,
 }
 
 /// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
@@ -266,6 +271,7 @@ impl ShardModel {
                     optimizer: d.optimizer.clone(),
                     params: RwLock::new(PieceParams { values: Arc::new(values), state, steps: 0 }),
                     accum: Mutex::new(Accum::default()),
+                    check_finite: AtomicBool::new(true),
                 }
             })
             .collect();
@@ -280,6 +286,7 @@ impl ShardModel {
                 slots: s.optimizer.num_slots(),
                 stripes: (0..STRIPES).map(|_| Mutex::new(RowStore::default())).collect(),
                 accum: Mutex::new(SparseAccum::default()),
+                check_finite: AtomicBool::new(true),
             })
             .collect();
         ShardModel { spec, placement, shard, pieces, piece_index, tables, fault: OnceLock::new() }
@@ -349,6 +356,14 @@ impl ShardModel {
             )));
         }
         Ok(total)
+    }
+
+    /// Whether updates are checked for NaN and infinity (by default they are). Off, an update
+    /// is applied whatever it makes of the values (a server with `reject_non_finite = false`
+    /// lets NaN through); `clip_norm` applies either way.
+    pub fn set_check_finite(&self, on: bool) {
+        self.pieces.iter().for_each(|p| p.check_finite.store(on, Ordering::Relaxed));
+        self.tables.iter().for_each(|t| t.check_finite.store(on, Ordering::Relaxed));
     }
 
     /// `Ok` until an update would have made the model non-finite; then, for good, the error
@@ -539,7 +554,12 @@ impl Piece {
         let mut p = self.params.write().unwrap();
         let PieceParams { values, state, steps } = &mut *p;
         let t = *steps + 1;
-        self.optimizer.step_checked(Arc::make_mut(values).as_mut_slice(), grad, state, t)?;
+        let values = Arc::make_mut(values).as_mut_slice();
+        if self.check_finite.load(Ordering::Relaxed) {
+            self.optimizer.step_checked(values, grad, state, t)?;
+        } else {
+            self.optimizer.step_clipped(values, grad, state, t);
+        }
         *steps = t;
         Ok(())
     }
@@ -795,6 +815,7 @@ impl Table {
             return Ok(());
         }
         let stride = self.stride();
+        let check = self.check_finite.load(Ordering::Relaxed);
         let mut store = self.stripes[s].lock().unwrap();
         let rows = self.rows_of(&mut store, &acc.ids, positions);
         for (i, (&pos, &row)) in positions.iter().zip(&rows).enumerate() {
@@ -807,7 +828,13 @@ impl Table {
             let RowStore { data, steps, .. } = &mut *store;
             let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
             let t = steps[row] + 1;
-            self.optimizer.step_checked(values, grad, state, u64::from(t)).map_err(|e| (acc.ids[pos], e))?;
+            if check {
+                self.optimizer
+                    .step_checked(values, grad, state, u64::from(t))
+                    .map_err(|e| (acc.ids[pos], e))?;
+            } else {
+                self.optimizer.step_clipped(values, grad, state, u64::from(t));
+            }
             steps[row] = t;
         }
         Ok(())

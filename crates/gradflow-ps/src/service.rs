@@ -55,6 +55,9 @@ impl Shard {
         )
         .with_backup_workers(config.backup_workers);
         let version = restored.as_ref().map_or(0, |r| r.version);
+        if let Some(r) = &restored {
+            r.model.set_check_finite(config.reject_non_finite);
+        }
         if restored.is_some() {
             coord.restore(version);
         }
@@ -257,6 +260,7 @@ impl gradflow_proto::ParameterServer for Service {
         let max_message = cfg.transport.max_message_bytes as u64;
         ShardModel::check_fits(&spec, n, s, pb_, cfg.memory_budget(), max_message)?;
         let model = blocking(move || ShardModel::new(spec, n, s, pb_)).await?;
+        model.set_check_finite(cfg.reject_non_finite);
         info!(
             dense_tensors = model.spec.dense.len(),
             pieces = model.pieces.len(),
