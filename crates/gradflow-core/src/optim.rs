@@ -521,38 +521,45 @@ impl OptimizerConfig {
         let grad = self.clip(grad);
         let mut slots = split_slots(state, n);
         let k = self.num_slots();
-        let mut saved = [[0f32; CHECK_BLOCK]; 4];
-        for start in (0..n).step_by(CHECK_BLOCK) {
-            let end = (start + CHECK_BLOCK).min(n);
-            let len = end - start;
-            let block = &mut param[start..end];
-            saved[0][..len].copy_from_slice(block);
-            for (save, slot) in saved[1..].iter_mut().zip(&slots[..k]) {
-                save[..len].copy_from_slice(&slot[start..end]);
+        SAVED.with_borrow_mut(|saved| {
+            // Room for a block of values and of each slot, kept from call to call: a sparse
+            // row's update must not pay for clearing a buffer of its own.
+            let block = n.min(CHECK_BLOCK);
+            if saved.len() < block * (1 + k) {
+                saved.resize(block * (1 + k), 0.0);
             }
-            let [a, b, c] = &mut slots;
-            let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
-            self.step_slots(block, grad.slice(start, end), sub_slots, t);
-            let bad = first_non_finite(block).map(|i| (i, None)).or_else(|| {
-                (0..k).find_map(|s| first_non_finite(&slots[s][start..end]).map(|i| (i, Some(s))))
-            });
-            if let Some((i, slot)) = bad {
-                let value = match slot {
-                    None => param[start + i],
-                    Some(s) => slots[s][start + i],
-                };
-                param[start..end].copy_from_slice(&saved[0][..len]);
-                for (save, slot) in saved[1..].iter().zip(&mut slots[..k]) {
-                    slot[start..end].copy_from_slice(&save[..len]);
+            for start in (0..n).step_by(CHECK_BLOCK) {
+                let end = (start + CHECK_BLOCK).min(n);
+                let len = end - start;
+                let (saved_values, saved_slots) = saved.split_at_mut(block);
+                saved_values[..len].copy_from_slice(&param[start..end]);
+                for (save, slot) in saved_slots.chunks_exact_mut(block).zip(&slots[..k]) {
+                    save[..len].copy_from_slice(&slot[start..end]);
                 }
-                return Err(NonFiniteUpdate {
-                    element: start + i,
-                    slot: slot.map(|s| self.slot_names()[s]),
-                    value,
+                let [a, b, c] = &mut slots;
+                let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
+                self.step_slots(&mut param[start..end], grad.slice(start, end), sub_slots, t);
+                let bad = first_non_finite(&param[start..end]).map(|i| (i, None)).or_else(|| {
+                    (0..k).find_map(|s| first_non_finite(&slots[s][start..end]).map(|i| (i, Some(s))))
                 });
+                if let Some((i, slot)) = bad {
+                    let value = match slot {
+                        None => param[start + i],
+                        Some(s) => slots[s][start + i],
+                    };
+                    param[start..end].copy_from_slice(&saved_values[..len]);
+                    for (save, slot) in saved_slots.chunks_exact(block).zip(&mut slots[..k]) {
+                        slot[start..end].copy_from_slice(&save[..len]);
+                    }
+                    return Err(NonFiniteUpdate {
+                        element: start + i,
+                        slot: slot.map(|s| self.slot_names()[s]),
+                        value,
+                    });
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
@@ -649,6 +656,11 @@ impl OptimizerConfig {
             }
         }
     }
+}
+
+thread_local! {
+    /// [`OptimizerConfig::step_checked`]'s copy of the block it updates, to put back.
+    static SAVED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Elements an update is checked in (see [`OptimizerConfig::step_checked`]): 8 KiB of values
