@@ -88,6 +88,14 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"))
 }
 
+/// The index of the first little-endian `f32` in `bytes` that is NaN or infinite. The common
+/// case, none, is found by a loop without an early exit, which the compiler vectorizes.
+pub(crate) fn first_non_finite_le(bytes: &[u8]) -> Option<usize> {
+    let bits = |c: &[u8]| u32::from_le_bytes(c.try_into().expect("4 bytes")) & 0x7f80_0000 == 0x7f80_0000;
+    let bad = bytes.chunks_exact(4).fold(false, |bad, c| bad | bits(c));
+    if bad { bytes.chunks_exact(4).position(bits) } else { None }
+}
+
 /// A typed slice as a safetensors tensor.
 pub(crate) struct PodView<'a, T: Le> {
     pub data: &'a [T],
@@ -298,6 +306,18 @@ impl<'a> SparseFile<'a> {
         u32_at(self.steps, row)
     }
 
+    /// The first row whose values or state hold a NaN or an infinity, and its id.
+    pub fn first_non_finite_row(&self) -> Option<(usize, u64)> {
+        let (dim, slots) = (self.header.dim as usize, self.header.num_slots as usize);
+        let in_values = first_non_finite_le(self.values).map(|i| i / dim.max(1));
+        let in_state = first_non_finite_le(self.state).map(|i| i / (dim * slots).max(1));
+        let row = match (in_values, in_state) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some((row, self.id(row)))
+    }
+
     /// Little-endian bytes of row `row`'s values.
     pub fn values(&self, row: usize) -> &'a [u8] {
         let w = self.header.dim as usize * 4;
@@ -345,6 +365,22 @@ mod tests {
         // the ids start 8-aligned
         let hlen = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
         assert_eq!((16 + hlen) % 8, 0);
+    }
+
+    #[test]
+    fn non_finite_values_and_state_are_found_with_their_row() {
+        let mut t = table();
+        let encode = |t: &TableSnapshot| -> Vec<u8> {
+            encode_sparse(t, &["a", "b"], 1 << 20).1.flat_map(|c| c.to_vec()).collect()
+        };
+        assert_eq!(SparseFile::parse(&encode(&t)).unwrap().first_non_finite_row(), None);
+        t.state[4 * 2 + 1] = f32::NEG_INFINITY;
+        assert_eq!(SparseFile::parse(&encode(&t)).unwrap().first_non_finite_row(), Some((1, u64::MAX)));
+        t.values[8] = f32::NAN;
+        assert_eq!(SparseFile::parse(&encode(&t)).unwrap().first_non_finite_row(), Some((1, u64::MAX)));
+        t.values[0] = f32::INFINITY;
+        assert_eq!(SparseFile::parse(&encode(&t)).unwrap().first_non_finite_row(), Some((0, 5)));
+        assert_eq!(first_non_finite_le(&[0, 0, 0x80, 0x3f, 0, 0, 0xc0, 0x7f]), Some(1));
     }
 
     #[test]

@@ -171,16 +171,31 @@ impl CheckpointStore {
                                 let t = manifest.spec.dense_index(&p.tensor).ok_or_else(|| {
                                     corrupt(format!("holds tensor `{}`, which the spec lacks", p.tensor))
                                 })?;
-                                parsed.f32_bytes(&format::values_key(&p.tensor, p.partition), p.len).map_err(corrupt)?;
+                                let finite = |key: String| -> Result<(), CheckpointError> {
+                                    let bytes = parsed.f32_bytes(&key, p.len).map_err(corrupt)?;
+                                    match format::first_non_finite_le(bytes) {
+                                        None => Ok(()),
+                                        Some(i) => Err(corrupt(format!(
+                                            "tensor `{key}` holds a NaN or infinite value at element {i}; a \
+                                             checkpoint holds finite values only"
+                                        ))),
+                                    }
+                                };
+                                finite(format::values_key(&p.tensor, p.partition))?;
                                 for slot in manifest.spec.dense[t].optimizer.slot_names() {
-                                    parsed
-                                        .f32_bytes(&format::slot_key(&p.tensor, p.partition, slot), p.len)
-                                        .map_err(corrupt)?;
+                                    finite(format::slot_key(&p.tensor, p.partition, slot))?;
                                 }
                             }
                         }
                         Some(FileContent::Sparse { table, dim, num_slots, rows }) => {
-                            let h = SparseFile::parse(&data).map_err(corrupt)?.header;
+                            let parsed = SparseFile::parse(&data).map_err(corrupt)?;
+                            if let Some((row, id)) = parsed.first_non_finite_row() {
+                                return Err(corrupt(format!(
+                                    "row {row} (id {id}) of table `{table}` holds a NaN or infinite value; a \
+                                     checkpoint holds finite values only"
+                                )));
+                            }
+                            let h = parsed.header;
                             if (&h.table, h.dim, h.num_slots, h.rows) != (table, *dim, *num_slots, *rows) {
                                 return Err(corrupt(format!(
                                     "holds table `{}` (dim {}, {} slots, {} rows), the manifest says `{table}` \
@@ -554,6 +569,35 @@ mod tests {
         match r {
             Err(CheckpointError::Inconsistent { reason, .. }) => assert!(reason.contains(says), "{reason}"),
             other => panic!("expected Inconsistent ({says}), got {other:?}"),
+        }
+    }
+
+    /// A checkpoint whose dense file holds a NaN with a size and checksum that match (as a
+    /// writer without the finite check, or an older gradflow, wrote it) fails verification.
+    #[tokio::test]
+    async fn a_checkpoint_holding_a_nan_fails_verify_naming_the_element() {
+        let store = CheckpointStore::open("memory://load-unit-nan").unwrap();
+        store.write_shard(1, &crate::snapshot::tiny()).await.unwrap();
+        let mut nan = crate::snapshot::tiny();
+        nan.dense[0].values[1] = f32::NAN;
+        let slots = nan.spec.dense[0].optimizer.slot_names();
+        let (bytes, _) = format::encode_dense(1, 0, &[&nan.dense[0]], |_| slots).unwrap();
+        store.put_extra(1, "nan.safetensors", bytes.clone()).await.unwrap();
+        let mut m = store.finalize(1, 1, 0, Duration::from_secs(5)).await.unwrap();
+        assert!(store.verify(&m).await.unwrap() > 0, "the checkpoint as written verifies");
+        let file =
+            m.shards[0].files.iter_mut().find(|f| matches!(f.content, FileContent::Dense { .. })).unwrap();
+        file.path = "extra/nan.safetensors".into();
+        file.bytes = bytes.len() as u64;
+        file.crc32c = crate::Crc32c::of(&bytes);
+        match store.verify(&m).await {
+            Err(CheckpointError::Corrupt { reason, .. }) => {
+                assert!(
+                    reason.contains("`w:0:values` holds a NaN or infinite value at element 1"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected a corrupt checkpoint, got {other:?}"),
         }
     }
 

@@ -83,8 +83,9 @@ pub struct ShardSnapshot {
 }
 
 impl ShardSnapshot {
-    /// Checks that every piece and table fits the spec: known names, in-range offsets, and the
-    /// lengths of values, state and steps.
+    /// Checks that every piece and table fits the spec: known names, in-range offsets, the
+    /// lengths of values, state and steps, and that every value and state is finite (a model
+    /// with a NaN or an infinity in it is not worth restoring).
     pub fn validate(&self) -> Result<(), CheckpointError> {
         let bad = |reason: String| CheckpointError::InvalidSnapshot { shard: self.shard, reason };
         if self.num_shards == 0 || self.shard >= self.num_shards {
@@ -127,6 +128,12 @@ impl ShardSnapshot {
                     d.optimizer.kind()
                 )));
             }
+            if let Some((what, i)) = non_finite(&p.values, &p.state) {
+                return Err(bad(format!(
+                    "dense tensor `{}` partition {}: {what} {i} is NaN or infinite; a checkpoint holds finite values only",
+                    p.tensor, p.partition
+                )));
+            }
         }
         let mut tables = HashSet::new();
         for t in &self.sparse {
@@ -160,8 +167,40 @@ impl ShardSnapshot {
                     t.steps.len()
                 )));
             }
+            if let Some((what, i)) = non_finite(&t.values, &t.state) {
+                let id = t.ids[if what == "value" { i / dim } else { i / (slots * dim) }];
+                return Err(bad(format!(
+                    "sparse table `{}` row id {id}: {what} {i} is NaN or infinite; a checkpoint holds finite values only",
+                    t.table
+                )));
+            }
         }
         Ok(())
+    }
+}
+
+/// The first NaN or infinity in `values`, else in `state`: which of the two and where.
+fn non_finite(values: &[f32], state: &[f32]) -> Option<(&'static str, usize)> {
+    let first = |x: &[f32]| {
+        let bad = x.iter().fold(false, |bad, v| bad | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+        if bad { x.iter().position(|v| !v.is_finite()) } else { None }
+    };
+    first(values).map(|i| ("value", i)).or_else(|| first(state).map(|i| ("optimizer state float", i)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_snapshot_with_a_non_finite_value_or_state_is_refused_by_name() {
+        let mut s = super::tiny();
+        s.validate().unwrap();
+        s.dense[0].values[2] = f32::NAN;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("`w` partition 0: value 2 is NaN or infinite"), "{e}");
+        let mut s = super::tiny();
+        s.dense[0].state[3] = f32::INFINITY;
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("optimizer state float 3"), "{e}");
     }
 }
 

@@ -21,6 +21,6 @@ pub mod spec;
 pub use error::CoreError;
 pub use init::Initializer;
 pub use mode::Mode;
-pub use optim::{Grad, OptimizerConfig};
+pub use optim::{Grad, NonFiniteUpdate, OptimizerConfig};
 pub use partition::{DEFAULT_PARTITION_BYTES, DensePiece, Placement};
 pub use spec::{DenseSpec, ModelSpec, SparseSpec};

@@ -58,6 +58,10 @@ pub enum OptimizerConfig {
         /// L2 penalty added to the gradient. Default 0.
         #[serde(default)]
         weight_decay: f64,
+        /// Clip each gradient to this L2 norm before the update (see
+        /// [`OptimizerConfig::clip_norm`]). Default: no clipping.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clip_norm: Option<f64>,
     },
     /// Adagrad, exactly as `torch.optim.Adagrad`:
     ///
@@ -84,6 +88,10 @@ pub enum OptimizerConfig {
         /// Term added to the denominator for numerical stability. Default 1e-10.
         #[serde(default = "default_adagrad_eps")]
         eps: f64,
+        /// Clip each gradient to this L2 norm before the update (see
+        /// [`OptimizerConfig::clip_norm`]). Default: no clipping.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clip_norm: Option<f64>,
     },
     /// Adam, exactly as `torch.optim.Adam` (L2 weight decay is added to the gradient):
     ///
@@ -114,6 +122,10 @@ pub enum OptimizerConfig {
         /// Use the maximum of all second-moment estimates so far (AMSGrad). Default false.
         #[serde(default)]
         amsgrad: bool,
+        /// Clip each gradient to this L2 norm before the update (see
+        /// [`OptimizerConfig::clip_norm`]). Default: no clipping.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clip_norm: Option<f64>,
     },
     /// AdamW, exactly as `torch.optim.AdamW`: Adam with decoupled weight decay, applied to the
     /// parameter before the Adam update (`p *= 1 - lr * weight_decay`) instead of to the
@@ -139,6 +151,10 @@ pub enum OptimizerConfig {
         /// Use the maximum of all second-moment estimates so far (AMSGrad). Default false.
         #[serde(default)]
         amsgrad: bool,
+        /// Clip each gradient to this L2 norm before the update (see
+        /// [`OptimizerConfig::clip_norm`]). Default: no clipping.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clip_norm: Option<f64>,
     },
     /// FTRL-Proximal (McMahan et al. 2013), as `tf.keras.optimizers.Ftrl` (TensorFlow's
     /// `ApplyFtrlV2` kernel), with accumulator `n` and linear term `z`:
@@ -179,6 +195,10 @@ pub enum OptimizerConfig {
         /// The paper's beta, added to the per-coordinate learning-rate denominator. Default 0.
         #[serde(default)]
         beta: f64,
+        /// Clip each gradient to this L2 norm before the update (see
+        /// [`OptimizerConfig::clip_norm`]). Default: no clipping.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clip_norm: Option<f64>,
     },
 }
 
@@ -240,7 +260,14 @@ impl Checker<'_> {
 impl OptimizerConfig {
     /// Plain SGD with learning rate `lr` and PyTorch's defaults for everything else.
     pub fn sgd(lr: f64) -> Self {
-        OptimizerConfig::Sgd { lr, momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
+        OptimizerConfig::Sgd {
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            clip_norm: None,
+        }
     }
 
     /// Adagrad with learning rate `lr` and PyTorch's defaults for everything else.
@@ -251,6 +278,7 @@ impl OptimizerConfig {
             weight_decay: 0.0,
             initial_accumulator_value: 0.0,
             eps: default_adagrad_eps(),
+            clip_norm: None,
         }
     }
 
@@ -263,6 +291,7 @@ impl OptimizerConfig {
             eps: default_adam_eps(),
             weight_decay: 0.0,
             amsgrad: false,
+            clip_norm: None,
         }
     }
 
@@ -276,6 +305,7 @@ impl OptimizerConfig {
             eps: default_adam_eps(),
             weight_decay: default_adamw_weight_decay(),
             amsgrad: false,
+            clip_norm: None,
         }
     }
 
@@ -289,6 +319,7 @@ impl OptimizerConfig {
             l2: 0.0,
             l2_shrinkage: 0.0,
             beta: 0.0,
+            clip_norm: None,
         }
     }
 
@@ -308,11 +339,14 @@ impl OptimizerConfig {
     /// Refuses a learning rate that is not finite and positive, betas outside `[0, 1)`,
     /// `eps <= 0`, negative weight decay, momentum, accumulator values, `l1`, `l2` or `beta`,
     /// dampening outside `[0, 1]`, Nesterov without momentum or with dampening, `lr_power > 0`,
-    /// and an FTRL setting whose first update could divide 0 by 0.
+    /// a `clip_norm` that is not finite and positive, and an FTRL setting whose first update could divide 0 by 0.
     pub fn validate(&self, tensor: &str) -> Result<(), CoreError> {
         let c = Checker { tensor, kind: self.kind() };
+        if let Some(clip_norm) = self.clip_norm() {
+            c.positive("clip_norm", clip_norm)?;
+        }
         match *self {
-            OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
+            OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay, .. } => {
                 c.positive("lr", lr)?;
                 c.non_negative("momentum", momentum)?;
                 c.check((0.0..=1.0).contains(&dampening), "dampening", dampening, "a number in [0, 1]")?;
@@ -324,22 +358,33 @@ impl OptimizerConfig {
                     )));
                 }
             }
-            OptimizerConfig::Adagrad { lr, lr_decay, weight_decay, initial_accumulator_value, eps } => {
+            OptimizerConfig::Adagrad {
+                lr, lr_decay, weight_decay, initial_accumulator_value, eps, ..
+            } => {
                 c.positive("lr", lr)?;
                 c.non_negative("lr_decay", lr_decay)?;
                 c.non_negative("weight_decay", weight_decay)?;
                 c.non_negative("initial_accumulator_value", initial_accumulator_value)?;
                 c.positive("eps", eps)?;
             }
-            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad: _ }
-            | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad: _ } => {
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad: _, .. }
+            | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad: _, .. } => {
                 c.positive("lr", lr)?;
                 c.beta("beta1", beta1)?;
                 c.beta("beta2", beta2)?;
                 c.positive("eps", eps)?;
                 c.non_negative("weight_decay", weight_decay)?;
             }
-            OptimizerConfig::Ftrl { lr, lr_power, initial_accumulator_value, l1, l2, l2_shrinkage, beta } => {
+            OptimizerConfig::Ftrl {
+                lr,
+                lr_power,
+                initial_accumulator_value,
+                l1,
+                l2,
+                l2_shrinkage,
+                beta,
+                ..
+            } => {
                 c.positive("lr", lr)?;
                 c.check(lr_power <= 0.0, "lr_power", lr_power, "a finite number <= 0")?;
                 c.non_negative("initial_accumulator_value", initial_accumulator_value)?;
@@ -447,7 +492,113 @@ impl OptimizerConfig {
 
     /// [`step`](Self::step) with a gradient that is computed as it is read (see [`Grad`]): the
     /// same result, bit for bit, as materializing `grad` first, without the extra pass.
+    ///
+    /// Applies neither `clip_norm` nor any check: see [`step_checked`](Self::step_checked).
     pub fn step_with(&self, param: &mut [f32], grad: Grad<'_>, state: &mut [f32], t: u64) {
+        self.check_step_args(param, grad, state, t);
+        let slots = split_slots(state, param.len());
+        self.step_slots(param, grad, slots, t)
+    }
+
+    /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
+    /// to `clip_norm` (see [`clip_norm`](Self::clip_norm)), and checked: the update runs in
+    /// blocks of [`CHECK_BLOCK`] elements, and each block's new values and optimizer state are
+    /// checked for NaN and infinity while they are in the cache. A block with one is put back
+    /// as it was and the update stops there: the blocks before it keep their update, the block
+    /// and those after it are as they were. The error says which element went bad.
+    ///
+    /// # Panics
+    /// As [`step`](Self::step).
+    pub fn step_checked(
+        &self,
+        param: &mut [f32],
+        grad: Grad<'_>,
+        state: &mut [f32],
+        t: u64,
+    ) -> Result<(), NonFiniteUpdate> {
+        self.check_step_args(param, grad, state, t);
+        let n = param.len();
+        let grad = self.clip(grad);
+        let mut slots = split_slots(state, n);
+        let k = self.num_slots();
+        SAVED.with_borrow_mut(|saved| {
+            // Room for a block of values and of each slot, kept from call to call: a sparse
+            // row's update must not pay for clearing a buffer of its own.
+            let block = n.min(CHECK_BLOCK);
+            if saved.len() < block * (1 + k) {
+                saved.resize(block * (1 + k), 0.0);
+            }
+            for start in (0..n).step_by(CHECK_BLOCK) {
+                let end = (start + CHECK_BLOCK).min(n);
+                let len = end - start;
+                let (saved_values, saved_slots) = saved.split_at_mut(block);
+                saved_values[..len].copy_from_slice(&param[start..end]);
+                for (save, slot) in saved_slots.chunks_exact_mut(block).zip(&slots[..k]) {
+                    save[..len].copy_from_slice(&slot[start..end]);
+                }
+                let [a, b, c] = &mut slots;
+                let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
+                self.step_slots(&mut param[start..end], grad.slice(start, end), sub_slots, t);
+                let bad = first_non_finite(&param[start..end]).map(|i| (i, None)).or_else(|| {
+                    (0..k).find_map(|s| first_non_finite(&slots[s][start..end]).map(|i| (i, Some(s))))
+                });
+                if let Some((i, slot)) = bad {
+                    let value = match slot {
+                        None => param[start + i],
+                        Some(s) => slots[s][start + i],
+                    };
+                    param[start..end].copy_from_slice(&saved_values[..len]);
+                    for (save, slot) in saved_slots.chunks_exact(block).zip(&mut slots[..k]) {
+                        slot[start..end].copy_from_slice(&save[..len]);
+                    }
+                    return Err(NonFiniteUpdate {
+                        element: start + i,
+                        slot: slot.map(|s| self.slot_names()[s]),
+                        value,
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
+    /// to `clip_norm` (see [`clip_norm`](Self::clip_norm)), and not checked.
+    pub fn step_clipped(&self, param: &mut [f32], grad: Grad<'_>, state: &mut [f32], t: u64) {
+        self.step_with(param, self.clip(grad), state, t)
+    }
+
+    /// The L2 norm a gradient is clipped to before each update, if any. The norm is that of
+    /// the whole gradient handed to one update, computed in `f64` after averaging: on a
+    /// server, one dense piece's averaged gradient (a tensor of at most `partition_bytes` is
+    /// one piece, so its whole gradient) or one sparse row's. A gradient whose norm is over
+    /// `clip_norm` is multiplied by `clip_norm / norm`; others are used as they are.
+    pub fn clip_norm(&self) -> Option<f64> {
+        match *self {
+            OptimizerConfig::Sgd { clip_norm, .. }
+            | OptimizerConfig::Adagrad { clip_norm, .. }
+            | OptimizerConfig::Adam { clip_norm, .. }
+            | OptimizerConfig::AdamW { clip_norm, .. }
+            | OptimizerConfig::Ftrl { clip_norm, .. } => clip_norm,
+        }
+    }
+
+    /// `grad` scaled down to `clip_norm`, where one is set and the norm is over it.
+    fn clip<'a>(&self, grad: Grad<'a>) -> Grad<'a> {
+        let Some(max) = self.clip_norm() else { return grad };
+        let norm = grad.norm();
+        if !(norm > max) {
+            return grad;
+        }
+        let factor = (max / norm) as f32;
+        match grad {
+            Grad::Plain(g) => Grad::Scaled(g, factor),
+            Grad::Scaled(g, scale) => Grad::Scaled(g, (f64::from(scale) * max / norm) as f32),
+            Grad::SumScaled(a, b, scale) => Grad::SumScaled(a, b, (f64::from(scale) * max / norm) as f32),
+        }
+    }
+
+    fn check_step_args(&self, param: &[f32], grad: Grad<'_>, state: &[f32], t: u64) {
         let n = param.len();
         assert_eq!(
             grad.len(),
@@ -468,35 +619,32 @@ impl OptimizerConfig {
             self.num_slots()
         );
         assert!(t >= 1, "{} step: t is the 1-based update count, got 0", self.kind());
+    }
+
+    /// The update of `param` with its state slots (unused ones empty).
+    fn step_slots(&self, param: &mut [f32], grad: Grad<'_>, slots: [&mut [f32]; 3], t: u64) {
+        let [s0, s1, s2] = slots;
         match *self {
-            OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
-                sgd_step(param, grad, state, t, lr, momentum, dampening, nesterov, weight_decay)
+            OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay, .. } => {
+                sgd_step(param, grad, s0, t, lr, momentum, dampening, nesterov, weight_decay)
             }
             OptimizerConfig::Adagrad { lr, lr_decay, weight_decay, eps, .. } => {
                 let clr = lr / (1.0 + (t - 1) as f64 * lr_decay);
-                adagrad_step(param, grad, state, clr as f32, weight_decay as f32, eps as f32)
+                adagrad_step(param, grad, s0, clr as f32, weight_decay as f32, eps as f32)
             }
-            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad } => {
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad, .. } => {
                 let k = AdamConsts::new(lr, beta1, beta2, eps, weight_decay, t);
-                adam_step(param, grad, state, &k, amsgrad)
+                adam_step(param, grad, [s0, s1, s2], &k, amsgrad)
             }
-            OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad } => {
+            OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad, .. } => {
                 let decay = (1.0 - lr * weight_decay) as f32;
                 if decay != 1.0 {
                     param.iter_mut().for_each(|p| *p *= decay);
                 }
                 let k = AdamConsts::new(lr, beta1, beta2, eps, 0.0, t);
-                adam_step(param, grad, state, &k, amsgrad)
+                adam_step(param, grad, [s0, s1, s2], &k, amsgrad)
             }
-            OptimizerConfig::Ftrl {
-                lr,
-                lr_power,
-                l1,
-                l2,
-                l2_shrinkage,
-                beta,
-                initial_accumulator_value: _,
-            } => {
+            OptimizerConfig::Ftrl { lr, lr_power, l1, l2, l2_shrinkage, beta, .. } => {
                 let k = FtrlConsts {
                     inv_lr: (1.0 / lr) as f32,
                     // TF folds beta into l2 as beta / (2 lr), and doubles l2 in the denominator.
@@ -504,10 +652,67 @@ impl OptimizerConfig {
                     two_shrinkage: (2.0 * l2_shrinkage) as f32,
                     l1: l1 as f32,
                 };
-                ftrl_step(param, grad, state, &k, lr_power)
+                ftrl_step(param, grad, s0, s1, &k, lr_power)
             }
         }
     }
+}
+
+thread_local! {
+    /// [`OptimizerConfig::step_checked`]'s copy of the block it updates, to put back.
+    static SAVED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Elements an update is checked in (see [`OptimizerConfig::step_checked`]): 8 KiB of values
+/// and as much of each state slot, which stay in the processor's first-level cache between
+/// the update and the check.
+pub const CHECK_BLOCK: usize = 2048;
+
+/// An update that would have made a value or its optimizer state NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NonFiniteUpdate {
+    /// The element (in the slice handed to the update) where it was found first.
+    pub element: usize,
+    /// The optimizer state slot it was in (see [`OptimizerConfig::slot_names`]); `None` for
+    /// the value itself.
+    pub slot: Option<&'static str>,
+    /// The value the update computed there.
+    pub value: f32,
+}
+
+impl std::fmt::Display for NonFiniteUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.slot {
+            None => write!(f, "element {} would become {}", self.element, self.value),
+            Some(slot) => {
+                write!(f, "the optimizer's `{slot}` of element {} would become {}", self.element, self.value)
+            }
+        }
+    }
+}
+
+/// `state` (slot-major over `n` elements) as its slots; those the optimizer lacks are empty.
+fn split_slots(state: &mut [f32], n: usize) -> [&mut [f32]; 3] {
+    let mut slots: [&mut [f32]; 3] = [&mut [], &mut [], &mut []];
+    if n > 0 {
+        for (slot, chunk) in slots.iter_mut().zip(state.chunks_exact_mut(n)) {
+            *slot = chunk;
+        }
+    }
+    slots
+}
+
+/// Elements `start..end` of a state slot; an unused (empty) slot stays empty.
+fn sub(slot: &mut [f32], start: usize, end: usize) -> &mut [f32] {
+    if slot.is_empty() { slot } else { &mut slot[start..end] }
+}
+
+/// The position of the first NaN or infinity in `x`. The common case, none, is found by a
+/// loop without an early exit, which the compiler vectorizes.
+#[inline]
+pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    let bad = x.iter().fold(0u32, |bad, v| bad | u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    if bad == 0 { None } else { x.iter().position(|v| !v.is_finite()) }
 }
 
 /// Binds `$g` to an iterator over the elements of `$grad` (a [`Grad`]) and evaluates `$body`,
@@ -549,7 +754,7 @@ pub enum Grad<'a> {
     SumScaled(&'a [f32], &'a [f32], f32),
 }
 
-impl Grad<'_> {
+impl<'a> Grad<'a> {
     /// Elements in the gradient.
     pub fn len(&self) -> usize {
         match self {
@@ -565,6 +770,21 @@ impl Grad<'_> {
     /// The gradient as a vector (for tests and references).
     pub fn to_vec(&self) -> Vec<f32> {
         each_grad!(*self, g => g.collect())
+    }
+
+    /// Elements `start..end` of the gradient, in the same form.
+    pub fn slice(&self, start: usize, end: usize) -> Grad<'a> {
+        match *self {
+            Grad::Plain(g) => Grad::Plain(&g[start..end]),
+            Grad::Scaled(g, scale) => Grad::Scaled(&g[start..end], scale),
+            Grad::SumScaled(a, b, scale) => Grad::SumScaled(&a[start..end], &b[start..end], scale),
+        }
+    }
+
+    /// The L2 norm of the gradient as read, summed in `f64` (so that it does not overflow
+    /// where the `f32` elements are finite).
+    pub fn norm(&self) -> f64 {
+        each_grad!(*self, g => g.map(|x| f64::from(x) * f64::from(x)).sum::<f64>()).sqrt()
     }
 }
 
@@ -647,7 +867,7 @@ macro_rules! with_avx2 {
 }
 
 with_avx2!(adagrad_step, adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mut [f32], clr: f32, wd: f32, eps: f32));
-with_avx2!(adam_step, adam_any(param: &mut [f32], grad: Grad<'_>, state: &mut [f32], k: &AdamConsts, amsgrad: bool));
+with_avx2!(adam_step, adam_any(param: &mut [f32], grad: Grad<'_>, state: [&mut [f32]; 3], k: &AdamConsts, amsgrad: bool));
 
 #[inline(always)]
 fn adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mut [f32], clr: f32, wd: f32, eps: f32) {
@@ -655,7 +875,7 @@ fn adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mut [f32], clr: f32, wd:
 }
 
 #[inline(always)]
-fn adam_any(param: &mut [f32], grad: Grad<'_>, state: &mut [f32], k: &AdamConsts, amsgrad: bool) {
+fn adam_any(param: &mut [f32], grad: Grad<'_>, state: [&mut [f32]; 3], k: &AdamConsts, amsgrad: bool) {
     each_grad!(grad, grad => adam_kernel(param, grad, state, k, amsgrad))
 }
 
@@ -716,13 +936,11 @@ impl AdamConsts {
 fn adam_kernel(
     param: &mut [f32],
     grad: impl Iterator<Item = f32>,
-    state: &mut [f32],
+    state: [&mut [f32]; 3],
     k: &AdamConsts,
     amsgrad: bool,
 ) {
-    let n = param.len();
-    let (m, rest) = state.split_at_mut(n);
-    let (v, vmax) = rest.split_at_mut(n);
+    let [m, v, vmax] = state;
     // Separate loops rather than a branch per element, so that each one vectorizes.
     if amsgrad {
         for ((((p, g), m), v), vmax) in
@@ -758,9 +976,14 @@ struct FtrlConsts {
     l1: f32,
 }
 
-fn ftrl_step(param: &mut [f32], grad: Grad<'_>, state: &mut [f32], k: &FtrlConsts, lr_power: f64) {
-    let n = param.len();
-    let (acc, lin) = state.split_at_mut(n);
+fn ftrl_step(
+    param: &mut [f32],
+    grad: Grad<'_>,
+    acc: &mut [f32],
+    lin: &mut [f32],
+    k: &FtrlConsts,
+    lr_power: f64,
+) {
     if lr_power == -0.5 {
         // The default: powers are square roots, which vectorize where powf does not.
         each_grad!(grad, grad => ftrl_loop(param, grad, acc, lin, k, f32::sqrt));
@@ -817,8 +1040,8 @@ mod tests {
             let k = AdamConsts::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 7);
             let (mut p1, mut p2) = (param.clone(), param.clone());
             let (mut s1, mut s2) = (vec![0.01f32; 3 * n], vec![0.01f32; 3 * n]);
-            adam_step(&mut p1, Grad::Plain(&grad), &mut s1, &k, amsgrad);
-            adam_any(&mut p2, Grad::Plain(&grad), &mut s2, &k, amsgrad);
+            adam_step(&mut p1, Grad::Plain(&grad), split_slots(&mut s1, n), &k, amsgrad);
+            adam_any(&mut p2, Grad::Plain(&grad), split_slots(&mut s2, n), &k, amsgrad);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "amsgrad {amsgrad}");
         }
@@ -867,6 +1090,110 @@ mod tests {
     }
 
     #[test]
+    fn a_checked_update_is_the_unchecked_one_where_all_stays_finite() {
+        let n = 2 * CHECK_BLOCK + 37;
+        let val = |i: usize, salt: f32| (i as f32 * 0.389 + salt).cos();
+        let a: Vec<f32> = (0..n).map(|i| val(i, 0.5)).collect();
+        let b: Vec<f32> = (0..n).map(|i| val(i, 1.5)).collect();
+        let param: Vec<f32> = (0..n).map(|i| val(i, 2.5)).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for c in [
+            OptimizerConfig::sgd(0.1),
+            tweak(OptimizerConfig::sgd(0.1), json!({"momentum": 0.9})),
+            OptimizerConfig::adagrad(0.05),
+            tweak(OptimizerConfig::adam(1e-3), json!({"amsgrad": true})),
+            OptimizerConfig::adamw(1e-3),
+            OptimizerConfig::ftrl(0.1),
+        ] {
+            let mut state = vec![0f32; c.num_slots() * n];
+            c.init_state(&mut state);
+            let (mut p1, mut s1) = (param.clone(), state.clone());
+            let (mut p2, mut s2) = (param.clone(), state);
+            for t in 1..=3 {
+                c.step_with(&mut p1, Grad::SumScaled(&a, &b, 0.5), &mut s1, t);
+                c.step_checked(&mut p2, Grad::SumScaled(&a, &b, 0.5), &mut s2, t).unwrap();
+            }
+            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn an_update_that_overflows_is_put_back_from_its_block_on_and_named() {
+        let n = 3 * CHECK_BLOCK + 5;
+        let bad = 2 * CHECK_BLOCK + 7;
+        // SGD: -3e38 - 1 * 3e38 is -inf in f32; every other element moves by 1.
+        let c = OptimizerConfig::sgd(1.0);
+        let mut param = vec![-3e38f32; n];
+        let mut grad = vec![-1.0f32; n];
+        grad[bad] = 3e38;
+        let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut [], 1).unwrap_err();
+        assert_eq!((e.element, e.slot, e.value), (bad, None, f32::NEG_INFINITY));
+        assert!(e.to_string().contains(&format!("element {bad} would become -inf")), "{e}");
+        let updated = 2 * CHECK_BLOCK;
+        assert!(param[..updated].iter().all(|&p| p == -3e38 + 1.0), "the blocks before keep the update");
+        assert!(
+            param[updated..].iter().all(|&p| p == -3e38),
+            "the bad block and those after are as they were"
+        );
+
+        // Adagrad: 3e38 squared overflows the accumulator, which is named; nothing moves.
+        let c = OptimizerConfig::adagrad(0.05);
+        let mut param = vec![0.5f32; 10];
+        let mut state = vec![0f32; 10];
+        let grad = [3e38f32; 10];
+        let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
+        assert_eq!((e.element, e.slot, e.value), (0, Some("sum"), f32::INFINITY));
+        assert_eq!((param, state), (vec![0.5; 10], vec![0.0; 10]));
+    }
+
+    #[test]
+    fn clip_norm_scales_the_gradient_to_the_norm_as_an_independent_reference_does() {
+        // Reference in f64: g * min(1, clip / |g|), then the plain update.
+        let reference = |p: &[f32], g: &[f64], clip: f64, lr: f64| -> Vec<f64> {
+            let norm = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let k = if norm > clip { clip / norm } else { 1.0 };
+            p.iter().zip(g).map(|(&p, &g)| f64::from(p) - lr * g * k).collect()
+        };
+        let close = |got: &[f32], want: &[f64]| {
+            got.iter().zip(want).all(|(&a, &b)| (f64::from(a) - b).abs() <= 1e-6 * (1.0 + b.abs()))
+        };
+        let c = tweak(OptimizerConfig::sgd(0.5), json!({"clip_norm": 1.0}));
+        c.validate("w").unwrap();
+        assert_eq!(c.clip_norm(), Some(1.0));
+        let a = [3.0f32, 4.0, 0.0, -12.0];
+        let b = [1.0f32, 0.0, 2.0, 0.0];
+        let param = [1.0f32, -1.0, 0.25, 2.0];
+        let cases: [(Grad<'_>, Vec<f64>); 4] = [
+            (Grad::Plain(&a), a.iter().map(|&x| f64::from(x)).collect()),
+            (Grad::Scaled(&a, 0.5), a.iter().map(|&x| f64::from(x) * 0.5).collect()),
+            (Grad::SumScaled(&a, &b, 0.5), a.iter().zip(&b).map(|(&x, &y)| f64::from(x + y) * 0.5).collect()),
+            // Under the norm: used as it is.
+            (Grad::Scaled(&a, 0.01), a.iter().map(|&x| f64::from(x) * 0.01).collect()),
+        ];
+        for (grad, g) in cases {
+            let mut p = param;
+            c.step_checked(&mut p, grad, &mut [], 1).unwrap();
+            let want = reference(&param, &g, 1.0, 0.5);
+            assert!(close(&p, &want), "{grad:?}: got {p:?}, want {want:?}");
+        }
+        // A gradient of 3e38 (its f32 square is infinite) is clipped to a finite step, and
+        // Adagrad's accumulator stays finite.
+        let c = tweak(OptimizerConfig::adagrad(0.05), json!({"clip_norm": 1.0}));
+        let (mut p, mut sum) = ([0.5f32; 4], [0f32; 4]);
+        c.step_checked(&mut p, Grad::Plain(&[3e38; 4]), &mut sum, 1).unwrap();
+        // Each element of the clipped gradient is 1 / sqrt(4) = 0.5.
+        assert!(sum.iter().all(|&s| (s - 0.25).abs() < 1e-5), "{sum:?}");
+        assert!(p.iter().all(|&v| (v - (0.5 - 0.05)).abs() < 1e-5), "{p:?}");
+        for bad in [0.0, -1.0] {
+            let c = tweak(OptimizerConfig::adam(0.1), json!({"clip_norm": bad}));
+            let e = c.validate("w").unwrap_err().to_string();
+            assert!(e.contains("clip_norm"), "{e}");
+        }
+        // Without clip_norm the config's JSON is as before (checkpoints' specs compare equal).
+        assert!(!serde_json::to_string(&OptimizerConfig::adam(0.1)).unwrap().contains("clip_norm"));
+    }
+
+    #[test]
     #[should_panic(expected = "summed gradients differ in length")]
     fn summed_gradients_of_different_lengths_panic() {
         let c = OptimizerConfig::sgd(0.1);
@@ -877,7 +1204,7 @@ mod tests {
     fn tweak(base: OptimizerConfig, patch: serde_json::Value) -> OptimizerConfig {
         let mut v = serde_json::to_value(base).unwrap();
         for (k, x) in patch.as_object().unwrap() {
-            assert!(v.get(k).is_some(), "no field {k}");
+            assert!(v.get(k).is_some() || k == "clip_norm", "no field {k}");
             v[k] = x.clone();
         }
         serde_json::from_value(v).unwrap()
@@ -921,8 +1248,9 @@ mod tests {
 
     fn check_ftrl(config: OptimizerConfig) -> usize {
         config.validate("w").unwrap();
-        let OptimizerConfig::Ftrl { lr, lr_power, initial_accumulator_value, l1, l2, l2_shrinkage, beta } =
-            config
+        let OptimizerConfig::Ftrl {
+            lr, lr_power, initial_accumulator_value, l1, l2, l2_shrinkage, beta, ..
+        } = config
         else {
             unreachable!()
         };
@@ -972,6 +1300,7 @@ mod tests {
             l2: 0.01,
             l2_shrinkage: 0.0,
             beta: 0.0,
+            clip_norm: None,
         });
         assert!(zeros > 0, "l1 = 0.5 should zero some weights");
         let zeros = check_ftrl(OptimizerConfig::Ftrl {
@@ -982,6 +1311,7 @@ mod tests {
             l2: 0.1,
             l2_shrinkage: 0.05,
             beta: 1.0,
+            clip_norm: None,
         });
         assert!(zeros > 0, "l1 = 0.2 should zero some weights");
         check_ftrl(OptimizerConfig::Ftrl {
@@ -992,6 +1322,7 @@ mod tests {
             l2: 0.0,
             l2_shrinkage: 0.0,
             beta: 0.0,
+            clip_norm: None,
         });
     }
 
@@ -1005,6 +1336,7 @@ mod tests {
             l2: 0.0,
             l2_shrinkage: 0.0,
             beta: 0.0,
+            clip_norm: None,
         };
         let mut w = vec![0.3f32, -0.2, 0.0, 5.0];
         let mut state = vec![0.0; 8];
@@ -1021,7 +1353,7 @@ mod tests {
         let tf = t as f64;
         for i in 0..p.len() {
             match *c {
-                OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
+                OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay, .. } => {
                     let mut d = g[i] + weight_decay * p[i];
                     if momentum != 0.0 {
                         s[0][i] = if t == 1 { d } else { momentum * s[0][i] + (1.0 - dampening) * d };
@@ -1035,8 +1367,8 @@ mod tests {
                     s[0][i] += d * d;
                     p[i] -= clr * d / (s[0][i].sqrt() + eps);
                 }
-                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad }
-                | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad } => {
+                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad, .. }
+                | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad, .. } => {
                     let mut d = g[i];
                     if matches!(c, OptimizerConfig::AdamW { .. }) {
                         p[i] *= 1.0 - lr * weight_decay;
@@ -1171,6 +1503,7 @@ mod tests {
             l2: f64::NAN,
             l2_shrinkage: 0.0,
             beta: 0.0,
+            clip_norm: None,
         });
         assert!(m.contains("`l2` is NaN"), "{m}");
         let m = invalid(tweak(ftrl.clone(), json!({"initial_accumulator_value": 0.0})));
@@ -1197,7 +1530,8 @@ mod tests {
                 momentum: 0.0,
                 dampening: 0.0,
                 nesterov: false,
-                weight_decay: 0.0
+                weight_decay: 0.0,
+                clip_norm: None,
             }
         );
         assert_eq!(parse(r#"{"kind": "adagrad", "lr": 0.1}"#), OptimizerConfig::adagrad(0.1));
@@ -1208,7 +1542,8 @@ mod tests {
                 lr_decay: 0.0,
                 weight_decay: 0.0,
                 initial_accumulator_value: 0.0,
-                eps: 1e-10
+                eps: 1e-10,
+                clip_norm: None,
             }
         );
         assert_eq!(parse(r#"{"kind": "adam", "lr": 0.1}"#), OptimizerConfig::adam(0.1));
@@ -1220,7 +1555,8 @@ mod tests {
                 beta2: 0.999,
                 eps: 1e-8,
                 weight_decay: 0.0,
-                amsgrad: false
+                amsgrad: false,
+                clip_norm: None,
             }
         );
         assert_eq!(parse(r#"{"kind": "adamw", "lr": 0.1}"#), OptimizerConfig::adamw(0.1));
@@ -1232,7 +1568,8 @@ mod tests {
                 beta2: 0.999,
                 eps: 1e-8,
                 weight_decay: 0.01,
-                amsgrad: false
+                amsgrad: false,
+                clip_norm: None,
             }
         );
         assert_eq!(parse(r#"{"kind": "ftrl", "lr": 0.1}"#), OptimizerConfig::ftrl(0.1));
@@ -1245,7 +1582,8 @@ mod tests {
                 l1: 0.0,
                 l2: 0.0,
                 l2_shrinkage: 0.0,
-                beta: 0.0
+                beta: 0.0,
+                clip_norm: None,
             }
         );
     }
@@ -1259,6 +1597,7 @@ mod tests {
                 dampening: 0.0,
                 nesterov: true,
                 weight_decay: 1e-4,
+                clip_norm: None,
             },
             OptimizerConfig::Adagrad {
                 lr: 0.01,
@@ -1266,6 +1605,7 @@ mod tests {
                 weight_decay: 0.1,
                 initial_accumulator_value: 0.1,
                 eps: 1e-7,
+                clip_norm: None,
             },
             tweak(OptimizerConfig::adam(1e-3), json!({"amsgrad": true})),
             tweak(OptimizerConfig::adamw(1e-3), json!({"beta1": 0.8})),

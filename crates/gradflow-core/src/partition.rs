@@ -56,6 +56,27 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// How many pieces every dense tensor of `spec` is cut into with pieces of at most
+    /// `partition_bytes`, in all: arithmetic on the spec alone, so that a placement too large
+    /// to hold can be refused before [`Placement::new`] allocates it. An error names a tensor
+    /// that would need more than `u32::MAX` pieces.
+    pub fn count_pieces(spec: &ModelSpec, partition_bytes: u64) -> Result<u64, crate::CoreError> {
+        let max_elems = (partition_bytes / 4).max(1);
+        spec.dense.iter().try_fold(0u64, |sum, d| {
+            let numel = d.numel();
+            let count = numel.div_ceil(max_elems).max(1);
+            if count > u64::from(u32::MAX) {
+                return Err(crate::CoreError::InvalidSpec(format!(
+                    "dense tensor `{}` ({numel} elements) would need {count} pieces of {partition_bytes} bytes; \
+                     expected at most {} (a larger partition_bytes)",
+                    d.name,
+                    u32::MAX
+                )));
+            }
+            Ok(sum.saturating_add(count))
+        })
+    }
+
     /// Cuts every dense tensor of `spec` into pieces and assigns them to `num_shards` shards.
     ///
     /// A tensor of at most `partition_bytes` bytes is one piece. A larger one is cut into

@@ -44,11 +44,21 @@ pub struct SparseSpec {
 }
 
 impl DenseSpec {
-    /// Number of elements (1 for a scalar).
+    /// Number of elements (1 for a scalar). Saturates at `u64::MAX` where the product
+    /// overflows (never wraps): [`ModelSpec::validate`] refuses such shapes.
     pub fn numel(&self) -> u64 {
-        self.shape.iter().product()
+        self.checked_numel().unwrap_or(u64::MAX)
+    }
+
+    /// Number of elements, or `None` when the product of the shape overflows `u64`.
+    pub fn checked_numel(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
     }
 }
+
+/// The most elements a dense tensor may have: its values and every optimizer slot, counted
+/// in bytes, must fit in a `u64` (and in a 64-bit address space) with room to add them up.
+pub const MAX_DENSE_ELEMENTS: u64 = 1 << 56;
 
 impl ModelSpec {
     /// Checks names, shapes and hyperparameters.
@@ -69,6 +79,17 @@ impl ModelSpec {
                     "dense tensor `{}` has a zero dimension in shape {:?}",
                     d.name, d.shape
                 )));
+            }
+            match d.checked_numel() {
+                Some(n) if n <= MAX_DENSE_ELEMENTS => {}
+                n => {
+                    return Err(CoreError::InvalidSpec(format!(
+                        "dense tensor `{}` of shape {:?} is too large: {} elements; expected at most {MAX_DENSE_ELEMENTS}",
+                        d.name,
+                        d.shape,
+                        n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string())
+                    )));
+                }
             }
             d.optimizer.validate(&d.name)?;
             d.init.validate(&d.name)?;
@@ -93,9 +114,10 @@ impl ModelSpec {
         self.sparse.iter().position(|s| s.name == name)
     }
 
-    /// Total bytes of dense parameters.
+    /// Total bytes of dense parameters (saturating: a spec that passed
+    /// [`validate`](Self::validate) never reaches `u64::MAX`).
     pub fn dense_bytes(&self) -> u64 {
-        self.dense.iter().map(|d| d.numel() * 4).sum()
+        self.dense.iter().fold(0u64, |sum, d| sum.saturating_add(d.numel().saturating_mul(4)))
     }
 
     /// `None` when `other` is the same spec, else a sentence naming the first difference.
@@ -215,6 +237,25 @@ mod tests {
         let mut s = spec();
         s.sparse[0].name = "w".into();
         assert!(matches!(s.validate(), Err(CoreError::InvalidSpec(m)) if m.contains("`w`")));
+    }
+
+    #[test]
+    fn shapes_too_large_to_count_are_refused_by_name() {
+        for (shape, says) in [
+            (vec![4294967296, 4294967296], "more than 2^64"),
+            (vec![1 << 57], "144115188075855872 elements"),
+            (vec![u64::MAX, 2], "more than 2^64"),
+        ] {
+            let mut s = spec();
+            s.dense[0].shape = shape.clone();
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains("`w`") && e.contains(says) && e.contains("at most"), "{shape:?}: {e}");
+            assert_eq!(s.dense[0].numel(), s.dense[0].checked_numel().unwrap_or(u64::MAX), "never wraps");
+        }
+        let mut s = spec();
+        s.dense[0].shape = vec![1_000_000_000_000];
+        s.validate().unwrap();
+        assert_eq!(s.dense_bytes(), 4_000_000_000_000);
     }
 
     #[test]

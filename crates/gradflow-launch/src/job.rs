@@ -286,6 +286,10 @@ pub struct ServerSection {
     /// `transport.tensor_link`) on the server's interface. Default 0: any free port, which
     /// workers learn from the server (on Kubernetes, `kubernetes.link_port`).
     pub link_port: u16,
+    /// Most bytes a server's part of the model may need, checked when it is declared (see
+    /// `gradflow_ps::ServerConfig::max_memory`). Default: the machine's memory; 0: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<u64>,
 }
 
 /// The local launcher's settings.
@@ -334,6 +338,7 @@ impl Default for ServerSection {
             partition_bytes: gradflow_core::DEFAULT_PARTITION_BYTES,
             backup_workers: d.backup_workers,
             link_port: d.link_port,
+            max_memory: d.max_memory,
         }
     }
 }
@@ -622,6 +627,7 @@ impl JobConfig {
             reject_non_finite: self.server.reject_non_finite,
             backup_workers: self.server.backup_workers,
             link_port: self.server.link_port,
+            max_memory: self.server.max_memory,
             transport: self.transport.clone(),
             checkpoint: self.checkpoint.clone(),
             restore: self.restore.clone(),

@@ -102,9 +102,16 @@ impl WideDeepConfig {
         }
     }
 
-    /// Width of the MLP input: one embedding per field, then the dense features.
+    /// Width of the MLP input: one embedding per field, then the dense features. Saturates
+    /// at `usize::MAX` where it overflows (never wraps); [`WideDeep::new`] refuses that.
     pub fn input_width(&self) -> usize {
-        self.num_fields * self.embedding_dim + self.num_dense
+        self.checked_input_width().unwrap_or(usize::MAX)
+    }
+
+    /// Width of the MLP input, or `None` when `num_fields * embedding_dim + num_dense`
+    /// overflows.
+    pub fn checked_input_width(&self) -> Option<usize> {
+        self.num_fields.checked_mul(self.embedding_dim)?.checked_add(self.num_dense)
     }
 }
 
@@ -165,7 +172,13 @@ impl WideDeep {
         if config.num_fields > 0 && config.embedding_dim == 0 {
             return bad("embedding_dim must be positive when num_fields > 0");
         }
-        if config.input_width() == 0 {
+        let Some(input_width) = config.checked_input_width() else {
+            return bad(&format!(
+                "the MLP input, num_fields ({}) x embedding_dim ({}) + num_dense ({}), is too large to count",
+                config.num_fields, config.embedding_dim, config.num_dense
+            ));
+        };
+        if input_width == 0 {
             return bad("the MLP has no input: set num_fields or num_dense");
         }
         if config.hidden.contains(&0) {
@@ -175,7 +188,7 @@ impl WideDeep {
             return bad("embedding_init_std must be a positive number");
         }
         let mut layers = Vec::with_capacity(config.hidden.len() + 1);
-        let mut width = config.input_width();
+        let mut width = input_width;
         for &h in config.hidden.iter().chain(&[1]) {
             layers.push((width, h));
             width = h;

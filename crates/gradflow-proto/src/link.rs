@@ -23,6 +23,11 @@ use crate::pb;
 /// Largest header accepted: names, ids of a sparse pull and lengths, never tensor bytes.
 pub const MAX_HEADER_BYTES: usize = 64 << 20;
 
+/// Largest hello accepted: a token (at most 1024 characters, see
+/// [`Token::new`](crate::auth::Token::new)) and a worker index, with room to spare. A server
+/// reads nothing larger from a peer that has not authenticated yet.
+pub const MAX_HELLO_BYTES: usize = 4 << 10;
+
 /// Below this many payload bytes, header and payload go out in one write.
 const COALESCE_BYTES: usize = 256 << 10;
 
@@ -87,6 +92,31 @@ pub async fn read_header<M: Message + Default, R: AsyncBufRead + Unpin>(r: &mut 
     r.read_exact(&mut buf).await?;
     M::decode(buf.as_slice()).map(Some).map_err(|e| {
         io::Error::new(io::ErrorKind::InvalidData, format!("tensor link header does not decode: {e}"))
+    })
+}
+
+/// Reads a connection's hello, the first frame a client sends, straight from the socket: its
+/// length is checked against [`MAX_HELLO_BYTES`] before anything is allocated, so that a peer
+/// that has not authenticated cannot make the server buffer more than that. `None` when the
+/// peer closed the connection before the first byte.
+pub async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<pb::LinkHello>> {
+    let mut len = [0u8; 4];
+    let first = r.read(&mut len).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    r.read_exact(&mut len[first..]).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_HELLO_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("tensor link hello of {len} bytes; expected at most {MAX_HELLO_BYTES}"),
+        ));
+    }
+    let mut buf = [0u8; MAX_HELLO_BYTES];
+    r.read_exact(&mut buf[..len]).await?;
+    pb::LinkHello::decode(&buf[..len]).map(Some).map_err(|e| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("tensor link hello does not decode: {e}"))
     })
 }
 
@@ -220,6 +250,20 @@ mod tests {
         let mut r = BufReader::new(&huge[..]);
         let e = read_header::<pb::LinkHello, _>(&mut r).await.unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_hello_is_read_within_its_bound() {
+        let hello = pb::LinkHello { token: "t".repeat(1024), worker: u32::MAX };
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &hello, &[]).await.unwrap();
+        assert_eq!(read_hello(&mut wire.as_slice()).await.unwrap(), Some(hello));
+        assert_eq!(read_hello(&mut &[][..]).await.unwrap(), None, "a close before the first byte");
+        assert!(read_hello(&mut &wire[..3]).await.is_err(), "cut inside the length");
+        // A length past the bound is refused from the 4 bytes that announce it.
+        let huge = ((MAX_HELLO_BYTES + 1) as u32).to_le_bytes();
+        let e = read_hello(&mut &huge[..]).await.unwrap_err();
+        assert!(e.to_string().contains("at most 4096"), "{e}");
     }
 
     #[tokio::test]

@@ -33,7 +33,8 @@ pub struct ServerConfig {
     /// DEADLINE_EXCEEDED. Default 600s.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
-    /// Refuse gradients that contain NaN or infinity. Default true.
+    /// Refuse gradients that contain NaN or infinity, and stop the shard when an update would
+    /// make a parameter or its optimizer state NaN or infinite. Default true.
     pub reject_non_finite: bool,
     /// Sync only: a step completes once all live workers but this many have pushed; later
     /// pushes for it are refused as stale. Default 0: every live worker is waited for.
@@ -43,6 +44,13 @@ pub struct ServerConfig {
     /// pool. Handing work to the pool costs two thread wake-ups, more than small work takes.
     /// Default 1 MiB; 0 sends all of it to the pool.
     pub inline_bytes: u64,
+    /// The most memory, in bytes, this shard's part of the model may need: its dense values,
+    /// optimizer state and gradient sums, and one row of each sparse table, worked out from
+    /// the spec when a worker declares it; a larger model is refused (RESOURCE_EXHAUSTED,
+    /// naming the sizes) before anything is allocated. Default: the machine's memory (the
+    /// smaller of its RAM and its cgroup's memory limit). 0: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<u64>,
     /// gRPC and tensor-link transport settings.
     pub transport: TransportConfig,
     /// The port of the tensor link (`transport.tensor_link`), on the gRPC address's
@@ -120,11 +128,21 @@ impl Default for ServerConfig {
             backup_workers: 0,
             inline_bytes: 1 << 20,
             link_port: 0,
+            max_memory: None,
         }
     }
 }
 
 impl ServerConfig {
+    /// The memory budget of the model, from [`ServerConfig::max_memory`]: `None` for no limit.
+    pub fn memory_budget(&self) -> Option<u64> {
+        match self.max_memory {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => machine_memory(),
+        }
+    }
+
     /// Checks the settings; the message names the field and what was expected.
     pub fn validate(&self) -> Result<(), String> {
         if self.num_shards == 0 {
@@ -168,5 +186,22 @@ impl ServerConfig {
             }
         }
         self.transport.validate()
+    }
+}
+
+/// This machine's memory in bytes: the smaller of the RAM (`MemTotal` in `/proc/meminfo`) and
+/// the cgroup's memory limit, where they can be read (Linux); `None` elsewhere.
+pub fn machine_memory() -> Option<u64> {
+    let ram = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok());
+    match (ram, cgroup) {
+        (Some(r), Some(c)) => Some(r.min(c)),
+        (r, c) => r.or(c),
     }
 }

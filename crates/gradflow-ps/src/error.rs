@@ -9,6 +9,10 @@ pub const VERSION_METADATA: &str = "x-gradflow-version";
 /// worker.
 pub const LEASE_LOST_METADATA: &str = "x-gradflow-lease-lost";
 
+/// Metadata key carrying the step whose update would have made the model non-finite: the
+/// shard refuses everything from then on, so a worker must not retry.
+pub const NON_FINITE_METADATA: &str = "x-gradflow-non-finite-step";
+
 /// Why a request was refused. Every refused request leaves the model as it was.
 #[derive(Debug, Error)]
 pub enum PsError {
@@ -67,6 +71,14 @@ pub enum PsError {
     ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error(
+        "the update of step {step} would have made `{tensor}` ({at}) non-finite: {detail}; this shard \
+         refuses every push and pull from now on. Restart from the last checkpoint with a lower \
+         learning rate, or clip gradients (clip_norm in the optimizer)"
+    )]
+    NonFiniteModel { tensor: String, at: String, step: u64, detail: String },
+    #[error("model too large: {0}")]
+    ModelTooLarge(String),
 }
 
 impl From<gradflow_checkpoint::CheckpointError> for PsError {
@@ -100,6 +112,8 @@ impl From<PsError> for Status {
             }
             PsError::ShuttingDown => Code::Unavailable,
             PsError::Internal(_) => Code::Internal,
+            PsError::NonFiniteModel { .. } => Code::FailedPrecondition,
+            PsError::ModelTooLarge(_) => Code::ResourceExhausted,
         };
         let mut status = Status::new(code, e.to_string());
         if let PsError::StaleStep { current, .. }
@@ -111,6 +125,9 @@ impl From<PsError> for Status {
         }
         if let PsError::LeaseLost { lease, .. } = e {
             status.metadata_mut().insert(LEASE_LOST_METADATA, lease.into());
+        }
+        if let PsError::NonFiniteModel { step, .. } = e {
+            status.metadata_mut().insert(NON_FINITE_METADATA, step.into());
         }
         status
     }

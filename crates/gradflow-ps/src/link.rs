@@ -6,12 +6,16 @@
 //! all-or-nothing and the sync/async rules are gRPC's. A dense pull's reply is written from
 //! the pieces' values themselves. A connection that breaks mid-request leaves the model as
 //! it was: nothing of a push is taken before all of it has arrived.
+//!
+//! Until a peer has authenticated, the server holds at most a hello's bound
+//! ([`link::MAX_HELLO_BYTES`]) for it, and for at most [`HELLO_TIMEOUT`]. After that, a push's
+//! announced lengths are checked against the model before any payload is read.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use gradflow_proto::auth::ServerAuth;
-use gradflow_proto::link::{self, read_header, read_payload_more, skip_payload, write_frame};
+use gradflow_proto::link::{self, read_header, read_hello, read_payload_more, skip_payload, write_frame};
 use gradflow_proto::{codec, pb};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +32,15 @@ const READ_BUFFER: usize = 64 << 10;
 /// A push's gradient bytes are checked for NaN in blocks of this many as they arrive, while
 /// the block is still in the processor's cache (a multiple of 4: blocks split no `f32`).
 const CHECK_BLOCK: usize = 512 << 10;
+
+/// A connection that has not sent a whole hello this long after it was accepted is dropped
+/// (whether it sends nothing or trickles bytes).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A refused push's payload is read past (keeping the connection in step, so that the worker
+/// hears why) only up to this many times the most the shard would take; a peer announcing
+/// more is answered at once and disconnected.
+const SKIP_FACTOR: u64 = 4;
 
 /// Accepts connections until `stop` says so.
 pub(crate) async fn serve(service: Service, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -57,15 +70,35 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     link::tune(&stream, &service.shard.config.transport)?;
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::with_capacity(READ_BUFFER, r);
-    let Some(hello) = read_header::<pb::LinkHello, _>(&mut r).await? else { return Ok(()) };
+    let (mut r, mut w) = stream.into_split();
+    let metrics = &service.shard.metrics;
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut r)).await {
+        Ok(Ok(Some(hello))) => hello,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => {
+            metrics.link_refused.inc();
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                let status = Status::invalid_argument(e.to_string());
+                write_frame(&mut w, &link::reply_of(&status), &[]).await?;
+            }
+            return Err(e);
+        }
+        Err(_) => {
+            metrics.link_refused.inc();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no hello within {HELLO_TIMEOUT:?}"),
+            ));
+        }
+    };
     let token = (!hello.token.is_empty()).then_some(hello.token.as_bytes());
     if let Err(status) = ServerAuth::new(service.shard.config.token.clone()).check(token) {
+        metrics.link_refused.inc();
         return write_frame(&mut w, &link::reply_of(&status), &[]).await;
     }
     write_frame(&mut w, &pb::LinkReply::default(), &[]).await?;
-    service.shard.metrics.link_connections.inc();
+    metrics.link_connections.inc();
+    let mut r = BufReader::with_capacity(READ_BUFFER, r);
     // The last push's payload, whose buffer the next push reuses if nothing holds a part of
     // it by then (a sync step holds a push's pieces as received until the step is applied).
     let mut last: Option<Bytes> = None;
@@ -79,7 +112,9 @@ async fn connection(
         match request.request {
             Some(pb::link_request::Request::Push(msg)) => {
                 let lengths = request.payload_bytes;
-                let reply = match push_payload(&service, &msg, &lengths) {
+                let reply = match push_payload(&service, &msg, &lengths)
+                    .map_err(|e| (e, skip_limit(&service)))
+                {
                     Ok(total) => {
                         let mut buf: BytesMut =
                             last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
@@ -95,16 +130,18 @@ async fn connection(
                             Err(e) => link::reply_of(&Status::from(e)),
                         }
                     }
-                    Err(e) => {
+                    Err((e, skip_limit)) => {
                         service.shard.metrics.observe_push(false, started.elapsed());
-                        let reply = link::reply_of(&Status::from(e));
-                        // Read past the payload, so that the connection stays in step and the
-                        // worker hears why; lengths that overflow cannot be read past.
-                        match link::payload_total(&lengths) {
+                        // Answered before the payload is read: a peer that announced more than
+                        // it sends hears why at once.
+                        write_frame(&mut w, &link::reply_of(&Status::from(e)), &[]).await?;
+                        // Then read past the payload, so that the connection stays in step;
+                        // lengths that overflow, or far more than a push could be, are not.
+                        match link::payload_total(&lengths).filter(|&t| t <= skip_limit) {
                             Some(total) => skip_payload(&mut r, total).await?,
-                            None => return write_frame(&mut w, &reply, &[]).await,
+                            None => return Ok(()),
                         }
-                        reply
+                        continue;
                     }
                 };
                 write_frame(&mut w, &reply, &[]).await?;
@@ -161,10 +198,63 @@ pub async fn read_push_payload<R: AsyncRead + Unpin>(
     Ok(bad)
 }
 
-/// Checks a push's payload lengths before any of it is read, against the shard's model.
+/// Checks a push's payload lengths before any of it is read, against the shard's model:
+/// the total (see [`push_lengths`]) and each segment against what its tensor or table needs.
 fn push_payload(service: &Service, msg: &pb::PushRequest, lengths: &[u64]) -> Result<usize, PsError> {
     let model = service.shard.model()?;
-    push_lengths(msg, lengths, model.dense_bytes() + service.shard.config.transport.max_message_bytes as u64)
+    let total = push_lengths(msg, lengths, push_limit(&service.shard.config, Some(&model)))?;
+    segment_lengths(&model, msg, lengths)?;
+    Ok(total)
+}
+
+/// The most payload bytes a push to this shard may announce: its dense bytes, which a push
+/// covers once, plus the transport's message limit for sparse gradients (only the latter
+/// before a model is declared).
+fn push_limit(config: &crate::ServerConfig, model: Option<&crate::model::ShardModel>) -> u64 {
+    let dense = model.map_or(0, |m| m.dense_bytes());
+    dense.saturating_add(config.transport.max_message_bytes as u64)
+}
+
+/// The most payload bytes of a refused push that are read past rather than cut off.
+fn skip_limit(service: &Service) -> u64 {
+    let model = service.shard.model().ok();
+    push_limit(&service.shard.config, model.as_deref()).saturating_mul(SKIP_FACTOR)
+}
+
+/// Checks each announced segment against what it carries: a dense slice at most its piece's
+/// bytes and whole `f32`s, a sparse gradient whole `u64` ids and `dim` floats per id.
+/// `lengths` has one entry per segment ([`push_lengths`] checked).
+pub fn segment_lengths(
+    model: &crate::model::ShardModel,
+    msg: &pb::PushRequest,
+    lengths: &[u64],
+) -> Result<(), PsError> {
+    let (dense, sparse) = lengths.split_at(msg.dense.len());
+    for (d, &n) in msg.dense.iter().zip(dense) {
+        let piece = &model.pieces[model.piece(&d.tensor, d.partition)?];
+        let room = (piece.len as u64).saturating_sub(d.offset).saturating_mul(4);
+        if n % 4 != 0 || n > room {
+            return Err(PsError::InvalidArgument(format!(
+                "tensor link push announces {n} bytes for `{}` partition {} from element {}; \
+                 expected a whole number of f32 values, at most {room} bytes",
+                d.tensor, d.partition, d.offset
+            )));
+        }
+    }
+    for (g, n) in msg.sparse.iter().zip(sparse.chunks(2)) {
+        let dim = model.tables[model.table(&g.table)?].dim as u64;
+        let (ids, values) = (n[0], n[1]);
+        let expected = (ids / 8).checked_mul(dim * 4);
+        if ids % 8 != 0 || expected != Some(values) {
+            return Err(PsError::InvalidArgument(format!(
+                "tensor link push announces {ids} bytes of ids and {values} bytes of values for \
+                 sparse table `{}` (dim {dim}); expected whole u64 ids and {} value bytes for them",
+                g.table,
+                expected.map_or("more".to_string(), |e| e.to_string())
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a push's payload lengths: one per dense slice and two per sparse gradient, adding

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub sparse_rows: Gauge,
     /// Tensor-link connections accepted (authenticated).
     pub link_connections: Counter,
+    /// Tensor-link connections dropped before they authenticated: a wrong or missing token,
+    /// a hello over its bound or one that did not decode, or no hello within the deadline.
+    pub link_refused: Counter,
     registry: Arc<Registry>,
 }
 
@@ -58,6 +61,7 @@ impl Default for Metrics {
             live_workers: Gauge::default(),
             sparse_rows: Gauge::default(),
             link_connections: Counter::default(),
+            link_refused: Counter::default(),
             registry: Arc::new(Registry::default()),
         };
         registry.register("pushes", "Gradient pushes, by result (ok or refused)", m.pushes.clone());
@@ -78,6 +82,11 @@ impl Default for Metrics {
             "link_connections",
             "Tensor-link connections accepted from workers (pushes and pulls over plain TCP)",
             m.link_connections.clone(),
+        );
+        registry.register(
+            "link_refused",
+            "Tensor-link connections dropped before authenticating (bad token, bad or late hello)",
+            m.link_refused.clone(),
         );
         Metrics { registry: Arc::new(registry), ..m }
     }

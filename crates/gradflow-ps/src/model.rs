@@ -4,14 +4,21 @@
 //! Locks are fine-grained so that pushes and pulls of different pieces, and of rows in
 //! different stripes of a table, proceed in parallel. All math here is blocking work: callers
 //! run it on a blocking thread or on rayon, never on the async runtime.
+//!
+//! Every update is checked as it is applied (`OptimizerConfig::step_checked`): an update that
+//! would make a value or its optimizer state NaN or infinite is stopped, and the model keeps
+//! the fault ([`ShardModel::healthy`]) so that the shard refuses everything afterwards. The
+//! memory a model needs is worked out from the spec before anything is allocated
+//! ([`ShardModel::check_fits`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 
 use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
-use gradflow_core::{Grad, Initializer, ModelSpec, OptimizerConfig, Placement};
+use gradflow_core::{Grad, Initializer, ModelSpec, NonFiniteUpdate, OptimizerConfig, Placement};
 use gradflow_proto::codec;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -31,7 +38,24 @@ pub struct ShardModel {
     /// Tensor name → for each partition, the index into `pieces` (None: held elsewhere).
     piece_index: HashMap<String, Vec<Option<usize>>>,
     pub tables: Vec<Table>,
+    /// The first update that would have made the model non-finite; once set, for good.
+    fault: OnceLock<Fault>,
 }
+
+/// An update that would have made a value or optimizer state NaN or infinite.
+#[derive(Debug, Clone)]
+struct Fault {
+    /// The tensor or table.
+    tensor: String,
+    /// Where in it: `partition P` or `row ID`.
+    at: String,
+    step: u64,
+    detail: String,
+}
+
+/// Bytes of bookkeeping per dense piece (its entry in the placement and the index, its locks
+/// and name), counted in [`ShardModel::check_fits`].
+const PIECE_OVERHEAD: u64 = 256;
 
 /// A contiguous piece of a dense tensor.
 pub struct Piece {
@@ -43,6 +67,8 @@ pub struct Piece {
     pub params: RwLock<PieceParams>,
     /// Sync mode: the sum of this step's gradients.
     pub accum: Mutex<Accum>,
+    /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
+    check_finite: AtomicBool,
 }
 
 pub struct PieceParams {
@@ -134,6 +160,8 @@ pub struct Table {
     stripes: Vec<Mutex<RowStore>>,
     /// Sync mode: the sum of this step's gradients, per id.
     pub accum: Mutex<SparseAccum>,
+    /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
+    check_finite: AtomicBool,
 }
 
 /// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
@@ -243,6 +271,7 @@ impl ShardModel {
                     optimizer: d.optimizer.clone(),
                     params: RwLock::new(PieceParams { values: Arc::new(values), state, steps: 0 }),
                     accum: Mutex::new(Accum::default()),
+                    check_finite: AtomicBool::new(true),
                 }
             })
             .collect();
@@ -257,9 +286,106 @@ impl ShardModel {
                 slots: s.optimizer.num_slots(),
                 stripes: (0..STRIPES).map(|_| Mutex::new(RowStore::default())).collect(),
                 accum: Mutex::new(SparseAccum::default()),
+                check_finite: AtomicBool::new(true),
             })
             .collect();
-        ShardModel { spec, placement, shard, pieces, piece_index, tables }
+        ShardModel { spec, placement, shard, pieces, piece_index, tables, fault: OnceLock::new() }
+    }
+
+    /// Checks, from the spec alone and before anything is allocated, that shard `shard`'s part
+    /// of `spec` fits in `max_memory` bytes (`None`: no limit). Counted for each dense piece
+    /// the shard holds: its values, its optimizer state and a gradient sum, 4 bytes per element
+    /// each; for each sparse table one row of values and state. Also refuses a sparse row that
+    /// no pull could carry (more than `max_message_bytes` of values). Returns the bytes
+    /// counted; the error names the sizes.
+    pub fn check_fits(
+        spec: &ModelSpec,
+        num_shards: u32,
+        shard: u32,
+        partition_bytes: u64,
+        max_memory: Option<u64>,
+        max_message_bytes: u64,
+    ) -> Result<u64, PsError> {
+        let too_large = |what: String| PsError::ModelTooLarge(what);
+        for t in &spec.sparse {
+            let row = u64::from(t.dim) * 4;
+            if row > max_message_bytes {
+                return Err(too_large(format!(
+                    "a row of sparse table `{}` (dim {}) is {row} bytes, more than a message may carry \
+                     (transport.max_message_bytes = {max_message_bytes})",
+                    t.name, t.dim
+                )));
+            }
+        }
+        let pieces = Placement::count_pieces(spec, partition_bytes)
+            .map_err(|e| PsError::InvalidSpec(e.to_string()))?;
+        let budget = max_memory.unwrap_or(u64::MAX);
+        let overhead = pieces.saturating_mul(PIECE_OVERHEAD);
+        if overhead > budget {
+            return Err(too_large(format!(
+                "the spec's dense tensors make {pieces} pieces of at most {partition_bytes} bytes; their \
+                 bookkeeping alone ({overhead} bytes) is more than server.max_memory ({budget} bytes)"
+            )));
+        }
+        let placement = Placement::new(spec, num_shards, partition_bytes);
+        let per_element = |t: usize| 4 * (2 + spec.dense[t].optimizer.num_slots() as u64);
+        let (mut dense, mut held) = (0u64, 0u64);
+        for p in placement.pieces_on(shard) {
+            dense = dense.saturating_add(p.len.saturating_mul(per_element(p.tensor)));
+            held += 1;
+        }
+        let rows: u64 = spec
+            .sparse
+            .iter()
+            .map(|t| u64::from(t.dim) * 4 * (1 + t.optimizer.num_slots() as u64))
+            .fold(0, u64::saturating_add);
+        let total = dense.saturating_add(rows).saturating_add(held.saturating_mul(PIECE_OVERHEAD));
+        if total > budget {
+            let mut biggest: Vec<_> = spec.dense.iter().map(|d| (d.numel(), d)).collect();
+            biggest.sort_by_key(|&(n, _)| std::cmp::Reverse(n));
+            let named: Vec<String> = biggest
+                .iter()
+                .take(3)
+                .map(|(n, d)| format!("`{}` {:?} ({n} elements)", d.name, d.shape))
+                .collect();
+            return Err(too_large(format!(
+                "shard {shard} of {num_shards} would need {total} bytes for this model (dense values, optimizer \
+                 state and gradient sums {dense} bytes, one row of each sparse table {rows} bytes), more than \
+                 server.max_memory ({budget} bytes); largest dense tensors: {}",
+                named.join(", ")
+            )));
+        }
+        Ok(total)
+    }
+
+    /// Whether updates are checked for NaN and infinity (by default they are). Off, an update
+    /// is applied whatever it makes of the values (a server with `reject_non_finite = false`
+    /// lets NaN through); `clip_norm` applies either way.
+    pub fn set_check_finite(&self, on: bool) {
+        self.pieces.iter().for_each(|p| p.check_finite.store(on, Ordering::Relaxed));
+        self.tables.iter().for_each(|t| t.check_finite.store(on, Ordering::Relaxed));
+    }
+
+    /// `Ok` until an update would have made the model non-finite; then, for good, the error
+    /// that names the tensor and the step.
+    pub fn healthy(&self) -> Result<(), PsError> {
+        match self.fault.get() {
+            None => Ok(()),
+            Some(f) => Err(PsError::NonFiniteModel {
+                tensor: f.tensor.clone(),
+                at: f.at.clone(),
+                step: f.step,
+                detail: f.detail.clone(),
+            }),
+        }
+    }
+
+    /// Records that the update of `tensor` (`at`: which partition or row) at `step` would have
+    /// made it non-finite (the first such fault is kept) and returns the error that the shard
+    /// answers with from now on.
+    pub fn fail(&self, tensor: &str, at: String, step: u64, e: NonFiniteUpdate) -> PsError {
+        let _ = self.fault.set(Fault { tensor: tensor.to_string(), at, step, detail: e.to_string() });
+        self.healthy().expect_err("a fault was just recorded")
     }
 
     /// The index into `pieces` of `tensor`'s partition `partition`, or why there is none.
@@ -305,21 +431,41 @@ impl ShardModel {
     }
 
     /// Sync mode: applies every piece's and table's accumulated gradient divided by `divisor`,
-    /// then clears the sums.
-    pub fn apply_accumulated(&self, divisor: f32) {
+    /// then clears the sums. An update that would make a value non-finite is stopped where
+    /// it would (see `OptimizerConfig::step_checked`; other pieces and rows are updated) and
+    /// recorded as the model's fault, named with `step` ([`ShardModel::fail`]).
+    pub fn try_apply_accumulated(&self, divisor: f32, step: u64) -> Result<(), PsError> {
         let scale = 1.0 / divisor;
-        self.pieces.par_iter().for_each(|p| p.apply_accumulated(scale));
-        self.tables.par_iter().for_each(|t| {
-            let mut acc = std::mem::take(&mut *t.accum.lock().unwrap());
-            t.apply(&acc, scale);
-            // Back for the next step, emptied but with its capacity: a step's ids would
-            // otherwise grow a new map from nothing, rehashing as it goes.
-            acc.clear();
-            let mut next = t.accum.lock().unwrap();
-            if next.is_empty() {
-                *next = acc;
-            }
-        });
+        let dense: Vec<_> = self.pieces.par_iter().map(|p| p.apply_accumulated(scale)).collect();
+        let sparse: Vec<_> = self
+            .tables
+            .par_iter()
+            .map(|t| {
+                let mut acc = std::mem::take(&mut *t.accum.lock().unwrap());
+                let applied = t.try_apply(&acc, scale);
+                // Back for the next step, emptied but with its capacity: a step's ids would
+                // otherwise grow a new map from nothing, rehashing as it goes.
+                acc.clear();
+                let mut next = t.accum.lock().unwrap();
+                if next.is_empty() {
+                    *next = acc;
+                }
+                applied
+            })
+            .collect();
+        for (p, r) in self.pieces.iter().zip(dense) {
+            r.map_err(|e| self.fail(&p.tensor, format!("partition {}", p.partition), step, e))?;
+        }
+        for (t, r) in self.tables.iter().zip(sparse) {
+            r.map_err(|(id, e)| self.fail(&t.name, format!("row {id}"), step, e))?;
+        }
+        Ok(())
+    }
+
+    /// [`try_apply_accumulated`](Self::try_apply_accumulated) for benches and tests: the
+    /// update is checked all the same, and a fault recorded, but not returned.
+    pub fn apply_accumulated(&self, divisor: f32) {
+        let _ = self.try_apply_accumulated(divisor, 0);
     }
 }
 
@@ -389,17 +535,33 @@ impl ShardModel {
 }
 
 impl Piece {
-    /// Applies one gradient (already averaged) to this piece.
+    /// Applies one gradient (already averaged) to this piece, checked (see
+    /// [`Piece::try_apply_with`]); whether it went through is not returned.
     pub fn apply(&self, grad: &[f32]) {
-        self.apply_with(Grad::Plain(grad))
+        let _ = self.try_apply_with(Grad::Plain(grad));
     }
 
-    /// Applies one gradient, computed as it is read (see [`Grad`]), to this piece.
-    pub fn apply_with(&self, grad: Grad<'_>) {
+    /// Applies one gradient (already averaged) to this piece, checked.
+    pub fn try_apply(&self, grad: &[f32]) -> Result<(), NonFiniteUpdate> {
+        self.try_apply_with(Grad::Plain(grad))
+    }
+
+    /// Applies one gradient, computed as it is read (see [`Grad`]), to this piece, clipped and
+    /// checked as `OptimizerConfig::step_checked` does: an update that would make a value or
+    /// its state non-finite is stopped at the block where it would, and does not count as a
+    /// step of the piece.
+    pub fn try_apply_with(&self, grad: Grad<'_>) -> Result<(), NonFiniteUpdate> {
         let mut p = self.params.write().unwrap();
         let PieceParams { values, state, steps } = &mut *p;
-        *steps += 1;
-        self.optimizer.step_with(Arc::make_mut(values).as_mut_slice(), grad, state, *steps);
+        let t = *steps + 1;
+        let values = Arc::make_mut(values).as_mut_slice();
+        if self.check_finite.load(Ordering::Relaxed) {
+            self.optimizer.step_checked(values, grad, state, t)?;
+        } else {
+            self.optimizer.step_clipped(values, grad, state, t);
+        }
+        *steps = t;
+        Ok(())
     }
 
     /// Adds little-endian gradient bytes at element `offset` into this step's sum.
@@ -444,12 +606,13 @@ impl Piece {
         acc.touched = true;
     }
 
-    fn apply_accumulated(&self, scale: f32) {
+    fn apply_accumulated(&self, scale: f32) -> Result<(), NonFiniteUpdate> {
         let mut acc = self.accum.lock().unwrap();
-        let Some(grad) = acc.grad(scale) else { return };
-        self.apply_with(grad);
+        let Some(grad) = acc.grad(scale) else { return Ok(()) };
+        let applied = self.try_apply_with(grad);
         acc.held.clear();
         acc.touched = false;
+        applied
     }
 
     /// Elements `[start, start + n)` of the values as little-endian bytes. On little-endian
@@ -609,11 +772,20 @@ impl Table {
         positions.iter().map(|&pos| self.row(store, ids[pos as usize]) as u32).collect()
     }
 
-    /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row.
+    /// [`try_apply`](Self::try_apply), for benches and tests: checked all the same, but
+    /// whether every row went through is not returned.
+    pub fn apply(&self, acc: &SparseAccum, scale: f32) {
+        let _ = self.try_apply(acc, scale);
+    }
+
+    /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row,
+    /// each clipped and checked (see `OptimizerConfig::step_checked`). A row whose update would
+    /// turn non-finite is left as it was, and so are the rows after it in its stripe; the
+    /// error names the id of the first such row found.
     ///
     /// Large updates run on rayon's threads, one stripe at a time each: a sync step's update
     /// is on every worker's critical path, and the stripes are independent.
-    pub fn apply(&self, acc: &SparseAccum, scale: f32) {
+    pub fn try_apply(&self, acc: &SparseAccum, scale: f32) -> Result<(), (u64, NonFiniteUpdate)> {
         /// Fewer rows than this are not worth handing to other threads.
         const PARALLEL_ROWS: usize = 4096;
         let groups = self.group_by_stripe(&acc.ids);
@@ -621,20 +793,29 @@ impl Table {
             groups
                 .into_par_iter()
                 .enumerate()
-                .for_each(|(s, positions)| self.apply_stripe(acc, scale, s, &positions));
+                .map(|(s, positions)| self.apply_stripe(acc, scale, s, &positions))
+                .collect::<Result<(), _>>()
         } else {
             for (s, positions) in groups.into_iter().enumerate() {
-                self.apply_stripe(acc, scale, s, &positions);
+                self.apply_stripe(acc, scale, s, &positions)?;
             }
+            Ok(())
         }
     }
 
-    /// [`apply`](Self::apply) to the rows of `acc` at `positions`, all in stripe `s`.
-    fn apply_stripe(&self, acc: &SparseAccum, scale: f32, s: usize, positions: &[u32]) {
+    /// [`try_apply`](Self::try_apply) to the rows of `acc` at `positions`, all in stripe `s`.
+    fn apply_stripe(
+        &self,
+        acc: &SparseAccum,
+        scale: f32,
+        s: usize,
+        positions: &[u32],
+    ) -> Result<(), (u64, NonFiniteUpdate)> {
         if positions.is_empty() {
-            return;
+            return Ok(());
         }
         let stride = self.stride();
+        let check = self.check_finite.load(Ordering::Relaxed);
         let mut store = self.stripes[s].lock().unwrap();
         let rows = self.rows_of(&mut store, &acc.ids, positions);
         for (i, (&pos, &row)) in positions.iter().zip(&rows).enumerate() {
@@ -646,9 +827,17 @@ impl Table {
             let grad = if scale == 1.0 { Grad::Plain(sum) } else { Grad::Scaled(sum, scale) };
             let RowStore { data, steps, .. } = &mut *store;
             let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
-            steps[row] += 1;
-            self.optimizer.step_with(values, grad, state, steps[row] as u64);
+            let t = steps[row] + 1;
+            if check {
+                self.optimizer
+                    .step_checked(values, grad, state, u64::from(t))
+                    .map_err(|e| (acc.ids[pos], e))?;
+            } else {
+                self.optimizer.step_clipped(values, grad, state, u64::from(t));
+            }
+            steps[row] = t;
         }
+        Ok(())
     }
 
     /// The row index of `id` in `store`, creating and initializing the row if it is new.

@@ -235,6 +235,10 @@ async fn last_checkpoint(shard: &Arc<Shard>, ck: &Arc<Checkpointer>) -> Result<(
         shard.complete_step(ticket).await?;
     }
     let v = shard.coord.version();
+    if let Err(e @ PsError::NonFiniteModel { .. }) = shard.model() {
+        // No checkpoint of a model that is not finite; the job must not end as a success.
+        ck.record_failure(v, &e);
+    }
     if shard.model().is_ok() {
         // Shard 0 need not wait for any other step from this shard.
         if let Err(e) = ck.store.mark_stopped(shard.config.shard, v).await {

@@ -55,6 +55,9 @@ impl Shard {
         )
         .with_backup_workers(config.backup_workers);
         let version = restored.as_ref().map_or(0, |r| r.version);
+        if let Some(r) = &restored {
+            r.model.set_check_finite(config.reject_non_finite);
+        }
         if restored.is_some() {
             coord.restore(version);
         }
@@ -130,12 +133,16 @@ impl Shard {
         });
     }
 
-    /// The declared model, or `NotDeclared`.
+    /// The declared model, or `NotDeclared`; or the model's fault once an update would have
+    /// made it non-finite.
     pub fn model(&self) -> Result<Arc<ShardModel>, PsError> {
-        self.model.read().unwrap().clone().ok_or(PsError::NotDeclared)
+        let model = self.model.read().unwrap().clone().ok_or(PsError::NotDeclared)?;
+        model.healthy()?;
+        Ok(model)
     }
 
-    fn declared(&self) -> Option<Arc<ShardModel>> {
+    /// The declared model, whether or not an update made it fail (see [`ShardModel::healthy`]).
+    pub fn declared(&self) -> Option<Arc<ShardModel>> {
         self.model.read().unwrap().clone()
     }
 
@@ -167,19 +174,22 @@ impl Shard {
         };
         // A checkpoint's snapshot copies the whole shard: never on a runtime thread.
         let bytes = if slot.is_some() { u64::MAX } else { model.accumulated_bytes() };
-        offload(bytes, self.config.inline_bytes, move || {
-            model.apply_accumulated(divisor);
-            if let (Some(c), Some(slot)) = (ck, slot) {
+        let applied = offload(bytes, self.config.inline_bytes, move || {
+            let applied = model.try_apply_accumulated(divisor, step);
+            // A model that is not finite any more is never checkpointed.
+            if let (Some(c), Some(slot), true) = (ck, slot, applied.is_ok()) {
                 c.take(slot, &model, step + 1, shard.tasks_state());
             }
+            applied
         })
         .await?;
         debug!(step = ticket.step, workers = ticket.divisor, elapsed = ?started.elapsed(), "step applied");
+        // Finished even when refused, so that the requests waiting for it wake and hear why.
         self.coord.finish_step(ticket);
         self.metrics.steps.inc();
         self.metrics.version.set(self.coord.version() as i64);
         self.coordinate_if_due();
-        Ok(())
+        applied
     }
 
     fn touch(&self, worker: u32) -> Result<(), PsError> {
@@ -265,7 +275,10 @@ impl gradflow_proto::ParameterServer for Service {
             }));
         }
         let (n, s, pb_) = (cfg.num_shards, cfg.shard, req.partition_bytes);
+        let max_message = cfg.transport.max_message_bytes as u64;
+        ShardModel::check_fits(&spec, n, s, pb_, cfg.memory_budget(), max_message)?;
         let model = blocking(move || ShardModel::new(spec, n, s, pb_)).await?;
+        model.set_check_finite(cfg.reject_non_finite);
         info!(
             dense_tensors = model.spec.dense.len(),
             pieces = model.pieces.len(),
@@ -563,6 +576,7 @@ impl Service {
             req.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect::<Result<_, _>>()?
         };
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        model.healthy()?;
         Ok((model, pieces, version))
     }
 
@@ -591,6 +605,7 @@ impl Service {
             wanted.push((idx, ids));
         }
         let version = shard.coord.wait_for_step(req.worker, req.step, shard.config.wait_timeout).await?;
+        model.healthy()?;
         let bytes: u64 =
             wanted.iter().map(|(idx, ids)| (ids.len() * model.tables[*idx].dim * 4) as u64).sum();
         let tables = offload(bytes, shard.config.inline_bytes, move || {
@@ -691,7 +706,7 @@ impl Service {
                     .map_err(|e| PsError::Internal(format!("taking the push failed: {e}")))?
             }
             Mode::Async => {
-                offload(push.bytes, shard.config.inline_bytes, move || apply_now(&model, push)).await?;
+                offload(push.bytes, shard.config.inline_bytes, move || apply_now(&model, push)).await??;
                 record_progress(&shard);
                 let v = shard.coord.applied_async(worker, step);
                 shard.metrics.version.set(v as i64);
@@ -748,7 +763,9 @@ fn accumulate(model: &ShardModel, push: ValidPush) {
 }
 
 /// Async: applies a validated push at once.
-fn apply_now(model: &ShardModel, push: ValidPush) {
+fn apply_now(model: &ShardModel, push: ValidPush) -> Result<(), PsError> {
+    let step = push.step;
+    let fail = |tensor: &str, at: String, e| model.fail(tensor, at, step, e);
     let mut grad = Vec::new();
     for (idx, slices) in push.dense {
         let piece = &model.pieces[idx];
@@ -756,7 +773,9 @@ fn apply_now(model: &ShardModel, push: ValidPush) {
         if let [whole] = slices.as_slice()
             && let Some(g) = crate::model::as_f32s(whole)
         {
-            piece.apply(g);
+            piece
+                .try_apply(g)
+                .map_err(|e| fail(&piece.tensor, format!("partition {}", piece.partition), e))?;
             continue;
         }
         grad.clear();
@@ -767,12 +786,15 @@ fn apply_now(model: &ShardModel, push: ValidPush) {
             codec::copy_f32s(&mut grad[offset..offset + n], &s);
             offset += n;
         }
-        piece.apply(&grad);
+        piece
+            .try_apply(&grad)
+            .map_err(|e| fail(&piece.tensor, format!("partition {}", piece.partition), e))?;
     }
     for (t, ids, values) in push.sparse {
         let table = &model.tables[t];
         let mut acc = SparseAccum::default();
         acc.add(&ids, &values, table.dim);
-        table.apply(&acc, 1.0);
+        table.try_apply(&acc, 1.0).map_err(|(id, e)| fail(&table.name, format!("row {id}"), e))?;
     }
+    Ok(())
 }

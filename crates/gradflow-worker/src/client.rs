@@ -26,6 +26,9 @@ use crate::{WorkerConfig, WorkerError};
 
 /// Metadata key a server sets on a stale-step refusal (see gradflow-ps).
 const VERSION_METADATA: &str = "x-gradflow-version";
+/// The server's `NON_FINITE_METADATA`: the step whose update would have made the model
+/// non-finite, on every refusal once that happened.
+const NON_FINITE_METADATA: &str = "x-gradflow-non-finite-step";
 
 /// What became of a step's gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,7 +349,14 @@ impl Worker {
     }
 
     fn refused(&self, shard: usize, rpc: &'static str, status: Status) -> WorkerError {
-        WorkerError::Server { shard, addr: self.config.servers[shard].clone(), rpc, status }
+        let addr = self.config.servers[shard].clone();
+        let step = status.metadata().get(NON_FINITE_METADATA).and_then(|v| v.to_str().ok()?.parse().ok());
+        match step {
+            Some(step) => {
+                WorkerError::ModelNotFinite { shard, addr, step, message: status.message().to_string() }
+            }
+            None => WorkerError::Server { shard, addr, rpc, status },
+        }
     }
 
     /// The port of shard `shard`'s tensor link, asking the shard when it is not known (after

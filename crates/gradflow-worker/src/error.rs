@@ -24,6 +24,11 @@ pub enum WorkerError {
     Length { name: String, expected: usize, got: usize },
     #[error("protocol error from parameter server {shard}: {message}")]
     Protocol { shard: usize, message: String },
+    /// The update of `step` would have made the model on a shard non-finite (NaN or
+    /// infinity): that shard refuses every request from then on, so the job cannot go on.
+    /// Permanent: retrying cannot help.
+    #[error("parameter server {shard} ({addr}) stopped training: {message}")]
+    ModelNotFinite { shard: usize, addr: String, step: u64, message: String },
 }
 
 impl WorkerError {
@@ -33,6 +38,12 @@ impl WorkerError {
             WorkerError::Server { status, .. } => Some(status.code()),
             _ => None,
         }
+    }
+
+    /// Whether retrying the call, or restarting the worker, cannot help: the servers stopped
+    /// the job (see [`WorkerError::ModelNotFinite`]).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, WorkerError::ModelNotFinite { .. })
     }
 
     /// Whether the server refused because this worker's data task (dynamic sharding) was

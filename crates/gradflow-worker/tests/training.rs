@@ -34,6 +34,7 @@ fn spec() -> ModelSpec {
                     dampening: 0.0,
                     nesterov: true,
                     weight_decay: 0.01,
+                    clip_norm: None,
                 },
             },
         ],
