@@ -34,7 +34,8 @@
 //!    their sizes and CRC-32C checksums.
 //! 2. `finalize` waits for every shard manifest, checks that they agree and cover the whole
 //!    model, and writes the checkpoint's `manifest.json` (every file again, with size and
-//!    checksum, plus step, time, mode, whether all shards had the same model version, the spec).
+//!    checksum, plus step, time, mode, whether all shards had the same model version, the spec,
+//!    and last `manifest_crc32c`, the CRC-32C of the manifest's own bytes before that field).
 //!    **A checkpoint without its `manifest.json` does not exist**: listing skips it and resolving
 //!    it is an error.
 //! 3. Only then is `latest` moved to it (never backwards), and only then are old checkpoints
@@ -101,11 +102,11 @@ mod store;
 pub use error::CheckpointError;
 pub use format::SPARSE_MAGIC;
 pub use manifest::{
-    CheckpointInfo, Crc32c, FORMAT_VERSION, FileContent, FileEntry, MANIFEST_FORMAT, Manifest, ObjectEntry,
-    PieceEntry, SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest,
+    CheckpointInfo, Crc32c, FORMAT_VERSION, FileContent, FileEntry, MANIFEST_CHECKSUM_FIELD, MANIFEST_FORMAT,
+    Manifest, ObjectEntry, PieceEntry, SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest, escaped,
 };
 pub use snapshot::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
-pub use store::{CheckpointStore, LATEST, MANIFEST, StoreOptions};
+pub use store::{CheckpointStore, LATEST, Listing, MANIFEST, StoreOptions, Unreadable};
 
 /// The name of checkpoint `step`'s directory: `ckpt-` and the step zero-padded to 12 digits.
 pub fn checkpoint_dir_name(step: u64) -> String {

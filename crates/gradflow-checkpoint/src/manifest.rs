@@ -3,6 +3,11 @@
 //! A shard's `shard-<s>/manifest.json` ([`ShardManifest`]) lists that shard's files with their
 //! sizes and CRC-32C checksums. The checkpoint's `manifest.json` ([`Manifest`]) repeats all of
 //! them, so a reader needs only that one file to find and verify everything.
+//!
+//! The checkpoint's manifest checks itself: its last field, `manifest_crc32c`, is the CRC-32C
+//! of every byte of the file before the `,` that precedes it ([`encode_manifest`],
+//! [`decode_manifest`]). Shard manifests need no such field: the checkpoint's manifest holds
+//! their sizes and checksums.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -119,6 +124,9 @@ pub struct ShardManifest {
     pub time: DateTime<Utc>,
     pub spec: ModelSpec,
     pub files: Vec<FileEntry>,
+    /// The run that wrote it (`GRADFLOW_RUN_ID`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 impl ShardManifest {
@@ -145,7 +153,11 @@ pub struct ShardEntry {
 /// Returned by [`CheckpointStore::finalize`] and [`CheckpointStore::resolve`], which also
 /// remember where the checkpoint lives, so that [`CheckpointStore::load_shard`] and
 /// [`CheckpointStore::export`] read it from there (even from another root than the store's).
+///
+/// Unknown fields are refused: every field a manifest holds was written by this type, and a
+/// field whose name a flipped bit changed must not pass as one this build does not know.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Always [`MANIFEST_FORMAT`].
     pub format: String,
@@ -165,8 +177,81 @@ pub struct Manifest {
     pub spec: ModelSpec,
     /// Per shard, in shard order.
     pub shards: Vec<ShardEntry>,
+    /// The run that wrote it (`GRADFLOW_RUN_ID`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
     #[serde(skip)]
     pub(crate) origin: Option<Origin>,
+}
+
+/// The last field of a checkpoint manifest: the CRC-32C of the bytes before it.
+pub const MANIFEST_CHECKSUM_FIELD: &str = "manifest_crc32c";
+
+/// The bytes of a checkpoint's `manifest.json`: `m` as pretty JSON, closed by the field
+/// [`MANIFEST_CHECKSUM_FIELD`], the CRC-32C of every byte before its `,`.
+pub(crate) fn encode_manifest(m: &Manifest) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(m).expect("a manifest serializes");
+    // Pretty JSON of an object ends with its closing brace on a line of its own.
+    debug_assert!(json.ends_with(b"\n}"));
+    json.truncate(json.len() - 2);
+    let crc = Crc32c::of(&json);
+    json.extend_from_slice(format!(",\n  \"{MANIFEST_CHECKSUM_FIELD}\": \"{crc}\"\n}}\n").as_bytes());
+    json
+}
+
+/// Parses a checkpoint's `manifest.json` and checks its checksum; the error is why the bytes
+/// are not a manifest.
+///
+/// Manifests written before manifests carried a checksum (no [`MANIFEST_CHECKSUM_FIELD`])
+/// are read without that check; their data files are still checked against the sizes and
+/// checksums they list.
+pub(crate) fn decode_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let head = format!(",\n  \"{MANIFEST_CHECKSUM_FIELD}\": \"");
+    let tail_len = head.len() + 8 + "\"\n}".len();
+    if let Some(split) = text.len().checked_sub(tail_len) {
+        let (content, tail) = text.split_at(split);
+        if tail.starts_with(head.as_bytes()) && tail.ends_with(b"\"\n}") {
+            let digits = &tail[head.len()..head.len() + 8];
+            // Lowercase only, as written: a flipped case bit is a changed file too.
+            let said = std::str::from_utf8(digits)
+                .ok()
+                .filter(|d| d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+                .and_then(|d| u32::from_str_radix(d, 16).ok())
+                .map(Crc32c)
+                .ok_or_else(|| {
+                    format!(
+                        "its {MANIFEST_CHECKSUM_FIELD} is not 8 lowercase hex digits: {}",
+                        escaped(digits, 16)
+                    )
+                })?;
+            let actual = Crc32c::of(content);
+            if actual != said {
+                return Err(format!(
+                    "checksum mismatch: the manifest's content has crc32c {actual}, its \
+                     {MANIFEST_CHECKSUM_FIELD} says {said} (changed after it was written)"
+                ));
+            }
+            let mut json = content.to_vec();
+            json.extend_from_slice(b"\n}");
+            return serde_json::from_slice(&json).map_err(|e| format!("not a manifest: {e}"));
+        }
+    }
+    if text.windows(MANIFEST_CHECKSUM_FIELD.len()).any(|w| w == MANIFEST_CHECKSUM_FIELD.as_bytes()) {
+        return Err(format!(
+            "its {MANIFEST_CHECKSUM_FIELD} is not its last line, where gradflow writes it (changed after \
+             it was written)"
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("not a manifest: {e}"))
+}
+
+/// At most `max` bytes of `bytes` for a message, with anything not printable ASCII escaped,
+/// and how long the whole was when it is cut: never raw bytes on a terminal.
+pub fn escaped(bytes: &[u8], max: usize) -> String {
+    let shown: String =
+        bytes.iter().take(max).flat_map(|b| std::ascii::escape_default(*b)).map(char::from).collect();
+    if bytes.len() > max { format!("\"{shown}...\" ({} bytes)", bytes.len()) } else { format!("\"{shown}\"") }
 }
 
 /// Where a resolved manifest lives: a store (its root) and the checkpoint directory's name.
@@ -228,6 +313,7 @@ impl Manifest {
     /// A one-line summary for listings.
     pub fn info(&self) -> CheckpointInfo {
         CheckpointInfo {
+            run_id: self.run_id.clone(),
             step: self.step,
             dir: self.dir_name(),
             url: self.url(),
@@ -310,6 +396,9 @@ pub struct CheckpointInfo {
     pub num_shards: u32,
     /// Bytes of every file except the top-level manifest.
     pub total_bytes: u64,
+    /// The run that wrote it, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ use url::Url;
 use crate::format;
 use crate::manifest::{
     Crc32c, FORMAT_VERSION, FileContent, FileEntry, MANIFEST_FORMAT, Manifest, ObjectEntry, Origin,
-    SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest, check_coverage,
+    SHARD_MANIFEST_FORMAT, ShardEntry, ShardManifest, check_coverage, decode_manifest, encode_manifest,
+    escaped,
 };
 use crate::snapshot::{DensePieceSnapshot, ShardSnapshot};
 use crate::{CheckpointError, CheckpointInfo, checkpoint_dir_name, parse_checkpoint_dir_name};
@@ -60,6 +61,9 @@ pub struct StoreOptions {
     /// object_store keys such as `aws_endpoint`, `aws_allow_http`, `google_service_account`,
     /// `azure_storage_account_name`. Empty by default (the environment alone configures).
     pub storage_options: Vec<(String, String)>,
+    /// The run writing checkpoints, recorded in every manifest `write_shard` and `finalize`
+    /// write. Default: none.
+    pub run_id: Option<String>,
 }
 
 impl Default for StoreOptions {
@@ -71,6 +75,7 @@ impl Default for StoreOptions {
             max_concurrency: 4,
             poll_interval: Duration::from_millis(250),
             storage_options: Vec::new(),
+            run_id: None,
         }
     }
 }
@@ -483,6 +488,7 @@ impl CheckpointStore {
             time: chrono::Utc::now(),
             spec: snap.spec.clone(),
             files,
+            run_id: self.options.run_id.clone(),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
         self.put_small(&shard_manifest, Bytes::from(json)).await?;
@@ -590,10 +596,10 @@ impl CheckpointStore {
                     files: m.files.clone(),
                 })
                 .collect(),
+            run_id: self.options.run_id.clone(),
             origin: None,
         };
-        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
-        self.put_small(&format!("{dir}/{MANIFEST}"), Bytes::from(json)).await?;
+        self.put_small(&format!("{dir}/{MANIFEST}"), Bytes::from(encode_manifest(&manifest))).await?;
         manifest.origin = Some(Origin { store: self.clone(), dir: dir.clone() });
 
         let current = self.get_opt(LATEST).await?;
@@ -728,16 +734,43 @@ impl CheckpointStore {
     // Finding checkpoints.
 
     /// Every complete checkpoint under the root (a directory without `manifest.json` is not
-    /// one), oldest first. A root that does not exist yet has none.
+    /// one), oldest first. A root that does not exist yet has none. A checkpoint whose
+    /// manifest cannot be read or is corrupt is an error; [`CheckpointStore::list_all`] lists
+    /// the others beside it.
     pub async fn list(&self) -> Result<Vec<CheckpointInfo>, CheckpointError> {
+        let listing = self.list_all().await?;
+        match listing.unreadable.into_iter().next() {
+            Some(bad) => Err(bad.error),
+            None => Ok(listing.checkpoints),
+        }
+    }
+
+    /// Every checkpoint directory under the root that has a `manifest.json`, oldest first:
+    /// the complete checkpoints, and apart from them those whose manifest could not be read
+    /// or is not valid, each with why. Fails only when the root cannot be listed.
+    pub async fn list_all(&self) -> Result<Listing, CheckpointError> {
         let dirs = self.checkpoint_dirs().await?;
-        let reads: Vec<BoxFuture<'_, Result<Option<Manifest>, CheckpointError>>> = dirs
+        let reads: Vec<BoxFuture<'_, (u64, String, Result<Option<Manifest>, CheckpointError>)>> = dirs
             .into_iter()
-            .map(|(_, name)| async move { self.read_manifest_opt(self, &name).await }.boxed())
+            .map(|(step, name)| {
+                async move {
+                    let read = self.read_manifest_opt(self, &name).await;
+                    (step, name, read)
+                }
+                .boxed()
+            })
             .collect();
-        let manifests: Vec<Option<Manifest>> =
-            stream::iter(reads).buffered(self.options.max_concurrency.max(1) * 2).try_collect().await?;
-        Ok(manifests.into_iter().flatten().map(|m| m.info()).collect())
+        let read: Vec<_> =
+            stream::iter(reads).buffered(self.options.max_concurrency.max(1) * 2).collect().await;
+        let mut listing = Listing::default();
+        for (step, dir, result) in read {
+            match result {
+                Ok(Some(m)) => listing.checkpoints.push(m.info()),
+                Ok(None) => {}
+                Err(error) => listing.unreadable.push(Unreadable { step, dir, error }),
+            }
+        }
+        Ok(listing)
     }
 
     /// The checkpoint `which` names: `"latest"` (what the `latest` pointer names; when there is
@@ -755,14 +788,17 @@ impl CheckpointStore {
         if which == LATEST {
             return match self.get_opt(LATEST).await? {
                 Some(bytes) => {
-                    let name = String::from_utf8_lossy(&bytes).trim().to_string();
-                    if parse_checkpoint_dir_name(&name).is_none() {
+                    let name = std::str::from_utf8(&bytes).map(str::trim).unwrap_or("");
+                    if parse_checkpoint_dir_name(name).is_none() {
                         return Err(CheckpointError::Corrupt {
                             object: self.child_url(LATEST),
-                            reason: format!("`{name}` is not a checkpoint directory name"),
+                            reason: format!(
+                                "it holds {}, which is not a checkpoint name (`ckpt-` and 12 digits)",
+                                escaped(&bytes, 64)
+                            ),
                         });
                     }
-                    self.read_manifest(self, &name).await
+                    self.read_manifest(self, name).await
                 }
                 None => {
                     let newest = self.list().await?.pop();
@@ -815,8 +851,7 @@ impl CheckpointStore {
         let Some(bytes) = root.get_opt(&rel).await? else { return Ok(None) };
         let object = root.child_url(&rel);
         let corrupt = |reason: String| CheckpointError::Corrupt { object: object.clone(), reason };
-        let mut m: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not a manifest: {e}")))?;
+        let mut m = decode_manifest(&bytes).map_err(corrupt)?;
         if m.format != MANIFEST_FORMAT {
             return Err(corrupt(format!("format is `{}`, expected `{MANIFEST_FORMAT}`", m.format)));
         }
@@ -835,9 +870,37 @@ impl CheckpointStore {
                 m.num_shards
             )));
         }
+        if let Some(folder_step) = parse_checkpoint_dir_name(dir)
+            && folder_step != m.step
+        {
+            return Err(corrupt(format!(
+                "it is the manifest of step {}, but its folder `{dir}` is step {folder_step}",
+                m.step
+            )));
+        }
         m.origin = Some(Origin { store: root.clone(), dir: dir.to_string() });
         Ok(Some(m))
     }
+}
+
+/// What [`CheckpointStore::list_all`] found under a root.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The complete checkpoints, oldest first.
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// Checkpoint directories whose manifest is there but could not be read or is not valid.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// A checkpoint directory whose manifest could not be read or is not valid.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// The step its folder's name says.
+    pub step: u64,
+    /// Its folder's name.
+    pub dir: String,
+    /// Why it is not listed as a checkpoint.
+    pub error: CheckpointError,
 }
 
 /// Checks that the shard manifests of one checkpoint agree and cover every dense tensor.

@@ -12,6 +12,8 @@
 //! may not span lines, because byte-range sharding must be able to find line starts without
 //! reading from the file start.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::{Deserialize, Serialize};
 
 use crate::example::{Example, Issue, parse_f32, parse_label, show};
@@ -96,9 +98,25 @@ pub(crate) fn header_names(line: &str) -> Result<Vec<String>, Issue> {
 }
 
 fn list(names: &[String]) -> String {
-    let shown: Vec<String> = names.iter().take(12).map(|n| format!("`{n}`")).collect();
-    let more = if names.len() > 12 { format!(" and {} more", names.len() - 12) } else { String::new() };
-    format!("columns {}{more}", shown.join(", "))
+    format!("columns {}", column_list(names))
+}
+
+/// Column names for a message: quoted, each cut short, and no more than about 200 characters
+/// in all (`` `a`, `b` and 998 more ``), so that a header of a million columns or one huge
+/// name cannot flood a log.
+pub fn column_list(names: &[String]) -> String {
+    let mut out = String::new();
+    for (i, n) in names.iter().enumerate() {
+        let shown = if n.is_empty() { "``".to_string() } else { show(n) };
+        if i > 0 && out.len() + shown.len() > crate::example::SHOWN_BYTES {
+            return format!("{out} and {} more", names.len() - i);
+        }
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(&shown);
+    }
+    if out.is_empty() { "none".into() } else { out }
 }
 
 impl CsvLayout {
@@ -111,9 +129,11 @@ impl CsvLayout {
         header: &[String],
         reference_dense: Option<&[String]>,
     ) -> Result<(CsvLayout, Vec<String>), Issue> {
-        for (i, name) in header.iter().enumerate() {
-            if header[..i].contains(name) {
-                return Err(Issue::new("distinct column names", format!("`{name}` twice")));
+        // Sets and maps, not scans: a header may have a million columns.
+        let mut seen = HashSet::with_capacity(header.len());
+        for name in header {
+            if !seen.insert(name.as_str()) {
+                return Err(Issue::new("distinct column names", format!("{} twice", show(name))));
             }
         }
         if !header.contains(&schema.label) {
@@ -131,7 +151,9 @@ impl CsvLayout {
             .collect();
         let order: &[String] = match reference_dense {
             Some(r) => {
-                let same_set = r.len() == dense.len() && r.iter().all(|n| dense.contains(n));
+                let is_dense = |n: &String| *n != schema.label && !schema.categorical.contains(n);
+                let same_set =
+                    r.len() == dense.len() && r.iter().all(|n| seen.contains(n.as_str()) && is_dense(n));
                 if !same_set {
                     return Err(Issue::new(
                         format!("the dense {} (as in the first file)", list(r)),
@@ -142,6 +164,8 @@ impl CsvLayout {
             }
             None => &dense,
         };
+        let dense_index: HashMap<&str, usize> =
+            order.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
         let roles = header
             .iter()
             .map(|name| {
@@ -150,7 +174,7 @@ impl CsvLayout {
                 } else if let Some(f) = schema.categorical.iter().position(|c| c == name) {
                     Role::Categorical(f as u32)
                 } else {
-                    Role::Dense(order.iter().position(|d| d == name).expect("checked above"))
+                    Role::Dense(dense_index[name.as_str()])
                 }
             })
             .collect();

@@ -12,12 +12,15 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum DataError {
     /// Opening, reading or writing a file failed.
-    #[error("{}: {source}", .path.display())]
+    ///
+    /// `cause` is written out in the message, so it is not a `#[source]`: a chain printed with
+    /// `{:#}` would say it twice.
+    #[error("{}: {cause}", .path.display())]
     Io {
         /// The file involved.
         path: PathBuf,
         /// What the operating system said.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A line of a data file is not what its format requires.
     #[error("{}, line {line}: expected {expected}, found {found}", .path.display())]
@@ -38,8 +41,8 @@ pub enum DataError {
 
 impl DataError {
     /// Wraps an I/O error with the file it came from.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> DataError {
-        DataError::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> DataError {
+        DataError::Io { path: path.into(), cause }
     }
 }
 

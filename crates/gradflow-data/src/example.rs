@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 
+use serde::{Deserialize, Serialize};
+
 /// One example: a label, its dense features, and its sparse entries `(field, id, value)`.
 ///
 /// Readers overwrite an `Example` in place, so its vectors keep their capacity and parsing
@@ -47,6 +49,39 @@ pub(crate) fn show(token: &str) -> String {
     }
     format!("`{}...`", &token[..cut])
 }
+
+/// Which labels a reader accepts.
+///
+/// In config files: `"binary"` (the default) or `"any"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Labels {
+    /// The labels of a binary classifier, which every built-in model is: 0 and 1 (`-1` is read
+    /// as 0, libsvm's -1/+1 convention), or a soft label between them. Any other value makes
+    /// the line malformed: a label of 2 or -5 would otherwise train a model on a loss it
+    /// cannot reach.
+    #[default]
+    Binary,
+    /// Any finite value (regression targets).
+    Any,
+}
+
+impl Labels {
+    /// Checks a parsed label (after `-1` became 0).
+    pub(crate) fn check(self, label: f32) -> Result<(), Issue> {
+        match self {
+            Labels::Binary if !(0.0..=1.0).contains(&label) => Err(Issue::new(
+                "a label 0 or 1 (or -1, read as 0; or a soft label between 0 and 1)",
+                format!("`{label}`"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How much of a line an error shows at most, in bytes: enough to recognize it, not enough
+/// for one huge line to flood a log.
+pub(crate) const SHOWN_BYTES: usize = 200;
 
 /// Parses a label. `-1` becomes 0 so that libsvm's -1/+1 convention and 0/1 agree; any
 /// other finite value is kept, which leaves room for regression targets.

@@ -19,7 +19,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::batch::Batch;
 use crate::csv::{CsvLayout, CsvSchema, header_names};
 use crate::error::{DataError, Result};
-use crate::example::{Example, Issue, utf8};
+use crate::example::{Example, Issue, Labels, SHOWN_BYTES, utf8};
 use crate::libsvm;
 use crate::lines::{DEFAULT_BUFFER_BYTES, RangeLines, line_number_at};
 use crate::rng::derive_seed;
@@ -104,6 +104,7 @@ impl<'de> Deserialize<'de> for Epochs {
 /// paths = ["data/train.csv"]   # or `path = "data/"`; a directory means its files, sorted
 /// format = "csv"               # or "libsvm"
 /// skip_malformed = false       # default: a bad line is an error
+/// labels = "binary"            # default: 0/1 (-1 read as 0); or "any"
 /// shuffle_buffer = 0           # default: no shuffle
 /// seed = 0
 /// epochs = 1                   # or "forever"
@@ -128,6 +129,9 @@ pub struct ReaderConfig {
     /// if false (default), the first one is an error naming its file and line.
     #[serde(default)]
     pub skip_malformed: bool,
+    /// Which labels are valid; a line with another is malformed. Default: binary (0 or 1).
+    #[serde(default)]
+    pub labels: Labels,
     /// Examples held by the streaming shuffle; 0 or 1 (default 0) reads in file order.
     /// When above 1, the order of this worker's file pieces is shuffled too.
     #[serde(default)]
@@ -169,6 +173,7 @@ impl ReaderConfig {
             format,
             csv: CsvSchema::default(),
             skip_malformed: false,
+            labels: Labels::default(),
             shuffle_buffer: 0,
             seed: 0,
             epochs: Epochs::default(),
@@ -263,14 +268,20 @@ struct PieceReader {
     path: PathBuf,
     lines: RangeLines,
     parser: Parser,
+    labels: Labels,
     skip_malformed: bool,
     skipped: u64,
 }
+
+/// How many skipped lines a reader remembers with their file, line and reason
+/// ([`Reader::skipped_lines`]); the rest are only counted.
+pub const SKIPPED_LINES_KEPT: usize = 5;
 
 impl PieceReader {
     fn open(
         piece: &FilePiece,
         csv: Option<&CsvPlan>,
+        labels: Labels,
         skip_malformed: bool,
         buffer_bytes: usize,
     ) -> Result<PieceReader> {
@@ -296,36 +307,56 @@ impl PieceReader {
             }
         };
         let lines = RangeLines::open(path, range, buffer_bytes).map_err(|e| DataError::io(path, e))?;
-        Ok(PieceReader { path: path.clone(), lines, parser, skip_malformed, skipped: 0 })
+        Ok(PieceReader { path: path.clone(), lines, parser, labels, skip_malformed, skipped: 0 })
     }
 
-    /// Parses the next example into `ex`; `false` at the end of the piece.
-    fn next_example(&mut self, ex: &mut Example) -> Result<bool> {
+    /// Parses the next example into `ex`; `false` at the end of the piece. A skipped line is
+    /// added to `noted` while it holds fewer than [`SKIPPED_LINES_KEPT`].
+    fn next_example(&mut self, ex: &mut Example, noted: &mut Vec<DataError>) -> Result<bool> {
         loop {
             let Some((offset, line)) = self.lines.next_line().map_err(|e| DataError::io(&self.path, e))?
             else {
                 return Ok(false);
             };
-            let parsed = utf8(line).and_then(|text| match &self.parser {
-                Parser::Libsvm => libsvm::parse_line(text, ex),
-                Parser::Csv(layout) => layout.parse_line(text, ex),
-            });
-            match parsed {
+            let line_bytes = line.len();
+            let parsed = utf8(line)
+                .and_then(|text| match &self.parser {
+                    Parser::Libsvm => libsvm::parse_line(text, ex),
+                    Parser::Csv(layout) => layout.parse_line(text, ex),
+                })
+                .and_then(|found| {
+                    if found {
+                        self.labels.check(ex.label)?;
+                    }
+                    Ok(found)
+                });
+            let issue = match parsed {
                 Ok(true) => return Ok(true),
                 Ok(false) => continue,
-                Err(_) if self.skip_malformed => self.skipped += 1,
-                Err(issue) => {
-                    let line =
-                        line_number_at(&self.path, offset).map_err(|e| DataError::io(&self.path, e))?;
-                    return Err(DataError::Parse {
-                        path: self.path.clone(),
-                        line,
-                        expected: issue.expected.into_owned(),
-                        found: issue.found,
-                    });
+                Err(issue) => issue,
+            };
+            if self.skip_malformed {
+                self.skipped += 1;
+                if noted.len() < SKIPPED_LINES_KEPT
+                    && let Ok(e) = self.parse_error(offset, line_bytes, issue)
+                {
+                    noted.push(e);
                 }
+                continue;
             }
+            return Err(self.parse_error(offset, line_bytes, issue)?);
         }
+    }
+
+    /// The error for a line that does not parse (or the error finding its number).
+    fn parse_error(&self, offset: u64, line_bytes: usize, issue: Issue) -> Result<DataError> {
+        let line = line_number_at(&self.path, offset).map_err(|e| DataError::io(&self.path, e))?;
+        let mut found = issue.found;
+        if line_bytes > SHOWN_BYTES {
+            // What is shown of it is cut; say how much there was.
+            found.push_str(&format!(" (in a line of {line_bytes} bytes)"));
+        }
+        Ok(DataError::Parse { path: self.path.clone(), line, expected: issue.expected.into_owned(), found })
     }
 }
 
@@ -335,6 +366,7 @@ impl PieceReader {
 struct Source {
     pieces: Vec<FilePiece>,
     csv: Option<Arc<CsvPlan>>,
+    labels: Labels,
     skip_malformed: bool,
     buffer_bytes: usize,
     order: Vec<usize>,
@@ -343,6 +375,8 @@ struct Source {
     exhausted: bool,
     /// Lines skipped in pieces already closed.
     skipped_closed: u64,
+    /// The first skipped lines, with their reasons.
+    noted: Vec<DataError>,
 }
 
 impl Source {
@@ -369,12 +403,13 @@ impl Source {
                 self.current = Some(PieceReader::open(
                     &self.pieces[i],
                     self.csv.as_deref(),
+                    self.labels,
                     self.skip_malformed,
                     self.buffer_bytes,
                 )?);
             }
             let current = self.current.as_mut().expect("opened above");
-            if current.next_example(ex)? {
+            if current.next_example(ex, &mut self.noted)? {
                 return Ok(true);
             }
             self.skipped_closed += current.skipped;
@@ -454,6 +489,7 @@ impl Reader {
             source: Source {
                 pieces,
                 csv,
+                labels: config.labels,
                 skip_malformed: config.skip_malformed,
                 buffer_bytes: config.buffer_bytes,
                 order: Vec::new(),
@@ -461,6 +497,7 @@ impl Reader {
                 current: None,
                 exhausted: true,
                 skipped_closed: 0,
+                noted: Vec::new(),
             },
             shuffle: ShuffleBuffer::new(config.shuffle_buffer),
             num_dense: dense_names.len(),
@@ -500,6 +537,12 @@ impl Reader {
     /// Always 0 unless `skip_malformed` is set.
     pub fn skipped(&self) -> u64 {
         self.source.skipped()
+    }
+
+    /// The first [`SKIPPED_LINES_KEPT`] lines skipped (when `skip_malformed` is set), each a
+    /// [`DataError::Parse`] naming its file, line and what was wrong with it.
+    pub fn skipped_lines(&self) -> &[DataError] {
+        &self.source.noted
     }
 
     /// The 0-based epoch of the last batch returned.

@@ -303,3 +303,84 @@ fn invalid_configs_are_refused() {
     let mut r = Reader::open(&c, ShardSpec::default()).unwrap();
     assert!(r.next_batch(&mut gradflow_data::Batch::new(1), 0).is_err());
 }
+
+#[test]
+fn labels_a_binary_model_cannot_learn_are_malformed_unless_any_label_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "l.libsvm", "1 1:1\n-1 2:1\n0.25 3:1\n2 4:1\n");
+    let config = libsvm(path.clone());
+    let err = read_shard(&config, 0, 1).unwrap_err();
+    match &err {
+        DataError::Parse { path: p, line, found, .. } => {
+            assert_eq!((p, *line, found.as_str()), (&path, 4, "`2`"), "{err}")
+        }
+        other => panic!("expected a parse error, got {other}"),
+    }
+    assert!(err.to_string().contains("a label 0 or 1"), "{err}");
+
+    let csv = write(dir.path(), "l.csv", "label,x\n1,1\n-5,2\n");
+    let mut config = ReaderConfig::new(Format::Csv, vec![csv]);
+    let err = read_shard(&config, 0, 1).unwrap_err().to_string();
+    assert!(err.contains("l.csv, line 3") && err.contains("found `-5`"), "{err}");
+    config.labels = gradflow_data::Labels::Any;
+    assert_eq!(read_shard(&config, 0, 1).unwrap().len(), 2);
+
+    let any = read_shard(&ReaderConfig { labels: gradflow_data::Labels::Any, ..libsvm(path) }, 0, 1).unwrap();
+    assert_eq!(any.iter().map(Row::label).collect::<Vec<_>>(), [1.0, 0.0, 0.25, 2.0]);
+}
+
+#[test]
+fn skipped_lines_keep_the_first_five_with_file_line_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    for i in 0..40 {
+        // Lines 4, 8, ..., 40 are malformed in different ways.
+        text.push_str(if i % 4 == 3 { ["1 1:nan\n", "7 1:1\n"][i / 4 % 2] } else { "1 1:1\n" });
+    }
+    let mut config = libsvm(write(dir.path(), "s.libsvm", text));
+    config.skip_malformed = true;
+    let mut reader = Reader::open(&config, ShardSpec::default()).unwrap();
+    assert_eq!(drain(&mut reader, 7).unwrap().len(), 30);
+    assert_eq!(reader.skipped(), 10);
+    let noted: Vec<String> = reader.skipped_lines().iter().map(ToString::to_string).collect();
+    assert_eq!(noted.len(), gradflow_data::SKIPPED_LINES_KEPT);
+    for (k, n) in noted.iter().enumerate() {
+        assert!(n.contains(&format!("s.libsvm, line {}: expected", 4 * (k + 1))), "{n}");
+    }
+    assert!(noted[0].contains("a finite feature value") && noted[1].contains("found `7`"), "{noted:?}");
+}
+
+#[test]
+fn a_huge_line_or_header_is_shown_cut_with_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "y".repeat(1 << 20);
+    let config = libsvm(write(dir.path(), "a.libsvm", &format!("1 1:1\n1 2:{long}\n")));
+    let err = read_shard(&config, 0, 1).unwrap_err().to_string();
+    assert!(err.len() < 400, "{} bytes: {err}", err.len());
+    assert!(err.contains("line 2") && err.contains(&format!("a line of {} bytes", long.len() + 4)), "{err}");
+
+    // A header whose one column name is a megabyte, and no label column.
+    let csv = write(dir.path(), "h.csv", &format!("{long},x\n1,2\n"));
+    let err = read_shard(&ReaderConfig::new(Format::Csv, vec![csv]), 0, 1).unwrap_err().to_string();
+    assert!(err.len() < 400, "{} bytes: {err}", err.len());
+    assert!(err.contains("expected a label column named `label`") && err.contains("`x`"), "{err}");
+    // Many columns: the first few, then how many more.
+    let names: Vec<String> = (0..10_000).map(|i| format!("c{i}")).collect();
+    let listed = gradflow_data::csv::column_list(&names);
+    assert!(listed.len() < 300 && listed.starts_with("`c0`, `c1`") && listed.ends_with(" more"), "{listed}");
+}
+
+#[test]
+fn an_io_error_says_what_the_system_said_once() {
+    let missing = std::path::PathBuf::from("/nonexistent/gradflow/train.csv");
+    let err = Reader::open(&ReaderConfig::new(Format::Csv, vec![missing]), ShardSpec::default()).unwrap_err();
+    // As `{:#}` prints an error and its sources.
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
+    assert!(chain.contains("/nonexistent/gradflow/train.csv"), "{chain}");
+}

@@ -22,19 +22,77 @@ use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, Wor
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
+/// The environment variable holding the run id that the launcher gives every run of a job
+/// (see `gradflow_launch::contract`); results lines carry it.
+const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
+
 /// Why training stopped.
+///
+/// Messages of wrapped errors are written out in the variant's own message, so none of them
+/// is a `#[source]`: a chain printed with `{:#}` would say each twice.
 #[derive(Debug, Error)]
 pub enum TrainError {
     #[error("data: {0}")]
-    Data(#[from] gradflow_data::DataError),
+    Data(gradflow_data::DataError),
     #[error("model: {0}")]
-    Model(#[from] gradflow_models::ModelError),
+    Model(gradflow_models::ModelError),
     #[error(transparent)]
     Worker(#[from] gradflow_worker::WorkerError),
     #[error("{0}")]
     Config(String),
-    #[error("results file {path}: {source}")]
-    Results { path: PathBuf, source: std::io::Error },
+    #[error("results file {}: {cause}", .path.display())]
+    Results { path: PathBuf, cause: std::io::Error },
+    /// The training data, all of it, holds no example: nothing would be trained.
+    #[error("the training data ({files}) holds no example: {why}")]
+    NoExamples {
+        /// The data files, cut short.
+        files: String,
+        /// What was found instead (only a header, or only malformed lines).
+        why: String,
+    },
+}
+
+impl From<gradflow_data::DataError> for TrainError {
+    fn from(e: gradflow_data::DataError) -> TrainError {
+        TrainError::Data(e)
+    }
+}
+
+impl From<gradflow_models::ModelError> for TrainError {
+    fn from(e: gradflow_models::ModelError) -> TrainError {
+        TrainError::Model(e)
+    }
+}
+
+impl TrainError {
+    /// True when running the same worker again would fail the same way: the data, the job's
+    /// configuration, or the model and the data disagree. False for what may pass (a server
+    /// that went away, a network failure, a results file that could not be written).
+    pub fn will_repeat(&self) -> bool {
+        use gradflow_worker::WorkerError as W;
+        match self {
+            TrainError::Data(gradflow_data::DataError::Io { cause, .. }) => matches!(
+                cause.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::IsADirectory
+                    | std::io::ErrorKind::NotADirectory
+                    | std::io::ErrorKind::InvalidData
+            ),
+            TrainError::Data(_) | TrainError::Model(_) | TrainError::Config(_) => true,
+            TrainError::NoExamples { .. } => true,
+            TrainError::Worker(e) => matches!(
+                e,
+                W::Config(_)
+                    | W::InvalidSpec(_)
+                    | W::NotDeclared
+                    | W::UnknownTensor(_)
+                    | W::UnknownTable(_)
+                    | W::Length { .. }
+            ),
+            TrainError::Results { .. } => false,
+        }
+    }
 }
 
 /// What one worker did.
@@ -139,12 +197,13 @@ pub async fn run_worker(
     let reader = Reader::open(&job.train_reader(), ShardSpec::new(index as usize, job.workers as usize)?)?;
     if reader.num_dense() != model.num_dense() {
         return Err(TrainError::Config(format!(
-            "the training data has {} dense features ({:?}) but model.num_dense is {}",
+            "the training data has {} dense features ({}) but model.num_dense is {}",
             reader.num_dense(),
-            reader.dense_names(),
+            gradflow_data::csv::column_list(reader.dense_names()),
             model.num_dense()
         )));
     }
+    ensure_examples(job)?;
     let scaler = standardizer(job)?;
 
     let mut config = WorkerConfig::new(servers, index);
@@ -178,6 +237,53 @@ pub async fn run_worker(
     Event::Done { worker: index, step: worker.current_step(), samples: summary.samples }.emit();
     worker.leave().await?;
     Ok(summary)
+}
+
+/// Fails unless the job's training data, all of it, holds at least one example.
+///
+/// Decided from the whole data, not this worker's share: with many workers a small file
+/// leaves some of them an empty share, which is no error. Reads until the first example,
+/// which in a usable file is at its start.
+pub fn ensure_examples(job: &JobConfig) -> Result<(), TrainError> {
+    let mut cfg = job.train_reader();
+    cfg.shuffle_buffer = 0;
+    cfg.epochs = gradflow_data::Epochs::Count(1);
+    let mut reader = Reader::open(&cfg, ShardSpec::new(0, 1)?)?;
+    let mut batch = Batch::new(reader.num_dense());
+    if reader.next_batch(&mut batch, 1)? > 0 {
+        return Ok(());
+    }
+    let files = cfg.files()?;
+    let mut named = files.first().map(|f| f.display().to_string()).unwrap_or_default();
+    if files.len() > 1 {
+        named.push_str(&format!(" and {} more files", files.len() - 1));
+    }
+    let why = if reader.skipped() == 0 {
+        "no data lines (only a header, or empty)".to_string()
+    } else {
+        format!(
+            "every one of its {} data lines is malformed (skipped: skip_malformed is set); {}",
+            reader.skipped(),
+            first_skipped(&shown(reader.skipped_lines()))
+        )
+    };
+    Err(TrainError::NoExamples { files: named, why })
+}
+
+/// "the first: FILE, line N: expected ..., found ...; ..." for skipped lines.
+fn first_skipped(lines: &[String]) -> String {
+    format!("the first: {}", lines.join("; "))
+}
+
+/// Warns that `count` malformed lines were skipped, naming the first few.
+fn warn_skipped(worker: u32, count: u64, first: &[String]) {
+    if count > 0 {
+        warn!(worker, skipped = count, "malformed lines were skipped; {}", first_skipped(first));
+    }
+}
+
+fn shown(lines: &[gradflow_data::DataError]) -> Vec<String> {
+    lines.iter().map(ToString::to_string).collect()
 }
 
 /// Moves a sync worker to the step the servers are on: the lowest shard's. A worker killed
@@ -345,9 +451,7 @@ impl Session<'_> {
                 self.evaluate_epoch(reader.epoch(), None).await?;
             }
         }
-        if reader.skipped() > 0 {
-            warn!(worker = self.index, skipped = reader.skipped(), "malformed lines were skipped");
-        }
+        warn_skipped(self.index, reader.skipped(), &shown(reader.skipped_lines()));
         Ok(())
     }
 
@@ -359,6 +463,7 @@ impl Session<'_> {
         let created = self.worker.declare_tasks(&pieces, self.job.train.epochs, self.job.train.seed).await?;
         info!(worker = self.index, tasks = pieces.len(), created, "data tasks declared");
         let (mut done, mut paused, mut skipped, mut scored) = (0u64, false, 0u64, None);
+        let mut noted = Vec::new();
         let mut idle_wait = Duration::from_millis(10);
         while !self.max_steps_reached() {
             let next = self.worker.next_task(std::mem::take(&mut done), scored.take()).await?;
@@ -432,13 +537,13 @@ impl Session<'_> {
                 }
             };
             skipped += reader.skipped();
+            let room = gradflow_data::SKIPPED_LINES_KEPT.saturating_sub(noted.len());
+            noted.extend(reader.skipped_lines().iter().take(room).map(|e| e.to_string()));
             if finished {
                 done = task.lease;
             }
         }
-        if skipped > 0 {
-            warn!(worker = self.index, skipped, "malformed lines were skipped");
-        }
+        warn_skipped(self.index, skipped, &noted);
         Ok(())
     }
 
@@ -533,10 +638,11 @@ pub async fn evaluate(
 }
 
 /// Appends an evaluation to the job's results file as one JSON line, with the examples the
-/// epoch trained when known (dynamic sharding).
+/// epoch trained when known (dynamic sharding), the run id when the launcher gave one
+/// (`run_id`), and when it was written (`time`, RFC 3339 UTC).
 fn append_result(job: &JobConfig, event: &Event, trained: Option<u64>) -> Result<(), TrainError> {
     let path = job.output_dir().join(&job.output.results);
-    let err = |source| TrainError::Results { path: path.clone(), source };
+    let err = |cause| TrainError::Results { path: path.clone(), cause };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -548,7 +654,65 @@ fn append_result(job: &JobConfig, event: &Event, trained: Option<u64>) -> Result
     if let Some(n) = trained {
         line["epoch_train_examples"] = n.into();
     }
+    if let Some(run) = std::env::var(ENV_RUN_ID).ok().filter(|r| !r.is_empty()) {
+        line["run_id"] = run.into();
+    }
+    line["time"] = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into();
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
     writeln!(f, "{line}").map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `e` and its sources as `{:#}` prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            out.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn every_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such thing");
+        let errors = [
+            TrainError::from(gradflow_data::DataError::io("train.csv", io)),
+            TrainError::from(gradflow_data::DataError::Config("directory d holds no data files".into())),
+            TrainError::from(gradflow_models::ModelError::InvalidConfig("hidden is empty".into())),
+            TrainError::Results { path: "r.jsonl".into(), cause: std::io::Error::other("disk full") },
+        ];
+        for (e, said) in
+            errors.iter().zip(["no such thing", "holds no data files", "hidden is empty", "disk full"])
+        {
+            let text = chain(e);
+            assert_eq!(text.matches(said).count(), 1, "{text}");
+        }
+    }
+
+    #[test]
+    fn errors_of_the_data_and_the_config_repeat_and_network_ones_may_not() {
+        let data = TrainError::from(gradflow_data::DataError::Config("x".into()));
+        let missing = TrainError::from(gradflow_data::DataError::io(
+            "t.csv",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+        let flaky = TrainError::from(gradflow_data::DataError::io(
+            "t.csv",
+            std::io::Error::from(std::io::ErrorKind::TimedOut),
+        ));
+        let gone = TrainError::Worker(gradflow_worker::WorkerError::Unreachable {
+            shard: 0,
+            addr: "a:1".into(),
+            message: "refused".into(),
+        });
+        assert!(data.will_repeat() && missing.will_repeat());
+        assert!(TrainError::Config("num_dense".into()).will_repeat());
+        assert!(!flaky.will_repeat() && !gone.will_repeat());
+    }
 }

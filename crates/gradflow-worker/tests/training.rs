@@ -1,5 +1,6 @@
 //! Training through real shards: sync training equals one process applying the mean gradient
-//! (bit for bit where the mean rounds the same, with two workers), async training converges,
+//! (bit for bit where the mean rounds the same, with two workers), async training converges
+//! (in rounds, so that the result does not depend on the schedule),
 //! sparse rows live on the shard their id hashes to.
 
 mod common;
@@ -283,15 +284,25 @@ async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path, worke
     }
 }
 
+// Async training, made deterministic by rounds: every worker pulls, then every worker pushes
+// a gradient of what it pulled. Left free-running, the result depends on the schedule: a
+// worker descheduled between its pull and its push applies its gradient after the others
+// have moved the model on, and if that push is the last one the final error is about
+// lr * (the error it pulled), which no schedule-free bound puts below 1e-3 (a failure seen
+// under load: 0.00144). Within a round the three gradients are computed from the same model
+// and each is applied at once, as async does (sync would average them), so per element the
+// error e = w - t follows e <- e - 3 * lr * e = 0.7 e per round, whatever order the pushes
+// arrive in: after 60 rounds 0.7^60 (5e-10) of where it started, plus f32 rounding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn async_training_converges() {
     init_tracing();
     let servers = start_shards(SHARDS, |s| config(s, SHARDS, WORKERS, Mode::Async)).await;
     let addrs = addrs(&servers);
     let target: Vec<f32> = (0..100).map(|i| (i as f32 * 0.1).cos()).collect();
+    let rounds = std::sync::Arc::new(tokio::sync::Barrier::new(WORKERS as usize));
     let mut handles = Vec::new();
     for w in 0..WORKERS {
-        let (addrs, target) = (addrs.clone(), target.clone());
+        let (addrs, target, rounds) = (addrs.clone(), target.clone(), rounds.clone());
         handles.push(tokio::spawn(async move {
             let mut config = WorkerConfig::new(addrs, w);
             config.partition_bytes = 1024;
@@ -311,19 +322,25 @@ async fn async_training_converges() {
             let mut dense = vec![Vec::new()];
             for _ in 0..60 {
                 worker.pull_all_dense(&mut dense).await.unwrap();
+                // Nobody pushes before everybody has pulled this round's model...
+                rounds.wait().await;
                 let g: Vec<f32> = dense[0].iter().zip(&target).map(|(v, t)| v - t).collect();
                 worker.push_dense("w", &g).unwrap();
                 worker.step().await.unwrap();
+                // ...and nobody pulls before every push of the round is applied.
+                rounds.wait().await;
             }
             worker.pull_all_dense(&mut dense).await.unwrap();
             worker.leave().await.unwrap();
             dense.remove(0)
         }));
     }
+    let left = 0.7f32.powi(60);
     for h in handles {
         let w = h.await.unwrap();
-        let err = w.iter().zip(&target).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err < 1e-3, "async training did not converge: max error {err}");
+        let err = w.iter().zip(&target).map(|(a, t)| (a - t * (1.0 - left)).abs()).fold(0f32, f32::max);
+        // A sync server (averaging: 0.9 per round) would be 1.8e-3 away.
+        assert!(err < 1e-5, "async training did not converge as each push applied at once: max error {err}");
     }
     // Every push was applied at once: versions count pushes (60 per worker).
     let versions: u64 = servers.iter().map(|s| s.shard().coord.version()).sum();

@@ -36,7 +36,7 @@ pub struct NowArgs {
 
 /// List the complete checkpoints under a root: step, time, size, whether every shard had the
 /// same model version, shards. A directory without its manifest is not a checkpoint and is
-/// not listed.
+/// not listed; one whose manifest is unreadable or corrupt is listed apart, with why.
 #[derive(clap::Args)]
 pub struct LsArgs {
     /// Checkpoint root: a folder, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix.
@@ -203,33 +203,59 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
 
 async fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
     let store = CheckpointStore::open(&args.url)?;
-    let list = store.list().await?;
+    let listing = store.list_all().await?;
+    let (list, bad) = (&listing.checkpoints, &listing.unreadable);
     if args.json {
-        for c in &list {
+        for c in list {
             println!("{}", serde_json::to_string(c)?);
+        }
+        for b in bad {
+            println!(
+                "{}",
+                serde_json::json!({"step": b.step, "dir": b.dir, "unreadable": b.error.to_string()})
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if list.is_empty() {
+    if list.is_empty() && bad.is_empty() {
         println!("no checkpoints under {}", store.url());
         return Ok(ExitCode::SUCCESS);
     }
-    let latest = store.resolve(gradflow_checkpoint::LATEST).await.ok().map(|m| m.step);
-    let mut rows =
-        vec![["STEP", "TIME (UTC)", "SIZE", "CONSISTENT", "SHARDS", "MODE", ""].map(String::from).to_vec()];
-    for c in &list {
-        rows.push(vec![
-            c.step.to_string(),
-            c.time.format("%Y-%m-%d %H:%M:%S").to_string(),
-            human_bytes(c.total_bytes),
-            if c.consistent { "yes" } else { "no" }.to_string(),
-            c.num_shards.to_string(),
-            c.mode.to_string(),
-            if latest == Some(c.step) { "<- latest" } else { "" }.to_string(),
-        ]);
+    let latest = store.resolve(gradflow_checkpoint::LATEST).await;
+    let latest_step = latest.as_ref().ok().map(|m| m.step);
+    if list.is_empty() {
+        println!("no readable checkpoints under {}", store.url());
+    } else {
+        let mut rows = vec![
+            ["STEP", "TIME (UTC)", "SIZE", "CONSISTENT", "SHARDS", "MODE", ""].map(String::from).to_vec(),
+        ];
+        for c in list {
+            rows.push(vec![
+                c.step.to_string(),
+                c.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                human_bytes(c.total_bytes),
+                if c.consistent { "yes" } else { "no" }.to_string(),
+                c.num_shards.to_string(),
+                c.mode.to_string(),
+                if latest_step == Some(c.step) { "<- latest" } else { "" }.to_string(),
+            ]);
+        }
+        println!("checkpoints under {}:", store.url());
+        print_table(&rows);
     }
-    println!("checkpoints under {}:", store.url());
-    print_table(&rows);
+    if !bad.is_empty() {
+        println!();
+        println!("unreadable, not checkpoints until repaired or removed:");
+        for b in bad {
+            println!("  {}: {}", b.dir, b.error);
+        }
+    }
+    // A broken pointer (one naming an unreadable checkpoint is listed above already).
+    if let Err(e @ CheckpointError::Corrupt { object, .. }) = &latest
+        && object.ends_with(&format!("/{}", gradflow_checkpoint::LATEST))
+    {
+        println!("\n{e}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -263,6 +289,9 @@ fn print_manifest(m: &Manifest) {
     println!("step         {}", m.step);
     println!("written      {} UTC", m.time.format("%Y-%m-%d %H:%M:%S"));
     println!("mode         {}", m.mode);
+    if let Some(run) = &m.run_id {
+        println!("run          {run}");
+    }
     println!(
         "consistent   {}",
         if m.consistent {

@@ -1,9 +1,17 @@
 //! `gradflow worker`: one worker of a job, training a built-in model.
+//!
+//! Its exit code tells a launcher whether starting it again could help: 0 done, 3 for an
+//! error that would repeat (the data, the job's configuration, the model and the data
+//! disagreeing), 1 for others (a server gone, the network).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::bail;
+
+/// Exit code of a worker that failed in a way a restart would repeat: the launcher does not
+/// restart it. The contract's `EXIT_NO_RESTART` (crates/gradflow-launch/src/contract.rs).
+const EXIT_NO_RESTART: u8 = 3;
 
 /// Run one worker of a job: read its share of the data, train, report progress.
 ///
@@ -24,6 +32,30 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::init_logging("info");
+    let (job, index, servers) = match setup(args) {
+        Ok(found) => found,
+        Err(e) => {
+            // A job that cannot be read or does not fit its environment stays that way.
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(EXIT_NO_RESTART));
+        }
+    };
+    let trained = super::runtime()?.block_on(gradflow_trainer::run_worker(&job, index, servers));
+    match trained {
+        Ok(summary) => {
+            tracing::info!(steps = summary.steps, samples = summary.samples, "worker finished");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(if e.will_repeat() { ExitCode::from(EXIT_NO_RESTART) } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+/// The job, this worker's index and the servers: from the launcher's environment, else from
+/// the flags.
+fn setup(args: Args) -> anyhow::Result<(gradflow_launch::JobConfig, u32, Vec<String>)> {
     let (job, index, servers) = match super::cluster_from_env()? {
         Some(spec) => (spec.job_config, spec.index, spec.servers),
         None => {
@@ -50,14 +82,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // The trainer's client takes its TLS settings from the environment, as a trainer of
         // your own does; a launcher sets them, a worker started by hand gets them here.
         for (key, value) in tls.to_env() {
-            // SAFETY: no other thread runs yet (the runtime starts below), so nothing reads
-            // the environment while it changes.
+            // SAFETY: no other thread runs yet (the runtime starts after this), so nothing
+            // reads the environment while it changes.
             unsafe { std::env::set_var(key, value) };
         }
     }
-    super::runtime()?.block_on(async move {
-        let summary = gradflow_trainer::run_worker(&job, index, servers).await?;
-        tracing::info!(steps = summary.steps, samples = summary.samples, "worker finished");
-        Ok(ExitCode::SUCCESS)
-    })
+    Ok((job, index, servers))
 }
