@@ -750,7 +750,7 @@ impl CheckpointStore {
     /// or is not valid, each with why. Fails only when the root cannot be listed.
     pub async fn list_all(&self) -> Result<Listing, CheckpointError> {
         let dirs = self.checkpoint_dirs().await?;
-        let reads: Vec<BoxFuture<'_, (u64, String, Result<Option<Manifest>, CheckpointError>)>> = dirs
+        let reads: Vec<BoxFuture<'_, DirRead>> = dirs
             .into_iter()
             .map(|(step, name)| {
                 async move {
@@ -882,6 +882,9 @@ impl CheckpointStore {
         Ok(Some(m))
     }
 }
+
+/// A checkpoint directory's step and name, and what reading its manifest gave.
+type DirRead = (u64, String, Result<Option<Manifest>, CheckpointError>);
 
 /// What [`CheckpointStore::list_all`] found under a root.
 #[derive(Debug, Default)]

@@ -354,13 +354,13 @@ fn skipped_lines_keep_the_first_five_with_file_line_and_reason() {
 fn a_huge_line_or_header_is_shown_cut_with_its_length() {
     let dir = tempfile::tempdir().unwrap();
     let long = "y".repeat(1 << 20);
-    let config = libsvm(write(dir.path(), "a.libsvm", &format!("1 1:1\n1 2:{long}\n")));
+    let config = libsvm(write(dir.path(), "a.libsvm", format!("1 1:1\n1 2:{long}\n")));
     let err = read_shard(&config, 0, 1).unwrap_err().to_string();
     assert!(err.len() < 400, "{} bytes: {err}", err.len());
     assert!(err.contains("line 2") && err.contains(&format!("a line of {} bytes", long.len() + 4)), "{err}");
 
     // A header whose one column name is a megabyte, and no label column.
-    let csv = write(dir.path(), "h.csv", &format!("{long},x\n1,2\n"));
+    let csv = write(dir.path(), "h.csv", format!("{long},x\n1,2\n"));
     let err = read_shard(&ReaderConfig::new(Format::Csv, vec![csv]), 0, 1).unwrap_err().to_string();
     assert!(err.len() < 400, "{} bytes: {err}", err.len());
     assert!(err.contains("expected a label column named `label`") && err.contains("`x`"), "{err}");
