@@ -82,6 +82,18 @@ fn checkpoints_due_faster_than_they_upload_are_all_written_and_the_last_is_the_f
     assert_eq!(latest, 20, "`latest` is not the final step; complete checkpoints: {steps:?}\n{text}");
     let expected: Vec<u64> = (1..=10).map(|k| 2 * k).collect();
     assert_eq!(steps, expected, "every checkpoint asked for is complete\n{text}");
+    // The manifests name the run that wrote them, as the launcher printed it.
+    let run_id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("[launch] job every2: run "))
+        .unwrap_or_else(|| panic!("no run id printed\n{text}"))
+        .trim()
+        .to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let manifest = rt.block_on(async {
+        CheckpointStore::open(ckpt.to_str().unwrap()).unwrap().resolve("latest").await.unwrap()
+    });
+    assert_eq!(manifest.run_id.as_deref(), Some(run_id.as_str()));
 }
 
 /// Item 2: time-based checkpoints in a sync job with 2 shards. Before, each shard fired on its
@@ -93,7 +105,7 @@ fn time_based_checkpoints_are_one_decision_for_every_shard() {
     let job = write(
         dir.path(),
         "every300.toml",
-        &job_text("every300", &ckpt, "every_steps = 1000000\nevery = \"300ms\"", "epochs = 4"),
+        &job_text("every300", &ckpt, "every_steps = 1000000\nevery = \"300ms\"", "epochs = 30"),
     );
     let log = dir.path().join("launcher.log");
     let status = spawn_launcher(&job, &log).wait().unwrap();

@@ -111,7 +111,11 @@ impl Checkpointer {
     /// The shard's checkpointer, with its uploader (and on shard 0 its finalizer) running.
     pub fn new(config: &ServerConfig, start_version: u64) -> Result<Option<Arc<Checkpointer>>, PsError> {
         let Some(c) = &config.checkpoint else { return Ok(None) };
-        let store = CheckpointStore::open(&c.url)?;
+        let options = gradflow_checkpoint::StoreOptions {
+            run_id: std::env::var(ENV_RUN_ID).ok().filter(|r| !r.trim().is_empty()),
+            ..Default::default()
+        };
+        let store = CheckpointStore::open_with(&c.url, options)?;
         let (queue, uploads) = mpsc::channel(1);
         let (finalize_queue, finalizes) = mpsc::unbounded_channel();
         let ck = Arc::new(Checkpointer {

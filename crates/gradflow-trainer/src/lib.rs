@@ -81,15 +81,18 @@ impl TrainError {
             ),
             TrainError::Data(_) | TrainError::Model(_) | TrainError::Config(_) => true,
             TrainError::NoExamples { .. } => true,
-            TrainError::Worker(e) => matches!(
-                e,
-                W::Config(_)
-                    | W::InvalidSpec(_)
-                    | W::NotDeclared
-                    | W::UnknownTensor(_)
-                    | W::UnknownTable(_)
-                    | W::Length { .. }
-            ),
+            TrainError::Worker(e) => {
+                e.is_permanent()
+                    || matches!(
+                        e,
+                        W::Config(_)
+                            | W::InvalidSpec(_)
+                            | W::NotDeclared
+                            | W::UnknownTensor(_)
+                            | W::UnknownTable(_)
+                            | W::Length { .. }
+                    )
+            }
             TrainError::Results { .. } => false,
         }
     }

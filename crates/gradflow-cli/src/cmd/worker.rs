@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::bail;
 
 /// Exit code of a worker that failed in a way a restart would repeat: the launcher does not
-/// restart it. The contract's `EXIT_NO_RESTART` (crates/gradflow-launch/src/contract.rs).
-const EXIT_NO_RESTART: u8 = 3;
+/// restart it.
+const EXIT_NO_RESTART: u8 = gradflow_launch::contract::EXIT_NO_RESTART as u8;
 
 /// Run one worker of a job: read its share of the data, train, report progress.
 ///
