@@ -73,6 +73,7 @@ async fn models_too_large_for_the_machine_are_refused_at_declare_naming_the_size
         partition_bytes: 4 << 20,
         num_shards: 1,
         shard: 0,
+        servers: vec![],
     };
     let status = client.declare_spec(request).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
