@@ -502,10 +502,15 @@ impl OptimizerConfig {
 
     /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
     /// to `clip_norm` (see [`clip_norm`](Self::clip_norm)), and checked: the update runs in
-    /// blocks of [`CHECK_BLOCK`] elements, and each block's new values and optimizer state are
-    /// checked for NaN and infinity while they are in the cache. A block with one is put back
-    /// as it was and the update stops there: the blocks before it keep their update, the block
-    /// and those after it are as they were. The error says which element went bad.
+    /// blocks of [`CHECK_BLOCK`] elements (a slice of at most that many in one go), and each
+    /// block's new values and optimizer state are checked for NaN and infinity while they are
+    /// in the cache. The update stops at the first block with one, and the error says which
+    /// element (and state slot) went bad and what it became.
+    ///
+    /// Nothing is put back: that block and those before it hold the update, the non-finite
+    /// value included, and those after it are as they were. A caller that gets the error must
+    /// treat the slice as lost, as a server does: it records the fault and from then on
+    /// refuses every pull, push and checkpoint, so the values are never read again.
     ///
     /// # Panics
     /// As [`step`](Self::step).
@@ -519,47 +524,50 @@ impl OptimizerConfig {
         self.check_step_args(param, grad, state, t);
         let n = param.len();
         let grad = self.clip(grad);
+        if n <= CHECK_BLOCK {
+            // One block (every sparse row): update it whole, then check it whole. The state is
+            // one contiguous slice, so it is one scan however many slots it has.
+            self.step_slots(param, grad, split_slots(state, n), t);
+            return match self.check_block(param, [&*state, &[], &[]], n) {
+                Some(bad) => Err(bad),
+                None => Ok(()),
+            };
+        }
         let mut slots = split_slots(state, n);
-        let k = self.num_slots();
-        SAVED.with_borrow_mut(|saved| {
-            // Room for a block of values and of each slot, kept from call to call: a sparse
-            // row's update must not pay for clearing a buffer of its own.
-            let block = n.min(CHECK_BLOCK);
-            if saved.len() < block * (1 + k) {
-                saved.resize(block * (1 + k), 0.0);
+        for start in (0..n).step_by(CHECK_BLOCK) {
+            let end = (start + CHECK_BLOCK).min(n);
+            let [a, b, c] = &mut slots;
+            let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
+            self.step_slots(&mut param[start..end], grad.slice(start, end), sub_slots, t);
+            let [a, b, c] = &slots;
+            let block_slots = [sub_ref(a, start, end), sub_ref(b, start, end), sub_ref(c, start, end)];
+            if let Some(bad) = self.check_block(&param[start..end], block_slots, end - start) {
+                return Err(NonFiniteUpdate { element: start + bad.element, ..bad });
             }
-            for start in (0..n).step_by(CHECK_BLOCK) {
-                let end = (start + CHECK_BLOCK).min(n);
-                let len = end - start;
-                let (saved_values, saved_slots) = saved.split_at_mut(block);
-                saved_values[..len].copy_from_slice(&param[start..end]);
-                for (save, slot) in saved_slots.chunks_exact_mut(block).zip(&slots[..k]) {
-                    save[..len].copy_from_slice(&slot[start..end]);
-                }
-                let [a, b, c] = &mut slots;
-                let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
-                self.step_slots(&mut param[start..end], grad.slice(start, end), sub_slots, t);
-                let bad = first_non_finite(&param[start..end]).map(|i| (i, None)).or_else(|| {
-                    (0..k).find_map(|s| first_non_finite(&slots[s][start..end]).map(|i| (i, Some(s))))
+        }
+        Ok(())
+    }
+
+    /// The first NaN or infinity in `values`, else in `state`: up to three slices of state
+    /// slots, slot-major, each a whole number of slots of `n` elements (one slice may hold all
+    /// slots; unused ones are empty). Elements are numbered from the block's start.
+    #[inline]
+    fn check_block(&self, values: &[f32], state: [&[f32]; 3], n: usize) -> Option<NonFiniteUpdate> {
+        if let Some(i) = first_non_finite(values) {
+            return Some(NonFiniteUpdate { element: i, slot: None, value: values[i] });
+        }
+        let mut slot = 0;
+        for part in state {
+            if let Some(i) = first_non_finite(part) {
+                return Some(NonFiniteUpdate {
+                    element: i % n,
+                    slot: Some(self.slot_names()[slot + i / n]),
+                    value: part[i],
                 });
-                if let Some((i, slot)) = bad {
-                    let value = match slot {
-                        None => param[start + i],
-                        Some(s) => slots[s][start + i],
-                    };
-                    param[start..end].copy_from_slice(&saved_values[..len]);
-                    for (save, slot) in saved_slots.chunks_exact(block).zip(&mut slots[..k]) {
-                        slot[start..end].copy_from_slice(&save[..len]);
-                    }
-                    return Err(NonFiniteUpdate {
-                        element: start + i,
-                        slot: slot.map(|s| self.slot_names()[s]),
-                        value,
-                    });
-                }
             }
-            Ok(())
-        })
+            slot += part.len() / n.max(1);
+        }
+        None
     }
 
     /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
@@ -658,11 +666,6 @@ impl OptimizerConfig {
     }
 }
 
-thread_local! {
-    /// [`OptimizerConfig::step_checked`]'s copy of the block it updates, to put back.
-    static SAVED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Elements an update is checked in (see [`OptimizerConfig::step_checked`]): 8 KiB of values
 /// and as much of each state slot, which stay in the processor's first-level cache between
 /// the update and the check.
@@ -707,12 +710,35 @@ fn sub(slot: &mut [f32], start: usize, end: usize) -> &mut [f32] {
     if slot.is_empty() { slot } else { &mut slot[start..end] }
 }
 
+/// [`sub`], read-only.
+fn sub_ref(slot: &[f32], start: usize, end: usize) -> &[f32] {
+    if slot.is_empty() { slot } else { &slot[start..end] }
+}
+
 /// The position of the first NaN or infinity in `x`. The common case, none, is found by a
-/// loop without an early exit, which the compiler vectorizes.
+/// scan without an early exit or a branch per element: an OR over 16 lanes of "all exponent
+/// bits set", which the compiler vectorizes; only where that finds one is the position looked
+/// for.
 #[inline]
 pub fn first_non_finite(x: &[f32]) -> Option<usize> {
-    let bad = x.iter().fold(0u32, |bad, v| bad | u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
-    if bad == 0 { None } else { x.iter().position(|v| !v.is_finite()) }
+    if any_non_finite(x) { x.iter().position(|v| !v.is_finite()) } else { None }
+}
+
+/// Whether `x` holds a NaN or an infinity (all exponent bits set), without a branch per element.
+#[inline]
+fn any_non_finite(x: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    const LANES: usize = 16;
+    let bad = |v: &f32| u32::from(v.to_bits() & EXP == EXP);
+    let mut lanes = [0u32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane |= bad(v);
+        }
+    }
+    let rest = chunks.remainder().iter().fold(0, |acc, v| acc | bad(v));
+    lanes.iter().fold(rest, |acc, &l| acc | l) != 0
 }
 
 /// Binds `$g` to an iterator over the elements of `$grad` (a [`Grad`]) and evaluates `$body`,
@@ -1091,7 +1117,13 @@ mod tests {
 
     #[test]
     fn a_checked_update_is_the_unchecked_one_where_all_stays_finite() {
-        let n = 2 * CHECK_BLOCK + 37;
+        // A slice of several blocks and one updated in one go.
+        for n in [2 * CHECK_BLOCK + 37, 37] {
+            checked_is_unchecked(n);
+        }
+    }
+
+    fn checked_is_unchecked(n: usize) {
         let val = |i: usize, salt: f32| (i as f32 * 0.389 + salt).cos();
         let a: Vec<f32> = (0..n).map(|i| val(i, 0.5)).collect();
         let b: Vec<f32> = (0..n).map(|i| val(i, 1.5)).collect();
@@ -1113,12 +1145,12 @@ mod tests {
                 c.step_with(&mut p1, Grad::SumScaled(&a, &b, 0.5), &mut s1, t);
                 c.step_checked(&mut p2, Grad::SumScaled(&a, &b, 0.5), &mut s2, t).unwrap();
             }
-            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "{c:?}");
+            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "{c:?} over {n}");
         }
     }
 
     #[test]
-    fn an_update_that_overflows_is_put_back_from_its_block_on_and_named() {
+    fn an_update_that_overflows_stops_at_its_block_and_is_named() {
         let n = 3 * CHECK_BLOCK + 5;
         let bad = 2 * CHECK_BLOCK + 7;
         // SGD: -3e38 - 1 * 3e38 is -inf in f32; every other element moves by 1.
@@ -1129,21 +1161,64 @@ mod tests {
         let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut [], 1).unwrap_err();
         assert_eq!((e.element, e.slot, e.value), (bad, None, f32::NEG_INFINITY));
         assert!(e.to_string().contains(&format!("element {bad} would become -inf")), "{e}");
-        let updated = 2 * CHECK_BLOCK;
-        assert!(param[..updated].iter().all(|&p| p == -3e38 + 1.0), "the blocks before keep the update");
-        assert!(
-            param[updated..].iter().all(|&p| p == -3e38),
-            "the bad block and those after are as they were"
-        );
+        let stop = 3 * CHECK_BLOCK;
+        assert!(param[..stop].iter().enumerate().all(|(i, &p)| i == bad || p == -3e38 + 1.0));
+        assert!(param[stop..].iter().all(|&p| p == -3e38), "the update stops after the bad block");
 
-        // Adagrad: 3e38 squared overflows the accumulator, which is named; nothing moves.
+        // Not in the first place of its block, nor in the first slot: a bad `v` of Adam found
+        // after a good `m`, in a slice of one block and in one of several.
+        let c = OptimizerConfig::adam(1e-3);
+        for n in [40, CHECK_BLOCK + 40] {
+            let bad = n - 3;
+            let mut param = vec![0.5f32; n];
+            let mut state = vec![0f32; 2 * n];
+            let mut grad = vec![1.0f32; n];
+            grad[bad] = 3e38; // (1 - beta2) g^2 overflows; m = (1 - beta1) g does not.
+            let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
+            assert_eq!((e.element, e.slot, e.value), (bad, Some("exp_avg_sq"), f32::INFINITY), "{n}");
+        }
+
+        // Adagrad: 3e38 squared overflows the accumulator, which is named, in any element.
         let c = OptimizerConfig::adagrad(0.05);
-        let mut param = vec![0.5f32; 10];
-        let mut state = vec![0f32; 10];
-        let grad = [3e38f32; 10];
-        let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
-        assert_eq!((e.element, e.slot, e.value), (0, Some("sum"), f32::INFINITY));
-        assert_eq!((param, state), (vec![0.5; 10], vec![0.0; 10]));
+        for at in [0, 9, 16, 17] {
+            let mut param = vec![0.5f32; 18];
+            let mut state = vec![0f32; 18];
+            let mut grad = [1.0f32; 18];
+            grad[at] = 3e38;
+            let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
+            assert_eq!((e.element, e.slot, e.value), (at, Some("sum"), f32::INFINITY));
+        }
+
+        // A NaN in the values, wherever the scan's lanes put it, is found first and named.
+        for n in [1, 15, 16, 17, 33, CHECK_BLOCK, CHECK_BLOCK + 1] {
+            for at in [0, n / 2, n - 1] {
+                let c = OptimizerConfig::sgd(1.0);
+                let mut param = vec![1.0f32; n];
+                let mut grad = vec![0.0f32; n];
+                grad[at] = f32::NAN;
+                let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut [], 1).unwrap_err();
+                assert_eq!((e.element, e.slot), (at, None), "{n} {at}");
+                assert!(e.value.is_nan());
+            }
+        }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_in_any_lane() {
+        for n in [0, 1, 7, 16, 31, 32, 100, 2048] {
+            assert_eq!(first_non_finite(&vec![f32::MAX; n]), None);
+            for at in 0..n {
+                for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN] {
+                    let mut x: Vec<f32> =
+                        (0..n).map(|i| if i % 2 == 0 { f32::MAX } else { -1e-40 }).collect();
+                    x[at] = bad;
+                    if at + 1 < n {
+                        x[n - 1] = f32::NAN;
+                    }
+                    assert_eq!(first_non_finite(&x), Some(at), "{n} {at} {bad}");
+                }
+            }
+        }
     }
 
     #[test]
