@@ -556,16 +556,18 @@ impl OptimizerConfig {
         if let Some(i) = first_non_finite(values) {
             return Some(NonFiniteUpdate { element: i, slot: None, value: values[i] });
         }
-        let mut slot = 0;
+        // Where each slice starts in the slot-major state, counted in elements.
+        let mut base = 0;
         for part in state {
             if let Some(i) = first_non_finite(part) {
+                let at = base + i;
                 return Some(NonFiniteUpdate {
-                    element: i % n,
-                    slot: Some(self.slot_names()[slot + i / n]),
+                    element: at % n,
+                    slot: Some(self.slot_names()[at / n]),
                     value: part[i],
                 });
             }
-            slot += part.len() / n.max(1);
+            base += part.len();
         }
         None
     }
@@ -716,29 +718,21 @@ fn sub_ref(slot: &[f32], start: usize, end: usize) -> &[f32] {
 }
 
 /// The position of the first NaN or infinity in `x`. The common case, none, is found by a
-/// scan without an early exit or a branch per element: an OR over 16 lanes of "all exponent
-/// bits set", which the compiler vectorizes; only where that finds one is the position looked
-/// for.
+/// scan without an early exit or a branch per element (see [`any_non_finite`]), which the
+/// compiler vectorizes; only where that finds one is the position looked for.
 #[inline]
 pub fn first_non_finite(x: &[f32]) -> Option<usize> {
     if any_non_finite(x) { x.iter().position(|v| !v.is_finite()) } else { None }
 }
 
-/// Whether `x` holds a NaN or an infinity (all exponent bits set), without a branch per element.
+/// Whether `x` holds a NaN or an infinity: a value whose exponent bits are all set. Adding
+/// 2^23 to the bits without the sign carries into the sign bit exactly then, so an OR of those
+/// sums over `x` has the sign bit set if and only if one is there: an and, an add and an or per
+/// element, with no comparison and no branch.
 #[inline]
 fn any_non_finite(x: &[f32]) -> bool {
-    const EXP: u32 = 0x7f80_0000;
-    const LANES: usize = 16;
-    let bad = |v: &f32| u32::from(v.to_bits() & EXP == EXP);
-    let mut lanes = [0u32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (lane, v) in lanes.iter_mut().zip(chunk) {
-            *lane |= bad(v);
-        }
-    }
-    let rest = chunks.remainder().iter().fold(0, |acc, v| acc | bad(v));
-    lanes.iter().fold(rest, |acc, &l| acc | l) != 0
+    let carried = x.iter().fold(0u32, |acc, v| acc | ((v.to_bits() & 0x7fff_ffff) + 0x0080_0000));
+    carried & 0x8000_0000 != 0
 }
 
 /// Binds `$g` to an iterator over the elements of `$grad` (a [`Grad`]) and evaluates `$body`,
