@@ -585,6 +585,7 @@ impl OptimizerConfig {
     }
 
     /// `grad` scaled down to `clip_norm`, where one is set and the norm is over it.
+    #[inline]
     fn clip<'a>(&self, grad: Grad<'a>) -> Grad<'a> {
         let Some(max) = self.clip_norm() else { return grad };
         let norm = grad.norm();
@@ -1092,8 +1093,10 @@ struct FtrlConsts {
     l1: f32,
 }
 
+with_avx2!(ftrl_step, ftrl_any(param: &mut [f32], grad: Grad<'_>, acc: &mut [f32], lin: &mut [f32], k: &FtrlConsts, lr_power: f64));
+
 #[inline(always)]
-fn ftrl_step<const CHECK: bool>(
+fn ftrl_any<const CHECK: bool>(
     param: &mut [f32],
     grad: Grad<'_>,
     acc: &mut [f32],
@@ -1171,6 +1174,18 @@ mod tests {
             adam_any::<false>(&mut p2, Grad::Plain(&grad), split_slots(&mut s2, n), &k, amsgrad);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "amsgrad {amsgrad}");
+        }
+        let k = FtrlConsts { inv_lr: 10.0, two_l2: 0.02, two_shrinkage: 0.01, l1: 1e-3 };
+        for lr_power in [-0.5, -0.7] {
+            let (mut p1, mut p2) = (param.clone(), param.clone());
+            let (mut s1, mut s2) = (vec![0.1f32; 2 * n], vec![0.1f32; 2 * n]);
+            let [a1, b1, _] = split_slots(&mut s1, n);
+            let carried = ftrl_step::<true>(&mut p1, Grad::Plain(&grad), a1, b1, &k, lr_power);
+            assert!(!non_finite_carried(carried));
+            let [a2, b2, _] = split_slots(&mut s2, n);
+            ftrl_any::<false>(&mut p2, Grad::Plain(&grad), a2, b2, &k, lr_power);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "lr_power {lr_power}");
         }
     }
 
