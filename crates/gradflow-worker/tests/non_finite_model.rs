@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{addrs, config, start_shards};
 use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
-use gradflow_ps::{CheckpointConfig, RunningServer, ServerConfig};
+use gradflow_ps::{CheckpointConfig, PsError, RunningServer, ServerConfig};
 use gradflow_worker::{Worker, WorkerConfig, WorkerError};
 
 fn spec(dense: OptimizerConfig, sparse: OptimizerConfig) -> ModelSpec {
@@ -93,6 +93,20 @@ fn assert_stopped(e: &WorkerError, tensor: &str, step: u64) {
     assert!(e.is_permanent(), "{e}");
 }
 
+/// Shuts the shards down: the last checkpoint of a shard stopped by a non-finite update of
+/// `tensor` is refused, and shutdown reports it as a failed checkpoint.
+async fn shut_down_refusing_the_last_checkpoint(servers: Vec<RunningServer>, tensor: &str) {
+    for s in servers {
+        match s.shutdown().await {
+            Err(PsError::CheckpointsFailed(failures)) => assert!(
+                failures.iter().all(|f| f.contains(&format!("`{tensor}`")) && f.contains("non-finite")),
+                "{failures:?}"
+            ),
+            other => panic!("expected the last checkpoint refused, got {other:?}"),
+        }
+    }
+}
+
 /// Every further request of `worker` is refused with the same error.
 async fn everything_refused(worker: &mut Worker, tensor: &str, step: u64) {
     let mut d = vec![Vec::new()];
@@ -126,9 +140,7 @@ async fn sgd_driven_to_infinity_stops_the_job_with_the_tensor_and_step_named() {
         assert_eq!(held(&servers).2, 1, "{mode:?}: the bad update is not counted as a step");
 
         // No checkpoint of the bad step, none at shutdown either.
-        for s in servers {
-            s.shutdown().await.unwrap();
-        }
+        shut_down_refusing_the_last_checkpoint(servers, "w").await;
         assert_eq!(checkpoints(dir.path()), vec![1], "{mode:?}");
     }
 }
@@ -147,9 +159,7 @@ async fn adagrad_whose_accumulator_would_overflow_stops_the_job_before_any_check
     assert!(e.to_string().contains("`sum` of element 0 would become inf"), "{e}");
     everything_refused(&mut worker, "w", 0).await;
     assert_eq!(held(&servers).2, 0, "the bad update is not counted as a step");
-    for s in servers {
-        s.shutdown().await.unwrap();
-    }
+    shut_down_refusing_the_last_checkpoint(servers, "w").await;
     assert_eq!(checkpoints(dir.path()), Vec::<u64>::new(), "no checkpoint written");
 }
 
