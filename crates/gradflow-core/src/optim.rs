@@ -497,15 +497,22 @@ impl OptimizerConfig {
     pub fn step_with(&self, param: &mut [f32], grad: Grad<'_>, state: &mut [f32], t: u64) {
         self.check_step_args(param, grad, state, t);
         let slots = split_slots(state, param.len());
-        self.step_slots(param, grad, slots, t)
+        self.step_slots::<false>(param, grad, slots, t);
     }
 
     /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
-    /// to `clip_norm` (see [`clip_norm`](Self::clip_norm)), and checked: the update runs in
-    /// blocks of [`CHECK_BLOCK`] elements, and each block's new values and optimizer state are
-    /// checked for NaN and infinity while they are in the cache. A block with one is put back
-    /// as it was and the update stops there: the blocks before it keep their update, the block
-    /// and those after it are as they were. The error says which element went bad.
+    /// to `clip_norm` (see [`clip_norm`](Self::clip_norm)), and checked for NaN and infinity:
+    /// the update runs in blocks of [`CHECK_BLOCK`] elements (a slice of at most that many in
+    /// one go), and its kernel notes, as it writes each new value and optimizer state, whether
+    /// one is non-finite (an and, an add and an or per value, in the same vectorized loop; no
+    /// pass of its own). The update stops after the first block with one, which is then
+    /// searched, and the error says which element (and state slot) went bad and what it
+    /// became: the first in the block's values, else in its first slot that has one.
+    ///
+    /// Nothing is put back: that block and those before it hold the update, the non-finite
+    /// value included, and those after it are as they were. A caller that gets the error must
+    /// treat the slice as lost, as a server does: it records the fault and from then on
+    /// refuses every pull, push and checkpoint, so the values are never read again.
     ///
     /// # Panics
     /// As [`step`](Self::step).
@@ -519,47 +526,41 @@ impl OptimizerConfig {
         self.check_step_args(param, grad, state, t);
         let n = param.len();
         let grad = self.clip(grad);
-        let mut slots = split_slots(state, n);
-        let k = self.num_slots();
-        SAVED.with_borrow_mut(|saved| {
-            // Room for a block of values and of each slot, kept from call to call: a sparse
-            // row's update must not pay for clearing a buffer of its own.
-            let block = n.min(CHECK_BLOCK);
-            if saved.len() < block * (1 + k) {
-                saved.resize(block * (1 + k), 0.0);
-            }
-            for start in (0..n).step_by(CHECK_BLOCK) {
-                let end = (start + CHECK_BLOCK).min(n);
-                let len = end - start;
-                let (saved_values, saved_slots) = saved.split_at_mut(block);
-                saved_values[..len].copy_from_slice(&param[start..end]);
-                for (save, slot) in saved_slots.chunks_exact_mut(block).zip(&slots[..k]) {
-                    save[..len].copy_from_slice(&slot[start..end]);
-                }
-                let [a, b, c] = &mut slots;
-                let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
-                self.step_slots(&mut param[start..end], grad.slice(start, end), sub_slots, t);
-                let bad = first_non_finite(&param[start..end]).map(|i| (i, None)).or_else(|| {
-                    (0..k).find_map(|s| first_non_finite(&slots[s][start..end]).map(|i| (i, Some(s))))
+        let Some(start) = self.step_slots::<true>(param, grad, split_slots(state, n), t) else {
+            return Ok(());
+        };
+        // The kernels saw a NaN or infinity in the block at `start`: find the first one.
+        let end = (start + CHECK_BLOCK).min(n);
+        let [a, b, c] = split_slots(state, n);
+        let block_slots = [sub_ref(a, start, end), sub_ref(b, start, end), sub_ref(c, start, end)];
+        let bad = self
+            .check_block(&param[start..end], block_slots, end - start)
+            .expect("the block the update found non-finite has a non-finite value");
+        Err(NonFiniteUpdate { element: start + bad.element, ..bad })
+    }
+
+    /// The first NaN or infinity in `values`, else in `state`: up to three slices of state
+    /// slots, slot-major, each a whole number of slots of `n` elements (one slice may hold all
+    /// slots; unused ones are empty). Elements are numbered from the block's start.
+    #[inline]
+    fn check_block(&self, values: &[f32], state: [&[f32]; 3], n: usize) -> Option<NonFiniteUpdate> {
+        if let Some(i) = first_non_finite(values) {
+            return Some(NonFiniteUpdate { element: i, slot: None, value: values[i] });
+        }
+        // Where each slice starts in the slot-major state, counted in elements.
+        let mut base = 0;
+        for part in state {
+            if let Some(i) = first_non_finite(part) {
+                let at = base + i;
+                return Some(NonFiniteUpdate {
+                    element: at % n,
+                    slot: Some(self.slot_names()[at / n]),
+                    value: part[i],
                 });
-                if let Some((i, slot)) = bad {
-                    let value = match slot {
-                        None => param[start + i],
-                        Some(s) => slots[s][start + i],
-                    };
-                    param[start..end].copy_from_slice(&saved_values[..len]);
-                    for (save, slot) in saved_slots.chunks_exact(block).zip(&mut slots[..k]) {
-                        slot[start..end].copy_from_slice(&save[..len]);
-                    }
-                    return Err(NonFiniteUpdate {
-                        element: start + i,
-                        slot: slot.map(|s| self.slot_names()[s]),
-                        value,
-                    });
-                }
             }
-            Ok(())
-        })
+            base += part.len();
+        }
+        None
     }
 
     /// One update as [`step_with`](Self::step_with) does it, with the gradient first clipped
@@ -584,6 +585,7 @@ impl OptimizerConfig {
     }
 
     /// `grad` scaled down to `clip_norm`, where one is set and the norm is over it.
+    #[inline]
     fn clip<'a>(&self, grad: Grad<'a>) -> Grad<'a> {
         let Some(max) = self.clip_norm() else { return grad };
         let norm = grad.norm();
@@ -621,28 +623,57 @@ impl OptimizerConfig {
         assert!(t >= 1, "{} step: t is the 1-based update count, got 0", self.kind());
     }
 
-    /// The update of `param` with its state slots (unused ones empty).
-    fn step_slots(&self, param: &mut [f32], grad: Grad<'_>, slots: [&mut [f32]; 3], t: u64) {
-        let [s0, s1, s2] = slots;
+    /// The update of `param` with its state slots (unused ones empty). Checked (`CHECK`), it
+    /// runs in blocks of [`CHECK_BLOCK`] elements, each kernel noting as it writes whether a
+    /// new value or state is NaN or infinite (see [`carry`]); it stops after the first block
+    /// with one and returns where that block starts. Unchecked, it is one pass over the whole
+    /// slice and returns `None`.
+    fn step_slots<const CHECK: bool>(
+        &self,
+        param: &mut [f32],
+        grad: Grad<'_>,
+        slots: [&mut [f32]; 3],
+        t: u64,
+    ) -> Option<usize> {
         match *self {
             OptimizerConfig::Sgd { lr, momentum, dampening, nesterov, weight_decay, .. } => {
-                sgd_step(param, grad, s0, t, lr, momentum, dampening, nesterov, weight_decay)
+                let lr = lr as f32;
+                let wd = weight_decay as f32;
+                if momentum == 0.0 {
+                    return in_blocks::<CHECK>(param, grad, slots, |p, g, _| {
+                        sgd_plain_step::<CHECK>(p, g, lr, wd)
+                    });
+                }
+                let mu = momentum as f32;
+                // PyTorch starts the buffer at the first gradient itself, undampened.
+                let (keep, take) = if t == 1 { (0.0, 1.0) } else { (mu, (1.0 - dampening) as f32) };
+                // Nesterov steps along g + mu * buf, plain momentum along buf.
+                let (along_g, along_buf) = if nesterov { (1.0, mu) } else { (0.0, 1.0) };
+                let k = SgdConsts { lr, wd, keep, take, along_g, along_buf };
+                in_blocks::<CHECK>(param, grad, slots, |p, g, [s0, _, _]| {
+                    sgd_momentum_step::<CHECK>(p, g, s0, &k)
+                })
             }
             OptimizerConfig::Adagrad { lr, lr_decay, weight_decay, eps, .. } => {
-                let clr = lr / (1.0 + (t - 1) as f64 * lr_decay);
-                adagrad_step(param, grad, s0, clr as f32, weight_decay as f32, eps as f32)
+                let clr = (lr / (1.0 + (t - 1) as f64 * lr_decay)) as f32;
+                let (wd, eps) = (weight_decay as f32, eps as f32);
+                in_blocks::<CHECK>(param, grad, slots, |p, g, [s0, _, _]| {
+                    adagrad_step::<CHECK>(p, g, s0, clr, wd, eps)
+                })
             }
             OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, amsgrad, .. } => {
                 let k = AdamConsts::new(lr, beta1, beta2, eps, weight_decay, t);
-                adam_step(param, grad, [s0, s1, s2], &k, amsgrad)
+                in_blocks::<CHECK>(param, grad, slots, |p, g, s| adam_step::<CHECK>(p, g, s, &k, amsgrad))
             }
             OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay, amsgrad, .. } => {
                 let decay = (1.0 - lr * weight_decay) as f32;
-                if decay != 1.0 {
-                    param.iter_mut().for_each(|p| *p *= decay);
-                }
                 let k = AdamConsts::new(lr, beta1, beta2, eps, 0.0, t);
-                adam_step(param, grad, [s0, s1, s2], &k, amsgrad)
+                in_blocks::<CHECK>(param, grad, slots, |p, g, s| {
+                    if decay != 1.0 {
+                        p.iter_mut().for_each(|p| *p *= decay);
+                    }
+                    adam_step::<CHECK>(p, g, s, &k, amsgrad)
+                })
             }
             OptimizerConfig::Ftrl { lr, lr_power, l1, l2, l2_shrinkage, beta, .. } => {
                 let k = FtrlConsts {
@@ -652,15 +683,53 @@ impl OptimizerConfig {
                     two_shrinkage: (2.0 * l2_shrinkage) as f32,
                     l1: l1 as f32,
                 };
-                ftrl_step(param, grad, s0, s1, &k, lr_power)
+                in_blocks::<CHECK>(param, grad, slots, |p, g, [s0, s1, _]| {
+                    ftrl_step::<CHECK>(p, g, s0, s1, &k, lr_power)
+                })
             }
         }
     }
 }
 
-thread_local! {
-    /// [`OptimizerConfig::step_checked`]'s copy of the block it updates, to put back.
-    static SAVED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Runs `update` (which returns an OR of [`carry`] over what it wrote) over the whole slice,
+/// or, checked, over blocks of [`CHECK_BLOCK`] elements until one has a NaN or infinity, and
+/// returns where that block starts.
+#[inline(always)]
+fn in_blocks<const CHECK: bool>(
+    param: &mut [f32],
+    grad: Grad<'_>,
+    slots: [&mut [f32]; 3],
+    mut update: impl FnMut(&mut [f32], Grad<'_>, [&mut [f32]; 3]) -> u32,
+) -> Option<usize> {
+    let n = param.len();
+    if !CHECK || n <= CHECK_BLOCK {
+        let carried = update(param, grad, slots);
+        return (CHECK && non_finite_carried(carried)).then_some(0);
+    }
+    let [a, b, c] = slots;
+    for start in (0..n).step_by(CHECK_BLOCK) {
+        let end = (start + CHECK_BLOCK).min(n);
+        let sub_slots = [sub(a, start, end), sub(b, start, end), sub(c, start, end)];
+        if non_finite_carried(update(&mut param[start..end], grad.slice(start, end), sub_slots)) {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// What a kernel ORs over each value it writes, when checked: the bits without the sign plus
+/// 2^23, which carries into the sign bit exactly where all exponent bits are set (NaN and
+/// infinity). One and, one add and one or per value, no comparison and no branch, so the
+/// kernel's loop vectorizes as before; see [`non_finite_carried`].
+#[inline(always)]
+fn carry(v: f32) -> u32 {
+    (v.to_bits() & 0x7fff_ffff) + 0x0080_0000
+}
+
+/// Whether an OR of [`carry`] saw a NaN or infinity.
+#[inline(always)]
+fn non_finite_carried(carried: u32) -> bool {
+    carried & 0x8000_0000 != 0
 }
 
 /// Elements an update is checked in (see [`OptimizerConfig::step_checked`]): 8 KiB of values
@@ -707,12 +776,21 @@ fn sub(slot: &mut [f32], start: usize, end: usize) -> &mut [f32] {
     if slot.is_empty() { slot } else { &mut slot[start..end] }
 }
 
+/// [`sub`], read-only.
+fn sub_ref(slot: &[f32], start: usize, end: usize) -> &[f32] {
+    if slot.is_empty() { slot } else { &slot[start..end] }
+}
+
 /// The position of the first NaN or infinity in `x`. The common case, none, is found by a
-/// loop without an early exit, which the compiler vectorizes.
+/// scan without an early exit or a branch per element (an OR of [`carry`]), which the compiler
+/// vectorizes; only where that finds one is the position looked for.
 #[inline]
 pub fn first_non_finite(x: &[f32]) -> Option<usize> {
-    let bad = x.iter().fold(0u32, |bad, v| bad | u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
-    if bad == 0 { None } else { x.iter().position(|v| !v.is_finite()) }
+    if non_finite_carried(x.iter().fold(0, |carried, &v| carried | carry(v))) {
+        x.iter().position(|v| !v.is_finite())
+    } else {
+        None
+    }
 }
 
 /// Binds `$g` to an iterator over the elements of `$grad` (a [`Grad`]) and evaluates `$body`,
@@ -788,33 +866,6 @@ impl<'a> Grad<'a> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn sgd_step(
-    param: &mut [f32],
-    grad: Grad<'_>,
-    state: &mut [f32],
-    t: u64,
-    lr: f64,
-    momentum: f64,
-    dampening: f64,
-    nesterov: bool,
-    weight_decay: f64,
-) {
-    let lr = lr as f32;
-    let wd = weight_decay as f32;
-    if momentum == 0.0 {
-        each_grad!(grad, grad => sgd_plain(param, grad, lr, wd));
-        return;
-    }
-    let mu = momentum as f32;
-    // PyTorch starts the buffer at the first gradient itself, undampened.
-    let (keep, take) = if t == 1 { (0.0, 1.0) } else { (mu, (1.0 - dampening) as f32) };
-    // Nesterov steps along g + mu * buf, plain momentum along buf.
-    let (along_g, along_buf) = if nesterov { (1.0, mu) } else { (0.0, 1.0) };
-    let k = SgdConsts { lr, wd, keep, take, along_g, along_buf };
-    each_grad!(grad, grad => sgd_momentum(param, grad, state, &k))
-}
-
 /// The per-call constants of an SGD step with momentum.
 struct SgdConsts {
     lr: f32,
@@ -827,20 +878,57 @@ struct SgdConsts {
     along_buf: f32,
 }
 
-fn sgd_plain(param: &mut [f32], grad: impl Iterator<Item = f32>, lr: f32, wd: f32) {
-    for (p, g) in param.iter_mut().zip(grad) {
-        let g = g + wd * *p;
-        *p -= lr * g;
-    }
+// Each kernel returns, checked (`CHECK`), an OR of `carry` over every value and state it
+// writes, else 0; the check adds no branch and no pass of its own.
+
+#[inline(always)]
+fn sgd_plain_step<const CHECK: bool>(param: &mut [f32], grad: Grad<'_>, lr: f32, wd: f32) -> u32 {
+    each_grad!(grad, grad => sgd_plain::<CHECK>(param, grad, lr, wd))
 }
 
-fn sgd_momentum(param: &mut [f32], grad: impl Iterator<Item = f32>, state: &mut [f32], k: &SgdConsts) {
+#[inline(always)]
+fn sgd_momentum_step<const CHECK: bool>(
+    param: &mut [f32],
+    grad: Grad<'_>,
+    state: &mut [f32],
+    k: &SgdConsts,
+) -> u32 {
+    each_grad!(grad, grad => sgd_momentum::<CHECK>(param, grad, state, k))
+}
+
+#[inline(always)]
+fn sgd_plain<const CHECK: bool>(param: &mut [f32], grad: impl Iterator<Item = f32>, lr: f32, wd: f32) -> u32 {
+    let mut carried = 0;
+    for (p, g) in param.iter_mut().zip(grad) {
+        let g = g + wd * *p;
+        let new = *p - lr * g;
+        *p = new;
+        if CHECK {
+            carried |= carry(new);
+        }
+    }
+    carried
+}
+
+#[inline(always)]
+fn sgd_momentum<const CHECK: bool>(
+    param: &mut [f32],
+    grad: impl Iterator<Item = f32>,
+    state: &mut [f32],
+    k: &SgdConsts,
+) -> u32 {
+    let mut carried = 0;
     for ((p, g), buf) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
         let g = g + k.wd * *p;
         let b = k.keep * *buf + k.take * g;
         *buf = b;
-        *p -= k.lr * (k.along_g * g + k.along_buf * b);
+        let new = *p - k.lr * (k.along_g * g + k.along_buf * b);
+        *p = new;
+        if CHECK {
+            carried |= carry(new) | carry(b);
+        }
     }
+    carried
 }
 
 /// Runs `$body` compiled for AVX2 where the CPU has it (checked once, then cached), else for
@@ -849,19 +937,19 @@ fn sgd_momentum(param: &mut [f32], grad: impl Iterator<Item = f32>, state: &mut 
 /// own), so the results are bit for bit those of the baseline.
 macro_rules! with_avx2 {
     ($name:ident, $body:ident($($arg:ident: $ty:ty),*)) => {
-        fn $name($($arg: $ty),*) {
+        fn $name<const CHECK: bool>($($arg: $ty),*) -> u32 {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2")]
-                unsafe fn wide($($arg: $ty),*) {
-                    $body($($arg),*)
+                unsafe fn wide<const CHECK: bool>($($arg: $ty),*) -> u32 {
+                    $body::<CHECK>($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU has AVX2, checked just above.
-                    return unsafe { wide($($arg),*) };
+                    return unsafe { wide::<CHECK>($($arg),*) };
                 }
             }
-            $body($($arg),*)
+            $body::<CHECK>($($arg),*)
         }
     };
 }
@@ -870,30 +958,49 @@ with_avx2!(adagrad_step, adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mu
 with_avx2!(adam_step, adam_any(param: &mut [f32], grad: Grad<'_>, state: [&mut [f32]; 3], k: &AdamConsts, amsgrad: bool));
 
 #[inline(always)]
-fn adagrad_any(param: &mut [f32], grad: Grad<'_>, sum: &mut [f32], clr: f32, wd: f32, eps: f32) {
-    each_grad!(grad, grad => adagrad_kernel(param, grad, sum, clr, wd, eps))
+fn adagrad_any<const CHECK: bool>(
+    param: &mut [f32],
+    grad: Grad<'_>,
+    sum: &mut [f32],
+    clr: f32,
+    wd: f32,
+    eps: f32,
+) -> u32 {
+    each_grad!(grad, grad => adagrad_kernel::<CHECK>(param, grad, sum, clr, wd, eps))
 }
 
 #[inline(always)]
-fn adam_any(param: &mut [f32], grad: Grad<'_>, state: [&mut [f32]; 3], k: &AdamConsts, amsgrad: bool) {
-    each_grad!(grad, grad => adam_kernel(param, grad, state, k, amsgrad))
+fn adam_any<const CHECK: bool>(
+    param: &mut [f32],
+    grad: Grad<'_>,
+    state: [&mut [f32]; 3],
+    k: &AdamConsts,
+    amsgrad: bool,
+) -> u32 {
+    each_grad!(grad, grad => adam_kernel::<CHECK>(param, grad, state, k, amsgrad))
 }
 
 #[inline(always)]
-fn adagrad_kernel(
+fn adagrad_kernel<const CHECK: bool>(
     param: &mut [f32],
     grad: impl Iterator<Item = f32>,
     sum: &mut [f32],
     clr: f32,
     wd: f32,
     eps: f32,
-) {
+) -> u32 {
+    let mut carried = 0;
     for ((p, g), s) in param.iter_mut().zip(grad).zip(sum.iter_mut()) {
         let g = g + wd * *p;
         let acc = *s + g * g;
         *s = acc;
-        *p -= clr * g / (acc.sqrt() + eps);
+        let new = *p - clr * g / (acc.sqrt() + eps);
+        *p = new;
+        if CHECK {
+            carried |= carry(new) | carry(acc);
+        }
     }
+    carried
 }
 
 /// The per-call constants of an Adam step, computed once in `f64` outside the element loop.
@@ -933,13 +1040,14 @@ impl AdamConsts {
 }
 
 #[inline(always)]
-fn adam_kernel(
+fn adam_kernel<const CHECK: bool>(
     param: &mut [f32],
     grad: impl Iterator<Item = f32>,
     state: [&mut [f32]; 3],
     k: &AdamConsts,
     amsgrad: bool,
-) {
+) -> u32 {
+    let mut carried = 0;
     let [m, v, vmax] = state;
     // Separate loops rather than a branch per element, so that each one vectorizes.
     if amsgrad {
@@ -953,7 +1061,11 @@ fn adam_kernel(
             *m = mt;
             *v = vt;
             *vmax = vm;
-            *p -= k.step_size * mt / (vm.sqrt() * k.inv_bc2_sqrt + k.eps);
+            let new = *p - k.step_size * mt / (vm.sqrt() * k.inv_bc2_sqrt + k.eps);
+            *p = new;
+            if CHECK {
+                carried |= carry(new) | carry(mt) | carry(vt) | carry(vm);
+            }
         }
     } else {
         for (((p, g), m), v) in param.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
@@ -962,9 +1074,14 @@ fn adam_kernel(
             let vt = k.beta2 * *v + k.one_minus_beta2 * g * g;
             *m = mt;
             *v = vt;
-            *p -= k.step_size * mt / (vt.sqrt() * k.inv_bc2_sqrt + k.eps);
+            let new = *p - k.step_size * mt / (vt.sqrt() * k.inv_bc2_sqrt + k.eps);
+            *p = new;
+            if CHECK {
+                carried |= carry(new) | carry(mt) | carry(vt);
+            }
         }
     }
+    carried
 }
 
 /// The per-call constants of an FTRL step.
@@ -976,32 +1093,36 @@ struct FtrlConsts {
     l1: f32,
 }
 
-fn ftrl_step(
+with_avx2!(ftrl_step, ftrl_any(param: &mut [f32], grad: Grad<'_>, acc: &mut [f32], lin: &mut [f32], k: &FtrlConsts, lr_power: f64));
+
+#[inline(always)]
+fn ftrl_any<const CHECK: bool>(
     param: &mut [f32],
     grad: Grad<'_>,
     acc: &mut [f32],
     lin: &mut [f32],
     k: &FtrlConsts,
     lr_power: f64,
-) {
+) -> u32 {
     if lr_power == -0.5 {
         // The default: powers are square roots, which vectorize where powf does not.
-        each_grad!(grad, grad => ftrl_loop(param, grad, acc, lin, k, f32::sqrt));
+        each_grad!(grad, grad => ftrl_loop::<CHECK>(param, grad, acc, lin, k, f32::sqrt))
     } else {
         let e = (-lr_power) as f32;
-        each_grad!(grad, grad => ftrl_loop(param, grad, acc, lin, k, |x| x.powf(e)));
+        each_grad!(grad, grad => ftrl_loop::<CHECK>(param, grad, acc, lin, k, |x| x.powf(e)))
     }
 }
 
 #[inline(always)]
-fn ftrl_loop(
+fn ftrl_loop<const CHECK: bool>(
     param: &mut [f32],
     grad: impl Iterator<Item = f32>,
     acc: &mut [f32],
     lin: &mut [f32],
     k: &FtrlConsts,
     pow: impl Fn(f32) -> f32,
-) {
+) -> u32 {
+    let mut carried = 0;
     for (((w, g), n), z) in param.iter_mut().zip(grad).zip(acc.iter_mut()).zip(lin.iter_mut()) {
         let g_shrunk = g + k.two_shrinkage * *w;
         let n_new = *n + g * g;
@@ -1009,10 +1130,15 @@ fn ftrl_loop(
         let zt = *z + g_shrunk - (p_new - pow(*n)) * k.inv_lr * *w;
         let quadratic = p_new * k.inv_lr + k.two_l2;
         // clamp(z, -l1, l1) - z is exactly 0 when |z| <= l1: the L1 sparsity of FTRL.
-        *w = (zt.max(-k.l1).min(k.l1) - zt) / quadratic;
+        let new = (zt.max(-k.l1).min(k.l1) - zt) / quadratic;
+        *w = new;
         *z = zt;
         *n = n_new;
+        if CHECK {
+            carried |= carry(new) | carry(zt) | carry(n_new);
+        }
     }
+    carried
 }
 
 #[cfg(test)]
@@ -1030,8 +1156,10 @@ mod tests {
         let param: Vec<f32> = (0..n).map(|i| val(i, 2.0)).collect();
         let (mut p1, mut p2) = (param.clone(), param.clone());
         let (mut s1, mut s2) = (vec![0.1f32; n], vec![0.1f32; n]);
-        adagrad_step(&mut p1, Grad::Plain(&grad), &mut s1, 0.05, 0.01, 1e-10);
-        adagrad_any(&mut p2, Grad::Plain(&grad), &mut s2, 0.05, 0.01, 1e-10);
+        // The wide kernel checked, the baseline not: the check changes no rounding either.
+        let carried = adagrad_step::<true>(&mut p1, Grad::Plain(&grad), &mut s1, 0.05, 0.01, 1e-10);
+        assert!(!non_finite_carried(carried));
+        adagrad_any::<false>(&mut p2, Grad::Plain(&grad), &mut s2, 0.05, 0.01, 1e-10);
         assert_eq!(
             (p1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s1),
             (p2.iter().map(|v| v.to_bits()).collect(), s2)
@@ -1040,10 +1168,24 @@ mod tests {
             let k = AdamConsts::new(1e-3, 0.9, 0.999, 1e-8, 0.01, 7);
             let (mut p1, mut p2) = (param.clone(), param.clone());
             let (mut s1, mut s2) = (vec![0.01f32; 3 * n], vec![0.01f32; 3 * n]);
-            adam_step(&mut p1, Grad::Plain(&grad), split_slots(&mut s1, n), &k, amsgrad);
-            adam_any(&mut p2, Grad::Plain(&grad), split_slots(&mut s2, n), &k, amsgrad);
+            let carried =
+                adam_step::<true>(&mut p1, Grad::Plain(&grad), split_slots(&mut s1, n), &k, amsgrad);
+            assert!(!non_finite_carried(carried));
+            adam_any::<false>(&mut p2, Grad::Plain(&grad), split_slots(&mut s2, n), &k, amsgrad);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "amsgrad {amsgrad}");
+        }
+        let k = FtrlConsts { inv_lr: 10.0, two_l2: 0.02, two_shrinkage: 0.01, l1: 1e-3 };
+        for lr_power in [-0.5, -0.7] {
+            let (mut p1, mut p2) = (param.clone(), param.clone());
+            let (mut s1, mut s2) = (vec![0.1f32; 2 * n], vec![0.1f32; 2 * n]);
+            let [a1, b1, _] = split_slots(&mut s1, n);
+            let carried = ftrl_step::<true>(&mut p1, Grad::Plain(&grad), a1, b1, &k, lr_power);
+            assert!(!non_finite_carried(carried));
+            let [a2, b2, _] = split_slots(&mut s2, n);
+            ftrl_any::<false>(&mut p2, Grad::Plain(&grad), a2, b2, &k, lr_power);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "lr_power {lr_power}");
         }
     }
 
@@ -1091,7 +1233,13 @@ mod tests {
 
     #[test]
     fn a_checked_update_is_the_unchecked_one_where_all_stays_finite() {
-        let n = 2 * CHECK_BLOCK + 37;
+        // A slice of several blocks and one updated in one go.
+        for n in [2 * CHECK_BLOCK + 37, 37] {
+            checked_is_unchecked(n);
+        }
+    }
+
+    fn checked_is_unchecked(n: usize) {
         let val = |i: usize, salt: f32| (i as f32 * 0.389 + salt).cos();
         let a: Vec<f32> = (0..n).map(|i| val(i, 0.5)).collect();
         let b: Vec<f32> = (0..n).map(|i| val(i, 1.5)).collect();
@@ -1113,12 +1261,12 @@ mod tests {
                 c.step_with(&mut p1, Grad::SumScaled(&a, &b, 0.5), &mut s1, t);
                 c.step_checked(&mut p2, Grad::SumScaled(&a, &b, 0.5), &mut s2, t).unwrap();
             }
-            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "{c:?}");
+            assert_eq!((bits(&p1), bits(&s1)), (bits(&p2), bits(&s2)), "{c:?} over {n}");
         }
     }
 
     #[test]
-    fn an_update_that_overflows_is_put_back_from_its_block_on_and_named() {
+    fn an_update_that_overflows_stops_at_its_block_and_is_named() {
         let n = 3 * CHECK_BLOCK + 5;
         let bad = 2 * CHECK_BLOCK + 7;
         // SGD: -3e38 - 1 * 3e38 is -inf in f32; every other element moves by 1.
@@ -1129,21 +1277,91 @@ mod tests {
         let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut [], 1).unwrap_err();
         assert_eq!((e.element, e.slot, e.value), (bad, None, f32::NEG_INFINITY));
         assert!(e.to_string().contains(&format!("element {bad} would become -inf")), "{e}");
-        let updated = 2 * CHECK_BLOCK;
-        assert!(param[..updated].iter().all(|&p| p == -3e38 + 1.0), "the blocks before keep the update");
-        assert!(
-            param[updated..].iter().all(|&p| p == -3e38),
-            "the bad block and those after are as they were"
-        );
+        let stop = 3 * CHECK_BLOCK;
+        assert!(param[..stop].iter().enumerate().all(|(i, &p)| i == bad || p == -3e38 + 1.0));
+        assert!(param[stop..].iter().all(|&p| p == -3e38), "the update stops after the bad block");
 
-        // Adagrad: 3e38 squared overflows the accumulator, which is named; nothing moves.
+        // Not in the first place of its block, nor in the first slot: a bad `v` of Adam found
+        // after a good `m`, in a slice of one block and in one of several.
+        let c = OptimizerConfig::adam(1e-3);
+        for n in [40, CHECK_BLOCK + 40] {
+            let bad = n - 3;
+            let mut param = vec![0.5f32; n];
+            let mut state = vec![0f32; 2 * n];
+            let mut grad = vec![1.0f32; n];
+            grad[bad] = 3e38; // (1 - beta2) g^2 overflows; m = (1 - beta1) g does not.
+            let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
+            assert_eq!((e.element, e.slot, e.value), (bad, Some("exp_avg_sq"), f32::INFINITY), "{n}");
+        }
+
+        // Adagrad: 3e38 squared overflows the accumulator, which is named, in any element.
         let c = OptimizerConfig::adagrad(0.05);
-        let mut param = vec![0.5f32; 10];
-        let mut state = vec![0f32; 10];
-        let grad = [3e38f32; 10];
-        let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
-        assert_eq!((e.element, e.slot, e.value), (0, Some("sum"), f32::INFINITY));
-        assert_eq!((param, state), (vec![0.5; 10], vec![0.0; 10]));
+        for at in [0, 9, 16, 17] {
+            let mut param = vec![0.5f32; 18];
+            let mut state = vec![0f32; 18];
+            let mut grad = [1.0f32; 18];
+            grad[at] = 3e38;
+            let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut state, 1).unwrap_err();
+            assert_eq!((e.element, e.slot, e.value), (at, Some("sum"), f32::INFINITY));
+        }
+
+        // A NaN in the values, wherever the scan's lanes put it, is found first and named.
+        for n in [1, 15, 16, 17, 33, CHECK_BLOCK, CHECK_BLOCK + 1] {
+            for at in [0, n / 2, n - 1] {
+                let c = OptimizerConfig::sgd(1.0);
+                let mut param = vec![1.0f32; n];
+                let mut grad = vec![0.0f32; n];
+                grad[at] = f32::NAN;
+                let e = c.step_checked(&mut param, Grad::Plain(&grad), &mut [], 1).unwrap_err();
+                assert_eq!((e.element, e.slot), (at, None), "{n} {at}");
+                assert!(e.value.is_nan());
+            }
+        }
+    }
+
+    #[test]
+    fn every_optimizer_names_a_nan_wherever_it_is() {
+        for c in [
+            OptimizerConfig::sgd(0.1),
+            tweak(OptimizerConfig::sgd(0.1), json!({"momentum": 0.9, "nesterov": true})),
+            OptimizerConfig::adagrad(0.05),
+            OptimizerConfig::adam(1e-3),
+            tweak(OptimizerConfig::adam(1e-3), json!({"amsgrad": true})),
+            OptimizerConfig::adamw(1e-3),
+            OptimizerConfig::ftrl(0.1),
+            tweak(OptimizerConfig::ftrl(0.1), json!({"lr_power": -0.7})),
+        ] {
+            for n in [3, 40, 2 * CHECK_BLOCK + 40] {
+                for at in [0, n / 2, n - 1] {
+                    let mut param = vec![0.5f32; n];
+                    let mut state = vec![0f32; c.num_slots() * n];
+                    c.init_state(&mut state);
+                    let mut grad = vec![0.25f32; n];
+                    grad[at] = f32::NAN;
+                    let e = c.step_checked(&mut param, Grad::Scaled(&grad, 0.5), &mut state, 1).unwrap_err();
+                    assert_eq!((e.element, e.slot), (at, None), "{c:?} over {n} at {at}");
+                    assert!(e.value.is_nan(), "{c:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_in_any_lane() {
+        for n in [0, 1, 7, 16, 31, 32, 100, 2048] {
+            assert_eq!(first_non_finite(&vec![f32::MAX; n]), None);
+            for at in 0..n {
+                for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN] {
+                    let mut x: Vec<f32> =
+                        (0..n).map(|i| if i % 2 == 0 { f32::MAX } else { -1e-40 }).collect();
+                    x[at] = bad;
+                    if at + 1 < n {
+                        x[n - 1] = f32::NAN;
+                    }
+                    assert_eq!(first_non_finite(&x), Some(at), "{n} {at} {bad}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub const LEASE_LOST_METADATA: &str = "x-gradflow-lease-lost";
 /// shard refuses everything from then on, so a worker must not retry.
 pub const NON_FINITE_METADATA: &str = "x-gradflow-non-finite-step";
 
-/// Why a request was refused. Every refused request leaves the model as it was.
+/// Why a request was refused. Every refused request leaves the model as it was, but for the
+/// step whose update made it non-finite ([`PsError::NonFiniteModel`]): that update is not
+/// undone, and the shard serves the model no more.
 #[derive(Debug, Error)]
 pub enum PsError {
     #[error("no model declared yet: a worker must call DeclareSpec first")]

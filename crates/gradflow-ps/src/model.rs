@@ -6,8 +6,10 @@
 //! run it on a blocking thread or on rayon, never on the async runtime.
 //!
 //! Every update is checked as it is applied (`OptimizerConfig::step_checked`): an update that
-//! would make a value or its optimizer state NaN or infinite is stopped, and the model keeps
-//! the fault ([`ShardModel::healthy`]) so that the shard refuses everything afterwards. The
+//! makes a value or its optimizer state NaN or infinite is stopped, and the model keeps the
+//! fault ([`ShardModel::healthy`]) so that the shard refuses everything afterwards: pulls,
+//! pushes and checkpoints. The bad values are not put back; the refusal is what keeps them
+//! from being seen or saved. The
 //! memory a model needs is worked out from the spec before anything is allocated
 //! ([`ShardModel::check_fits`]).
 
@@ -431,9 +433,9 @@ impl ShardModel {
     }
 
     /// Sync mode: applies every piece's and table's accumulated gradient divided by `divisor`,
-    /// then clears the sums. An update that would make a value non-finite is stopped where
-    /// it would (see `OptimizerConfig::step_checked`; other pieces and rows are updated) and
-    /// recorded as the model's fault, named with `step` ([`ShardModel::fail`]).
+    /// then clears the sums. An update that makes a value non-finite is stopped at the block
+    /// where it does (see `OptimizerConfig::step_checked`; other pieces and rows are updated)
+    /// and recorded as the model's fault, named with `step` ([`ShardModel::fail`]).
     pub fn try_apply_accumulated(&self, divisor: f32, step: u64) -> Result<(), PsError> {
         let scale = 1.0 / divisor;
         let dense: Vec<_> = self.pieces.par_iter().map(|p| p.apply_accumulated(scale)).collect();
@@ -547,9 +549,10 @@ impl Piece {
     }
 
     /// Applies one gradient, computed as it is read (see [`Grad`]), to this piece, clipped and
-    /// checked as `OptimizerConfig::step_checked` does: an update that would make a value or
-    /// its state non-finite is stopped at the block where it would, and does not count as a
-    /// step of the piece.
+    /// checked as `OptimizerConfig::step_checked` does: an update that makes a value or its
+    /// state non-finite is stopped after the block where it does (that block keeps the bad
+    /// values: the caller records the fault and serves the piece no more), and does not count
+    /// as a step of the piece.
     pub fn try_apply_with(&self, grad: Grad<'_>) -> Result<(), NonFiniteUpdate> {
         let mut p = self.params.write().unwrap();
         let PieceParams { values, state, steps } = &mut *p;
@@ -779,9 +782,10 @@ impl Table {
     }
 
     /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row,
-    /// each clipped and checked (see `OptimizerConfig::step_checked`). A row whose update would
-    /// turn non-finite is left as it was, and so are the rows after it in its stripe; the
-    /// error names the id of the first such row found.
+    /// each clipped and checked (see `OptimizerConfig::step_checked`). A row whose update turns
+    /// it non-finite keeps the bad values and does not count the step; the rows after it in
+    /// its stripe are left as they were, and the error names the id of the first such row
+    /// found (the caller records the fault and serves the table no more).
     ///
     /// Large updates run on rayon's threads, one stripe at a time each: a sync step's update
     /// is on every worker's critical path, and the stripes are independent.

@@ -1,7 +1,9 @@
 //! A finite but huge gradient (3e38) through a real server on loopback port 0: the update that
 //! would make a parameter or its optimizer state infinite is stopped, the shard names the
-//! tensor and the step and refuses everything afterwards, the worker hears a permanent error,
-//! the model keeps its last good values and no checkpoint of the bad step is written.
+//! tensor, the element and the step and refuses everything afterwards (pulls, pushes, steps),
+//! the worker hears a permanent error, the bad update does not count as a step, and no
+//! checkpoint of the bad step is written. The bad values are not put back: the refusal is what
+//! keeps anyone from seeing them.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use common::{addrs, config, start_shards};
 use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
-use gradflow_ps::{CheckpointConfig, RunningServer, ServerConfig};
+use gradflow_ps::{CheckpointConfig, PsError, RunningServer, ServerConfig};
 use gradflow_worker::{Worker, WorkerConfig, WorkerError};
 
 fn spec(dense: OptimizerConfig, sparse: OptimizerConfig) -> ModelSpec {
@@ -91,6 +93,20 @@ fn assert_stopped(e: &WorkerError, tensor: &str, step: u64) {
     assert!(e.is_permanent(), "{e}");
 }
 
+/// Shuts the shards down: the last checkpoint of a shard stopped by a non-finite update of
+/// `tensor` is refused, and shutdown reports it as a failed checkpoint.
+async fn shut_down_refusing_the_last_checkpoint(servers: Vec<RunningServer>, tensor: &str) {
+    for s in servers {
+        match s.shutdown().await {
+            Err(PsError::CheckpointsFailed(failures)) => assert!(
+                failures.iter().all(|f| f.contains(&format!("`{tensor}`")) && f.contains("non-finite")),
+                "{failures:?}"
+            ),
+            other => panic!("expected the last checkpoint refused, got {other:?}"),
+        }
+    }
+}
+
 /// Every further request of `worker` is refused with the same error.
 async fn everything_refused(worker: &mut Worker, tensor: &str, step: u64) {
     let mut d = vec![Vec::new()];
@@ -117,25 +133,24 @@ async fn sgd_driven_to_infinity_stops_the_job_with_the_tensor_and_step_named() {
         assert_eq!(good, (vec![0.5 - 3e38; 4], vec![], 1), "{mode:?}");
 
         worker.push_dense("w", &[3e38; 4]).unwrap();
-        assert_stopped(&worker.step().await.unwrap_err(), "w", 1);
+        let e = worker.step().await.unwrap_err();
+        assert_stopped(&e, "w", 1);
+        assert!(e.to_string().contains("element 0 would become -inf"), "{mode:?}: {e}");
         everything_refused(&mut worker, "w", 1).await;
-        assert_eq!(held(&servers), good, "{mode:?}: the model keeps its last good values");
+        assert_eq!(held(&servers).2, 1, "{mode:?}: the bad update is not counted as a step");
 
         // No checkpoint of the bad step, none at shutdown either.
-        for s in servers {
-            s.shutdown().await.unwrap();
-        }
+        shut_down_refusing_the_last_checkpoint(servers, "w").await;
         assert_eq!(checkpoints(dir.path()), vec![1], "{mode:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn adagrad_whose_accumulator_would_overflow_stops_the_job_and_nothing_changes() {
+async fn adagrad_whose_accumulator_would_overflow_stops_the_job_before_any_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let servers = server(dir.path(), Mode::Sync).await;
     let mut worker = Worker::connect(WorkerConfig::new(addrs(&servers), 0)).await.unwrap();
     worker.declare(spec(OptimizerConfig::adagrad(0.05), OptimizerConfig::adagrad(0.05))).await.unwrap();
-    let before = held(&servers);
 
     // (3e38)^2 is infinite in f32: the accumulator would be, on the very first step.
     worker.push_dense("w", &[3e38, 1.0, 1.0, 1.0]).unwrap();
@@ -143,10 +158,8 @@ async fn adagrad_whose_accumulator_would_overflow_stops_the_job_and_nothing_chan
     assert_stopped(&e, "w", 0);
     assert!(e.to_string().contains("`sum` of element 0 would become inf"), "{e}");
     everything_refused(&mut worker, "w", 0).await;
-    assert_eq!(held(&servers), before, "nothing changed");
-    for s in servers {
-        s.shutdown().await.unwrap();
-    }
+    assert_eq!(held(&servers).2, 0, "the bad update is not counted as a step");
+    shut_down_refusing_the_last_checkpoint(servers, "w").await;
     assert_eq!(checkpoints(dir.path()), Vec::<u64>::new(), "no checkpoint written");
 }
 
@@ -163,6 +176,7 @@ async fn a_sparse_row_that_would_overflow_is_named_by_table_and_id() {
     let e = worker.step().await.unwrap_err();
     assert_stopped(&e, "emb", 0);
     assert!(e.to_string().contains("(row 9)"), "{e}");
+    assert!(e.to_string().contains("`sum` of element 0 would become inf"), "{e}");
     everything_refused(&mut worker, "emb", 0).await;
 }
 
