@@ -1151,7 +1151,7 @@ mod tests {
     fn the_wide_kernels_round_as_the_baseline_does() {
         // Odd lengths, so that the vector loops' tails run too; values over many magnitudes.
         let n = 1037;
-        let val = |i: usize, salt: f32| ((i as f32 * 0.7311 + salt).sin() * 10f32.powi((i % 9) as i32 - 4));
+        let val = |i: usize, salt: f32| (i as f32 * 0.7311 + salt).sin() * 10f32.powi((i % 9) as i32 - 4);
         let grad: Vec<f32> = (0..n).map(|i| val(i, 1.0)).collect();
         let param: Vec<f32> = (0..n).map(|i| val(i, 2.0)).collect();
         let (mut p1, mut p2) = (param.clone(), param.clone());
@@ -1192,7 +1192,7 @@ mod tests {
     #[test]
     fn a_gradient_computed_as_read_matches_the_one_materialized_first() {
         let n = 1037;
-        let val = |i: usize, salt: f32| ((i as f32 * 0.389 + salt).cos() * 10f32.powi((i % 7) as i32 - 3));
+        let val = |i: usize, salt: f32| (i as f32 * 0.389 + salt).cos() * 10f32.powi((i % 7) as i32 - 3);
         let a: Vec<f32> = (0..n).map(|i| val(i, 0.5)).collect();
         let b: Vec<f32> = (0..n).map(|i| val(i, 1.5)).collect();
         let param: Vec<f32> = (0..n).map(|i| val(i, 2.5)).collect();

@@ -654,6 +654,7 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         sparse_rows: 9,
         num_workers: 2,
         link_port: 0,
+        scored_epochs: Some(1),
     };
     req(13, "status", &|b| status.encode(b).unwrap());
     out

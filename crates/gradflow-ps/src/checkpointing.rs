@@ -40,6 +40,24 @@ use crate::{PsError, ServerConfig};
 /// shard 0 writes it when the job uses dynamic data sharding.
 pub const TASKS_EXTRA: &str = "data_tasks.json";
 
+/// The name of the scoring record ([`Scoring`], JSON) among a checkpoint's extras; shard 0
+/// writes it.
+pub const SCORING_EXTRA: &str = "scoring.json";
+
+/// Static data sharding: how many epochs were scored when the checkpoint was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Scoring {
+    pub scored_epochs: u64,
+}
+
+/// What shard 0 saves beside its part of the model: the data-task progress (dynamic data
+/// sharding) and the scoring record, both of the checkpoint's version.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    pub tasks: Option<SavedTasks>,
+    pub scoring: Option<Scoring>,
+}
+
 /// Fault injection for tests: a server whose environment sets this to a step, on its first
 /// attempt (`GRADFLOW_ATTEMPT` unset or 0), writes its files of that step's checkpoint and then
 /// stalls forever before the checkpoint is finalized, so that a test can kill it mid-write.
@@ -73,10 +91,10 @@ struct State {
     requested: Option<u64>,
 }
 
-/// A snapshot on its way to storage, with the data-task progress of the same version.
+/// A snapshot on its way to storage, with shard 0's extras of the same version.
 pub struct Upload {
     snap: ShardSnapshot,
-    tasks: Option<SavedTasks>,
+    extras: Extras,
 }
 
 /// Room for one snapshot in the upload queue ([`Checkpointer::reserve`]).
@@ -255,7 +273,7 @@ impl Checkpointer {
 
     /// Copies `model` at `version` into `slot`; the caller is on a blocking thread between
     /// steps and has checked [`Checkpointer::due`] (or is forced).
-    pub fn take(&self, slot: Slot, model: &ShardModel, version: u64, tasks: Option<SavedTasks>) {
+    pub fn take(&self, slot: Slot, model: &ShardModel, version: u64, extras: Extras) {
         let mut s = self.state.lock().unwrap();
         // Async shards reach a due version at different moments: name the checkpoint after
         // the version that was due, so that every shard writes into the same checkpoint.
@@ -273,7 +291,7 @@ impl Checkpointer {
         drop(s);
         let snap = model.snapshot(name, self.mode);
         self.busy.send_modify(|n| *n += 1);
-        slot.send(Upload { snap, tasks });
+        slot.send(Upload { snap, extras });
     }
 
     /// Gives this shard's part of checkpoint `step` up (best effort), so that shard 0 does not
@@ -303,15 +321,19 @@ impl Checkpointer {
 
     /// Writes one snapshot; shard 0 hands the checkpoint on to its finalizer.
     async fn upload(&self, job: Upload) {
-        let Upload { snap, tasks } = job;
+        let Upload { snap, extras } = job;
         let version = snap.version;
         let started = Instant::now();
         let result = async {
             self.store.write_shard(version, &snap).await?;
             drop(snap);
-            if let Some(tasks) = tasks {
+            if let Some(tasks) = extras.tasks {
                 let json = serde_json::to_vec(&tasks).expect("task state serializes");
                 self.store.put_extra(version, TASKS_EXTRA, json).await?;
+            }
+            if let Some(scoring) = extras.scoring {
+                let json = serde_json::to_vec(&scoring).expect("scoring serializes");
+                self.store.put_extra(version, SCORING_EXTRA, json).await?;
             }
             Ok::<_, CheckpointError>(())
         }
@@ -439,6 +461,9 @@ pub struct Restored {
     pub version: u64,
     /// Shard 0 of a job with dynamic data sharding: the data tasks done at that version.
     pub tasks: Option<SavedTasks>,
+    /// Shard 0: the scoring record at that version; `None` in checkpoints written before it
+    /// was recorded.
+    pub scoring: Option<Scoring>,
 }
 
 /// Loads the checkpoint `which` (latest, a step, or a URL) for this shard.
@@ -454,15 +479,25 @@ pub async fn restore(config: &ServerConfig, which: &str) -> Result<Restored, PsE
     let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap))
         .await
         .map_err(|e| PsError::Internal(e.to_string()))??;
-    let tasks = match config.shard {
-        0 => match store.get_extra(&manifest, TASKS_EXTRA).await? {
-            Some(json) => Some(serde_json::from_slice(&json).map_err(|e| {
-                PsError::Checkpoint(format!("{TASKS_EXTRA} of checkpoint {}: {e}", manifest.url()))
-            })?),
-            None => None,
-        },
-        _ => None,
+    let (tasks, scoring) = match config.shard {
+        0 => (extra(&store, &manifest, TASKS_EXTRA).await?, extra(&store, &manifest, SCORING_EXTRA).await?),
+        _ => (None, None),
     };
     info!(step = version, checkpoint = which, "model restored from checkpoint");
-    Ok(Restored { model, version, tasks })
+    Ok(Restored { model, version, tasks, scoring })
+}
+
+/// The JSON extra `name` of a checkpoint, if it has one.
+async fn extra<T: serde::de::DeserializeOwned>(
+    store: &CheckpointStore,
+    manifest: &gradflow_checkpoint::Manifest,
+    name: &str,
+) -> Result<Option<T>, PsError> {
+    match store.get_extra(manifest, name).await? {
+        Some(json) => Ok(Some(
+            serde_json::from_slice(&json)
+                .map_err(|e| PsError::Checkpoint(format!("{name} of checkpoint {}: {e}", manifest.url())))?,
+        )),
+        None => Ok(None),
+    }
 }

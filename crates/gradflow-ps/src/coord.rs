@@ -46,6 +46,16 @@ struct State {
     /// one does, only requests for exactly this step are taken: workers that were ahead
     /// rewind to it, so no one waits for a step the others will never push.
     restored_at: Option<u64>,
+    /// Sync: a step that does not complete without its worker's push (the scorer holding
+    /// the model at an epoch's end; see [`Coordinator::hold`]).
+    hold: Option<Hold>,
+}
+
+/// Step `step` waits for `worker`'s push, even when `worker` is dropped or paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hold {
+    worker: u32,
+    step: u64,
 }
 
 /// Permission to apply a completed sync step: divide the sums by `divisor`, apply, then call
@@ -92,6 +102,7 @@ impl Coordinator {
                 arriving: 0,
                 applying: false,
                 restored_at: None,
+                hold: None,
             }),
             changed: watch::channel(0).0,
         }
@@ -194,11 +205,32 @@ impl Coordinator {
         } else {
             slot.left = true;
             info!(worker, "worker left");
+            if s.hold.is_some_and(|h| h.worker == worker) {
+                s.hold = None;
+            }
         }
         let ticket = self.try_complete(&mut s);
         drop(s);
         self.notify();
         Ok(ticket)
+    }
+
+    /// Sync: step `step` does not complete without `worker`'s push, even while `worker` is
+    /// dropped or back but paused (the scorer keeping the model of an epoch's end while it
+    /// scores it, dead or alive, and then adding its batch of the next step as it would have
+    /// undisturbed). Ends with that push, when `worker` leaves, or with a newer hold; one
+    /// for a step already done is ignored.
+    pub fn hold(&self, worker: u32, step: u64) -> Result<(), PsError> {
+        let mut s = self.state.lock().unwrap();
+        let num_workers = s.workers.len() as u32;
+        if worker as usize >= s.workers.len() {
+            return Err(PsError::UnknownWorker { worker, num_workers });
+        }
+        if self.mode == Mode::Sync && step >= s.version {
+            info!(worker, step, "step held until this worker has scored the model and pushed");
+            s.hold = Some(Hold { worker, step });
+        }
+        Ok(())
     }
 
     /// Drops workers that have not been heard from in time; may complete the current step.
@@ -315,6 +347,9 @@ impl Coordinator {
         if missing > self.backup_workers {
             return None;
         }
+        if s.hold.is_some_and(|h| h.step == s.version && !s.arrived[h.worker as usize]) {
+            return None;
+        }
         s.applying = true;
         Some(StepTicket { divisor: arrived, step: s.version })
     }
@@ -326,6 +361,9 @@ impl Coordinator {
         s.version += 1;
         s.applying = false;
         s.restored_at = None;
+        if s.hold.is_some_and(|h| h.step < s.version) {
+            s.hold = None;
+        }
         s.arrived.iter_mut().for_each(|a| *a = false);
         drop(s);
         self.notify();
@@ -405,6 +443,50 @@ mod tests {
         c.finish_step(t);
         assert_eq!(c.version(), 1);
         assert!(matches!(c.begin_push(0, 0), Err(PsError::StaleStep { pushed: 0, current: 1 })));
+    }
+
+    #[test]
+    fn a_held_step_waits_for_its_workers_push_even_once_it_is_dropped() {
+        let c = sync(2);
+        c.touch(0).unwrap();
+        c.touch(1).unwrap();
+        // Worker 0 holds step 1 before pushing step 0, then both push step 0.
+        c.hold(0, 1).unwrap();
+        for w in 0..2 {
+            c.begin_push(w, 0).unwrap();
+            if let Some(t) = c.end_push(w, true) {
+                c.finish_step(t);
+            }
+        }
+        assert_eq!(c.version(), 1);
+        // Worker 0 dies while scoring: dropped, yet step 1 does not complete without it.
+        c.begin_push(1, 1).unwrap();
+        assert!(c.end_push(1, true).is_none());
+        std::thread::sleep(Duration::from_millis(80));
+        c.touch(1).unwrap();
+        assert!(c.reap().is_none(), "the held step must not complete when its worker is dropped");
+        assert_eq!(c.live_workers(), vec![1]);
+        // Back (paused until its next push), it pushes: the step completes with both batches.
+        c.touch(0).unwrap();
+        assert!(c.reap().is_none());
+        c.begin_push(0, 1).unwrap();
+        let t = c.end_push(0, true).expect("the holder's push completes the held step");
+        assert_eq!((t.step, t.divisor), (1, 2));
+        c.finish_step(t);
+        assert_eq!(c.version(), 2);
+    }
+
+    #[test]
+    fn a_hold_ends_when_its_worker_leaves_and_async_never_holds() {
+        let c = sync(2);
+        c.hold(0, 0).unwrap();
+        c.begin_push(1, 0).unwrap();
+        assert!(c.end_push(1, true).is_none());
+        let t = c.leave(0, false).unwrap().expect("the holder left: the step completes without it");
+        assert_eq!(t.divisor, 1);
+        let a = Coordinator::new(Mode::Async, 1, None, Duration::from_millis(50), Duration::from_millis(50));
+        a.hold(0, 0).unwrap();
+        assert!(matches!(a.hold(5, 0), Err(PsError::UnknownWorker { .. })));
     }
 
     #[test]

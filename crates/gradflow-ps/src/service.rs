@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
-use crate::checkpointing::{Checkpointer, Restored};
+use crate::checkpointing::{Checkpointer, Extras, Restored, Scoring};
 use crate::coord::{Coordinator, StepTicket};
 use crate::metrics::Metrics;
 use crate::model::{ShardModel, SparseAccum};
@@ -40,6 +40,9 @@ pub struct Shard {
     /// Shard 0: the task progress of the checkpoint this shard was restored from, until the
     /// workers declare the plan again.
     restored_tasks: Mutex<Option<SavedTasks>>,
+    /// Epochs scored so far (static data sharding, see the `Score` RPC); `None` when unknown
+    /// (restored from a checkpoint that did not record it).
+    scored_epochs: Mutex<Option<u64>>,
 }
 
 impl Shard {
@@ -69,6 +72,10 @@ impl Shard {
             coord,
             metrics,
             restored_tasks: Mutex::new(restored.as_ref().and_then(|r| r.tasks.clone())),
+            scored_epochs: Mutex::new(match &restored {
+                None => Some(0),
+                Some(r) => r.scoring.map(|s| s.scored_epochs),
+            }),
             model: RwLock::new(restored.map(|r| Arc::new(r.model))),
             declare_lock: tokio::sync::Mutex::new(()),
             checkpointer,
@@ -77,14 +84,38 @@ impl Shard {
         })
     }
 
-    /// The data-task progress to save with a checkpoint (shard 0 with dynamic sharding).
-    fn tasks_state(&self) -> Option<SavedTasks> {
-        let tasks = self.tasks.lock().unwrap();
-        match &*tasks {
+    /// What to save beside the model with a checkpoint: shard 0's data-task progress (dynamic
+    /// sharding) and scoring record.
+    fn extras(&self) -> Extras {
+        if self.config.shard != 0 {
+            return Extras::default();
+        }
+        let tasks = match &*self.tasks.lock().unwrap() {
             Some(q) => Some(q.save()),
             // Declared by no one yet after a restore: keep what the checkpoint had.
             None => self.restored_tasks.lock().unwrap().clone(),
+        };
+        let scoring = self.scored_epochs().map(|scored_epochs| Scoring { scored_epochs });
+        Extras { tasks, scoring }
+    }
+
+    /// Epochs scored so far; `None` when not known (see [`Scoring`]).
+    pub fn scored_epochs(&self) -> Option<u64> {
+        *self.scored_epochs.lock().unwrap()
+    }
+
+    /// The scorer reached the end of epoch `epoch` at `step`: holds the next step (sync) so
+    /// that the model stays the epoch's end model until the scorer has scored it and pushed
+    /// its next batch; or, with `scored`, records that the epoch is scored.
+    pub fn score(&self, worker: u32, epoch: u64, step: u64, scored: bool) -> Result<(), PsError> {
+        self.touch(worker)?;
+        if !scored {
+            return self.coord.hold(worker, step + 1);
         }
+        let mut n = self.scored_epochs.lock().unwrap();
+        *n = Some(n.unwrap_or(0).max(epoch + 1));
+        info!(worker, epoch = epoch + 1, "epoch scored");
+        Ok(())
     }
 
     fn task_queue(&self) -> Result<std::sync::MutexGuard<'_, Option<TaskQueue>>, PsError> {
@@ -106,7 +137,7 @@ impl Shard {
         let _ = blocking(move || {
             // Another push may have taken it while this one waited for room.
             if force || ck.due(version) {
-                ck.take(slot, &model, version, shard.tasks_state());
+                ck.take(slot, &model, version, shard.extras());
             }
         })
         .await;
@@ -178,7 +209,7 @@ impl Shard {
             let applied = model.try_apply_accumulated(divisor, step);
             // A model that is not finite any more is never checkpointed.
             if let (Some(c), Some(slot), true) = (ck, slot, applied.is_ok()) {
-                c.take(slot, &model, step + 1, shard.tasks_state());
+                c.take(slot, &model, step + 1, shard.extras());
             }
             applied
         })
@@ -375,6 +406,12 @@ impl gradflow_proto::ParameterServer for Service {
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
+    async fn score(&self, request: Request<pb::ScoreRequest>) -> Result<Response<pb::ScoreResponse>, Status> {
+        let req = request.into_inner();
+        self.shard.score(req.worker, req.epoch, req.step, req.scored)?;
+        Ok(Response::new(pb::ScoreResponse {}))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
@@ -392,6 +429,7 @@ impl gradflow_proto::ParameterServer for Service {
             sparse_rows: model.as_ref().map_or(0, |m| m.sparse_rows()),
             num_workers: shard.coord.num_workers(),
             link_port: u32::from(shard.link_port),
+            scored_epochs: shard.scored_epochs(),
         }))
     }
 

@@ -26,6 +26,16 @@ use tracing::{debug, info, warn};
 /// (see `gradflow_launch::contract`); results lines carry it.
 const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
 
+/// Fault injection for tests: epochs (1-based, comma-separated, or `all`) during whose
+/// scoring worker 0 aborts, the way a kill would stop it. Start `k` of the process
+/// (`GRADFLOW_ATTEMPT` = k) aborts only while scoring epoch k + 1, after the scores are
+/// computed and before the results line is written; with the suffix `:written` (on the
+/// whole value) after the line is written and before the servers hear of it. A restarted
+/// worker under this hook waits three heartbeat timeouts before it connects, so that the
+/// servers drop it first, as they would a worker that is slow to come back. A job killed so
+/// at every epoch scores each epoch exactly once if it recovers as it should.
+pub const ENV_FAULT_ABORT_SCORING: &str = "GRADFLOW_FAULT_ABORT_SCORING";
+
 /// Why training stopped.
 ///
 /// Messages of wrapped errors are written out in the variant's own message, so none of them
@@ -42,6 +52,12 @@ pub enum TrainError {
     Config(String),
     #[error("results file {}: {cause}", .path.display())]
     Results { path: PathBuf, cause: std::io::Error },
+    /// An epoch finished training but was not scored, and the model of its end is gone: the
+    /// servers moved on while its scorer was down before it could hold them.
+    #[error(
+        "epoch {epoch} finished training at step {ended_at} but was not scored, and the servers are at step {resumed_at} now: worker 0 stopped before it could hold the model for scoring, and the model of that epoch's end is gone. Its score is missing from the results; the rest of the job is unaffected (rerun the epoch from a checkpoint to score it)"
+    )]
+    ScoreLost { epoch: u64, ended_at: u64, resumed_at: u64 },
     /// The training data, all of it, holds no example: nothing would be trained.
     #[error("the training data ({files}) holds no example: {why}")]
     NoExamples {
@@ -80,7 +96,7 @@ impl TrainError {
                     | std::io::ErrorKind::InvalidData
             ),
             TrainError::Data(_) | TrainError::Model(_) | TrainError::Config(_) => true,
-            TrainError::NoExamples { .. } => true,
+            TrainError::NoExamples { .. } | TrainError::ScoreLost { .. } => true,
             TrainError::Worker(e) => {
                 e.is_permanent()
                     || matches!(
@@ -214,6 +230,9 @@ pub async fn run_worker(
     config.transport = job.transport.clone();
     config.heartbeat_interval = (job.server.heartbeat_timeout / 5).max(std::time::Duration::from_millis(20));
     config.startup_timeout = job.server.startup_timeout;
+    if std::env::var_os(ENV_FAULT_ABORT_SCORING).is_some() && attempt() > 0 {
+        tokio::time::sleep(job.server.heartbeat_timeout * 3).await;
+    }
     let mut worker = Worker::connect(config).await?;
     worker.declare(model.spec().clone()).await?;
     if job.mode == Mode::Sync {
@@ -394,9 +413,18 @@ impl Session<'_> {
     }
 
     /// Scores the model on the test data after `epoch` (0-based) and records the result,
-    /// with `trained`, the examples the epoch put in the model, when known.
+    /// with `trained`, the examples the epoch put in the model, when known. An epoch this run
+    /// already recorded (its scorer stopped after writing the line) is not scored again.
     async fn evaluate_epoch(&mut self, epoch: u64, trained: Option<u64>) -> Result<(), TrainError> {
         let Some(test) = self.job.test_reader() else { return Ok(()) };
+        if let Some(line) = recorded_result(self.job, epoch + 1)? {
+            info!(
+                worker = self.index,
+                epoch = epoch + 1,
+                "this epoch's score is in the results already: {line}"
+            );
+            return Ok(());
+        }
         let e = evaluate(
             &self.worker,
             self.model.as_ref(),
@@ -414,32 +442,96 @@ impl Session<'_> {
             test_accuracy: e.accuracy,
             test_examples: e.examples,
         };
+        fault_abort_scoring(epoch + 1, false);
         event.emit();
         append_result(self.job, &event, trained)?;
+        fault_abort_scoring(epoch + 1, true);
         self.summary.evals.push(event);
+        Ok(())
+    }
+
+    /// Static sharding, the scorer: scores epoch `epoch`, whose last batch was step `step`,
+    /// and tells the servers; its next push ends the hold on the step after it.
+    async fn score_epoch(&mut self, epoch: u64, step: u64) -> Result<(), TrainError> {
+        self.evaluate_epoch(epoch, None).await?;
+        self.worker.scored(epoch, step).await?;
+        Ok(())
+    }
+
+    /// Static sharding, a restarted scorer: scores the epochs that ended in the batches it
+    /// skipped (`ends`: epoch and the step of its last batch) and were not scored. In sync
+    /// mode the servers held the step after an epoch's end until its score came, so an
+    /// unscored epoch ended right where the job is now, and the model is that epoch's end
+    /// model. In async mode the model never stops: a late score is of the model now.
+    async fn score_missed(&mut self, ends: &[(u64, u64)], resumed_at: u64) -> Result<(), TrainError> {
+        let Some(shard0) = self.worker.status().await?.into_iter().next() else { return Ok(()) };
+        for &(epoch, step) in ends {
+            let scored = match shard0.scored_epochs {
+                Some(n) => epoch < n,
+                // Restored from a checkpoint that did not record it: what ended before the
+                // restored step was scored then.
+                None => step + 1 < resumed_at,
+            };
+            if scored {
+                continue;
+            }
+            if step + 1 != resumed_at {
+                if self.job.mode == Mode::Sync {
+                    return Err(TrainError::ScoreLost { epoch: epoch + 1, ended_at: step + 1, resumed_at });
+                }
+                warn!(
+                    worker = self.index,
+                    epoch = epoch + 1,
+                    ended_at = step + 1,
+                    resumed_at,
+                    "scoring an epoch late: it ended before this worker restarted, and in async mode the model has moved on since"
+                );
+            } else {
+                info!(
+                    worker = self.index,
+                    epoch = epoch + 1,
+                    step = resumed_at,
+                    "scoring the epoch that ended where this worker resumes"
+                );
+            }
+            self.score_epoch(epoch, step).await?;
+        }
         Ok(())
     }
 
     /// Static sharding: this worker's fixed byte range of every file, epoch after epoch;
     /// worker 0 scores the model at the end of each of its epochs.
     async fn train_static(&mut self, mut reader: Reader) -> Result<(), TrainError> {
+        let scorer = self.index == 0 && self.job.test_reader().is_some();
         let first_step = self.worker.current_step();
         if first_step > 0 {
             // Joining a job at step k (a restart, or a job restored from a checkpoint): the
             // first k batches of this worker's data went into the model already. The data
             // order is a function of the seed, so skipping them resumes exactly where the job
             // was.
-            for _ in 0..first_step {
+            let mut ends = Vec::new();
+            for step in 0..first_step {
                 if read_batch(&mut reader, &mut self.batch, self.job.train.batch_size)? == 0 {
                     break;
                 }
+                if reader.end_of_epoch() {
+                    ends.push((reader.epoch(), step));
+                }
             }
             info!(worker = self.index, batches = first_step, "skipped the batches trained before this step");
+            if scorer {
+                self.score_missed(&ends, first_step).await?;
+            }
         }
         while !self.max_steps_reached() {
             let n = self.read(&mut reader)?;
             if n == 0 {
                 break;
+            }
+            let step = self.worker.current_step();
+            let ends_epoch = scorer && reader.end_of_epoch();
+            if ends_epoch {
+                self.worker.hold_for_scoring(reader.epoch(), step).await?;
             }
             let (outcome, loss) = self.train_batch().await?;
             if let Trained::Discarded = outcome {
@@ -450,8 +542,8 @@ impl Session<'_> {
                 );
             }
             self.count(n, loss, reader.epoch());
-            if reader.end_of_epoch() && self.index == 0 {
-                self.evaluate_epoch(reader.epoch(), None).await?;
+            if ends_epoch {
+                self.score_epoch(reader.epoch(), step).await?;
             }
         }
         warn_skipped(self.index, reader.skipped(), &shown(reader.skipped_lines()));
@@ -638,6 +730,49 @@ pub async fn evaluate(
         accuracy: metrics::accuracy(&labels, &probs),
         examples: labels.len() as u64,
     })
+}
+
+/// The results line of this run (the launcher's run id) for `epoch` (1-based), if one was
+/// written; never one without a run id to tell runs apart.
+fn recorded_result(job: &JobConfig, epoch: u64) -> Result<Option<String>, TrainError> {
+    let Some(run) = std::env::var(ENV_RUN_ID).ok().filter(|r| !r.is_empty()) else { return Ok(None) };
+    let path = job.output_dir().join(&job.output.results);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(cause) => return Err(TrainError::Results { path, cause }),
+    };
+    Ok(text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v["event"] == "eval"
+                    && v["run_id"] == run.as_str()
+                    && v["job"] == job.name.as_str()
+                    && v["epoch"] == epoch
+            })
+        })
+        .last()
+        .map(str::to_string))
+}
+
+/// This process's start: 0 for the first, +1 per restart (`GRADFLOW_ATTEMPT`).
+fn attempt() -> u64 {
+    std::env::var("GRADFLOW_ATTEMPT").ok().and_then(|a| a.trim().parse().ok()).unwrap_or(0)
+}
+
+/// See [`ENV_FAULT_ABORT_SCORING`].
+fn fault_abort_scoring(epoch: u64, written: bool) {
+    let Ok(value) = std::env::var(ENV_FAULT_ABORT_SCORING) else { return };
+    let (epochs, after_line) = match value.strip_suffix(":written") {
+        Some(e) => (e, true),
+        None => (value.as_str(), false),
+    };
+    let listed = epochs.trim() == "all" || epochs.split(',').any(|e| e.trim().parse() == Ok(epoch));
+    if listed && after_line == written && epoch == attempt() + 1 {
+        tracing::error!(epoch, "{ENV_FAULT_ABORT_SCORING}: aborting while scoring this epoch");
+        std::process::abort();
+    }
 }
 
 /// Appends an evaluation to the job's results file as one JSON line, with the examples the

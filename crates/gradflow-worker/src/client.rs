@@ -792,6 +792,31 @@ impl Worker {
         Ok(())
     }
 
+    /// Static data sharding, the scorer: the batch of step `step` ends epoch `epoch`
+    /// (0-based). Before that batch is pushed, every shard holds the next step (sync mode):
+    /// it does not complete without this worker's push of it (or its leaving), so the model
+    /// stays the epoch's end model while it is scored, even if this worker is killed
+    /// meanwhile and restarted.
+    pub async fn hold_for_scoring(&self, epoch: u64, step: u64) -> Result<(), WorkerError> {
+        self.score_call(epoch, step, false).await
+    }
+
+    /// Records on every shard that epoch `epoch` is scored (shard 0 counts scored epochs).
+    pub async fn scored(&self, epoch: u64, step: u64) -> Result<(), WorkerError> {
+        self.score_call(epoch, step, true).await
+    }
+
+    async fn score_call(&self, epoch: u64, step: u64, scored: bool) -> Result<(), WorkerError> {
+        let worker = self.config.worker;
+        try_join_all((0..self.clients.len()).map(|shard| {
+            self.call(shard, "Score", move |mut c| async move {
+                c.score(pb::ScoreRequest { worker, epoch, step, scored }).await
+            })
+        }))
+        .await?;
+        Ok(())
+    }
+
     /// Asks every shard for a checkpoint of model version `steps[shard]` (or the first step at
     /// or after it) and waits until each has written it; shard 0 answers once the whole
     /// checkpoint is complete. Returns the version each shard wrote. In sync mode ask every
