@@ -9,11 +9,11 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use gradflow_core::Placement;
 
+use crate::CheckpointError;
 use crate::format::{self, DenseFile, PodView, SparseFile};
 use crate::manifest::{FileContent, FileEntry, Manifest, PieceEntry, check_coverage};
 use crate::snapshot::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
 use crate::store::CheckpointStore;
-use crate::{CheckpointError, checkpoint_dir_name};
 
 /// Where an old piece is: (old shard, file index within the shard, piece entry).
 type PieceRef<'m> = (usize, usize, &'m PieceEntry);
@@ -147,6 +147,7 @@ impl CheckpointStore {
     /// [`StoreOptions::max_concurrency`](crate::StoreOptions::max_concurrency) files in memory.
     pub async fn verify(&self, manifest: &Manifest) -> Result<u64, CheckpointError> {
         let (store, dir) = self.origin_of(manifest);
+        let store = store.as_ref();
         let dir = dir.as_str();
         let mut objects: Vec<(String, u64, crate::Crc32c, Option<&FileEntry>)> = Vec::new();
         for s in &manifest.shards {
@@ -214,14 +215,6 @@ impl CheckpointStore {
             .buffer_unordered(self.options().max_concurrency.max(1))
             .try_fold(0, |a, b| async move { Ok(a + b) })
             .await
-    }
-
-    /// Where `manifest`'s files are: its origin, else this root.
-    fn origin_of<'a>(&'a self, manifest: &'a Manifest) -> (&'a CheckpointStore, String) {
-        match &manifest.origin {
-            Some(o) => (&o.store, o.dir.clone()),
-            None => (self, checkpoint_dir_name(manifest.step)),
-        }
     }
 
     /// Checks, before anything is allocated, that `manifest` describes its dense data coherently
@@ -293,6 +286,7 @@ impl CheckpointStore {
         with_state: bool,
     ) -> Result<(Vec<DensePieceSnapshot>, Vec<TableSnapshot>, u64), CheckpointError> {
         let (store, dir) = self.origin_of(manifest);
+        let store = store.as_ref();
         let dir = dir.as_str();
         let checkpoint = store.child_url(dir);
         let inconsistent =

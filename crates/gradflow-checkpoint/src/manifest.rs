@@ -17,7 +17,6 @@ use gradflow_core::{Mode, ModelSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::CheckpointError;
-use crate::store::CheckpointStore;
 
 /// `format` of a checkpoint's `manifest.json`.
 pub const MANIFEST_FORMAT: &str = "gradflow-checkpoint";
@@ -254,11 +253,24 @@ pub fn escaped(bytes: &[u8], max: usize) -> String {
     if bytes.len() > max { format!("\"{shown}...\" ({} bytes)", bytes.len()) } else { format!("\"{shown}\"") }
 }
 
-/// Where a resolved manifest lives: a store (its root) and the checkpoint directory's name.
-#[derive(Debug, Clone)]
+/// Where a resolved manifest lives: the object store and path of its root, the root's URL,
+/// and the checkpoint directory's name. A plain handle: a [`CheckpointStore`] is opened on it
+/// to read the checkpoint's files.
+///
+/// [`CheckpointStore`]: crate::CheckpointStore
+#[derive(Clone)]
 pub(crate) struct Origin {
-    pub store: CheckpointStore,
+    pub store: std::sync::Arc<dyn object_store::ObjectStore>,
+    pub root: object_store::path::Path,
+    /// The root's URL, without a trailing `/`.
+    pub url: String,
     pub dir: String,
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Origin").field("url", &self.url).field("dir", &self.dir).finish_non_exhaustive()
+    }
 }
 
 impl Manifest {
@@ -284,7 +296,7 @@ impl Manifest {
     /// name.
     pub fn url(&self) -> String {
         match &self.origin {
-            Some(o) => o.store.child_url(&o.dir),
+            Some(o) => format!("{}/{}", o.url.trim_end_matches('/'), o.dir),
             None => self.dir_name(),
         }
     }

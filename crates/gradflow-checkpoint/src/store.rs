@@ -251,6 +251,34 @@ impl CheckpointStore {
         self.child_url(&checkpoint_dir_name(step))
     }
 
+    /// Where checkpoint directory `dir` of this root is, for a manifest to remember.
+    pub(crate) fn origin(&self, dir: &str) -> Origin {
+        Origin {
+            store: self.store.clone(),
+            root: self.root.clone(),
+            url: self.url.clone(),
+            dir: dir.to_string(),
+        }
+    }
+
+    /// Where `manifest`'s files are: the root it was resolved from (a store opened on its
+    /// origin), else this root; and its directory's name.
+    pub(crate) fn origin_of(&self, manifest: &Manifest) -> (std::borrow::Cow<'_, CheckpointStore>, String) {
+        match &manifest.origin {
+            Some(o) => (
+                std::borrow::Cow::Owned(CheckpointStore {
+                    store: o.store.clone(),
+                    root: o.root.clone(),
+                    url: o.url.clone(),
+                    local_dir: if o.url == self.url { self.local_dir.clone() } else { None },
+                    options: self.options.clone(),
+                }),
+                o.dir.clone(),
+            ),
+            None => (std::borrow::Cow::Borrowed(self), crate::checkpoint_dir_name(manifest.step)),
+        }
+    }
+
     pub(crate) fn child_url(&self, rel: &str) -> String {
         if self.url.ends_with('/') { format!("{}{rel}", self.url) } else { format!("{}/{rel}", self.url) }
     }
@@ -600,7 +628,7 @@ impl CheckpointStore {
             origin: None,
         };
         self.put_small(&format!("{dir}/{MANIFEST}"), Bytes::from(encode_manifest(&manifest))).await?;
-        manifest.origin = Some(Origin { store: self.clone(), dir: dir.clone() });
+        manifest.origin = Some(self.origin(&dir));
 
         let current = self.get_opt(LATEST).await?;
         let current_step =
@@ -726,7 +754,7 @@ impl CheckpointStore {
 
     /// The extra object `name` of the checkpoint `manifest` describes, if it was written.
     pub async fn get_extra(&self, manifest: &Manifest, name: &str) -> Result<Option<Bytes>, CheckpointError> {
-        let root = manifest.origin.as_ref().map_or(self, |o| &o.store);
+        let root = self.origin_of(manifest).0;
         root.get_opt(&format!("{}/{EXTRA_DIR}/{name}", manifest.dir_name())).await
     }
 
@@ -878,7 +906,7 @@ impl CheckpointStore {
                 m.step
             )));
         }
-        m.origin = Some(Origin { store: root.clone(), dir: dir.to_string() });
+        m.origin = Some(root.origin(dir));
         Ok(Some(m))
     }
 }
