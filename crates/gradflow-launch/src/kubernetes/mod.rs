@@ -53,6 +53,7 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod render;
+pub mod status;
 
 use thiserror::Error;
 

@@ -34,7 +34,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use super::config::{KubernetesConfig, PodSettings, SCRATCH_VOLUME, check_name};
-use super::controller::JobStatus;
+use super::status::JobStatus;
 use super::{
     ANNOTATION_TOKEN, ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT,
     LABEL_CONTROLLER_OF, LABEL_INDEX, LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_ROLE, RECORD_JOB_KEY,
