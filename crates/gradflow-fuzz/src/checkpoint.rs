@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gradflow_checkpoint::{
-    CheckpointError, CheckpointStore, Crc32c, FORMAT_VERSION, FileContent, MANIFEST_FORMAT, Manifest,
-    PieceEntry, ShardSnapshot, StoreOptions, checkpoint_dir_name,
+    CheckpointError, CheckpointStore, Crc32c, FORMAT_VERSION, FileContent, MANIFEST_CHECKSUM_FIELD,
+    MANIFEST_FORMAT, Manifest, PieceEntry, ShardSnapshot, StoreOptions, checkpoint_dir_name,
 };
 use gradflow_core::{Mode, ModelSpec, Placement};
 use gradflow_proto::codec;
@@ -107,7 +107,11 @@ impl Fixture {
                     }
                 };
                 let put = |p: String, v: &serde_json::Value| {
-                    let bytes = Bytes::from(serde_json::to_vec_pretty(v).unwrap());
+                    let bytes = Bytes::from(if v.get(MANIFEST_CHECKSUM_FIELD).is_some() {
+                        sealed(v)
+                    } else {
+                        serde_json::to_vec_pretty(v).unwrap()
+                    });
                     let mem = mem.clone();
                     async move {
                         mem.put(&ObjPath::from(format!("root/{p}")), PutPayload::from(bytes.clone()))
@@ -488,4 +492,16 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             fx.object(&format!("{d}/{}", first_file(fx, false))).to_vec(),
         ),
     ]
+}
+
+/// A checkpoint manifest's bytes as gradflow writes them: pretty JSON closed by its
+/// checksum field, the CRC-32C of every byte before that field's `,`.
+fn sealed(v: &serde_json::Value) -> Vec<u8> {
+    let mut v = v.clone();
+    v.as_object_mut().expect("a manifest is an object").remove(MANIFEST_CHECKSUM_FIELD);
+    let mut json = serde_json::to_vec_pretty(&v).unwrap();
+    json.truncate(json.len() - 2);
+    let crc = Crc32c::of(&json);
+    json.extend_from_slice(format!(",\n  \"{MANIFEST_CHECKSUM_FIELD}\": \"{crc}\"\n}}\n").as_bytes());
+    json
 }
