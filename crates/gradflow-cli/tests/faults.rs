@@ -99,8 +99,7 @@ fn finish(
     loop {
         log.extend(rx.try_iter());
         if let Some(status) = launcher.try_wait().unwrap() {
-            std::thread::sleep(Duration::from_millis(50));
-            log.extend(rx.try_iter());
+            rest_of(rx, log);
             return status;
         }
         if Instant::now() > deadline {

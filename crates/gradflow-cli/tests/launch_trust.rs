@@ -134,7 +134,7 @@ fn a_second_launch_of_a_running_job_is_refused_naming_the_running_one() {
     sigterm(&first);
     first.wait().unwrap();
     wait_until_gone("twice");
-    log.extend(rx.try_iter());
+    rest_of(&rx, &mut log);
     let out = gradflow().args(["checkpoint", "inspect", "--verify"]).arg(&ckpt).output().unwrap();
     assert!(out.status.success(), "{}\nlauncher:\n{}", stderr(&out), log.join("\n"));
 }
@@ -349,7 +349,7 @@ fn a_job_whose_last_checkpoint_fails_exits_non_zero() {
     std::fs::remove_dir_all(&ckpt).unwrap();
     std::fs::write(&ckpt, "not a folder").unwrap();
     let status = launcher.wait().unwrap();
-    log.extend(rx.try_iter());
+    rest_of(&rx, &mut log);
     let text = log.join("\n");
     assert!(!status.success(), "{text}");
     assert!(text.contains("did not stop cleanly"), "{text}");

@@ -91,3 +91,13 @@ pub fn synth_train_test(dir: &Path, train_rows: usize, test_rows: usize) {
     std::fs::write(dir.join("data/test.csv"), format!("{header}\n{}\n", test.join("\n"))).unwrap();
     std::fs::remove_file(all).unwrap();
 }
+
+/// Adds to `log` the lines still to come from `rx` once their process has exited: until the
+/// reader sees the end of the stream (every copy of the pipe closed), at most 30 s. Lines
+/// already written may still be in the pipe when `wait` returns; `try_iter` would miss them.
+pub fn rest_of(rx: &std::sync::mpsc::Receiver<String>, log: &mut Vec<String>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+        log.push(line);
+    }
+}
