@@ -1,10 +1,11 @@
 //! [`Worker`]: one training process's connection to every parameter-server shard.
 //!
 //! This file holds the struct, [`Worker::connect`] and the step the worker is on. What a
-//! worker does is spread by role: [`crate::connection`] (one [`Shard`] per server: transport
-//! choice, retries), `step.rs` (staging gradients and sending them), `pull.rs` (pulling
-//! parameters), `control.rs` (declare, leave, scoring, checkpoints, status, heartbeats) and
-//! [`crate::tasks`] (dynamic data sharding).
+//! worker does is spread by role: `connection/` (one `Shard` per server: its transports and
+//! the one place that chooses between them), `retry.rs` (the one retry loop), `step.rs`
+//! (staging gradients and sending them), `pull.rs` (pulling parameters), `control.rs`
+//! (declare, leave, scoring, checkpoints, status, heartbeats) and [`crate::tasks`] (dynamic
+//! data sharding).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -121,7 +121,7 @@ impl Worker {
             |(i, (staged, shard))| {
                 let task = if i == 0 { task.take() } else { None };
                 async move {
-                    let push = Push { worker: me, step, staged: &staged, task, max_payload };
+                    let push = Push::new(me, step, &staged, task, max_payload);
                     let result = match shard.push(&push).await {
                         // step() sends once per step, so this can only be a retry of a push
                         // whose first attempt arrived although its answer was lost.

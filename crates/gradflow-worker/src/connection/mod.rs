@@ -16,6 +16,7 @@ pub(crate) mod grpc;
 pub(crate) mod link;
 
 use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::future::try_join_all;
@@ -44,8 +45,23 @@ pub(crate) struct Push<'a> {
     pub staged: &'a Staged,
     /// Dynamic data sharding: the task progress this push reports (to shard 0 only).
     pub task: Option<pb::TaskProgress>,
-    /// gRPC: the payload bytes of one message, at most about (`transport.chunk_bytes`).
+    /// gRPC: the payload bytes of one message, at most about this (`transport.chunk_bytes`).
     pub max_payload: usize,
+    /// The push as the link sends it ([`link::push_request`]), built on the first try over
+    /// the link and kept for its retries.
+    link_form: OnceLock<(pb::LinkRequest, Vec<&'a [u8]>)>,
+}
+
+impl<'a> Push<'a> {
+    pub(crate) fn new(
+        worker: u32,
+        step: u64,
+        staged: &'a Staged,
+        task: Option<pb::TaskProgress>,
+        max_payload: usize,
+    ) -> Push<'a> {
+        Push { worker, step, staged, task, max_payload, link_form: OnceLock::new() }
+    }
 }
 
 /// Where one pulled piece goes: exactly its values' place in the caller's buffer.
@@ -79,19 +95,14 @@ pub(crate) enum Route<'a> {
 }
 
 impl Route<'_> {
-    /// Sends one push; returns the version the shard answered. `link_form` is the push as
-    /// the link sends it, built once per step ([`link::push_request`]).
-    async fn push(
-        &self,
-        push: &Push<'_>,
-        link_form: Option<&(pb::LinkRequest, Vec<&[u8]>)>,
-    ) -> Result<u64, CallError> {
-        match (self, link_form) {
-            (Route::Link(link, port), Some((request, payload))) => {
+    /// Sends one push; returns the version the shard answered.
+    async fn push(&self, push: &Push<'_>) -> Result<u64, CallError> {
+        match self {
+            Route::Link(link, port) => {
+                let (request, payload) = push.link_form.get_or_init(|| link::push_request(push));
                 Ok(link.push(*port, request, payload).await?)
             }
-            (Route::Grpc(client), _) => grpc::push(client, push).await,
-            (Route::Link(..), None) => unreachable!("a shard with a link builds the link's form of a push"),
+            Route::Grpc(client) => grpc::push(client, push).await,
         }
     }
 
@@ -169,12 +180,8 @@ impl Shard {
     /// Sends one step's push over the link or gRPC, retrying transient failures; returns the
     /// version the shard answered.
     pub(crate) async fn push(&self, push: &Push<'_>) -> Result<u64, WorkerError> {
-        let link_form = self.link.as_ref().map(|_| link::push_request(push));
-        let link_form = link_form.as_ref();
-        let result = self
-            .retry
-            .run(self.index, "Push", || async move { self.route().await?.push(push, link_form).await })
-            .await;
+        let result =
+            self.retry.run(self.index, "Push", || async move { self.route().await?.push(push).await }).await;
         result.map_err(|e| self.refused("Push", e))
     }
 
