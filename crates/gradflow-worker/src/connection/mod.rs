@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::future::try_join_all;
 use gradflow_proto::auth::ClientAuth;
-use gradflow_proto::tls::{self};
+use gradflow_proto::tls;
 use gradflow_proto::{OBSERVER, ParameterServerClient, pb, refusal};
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
