@@ -21,6 +21,13 @@ pub const ENV_TOKEN: &str = "GRADFLOW_TOKEN";
 const HEADER: &str = "authorization";
 const SCHEME: &str = "Bearer ";
 
+/// Why a text is not a token. It never holds the text: that may be a secret with a typo.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("a token must be 16 to 1024 visible ASCII characters (no spaces), found {len} characters")]
+    Malformed { len: usize },
+}
+
 /// A job's shared secret. `Debug` does not print it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
@@ -32,14 +39,12 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
-    /// A token from its text: 16 to 1024 visible ASCII characters.
-    pub fn new(text: impl Into<String>) -> Result<Token, String> {
+    /// A token from its text: 16 to 1024 visible ASCII characters (surrounding whitespace
+    /// ignored).
+    pub fn new(text: impl Into<String>) -> Result<Token, TokenError> {
         let text = text.into().trim().to_string();
         if text.len() < 16 || text.len() > 1024 || !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!(
-                "a token must be 16 to 1024 visible ASCII characters (no spaces), found {} characters",
-                text.len()
-            ));
+            return Err(TokenError::Malformed { len: text.len() });
         }
         Ok(Token(text))
     }

@@ -8,10 +8,13 @@
 //! - [`link`]: the framing of the tensor link, the raw-TCP path for pushes and pulls.
 //! - [`auth`]: the job token every call carries and every server checks.
 //! - [`tls`]: TLS and mutual TLS from the job file's `[tls]` section, shared by servers and clients.
+//! - [`refusal`]: what a refusal carries beside its gRPC code (the metadata keys and the typed
+//!   [`refusal::RefusalCode`]), set by servers and read by clients.
 
 pub mod auth;
 pub mod codec;
 pub mod link;
+pub mod refusal;
 pub mod tls;
 pub mod transport;
 

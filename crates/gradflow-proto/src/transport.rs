@@ -29,7 +29,9 @@ pub struct TransportConfig {
     pub connect_timeout: Duration,
     /// Transient failures (unavailable, connection reset) are retried this many times. Default 8.
     pub max_retries: u32,
-    /// First retry delay; it doubles each time up to `max_backoff`. Default 50ms.
+    /// Bound of the first retry's delay; the bound doubles with each retry up to
+    /// `max_backoff`, and each delay is drawn at random below its bound (full jitter), so
+    /// that workers refused together do not come back together. Default 50ms.
     #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
     /// Longest retry delay. Default 2s.
@@ -61,7 +63,9 @@ impl Default for TransportConfig {
 }
 
 impl TransportConfig {
-    /// The delay before retry number `attempt` (0-based).
+    /// The bound of the delay before retry number `attempt` (0-based): `initial_backoff`
+    /// doubled `attempt` times, at most `max_backoff`. A worker waits a random time below it
+    /// (see `gradflow_worker`'s `retry` module).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
         self.initial_backoff.saturating_mul(factor).min(self.max_backoff)

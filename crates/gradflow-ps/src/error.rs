@@ -3,15 +3,9 @@
 use thiserror::Error;
 use tonic::{Code, Status};
 
-/// Metadata key carrying the shard's model version on a stale-step refusal.
-pub const VERSION_METADATA: &str = "x-gradflow-version";
-/// Metadata key carrying the lost lease on a refusal because a data task went to another
-/// worker.
-pub const LEASE_LOST_METADATA: &str = "x-gradflow-lease-lost";
-
-/// Metadata key carrying the step whose update would have made the model non-finite: the
-/// shard refuses everything from then on, so a worker must not retry.
-pub const NON_FINITE_METADATA: &str = "x-gradflow-non-finite-step";
+// The metadata keys a refusal carries are protocol facts, defined once in gradflow-proto.
+use gradflow_proto::refusal::{self, RefusalCode};
+pub use gradflow_proto::refusal::{LEASE_LOST_METADATA, NON_FINITE_METADATA, VERSION_METADATA};
 
 /// Why a request was refused. Every refused request leaves the model as it was, but for the
 /// step whose update made it non-finite ([`PsError::NonFiniteModel`]): that update is not
@@ -118,19 +112,45 @@ impl From<PsError> for Status {
             PsError::ModelTooLarge(_) => Code::ResourceExhausted,
         };
         let mut status = Status::new(code, e.to_string());
-        if let PsError::StaleStep { current, .. }
-        | PsError::Rewind { current, .. }
-        | PsError::CheckpointPassed { current, .. } = e
-        {
-            // Lets a worker that fell behind resynchronise without another round trip.
-            status.metadata_mut().insert(VERSION_METADATA, current.into());
-        }
-        if let PsError::LeaseLost { lease, .. } = e {
-            status.metadata_mut().insert(LEASE_LOST_METADATA, lease.into());
-        }
-        if let PsError::NonFiniteModel { step, .. } = e {
-            status.metadata_mut().insert(NON_FINITE_METADATA, step.into());
+        match e {
+            PsError::StaleStep { current, .. }
+            | PsError::Rewind { current, .. }
+            | PsError::CheckpointPassed { current, .. } => {
+                // Lets a worker that fell behind resynchronise without another round trip.
+                refusal::set_u64(&mut status, VERSION_METADATA, current);
+            }
+            PsError::LeaseLost { lease, .. } => refusal::set_u64(&mut status, LEASE_LOST_METADATA, lease),
+            PsError::NonFiniteModel { step, .. } => refusal::set_u64(&mut status, NON_FINITE_METADATA, step),
+            // UNAVAILABLE is otherwise worth retrying: this one is not.
+            PsError::ShuttingDown => refusal::set_code(&mut status, RefusalCode::ShuttingDown),
+            _ => {}
         }
         status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_their_typed_facts() {
+        let s = Status::from(PsError::ShuttingDown);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(refusal::code(&s), Some(RefusalCode::ShuttingDown));
+        let s = Status::from(PsError::StaleStep { pushed: 3, current: 5 });
+        assert_eq!(
+            (s.code(), refusal::version(&s), refusal::code(&s)),
+            (Code::FailedPrecondition, Some(5), None)
+        );
+        let s = Status::from(PsError::LeaseLost { worker: 1, lease: 9 });
+        assert_eq!(refusal::lease_lost(&s), Some(9));
+        let s = Status::from(PsError::NonFiniteModel {
+            tensor: "w".into(),
+            at: "0".into(),
+            step: 4,
+            detail: "NaN".into(),
+        });
+        assert_eq!(refusal::non_finite_step(&s), Some(4));
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use gradflow_core::DEFAULT_PARTITION_BYTES;
 use gradflow_proto::TransportConfig;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 /// How a worker finds and talks to the parameter servers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,13 +67,62 @@ impl WorkerConfig {
         WorkerConfig::new(servers, gradflow_proto::OBSERVER)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the settings before any connection is made.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.servers.is_empty() {
-            return Err("servers is empty; expected at least one parameter server address".into());
+            return Err(ConfigError::NoServers);
         }
         if self.partition_bytes < 1024 {
-            return Err(format!("partition_bytes is {}; expected at least 1024", self.partition_bytes));
+            return Err(ConfigError::PartitionBytes(self.partition_bytes));
         }
-        self.transport.validate()
+        self.transport.validate().map_err(ConfigError::Transport)
+    }
+}
+
+/// Why a worker's settings cannot work, found before or while connecting.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("servers is empty; expected at least one parameter server address")]
+    NoServers,
+    #[error("partition_bytes is {0}; expected at least 1024")]
+    PartitionBytes(u64),
+    /// `transport` settings that do not work together (the message names the key).
+    #[error("{0}")]
+    Transport(String),
+    /// The job token in the environment is not a token.
+    #[error("{0}")]
+    Token(String),
+    /// The TLS settings: a missing or unreadable file, a bad PEM, a bad environment variable.
+    #[error(transparent)]
+    Tls(#[from] gradflow_proto::tls::TlsError),
+    /// TLS settings that load but that the connection cannot use.
+    #[error("{0}")]
+    TlsConfig(String),
+    /// A server address that is not `host:port`, or whose scheme disagrees with the TLS
+    /// settings.
+    #[error("{0}")]
+    Address(String),
+    #[error(
+        "server {addr} is shard {shard} of {num_shards}, but it is listed at position {position} of {listed}: list servers in shard order"
+    )]
+    ShardOrder { addr: String, shard: u32, num_shards: u32, position: usize, listed: u32 },
+    #[error("worker index {worker} is out of range: the servers expect {num_workers} workers")]
+    WorkerOutOfRange { worker: u32, num_workers: u32 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_are_typed_and_named() {
+        assert!(matches!(WorkerConfig::default().validate(), Err(ConfigError::NoServers)));
+        let c = WorkerConfig { partition_bytes: 10, ..WorkerConfig::new(["a:1"], 0) };
+        assert!(matches!(c.validate(), Err(ConfigError::PartitionBytes(10))));
+        let mut c = WorkerConfig::new(["a:1"], 0);
+        c.transport.chunk_bytes = 100;
+        let e = c.validate().unwrap_err();
+        assert!(matches!(&e, ConfigError::Transport(m) if m.contains("chunk_bytes")), "{e}");
+        assert!(WorkerConfig::new(["a:1"], 0).validate().is_ok());
     }
 }

@@ -1,12 +1,16 @@
 //! The worker library's errors.
 
+use gradflow_proto::refusal;
 use thiserror::Error;
+use tonic::Code;
+
+use crate::config::ConfigError;
 
 /// What went wrong talking to the parameter servers.
 #[derive(Debug, Error)]
 pub enum WorkerError {
     #[error("invalid worker configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error("cannot reach parameter server {shard} at {addr}: {message}")]
     Unreachable { shard: usize, addr: String, message: String },
     /// The server refused the request; `status` carries its code and message.
@@ -49,6 +53,17 @@ impl WorkerError {
     /// Whether the server refused because this worker's data task (dynamic sharding) was
     /// handed to another worker; ask for a new task with [`Worker::next_task`](crate::Worker::next_task).
     pub fn is_lease_lost(&self) -> bool {
-        matches!(self, WorkerError::Server { status, .. } if status.metadata().contains_key("x-gradflow-lease-lost"))
+        matches!(self, WorkerError::Server { status, .. } if refusal::lease_lost(status).is_some())
+    }
+
+    /// The step a server asks this worker to continue from: after it fell behind (the servers
+    /// moved on without it) or after the servers were restored from a checkpoint.
+    pub(crate) fn rewind_target(&self) -> Option<u64> {
+        match self {
+            WorkerError::Server { status, .. } if status.code() == Code::FailedPrecondition => {
+                refusal::version(status)
+            }
+            _ => None,
+        }
     }
 }

@@ -44,19 +44,35 @@
 //! Pushes and pulls go over the tensor link, a plain TCP connection beside gRPC that
 //! moves tensor bytes without HTTP/2 or protobuf copies, where the servers offer one (not
 //! with TLS; `transport.tensor_link = false` turns it off); everything else is gRPC.
+//! Transient failures (a server restarting, a connection reset) are retried with jittered
+//! exponential backoff (`transport.max_retries`, `initial_backoff`, `max_backoff`).
 //!
-//! Modules: [`config`] (settings and defaults), [`client`] (the [`Worker`]), [`error`].
+//! Modules, by role:
+//! - [`config`]: the settings and their defaults; [`error`]: what can go wrong.
+//! - [`client`]: the [`Worker`] struct, [`Worker::connect`] and the step it is on.
+//! - `connection`: one connection per shard (its gRPC client and, where chosen, its tensor
+//!   link); the one place that picks the transport of a push or pull, and the two transports
+//!   behind one interface (`connection/link.rs`, `connection/grpc.rs`).
+//! - `retry`: which failures are retried and how long to wait; the one retry loop.
+//! - `step`: staging gradients by shard and sending them ([`Worker::step`]).
+//! - `pull`: pulling dense tensors and sparse rows into the caller's buffers.
+//! - `control`: declare, leave, scoring holds, checkpoints, status, heartbeats.
+//! - [`tasks`]: dynamic data sharding.
 
 pub mod client;
 pub mod config;
+mod connection;
+mod control;
 pub mod error;
-mod link;
+mod pull;
+mod retry;
+mod step;
 pub mod tasks;
 #[cfg(feature = "tch")]
 pub mod tch;
 
 pub use client::{StepOutcome, Worker};
-pub use config::WorkerConfig;
+pub use config::{ConfigError, WorkerConfig};
 pub use error::WorkerError;
 pub use tasks::{DataTask, NextTask, TaskHandout, TaskPiece};
 /// gRPC status codes, as [`WorkerError::code`] returns them.

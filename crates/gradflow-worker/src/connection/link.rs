@@ -1,4 +1,5 @@
-//! The tensor link's worker side: pushes and pulls to one shard over plain TCP.
+//! The tensor link's worker side: pushes and pulls to one shard over plain TCP, one of the
+//! two transports behind [`Route`](super::Route).
 //!
 //! A [`Link`] keeps idle connections to its shard and uses one per request, so that a push
 //! and a pull can overlap. A connection is returned only after a complete exchange; one
@@ -6,10 +7,16 @@
 //! failures come back as `UNAVAILABLE` statuses, which the worker retries like gRPC's.
 //!
 //! The shard's link port is learnt from its status; after a connection is refused (the
-//! server restarted, on a new port) it is learnt again before the next try.
+//! server restarted, on a new port) it is learnt again before the next try
+//! ([`Shard::route`](super::Shard)).
+//!
+//! Tensor bytes are written straight from the staged gradients and read straight into the
+//! caller's buffers: a push's frame is a header naming the pieces, then their bytes
+//! ([`push_request`]).
 
 use std::sync::Mutex;
 
+use bytes::Bytes;
 use gradflow_proto::auth::Token;
 use gradflow_proto::link::{self, read_f32s, read_header, read_payload, write_frame};
 use gradflow_proto::{TransportConfig, pb};
@@ -17,6 +24,9 @@ use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tonic::Status;
+
+use super::{Push, Slot};
+use crate::retry::CallError;
 
 /// Bytes a connection's reader buffers; larger values are read straight into place.
 const READ_BUFFER: usize = 64 << 10;
@@ -30,29 +40,6 @@ pub(crate) enum LinkPort {
     Unknown,
     /// The shard offers none: use gRPC.
     None,
-}
-
-/// Where one pulled piece goes: exactly its values' place in the caller's buffer.
-pub(crate) struct Slot<'a> {
-    pub tensor: &'a str,
-    pub partition: u32,
-    pub dst: &'a mut [f32],
-    /// Values written so far.
-    pub filled: u64,
-}
-
-impl<'a> Slot<'a> {
-    /// The slot of piece `partition` of `tensor`, or why a reply naming it is wrong.
-    pub(crate) fn find<'s>(
-        slots: &'s mut [Slot<'a>],
-        tensor: &str,
-        partition: u32,
-    ) -> Result<&'s mut Slot<'a>, String> {
-        slots
-            .iter_mut()
-            .find(|s| s.tensor == tensor && s.partition == partition)
-            .ok_or_else(|| format!("unrequested piece `{tensor}` partition {partition} in the reply"))
-    }
 }
 
 struct Conn {
@@ -187,14 +174,14 @@ impl Link {
         Ok((conn, reply))
     }
 
-    /// Sends one dense pull and reads each piece of the reply straight into its slot.
-    /// `Ok(Err(message))`: the reply does not fit the slots (a protocol error).
+    /// Sends one dense pull and reads each piece of the reply straight into its slot. A reply
+    /// that does not fit the slots is a [`CallError::Protocol`].
     pub(crate) async fn pull_dense(
         &self,
         port: u16,
         req: pb::PullDenseRequest,
         slots: &mut [Slot<'_>],
-    ) -> Result<Result<(), String>, Status> {
+    ) -> Result<(), CallError> {
         let request = pb::LinkRequest {
             request: Some(pb::link_request::Request::PullDense(req)),
             payload_bytes: vec![],
@@ -202,12 +189,9 @@ impl Link {
         let (mut conn, reply) = self.exchange(port, &request, &[]).await?;
         for piece in &reply.pieces {
             // A reply this worker cannot place: the connection is dropped with the rest of it.
-            let slot = match Slot::find(slots, &piece.tensor, piece.partition) {
-                Ok(slot) => slot,
-                Err(message) => return Ok(Err(message)),
-            };
+            let slot = Slot::find(slots, &piece.tensor, piece.partition)?;
             if piece.len != slot.dst.len() as u64 {
-                return Ok(Err(format!(
+                return Err(CallError::Protocol(format!(
                     "`{}` partition {}: {} values in the reply, the piece has {}",
                     piece.tensor,
                     piece.partition,
@@ -219,7 +203,7 @@ impl Link {
             slot.filled = piece.len;
         }
         self.put_back(conn);
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// Sends one sparse pull; the reply as gRPC's would be.
@@ -259,6 +243,42 @@ impl Link {
         self.idle.lock().unwrap().clear();
         unavailable(what, e)
     }
+}
+
+/// A push for the tensor link: one request whose message has its byte fields empty, and their
+/// contents in message order (see `LinkRequest`), borrowed from the staged gradients. Built
+/// once per step, whatever the retries.
+pub(crate) fn push_request<'a>(push: &Push<'a>) -> (pb::LinkRequest, Vec<&'a [u8]>) {
+    let staged = push.staged;
+    let mut payload = Vec::with_capacity(staged.dense.len() + 2 * staged.sparse.len());
+    let dense = staged
+        .dense
+        .iter()
+        .map(|d| {
+            payload.push(d.data.as_ref());
+            pb::DenseSlice {
+                tensor: d.tensor.clone(),
+                partition: d.partition,
+                offset: d.offset,
+                data: Bytes::new(),
+            }
+        })
+        .collect();
+    let sparse = staged
+        .sparse
+        .iter()
+        .map(|g| {
+            payload.push(g.ids.as_ref());
+            payload.push(g.values.as_ref());
+            pb::SparseGrad { table: g.table.clone(), ids: Bytes::new(), values: Bytes::new() }
+        })
+        .collect();
+    let push = pb::PushRequest { worker: push.worker, step: push.step, dense, sparse, task: push.task };
+    let request = pb::LinkRequest {
+        request: Some(pb::link_request::Request::Push(push)),
+        payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),
+    };
+    (request, payload)
 }
 
 async fn read_reply(conn: &mut Conn) -> Result<pb::LinkReply, Status> {
