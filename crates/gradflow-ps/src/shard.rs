@@ -118,7 +118,9 @@ pub struct ShardStatus {
     pub scored_epochs: Option<u64>,
 }
 
-/// The state of one shard, shared by all handlers and background tasks.
+/// One shard: its state and the requests it answers, shared by both transports' adapters and
+/// the server's background tasks. The request methods are grouped below: pushes, pulls,
+/// declaring and status, data tasks.
 pub struct Shard {
     pub config: ServerConfig,
     pub coord: Coordinator,
@@ -320,42 +322,6 @@ impl Shard {
         self.coord.touch(worker)?;
         self.metrics.live_workers.set(self.coord.live_workers().len() as i64);
         Ok(())
-    }
-}
-
-/// Runs blocking work off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PsError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| PsError::Internal(format!("blocking task failed: {e}")))
-}
-
-/// Runs `f`, which works over `bytes` bytes: here if they are at most `inline` (see
-/// `ServerConfig::inline_bytes`), else on the blocking pool.
-async fn offload<T: Send + 'static>(
-    bytes: u64,
-    inline: u64,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, PsError> {
-    if bytes <= inline { Ok(f()) } else { blocking(f).await }
-}
-
-/// The first way `now` differs from `before`, for the refusal message.
-fn plan_difference(before: &TaskPlan, now: &TaskPlan) -> String {
-    if before.epochs != now.epochs {
-        return format!("epochs {} before, {} now", before.epochs, now.epochs);
-    }
-    if before.seed != now.seed {
-        return format!("seed {} before, {} now", before.seed, now.seed);
-    }
-    if before.pieces.len() != now.pieces.len() {
-        return format!(
-            "{} pieces before, {} now (a different task_bytes or data?)",
-            before.pieces.len(),
-            now.pieces.len()
-        );
-    }
-    match before.pieces.iter().zip(&now.pieces).position(|(a, b)| a != b) {
-        Some(i) => format!("piece {i} was {:?}, now {:?}", before.pieces[i], now.pieces[i]),
-        None => "no difference".into(),
     }
 }
 
@@ -743,5 +709,41 @@ impl Shard {
             debug!(worker, epoch = t.epoch, piece = t.piece_index, skip = t.skip_examples, "task handed out");
         }
         Ok((handout, completed))
+    }
+}
+
+/// Runs blocking work off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PsError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| PsError::Internal(format!("blocking task failed: {e}")))
+}
+
+/// Runs `f`, which works over `bytes` bytes: here if they are at most `inline` (see
+/// `ServerConfig::inline_bytes`), else on the blocking pool.
+async fn offload<T: Send + 'static>(
+    bytes: u64,
+    inline: u64,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, PsError> {
+    if bytes <= inline { Ok(f()) } else { blocking(f).await }
+}
+
+/// The first way `now` differs from `before`, for the refusal message.
+fn plan_difference(before: &TaskPlan, now: &TaskPlan) -> String {
+    if before.epochs != now.epochs {
+        return format!("epochs {} before, {} now", before.epochs, now.epochs);
+    }
+    if before.seed != now.seed {
+        return format!("seed {} before, {} now", before.seed, now.seed);
+    }
+    if before.pieces.len() != now.pieces.len() {
+        return format!(
+            "{} pieces before, {} now (a different task_bytes or data?)",
+            before.pieces.len(),
+            now.pieces.len()
+        );
+    }
+    match before.pieces.iter().zip(&now.pieces).position(|(a, b)| a != b) {
+        Some(i) => format!("piece {i} was {:?}, now {:?}", before.pieces[i], now.pieces[i]),
+        None => "no difference".into(),
     }
 }
