@@ -4,8 +4,8 @@
 //! - `validate`: `gradflow_ps::push::validate` of a 16 MiB dense push in 4 MiB slices (names,
 //!   offsets, lengths, finiteness).
 //! - two workers: their pushes (each from its own buffer) taken into the step's accumulators
-//!   (`Piece::accumulate_push`, as the service does for a sync push: both are held as
-//!   received), then
+//!   (`Piece::accumulate_push`, as `ShardModel::accumulate` does for a sync push: both are
+//!   held as received), then
 //!   `ShardModel::apply_accumulated` (Adagrad, reading both pushes and averaging them as it
 //!   goes), on every core;
 //! - three workers: the same, where the third push makes the first two be summed into the

@@ -76,7 +76,9 @@ impl gradflow_proto::ParameterServer for Service {
                 chunks.push(Ok(c));
                 true
             });
-            sent.map(|sent| read.sent(sent));
+            if let Some(sent) = sent {
+                read.sent(sent);
+            }
             return Ok(Response::new(Box::pin(tokio_stream::iter(chunks))));
         }
         let (tx, rx) = mpsc::channel(4);
