@@ -4,8 +4,8 @@
 //! - `validate`: `gradflow_ps::push::validate` of a 16 MiB dense push in 4 MiB slices (names,
 //!   offsets, lengths, finiteness).
 //! - two workers: their pushes (each from its own buffer) taken into the step's accumulators
-//!   (`Piece::accumulate_push`, as the service does for a sync push: both are held as
-//!   received), then
+//!   (`Piece::accumulate_push`, as `ShardModel::accumulate` does for a sync push: both are
+//!   held as received), then
 //!   `ShardModel::apply_accumulated` (Adagrad, reading both pushes and averaging them as it
 //!   goes), on every core;
 //! - three workers: the same, where the third push makes the first two be summed into the
@@ -20,9 +20,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use gradflow_core::{
     DEFAULT_PARTITION_BYTES, DenseSpec, Initializer, ModelSpec, OptimizerConfig, SparseSpec,
 };
-use gradflow_proto::{codec, pb};
+use gradflow_proto::codec;
 use gradflow_ps::model::{ShardModel, SparseAccum};
-use gradflow_ps::push::validate;
+use gradflow_ps::push::{DenseGrad, Push, validate};
 
 const FLOATS: u64 = 4 << 20;
 const ROWS: u64 = 1_000_000;
@@ -47,25 +47,20 @@ fn model() -> ShardModel {
     ShardModel::new(spec, 1, 0, DEFAULT_PARTITION_BYTES)
 }
 
-/// A push of the whole tensor, one 4 MiB slice per message (the worker's packing).
-fn push(model: &ShardModel, grad: &Bytes) -> Vec<pb::PushRequest> {
-    model
-        .placement
+/// A push of the whole tensor, one 4 MiB slice per piece (the worker's packing).
+fn push(model: &ShardModel, grad: &Bytes) -> Push {
+    let dense = model
+        .placement()
         .pieces_of(0)
         .iter()
-        .map(|p| pb::PushRequest {
-            worker: 0,
-            step: 0,
-            dense: vec![pb::DenseSlice {
-                tensor: "w".into(),
-                partition: p.partition,
-                offset: 0,
-                data: grad.slice(p.offset as usize * 4..p.end() as usize * 4),
-            }],
-            sparse: Vec::new(),
-            task: None,
+        .map(|p| DenseGrad {
+            tensor: "w".into(),
+            partition: p.partition,
+            offset: 0,
+            data: grad.slice(p.offset as usize * 4..p.end() as usize * 4),
         })
-        .collect()
+        .collect();
+    Push { worker: 0, step: 0, task: None, dense, sparse: Vec::new() }
 }
 
 fn dense(c: &mut Criterion) {
@@ -90,7 +85,7 @@ fn dense(c: &mut Criterion) {
             b.iter(|| {
                 for valid in &pushes[..workers] {
                     for (idx, slices) in &valid.dense {
-                        model.pieces[*idx].accumulate_push(slices);
+                        model.pieces()[*idx].accumulate_push(slices);
                     }
                 }
                 model.apply_accumulated(black_box(workers as f32));
@@ -102,7 +97,7 @@ fn dense(c: &mut Criterion) {
 
 fn sparse(c: &mut Criterion) {
     let model = model();
-    let table = &model.tables[0];
+    let table = &model.tables()[0];
     let all: Vec<u64> = (0..ROWS).collect();
     let mut out = Vec::new();
     table.pull(&all, &mut out);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gradflow_core::Mode;
-use gradflow_ps::service::Shard;
+use gradflow_ps::shard::Shard;
 use gradflow_ps::{RunningServer, ServerConfig};
 use gradflow_worker::{Worker, WorkerConfig};
 

@@ -133,7 +133,7 @@ fn fill(servers: &Servers, shards: u32, rows: u64) -> Result<f64, BenchError> {
     let started = Instant::now();
     for s in 0..shards {
         let model = servers.shard(s as usize).model()?;
-        let table = &model.tables[0];
+        let table = &model.tables()[0];
         (0..rows.div_ceil(FILL_CHUNK)).into_par_iter().for_each_init(
             || (Vec::with_capacity(FILL_CHUNK as usize), Vec::new()),
             |(ids, out): &mut (Vec<u64>, Vec<u8>), chunk| {

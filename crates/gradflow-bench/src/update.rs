@@ -122,7 +122,7 @@ fn server_apply(opt: &OptimizerConfig, n: usize, reps: usize) -> (Timing, Timing
     // One buffer per worker, as two workers' pushes are: the update reads both from memory.
     let grads: Vec<_> =
         (0..WORKERS as usize).map(|w| codec::f32s_to_bytes(&vec![1e-3 * (w + 1) as f32; n])).collect();
-    let pieces = model.placement.pieces_of(0).to_vec();
+    let pieces = model.placement().pieces_of(0).to_vec();
     let (mut aggregate, mut apply) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
     for rep in 0..=reps {
         let started = Instant::now();
@@ -130,7 +130,7 @@ fn server_apply(opt: &OptimizerConfig, n: usize, reps: usize) -> (Timing, Timing
         for grad in &grads {
             for p in &pieces {
                 let piece =
-                    &model.pieces[model.piece("w", p.partition).expect("every piece is on the one shard")];
+                    &model.pieces()[model.piece("w", p.partition).expect("every piece is on the one shard")];
                 piece.accumulate_push(&[grad.slice(p.offset as usize * 4..p.end() as usize * 4)]);
             }
         }

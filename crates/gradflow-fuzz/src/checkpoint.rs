@@ -74,15 +74,15 @@ impl Fixture {
         // values, state and step counts are all non-trivial.
         let models: Vec<ShardModel> = (0..SHARDS).map(wire::model).collect();
         for m in &models {
-            for p in &m.pieces {
-                let g: Vec<f32> = (0..p.len).map(|i| i as f32 - 1.0).collect();
+            for p in m.pieces() {
+                let g: Vec<f32> = (0..p.len()).map(|i| i as f32 - 1.0).collect();
                 p.apply(&g);
             }
-            let ids = wire::ids_on(m.shard, 5);
-            for t in &m.tables {
-                let vals: Vec<f32> = (0..3 * t.dim).map(|i| i as f32 * 0.5 + 0.25).collect();
+            let ids = wire::ids_on(m.shard(), 5);
+            for t in m.tables() {
+                let vals: Vec<f32> = (0..3 * t.dim()).map(|i| i as f32 * 0.5 + 0.25).collect();
                 let mut acc = SparseAccum::default();
-                acc.add(&ids[..3], &codec::f32s_to_bytes(&vals), t.dim);
+                acc.add(&ids[..3], &codec::f32s_to_bytes(&vals), t.dim());
                 t.apply(&acc, 1.0);
                 t.pull(&ids[3..], &mut Vec::new());
             }

@@ -8,7 +8,7 @@ use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, Placemen
 use gradflow_proto::{codec as c, pb};
 use gradflow_ps::PsError;
 use gradflow_ps::model::{ShardModel, SparseAccum};
-use gradflow_ps::push::{check_ids_on_shard, non_finite, validate};
+use gradflow_ps::push::{DenseGrad, Push, SparseGrad, TaskProgress, check_ids_on_shard, non_finite, validate};
 use prost::Message;
 
 /// Largest dense piece of the fuzzed model, in bytes: 4 elements, so tensors split in pieces.
@@ -156,13 +156,43 @@ pub fn push(data: &[u8]) {
     check_push(&model(shard), msgs, reject);
 }
 
+/// A push stream's messages as the gRPC service decodes them into one [`Push`]; `None` where
+/// it refuses the stream (empty, or mixing workers or steps).
+fn to_push(msgs: Vec<pb::PushRequest>) -> Option<Push> {
+    let first = msgs.first()?;
+    let mut push = Push {
+        worker: first.worker,
+        step: first.step,
+        task: first.task.map(|t| TaskProgress { lease: t.lease, examples: t.examples }),
+        ..Push::default()
+    };
+    for m in msgs {
+        if (m.worker, m.step) != (push.worker, push.step) {
+            return None;
+        }
+        push.dense.extend(m.dense.into_iter().map(|d| DenseGrad {
+            tensor: d.tensor,
+            partition: d.partition,
+            offset: d.offset,
+            data: d.data,
+        }));
+        push.sparse.extend(m.sparse.into_iter().map(|g| SparseGrad { table: g.table, ids: g.ids, values: g.values }));
+    }
+    Some(push)
+}
+
 fn check_push(model: &ShardModel, msgs: Vec<pb::PushRequest>, reject: bool) {
     let sent = msgs.clone();
+    let Some(push) = to_push(msgs) else { return };
+    check_valid_push(model, &sent, push, reject);
+}
+
+fn check_valid_push(model: &ShardModel, sent: &[pb::PushRequest], push: Push, reject: bool) {
     // As the server does: a push with a NaN or infinity in any message is refused whole.
-    if reject && msgs.iter().any(|m| non_finite(m).is_some()) {
+    if reject && non_finite(&push.dense, &push.sparse).is_some() {
         return;
     }
-    let valid = match validate(model, msgs) {
+    let valid = match validate(model, push) {
         Ok(v) => v,
         Err(e) => {
             assert!(
@@ -194,18 +224,18 @@ fn check_push(model: &ShardModel, msgs: Vec<pb::PushRequest>, reject: bool) {
     for (idx, slices) in &valid.dense {
         let len: usize = slices.iter().map(|s| s.len()).sum();
         assert!(slices.iter().all(|s| s.len() % 4 == 0));
-        assert_eq!(len, model.pieces[*idx].len * 4, "slices cover the piece");
+        assert_eq!(len, model.pieces()[*idx].len() * 4, "slices cover the piece");
         assert!(!reject || slices.iter().all(|s| c::all_finite(s)));
         bytes += len as u64;
     }
     // Sparse: one entry per message entry, rows of `dim`, ids on this shard.
     assert_eq!(valid.sparse.len(), sent.iter().map(|m| m.sparse.len()).sum::<usize>());
     for ((t, ids, values), g) in valid.sparse.iter().zip(sent.iter().flat_map(|m| &m.sparse)) {
-        let table = &model.tables[*t];
-        assert_eq!(table.name, g.table);
+        let table = &model.tables()[*t];
+        assert_eq!(table.name(), g.table);
         assert_eq!(ids.len() * 8, g.ids.len());
-        assert_eq!(values.len(), ids.len() * table.dim * 4);
-        assert!(ids.iter().all(|&id| Placement::sparse_shard(id, SHARDS) == model.shard));
+        assert_eq!(values.len(), ids.len() * table.dim() * 4);
+        assert!(ids.iter().all(|&id| Placement::sparse_shard(id, SHARDS) == model.shard()));
         assert!(!reject || c::all_finite(values));
         bytes += (g.ids.len() + values.len()) as u64;
     }
@@ -215,19 +245,18 @@ fn check_push(model: &ShardModel, msgs: Vec<pb::PushRequest>, reject: bool) {
     for (idx, slices) in &valid.dense {
         let mut offset = 0;
         for s in slices {
-            model.pieces[*idx].accumulate(offset, s);
+            model.pieces()[*idx].accumulate(offset, s);
             offset += s.len() / 4;
         }
     }
     for (t, ids, values) in &valid.sparse {
-        let table = &model.tables[*t];
-        table.accum.lock().unwrap().add(ids, values, table.dim);
+        model.tables()[*t].accumulate(ids, values);
     }
     model.apply_accumulated(1.0);
     // Async: applied at once.
     for (idx, slices) in &valid.dense {
-        let piece = &model.pieces[*idx];
-        let mut grad = vec![0f32; piece.len];
+        let piece = &model.pieces()[*idx];
+        let mut grad = vec![0f32; piece.len()];
         let mut offset = 0;
         for s in slices {
             let n = s.len() / 4;
@@ -237,9 +266,9 @@ fn check_push(model: &ShardModel, msgs: Vec<pb::PushRequest>, reject: bool) {
         piece.apply(&grad);
     }
     for (t, ids, values) in &valid.sparse {
-        let table = &model.tables[*t];
+        let table = &model.tables()[*t];
         let mut acc = SparseAccum::default();
-        acc.add(ids, values, table.dim);
+        acc.add(ids, values, table.dim());
         table.apply(&acc, 1.0);
     }
 }
@@ -335,8 +364,8 @@ pub fn requests(data: &[u8]) {
 ///
 /// - 0: a `LinkRequest` as a server reads it. A push's payload lengths are checked as the
 ///   server does before reading any payload (`gradflow_ps::link::push_lengths`: a refusal is
-///   the client's error); when the input holds that much payload, the segments are put into
-///   the message (`fill`, each field exactly its announced length) and the push goes through
+///   the client's error); when the input holds that much payload, the push is decoded
+///   from the header and payload (`decode_push`, each slice exactly its announced length) and the push goes through
 ///   the same checks as a gRPC push. Pulls go through their handlers' checks.
 /// - 1: a `LinkReply` as a worker reads it: the status it carries is absent exactly when the
 ///   code is 0, and keeps the message.
@@ -360,15 +389,16 @@ pub fn link(data: &[u8]) {
                                 return;
                             }
                             let body = Bytes::copy_from_slice(&payload[..total]);
-                            let filled = gradflow_ps::link::fill(msg, &req.payload_bytes, body);
-                            let lengths: Vec<u64> = filled
+                            let sent = [msg.clone()];
+                            let push = gradflow_ps::link::decode_push(msg, &req.payload_bytes, body);
+                            let lengths: Vec<u64> = push
                                 .dense
                                 .iter()
                                 .map(|d| d.data.len() as u64)
-                                .chain(filled.sparse.iter().flat_map(|g| [g.ids.len() as u64, g.values.len() as u64]))
+                                .chain(push.sparse.iter().flat_map(|g| [g.ids.len() as u64, g.values.len() as u64]))
                                 .collect();
                             assert_eq!(lengths, req.payload_bytes, "each field holds its announced bytes");
-                            check_push(&m, vec![filled], true);
+                            check_valid_push(&m, &sent, push, true);
                         }
                         Err(e) => assert!(matches!(e, PsError::InvalidArgument(_)), "{e:?}"),
                     }
@@ -413,15 +443,15 @@ fn link_input(kind: u8, header: &impl Message, payload: &[&[u8]]) -> Vec<u8> {
 /// PullDense: the pieces asked for (all when none) resolve, and each reads at its length.
 fn pull_dense(model: &ShardModel, r: &pb::PullDenseRequest) {
     let pieces: Result<Vec<usize>, PsError> = if r.pieces.is_empty() {
-        Ok((0..model.pieces.len()).collect())
+        Ok((0..model.pieces().len()).collect())
     } else {
         r.pieces.iter().map(|p| model.piece(&p.tensor, p.partition)).collect()
     };
     match pieces {
         Ok(pieces) => {
             for idx in pieces {
-                let piece = &model.pieces[idx];
-                assert_eq!(piece.read(0, piece.len).len(), piece.len * 4);
+                let piece = &model.pieces()[idx];
+                assert_eq!(piece.read(0, piece.len()).len(), piece.len() * 4);
             }
         }
         Err(e) => assert!(matches!(e, PsError::UnknownTensor(_) | PsError::InvalidArgument(_)), "{e:?}"),
@@ -450,10 +480,10 @@ fn pull_sparse(model: &ShardModel, r: &pb::PullSparseRequest) {
         wanted.push((idx, ids));
     }
     for (idx, ids) in wanted {
-        let table = &model.tables[idx];
+        let table = &model.tables()[idx];
         let mut rows = Vec::new();
         table.pull(&ids, &mut rows);
-        assert_eq!(rows.len(), ids.len() * table.dim * 4);
+        assert_eq!(rows.len(), ids.len() * table.dim() * 4);
         let mut again = vec![0u8; 3];
         table.pull(&ids, &mut again);
         assert_eq!(&again[3..], &rows[..], "rows are created once, then read");

@@ -1,16 +1,21 @@
-//! The tensor link's server side: pushes and pulls over plain TCP, beside gRPC.
+//! The tensor link adapter: pushes and pulls over plain TCP, beside gRPC, over the shard core.
 //!
-//! Each connection authenticates once (`LinkHello`, the job token), then carries one request
-//! at a time. A push's payload is read from the socket into one buffer and handed, as the
-//! same messages a gRPC push would give, to the same [`Service::take_push`]: validation,
-//! all-or-nothing and the sync/async rules are gRPC's. A dense pull's reply is written from
-//! the pieces' values themselves. A connection that breaks mid-request leaves the model as
-//! it was: nothing of a push is taken before all of it has arrived.
+//! A sibling of the gRPC service (`service.rs`), not a client of it: each request is decoded
+//! once into the core's domain types and handed to the [`Shard`] (`shard.rs`), which does
+//! what it does for gRPC. Each connection authenticates once (`LinkHello`, the job token),
+//! then carries one request at a time. A push's payload is read from the socket into one
+//! buffer, and the [`Push`] handed to [`Shard::push`] holds slices of that buffer
+//! ([`decode_push`]): validation, all-or-nothing and the sync/async rules are the core's. A
+//! dense pull's reply is written from the pieces' values themselves. A connection that breaks
+//! mid-request leaves the model as it was: nothing of a push is taken before all of it has
+//! arrived. The link counts its own connections (`link_connections`, `link_refused`); the
+//! core counts the requests.
 //!
 //! Until a peer has authenticated, the server holds at most a hello's bound
 //! ([`link::MAX_HELLO_BYTES`]) for it, and for at most [`HELLO_TIMEOUT`]. After that, a push's
 //! announced lengths are checked against the model before any payload is read.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -24,7 +29,9 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::PsError;
-use crate::service::Service;
+use crate::model::ShardModel;
+use crate::push::{DenseGrad, Push, SparseGrad, TaskProgress};
+use crate::shard::{Shard, TableIds};
 
 /// Bytes the connection's reader buffers; larger payloads are read straight into place.
 const READ_BUFFER: usize = 64 << 10;
@@ -43,7 +50,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const SKIP_FACTOR: u64 = 4;
 
 /// Accepts connections until `stop` says so.
-pub(crate) async fn serve(service: Service, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(shard: Arc<Shard>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -55,9 +62,9 @@ pub(crate) async fn serve(service: Service, listener: TcpListener, mut stop: wat
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let (service, stop) = (service.clone(), stop.clone());
+        let (shard, stop) = (shard.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(service, stream, stop).await {
+            if let Err(e) = connection(shard, stream, stop).await {
                 debug!(%peer, error = %e, "tensor link connection ended");
             }
         });
@@ -65,13 +72,13 @@ pub(crate) async fn serve(service: Service, listener: TcpListener, mut stop: wat
 }
 
 async fn connection(
-    service: Service,
+    shard: Arc<Shard>,
     stream: TcpStream,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    link::tune(&stream, &service.shard.config.transport)?;
+    link::tune(&stream, &shard.config.transport)?;
     let (mut r, mut w) = stream.into_split();
-    let metrics = &service.shard.metrics;
+    let metrics = &shard.metrics;
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut r)).await {
         Ok(Ok(Some(hello))) => hello,
         Ok(Ok(None)) => return Ok(()),
@@ -92,7 +99,7 @@ async fn connection(
         }
     };
     let token = (!hello.token.is_empty()).then_some(hello.token.as_bytes());
-    if let Err(status) = ServerAuth::new(service.shard.config.token.clone()).check(token) {
+    if let Err(status) = ServerAuth::new(shard.config.token.clone()).check(token) {
         metrics.link_refused.inc();
         return write_frame(&mut w, &link::reply_of(&status), &[]).await;
     }
@@ -112,18 +119,17 @@ async fn connection(
         match request.request {
             Some(pb::link_request::Request::Push(msg)) => {
                 let lengths = request.payload_bytes;
-                let reply = match push_payload(&service, &msg, &lengths)
-                    .map_err(|e| (e, skip_limit(&service)))
-                {
+                let reply = match push_payload(&shard, &msg, &lengths).map_err(|e| (e, skip_limit(&shard))) {
                     Ok(total) => {
                         let mut buf: BytesMut =
                             last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
-                        let check = service.shard.config.reject_non_finite;
+                        let check = shard.config.reject_non_finite;
                         let bad = read_push_payload(&mut r, &mut buf, &msg, &lengths, total, check).await?;
                         let payload = buf.freeze();
-                        let msg = fill(msg, &lengths, payload.clone());
-                        let received = bad.map_or(Ok(vec![msg]), |name| Err(PsError::NonFinite(name)));
-                        let result = service.take_push(received, started).await;
+                        let result = match bad {
+                            None => shard.push(decode_push(msg, &lengths, payload.clone()), started).await,
+                            Some(name) => Err(shard.refuse_push(PsError::NonFinite(name), started)),
+                        };
                         last = Some(payload);
                         match result {
                             Ok(version) => pb::LinkReply { version, ..Default::default() },
@@ -131,7 +137,7 @@ async fn connection(
                         }
                     }
                     Err((e, skip_limit)) => {
-                        service.shard.metrics.observe_push(false, started.elapsed());
+                        let e = shard.refuse_push(e, started);
                         // Answered before the payload is read: a peer that announced more than
                         // it sends hears why at once.
                         write_frame(&mut w, &link::reply_of(&Status::from(e)), &[]).await?;
@@ -146,10 +152,8 @@ async fn connection(
                 };
                 write_frame(&mut w, &reply, &[]).await?;
             }
-            Some(pb::link_request::Request::PullDense(req)) => {
-                pull_dense(&service, req, started, &mut w).await?
-            }
-            Some(pb::link_request::Request::PullSparse(req)) => pull_sparse(&service, req, &mut w).await?,
+            Some(pb::link_request::Request::PullDense(req)) => pull_dense(&shard, req, &mut w).await?,
+            Some(pb::link_request::Request::PullSparse(req)) => pull_sparse(&shard, req, &mut w).await?,
             None => {
                 let status = Status::invalid_argument("tensor link request names no operation");
                 write_frame(&mut w, &link::reply_of(&status), &[]).await?;
@@ -158,11 +162,11 @@ async fn connection(
     }
 }
 
-/// Reads a push's payload of `total` bytes (segments of `lengths`, as [`fill`] assigns them to
-/// `msg`'s fields) into `buf`. Where `check`, each gradient segment (a dense slice, a sparse
+/// Reads a push's payload of `total` bytes (segments of `lengths`, as [`decode_push`] assigns
+/// them to `msg`'s slices and gradients) into `buf`. Where `check`, each gradient segment (a dense slice, a sparse
 /// gradient's values; not its ids) is checked for values that are not finite as it arrives,
 /// rather than in a second pass over the whole push from memory. Returns the tensor or table
-/// of the first such value, dense slices first, as [`crate::push::non_finite`] would name it.
+/// of the first such value, dense slices first, as [`crate::push::non_finite`] names it.
 ///
 /// `lengths` must have one entry per segment and add up to `total`, as [`push_lengths`] checks.
 pub async fn read_push_payload<R: AsyncRead + Unpin>(
@@ -200,9 +204,9 @@ pub async fn read_push_payload<R: AsyncRead + Unpin>(
 
 /// Checks a push's payload lengths before any of it is read, against the shard's model:
 /// the total (see [`push_lengths`]) and each segment against what its tensor or table needs.
-fn push_payload(service: &Service, msg: &pb::PushRequest, lengths: &[u64]) -> Result<usize, PsError> {
-    let model = service.shard.model()?;
-    let total = push_lengths(msg, lengths, push_limit(&service.shard.config, Some(&model)))?;
+fn push_payload(shard: &Shard, msg: &pb::PushRequest, lengths: &[u64]) -> Result<usize, PsError> {
+    let model = shard.model()?;
+    let total = push_lengths(msg, lengths, push_limit(&shard.config, Some(&model)))?;
     segment_lengths(&model, msg, lengths)?;
     Ok(total)
 }
@@ -210,29 +214,25 @@ fn push_payload(service: &Service, msg: &pb::PushRequest, lengths: &[u64]) -> Re
 /// The most payload bytes a push to this shard may announce: its dense bytes, which a push
 /// covers once, plus the transport's message limit for sparse gradients (only the latter
 /// before a model is declared).
-fn push_limit(config: &crate::ServerConfig, model: Option<&crate::model::ShardModel>) -> u64 {
+fn push_limit(config: &crate::ServerConfig, model: Option<&ShardModel>) -> u64 {
     let dense = model.map_or(0, |m| m.dense_bytes());
     dense.saturating_add(config.transport.max_message_bytes as u64)
 }
 
 /// The most payload bytes of a refused push that are read past rather than cut off.
-fn skip_limit(service: &Service) -> u64 {
-    let model = service.shard.model().ok();
-    push_limit(&service.shard.config, model.as_deref()).saturating_mul(SKIP_FACTOR)
+fn skip_limit(shard: &Shard) -> u64 {
+    let model = shard.model().ok();
+    push_limit(&shard.config, model.as_deref()).saturating_mul(SKIP_FACTOR)
 }
 
 /// Checks each announced segment against what it carries: a dense slice at most its piece's
 /// bytes and whole `f32`s, a sparse gradient whole `u64` ids and `dim` floats per id.
 /// `lengths` has one entry per segment ([`push_lengths`] checked).
-pub fn segment_lengths(
-    model: &crate::model::ShardModel,
-    msg: &pb::PushRequest,
-    lengths: &[u64],
-) -> Result<(), PsError> {
+pub fn segment_lengths(model: &ShardModel, msg: &pb::PushRequest, lengths: &[u64]) -> Result<(), PsError> {
     let (dense, sparse) = lengths.split_at(msg.dense.len());
     for (d, &n) in msg.dense.iter().zip(dense) {
-        let piece = &model.pieces[model.piece(&d.tensor, d.partition)?];
-        let room = (piece.len as u64).saturating_sub(d.offset).saturating_mul(4);
+        let piece = &model.pieces()[model.piece(&d.tensor, d.partition)?];
+        let room = (piece.len() as u64).saturating_sub(d.offset).saturating_mul(4);
         if n % 4 != 0 || n > room {
             return Err(PsError::InvalidArgument(format!(
                 "tensor link push announces {n} bytes for `{}` partition {} from element {}; \
@@ -242,7 +242,7 @@ pub fn segment_lengths(
         }
     }
     for (g, n) in msg.sparse.iter().zip(sparse.chunks(2)) {
-        let dim = model.tables[model.table(&g.table)?].dim as u64;
+        let dim = model.tables()[model.table(&g.table)?].dim() as u64;
         let (ids, values) = (n[0], n[1]);
         let expected = (ids / 8).checked_mul(dim * 4);
         if ids % 8 != 0 || expected != Some(values) {
@@ -282,9 +282,10 @@ pub fn push_lengths(msg: &pb::PushRequest, lengths: &[u64], limit: u64) -> Resul
     })
 }
 
-/// Puts the payload's segments into the message's empty byte fields. `lengths` must have
-/// passed [`push_lengths`] and `payload` must hold exactly their total.
-pub fn fill(mut msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> pb::PushRequest {
+/// Decodes a push from its header and payload: each dense slice and sparse gradient gets its
+/// segment of `payload` (a slice of the buffer, not a copy). `lengths` must have passed
+/// [`push_lengths`] and `payload` must hold exactly their total.
+pub fn decode_push(msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> Push {
     let mut at = 0usize;
     let mut lengths = lengths.iter();
     let mut next = || {
@@ -293,61 +294,65 @@ pub fn fill(mut msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> pb::Pu
         at += n;
         segment
     };
-    for d in &mut msg.dense {
-        d.data = next();
+    let dense = msg
+        .dense
+        .into_iter()
+        .map(|d| DenseGrad { tensor: d.tensor, partition: d.partition, offset: d.offset, data: next() })
+        .collect();
+    let sparse =
+        msg.sparse.into_iter().map(|g| SparseGrad { table: g.table, ids: next(), values: next() }).collect();
+    Push {
+        worker: msg.worker,
+        step: msg.step,
+        task: msg.task.map(|t| TaskProgress { lease: t.lease, examples: t.examples }),
+        dense,
+        sparse,
     }
-    for g in &mut msg.sparse {
-        g.ids = next();
-        g.values = next();
-    }
-    msg
 }
 
 /// Answers a dense pull: the piece list, then every piece's values as they are.
 async fn pull_dense<W: AsyncWrite + Unpin>(
-    service: &Service,
+    shard: &Shard,
     req: pb::PullDenseRequest,
-    started: Instant,
     w: &mut W,
 ) -> std::io::Result<()> {
-    let (model, pieces, version) = match service.dense_pull(&req).await {
-        Ok(p) => p,
+    let pieces = req.pieces.iter().map(|p| (p.tensor.as_str(), p.partition));
+    let read = match shard.pull_dense(req.worker, req.step, pieces).await {
+        Ok(r) => r,
         Err(e) => return write_frame(w, &link::reply_of(&Status::from(e)), &[]).await,
     };
-    let mut header = pb::LinkReply { version, ..Default::default() };
-    let mut values = Vec::with_capacity(pieces.len());
-    for &i in &pieces {
-        let piece = &model.pieces[i];
+    let mut header = pb::LinkReply { version: read.version(), ..Default::default() };
+    let mut values = Vec::with_capacity(read.pieces().len());
+    for piece in read.pieces() {
         header.pieces.push(pb::LinkPiece {
-            tensor: piece.tensor.clone(),
-            partition: piece.partition,
-            len: piece.len as u64,
+            tensor: piece.tensor().to_string(),
+            partition: piece.partition(),
+            len: piece.len() as u64,
         });
-        values.push(piece.read(0, piece.len));
+        values.push(piece.read(0, piece.len()));
     }
     let payload: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
     write_frame(w, &header, &payload).await?;
-    let metrics = &service.shard.metrics;
-    metrics.bytes_sent.inc_by(payload.iter().map(|p| p.len() as u64).sum());
-    metrics.observe_pull("dense", started.elapsed());
+    read.sent(payload.iter().map(|p| p.len() as u64).sum());
     Ok(())
 }
 
 /// Answers a sparse pull: one entry per table, then the tables' rows.
 async fn pull_sparse<W: AsyncWrite + Unpin>(
-    service: &Service,
+    shard: &Shard,
     req: pb::PullSparseRequest,
     w: &mut W,
 ) -> std::io::Result<()> {
-    let (tables, version) = match service.sparse_pull(req).await {
+    let tables = req.tables.into_iter().map(|t| TableIds { table: t.table, ids: t.ids }).collect();
+    let (rows, version) = match shard.pull_sparse(req.worker, req.step, tables).await {
         Ok(t) => t,
         Err(e) => return write_frame(w, &link::reply_of(&Status::from(e)), &[]).await,
     };
-    let pieces = tables
+    let pieces = rows
         .iter()
         .map(|t| pb::LinkPiece { tensor: t.table.clone(), partition: 0, len: t.values.len() as u64 / 4 })
         .collect();
-    let payload: Vec<&[u8]> = tables.iter().map(|t| t.values.as_ref()).collect();
+    let payload: Vec<&[u8]> = rows.iter().map(|t| t.values.as_ref()).collect();
     write_frame(w, &pb::LinkReply { version, pieces, ..Default::default() }, &payload).await
 }
 
@@ -402,10 +407,10 @@ mod tests {
             let bad = read_push_payload(&mut r, &mut buf, msg, lengths, payload.len(), check).await.unwrap();
             assert_eq!(&buf[..], payload, "the payload is read whole, bad values or not");
             if check {
-                let whole = fill(msg.clone(), lengths, Bytes::copy_from_slice(payload));
+                let whole = decode_push(msg.clone(), lengths, Bytes::copy_from_slice(payload));
                 assert_eq!(
                     bad.as_deref(),
-                    crate::push::non_finite(&whole),
+                    crate::push::non_finite(&whole.dense, &whole.sparse),
                     "as the whole-push check names it"
                 );
             }

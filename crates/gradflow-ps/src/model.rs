@@ -32,14 +32,14 @@ const STRIPES: usize = 32;
 
 /// One shard's parameters.
 pub struct ShardModel {
-    pub spec: ModelSpec,
-    pub placement: Placement,
-    pub shard: u32,
+    spec: ModelSpec,
+    placement: Placement,
+    shard: u32,
     /// The dense pieces this shard holds.
-    pub pieces: Vec<Piece>,
+    pieces: Vec<Piece>,
     /// Tensor name → for each partition, the index into `pieces` (None: held elsewhere).
     piece_index: HashMap<String, Vec<Option<usize>>>,
-    pub tables: Vec<Table>,
+    tables: Vec<Table>,
     /// The first update that would have made the model non-finite; once set, for good.
     fault: OnceLock<Fault>,
 }
@@ -61,26 +61,26 @@ const PIECE_OVERHEAD: u64 = 256;
 
 /// A contiguous piece of a dense tensor.
 pub struct Piece {
-    pub tensor: String,
-    pub partition: u32,
+    tensor: String,
+    partition: u32,
     /// Number of elements.
-    pub len: usize,
-    pub optimizer: OptimizerConfig,
-    pub params: RwLock<PieceParams>,
+    len: usize,
+    optimizer: OptimizerConfig,
+    params: RwLock<PieceParams>,
     /// Sync mode: the sum of this step's gradients.
-    pub accum: Mutex<Accum>,
+    accum: Mutex<Accum>,
     /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
     check_finite: AtomicBool,
 }
 
-pub struct PieceParams {
+struct PieceParams {
     /// Shared with the pulls in flight, which send these values without copying them
     /// ([`Piece::read`]); an update while one is in flight writes to a copy.
-    pub values: Arc<Vec<f32>>,
+    values: Arc<Vec<f32>>,
     /// Optimizer state, slot-major (see `OptimizerConfig::step`).
-    pub state: Vec<f32>,
+    state: Vec<f32>,
     /// Updates applied so far.
-    pub steps: u64,
+    steps: u64,
 }
 
 /// A gradient sum for one piece; allocated on first use.
@@ -94,7 +94,7 @@ pub struct PieceParams {
 /// ([`Piece::accumulate`]). A step of one or two workers thus never writes its gradient to
 /// memory: the update is bound by memory traffic, and each pass saved is a pass over the piece.
 #[derive(Default)]
-pub struct Accum {
+struct Accum {
     sum: Vec<f32>,
     /// Whether `sum` holds this step's gradients (otherwise it is stale).
     touched: bool,
@@ -107,7 +107,7 @@ pub struct Accum {
 
 impl Accum {
     /// Pushes held as received at most: as many as [`Grad`] can sum as it is read.
-    pub const HELD: usize = 2;
+    const HELD: usize = 2;
 
     /// Moves held pushes into `sum` (of `len` elements), so that more can be added to it.
     fn settle(&mut self, len: usize) {
@@ -154,14 +154,14 @@ fn f32s_of_held(bytes: &Bytes) -> &[f32] {
 
 /// This shard's rows of one sparse table.
 pub struct Table {
-    pub name: String,
-    pub dim: usize,
-    pub init: Initializer,
-    pub optimizer: OptimizerConfig,
+    name: String,
+    dim: usize,
+    init: Initializer,
+    optimizer: OptimizerConfig,
     slots: usize,
     stripes: Vec<Mutex<RowStore>>,
     /// Sync mode: the sum of this step's gradients, per id.
-    pub accum: Mutex<SparseAccum>,
+    accum: Mutex<SparseAccum>,
     /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
     check_finite: AtomicBool,
 }
@@ -471,6 +471,98 @@ impl ShardModel {
     }
 }
 
+/// A push that passed validation ([`crate::push::validate`]), with names resolved to indices:
+/// what the model takes, in sync mode into the step's sums ([`ShardModel::accumulate`]), in
+/// async mode at once ([`ShardModel::apply_now`]).
+pub struct ValidPush {
+    pub worker: u32,
+    pub step: u64,
+    /// (index into [`ShardModel::pieces`], slices in element order covering the piece), each
+    /// slice little-endian `f32` bytes as received.
+    pub dense: Vec<(usize, Vec<Bytes>)>,
+    /// (index into [`ShardModel::tables`], ids, gradient rows as little-endian bytes).
+    pub sparse: Vec<(usize, Vec<u64>, Bytes)>,
+    /// Gradient bytes received, for metrics.
+    pub bytes: u64,
+}
+
+impl ShardModel {
+    /// The spec this model was declared with.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Where every piece and row of the spec lives.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The shard this model is.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// The dense pieces this shard holds, indexed as [`ShardModel::piece`] says.
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    /// This shard's part of every sparse table, indexed as [`ShardModel::table`] says.
+    pub fn tables(&self) -> &[Table] {
+        &self.tables
+    }
+
+    /// Sync: adds a validated push into the step's sums (applied when the step completes,
+    /// [`ShardModel::try_apply_accumulated`]). The push's buffers may be held, not copied (see
+    /// [`Piece::accumulate_push`]).
+    pub fn accumulate(&self, push: ValidPush) {
+        for (idx, slices) in push.dense {
+            self.pieces[idx].accumulate_push(&slices);
+        }
+        for (t, ids, values) in push.sparse {
+            self.tables[t].accumulate(&ids, &values);
+        }
+    }
+
+    /// Async: applies a validated push at once. An update that would make the model
+    /// non-finite is recorded as its fault ([`ShardModel::fail`]).
+    pub fn apply_now(&self, push: ValidPush) -> Result<(), PsError> {
+        let step = push.step;
+        let fail = |tensor: &str, at: String, e| self.fail(tensor, at, step, e);
+        let mut grad = Vec::new();
+        for (idx, slices) in push.dense {
+            let piece = &self.pieces[idx];
+            // A piece that arrived whole and aligned is applied from the received bytes.
+            if let [whole] = slices.as_slice()
+                && let Some(g) = as_f32s(whole)
+            {
+                piece
+                    .try_apply(g)
+                    .map_err(|e| fail(&piece.tensor, format!("partition {}", piece.partition), e))?;
+                continue;
+            }
+            grad.clear();
+            grad.resize(piece.len, 0.0);
+            let mut offset = 0;
+            for s in slices {
+                let n = s.len() / 4;
+                codec::copy_f32s(&mut grad[offset..offset + n], &s);
+                offset += n;
+            }
+            piece
+                .try_apply(&grad)
+                .map_err(|e| fail(&piece.tensor, format!("partition {}", piece.partition), e))?;
+        }
+        for (t, ids, values) in push.sparse {
+            let table = &self.tables[t];
+            let mut acc = SparseAccum::default();
+            acc.add(&ids, &values, table.dim);
+            table.try_apply(&acc, 1.0).map_err(|(id, e)| fail(&table.name, format!("row {id}"), e))?;
+        }
+        Ok(())
+    }
+}
+
 impl ShardModel {
     /// A copy of everything this shard holds, for a checkpoint. Each piece and each stripe of
     /// rows is copied under its own lock; in sync mode the caller takes it between steps, so
@@ -537,6 +629,41 @@ impl ShardModel {
 }
 
 impl Piece {
+    /// The dense tensor this is a piece of.
+    pub fn tensor(&self) -> &str {
+        &self.tensor
+    }
+
+    /// Which partition of its tensor this piece is.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// Elements in this piece.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the piece has no elements (never, for a declared spec).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A copy of the values (for tests and tools; pulls use [`Piece::read`]).
+    pub fn values(&self) -> Vec<f32> {
+        self.params.read().unwrap().values.to_vec()
+    }
+
+    /// A copy of the optimizer state, slot-major.
+    pub fn state(&self) -> Vec<f32> {
+        self.params.read().unwrap().state.clone()
+    }
+
+    /// Updates applied to this piece so far.
+    pub fn steps(&self) -> u64 {
+        self.params.read().unwrap().steps
+    }
+
     /// Applies one gradient (already averaged) to this piece, checked (see
     /// [`Piece::try_apply_with`]); whether it went through is not returned.
     pub fn apply(&self, grad: &[f32]) {
@@ -685,6 +812,22 @@ fn stripe_of(id: u64) -> usize {
 }
 
 impl Table {
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Values per row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Sync: adds gradient rows (little-endian, [`Table::dim`] per id) for `ids` into the
+    /// step's sums.
+    pub fn accumulate(&self, ids: &[u64], values: &[u8]) {
+        self.accum.lock().unwrap().add(ids, values, self.dim);
+    }
+
     fn stride(&self) -> usize {
         self.dim * (1 + self.slots)
     }

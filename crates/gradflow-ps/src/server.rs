@@ -24,7 +24,8 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::checkpointing::{Checkpointer, SHUTDOWN_WAIT};
-use crate::service::{Service, Shard};
+use crate::service::Service;
+use crate::shard::Shard;
 use crate::{PsError, ServerConfig};
 
 /// A shard that is serving. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -131,7 +132,7 @@ pub async fn start(
     }
 
     if let Some(l) = link_listener {
-        tokio::spawn(crate::link::serve(Service { shard: shard.clone() }, l, stop_rx.clone()));
+        tokio::spawn(crate::link::serve(shard.clone(), l, stop_rx.clone()));
     }
 
     let t = &shard.config.transport;
@@ -279,12 +280,9 @@ async fn reap_loop(shard: Arc<Shard>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Some(ticket) = shard.coord.reap() {
-            if let Err(e) = shard.complete_step(ticket).await {
-                error!(error = %e, "applying a step after dropping a worker failed");
-            }
+        if let Err(e) = shard.reap().await {
+            error!(error = %e, "applying a step after dropping a worker failed");
         }
-        shard.metrics.live_workers.set(shard.coord.live_workers().len() as i64);
     }
 }
 
@@ -294,15 +292,12 @@ async fn serve_metrics(shard: Arc<Shard>, listener: TcpListener, mut stop: watch
         axum::routing::get(move || {
             let shard = shard.clone();
             async move {
-                if let Ok(m) = shard.model() {
-                    shard.metrics.sparse_rows.set(m.sparse_rows() as i64);
-                }
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    shard.metrics.encode(),
+                    shard.metrics_text(),
                 )
             }
         }),

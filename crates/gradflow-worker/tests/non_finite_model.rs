@@ -48,8 +48,8 @@ async fn server(dir: &Path, mode: Mode) -> Vec<RunningServer> {
 /// The dense values and optimizer state of `w` and the update count, as the shard holds them.
 fn held(servers: &[RunningServer]) -> (Vec<f32>, Vec<f32>, u64) {
     let model = servers[0].shard().declared().expect("declared");
-    let p = model.pieces[0].params.read().unwrap();
-    (p.values.to_vec(), p.state.clone(), p.steps)
+    let p = &model.pieces()[0];
+    (p.values(), p.state(), p.steps())
 }
 
 /// The steps of the complete checkpoints under `dir` (those with a manifest).

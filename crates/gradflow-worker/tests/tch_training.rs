@@ -220,7 +220,7 @@ async fn sync_workers_equal_one_process(setup: Setup, tol: f32) -> Vec<Trained> 
     let rows: u64 = servers.iter().map(|s| s.shard().model().unwrap().sparse_rows()).sum();
     assert_eq!(rows, touched.len() as u64);
     for (s, server) in servers.iter().enumerate() {
-        assert!(!server.shard().model().unwrap().pieces.is_empty(), "shard {s} holds dense pieces");
+        assert!(!server.shard().model().unwrap().pieces().is_empty(), "shard {s} holds dense pieces");
         assert_eq!(server.shard().coord.version(), STEPS);
     }
 

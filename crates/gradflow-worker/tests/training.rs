@@ -248,7 +248,7 @@ async fn sync_training_equals_the_reference(inline_bytes: u64, path: Path, worke
     let mut total_rows = 0;
     for (s, server) in servers.iter().enumerate() {
         let model = server.shard().model().unwrap();
-        assert!(!model.pieces.is_empty(), "shard {s} holds dense pieces");
+        assert!(!model.pieces().is_empty(), "shard {s} holds dense pieces");
         assert_eq!(server.shard().coord.version(), STEPS);
         total_rows += model.sparse_rows();
         assert!(model.sparse_rows() > 0, "shard {s} holds sparse rows");
