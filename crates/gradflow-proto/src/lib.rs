@@ -9,6 +9,8 @@
 //! - [`auth`]: the job token every call carries and every server checks.
 //! - [`tls`]: TLS and mutual TLS from the job file's `[tls]` section, shared by servers and clients.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod codec;
 pub mod link;
