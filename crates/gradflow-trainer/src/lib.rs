@@ -9,6 +9,8 @@
 //! - [`evaluate`]: test loss, AUC and accuracy of the model the servers hold.
 //! - [`standardizer`]: dense-feature scaling measured the same way on every worker.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,15 +18,12 @@ use std::time::{Duration, Instant};
 
 use gradflow_core::Mode;
 use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer, metrics};
-use gradflow_launch::{Event, JobConfig, Sharding};
+use gradflow_job::contract::ENV_RUN_ID;
+use gradflow_job::{Event, JobConfig, Sharding};
 use gradflow_models::{Grads, Model, Params, SparseRows};
 use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
 use thiserror::Error;
 use tracing::{debug, info, warn};
-
-/// The environment variable holding the run id that the launcher gives every run of a job
-/// (see `gradflow_launch::contract`); results lines carry it.
-const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
 
 /// Why training stopped.
 ///

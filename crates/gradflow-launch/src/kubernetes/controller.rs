@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use super::render::{Renderer, pod_name};
 use super::{LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE};
-use crate::{JobConfig, Role};
+use gradflow_job::{JobConfig, Role};
 
 /// The state of a job, as `gradflow status` shows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,8 +162,9 @@ impl JobStatus {
         serde_json::to_string_pretty(self).expect("a JobStatus always serializes")
     }
 
-    pub fn from_json(text: &str) -> Result<JobStatus, String> {
-        serde_json::from_str(text).map_err(|e| e.to_string())
+    /// Reads what [`JobStatus::to_json`] wrote.
+    pub fn from_json(text: &str) -> Result<JobStatus, serde_json::Error> {
+        serde_json::from_str(text)
     }
 }
 
