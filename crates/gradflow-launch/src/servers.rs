@@ -8,8 +8,8 @@ use gradflow_ps::ServerConfig;
 
 /// The settings of server shard `shard` of `job`: the job's `[server]` section (through
 /// [`ServerConfig::from_settings`]), its size and mode, transport, checkpoints, `restore`, and
-/// the server's side of its `[tls]` section. The token is not in it: a server takes it from
-/// `GRADFLOW_TOKEN`.
+/// both sides of its `[tls]` section (the server's, and the client's for shard 0's calls to
+/// the other shards). The token is not in it: a server takes it from `GRADFLOW_TOKEN`.
 pub fn server_config(job: &JobConfig, shard: u32) -> ServerConfig {
     ServerConfig {
         shard,
@@ -21,6 +21,7 @@ pub fn server_config(job: &JobConfig, shard: u32) -> ServerConfig {
         checkpoint: job.checkpoint.clone(),
         restore: job.restore.clone(),
         tls: job.tls.as_ref().map(TlsConfig::server),
+        peer_tls: job.client_tls(),
         ..ServerConfig::from_settings(&job.server)
     }
 }
@@ -52,7 +53,7 @@ mod tests {
         assert_eq!((c.backup_workers, c.max_memory, c.link_port), (1, Some(0), 7071));
         assert_eq!(c.restore, Some(gradflow_core::Restore::Step(40)));
         assert_eq!(c.checkpoint.as_ref().unwrap().url, "memory://ck");
-        assert!(c.tls.is_none() && c.token.is_none());
+        assert!(c.tls.is_none() && c.peer_tls.is_none() && c.token.is_none());
         // What the job does not set is the server's default.
         let d = ServerConfig::default();
         assert_eq!(
@@ -62,7 +63,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shard_gets_the_job_tls() {
+    fn a_shard_gets_both_sides_of_the_job_tls() {
         let mut job = JobConfig::parse(&format!(
             "{MIN}[tls]\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\nca = \"certs/ca.pem\"\n"
         ))
@@ -70,5 +71,6 @@ mod tests {
         job.resolve_paths(Path::new("/jobs"));
         let c = server_config(&job, 0);
         assert_eq!(c.tls.unwrap().cert, PathBuf::from("/jobs/certs/server.pem"));
+        assert_eq!(c.peer_tls.unwrap().ca, PathBuf::from("/jobs/certs/ca.pem"));
     }
 }

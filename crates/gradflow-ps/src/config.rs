@@ -68,6 +68,11 @@ pub struct ServerConfig {
     /// the job file's `[tls]` section. Default: plaintext.
     #[serde(skip)]
     pub tls: Option<gradflow_proto::tls::ServerTls>,
+    /// TLS of shard 0's calls to the other shards (time-based checkpoints): the client side
+    /// of the job's `[tls]` section, what a worker uses. Default: from `GRADFLOW_TLS_CA` (and
+    /// the variables beside it, see `gradflow_proto::tls`) when it is set, else plaintext.
+    #[serde(skip)]
+    pub peer_tls: Option<gradflow_proto::tls::ClientTls>,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +116,7 @@ impl ServerConfig {
             restore: None,
             token: None,
             tls: None,
+            peer_tls: None,
         }
     }
 

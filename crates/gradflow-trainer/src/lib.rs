@@ -213,6 +213,8 @@ pub async fn run_worker(
     config.transport = job.transport.clone();
     config.heartbeat_interval = (job.server.heartbeat_timeout / 5).max(std::time::Duration::from_millis(20));
     config.startup_timeout = job.server.startup_timeout;
+    // The job's [tls] section, if any; without one the worker library reads the environment.
+    config.tls = job.client_tls();
     let mut worker = Worker::connect(config).await?;
     worker.declare(model.spec().clone()).await?;
     if job.mode == Mode::Sync {

@@ -39,7 +39,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::init_logging("info");
-    let (config, listen, metrics, client_tls) = match super::cluster_from_env()? {
+    let (config, listen, metrics) = match super::cluster_from_env()? {
         Some(spec) => {
             let listen: SocketAddr = spec
                 .listen
@@ -53,12 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            (
-                gradflow_launch::server_config(&spec.job_config, spec.index),
-                listen,
-                metrics,
-                spec.job_config.client_tls(),
-            )
+            (gradflow_launch::server_config(&spec.job_config, spec.index), listen, metrics)
         }
         None => {
             let Some(path) = args.job else {
@@ -78,21 +73,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 },
                 None => None,
             };
-            // The job's [tls] section, if any, is in the server config.
-            (gradflow_launch::server_config(&job, args.shard), args.listen, metrics, job.client_tls())
+            // The job's [tls] section, if any, is in the server config: the server's side, and
+            // the client's for shard 0's calls to the other shards (time-based checkpoints).
+            (gradflow_launch::server_config(&job, args.shard), args.listen, metrics)
         }
     };
-    if let Some(tls) = client_tls
-        && std::env::var_os(gradflow_job::contract::ENV_TLS_CA).is_none()
-    {
-        // Shard 0 calls the other shards (time-based checkpoints) with the client settings a
-        // worker uses, from the environment.
-        for (key, value) in tls.to_env() {
-            // SAFETY: no other thread runs yet (the runtime starts below), so nothing reads
-            // the environment while it changes.
-            unsafe { std::env::set_var(key, value) };
-        }
-    }
     super::runtime()?.block_on(async move {
         let mut config = restore_from_env(config).await?;
         if let Some(port) = args.link_port {

@@ -76,16 +76,7 @@ fn setup(args: Args) -> anyhow::Result<(gradflow_job::JobConfig, u32, Vec<String
             (job, args.index, args.servers)
         }
     };
-    if let Some(tls) = job.client_tls()
-        && std::env::var_os(gradflow_job::contract::ENV_TLS_CA).is_none()
-    {
-        // The trainer's client takes its TLS settings from the environment, as a trainer of
-        // your own does; a launcher sets them, a worker started by hand gets them here.
-        for (key, value) in tls.to_env() {
-            // SAFETY: no other thread runs yet (the runtime starts after this), so nothing
-            // reads the environment while it changes.
-            unsafe { std::env::set_var(key, value) };
-        }
-    }
+    // The job's [tls] section, if any, reaches the trainer's client with the job
+    // (`WorkerConfig::tls`).
     Ok((job, index, servers))
 }
