@@ -47,6 +47,7 @@ pub enum JobError {
     Environment(String),
 }
 
+// Not `#[from]`, which would also make the TLS error a `source`, said twice in a chain.
 impl From<TlsError> for JobError {
     fn from(e: TlsError) -> Self {
         JobError::Tls(e)

@@ -443,11 +443,10 @@ pub struct Restored {
 
 /// Loads the checkpoint `which` (latest, a step, a URL or path) for this shard.
 pub async fn restore(config: &ServerConfig, which: &Restore) -> Result<Restored, PsError> {
-    let store = match (&config.checkpoint, which) {
-        (Some(c), _) if which.needs_checkpoint_store() => CheckpointStore::open(&c.url),
-        _ => CheckpointStore::open(&which.to_string()),
+    let store = match &config.checkpoint {
+        Some(c) if which.needs_checkpoint_store() => CheckpointStore::open(&c.url)?,
+        _ => CheckpointStore::open(&which.to_string())?,
     };
-    let store = store?;
     let which = which.to_string();
     let manifest = store.resolve(&which).await?;
     let snap = store.load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes).await?;

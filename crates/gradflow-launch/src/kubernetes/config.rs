@@ -7,6 +7,10 @@
 //! (`node_selector`, `env`) merge key by key with the role winning, lists (`tolerations`,
 //! `volumes`, `volume_mounts`) are concatenated.
 //!
+//! The job (gradflow-job) keeps the section as written, so that describing a job needs no
+//! Kubernetes types; [`KubernetesConfig::of`] and [`KubernetesConfig::from_toml`] type it,
+//! which is when an unknown key or a value of the wrong type is found.
+//!
 //! `tolerations`, `volumes` and `volume_mounts` are written as in a Kubernetes manifest
 //! (camelCase keys), so examples from the Kubernetes documentation can be pasted; unknown keys
 //! in them are still errors that name the key.
