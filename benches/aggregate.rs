@@ -13,6 +13,8 @@
 //! - sparse: a 10,000-id push summed per id (`SparseAccum::add`) and applied
 //!   (`Table::apply`, Adagrad), and a 10,000-id `Table::pull`, in a table of 1M rows.
 
+#![forbid(unsafe_code)]
+
 use std::hint::black_box;
 
 use bytes::Bytes;

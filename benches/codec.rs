@@ -2,6 +2,8 @@
 //! (the default `transport.chunk_bytes`): encode on push and on pull, decode and add on
 //! arrival, and the finiteness check of every pushed gradient.
 
+#![forbid(unsafe_code)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -3,6 +3,8 @@
 //! unchecked (`step`) and as a server runs it, checked for NaN and infinity block by block
 //! (`step_checked`, "... checked"), so that one run gives the cost of the check.
 
+#![forbid(unsafe_code)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

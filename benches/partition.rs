@@ -1,6 +1,8 @@
 //! Placement (`gradflow_core::partition`): computed by every worker and every shard when a
 //! model is declared, and `sparse_shard` once per sparse id on every pull and push.
 
+#![forbid(unsafe_code)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

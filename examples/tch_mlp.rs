@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use gradflow_core::{Mode, OptimizerConfig};
 use gradflow_data::{Batch, Reader, ShardSpec, Standardizer, metrics};
-use gradflow_launch::{ClusterSpec, Event, JobConfig};
+use gradflow_job::{ClusterSpec, Event, JobConfig};
 use gradflow_worker::tch::{TchAdapter, device_for_worker};
 use gradflow_worker::{StepOutcome, Worker, WorkerConfig};
 use tch::nn::{self, Module};

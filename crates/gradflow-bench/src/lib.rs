@@ -29,6 +29,8 @@
 //! The hot paths also have criterion benches in `benches/` at the repository root, for
 //! before/after comparisons of one change (`cargo bench -p gradflow-benches`).
 
+#![forbid(unsafe_code)]
+
 pub mod ceiling;
 pub mod cluster;
 pub mod config;

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use gradflow_core::Mode;
 use gradflow_data::{Batch, Reader, ShardSpec};
+use gradflow_job::{Event, JobConfig};
 use gradflow_launch::local::{Console, LocalLauncher};
-use gradflow_launch::{Event, JobConfig};
 use gradflow_models::LocalTrainer;
 use serde::{Deserialize, Serialize};
 
@@ -173,7 +173,7 @@ metrics = false
         every = config.log_every_steps,
         out = path_str(&out),
     );
-    JobConfig::parse(&text).map_err(|message| BenchError::Job { job: name, message })
+    JobConfig::parse(&text).map_err(|e| BenchError::Job { job: name, message: e.to_string() })
 }
 
 fn path_str(p: &Path) -> String {

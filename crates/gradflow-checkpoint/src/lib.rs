@@ -91,6 +91,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod format;
 pub mod lease;

@@ -5,6 +5,8 @@
 //! synth` writes a synthetic click-through dataset; `gradflow eval` scores the model a job's
 //! servers hold; `gradflow bench` measures the runtime on this machine.
 
+#![forbid(unsafe_code)]
+
 mod cmd;
 
 use clap::{Parser, Subcommand};

@@ -9,6 +9,8 @@
 //! - [`partition`]: where each piece of the model lives, a pure function of the spec and the
 //!   number of server shards.
 //! - [`mode`]: synchronous or asynchronous training.
+//! - [`settings`]: what a job says about its servers (`[server]`, `[checkpoint]`, `restore`),
+//!   defined once for the job file and the server.
 //! - [`error`]: the error type of this crate.
 
 pub mod error;
@@ -16,6 +18,7 @@ pub mod init;
 pub mod mode;
 pub mod optim;
 pub mod partition;
+pub mod settings;
 pub mod spec;
 
 pub use error::CoreError;
@@ -23,4 +26,5 @@ pub use init::Initializer;
 pub use mode::Mode;
 pub use optim::{Grad, NonFiniteUpdate, OptimizerConfig};
 pub use partition::{DEFAULT_PARTITION_BYTES, DensePiece, Placement};
+pub use settings::{CheckpointConfig, Restore, ServerSettings, SettingsError};
 pub use spec::{DenseSpec, ModelSpec, SparseSpec};

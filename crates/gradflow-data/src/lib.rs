@@ -26,6 +26,8 @@
 //! - [`metrics`]: AUC, log loss, accuracy. [`standardize`]: feature standardization.
 //! - The error type, [`DataError`], is in [`error`].
 
+#![forbid(unsafe_code)]
+
 pub mod batch;
 pub mod csv;
 pub mod error;

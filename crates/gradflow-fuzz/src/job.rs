@@ -1,8 +1,8 @@
-//! The job file: TOML read by the launcher and by every process of a job.
+//! The job file: TOML read by the launcher and by every process of a job (gradflow-job).
 
-use gradflow_launch::JobConfig;
+use gradflow_job::JobConfig;
 
-/// `JobConfig::parse`, the launcher's entry point. A job that parses and validates must write
+/// `JobConfig::parse`, the job file's entry point. A job that parses and validates must write
 /// back to TOML and read back as the same job: the launcher passes it to every process (in the
 /// cluster spec) and to Kubernetes in serialized form.
 pub fn job_file(data: &[u8]) {

@@ -19,6 +19,8 @@
 //!
 //! See `docs/fuzzing.md` for how to run them.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -1,15 +1,13 @@
 //! The launcher's errors.
 
-use std::path::PathBuf;
-
+use gradflow_job::JobError;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum LaunchError {
-    #[error("job file {}: {message}", path.display())]
-    JobFile { path: PathBuf, message: String },
-    #[error("environment: {0}")]
-    Environment(String),
+    /// The job file or the job (see [`JobError`]).
+    #[error(transparent)]
+    Job(#[from] JobError),
     #[error("{0}")]
     Process(String),
     #[error("job failed: {0}")]

@@ -4,7 +4,7 @@
 //!
 //! - [`RunGuard::acquire`] takes a lease ([`gradflow_checkpoint::lease`]) on the job's output
 //!   folder and, with a `[checkpoint]` section, on its checkpoint root, for the run's id
-//!   ([`crate::contract::new_run_id`]). A second launch of a running job is refused, naming the
+//!   ([`gradflow_job::contract::new_run_id`]). A second launch of a running job is refused, naming the
 //!   run that holds it. It also removes a `servers.json` that a killed launcher left behind.
 //! - [`RunGuard::check_checkpoint_root`] refuses a run without `restore` into a root that holds
 //!   checkpoints, or with `fresh` moves them into `<root>/archive/<earlier run id>/` first.
@@ -12,8 +12,10 @@
 use gradflow_checkpoint::CheckpointStore;
 use gradflow_checkpoint::lease::{ARCHIVE, Holder, Lease, LeaseError, LeaseOptions};
 
+use gradflow_job::JobConfig;
+
+use crate::LaunchError;
 use crate::local::RunningJob;
-use crate::{JobConfig, LaunchError};
 
 /// The leases of one run; give them back with [`RunGuard::release`] when the run ends.
 #[derive(Debug)]
@@ -120,7 +122,7 @@ impl RunGuard {
             if fresh {
                 return Err(LaunchError::JobFailed(format!(
                     "--fresh starts from scratch, but the job restores `{}`: drop one of them",
-                    job.restore.as_deref().unwrap_or_default()
+                    job.restore.as_ref().map(ToString::to_string).unwrap_or_default()
                 )));
             }
             return Ok(None);

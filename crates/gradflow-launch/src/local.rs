@@ -45,16 +45,18 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use gradflow_core::Restore;
+use gradflow_job::contract::{CLUSTER_SPEC_VERSION, ENV_RUN_ID, ENV_TOKEN, EXIT_NO_RESTART};
+use gradflow_job::{ClusterSpec, Event, JobConfig, Role};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::contract::{CLUSTER_SPEC_VERSION, ENV_RUN_ID, ENV_TOKEN, EXIT_NO_RESTART};
-use crate::{ClusterSpec, Event, JobConfig, LaunchError, Role};
+use crate::LaunchError;
 
-pub use crate::contract::ENV_LOG;
+pub use gradflow_job::contract::ENV_LOG;
 
 /// Address servers are told to listen on: loopback, port chosen by the server.
 const LOCAL_ANY_PORT: &str = "127.0.0.1:0";
@@ -113,7 +115,7 @@ impl LocalLauncher {
     /// Output goes to [`Console::stderr`]; servers get 60 s to report their address.
     pub fn new(job: JobConfig, program: impl Into<PathBuf>) -> LocalLauncher {
         LocalLauncher {
-            run_id: crate::contract::new_run_id(&job.name),
+            run_id: gradflow_job::contract::new_run_id(&job.name),
             job,
             program: program.into(),
             env: Vec::new(),
@@ -664,12 +666,12 @@ impl Run {
         match crate::prepare::latest_step(&checkpoint.url).await? {
             Some(step) => {
                 self.console.note(&format!("restoring checkpoint step {step} from {}", checkpoint.url));
-                self.job.restore = Some(step.to_string());
+                self.job.restore = Some(Restore::Step(step));
                 self.max_step = step;
             }
             None => {
                 let from = match &self.job.restore {
-                    Some(r) => format!("restore = {r:?} again"),
+                    Some(r) => format!("restore = \"{r}\" again"),
                     None => "the beginning".to_string(),
                 };
                 self.console.note(&format!("no checkpoint was written yet; starting from {from}"));

@@ -10,7 +10,10 @@ use std::path::Path;
 use gradflow_data::{Batch, Epochs, Reader, ReaderConfig, ShardSpec, SynthConfig};
 use tracing::info;
 
-use crate::{JobConfig, LaunchError};
+use gradflow_core::Restore;
+use gradflow_job::JobConfig;
+
+use crate::LaunchError;
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> LaunchError {
     move |source| LaunchError::Io { context, source }
@@ -32,15 +35,12 @@ pub async fn latest_step(url: &str) -> Result<Option<u64>, LaunchError> {
 /// job restores the same checkpoint even if `latest` moves while they start (a previous run's
 /// last upload finishing, say).
 pub async fn pin_restore(job: &mut JobConfig) -> Result<(), LaunchError> {
-    let (Some(which), Some(ck)) = (job.restore.as_deref(), job.checkpoint.as_ref()) else { return Ok(()) };
-    if which.trim() != "latest" {
-        return Ok(());
-    }
+    let (Some(Restore::Latest), Some(ck)) = (&job.restore, job.checkpoint.as_ref()) else { return Ok(()) };
     let Some(step) = latest_step(&ck.url).await? else {
         return Err(LaunchError::JobFailed(format!("restore: no checkpoint under `{}`", ck.url)));
     };
     info!(step, url = %ck.url, "restoring the latest checkpoint");
-    job.restore = Some(step.to_string());
+    job.restore = Some(Restore::Step(step));
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use gradflow_launch::Role::{self, Ps, Worker};
+use gradflow_job::Role::{self, Ps, Worker};
 use gradflow_launch::kubernetes::client::{LogSelection, RunOutcome};
 use gradflow_launch::kubernetes::controller::{JobState, JobStatus};
 use gradflow_launch::kubernetes::{JobClient, KubernetesError, RECORD_STATUS_KEY};

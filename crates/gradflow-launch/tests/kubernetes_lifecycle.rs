@@ -3,7 +3,7 @@
 
 mod kubernetes_support;
 
-use gradflow_launch::Role::{Ps, Worker};
+use gradflow_job::Role::{Ps, Worker};
 use gradflow_launch::kubernetes::ENV_RESTORE;
 use gradflow_launch::kubernetes::controller::{
     Action, Ending, JobState, JobStatus, PodOutcome, changes, observe, summarize,

@@ -9,13 +9,13 @@ mod kubernetes_support;
 
 use std::path::{Path, PathBuf};
 
-use gradflow_launch::contract::Token;
+use gradflow_job::contract::Token;
+use gradflow_job::{ClusterSpec, JobConfig, Role};
 use gradflow_launch::kubernetes::config::{load_job, parse_job};
 use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, to_json, to_yaml};
 use gradflow_launch::kubernetes::{
-    ANNOTATION_TOKEN, LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY,
+    ANNOTATION_TOKEN, KubernetesConfig, LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY,
 };
-use gradflow_launch::{ClusterSpec, JobConfig, Role};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kubernetes_support::*;
@@ -142,7 +142,7 @@ fn golden_minimal_job() {
 #[test]
 fn golden_job_with_every_kubernetes_option_detached() {
     let job = full_job();
-    let ns = job.kubernetes.as_ref().unwrap().namespace.clone().unwrap();
+    let ns = KubernetesConfig::of(&job).unwrap().namespace.unwrap();
     let r = Renderer::new(job, ns).unwrap();
     golden(&golden_path("full-detached.yaml"), &to_yaml(&redacted(&r.manifests(true))).unwrap());
 }
@@ -219,7 +219,7 @@ fn cluster_spec_in_each_pod_is_the_shared_contract() {
         let mut job = r.job().clone();
         job.server.link_port = 7071;
         assert_eq!(parsed.job_config, job);
-        assert_eq!(parsed.job_config.server_config(0).link_port, 7071);
+        assert_eq!(gradflow_launch::server_config(&parsed.job_config, 0).link_port, 7071);
         if role == Role::Ps {
             assert_eq!(parsed.listen.as_deref(), Some("0.0.0.0:7070"));
             assert_eq!(parsed.metrics_listen.as_deref(), Some("0.0.0.0:9090"));

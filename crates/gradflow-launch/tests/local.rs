@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use std::os::unix::process::CommandExt;
 
+use gradflow_job::{Event, JobConfig};
+use gradflow_launch::LaunchError;
 use gradflow_launch::local::{Console, JobOutcome, LocalLauncher, shutdown_signal};
-use gradflow_launch::{Event, JobConfig, LaunchError};
 
 const FAKE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake-gradflow");
 

@@ -14,6 +14,7 @@
 //! - [`error`]: the [`ModelError`] type.
 
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod error;
 pub mod logistic;

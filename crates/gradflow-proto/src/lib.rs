@@ -11,6 +11,8 @@
 //! - [`refusal`]: what a refusal carries beside its gRPC code (the metadata keys and the typed
 //!   [`refusal::RefusalCode`]), set by servers and read by clients.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod codec;
 pub mod link;

@@ -31,7 +31,7 @@ use gradflow_core::Mode;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::config::CheckpointConfig;
+use crate::config::{CheckpointConfig, Restore};
 use crate::model::ShardModel;
 use crate::tasks::SavedTasks;
 use crate::{PsError, ServerConfig};
@@ -64,7 +64,7 @@ pub struct Extras {
 pub const ENV_FAULT_STALL_UPLOAD: &str = "GRADFLOW_FAULT_STALL_UPLOAD";
 
 /// The run id the launcher gives every process of a run; written into checkpoint manifests.
-pub const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
+pub use gradflow_core::settings::ENV_RUN_ID;
 
 /// An abandon marker whose reason starts with this gives a checkpoint up in favour of a later
 /// one (a shard passed the step it was asked for): not a failure of the job.
@@ -466,13 +466,13 @@ pub struct Restored {
     pub scoring: Option<Scoring>,
 }
 
-/// Loads the checkpoint `which` (latest, a step, or a URL) for this shard.
-pub async fn restore(config: &ServerConfig, which: &str) -> Result<Restored, PsError> {
-    let (store, which) = match &config.checkpoint {
-        Some(c) if !which.contains("://") => (CheckpointStore::open(&c.url), which.to_string()),
-        _ => (CheckpointStore::open(which), which.to_string()),
+/// Loads the checkpoint `which` (latest, a step, a URL or path) for this shard.
+pub async fn restore(config: &ServerConfig, which: &Restore) -> Result<Restored, PsError> {
+    let store = match &config.checkpoint {
+        Some(c) if which.needs_checkpoint_store() => CheckpointStore::open(&c.url)?,
+        _ => CheckpointStore::open(&which.to_string())?,
     };
-    let store = store?;
+    let which = which.to_string();
     let manifest = store.resolve(&which).await?;
     let snap = store.load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes).await?;
     let version = snap.version;

@@ -1,10 +1,17 @@
 //! The server's settings, with their defaults.
+//!
+//! The settings a job file gives every shard (`[server]`, `[checkpoint]`, `restore`) are
+//! gradflow-core's [`ServerSettings`], [`CheckpointConfig`] and [`Restore`], documented and
+//! defaulted there once; [`ServerConfig::from_settings`] is the one place they become a
+//! shard's settings.
 
 use std::time::Duration;
 
 use gradflow_core::Mode;
+pub use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings, SettingsError};
 use gradflow_proto::TransportConfig;
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 /// Everything one parameter-server shard needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,119 +28,98 @@ pub struct ServerConfig {
     /// Async only: a worker may be at most this many steps ahead of the slowest live worker.
     /// Default: no bound.
     pub max_staleness: Option<u64>,
-    /// A worker not heard from for this long is dropped from the set a sync step waits for.
-    /// Default 5s.
+    /// See [`ServerSettings::heartbeat_timeout`]. Default 5s.
     #[serde(with = "humantime_serde")]
     pub heartbeat_timeout: Duration,
-    /// Time a worker that has never been heard from is waited for after the server starts.
-    /// Default 120s (processes and pods take a while to start).
+    /// See [`ServerSettings::startup_timeout`]. Default 120s.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
-    /// Longest a pull or push waits for the model to reach its step before failing with
-    /// DEADLINE_EXCEEDED. Default 600s.
+    /// See [`ServerSettings::wait_timeout`]. Default 600s.
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
-    /// Refuse gradients that contain NaN or infinity, and stop the shard when an update would
-    /// make a parameter or its optimizer state NaN or infinite. Default true.
+    /// See [`ServerSettings::reject_non_finite`]. Default true.
     pub reject_non_finite: bool,
-    /// Sync only: a step completes once all live workers but this many have pushed; later
-    /// pushes for it are refused as stale. Default 0: every live worker is waited for.
+    /// See [`ServerSettings::backup_workers`]. Default 0.
     pub backup_workers: u32,
     /// Work on a request's tensors of at most this many bytes (checking and adding a push,
     /// reading a pull) runs on the async runtime's thread; larger work goes to the blocking
     /// pool. Handing work to the pool costs two thread wake-ups, more than small work takes.
     /// Default 1 MiB; 0 sends all of it to the pool.
     pub inline_bytes: u64,
-    /// The most memory, in bytes, this shard's part of the model may need: its dense values,
-    /// optimizer state and gradient sums, and one row of each sparse table, worked out from
-    /// the spec when a worker declares it; a larger model is refused (RESOURCE_EXHAUSTED,
-    /// naming the sizes) before anything is allocated. Default: the machine's memory (the
-    /// smaller of its RAM and its cgroup's memory limit). 0: no limit.
+    /// See [`ServerSettings::max_memory`] and [`ServerConfig::memory_budget`]. Default: the
+    /// machine's memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<u64>,
     /// gRPC and tensor-link transport settings.
     pub transport: TransportConfig,
-    /// The port of the tensor link (`transport.tensor_link`), on the gRPC address's
-    /// interface. Default 0: any free port, which workers learn from the server's status.
+    /// See [`ServerSettings::link_port`]. Default 0: any free port.
     pub link_port: u16,
     /// Where and when to write checkpoints. Default: none.
     pub checkpoint: Option<CheckpointConfig>,
-    /// Start from a checkpoint instead of an empty model: `"latest"`, a step number, or the
-    /// URL of a checkpoint directory. Needs `checkpoint.url` unless a URL is given.
-    pub restore: Option<String>,
+    /// Start from a checkpoint instead of an empty model (see [`Restore`]). Needs
+    /// `checkpoint` unless it is a URL.
+    pub restore: Option<Restore>,
     /// The job's token: with one, every call without it is refused (UNAUTHENTICATED). Never
     /// read from or written to a file; the binary takes it from `GRADFLOW_TOKEN`. Default none.
     #[serde(skip)]
     pub token: Option<gradflow_proto::auth::Token>,
     /// TLS: the server's certificate and key, and for mutual TLS the CAs that must have
     /// signed its clients' certificates (others are refused in the handshake). Comes from
-    /// the job file's `[tls]` section (`JobConfig::server_config`). Default: plaintext.
+    /// the job file's `[tls]` section. Default: plaintext.
     #[serde(skip)]
     pub tls: Option<gradflow_proto::tls::ServerTls>,
-}
-
-/// When and where a shard writes checkpoints.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CheckpointConfig {
-    /// Object-store URL: a local folder (default `./checkpoints`), `s3://`, `gs://`, `az://`,
-    /// or `memory://` (tests).
-    pub url: String,
-    /// A checkpoint every this many model versions (sync: steps). Default 1000.
-    pub every_steps: Option<u64>,
-    /// A checkpoint at the first step after this much time since the last one. Default: off.
-    #[serde(with = "humantime_serde")]
-    pub every: Option<Duration>,
-    /// Complete checkpoints kept; older ones are deleted once a newer one is complete. Default 3.
-    pub keep: usize,
-    /// Write a last checkpoint when the server is stopped (SIGTERM), if the model changed
-    /// since the previous one. Default true.
-    pub on_shutdown: bool,
-    /// How long shard 0 waits for the other shards' files before giving a checkpoint up.
-    /// Default 300s.
-    #[serde(with = "humantime_serde")]
-    pub finalize_timeout: Duration,
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        CheckpointConfig {
-            url: "./checkpoints".into(),
-            every_steps: Some(1000),
-            every: None,
-            keep: 3,
-            on_shutdown: true,
-            finalize_timeout: Duration::from_secs(300),
-        }
-    }
+    /// TLS of shard 0's calls to the other shards (time-based checkpoints): the client side
+    /// of the job's `[tls]` section, what a worker uses. Default: from `GRADFLOW_TLS_CA` (and
+    /// the variables beside it, see `gradflow_proto::tls`) when it is set, else plaintext.
+    #[serde(skip)]
+    pub peer_tls: Option<gradflow_proto::tls::ClientTls>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
+        ServerConfig::from_settings(&ServerSettings::default())
+    }
+}
+
+impl ServerConfig {
+    /// A shard with the job-wide server settings `settings` (a job file's `[server]`) and
+    /// defaults for the rest. The one place where those settings become a shard's.
+    pub fn from_settings(settings: &ServerSettings) -> ServerConfig {
+        // No `..`: a new setting does not compile until it is taken here (or said unused).
+        let ServerSettings {
+            heartbeat_timeout,
+            startup_timeout,
+            wait_timeout,
+            reject_non_finite,
+            // Reaches the shard in the model spec that the workers declare.
+            partition_bytes: _,
+            backup_workers,
+            link_port,
+            max_memory,
+        } = *settings;
         ServerConfig {
             shard: 0,
             num_shards: 1,
             num_workers: 1,
             mode: Mode::Sync,
             max_staleness: None,
-            heartbeat_timeout: Duration::from_secs(5),
-            startup_timeout: Duration::from_secs(120),
-            wait_timeout: Duration::from_secs(600),
-            reject_non_finite: true,
+            heartbeat_timeout,
+            startup_timeout,
+            wait_timeout,
+            reject_non_finite,
+            backup_workers,
+            inline_bytes: 1 << 20,
+            max_memory,
             transport: TransportConfig::default(),
+            link_port,
             checkpoint: None,
             restore: None,
             token: None,
             tls: None,
-            backup_workers: 0,
-            inline_bytes: 1 << 20,
-            link_port: 0,
-            max_memory: None,
+            peer_tls: None,
         }
     }
-}
 
-impl ServerConfig {
     /// The memory budget of the model, from [`ServerConfig::max_memory`]: `None` for no limit.
     pub fn memory_budget(&self) -> Option<u64> {
         match self.max_memory {
@@ -144,49 +130,47 @@ impl ServerConfig {
     }
 
     /// Checks the settings; the message names the field and what was expected.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.num_shards == 0 {
-            return Err("num_shards is 0; expected at least 1".into());
+            return Err(ConfigError::NoShards);
         }
         if self.shard >= self.num_shards {
-            return Err(format!(
-                "shard is {} but num_shards is {}; expected shard < num_shards",
-                self.shard, self.num_shards
-            ));
+            return Err(ConfigError::Shard { shard: self.shard, num_shards: self.num_shards });
         }
         if self.num_workers == 0 {
-            return Err("num_workers is 0; expected at least 1".into());
+            return Err(ConfigError::NoWorkers);
         }
-        if self.heartbeat_timeout < Duration::from_millis(50) {
-            return Err(format!("heartbeat_timeout is {:?}; expected at least 50ms", self.heartbeat_timeout));
-        }
-        if self.backup_workers > 0 && self.mode == Mode::Async {
-            return Err("backup_workers applies to sync mode only; async steps never wait".into());
-        }
-        if self.backup_workers >= self.num_workers {
-            return Err(format!(
-                "backup_workers is {} but the job has {} workers; expected fewer backups than workers",
-                self.backup_workers, self.num_workers
-            ));
-        }
+        gradflow_core::settings::check_heartbeat_timeout(self.heartbeat_timeout)?;
+        gradflow_core::settings::check_backup_workers(self.backup_workers, self.mode, self.num_workers)?;
         if self.max_staleness.is_some() && self.mode == Mode::Sync {
-            return Err("max_staleness applies to async mode only; remove it or set mode = \"async\"".into());
+            return Err(ConfigError::StalenessInSync);
         }
         if let Some(c) = &self.checkpoint {
-            if c.every_steps == Some(0) {
-                return Err("checkpoint.every_steps is 0; expected at least 1 (or leave it out)".into());
-            }
-            if c.keep == 0 {
-                return Err("checkpoint.keep is 0; expected at least 1".into());
-            }
+            c.validate()?;
         }
         if let Some(r) = &self.restore {
-            if self.checkpoint.is_none() && !r.contains("://") {
-                return Err(format!("restore = \"{r}\" needs checkpoint.url to say where checkpoints are"));
-            }
+            r.check(self.checkpoint.as_ref())?;
         }
-        self.transport.validate()
+        self.transport.validate().map_err(ConfigError::Transport)
     }
+}
+
+/// A [`ServerConfig`] that cannot work; the message names the field.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum ConfigError {
+    #[error("num_shards is 0; expected at least 1")]
+    NoShards,
+    #[error("shard is {shard} but num_shards is {num_shards}; expected shard < num_shards")]
+    Shard { shard: u32, num_shards: u32 },
+    #[error("num_workers is 0; expected at least 1")]
+    NoWorkers,
+    #[error("max_staleness applies to async mode only; remove it or set mode = \"async\"")]
+    StalenessInSync,
+    /// A job-wide setting (see [`ServerSettings`], [`CheckpointConfig`], [`Restore`]).
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("{0}")]
+    Transport(String),
 }
 
 /// This machine's memory in bytes: the smaller of the RAM (`MemTotal` in `/proc/meminfo`) and

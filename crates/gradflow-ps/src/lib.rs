@@ -43,6 +43,6 @@ pub mod shard;
 pub mod tasks;
 
 pub use checkpointing::ENV_FAULT_STALL_UPLOAD;
-pub use config::{CheckpointConfig, ServerConfig};
+pub use config::{CheckpointConfig, ConfigError, Restore, ServerConfig, ServerSettings};
 pub use error::PsError;
 pub use server::{RunningServer, serve_until, start};

@@ -1,6 +1,7 @@
 //! Calls from shard 0 to the other shards: asking each for a checkpoint of the step shard 0
 //! chose (time-based checkpoints, see `checkpointing`). Addresses come from the workers'
-//! declare; TLS settings, when the job has them, from the same environment a worker reads.
+//! declare; TLS settings from the shard's config (`ServerConfig::peer_tls`), else from the
+//! same environment a worker reads.
 
 use gradflow_proto::auth::{ClientAuth, Token};
 use gradflow_proto::tls::{self, ClientTls};
@@ -11,8 +12,16 @@ use crate::checkpointing::AskError;
 use crate::error::VERSION_METADATA;
 
 /// Asks the shard at `addr` for a checkpoint of `step` and waits until its files are written.
-pub async fn ask_checkpoint(addr: String, token: Option<Token>, step: u64) -> Result<(), AskError> {
-    let client_tls = ClientTls::from_env().map_err(|e| AskError::Failed(e.to_string()))?;
+pub async fn ask_checkpoint(
+    addr: String,
+    token: Option<Token>,
+    client_tls: Option<ClientTls>,
+    step: u64,
+) -> Result<(), AskError> {
+    let client_tls = match client_tls {
+        Some(tls) => Some(tls),
+        None => ClientTls::from_env().map_err(|e| AskError::Failed(e.to_string()))?,
+    };
     let url = tls::url(&addr, client_tls.is_some()).map_err(AskError::Failed)?;
     let mut endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| AskError::Failed(format!("{addr}: {e}")))?

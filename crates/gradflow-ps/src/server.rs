@@ -71,7 +71,7 @@ pub async fn start(
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
 ) -> Result<RunningServer, PsError> {
-    config.validate().map_err(PsError::InvalidArgument)?;
+    config.validate().map_err(|e| PsError::InvalidArgument(e.to_string()))?;
     // The TLS files are read before anything binds, so a bad [tls] section fails at once. A
     // client that fails the handshake (plaintext, an untrusted certificate, none with mutual
     // TLS) never gets to send a call.

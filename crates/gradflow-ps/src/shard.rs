@@ -250,10 +250,10 @@ impl Shard {
         // every worker pulled shard 0's model of the step before).
         let target = self.coord.version() + 2;
         ck.request(target);
-        let token = self.config.token.clone();
+        let (token, tls) = (self.config.token.clone(), self.config.peer_tls.clone());
         tokio::spawn(async move {
             crate::checkpointing::coordinate(&ck, target, |s, target| {
-                crate::peer::ask_checkpoint(peers[s as usize].clone(), token.clone(), target)
+                crate::peer::ask_checkpoint(peers[s as usize].clone(), token.clone(), tls.clone(), target)
             })
             .await;
         });

@@ -9,6 +9,8 @@
 //! - [`evaluate`]: test loss, AUC and accuracy of the model the servers hold.
 //! - [`standardizer`]: dense-feature scaling measured the same way on every worker.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,15 +18,12 @@ use std::time::{Duration, Instant};
 
 use gradflow_core::Mode;
 use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer, metrics};
-use gradflow_launch::{Event, JobConfig, Sharding};
+use gradflow_job::contract::{ENV_ATTEMPT, ENV_RUN_ID};
+use gradflow_job::{Event, JobConfig, Sharding};
 use gradflow_models::{Grads, Model, Params, SparseRows};
 use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
 use thiserror::Error;
 use tracing::{debug, info, warn};
-
-/// The environment variable holding the run id that the launcher gives every run of a job
-/// (see `gradflow_launch::contract`); results lines carry it.
-const ENV_RUN_ID: &str = "GRADFLOW_RUN_ID";
 
 /// Fault injection for tests: epochs (1-based, comma-separated, or `all`) during whose
 /// scoring worker 0 aborts, the way a kill would stop it. Start `k` of the process
@@ -230,6 +229,8 @@ pub async fn run_worker(
     config.transport = job.transport.clone();
     config.heartbeat_interval = (job.server.heartbeat_timeout / 5).max(std::time::Duration::from_millis(20));
     config.startup_timeout = job.server.startup_timeout;
+    // The job's [tls] section, if any; without one the worker library reads the environment.
+    config.tls = job.client_tls();
     if std::env::var_os(ENV_FAULT_ABORT_SCORING).is_some() && attempt() > 0 {
         tokio::time::sleep(job.server.heartbeat_timeout * 3).await;
     }
@@ -758,7 +759,7 @@ fn recorded_result(job: &JobConfig, epoch: u64) -> Result<Option<String>, TrainE
 
 /// This process's start: 0 for the first, +1 per restart (`GRADFLOW_ATTEMPT`).
 fn attempt() -> u64 {
-    std::env::var("GRADFLOW_ATTEMPT").ok().and_then(|a| a.trim().parse().ok()).unwrap_or(0)
+    std::env::var(ENV_ATTEMPT).ok().and_then(|a| a.trim().parse().ok()).unwrap_or(0)
 }
 
 /// See [`ENV_FAULT_ABORT_SCORING`].

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::*;
-use gradflow_launch::contract::CLUSTER_SPEC_VERSION;
-use gradflow_launch::{ClusterSpec, Event, JobConfig, Role};
+use gradflow_job::contract::CLUSTER_SPEC_VERSION;
+use gradflow_job::{ClusterSpec, Event, JobConfig, Role};
 
 /// The example's binary, built by `cargo test` next to this test's own binary.
 fn example_binary() -> PathBuf {
@@ -43,7 +43,7 @@ fn job(servers: u32, out: &Path) -> JobConfig {
 async fn run(job: &JobConfig) -> Vec<Vec<Event>> {
     init_tracing();
     let servers = job.servers;
-    let shards = start_shards(servers, |s| job.server_config(s)).await;
+    let shards = start_shards(servers, |s| gradflow_launch::server_config(job, s)).await;
     let addrs = addrs(&shards);
     let bin = example_binary();
     let workers: Vec<_> = (0..job.workers)

@@ -165,7 +165,7 @@ async fn now(args: NowArgs) -> anyhow::Result<ExitCode> {
     config.tls = job.client_tls();
     // Else GRADFLOW_TOKEN, which `connect` reads.
     if let Some(t) = token {
-        config.token = Some(gradflow_launch::contract::Token::new(t).map_err(anyhow::Error::msg)?);
+        config.token = Some(gradflow_job::contract::Token::new(t).map_err(anyhow::Error::msg)?);
     }
     let observer = gradflow_worker::Worker::connect(config).await?;
     // Sync: a step every shard has still ahead of it, the same everywhere. It is chosen about

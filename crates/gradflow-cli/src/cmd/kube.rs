@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
-use gradflow_launch::Role;
+use gradflow_job::Role;
 use gradflow_launch::kubernetes::{JobClient, LogSelection, RunOutcome};
 use gradflow_launch::local::shutdown_signal;
 

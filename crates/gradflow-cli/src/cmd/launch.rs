@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use gradflow_launch::contract::new_run_id;
+use gradflow_job::contract::new_run_id;
 use gradflow_launch::guard::RunGuard;
 use gradflow_launch::kubernetes::render::{Renderer, controller_name, to_json, to_yaml};
-use gradflow_launch::kubernetes::{JobClient, JobState, RunOutcome, config};
+use gradflow_launch::kubernetes::{JobClient, JobState, KubernetesConfig, RunOutcome, config};
 use gradflow_launch::local::{LocalLauncher, shutdown_signal};
 
 /// Run a training job from its job file: prepare the data, start the parameter servers and
@@ -153,8 +153,10 @@ fn run_kubernetes(args: Args) -> anyhow::Result<ExitCode> {
     }
     // Paths of the job file become paths inside the pods (`kubernetes.workdir`).
     let job = config::load_job(&args.job)?;
-    let namespace =
-        args.namespace.clone().or_else(|| job.kubernetes.as_ref().and_then(|k| k.namespace.clone()));
+    let namespace = match args.namespace.clone() {
+        Some(namespace) => Some(namespace),
+        None => KubernetesConfig::of(&job)?.namespace,
+    };
     if args.dry_run {
         let renderer = Renderer::new(job, namespace.as_deref().unwrap_or("default"))?;
         let manifests = renderer.manifests(args.detach);

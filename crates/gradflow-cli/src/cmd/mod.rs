@@ -12,12 +12,12 @@ pub mod worker;
 use std::path::Path;
 
 use anyhow::Context;
-use gradflow_launch::{ClusterSpec, JobConfig};
+use gradflow_job::{ClusterSpec, JobConfig};
 
 /// Logs go to stderr; the filter comes from `GRADFLOW_LOG` (set by the launcher from the job
 /// file), else `RUST_LOG`, else `default`.
 pub fn init_logging(default: &str) {
-    let filter = std::env::var(gradflow_launch::contract::ENV_LOG)
+    let filter = std::env::var(gradflow_job::contract::ENV_LOG)
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or(default.into());
     let _ = tracing_subscriber::fmt()
@@ -30,14 +30,15 @@ pub fn init_logging(default: &str) {
 
 /// The cluster spec from the environment, if a launcher set one.
 pub fn cluster_from_env() -> anyhow::Result<Option<ClusterSpec>> {
-    if std::env::var_os(gradflow_launch::contract::ENV_CLUSTER_SPEC).is_none() {
+    if std::env::var_os(gradflow_job::contract::ENV_CLUSTER_SPEC).is_none() {
         return Ok(None);
     }
     Ok(Some(ClusterSpec::from_env()?))
 }
 
+/// A job file, read as every command reads one (see [`gradflow_launch::load_job`]).
 pub fn load_job(path: &Path) -> anyhow::Result<JobConfig> {
-    Ok(JobConfig::load(path)?)
+    Ok(gradflow_launch::load_job(path)?)
 }
 
 /// A multi-threaded runtime sized to the machine; compute runs on rayon next to it.

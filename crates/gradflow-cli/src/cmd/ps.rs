@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use gradflow_launch::Event;
+use gradflow_core::Restore;
+use gradflow_job::Event;
+use gradflow_job::contract::{ENV_RESTORE, ENV_TOKEN, Token};
 
 /// Run one parameter-server shard of a job.
 ///
@@ -37,7 +39,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::init_logging("info");
-    let (config, listen, metrics, client_tls) = match super::cluster_from_env()? {
+    let (config, listen, metrics) = match super::cluster_from_env()? {
         Some(spec) => {
             let listen: SocketAddr = spec
                 .listen
@@ -51,7 +53,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
                 None => None,
             };
-            (spec.job_config.server_config(spec.index), listen, metrics, spec.job_config.client_tls())
+            (gradflow_launch::server_config(&spec.job_config, spec.index), listen, metrics)
         }
         None => {
             let Some(path) = args.job else {
@@ -71,32 +73,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 },
                 None => None,
             };
-            // The job's [tls] section, if any, is in the server config.
-            (job.server_config(args.shard), args.listen, metrics, job.client_tls())
+            // The job's [tls] section, if any, is in the server config: the server's side, and
+            // the client's for shard 0's calls to the other shards (time-based checkpoints).
+            (gradflow_launch::server_config(&job, args.shard), args.listen, metrics)
         }
     };
-    if let Some(tls) = client_tls
-        && std::env::var_os(gradflow_launch::contract::ENV_TLS_CA).is_none()
-    {
-        // Shard 0 calls the other shards (time-based checkpoints) with the client settings a
-        // worker uses, from the environment.
-        for (key, value) in tls.to_env() {
-            // SAFETY: no other thread runs yet (the runtime starts below), so nothing reads
-            // the environment while it changes.
-            unsafe { std::env::set_var(key, value) };
-        }
-    }
     super::runtime()?.block_on(async move {
         let mut config = restore_from_env(config).await?;
         if let Some(port) = args.link_port {
             config.link_port = port;
         }
-        config.token = gradflow_launch::contract::Token::from_env().map_err(anyhow::Error::msg)?;
+        config.token = Token::from_env().map_err(anyhow::Error::msg)?;
         if config.token.is_none() {
-            tracing::warn!(
-                "{} is not set: this server takes calls from anyone who can reach it",
-                gradflow_launch::contract::ENV_TOKEN
-            );
+            tracing::warn!("{} is not set: this server takes calls from anyone who can reach it", ENV_TOKEN);
         }
         let server = gradflow_ps::start(config, listen, metrics).await?;
         Event::Listening {
@@ -117,18 +106,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 async fn restore_from_env(
     mut config: gradflow_ps::ServerConfig,
 ) -> anyhow::Result<gradflow_ps::ServerConfig> {
-    let Ok(which) = std::env::var(gradflow_launch::contract::ENV_RESTORE) else { return Ok(config) };
+    let Ok(which) = std::env::var(ENV_RESTORE) else { return Ok(config) };
     let Some(checkpoint) = &config.checkpoint else {
-        bail!("{}={which}, but the job has no [checkpoint] section", gradflow_launch::contract::ENV_RESTORE);
+        bail!("{ENV_RESTORE}={which}, but the job has no [checkpoint] section");
     };
-    if which.trim() != "latest" {
+    let which: Restore = which.parse().with_context(|| format!("{ENV_RESTORE}={which}"))?;
+    if which != Restore::Latest {
         config.restore = Some(which);
         return Ok(config);
     }
     match gradflow_launch::prepare::latest_step(&checkpoint.url).await? {
         Some(step) => {
             tracing::info!(step, url = %checkpoint.url, "restarting from the latest checkpoint");
-            config.restore = Some(step.to_string());
+            config.restore = Some(Restore::Step(step));
         }
         None => {
             tracing::warn!(url = %checkpoint.url, restore = ?config.restore, "no checkpoint was written yet; starting as the job file says");

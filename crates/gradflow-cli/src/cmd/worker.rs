@@ -11,7 +11,7 @@ use anyhow::bail;
 
 /// Exit code of a worker that failed in a way a restart would repeat: the launcher does not
 /// restart it.
-const EXIT_NO_RESTART: u8 = gradflow_launch::contract::EXIT_NO_RESTART as u8;
+const EXIT_NO_RESTART: u8 = gradflow_job::contract::EXIT_NO_RESTART as u8;
 
 /// Run one worker of a job: read its share of the data, train, report progress.
 ///
@@ -55,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 /// The job, this worker's index and the servers: from the launcher's environment, else from
 /// the flags.
-fn setup(args: Args) -> anyhow::Result<(gradflow_launch::JobConfig, u32, Vec<String>)> {
+fn setup(args: Args) -> anyhow::Result<(gradflow_job::JobConfig, u32, Vec<String>)> {
     let (job, index, servers) = match super::cluster_from_env()? {
         Some(spec) => (spec.job_config, spec.index, spec.servers),
         None => {
@@ -76,16 +76,7 @@ fn setup(args: Args) -> anyhow::Result<(gradflow_launch::JobConfig, u32, Vec<Str
             (job, args.index, args.servers)
         }
     };
-    if let Some(tls) = job.client_tls()
-        && std::env::var_os(gradflow_launch::contract::ENV_TLS_CA).is_none()
-    {
-        // The trainer's client takes its TLS settings from the environment, as a trainer of
-        // your own does; a launcher sets them, a worker started by hand gets them here.
-        for (key, value) in tls.to_env() {
-            // SAFETY: no other thread runs yet (the runtime starts after this), so nothing
-            // reads the environment while it changes.
-            unsafe { std::env::set_var(key, value) };
-        }
-    }
+    // The job's [tls] section, if any, reaches the trainer's client with the job
+    // (`WorkerConfig::tls`).
     Ok((job, index, servers))
 }

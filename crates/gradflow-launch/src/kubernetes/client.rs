@@ -27,8 +27,8 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, Preconditi
 use super::controller::{self, Action, Decision, JobStatus, JobSummary, member};
 use super::render::{Renderer, controller_name, token_secret_name};
 use super::{KubernetesError, LABEL_CONTROLLER_OF, LABEL_JOB, RECORD_JOB_KEY, RECORD_STATUS_KEY};
-use crate::contract::Token;
-use crate::{JobConfig, LaunchError, Role};
+use gradflow_job::contract::Token;
+use gradflow_job::{JobConfig, JobError, Role};
 
 type Result<T, E = KubernetesError> = std::result::Result<T, E>;
 
@@ -108,7 +108,7 @@ impl JobClient {
     pub async fn launch(&self, job: JobConfig, detach: bool) -> Result<Controller> {
         let token = job.auth.token().map_err(|e| {
             KubernetesError::Token(match e {
-                LaunchError::Environment(message) => message,
+                JobError::Environment(message) => message,
                 other => other.to_string(),
             })
         })?;

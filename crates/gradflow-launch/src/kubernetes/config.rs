@@ -7,6 +7,10 @@
 //! (`node_selector`, `env`) merge key by key with the role winning, lists (`tolerations`,
 //! `volumes`, `volume_mounts`) are concatenated.
 //!
+//! The job (gradflow-job) keeps the section as written, so that describing a job needs no
+//! Kubernetes types; [`KubernetesConfig::of`] and [`KubernetesConfig::from_toml`] type it,
+//! which is when an unknown key or a value of the wrong type is found.
+//!
 //! `tolerations`, `volumes` and `volume_mounts` are written as in a Kubernetes manifest
 //! (camelCase keys), so examples from the Kubernetes documentation can be pasted; unknown keys
 //! in them are still errors that name the key.
@@ -27,7 +31,9 @@ use k8s_openapi::api::core::v1::{Toleration, Volume, VolumeMount};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::{JobConfig, LaunchError, Role};
+use gradflow_job::{JobConfig, JobError, Role};
+
+use crate::LaunchError;
 
 /// The image `launch` uses when the job file names none: the one `deploy/Dockerfile` builds
 /// and tags, for this version.
@@ -203,21 +209,47 @@ impl KubernetesConfig {
         }
     }
 
-    /// Checks values that parse but cannot work on a cluster; the message names the key
+    /// The job's `[kubernetes]` section, typed; the defaults when the job has none. Unknown
+    /// keys and values of the wrong type are errors; [`KubernetesConfig::validate`] checks the
+    /// values.
+    pub fn of(job: &JobConfig) -> Result<KubernetesConfig, JobError> {
+        match &job.kubernetes {
+            None => Ok(KubernetesConfig::default()),
+            Some(section) => {
+                serde_json::from_value(section.to_value()).map_err(|e| invalid("kubernetes", e.to_string()))
+            }
+        }
+    }
+
+    /// The `[kubernetes]` section of a job file's text, typed as by [`KubernetesConfig::of`],
+    /// with errors that name the line; `None` when the file has none.
+    pub fn from_toml(text: &str) -> Result<Option<KubernetesConfig>, JobError> {
+        /// The job file with every other section skipped.
+        #[derive(Deserialize)]
+        struct Section {
+            #[serde(default)]
+            kubernetes: Option<KubernetesConfig>,
+        }
+        toml::from_str::<Section>(text).map(|s| s.kubernetes).map_err(JobError::Toml)
+    }
+
+    /// Checks values that parse but cannot work on a cluster; the error names the key
     /// (`kubernetes.worker.cpu: ...`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), JobError> {
         let key = |k: &str| format!("kubernetes.{k}");
         if let Some(ns) = &self.namespace {
-            dns_label(ns).map_err(|e| format!("{}: {e}", key("namespace")))?;
+            dns_label(ns).map_err(|e| invalid(key("namespace"), e))?;
         }
         if self.image.trim().is_empty() {
-            return Err(format!("{}: expected an image reference, found an empty string", key("image")));
+            return Err(invalid(key("image"), "expected an image reference, found an empty string"));
         }
         if !["Always", "IfNotPresent", "Never"].contains(&self.image_pull_policy.as_str()) {
-            return Err(format!(
-                "{}: expected \"Always\", \"IfNotPresent\" or \"Never\", found {:?}",
+            return Err(invalid(
                 key("image_pull_policy"),
-                self.image_pull_policy
+                format!(
+                    "expected \"Always\", \"IfNotPresent\" or \"Never\", found {:?}",
+                    self.image_pull_policy
+                ),
             ));
         }
         for (k, v) in [
@@ -227,54 +259,55 @@ impl KubernetesConfig {
             ("queue", &self.queue),
         ] {
             if let Some(v) = v {
-                dns_subdomain(v).map_err(|e| format!("{}: {e}", key(k)))?;
+                dns_subdomain(v).map_err(|e| invalid(key(k), e))?;
             }
         }
         dns_subdomain(&self.controller_service_account)
-            .map_err(|e| format!("{}: {e}", key("controller_service_account")))?;
+            .map_err(|e| invalid(key("controller_service_account"), e))?;
         for (i, s) in self.image_pull_secrets.iter().enumerate() {
-            dns_subdomain(s).map_err(|e| format!("{}[{i}]: {e}", key("image_pull_secrets")))?;
+            dns_subdomain(s).map_err(|e| invalid(format!("{}[{i}]", key("image_pull_secrets")), e))?;
         }
         if !self.workdir.is_absolute() {
-            return Err(format!(
-                "{}: expected an absolute path, found {}",
+            return Err(invalid(
                 key("workdir"),
-                self.workdir.display()
+                format!("expected an absolute path, found {}", self.workdir.display()),
             ));
         }
         if self.port == 0 || self.metrics_port == 0 || self.port == self.metrics_port {
-            return Err(format!(
-                "{}/{}: expected two different ports from 1 to 65535, found {} and {}",
-                key("port"),
-                key("metrics_port"),
-                self.port,
-                self.metrics_port
+            return Err(invalid(
+                format!("{}/{}", key("port"), key("metrics_port")),
+                format!(
+                    "expected two different ports from 1 to 65535, found {} and {}",
+                    self.port, self.metrics_port
+                ),
             ));
         }
         if self.link_port == 0 || self.link_port == self.port || self.link_port == self.metrics_port {
-            return Err(format!(
-                "{}: expected a port from 1 to 65535 other than port and metrics_port, found {}",
+            return Err(invalid(
                 key("link_port"),
-                self.link_port
+                format!(
+                    "expected a port from 1 to 65535 other than port and metrics_port, found {}",
+                    self.link_port
+                ),
             ));
         }
         if let Some(code) = self.retryable_exit_codes.iter().find(|c| !(1..=255).contains(*c)) {
-            return Err(format!(
-                "{}: exit codes are 1 to 255 (0 is success), found {code}",
-                key("retryable_exit_codes")
+            return Err(invalid(
+                key("retryable_exit_codes"),
+                format!("exit codes are 1 to 255 (0 is success), found {code}"),
             ));
         }
         for k in self.labels.keys() {
             if k.starts_with(super::LABEL_PREFIX) || k.starts_with("app.kubernetes.io/") {
-                return Err(format!("{}: {k:?} is set by gradflow; choose another key", key("labels")));
+                return Err(invalid(key("labels"), format!("{k:?} is set by gradflow; choose another key")));
             }
-            label_key(k).map_err(|e| format!("{}: {e}", key("labels")))?;
+            label_key(k).map_err(|e| invalid(key("labels"), e))?;
         }
         for v in self.labels.values() {
-            label_value(v).map_err(|e| format!("{}: {e}", key("labels")))?;
+            label_value(v).map_err(|e| invalid(key("labels"), e))?;
         }
         for k in self.annotations.keys() {
-            label_key(k).map_err(|e| format!("{}: {e}", key("annotations")))?;
+            label_key(k).map_err(|e| invalid(key("annotations"), e))?;
         }
         for role in [Role::Ps, Role::Worker] {
             let section = match role {
@@ -283,12 +316,12 @@ impl KubernetesConfig {
             };
             let at = |k: &str| format!("kubernetes.{}.{k}", role.as_str());
             if section.image.as_deref().is_some_and(|i| i.trim().is_empty()) {
-                return Err(format!("{}: expected an image reference, found an empty string", at("image")));
+                return Err(invalid(at("image"), "expected an image reference, found an empty string"));
             }
             // Each field is checked where it is written, so that the error names that key.
             check_settings(section, &at)?;
             let merged = self.for_role(role);
-            check_mounts(&merged).map_err(|e| format!("kubernetes ({} pods): {e}", role.as_str()))?;
+            check_mounts(&merged).map_err(|e| invalid(format!("kubernetes ({} pods)", role.as_str()), e))?;
         }
         let common = PodSettings {
             image: None,
@@ -307,53 +340,57 @@ impl KubernetesConfig {
     }
 }
 
+/// A [`JobError::Invalid`] for `key`.
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> JobError {
+    JobError::Invalid { key: key.into(), message: message.into() }
+}
+
 /// Name of the emptyDir volume gradflow adds for the output and synthetic-data directories.
 pub(crate) const SCRATCH_VOLUME: &str = "gradflow-scratch";
 
-fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), String> {
+fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), JobError> {
     if let Some(c) = &s.command
         && (c.is_empty() || c[0].trim().is_empty())
     {
-        return Err(format!(
-            "{}: expected the program and its arguments, e.g. [\"gradflow\"]",
-            at("command")
-        ));
+        return Err(invalid(at("command"), "expected the program and its arguments, e.g. [\"gradflow\"]"));
     }
     for (k, v) in [("cpu", &s.cpu), ("memory", &s.memory)] {
         if let Some(v) = v {
-            check_quantity(v).map_err(|e| format!("{}: {e}", at(k)))?;
+            check_quantity(v).map_err(|e| invalid(at(k), e))?;
         }
     }
     for (k, v) in &s.node_selector {
-        label_key(k).map_err(|e| format!("{}: {e}", at("node_selector")))?;
-        label_value(v).map_err(|e| format!("{}: {e}", at("node_selector")))?;
+        label_key(k).map_err(|e| invalid(at("node_selector"), e))?;
+        label_value(v).map_err(|e| invalid(at("node_selector"), e))?;
     }
     for k in s.env.keys() {
         if k.starts_with("GRADFLOW_") {
-            return Err(format!(
-                "{}: {k} is reserved: gradflow sets the GRADFLOW_ variables (the log filter is output.log)",
-                at("env")
+            return Err(invalid(
+                at("env"),
+                format!(
+                    "{k} is reserved: gradflow sets the GRADFLOW_ variables (the log filter is output.log)"
+                ),
             ));
         }
         let ok = !k.is_empty()
             && !k.starts_with(|c: char| c.is_ascii_digit())
             && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
         if !ok {
-            return Err(format!("{}: {k:?} is not a valid environment variable name", at("env")));
+            return Err(invalid(at("env"), format!("{k:?} is not a valid environment variable name")));
         }
     }
     for (i, v) in s.volumes.iter().enumerate() {
-        dns_label(&v.name).map_err(|e| format!("{}[{i}].name: {e}", at("volumes")))?;
+        let name = format!("{}[{i}].name", at("volumes"));
+        dns_label(&v.name).map_err(|e| invalid(name.clone(), e))?;
         if v.name == SCRATCH_VOLUME {
-            return Err(format!("{}[{i}].name: {SCRATCH_VOLUME} is gradflow's own volume", at("volumes")));
+            return Err(invalid(name, format!("{SCRATCH_VOLUME} is gradflow's own volume")));
         }
     }
     for (i, m) in s.volume_mounts.iter().enumerate() {
         if !m.mount_path.starts_with('/') {
-            return Err(format!(
-                "{}[{i}].mountPath: expected an absolute path, found {:?}",
-                at("volume_mounts"),
-                m.mount_path
+            return Err(invalid(
+                format!("{}[{i}].mountPath", at("volume_mounts")),
+                format!("expected an absolute path, found {:?}", m.mount_path),
             ));
         }
     }
@@ -383,10 +420,9 @@ fn check_mounts(s: &PodSettings) -> Result<(), String> {
 /// The exception is `auth.token_file`: the launcher reads it, on its own machine, to put the
 /// token in the job's Secret, so it stays relative to the job file.
 pub fn load_job(path: &Path) -> Result<JobConfig, LaunchError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| LaunchError::JobFile { path: path.to_path_buf(), message: e.to_string() })?;
-    let mut job =
-        parse_job(&text).map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
+    let in_file = |error| JobError::File { path: path.to_path_buf(), error: Box::new(error) };
+    let text = std::fs::read_to_string(path).map_err(|e| in_file(JobError::Io(e)))?;
+    let mut job = parse_job(&text).map_err(in_file)?;
     if let Some(file) = job.auth.token_file.as_mut()
         && file.is_relative()
     {
@@ -397,9 +433,9 @@ pub fn load_job(path: &Path) -> Result<JobConfig, LaunchError> {
 
 /// [`load_job`] for a job file's text (`auth.token_file` stays as written: relative to the
 /// current directory).
-pub fn parse_job(text: &str) -> Result<JobConfig, String> {
+pub fn parse_job(text: &str) -> Result<JobConfig, JobError> {
     let mut job = JobConfig::parse(text)?;
-    let kube = job.kubernetes.clone().unwrap_or_default();
+    let kube = KubernetesConfig::from_toml(text)?.unwrap_or_default();
     kube.validate()?;
     check_name(&job.name)?;
     let token_file = job.auth.token_file.take();
@@ -416,10 +452,11 @@ pub fn parse_job(text: &str) -> Result<JobConfig, String> {
 
 /// Kubernetes names a job's Service after it: a DNS-1035 label, which must start with a
 /// letter (job names may start with a digit).
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), JobError> {
     if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
-        return Err(format!(
-            "name: `{name}` must start with a letter to run on Kubernetes (it names the job's Service)"
+        return Err(invalid(
+            "name",
+            format!("`{name}` must start with a letter to run on Kubernetes (it names the job's Service)"),
         ));
     }
     Ok(())
@@ -563,7 +600,7 @@ mod tests {
     const MIN: &str = "name = \"demo\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.libsvm\"\nformat = \"libsvm\"\n";
 
     fn parse(extra: &str) -> Result<JobConfig, String> {
-        parse_job(&format!("{MIN}{extra}"))
+        parse_job(&format!("{MIN}{extra}")).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -603,7 +640,7 @@ mod tests {
              tolerations = [{ key = \"nvidia.com/gpu\", operator = \"Exists\", effect = \"NoSchedule\" }]\nenv = { B = \"2\" }\n",
         )
         .unwrap();
-        let k = job.kubernetes.unwrap();
+        let k = KubernetesConfig::of(&job).unwrap();
         let w = k.for_role(Role::Worker);
         assert_eq!(w.cpu.as_deref(), Some("500m"));
         assert_eq!(w.memory.as_deref(), Some("1Gi"));
@@ -645,7 +682,7 @@ mod tests {
              volume_mounts = [{ name = \"data\", mountPath = \"/workspace/data\", readOnly = true }]\n",
         )
         .unwrap();
-        let k = ok.kubernetes.unwrap();
+        let k = KubernetesConfig::of(&ok).unwrap();
         assert_eq!(k.volumes[0].persistent_volume_claim.as_ref().unwrap().claim_name, "train-data");
         assert_eq!(k.volume_mounts[0].read_only, Some(true));
 
@@ -663,7 +700,7 @@ mod tests {
 
     #[test]
     fn a_job_name_starting_with_a_digit_cannot_name_a_service() {
-        let err = parse_job(&MIN.replace("\"demo\"", "\"1demo\"")).unwrap_err();
+        let err = parse_job(&MIN.replace("\"demo\"", "\"1demo\"")).unwrap_err().to_string();
         assert!(err.starts_with("name:"), "{err}");
     }
 

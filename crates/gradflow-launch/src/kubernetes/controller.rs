@@ -46,7 +46,7 @@ use serde::Serialize;
 use super::render::{Renderer, pod_name};
 pub use super::status::{Ending, JobState, JobStatus, ProcessRecord};
 use super::{LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE};
-use crate::{JobConfig, Role};
+use gradflow_job::{JobConfig, Role};
 
 /// One step toward the decided state. [`decide`] orders them: creations, then the record,
 /// then deletions.

@@ -1,6 +1,6 @@
 //! The Kubernetes backend: the same job file, run as pods on a cluster.
 //!
-//! `gradflow launch --backend kubernetes JOB.toml` turns a [`JobConfig`](crate::JobConfig)
+//! `gradflow launch --backend kubernetes JOB.toml` turns a [`JobConfig`](gradflow_job::JobConfig)
 //! into Kubernetes objects and drives them to the end of the job:
 //!
 //! - [`config`]: the optional `[kubernetes]` section of the job file (image, resources,
@@ -80,7 +80,7 @@ pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
 /// Annotation Volcano reads to queue a pod (with `scheduler_name = "volcano"`).
 pub const ANNOTATION_VOLCANO_QUEUE: &str = "scheduling.volcano.sh/queue-name";
 
-pub use crate::contract::ENV_RESTORE;
+pub use gradflow_job::contract::ENV_RESTORE;
 
 /// The key of the token in the job's Secret (`<job>-token`).
 pub const TOKEN_SECRET_KEY: &str = "token";

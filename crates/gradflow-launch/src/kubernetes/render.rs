@@ -18,6 +18,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use gradflow_job::contract::{CLUSTER_SPEC_VERSION, ENV_TOKEN, Token};
+use gradflow_job::{ClusterSpec, JobConfig, Role};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::{
     Job as BatchJob, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
@@ -40,9 +42,7 @@ use super::{
     LABEL_CONTROLLER_OF, LABEL_INDEX, LABEL_JOB, LABEL_KUEUE_QUEUE, LABEL_ROLE, RECORD_JOB_KEY,
     RECORD_STATUS_KEY, TOKEN_SECRET_KEY,
 };
-use crate::contract::{CLUSTER_SPEC_VERSION, ENV_TOKEN, Token};
 use crate::local::ENV_LOG;
-use crate::{ClusterSpec, JobConfig, Role};
 
 /// Everything a job needs to be turned into objects.
 #[derive(Debug, Clone)]
@@ -115,9 +115,10 @@ impl Renderer {
     /// A renderer for `job` in `namespace`. Fails when the job cannot run on Kubernetes (its
     /// `[kubernetes]` section is invalid, or its name cannot name a Service).
     pub fn new(job: JobConfig, namespace: impl Into<String>) -> Result<Renderer, KubernetesError> {
-        let kube = job.kubernetes.clone().unwrap_or_default();
-        kube.validate().map_err(KubernetesError::Config)?;
-        check_name(&job.name).map_err(KubernetesError::Config)?;
+        let config = |e: gradflow_job::JobError| KubernetesError::Config(e.to_string());
+        let kube = KubernetesConfig::of(&job).map_err(config)?;
+        kube.validate().map_err(config)?;
+        check_name(&job.name).map_err(config)?;
         Ok(Renderer { job, kube, namespace: namespace.into(), owner: None })
     }
 

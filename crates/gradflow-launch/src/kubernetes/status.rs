@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{JobConfig, Role};
+use gradflow_job::{JobConfig, Role};
 
 /// The state of a job, as `gradflow status` shows it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +123,7 @@ impl JobStatus {
         serde_json::to_string_pretty(self).expect("a JobStatus always serializes")
     }
 
+    /// Reads what [`JobStatus::to_json`] wrote.
     pub fn from_json(text: &str) -> Result<JobStatus, serde_json::Error> {
         serde_json::from_str(text)
     }

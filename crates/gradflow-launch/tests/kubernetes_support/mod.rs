@@ -5,8 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use gradflow_launch::JobConfig;
-use gradflow_launch::Role;
+use gradflow_job::{JobConfig, Role};
 use gradflow_launch::kubernetes::config::parse_job;
 use gradflow_launch::kubernetes::controller::{Action, Decision, JobStatus, decide};
 use gradflow_launch::kubernetes::render::{Renderer, pod_name};

@@ -37,7 +37,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{JobConfig, LaunchError};
+use crate::{JobConfig, JobError};
 
 pub const ENV_CLUSTER_SPEC: &str = "GRADFLOW_CLUSTER_SPEC";
 pub const ENV_JOB: &str = "GRADFLOW_JOB";
@@ -50,8 +50,9 @@ pub const ENV_NUM_WORKERS: &str = "GRADFLOW_NUM_WORKERS";
 pub const ENV_LOG: &str = "GRADFLOW_LOG";
 /// The id of this run of the job, made by the launcher when it starts ([`new_run_id`]): every
 /// process of one run gets the same, a restart of the whole job from a checkpoint keeps it,
-/// and the next `gradflow launch` of the same job file gets another.
-pub const ENV_RUN_ID: &str = gradflow_ps::checkpointing::ENV_RUN_ID;
+/// and the next `gradflow launch` of the same job file gets another. Servers write it into
+/// checkpoints, the built-in worker into its results.
+pub use gradflow_core::settings::ENV_RUN_ID;
 
 /// The exit code of a worker whose error would come back on a restart (bad data, a model
 /// that does not fit its data): the launcher does not restart it and fails the job at once.
@@ -139,31 +140,31 @@ impl ClusterSpec {
     }
 
     /// Reads the spec from `GRADFLOW_CLUSTER_SPEC`.
-    pub fn from_env() -> Result<ClusterSpec, LaunchError> {
+    pub fn from_env() -> Result<ClusterSpec, JobError> {
         let text = std::env::var(ENV_CLUSTER_SPEC)
-            .map_err(|_| LaunchError::Environment(format!("{ENV_CLUSTER_SPEC} is not set")))?;
+            .map_err(|_| JobError::Environment(format!("{ENV_CLUSTER_SPEC} is not set")))?;
         ClusterSpec::from_json(&text)
     }
 
-    pub fn from_json(text: &str) -> Result<ClusterSpec, LaunchError> {
+    pub fn from_json(text: &str) -> Result<ClusterSpec, JobError> {
         #[derive(Deserialize)]
         struct Versioned {
             version: u32,
         }
         let v: Versioned = serde_json::from_str(text).map_err(|e| {
-            LaunchError::Environment(format!("{ENV_CLUSTER_SPEC} is not valid JSON with a version: {e}"))
+            JobError::Environment(format!("{ENV_CLUSTER_SPEC} is not valid JSON with a version: {e}"))
         })?;
         if v.version != CLUSTER_SPEC_VERSION {
-            return Err(LaunchError::Environment(format!(
+            return Err(JobError::Environment(format!(
                 "{ENV_CLUSTER_SPEC} has version {}, this gradflow reads version {CLUSTER_SPEC_VERSION}: use the same gradflow build for launcher and processes",
                 v.version
             )));
         }
         let spec: ClusterSpec = serde_json::from_str(text)
-            .map_err(|e| LaunchError::Environment(format!("{ENV_CLUSTER_SPEC}: {e}")))?;
+            .map_err(|e| JobError::Environment(format!("{ENV_CLUSTER_SPEC}: {e}")))?;
         spec.job_config
             .validate()
-            .map_err(|e| LaunchError::Environment(format!("{ENV_CLUSTER_SPEC}: job: {e}")))?;
+            .map_err(|e| JobError::Environment(format!("{ENV_CLUSTER_SPEC}: job: {e}")))?;
         Ok(spec)
     }
 }

@@ -3,20 +3,24 @@
 //! Every launcher backend and every process of a job reads the same [`JobConfig`]. Unknown
 //! keys are errors that name the key; every field has a documented default except `name`,
 //! `data.train`, and the model.
+//!
+//! The sections the servers read (`[server]`, `[checkpoint]`, `restore`) are gradflow-core's
+//! [`ServerSettings`], [`CheckpointConfig`] and [`Restore`], which gradflow-ps builds each
+//! shard's settings from: one definition, one set of defaults. The `[kubernetes]` section is
+//! kept as written ([`KubernetesSection`]); the Kubernetes backend reads and checks it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gradflow_core::Mode;
+use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings};
 use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
 use gradflow_proto::TransportConfig;
 use gradflow_proto::tls::{ClientTls, TlsConfig};
-use gradflow_ps::{CheckpointConfig, ServerConfig};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::LaunchError;
-use crate::kubernetes::KubernetesConfig;
+use crate::JobError;
 
 /// A training job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,9 +54,9 @@ pub struct JobConfig {
     /// Where results and logs go.
     #[serde(default)]
     pub output: OutputConfig,
-    /// Parameter-server settings.
+    /// Parameter-server settings (`[server]`, see [`ServerSettings`]).
     #[serde(default)]
-    pub server: ServerSection,
+    pub server: ServerSettings,
     /// gRPC transport settings shared by servers and workers.
     #[serde(default)]
     pub transport: TransportConfig,
@@ -77,13 +81,15 @@ pub struct JobConfig {
     /// Default: no checkpoints.
     #[serde(default)]
     pub checkpoint: Option<CheckpointConfig>,
-    /// Start the servers from a checkpoint: `"latest"`, a step, or a checkpoint URL.
+    /// Start the servers from a checkpoint: `"latest"`, a step, or the URL or path of a
+    /// checkpoint directory (see [`Restore`]). Default: none, a fresh model.
     #[serde(default)]
-    pub restore: Option<String>,
+    pub restore: Option<Restore>,
     /// Settings of the Kubernetes backend (`[kubernetes]`: image, resources, scheduling,
-    /// volumes); the local backend ignores them. Default: none, which runs with the defaults.
+    /// volumes), kept as written; the Kubernetes backend reads and checks them, the local
+    /// backend ignores them. Default: none, which runs with the defaults.
     #[serde(default)]
-    pub kubernetes: Option<KubernetesConfig>,
+    pub kubernetes: Option<KubernetesSection>,
 }
 
 fn one() -> u32 {
@@ -113,15 +119,15 @@ impl Default for AuthConfig {
 impl AuthConfig {
     /// The token the job's processes get: none when disabled; else from `token_file`, the
     /// environment, or freshly generated.
-    pub fn token(&self) -> Result<Option<crate::contract::Token>, LaunchError> {
+    pub fn token(&self) -> Result<Option<crate::contract::Token>, JobError> {
         use crate::contract::Token;
         if !self.enabled {
             return Ok(None);
         }
         if let Some(path) = &self.token_file {
-            return Token::from_file(path).map(Some).map_err(LaunchError::Environment);
+            return Token::from_file(path).map(Some).map_err(JobError::Environment);
         }
-        Ok(Some(Token::from_env().map_err(LaunchError::Environment)?.unwrap_or_else(Token::generate)))
+        Ok(Some(Token::from_env().map_err(JobError::Environment)?.unwrap_or_else(Token::generate)))
     }
 }
 
@@ -260,38 +266,6 @@ pub struct OutputConfig {
     pub metrics_listen: Option<String>,
 }
 
-/// Parameter-server settings (see gradflow-ps's `ServerConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServerSection {
-    /// A worker silent for this long is dropped from sync steps. Default "5s".
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_timeout: Duration,
-    /// How long a never-seen worker is waited for. Default "120s".
-    #[serde(with = "humantime_serde")]
-    pub startup_timeout: Duration,
-    /// Longest a pull or push waits for its step. Default "600s".
-    #[serde(with = "humantime_serde")]
-    pub wait_timeout: Duration,
-    /// Refuse NaN or infinite gradients. Default true.
-    pub reject_non_finite: bool,
-    /// Dense tensors larger than this are split across shards. Default 4 MiB.
-    pub partition_bytes: u64,
-    /// Sync only: a step completes once all live workers but this many have pushed, so a
-    /// straggler does not hold the job back; the late pushes are discarded. With dynamic
-    /// data sharding the late worker trains that batch again, so no example is lost; with
-    /// static sharding its batch is skipped. Default 0 (wait for every live worker).
-    pub backup_workers: u32,
-    /// Port of each server's tensor link (pushes and pulls over plain TCP, see
-    /// `transport.tensor_link`) on the server's interface. Default 0: any free port, which
-    /// workers learn from the server (on Kubernetes, `kubernetes.link_port`).
-    pub link_port: u16,
-    /// Most bytes a server's part of the model may need, checked when it is declared (see
-    /// `gradflow_ps::ServerConfig::max_memory`). Default: the machine's memory; 0: no limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_memory: Option<u64>,
-}
-
 /// The local launcher's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -327,25 +301,61 @@ impl Default for OutputConfig {
     }
 }
 
-impl Default for ServerSection {
-    fn default() -> Self {
-        let d = ServerConfig::default();
-        ServerSection {
-            heartbeat_timeout: d.heartbeat_timeout,
-            startup_timeout: d.startup_timeout,
-            wait_timeout: d.wait_timeout,
-            reject_non_finite: d.reject_non_finite,
-            partition_bytes: gradflow_core::DEFAULT_PARTITION_BYTES,
-            backup_workers: d.backup_workers,
-            link_port: d.link_port,
-            max_memory: d.max_memory,
-        }
-    }
-}
-
 impl Default for LauncherConfig {
     fn default() -> Self {
         LauncherConfig { max_restarts: 3, grace_period: Duration::from_secs(60), allow_oversubscribe: false }
+    }
+}
+
+/// The `[kubernetes]` section as written in the job file: a table of settings for the
+/// Kubernetes backend (`gradflow_launch::kubernetes::KubernetesConfig` documents, reads and
+/// checks them). Kept untyped here so that describing a job needs no Kubernetes types.
+/// Only numbers that JSON can carry are accepted (no NaN or infinity), so that the section
+/// reaches every process unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct KubernetesSection(serde_json::Map<String, serde_json::Value>);
+
+impl KubernetesSection {
+    /// The section's keys and values, as written.
+    pub fn as_map(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.0
+    }
+
+    /// The section as one JSON value, for a typed reader.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::Value::Object(self.0.clone())
+    }
+}
+
+impl From<serde_json::Map<String, serde_json::Value>> for KubernetesSection {
+    fn from(map: serde_json::Map<String, serde_json::Value>) -> Self {
+        KubernetesSection(map)
+    }
+}
+
+impl<'de> Deserialize<'de> for KubernetesSection {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        // A NaN or infinite number becomes JSON's null, which no setting takes.
+        fn null_at(value: &serde_json::Value, at: String) -> Option<String> {
+            match value {
+                serde_json::Value::Null => Some(at),
+                serde_json::Value::Array(items) => {
+                    items.iter().enumerate().find_map(|(i, v)| null_at(v, format!("{at}[{i}]")))
+                }
+                serde_json::Value::Object(map) => {
+                    map.iter().find_map(|(k, v)| null_at(v, format!("{at}.{k}")))
+                }
+                _ => None,
+            }
+        }
+        if let Some(at) = map.iter().find_map(|(k, v)| null_at(v, format!("kubernetes.{k}"))) {
+            return Err(serde::de::Error::custom(format!(
+                "{at}: expected a string, a finite number, a boolean, a list or a table"
+            )));
+        }
+        Ok(KubernetesSection(map))
     }
 }
 
@@ -383,12 +393,20 @@ fn default_vocab() -> u32 {
     10_000
 }
 
+/// A [`JobError::Invalid`] for `key`.
+fn invalid(key: &str, message: impl Into<String>) -> JobError {
+    JobError::Invalid { key: key.to_string(), message: message.into() }
+}
+
 /// Checks `output.log` directive by directive, so that the message names the bad one.
-fn check_log_filter(filter: &str) -> Result<(), String> {
+fn check_log_filter(filter: &str) -> Result<(), JobError> {
     for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         if let Err(e) = directive.parse::<tracing_subscriber::filter::Directive>() {
-            return Err(format!(
-                "output.log: `{directive}` is not a log filter directive ({e}); expected a level (\"info\"), a target and a level (\"gradflow_ps=debug\"), or several of them separated by commas"
+            return Err(invalid(
+                "output.log",
+                format!(
+                    "`{directive}` is not a log filter directive ({e}); expected a level (\"info\"), a target and a level (\"gradflow_ps=debug\"), or several of them separated by commas"
+                ),
             ));
         }
     }
@@ -398,30 +416,29 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
 impl JobConfig {
     /// Reads and checks a job file. Relative data and output paths become relative to the
     /// job file's directory.
-    pub fn load(path: &Path) -> Result<JobConfig, LaunchError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| LaunchError::JobFile { path: path.to_path_buf(), message: e.to_string() })?;
-        let mut job = JobConfig::parse(&text)
-            .map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
+    pub fn load(path: &Path) -> Result<JobConfig, JobError> {
+        let in_file = |error| JobError::File { path: path.to_path_buf(), error: Box::new(error) };
+        let text = std::fs::read_to_string(path).map_err(|e| in_file(JobError::Io(e)))?;
+        let mut job = JobConfig::parse(&text).map_err(in_file)?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         job.resolve_paths(&base);
-        job.check_files().map_err(|message| LaunchError::JobFile { path: path.to_path_buf(), message })?;
+        job.check_files().map_err(in_file)?;
         Ok(job)
     }
 
     /// Checks the files the job names that its processes read at start: every `[tls]` file
     /// must exist and hold what its key says (run after [`JobConfig::resolve_paths`], on the
     /// machine that runs the processes). The message names the key and the file.
-    pub fn check_files(&self) -> Result<(), String> {
+    pub fn check_files(&self) -> Result<(), JobError> {
         if let Some(tls) = &self.tls {
-            tls.validate().map_err(|e| e.to_string())?;
+            tls.validate()?;
         }
         Ok(())
     }
 
     /// Parses and checks a job file's text. The error names the key that is wrong.
-    pub fn parse(text: &str) -> Result<JobConfig, String> {
-        let job: JobConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<JobConfig, JobError> {
+        let job: JobConfig = toml::from_str(text).map_err(JobError::Toml)?;
         job.validate()?;
         Ok(job)
     }
@@ -459,7 +476,7 @@ impl JobConfig {
     }
 
     /// Checks values that parse but make no sense; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), JobError> {
         let n = &self.name;
         if n.is_empty()
             || n.len() > 40
@@ -467,108 +484,127 @@ impl JobConfig {
             || n.starts_with('-')
             || n.ends_with('-')
         {
-            return Err(format!(
-                "name: `{n}` is not a valid job name; expected 1-40 lowercase letters, digits or '-', not starting or ending with '-'"
+            return Err(invalid(
+                "name",
+                format!(
+                    "`{n}` is not a valid job name; expected 1-40 lowercase letters, digits or '-', not starting or ending with '-'"
+                ),
             ));
         }
         if self.servers == 0 {
-            return Err("servers: expected at least 1, found 0".into());
+            return Err(invalid("servers", "expected at least 1, found 0"));
         }
         if self.workers == 0 {
-            return Err("workers: expected at least 1, found 0".into());
+            return Err(invalid("workers", "expected at least 1, found 0"));
         }
         if self.max_staleness.is_some() && self.mode == Mode::Sync {
-            return Err("max_staleness: only applies when mode = \"async\"".into());
+            return Err(invalid("max_staleness", "only applies when mode = \"async\""));
         }
         if self.train.batch_size == 0 {
-            return Err("train.batch_size: expected at least 1, found 0".into());
+            return Err(invalid("train.batch_size", "expected at least 1, found 0"));
         }
         if self.train.epochs == 0 {
-            return Err("train.epochs: expected at least 1, found 0".into());
+            return Err(invalid("train.epochs", "expected at least 1, found 0"));
         }
         if self.train.max_steps == Some(0) {
-            return Err("train.max_steps: expected at least 1, found 0".into());
+            return Err(invalid("train.max_steps", "expected at least 1, found 0"));
         }
         if self.train.log_every_steps == 0 {
-            return Err("train.log_every_steps: expected at least 1, found 0".into());
+            return Err(invalid("train.log_every_steps", "expected at least 1, found 0"));
         }
         if self.data.train.is_empty() {
-            return Err("data.train: expected at least one file".into());
+            return Err(invalid("data.train", "expected at least one file"));
         }
         if let Some(s) = &self.data.synth {
             if self.data.train.len() != 1 || self.data.test.len() > 1 {
-                return Err("data.synth: expected exactly one data.train file and at most one data.test file to write".into());
+                return Err(invalid(
+                    "data.synth",
+                    "expected exactly one data.train file and at most one data.test file to write",
+                ));
             }
             if self.data.format != Format::Csv {
-                return Err("data.synth: synthetic data is CSV; set data.format = \"csv\"".into());
+                return Err(invalid("data.synth", "synthetic data is CSV; set data.format = \"csv\""));
             }
             if s.train_rows == 0 {
-                return Err("data.synth.train_rows: expected at least 1, found 0".into());
+                return Err(invalid("data.synth.train_rows", "expected at least 1, found 0"));
             }
         }
         if self.data.sharding == Sharding::Dynamic && self.data.task_bytes < 1024 {
-            return Err(format!(
-                "data.task_bytes: expected at least 1024 bytes per task, found {}",
-                self.data.task_bytes
+            return Err(invalid(
+                "data.task_bytes",
+                format!("expected at least 1024 bytes per task, found {}", self.data.task_bytes),
             ));
         }
         if self.data.sharding == Sharding::Dynamic && self.worker.command.is_some() {
-            return Err("data.sharding: \"dynamic\" is for the built-in trainer; your own worker.command reads its data itself, so use \"static\"".into());
-        }
-        if self.server.partition_bytes < 1024 {
-            return Err(format!(
-                "server.partition_bytes: expected at least 1024, found {}",
-                self.server.partition_bytes
+            return Err(invalid(
+                "data.sharding",
+                "\"dynamic\" is for the built-in trainer; your own worker.command reads its data itself, so use \"static\"",
             ));
         }
-        self.transport.validate().map_err(|e| format!("transport: {e}"))?;
+        self.server.validate(self.mode, self.workers)?;
+        self.transport.validate().map_err(|e| invalid("transport", e))?;
         check_log_filter(&self.output.log)?;
         if let Some(tls) = &self.tls {
-            tls.check_keys().map_err(|e| e.to_string())?;
+            tls.check_keys()?;
         }
         if let Some(listen) = &self.output.metrics_listen {
             if listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(format!(
-                    "output.metrics_listen: `{listen}` is not an address; expected \"host:port\" with an IP, e.g. \"0.0.0.0:9100\""
+                return Err(invalid(
+                    "output.metrics_listen",
+                    format!(
+                        "`{listen}` is not an address; expected \"host:port\" with an IP, e.g. \"0.0.0.0:9100\""
+                    ),
                 ));
             }
             if !self.output.metrics {
-                return Err(
-                    "output.metrics_listen: set, but output.metrics = false turns the endpoint off".into()
-                );
+                return Err(invalid(
+                    "output.metrics_listen",
+                    "set, but output.metrics = false turns the endpoint off",
+                ));
             }
         }
-        self.server_config(0).validate()?;
+        if let Some(checkpoint) = &self.checkpoint {
+            checkpoint.validate()?;
+        }
+        if let Some(restore) = &self.restore {
+            restore.check(self.checkpoint.as_ref())?;
+        }
         if let Some(command) = &self.worker.command
             && command.first().is_none_or(|p| p.trim().is_empty())
         {
-            return Err("worker.command: expected a program and its arguments, found an empty list".into());
+            return Err(invalid(
+                "worker.command",
+                "expected a program and its arguments, found an empty list",
+            ));
         }
         match &self.model {
             Some(config) => {
-                let model = gradflow_models::build(config).map_err(|e| format!("model: {e}"))?;
+                let model = gradflow_models::build(config).map_err(JobError::Model)?;
                 if self.data.format == Format::Libsvm && model.num_dense() > 0 {
-                    return Err(format!(
-                        "model.num_dense: libsvm data has no dense features, but the model expects {}",
-                        model.num_dense()
+                    return Err(invalid(
+                        "model.num_dense",
+                        format!(
+                            "libsvm data has no dense features, but the model expects {}",
+                            model.num_dense()
+                        ),
                     ));
                 }
             }
             None if self.worker.command.is_none() => {
-                return Err("model: missing; expected a [model] section (kind = \"wide_deep\" or \"logistic_regression\"), or worker.command naming your own trainer".into());
+                return Err(invalid(
+                    "model",
+                    "missing; expected a [model] section (kind = \"wide_deep\" or \"logistic_regression\"), or worker.command naming your own trainer",
+                ));
             }
             None => {}
         }
         Ok(())
     }
 
-    /// The built-in model, for the processes that train or score it.
-    pub fn model(&self) -> Result<&ModelConfig, LaunchError> {
-        self.model.as_ref().ok_or_else(|| {
-            LaunchError::Environment(
-                "the job has no [model]: its workers run their own trainer (worker.command)".into(),
-            )
-        })
+    /// The built-in model, for the processes that train or score it; [`JobError::NoModel`]
+    /// when the job runs its own trainer.
+    pub fn model(&self) -> Result<&ModelConfig, JobError> {
+        self.model.as_ref().ok_or(JobError::NoModel)
     }
 
     /// The synthetic-data generator settings for the training or test file.
@@ -611,30 +647,6 @@ impl JobConfig {
         r.csv = self.csv_schema();
         r.skip_malformed = self.data.skip_malformed;
         Some(r)
-    }
-
-    /// The settings of server shard `shard`.
-    pub fn server_config(&self, shard: u32) -> ServerConfig {
-        ServerConfig {
-            shard,
-            num_shards: self.servers,
-            num_workers: self.workers,
-            mode: self.mode,
-            max_staleness: self.max_staleness,
-            heartbeat_timeout: self.server.heartbeat_timeout,
-            startup_timeout: self.server.startup_timeout,
-            wait_timeout: self.server.wait_timeout,
-            reject_non_finite: self.server.reject_non_finite,
-            backup_workers: self.server.backup_workers,
-            link_port: self.server.link_port,
-            max_memory: self.server.max_memory,
-            transport: self.transport.clone(),
-            checkpoint: self.checkpoint.clone(),
-            restore: self.restore.clone(),
-            token: None,
-            tls: self.tls.as_ref().map(TlsConfig::server),
-            ..ServerConfig::default()
-        }
     }
 
     /// What the job's clients (workers, `gradflow checkpoint now`, `gradflow eval`) need to
@@ -689,10 +701,11 @@ format = "libsvm"
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = JobConfig::parse(&format!("{MIN}\n[train]\nbatchsize = 3\n")).unwrap_err();
+        let err = JobConfig::parse(&format!("{MIN}\n[train]\nbatchsize = 3\n")).unwrap_err().to_string();
         assert!(err.contains("batchsize"), "{err}");
-        let err =
-            JobConfig::parse(&MIN.replace("name = \"demo\"", "name = \"demo\"\nworkerz = 2")).unwrap_err();
+        let err = JobConfig::parse(&MIN.replace("name = \"demo\"", "name = \"demo\"\nworkerz = 2"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("workerz"), "{err}");
     }
 
@@ -705,12 +718,14 @@ format = "libsvm"
             ("name = \"demo\"\nmax_staleness = 3", "max_staleness"),
             ("name = \"demo\"\nmode = \"asynch\"", "mode"),
         ] {
-            let err = JobConfig::parse(&MIN.replace("name = \"demo\"", patch)).unwrap_err();
+            let err = JobConfig::parse(&MIN.replace("name = \"demo\"", patch)).unwrap_err().to_string();
             assert!(err.contains(key), "{patch}: {err}");
         }
-        let err = JobConfig::parse(&format!("{MIN}\n[train]\nbatch_size = 0\n")).unwrap_err();
+        let err = JobConfig::parse(&format!("{MIN}\n[train]\nbatch_size = 0\n")).unwrap_err().to_string();
         assert!(err.contains("train.batch_size"), "{err}");
-        let err = JobConfig::parse(&format!("{MIN}\n[server]\nheartbeat_timeout = \"soon\"\n")).unwrap_err();
+        let err = JobConfig::parse(&format!("{MIN}\n[server]\nheartbeat_timeout = \"soon\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("heartbeat_timeout"), "{err}");
     }
 
@@ -722,7 +737,8 @@ format = "libsvm"
         for (bad, directive) in
             [("gradflow_ps=lots", "gradflow_ps=lots"), ("info, h2=verbose", "h2=verbose"), ("a=b=c", "a=b=c")]
         {
-            let err = JobConfig::parse(&format!("{MIN}\n[output]\nlog = \"{bad}\"\n")).unwrap_err();
+            let err =
+                JobConfig::parse(&format!("{MIN}\n[output]\nlog = \"{bad}\"\n")).unwrap_err().to_string();
             assert!(err.starts_with("output.log") && err.contains(&format!("`{directive}`")), "{bad}: {err}");
         }
     }
@@ -731,14 +747,14 @@ format = "libsvm"
     fn model_errors_are_reported_under_model() {
         let text = MIN
             .replace("kind = \"logistic_regression\"", "kind = \"wide_deep\"\nnum_fields = 0\nnum_dense = 0");
-        let err = JobConfig::parse(&text).unwrap_err();
+        let err = JobConfig::parse(&text).unwrap_err().to_string();
         assert!(err.starts_with("model:"), "{err}");
     }
 
     #[test]
     fn a_custom_worker_command_replaces_the_model() {
         let no_model = MIN.replace("[model]\nkind = \"logistic_regression\"\n", "");
-        let err = JobConfig::parse(&no_model).unwrap_err();
+        let err = JobConfig::parse(&no_model).unwrap_err().to_string();
         assert!(err.starts_with("model: missing") && err.contains("worker.command"), "{err}");
 
         let custom = format!("{no_model}\n[worker]\ncommand = [\"bin/train\", \"--fast\"]\n");
@@ -752,7 +768,7 @@ format = "libsvm"
         job.resolve_paths(Path::new("/jobs"));
         assert_eq!(job.worker.command.unwrap()[0], "python3");
 
-        let err = JobConfig::parse(&format!("{no_model}\n[worker]\ncommand = []\n")).unwrap_err();
+        let err = JobConfig::parse(&format!("{no_model}\n[worker]\ncommand = []\n")).unwrap_err().to_string();
         assert!(err.starts_with("worker.command"), "{err}");
     }
 
@@ -783,7 +799,7 @@ format = "libsvm"
     fn without_tls_the_serialized_job_is_as_before() {
         let job = JobConfig::parse(MIN).unwrap();
         assert_eq!(job.tls, None);
-        assert!(job.client_tls().is_none() && job.server_config(0).tls.is_none());
+        assert!(job.client_tls().is_none());
         let json = serde_json::to_string(&job).unwrap();
         assert!(!json.contains("tls") && !json.contains("metrics_listen"), "{json}");
     }
@@ -795,7 +811,6 @@ format = "libsvm"
         let tls = job.tls.as_ref().unwrap();
         assert_eq!(tls.cert, PathBuf::from("/jobs/certs/server.pem"));
         assert_eq!(tls.ca, PathBuf::from("/jobs/certs/ca.pem"));
-        assert_eq!(job.server_config(1).tls.unwrap().cert, PathBuf::from("/jobs/certs/server.pem"));
         assert_eq!(job.client_tls().unwrap().ca, PathBuf::from("/jobs/certs/ca.pem"));
         // The TLS settings reach every process with the job.
         let json = serde_json::to_string(&job).unwrap();
@@ -808,11 +823,12 @@ format = "libsvm"
             ("client_ca = \"ca.pem\"\n", "tls.client_cert"),
             ("domain = \"not a name\"\n", "tls.domain"),
         ] {
-            let err = JobConfig::parse(&format!("{MIN}{TLS}{extra}")).unwrap_err();
+            let err = JobConfig::parse(&format!("{MIN}{TLS}{extra}")).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
-        let err =
-            JobConfig::parse(&format!("{MIN}\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\n")).unwrap_err();
+        let err = JobConfig::parse(&format!("{MIN}\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing field `ca`"), "{err}");
     }
 
@@ -843,14 +859,67 @@ format = "libsvm"
         let job = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics_listen = \"0.0.0.0:0\"\n")).unwrap();
         assert_eq!(job.metrics_listen(3).as_deref(), Some("0.0.0.0:0"));
         assert!(serde_json::to_string(&job).unwrap().contains("\"metrics_listen\":\"0.0.0.0:0\""));
-        let err = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics_listen = \"anywhere\"\n")).unwrap_err();
+        let err = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics_listen = \"anywhere\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("output.metrics_listen"), "{err}");
         let err =
             JobConfig::parse(&format!("{MIN}\n[output]\nmetrics = false\nmetrics_listen = \"0.0.0.0:0\"\n"))
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("output.metrics_listen"), "{err}");
         let job = JobConfig::parse(&format!("{MIN}\n[output]\nmetrics = false\n")).unwrap();
         assert_eq!(job.metrics_listen(0), None);
+    }
+
+    #[test]
+    fn restore_is_read_once_and_written_back_as_it_was() {
+        let ck = "\n[checkpoint]\nurl = \"ck\"\n";
+        for (text, want) in [
+            ("latest", Restore::Latest),
+            ("40", Restore::Step(40)),
+            ("ckpt-000000000040", Restore::Dir("ckpt-000000000040".into())),
+            ("s3://b/run/ckpt-000000000040", Restore::Url("s3://b/run/ckpt-000000000040".into())),
+        ] {
+            let job = JobConfig::parse(&format!("restore = \"{text}\"{MIN}{ck}")).unwrap();
+            assert_eq!(job.restore.as_ref(), Some(&want), "{text}");
+            let toml = toml::to_string(&job).unwrap();
+            assert!(toml.contains(&format!("restore = \"{text}\"")), "{toml}");
+            assert_eq!(JobConfig::parse(&toml).unwrap(), job);
+            assert_eq!(
+                serde_json::from_str::<JobConfig>(&serde_json::to_string(&job).unwrap()).unwrap(),
+                job
+            );
+        }
+        // A URL names its own store; the others are found under checkpoint.url.
+        JobConfig::parse(&format!("restore = \"s3://b/run/ckpt-000000000040\"{MIN}")).unwrap();
+        let err = JobConfig::parse(&format!("restore = \"latest\"{MIN}")).unwrap_err().to_string();
+        assert!(err.contains("restore = \"latest\" needs checkpoint.url"), "{err}");
+        for bad in ["\"\"", "\"-40\"", "40"] {
+            let err = JobConfig::parse(&format!("restore = {bad}{MIN}{ck}")).unwrap_err().to_string();
+            assert!(err.contains("\"latest\", a step number"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_kubernetes_section_is_kept_as_written() {
+        let text = format!(
+            "{MIN}\n[kubernetes]\nimage = \"x:1\"\ncpu = 1.5\nwhen = 1979-05-27T07:32:00Z\n\
+             [kubernetes.worker]\ngpu = 1\ntolerations = [{{ key = \"k\", operator = \"Exists\" }}]\n"
+        );
+        let job = JobConfig::parse(&text).unwrap();
+        let section = job.kubernetes.as_ref().unwrap();
+        assert_eq!(section.as_map()["image"], "x:1");
+        assert_eq!(section.to_value()["worker"]["tolerations"][0]["operator"], "Exists");
+        let toml = toml::to_string(&job).unwrap();
+        assert_eq!(JobConfig::parse(&toml).unwrap(), job, "{toml}");
+        assert_eq!(serde_json::from_str::<JobConfig>(&serde_json::to_string(&job).unwrap()).unwrap(), job);
+
+        for (value, key) in [("nan", "kubernetes.cpu"), ("[1.0, inf]", "kubernetes.cpu[1]")] {
+            let err =
+                JobConfig::parse(&format!("{MIN}\n[kubernetes]\ncpu = {value}\n")).unwrap_err().to_string();
+            assert!(err.contains(&format!("{key}: expected a string, a finite number")), "{err}");
+        }
     }
 
     #[test]
