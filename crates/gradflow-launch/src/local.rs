@@ -125,7 +125,7 @@ impl LocalLauncher {
     }
 
     /// The run's id, passed to every child as `GRADFLOW_RUN_ID` (default: a new one, see
-    /// [`crate::contract::new_run_id`]).
+    /// [`gradflow_job::contract::new_run_id`]).
     pub fn run_id(mut self, run_id: impl Into<String>) -> LocalLauncher {
         self.run_id = run_id.into();
         self
@@ -156,7 +156,7 @@ impl LocalLauncher {
     /// child is stopped and the result is [`LaunchError::Process`]. A job that cannot go on
     /// (a server exits, a worker fails more than `launcher.max_restarts` times, a server
     /// does not report its address in time, a worker exits with
-    /// [`EXIT_NO_RESTART`](crate::contract::EXIT_NO_RESTART), a server exits non-zero or has to
+    /// [`EXIT_NO_RESTART`], a server exits non-zero or has to
     /// be killed while the finished job stops, which may have cost its last checkpoint) is
     /// [`LaunchError::JobFailed`]; a child that cannot be started is [`LaunchError::Io`]; more
     /// processes than [`check_process_count`] allows is [`LaunchError::TooManyProcesses`].
