@@ -8,7 +8,9 @@ use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, Placemen
 use gradflow_proto::{codec as c, pb};
 use gradflow_ps::PsError;
 use gradflow_ps::model::{ShardModel, SparseAccum};
-use gradflow_ps::push::{DenseGrad, Push, SparseGrad, TaskProgress, check_ids_on_shard, non_finite, validate};
+use gradflow_ps::push::{
+    DenseGrad, Push, SparseGrad, TaskProgress, check_ids_on_shard, non_finite, validate,
+};
 use prost::Message;
 
 /// Largest dense piece of the fuzzed model, in bytes: 4 elements, so tensors split in pieces.
@@ -176,7 +178,11 @@ fn to_push(msgs: Vec<pb::PushRequest>) -> Option<Push> {
             offset: d.offset,
             data: d.data,
         }));
-        push.sparse.extend(m.sparse.into_iter().map(|g| SparseGrad { table: g.table, ids: g.ids, values: g.values }));
+        push.sparse.extend(m.sparse.into_iter().map(|g| SparseGrad {
+            table: g.table,
+            ids: g.ids,
+            values: g.values,
+        }));
     }
     Some(push)
 }
@@ -382,20 +388,52 @@ pub fn link(data: &[u8]) {
                     let limit = m.dense_bytes() + LINK_SPARSE_LIMIT;
                     match gradflow_ps::link::push_lengths(&msg, &req.payload_bytes, limit) {
                         Ok(total) => {
-                            assert_eq!(Some(total as u64), gradflow_proto::link::payload_total(&req.payload_bytes));
+                            assert_eq!(
+                                Some(total as u64),
+                                gradflow_proto::link::payload_total(&req.payload_bytes)
+                            );
                             assert!(total as u64 <= limit);
                             // With less, the server would wait for the rest of the payload.
                             if total > payload.len() {
                                 return;
                             }
                             let body = Bytes::copy_from_slice(&payload[..total]);
-                            let sent = [msg.clone()];
                             let push = gradflow_ps::link::decode_push(msg, &req.payload_bytes, body);
+                            // What the frame said, with its payload in place: the one message
+                            // a gRPC push of the same gradients would have sent.
+                            let sent = [pb::PushRequest {
+                                worker: push.worker,
+                                step: push.step,
+                                dense: push
+                                    .dense
+                                    .iter()
+                                    .map(|d| pb::DenseSlice {
+                                        tensor: d.tensor.clone(),
+                                        partition: d.partition,
+                                        offset: d.offset,
+                                        data: d.data.clone(),
+                                    })
+                                    .collect(),
+                                sparse: push
+                                    .sparse
+                                    .iter()
+                                    .map(|g| pb::SparseGrad {
+                                        table: g.table.clone(),
+                                        ids: g.ids.clone(),
+                                        values: g.values.clone(),
+                                    })
+                                    .collect(),
+                                task: None,
+                            }];
                             let lengths: Vec<u64> = push
                                 .dense
                                 .iter()
                                 .map(|d| d.data.len() as u64)
-                                .chain(push.sparse.iter().flat_map(|g| [g.ids.len() as u64, g.values.len() as u64]))
+                                .chain(
+                                    push.sparse
+                                        .iter()
+                                        .flat_map(|g| [g.ids.len() as u64, g.values.len() as u64]),
+                                )
                                 .collect();
                             assert_eq!(lengths, req.payload_bytes, "each field holds its announced bytes");
                             check_valid_push(&m, &sent, push, true);
@@ -543,9 +581,9 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for shard in 0..SHARDS {
         let m = model(shard);
         let mut dense = Vec::new();
-        for p in &m.pieces {
-            let values: Vec<f32> = (0..p.len).map(|i| i as f32 * 0.5).collect();
-            dense.push(slice(&p.tensor, p.partition, 0, &values));
+        for p in m.pieces() {
+            let values: Vec<f32> = (0..p.len()).map(|i| i as f32 * 0.5).collect();
+            dense.push(slice(p.tensor(), p.partition(), 0, &values));
         }
         let ids = ids_on(shard, 3);
         let sparse = vec![grad("emb", &ids, 3), grad("wide", &ids[..2], 1)];
@@ -561,16 +599,16 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("push", format!("seed-shard{shard}-one-message"), stream));
 
         // The first piece in two slices over two messages, the rest and the rows in the second.
-        let first = &m.pieces[0];
-        let values: Vec<f32> = (0..first.len).map(|i| i as f32).collect();
-        let cut = first.len / 2;
+        let first = &m.pieces()[0];
+        let values: Vec<f32> = (0..first.len()).map(|i| i as f32).collect();
+        let cut = first.len() / 2;
         let a = pb::PushRequest {
             worker: 0,
             step: 9,
-            dense: vec![slice(&first.tensor, first.partition, 0, &values[..cut])],
+            dense: vec![slice(first.tensor(), first.partition(), 0, &values[..cut])],
             ..Default::default()
         };
-        let mut rest = vec![slice(&first.tensor, first.partition, cut as u64, &values[cut..])];
+        let mut rest = vec![slice(first.tensor(), first.partition(), cut as u64, &values[cut..])];
         rest.extend(dense[1..].iter().cloned());
         let b = pb::PushRequest { worker: 0, step: 9, dense: rest, sparse, ..Default::default() };
         let mut stream = vec![shard as u8];
@@ -584,14 +622,23 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         let m = model(shard);
         let mut header = pb::PushRequest { worker: shard, step: 2, ..Default::default() };
         let mut payload: Vec<Vec<u8>> = Vec::new();
-        for p in &m.pieces {
-            let values: Vec<f32> = (0..p.len).map(|i| i as f32 * 0.25).collect();
-            header.dense.push(pb::DenseSlice { tensor: p.tensor.clone(), partition: p.partition, offset: 0, data: Bytes::new() });
+        for p in m.pieces() {
+            let values: Vec<f32> = (0..p.len()).map(|i| i as f32 * 0.25).collect();
+            header.dense.push(pb::DenseSlice {
+                tensor: p.tensor().to_string(),
+                partition: p.partition(),
+                offset: 0,
+                data: Bytes::new(),
+            });
             payload.push(c::f32s_to_bytes(&values).to_vec());
         }
         let ids = ids_on(shard, 2);
         let g = grad("emb", &ids, 3);
-        header.sparse.push(pb::SparseGrad { table: g.table.clone(), ids: Bytes::new(), values: Bytes::new() });
+        header.sparse.push(pb::SparseGrad {
+            table: g.table.clone(),
+            ids: Bytes::new(),
+            values: Bytes::new(),
+        });
         payload.push(g.ids.to_vec());
         payload.push(g.values.to_vec());
         let req = pb::LinkRequest {
@@ -602,7 +649,11 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         out.push(("link", format!("seed-push-shard{shard}"), link_input(0, &req, &parts)));
     }
     let pull = pb::LinkRequest {
-        request: Some(pb::link_request::Request::PullDense(pb::PullDenseRequest { worker: 0, step: 1, pieces: vec![] })),
+        request: Some(pb::link_request::Request::PullDense(pb::PullDenseRequest {
+            worker: 0,
+            step: 1,
+            pieces: vec![],
+        })),
         payload_bytes: vec![],
     };
     out.push(("link", "seed-pull-dense".into(), link_input(0, &pull, &[])));
@@ -623,7 +674,11 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         pieces: vec![pb::LinkPiece { tensor: "w".into(), partition: 0, len: 4 }],
     };
     out.push(("link", "seed-reply".into(), link_input(1, &reply, &[])));
-    out.push(("link", "seed-hello".into(), link_input(2, &pb::LinkHello { token: "t".repeat(32), worker: 3 }, &[])));
+    out.push((
+        "link",
+        "seed-hello".into(),
+        link_input(2, &pb::LinkHello { token: "t".repeat(32), worker: 3 }, &[]),
+    ));
 
     let spec_text = serde_json::to_string(&spec()).unwrap();
     out.push(("model_spec", "seed-spec".into(), spec_text.clone().into_bytes()));
