@@ -58,6 +58,19 @@ fn assert_clean_log(text: &str) {
     assert!(!text.contains("checkpoint skipped"), "a checkpoint was skipped:\n{text}");
 }
 
+/// Runs job `name` to its end; asserts it succeeded with a clean log. Returns the launcher's
+/// log and the verified checkpoints (steps, latest).
+fn run_clean(dir: &Path, name: &str, ckpt: &Path, checkpoint: &str, train: &str) -> (String, Vec<u64>, u64) {
+    let job = write(dir, &format!("{name}.toml"), &job_text(name, ckpt, checkpoint, train));
+    let log = dir.join("launcher.log");
+    let status = spawn_launcher(&job, &log).wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{text}");
+    assert_clean_log(&text);
+    let (steps, latest) = verified_checkpoints(ckpt, &text);
+    (text, steps, latest)
+}
+
 /// Item 1: checkpoints due every 2 steps, faster than they upload. Before, a shard still
 /// uploading skipped a step the other shard wrote, shard 0 waited for it until
 /// `finalize_timeout`, missed every later checkpoint and was killed at the end: the final
@@ -68,17 +81,8 @@ fn checkpoints_due_faster_than_they_upload_are_all_written_and_the_last_is_the_f
     let ckpt = dir.path().join("ckpt");
     // 6,000 rows, 2 workers, batch 256: 11-12 steps per epoch per worker; 20 steps end in
     // the second epoch on both workers, so the model's last version is exactly 20.
-    let job = write(
-        dir.path(),
-        "every2.toml",
-        &job_text("every2", &ckpt, "every_steps = 2", "epochs = 2\nmax_steps = 20"),
-    );
-    let log = dir.path().join("launcher.log");
-    let status = spawn_launcher(&job, &log).wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "{text}");
-    assert_clean_log(&text);
-    let (steps, latest) = verified_checkpoints(&ckpt, &text);
+    let (text, steps, latest) =
+        run_clean(dir.path(), "every2", &ckpt, "every_steps = 2", "epochs = 2\nmax_steps = 20");
     assert_eq!(latest, 20, "`latest` is not the final step; complete checkpoints: {steps:?}\n{text}");
     let expected: Vec<u64> = (1..=10).map(|k| 2 * k).collect();
     assert_eq!(steps, expected, "every checkpoint asked for is complete\n{text}");
@@ -102,17 +106,8 @@ fn checkpoints_due_faster_than_they_upload_are_all_written_and_the_last_is_the_f
 fn time_based_checkpoints_are_one_decision_for_every_shard() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let job = write(
-        dir.path(),
-        "every300.toml",
-        &job_text("every300", &ckpt, "every_steps = 1000000\nevery = \"300ms\"", "epochs = 30"),
-    );
-    let log = dir.path().join("launcher.log");
-    let status = spawn_launcher(&job, &log).wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(status.success(), "{text}");
-    assert_clean_log(&text);
-    let (steps, latest) = verified_checkpoints(&ckpt, &text);
+    let (text, steps, latest) =
+        run_clean(dir.path(), "every300", &ckpt, "every_steps = 1000000\nevery = \"300ms\"", "epochs = 30");
     assert_eq!(Some(&latest), steps.last(), "`latest` is the last complete checkpoint: {steps:?}");
     // The job trains for well over a second on any machine; a single checkpoint would be the
     // shutdown one alone.

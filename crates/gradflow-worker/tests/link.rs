@@ -5,8 +5,8 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{addrs, config, start_shards};
-use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
+use common::{addrs, config, link_spec as spec, start_shards};
+use gradflow_core::Mode;
 use gradflow_proto::auth::Token;
 use gradflow_proto::link::{read_header, write_frame};
 use gradflow_proto::{codec, pb};
@@ -14,23 +14,6 @@ use gradflow_ps::ServerConfig;
 use gradflow_worker::{Code, Worker, WorkerConfig};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-fn spec() -> ModelSpec {
-    ModelSpec {
-        dense: vec![DenseSpec {
-            name: "w".into(),
-            shape: vec![4],
-            init: Initializer::Constant { value: 1.0 },
-            optimizer: OptimizerConfig::sgd(0.5),
-        }],
-        sparse: vec![SparseSpec {
-            name: "emb".into(),
-            dim: 2,
-            init: Initializer::Constant { value: 0.0 },
-            optimizer: OptimizerConfig::sgd(0.5),
-        }],
-    }
-}
 
 /// A raw link connection that has said hello with `token`; the hello's reply.
 async fn raw(port: u16, token: Option<&Token>) -> (BufReader<TcpStream>, pb::LinkReply) {

@@ -8,8 +8,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{addrs, config, start_shards};
-use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
+use common::{addrs, config, link_spec as spec, start_shards};
+use gradflow_core::Mode;
 use gradflow_proto::auth::Token;
 use gradflow_proto::link::{read_header, write_frame};
 use gradflow_proto::pb;
@@ -21,23 +21,6 @@ use tokio::net::TcpStream;
 
 /// Generous bound for anything the server is expected to do "at once" on a loaded machine.
 const PROMPTLY: Duration = Duration::from_secs(30);
-
-fn spec() -> ModelSpec {
-    ModelSpec {
-        dense: vec![DenseSpec {
-            name: "w".into(),
-            shape: vec![4],
-            init: Initializer::Constant { value: 1.0 },
-            optimizer: OptimizerConfig::sgd(0.5),
-        }],
-        sparse: vec![SparseSpec {
-            name: "emb".into(),
-            dim: 2,
-            init: Initializer::Constant { value: 0.0 },
-            optimizer: OptimizerConfig::sgd(0.5),
-        }],
-    }
-}
 
 async fn connect(port: u16) -> TcpStream {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -50,3 +50,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// A dense tensor `w` (4 values, 1.0) and a sparse table `emb` (dim 2, 0.0), both SGD 0.5: the
+/// model of the tensor-link tests.
+pub fn link_spec() -> gradflow_core::ModelSpec {
+    use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, SparseSpec};
+    ModelSpec {
+        dense: vec![DenseSpec {
+            name: "w".into(),
+            shape: vec![4],
+            init: Initializer::Constant { value: 1.0 },
+            optimizer: OptimizerConfig::sgd(0.5),
+        }],
+        sparse: vec![SparseSpec {
+            name: "emb".into(),
+            dim: 2,
+            init: Initializer::Constant { value: 0.0 },
+            optimizer: OptimizerConfig::sgd(0.5),
+        }],
+    }
+}
