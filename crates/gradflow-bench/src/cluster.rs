@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use gradflow_core::Mode;
 use gradflow_ps::shard::Shard;
-use gradflow_ps::{RunningServer, ServerConfig};
+use gradflow_ps::{RunningServer, ServerConfig, ServerSettings};
 use gradflow_worker::{Worker, WorkerConfig};
 
 use crate::BenchError;
@@ -42,8 +42,11 @@ impl Servers {
                     num_shards,
                     num_workers,
                     mode,
-                    heartbeat_timeout: Duration::from_secs(120),
-                    startup_timeout: Duration::from_secs(120),
+                    settings: ServerSettings {
+                        heartbeat_timeout: Duration::from_secs(120),
+                        startup_timeout: Duration::from_secs(120),
+                        ..ServerSettings::default()
+                    },
                     ..ServerConfig::default()
                 };
                 out.push(gradflow_ps::start(config, any, None).await?);

@@ -198,9 +198,22 @@ pub(crate) struct SparseHeader {
     pub num_slots: u32,
     pub slot_names: Vec<String>,
     pub rows: u64,
+    /// The table's clock (its applied steps on this shard); 0 in files written before it.
+    #[serde(default)]
+    pub clock: u32,
+    /// Whether a column of each row's last-update clock follows the steps.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub touched: bool,
+    /// Bytes of the admission sketch after the state; 0 without one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sketch_bytes: u64,
 }
 
-/// Bytes of one row in a sparse file: id, steps, values, state.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Bytes of one row in a sparse file: id, steps, values, state (and the clock column).
 fn row_bytes(dim: u32, num_slots: u32) -> u64 {
     8 + 4 + 4 * u64::from(dim) * (1 + u64::from(num_slots))
 }
@@ -228,21 +241,28 @@ pub(crate) fn encode_sparse<'a>(
     slot_names: &[&str],
     chunk_bytes: usize,
 ) -> (u64, impl Iterator<Item = Bytes> + 'a) {
+    let touched = !t.touched.is_empty();
     let header = SparseHeader {
         table: t.table.clone(),
         dim: t.dim,
         num_slots: t.num_slots,
         slot_names: slot_names.iter().map(|s| s.to_string()).collect(),
         rows: t.ids.len() as u64,
+        clock: t.clock,
+        touched,
+        sketch_bytes: t.sketch.len() as u64,
     };
     let prefix = sparse_prefix(&header);
-    let total = prefix.len() as u64 + t.ids.len() as u64 * row_bytes(t.dim, t.num_slots);
+    let per_row = row_bytes(t.dim, t.num_slots) + if touched { 4 } else { 0 };
+    let total = prefix.len() as u64 + t.ids.len() as u64 * per_row + t.sketch.len() as u64;
     let chunk_bytes = chunk_bytes.max(64);
     let chunks = std::iter::once(Bytes::from(prefix))
         .chain(chunked(&t.ids, chunk_bytes))
         .chain(chunked(&t.steps, chunk_bytes))
+        .chain(chunked(&t.touched, chunk_bytes))
         .chain(chunked(&t.values, chunk_bytes))
-        .chain(chunked(&t.state, chunk_bytes));
+        .chain(chunked(&t.state, chunk_bytes))
+        .chain(t.sketch.chunks(chunk_bytes).map(Bytes::copy_from_slice));
     (total, chunks)
 }
 
@@ -256,8 +276,10 @@ pub(crate) struct SparseFile<'a> {
     pub header: SparseHeader,
     ids: &'a [u8],
     steps: &'a [u8],
+    touched: &'a [u8],
     values: &'a [u8],
     state: &'a [u8],
+    sketch: &'a [u8],
 }
 
 impl<'a> SparseFile<'a> {
@@ -275,23 +297,30 @@ impl<'a> SparseFile<'a> {
             serde_json::from_slice(json).map_err(|e| format!("bad sparse header: {e}"))?;
         let body = &b[16 + hlen..];
         let n = usize::try_from(header.rows).map_err(|_| "absurd row count")?;
-        let expected =
-            header.rows.checked_mul(row_bytes(header.dim, header.num_slots)).ok_or("absurd size")?;
+        let per_row = row_bytes(header.dim, header.num_slots) + if header.touched { 4 } else { 0 };
+        let expected = header
+            .rows
+            .checked_mul(per_row)
+            .and_then(|b| b.checked_add(header.sketch_bytes))
+            .ok_or("absurd size")?;
         if body.len() as u64 != expected {
             return Err(format!(
-                "{} rows of dim {} with {} slots need {expected} bytes after the header, found {}",
+                "{} rows of dim {} with {} slots and {} sketch bytes need {expected} bytes after the header, found {}",
                 header.rows,
                 header.dim,
                 header.num_slots,
+                header.sketch_bytes,
                 body.len()
             ));
         }
         let (dim, slots) = (header.dim as usize, header.num_slots as usize);
         let (ids, rest) = body.split_at(n * 8);
         let (steps, rest) = rest.split_at(n * 4);
-        let (values, state) = rest.split_at(n * dim * 4);
-        debug_assert_eq!(state.len(), n * slots * dim * 4);
-        Ok(SparseFile { header, ids, steps, values, state })
+        let (touched, rest) = rest.split_at(if header.touched { n * 4 } else { 0 });
+        let (values, rest) = rest.split_at(n * dim * 4);
+        let (state, sketch) = rest.split_at(n * slots * dim * 4);
+        debug_assert_eq!(sketch.len() as u64, header.sketch_bytes);
+        Ok(SparseFile { header, ids, steps, touched, values, state, sketch })
     }
 
     pub fn rows(&self) -> usize {
@@ -304,6 +333,17 @@ impl<'a> SparseFile<'a> {
 
     pub fn steps(&self, row: usize) -> u32 {
         u32_at(self.steps, row)
+    }
+
+    /// The table's clock when row `row` was last updated (the file's clock in files without
+    /// the column).
+    pub fn touched(&self, row: usize) -> u32 {
+        if self.touched.is_empty() { self.header.clock } else { u32_at(self.touched, row) }
+    }
+
+    /// The admission sketch's cells (empty without one).
+    pub fn sketch(&self) -> &'a [u8] {
+        self.sketch
     }
 
     /// The first row whose values or state hold a NaN or an infinity, and its id.
@@ -344,7 +384,32 @@ mod tests {
             values: (0..9).map(|x| x as f32).collect(),
             state: (0..18).map(|x| -(x as f32)).collect(),
             steps: vec![1, 2, 3],
+            touched: vec![],
+            clock: 0,
+            sketch: vec![],
         }
+    }
+
+    #[test]
+    fn clocks_and_sketch_round_trip_and_old_files_read_as_untouched() {
+        let t = TableSnapshot { touched: vec![7, 9, 11], clock: 12, sketch: (0..=200).collect(), ..table() };
+        let (total, chunks) = encode_sparse(&t, &["a", "b"], 7);
+        let bytes: Vec<u8> = chunks.flat_map(|c| c.to_vec()).collect();
+        assert_eq!(bytes.len() as u64, total);
+        let f = SparseFile::parse(&bytes).unwrap();
+        assert_eq!((f.touched(0), f.touched(2), f.header.clock), (7, 11, 12));
+        assert_eq!(f.sketch(), &t.sketch[..]);
+        assert_eq!(f.steps(2), 3);
+        let mut row = [0f32; 6];
+        f32s_from_le(f.state(2), &mut row);
+        assert_eq!(row, [-12.0, -13.0, -14.0, -15.0, -16.0, -17.0]);
+        assert!(SparseFile::parse(&bytes[..bytes.len() - 1]).is_err(), "a short sketch is refused");
+        // A file written before the clock: every row reads as touched at the file's clock (0).
+        let old_table = table();
+        let (_, chunks) = encode_sparse(&old_table, &["a", "b"], 7);
+        let old: Vec<u8> = chunks.flat_map(|c| c.to_vec()).collect();
+        let f = SparseFile::parse(&old).unwrap();
+        assert_eq!((f.touched(1), f.sketch().len()), (0, 0));
     }
 
     #[test]

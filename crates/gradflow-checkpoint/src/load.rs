@@ -377,6 +377,9 @@ impl CheckpointStore {
                 values: Vec::new(),
                 state: Vec::new(),
                 steps: Vec::new(),
+                touched: Vec::new(),
+                clock: 0,
+                sketch: Vec::new(),
             })
             .collect();
 
@@ -450,6 +453,15 @@ impl CheckpointStore {
                         )));
                     }
                     let dim = t.dim as usize;
+                    t.clock = t.clock.max(h.clock);
+                    // Counts of ids that other shards held are kept too: a count-min sketch
+                    // may count too high, never too low.
+                    let sketch = parsed.sketch();
+                    if t.sketch.is_empty() {
+                        t.sketch = sketch.to_vec();
+                    } else if t.sketch.len() == sketch.len() {
+                        t.sketch.iter_mut().zip(sketch).for_each(|(a, b)| *a = a.saturating_add(*b));
+                    }
                     for row in 0..parsed.rows() {
                         let id = parsed.id(row);
                         if Placement::sparse_shard(id, num_shards) != shard {
@@ -457,6 +469,9 @@ impl CheckpointStore {
                         }
                         t.ids.push(id);
                         t.steps.push(parsed.steps(row));
+                        if parsed.header.touched {
+                            t.touched.push(parsed.touched(row));
+                        }
                         let at = t.values.len();
                         t.values.resize(at + dim, 0.0);
                         format::f32s_from_le(parsed.values(row), &mut t.values[at..]);
@@ -470,6 +485,12 @@ impl CheckpointStore {
             }
         }
         for t in &mut tables {
+            if !t.touched.is_empty() && t.touched.len() != t.ids.len() {
+                return Err(inconsistent(format!(
+                    "sparse table `{}`: some shards' files have the rows' update clocks and some do not",
+                    t.table
+                )));
+            }
             sort_rows(t, with_state).map_err(|id| {
                 inconsistent(format!("sparse table `{}`: row {id} is in more than one shard's file", t.table))
             })?;
@@ -492,6 +513,9 @@ fn sort_rows(t: &mut TableSnapshot, with_state: bool) -> Result<(), u64> {
     let (dim, sdim) = (t.dim as usize, t.dim as usize * t.num_slots as usize);
     t.ids = order.iter().map(|&i| t.ids[i]).collect();
     t.steps = order.iter().map(|&i| t.steps[i]).collect();
+    if !t.touched.is_empty() {
+        t.touched = order.iter().map(|&i| t.touched[i]).collect();
+    }
     t.values = order.iter().flat_map(|&i| &t.values[i * dim..(i + 1) * dim]).copied().collect();
     if with_state {
         t.state = order.iter().flat_map(|&i| &t.state[i * sdim..(i + 1) * sdim]).copied().collect();

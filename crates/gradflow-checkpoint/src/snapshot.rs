@@ -54,6 +54,13 @@ pub struct TableSnapshot {
     pub state: Vec<f32>,
     /// Optimizer updates applied to each row so far.
     pub steps: Vec<u32>,
+    /// The table's clock when each row was last updated (see `evict_after_steps`): empty, or
+    /// one per row.
+    pub touched: Vec<u32>,
+    /// The table's clock: its applied steps on this shard.
+    pub clock: u32,
+    /// The admission sketch's cells (see `admit_min_count`); empty without one.
+    pub sketch: Vec<u8>,
 }
 
 impl TableSnapshot {

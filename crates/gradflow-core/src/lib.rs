@@ -13,6 +13,7 @@
 //!   defined once for the job file and the server.
 //! - [`error`]: the error type of this crate.
 
+pub mod embedding;
 pub mod error;
 pub mod init;
 pub mod mode;

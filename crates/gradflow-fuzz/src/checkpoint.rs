@@ -256,7 +256,8 @@ fn check_loaded(m: &Manifest, snap: &ShardSnapshot, shard: u32, n: u32, pb: u64)
             (rows * dim, rows * dim * t.num_slots as usize, rows)
         );
     }
-    ShardModel::from_snapshot(snap.clone()).expect("the server restores whatever load_shard returns");
+    ShardModel::from_snapshot(snap.clone(), &Default::default())
+        .expect("the server restores whatever load_shard returns");
 }
 
 /// Everything a reader does with a resolved (or finalized) manifest; `pristine` when the

@@ -31,6 +31,9 @@ pub enum JobError {
     /// A server setting (`[server]`, `[checkpoint]`, `restore`).
     #[error(transparent)]
     Settings(#[from] SettingsError),
+    /// The `[embedding]` section: an option that cannot apply (the message names the key).
+    #[error(transparent)]
+    Embedding(#[from] gradflow_core::embedding::EmbeddingError),
     /// The `[tls]` section: a key missing or the wrong kind of file (the message names both).
     #[error("{0}")]
     Tls(TlsError),
@@ -45,6 +48,9 @@ pub enum JobError {
     /// (`GRADFLOW_CLUSTER_SPEC`, `GRADFLOW_TOKEN`, a token file).
     #[error("environment: {0}")]
     Environment(String),
+    /// The job token given to this process cannot be used.
+    #[error("environment: {0}")]
+    Token(#[from] gradflow_proto::auth::TokenSourceError),
 }
 
 // Not `#[from]`, which would also make the TLS error a `source`, said twice in a chain.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use gradflow_core::Mode;
+use gradflow_core::embedding::EmbeddingSettings;
 use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings};
 use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
@@ -57,6 +58,10 @@ pub struct JobConfig {
     /// Parameter-server settings (`[server]`, see [`ServerSettings`]).
     #[serde(default)]
     pub server: ServerSettings,
+    /// Admission and eviction of sparse table rows (`[embedding]`, see
+    /// [`EmbeddingSettings`]). Default: every pushed id gets a row, kept for good.
+    #[serde(default, skip_serializing_if = "EmbeddingSettings::is_default")]
+    pub embedding: EmbeddingSettings,
     /// gRPC transport settings shared by servers and workers.
     #[serde(default)]
     pub transport: TransportConfig,
@@ -125,9 +130,9 @@ impl AuthConfig {
             return Ok(None);
         }
         if let Some(path) = &self.token_file {
-            return Token::from_file(path).map(Some).map_err(JobError::Environment);
+            return Token::from_file(path).map(Some).map_err(JobError::Token);
         }
-        Ok(Some(Token::from_env().map_err(JobError::Environment)?.unwrap_or_else(Token::generate)))
+        Ok(Some(Token::from_env()?.unwrap_or_else(Token::generate)))
     }
 }
 
@@ -542,7 +547,8 @@ impl JobConfig {
             ));
         }
         self.server.validate(self.mode, self.workers)?;
-        self.transport.validate().map_err(|e| invalid("transport", e))?;
+        self.embedding.validate()?;
+        self.transport.validate().map_err(|e| invalid("transport", e.to_string()))?;
         check_log_filter(&self.output.log)?;
         if let Some(tls) = &self.tls {
             tls.check_keys()?;

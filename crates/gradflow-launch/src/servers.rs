@@ -20,6 +20,7 @@ pub fn server_config(job: &JobConfig, shard: u32) -> ServerConfig {
         transport: job.transport.clone(),
         checkpoint: job.checkpoint.clone(),
         restore: job.restore.clone(),
+        embedding: job.embedding.clone(),
         tls: job.tls.as_ref().map(TlsConfig::server),
         peer_tls: job.client_tls(),
         ..ServerConfig::from_settings(&job.server)
@@ -49,16 +50,19 @@ mod tests {
         let c = server_config(&job, 1);
         c.validate().unwrap();
         assert_eq!((c.shard, c.num_shards, c.num_workers), (1, 2, 3));
-        assert_eq!(c.heartbeat_timeout, Duration::from_secs(2));
-        assert_eq!((c.backup_workers, c.max_memory, c.link_port), (1, Some(0), 7071));
+        assert_eq!(c.settings.heartbeat_timeout, Duration::from_secs(2));
+        assert_eq!(
+            (c.settings.backup_workers, c.settings.max_memory, c.settings.link_port),
+            (1, Some(0), 7071)
+        );
         assert_eq!(c.restore, Some(gradflow_core::Restore::Step(40)));
         assert_eq!(c.checkpoint.as_ref().unwrap().url, "memory://ck");
         assert!(c.tls.is_none() && c.peer_tls.is_none() && c.token.is_none());
         // What the job does not set is the server's default.
         let d = ServerConfig::default();
         assert_eq!(
-            (c.startup_timeout, c.wait_timeout, c.inline_bytes),
-            (d.startup_timeout, d.wait_timeout, d.inline_bytes)
+            (c.settings.startup_timeout, c.settings.wait_timeout, c.inline_bytes),
+            (d.settings.startup_timeout, d.settings.wait_timeout, d.inline_bytes)
         );
     }
 

@@ -219,7 +219,7 @@ fn cluster_spec_in_each_pod_is_the_shared_contract() {
         let mut job = r.job().clone();
         job.server.link_port = 7071;
         assert_eq!(parsed.job_config, job);
-        assert_eq!(gradflow_launch::server_config(&parsed.job_config, 0).link_port, 7071);
+        assert_eq!(gradflow_launch::server_config(&parsed.job_config, 0).settings.link_port, 7071);
         if role == Role::Ps {
             assert_eq!(parsed.listen.as_deref(), Some("0.0.0.0:7070"));
             assert_eq!(parsed.metrics_listen.as_deref(), Some("0.0.0.0:9090"));

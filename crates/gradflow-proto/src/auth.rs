@@ -28,6 +28,17 @@ pub enum TokenError {
     Malformed { len: usize },
 }
 
+/// Why the token a process was given cannot be used: where it came from, and what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenSourceError {
+    #[error("{ENV_TOKEN}: {0}")]
+    Env(TokenError),
+    #[error("token file {}: {source}", path.display())]
+    Unreadable { path: std::path::PathBuf, source: std::io::Error },
+    #[error("token file {}: {source}", path.display())]
+    Malformed { path: std::path::PathBuf, source: TokenError },
+}
+
 /// A job's shared secret. `Debug` does not print it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
@@ -57,18 +68,18 @@ impl Token {
     }
 
     /// The token in [`ENV_TOKEN`], if it is set.
-    pub fn from_env() -> Result<Option<Token>, String> {
+    pub fn from_env() -> Result<Option<Token>, TokenSourceError> {
         match std::env::var(ENV_TOKEN) {
-            Ok(text) => Token::new(text).map(Some).map_err(|e| format!("{ENV_TOKEN}: {e}")),
+            Ok(text) => Token::new(text).map(Some).map_err(TokenSourceError::Env),
             Err(_) => Ok(None),
         }
     }
 
     /// The token in a file (surrounding whitespace ignored), as a mounted Secret provides it.
-    pub fn from_file(path: &Path) -> Result<Token, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
-        Token::new(text).map_err(|e| format!("token file {}: {e}", path.display()))
+    pub fn from_file(path: &Path) -> Result<Token, TokenSourceError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| TokenSourceError::Unreadable { path: path.into(), source })?;
+        Token::new(text).map_err(|source| TokenSourceError::Malformed { path: path.into(), source })
     }
 
     /// The token's text, to hand to a child process or a Secret.

@@ -20,7 +20,7 @@ pub mod refusal;
 pub mod tls;
 pub mod transport;
 
-pub use transport::TransportConfig;
+pub use transport::{TransportConfig, TransportError};
 
 /// Generated protobuf messages and gRPC stubs.
 #[allow(clippy::all, missing_docs)]

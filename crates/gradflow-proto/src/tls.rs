@@ -515,21 +515,31 @@ fn explain(problem: Problem, detail: String) -> String {
 
 /// The server address as a URL: `https://` with TLS, `http://` without. An address that
 /// already has a scheme must agree.
-pub fn url(addr: &str, tls: bool) -> Result<String, String> {
+pub fn url(addr: &str, tls: bool) -> Result<String, AddressError> {
+    let addr_owned = || addr.to_string();
     match addr.split_once("://") {
         None => Ok(format!("{}://{addr}", if tls { "https" } else { "http" })),
         Some(("https", _)) if tls => Ok(addr.to_string()),
         Some(("http", _)) if !tls => Ok(addr.to_string()),
-        Some(("http", _)) => Err(format!(
-            "server address `{addr}` says http://, but TLS is configured; write it without a scheme"
-        )),
-        Some(("https", _)) => Err(format!(
-            "server address `{addr}` says https://, but no TLS is configured (set tls.ca, or GRADFLOW_TLS_CA)"
-        )),
+        Some(("http", _)) => Err(AddressError::HttpWithTls { addr: addr_owned() }),
+        Some(("https", _)) => Err(AddressError::HttpsWithoutTls { addr: addr_owned() }),
         Some((scheme, _)) => {
-            Err(format!("server address `{addr}`: unknown scheme {scheme}://, expected host:port"))
+            Err(AddressError::UnknownScheme { addr: addr_owned(), scheme: scheme.to_string() })
         }
     }
+}
+
+/// A server address whose scheme disagrees with the TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AddressError {
+    #[error("server address `{addr}` says http://, but TLS is configured; write it without a scheme")]
+    HttpWithTls { addr: String },
+    #[error(
+        "server address `{addr}` says https://, but no TLS is configured (set tls.ca, or GRADFLOW_TLS_CA)"
+    )]
+    HttpsWithoutTls { addr: String },
+    #[error("server address `{addr}`: unknown scheme {scheme}://, expected host:port")]
+    UnknownScheme { addr: String, scheme: String },
 }
 
 #[cfg(feature = "test-certs")]

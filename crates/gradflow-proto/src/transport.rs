@@ -72,21 +72,29 @@ impl TransportConfig {
     }
 
     /// Checks that the settings can work together.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), TransportError> {
         if self.chunk_bytes < 1024 || self.chunk_bytes % 8 != 0 {
-            return Err(format!(
-                "transport.chunk_bytes is {}; expected a multiple of 8 of at least 1024",
-                self.chunk_bytes
-            ));
+            return Err(TransportError::ChunkBytes { chunk_bytes: self.chunk_bytes });
         }
         if self.max_message_bytes < self.chunk_bytes + 4096 {
-            return Err(format!(
-                "transport.max_message_bytes ({}) must exceed transport.chunk_bytes ({}) by at least 4096",
-                self.max_message_bytes, self.chunk_bytes
-            ));
+            return Err(TransportError::MaxMessageBytes {
+                max_message_bytes: self.max_message_bytes,
+                chunk_bytes: self.chunk_bytes,
+            });
         }
         Ok(())
     }
+}
+
+/// Transport settings that cannot work together; the message names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("transport.chunk_bytes is {chunk_bytes}; expected a multiple of 8 of at least 1024")]
+    ChunkBytes { chunk_bytes: usize },
+    #[error(
+        "transport.max_message_bytes ({max_message_bytes}) must exceed transport.chunk_bytes ({chunk_bytes}) by at least 4096"
+    )]
+    MaxMessageBytes { max_message_bytes: usize, chunk_bytes: usize },
 }
 
 #[cfg(test)]
@@ -105,6 +113,6 @@ mod tests {
     fn defaults_validate_and_bad_chunk_is_named() {
         assert!(TransportConfig::default().validate().is_ok());
         let t = TransportConfig { chunk_bytes: 100, ..Default::default() };
-        assert!(t.validate().unwrap_err().contains("chunk_bytes"));
+        assert!(t.validate().unwrap_err().to_string().contains("chunk_bytes"));
     }
 }

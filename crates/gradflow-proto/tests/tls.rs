@@ -125,6 +125,6 @@ fn addresses_get_the_scheme_of_the_transport() {
     assert_eq!(url("10.0.0.1:7000", false).unwrap(), "http://10.0.0.1:7000");
     assert_eq!(url("10.0.0.1:7000", true).unwrap(), "https://10.0.0.1:7000");
     assert_eq!(url("https://ps-0:7000", true).unwrap(), "https://ps-0:7000");
-    assert!(url("http://ps-0:7000", true).unwrap_err().contains("TLS is configured"));
-    assert!(url("https://ps-0:7000", false).unwrap_err().contains("no TLS"));
+    assert!(url("http://ps-0:7000", true).unwrap_err().to_string().contains("TLS is configured"));
+    assert!(url("https://ps-0:7000", false).unwrap_err().to_string().contains("no TLS"));
 }

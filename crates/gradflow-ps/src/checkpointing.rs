@@ -476,7 +476,8 @@ pub async fn restore(config: &ServerConfig, which: &Restore) -> Result<Restored,
     let manifest = store.resolve(&which).await?;
     let snap = store.load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes).await?;
     let version = snap.version;
-    let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap))
+    let embedding = config.embedding.clone();
+    let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap, &embedding))
         .await
         .map_err(|e| PsError::Internal(e.to_string()))??;
     let (tasks, scoring) = match config.shard {

@@ -5,17 +5,14 @@
 //! defaulted there once; [`ServerConfig::from_settings`] is the one place they become a
 //! shard's settings.
 
-use std::time::Duration;
-
 use gradflow_core::Mode;
+pub use gradflow_core::embedding::EmbeddingSettings;
 pub use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings, SettingsError};
 use gradflow_proto::TransportConfig;
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Everything one parameter-server shard needs to know.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     /// This shard's index, `0..num_shards`. Default 0.
     pub shard: u32,
@@ -28,32 +25,19 @@ pub struct ServerConfig {
     /// Async only: a worker may be at most this many steps ahead of the slowest live worker.
     /// Default: no bound.
     pub max_staleness: Option<u64>,
-    /// See [`ServerSettings::heartbeat_timeout`]. Default 5s.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_timeout: Duration,
-    /// See [`ServerSettings::startup_timeout`]. Default 120s.
-    #[serde(with = "humantime_serde")]
-    pub startup_timeout: Duration,
-    /// See [`ServerSettings::wait_timeout`]. Default 600s.
-    #[serde(with = "humantime_serde")]
-    pub wait_timeout: Duration,
-    /// See [`ServerSettings::reject_non_finite`]. Default true.
-    pub reject_non_finite: bool,
-    /// See [`ServerSettings::backup_workers`]. Default 0.
-    pub backup_workers: u32,
+    /// The job-wide server settings (a job file's `[server]`), documented and defaulted in
+    /// [`ServerSettings`].
+    pub settings: ServerSettings,
     /// Work on a request's tensors of at most this many bytes (checking and adding a push,
     /// reading a pull) runs on the async runtime's thread; larger work goes to the blocking
     /// pool. Handing work to the pool costs two thread wake-ups, more than small work takes.
     /// Default 1 MiB; 0 sends all of it to the pool.
     pub inline_bytes: u64,
-    /// See [`ServerSettings::max_memory`] and [`ServerConfig::memory_budget`]. Default: the
-    /// machine's memory.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_memory: Option<u64>,
     /// gRPC and tensor-link transport settings.
     pub transport: TransportConfig,
-    /// See [`ServerSettings::link_port`]. Default 0: any free port.
-    pub link_port: u16,
+    /// Admission and eviction of sparse table rows (a job file's `[embedding]`). Default: every
+    /// pushed id gets a row, kept for good.
+    pub embedding: EmbeddingSettings,
     /// Where and when to write checkpoints. Default: none.
     pub checkpoint: Option<CheckpointConfig>,
     /// Start from a checkpoint instead of an empty model (see [`Restore`]). Needs
@@ -61,17 +45,14 @@ pub struct ServerConfig {
     pub restore: Option<Restore>,
     /// The job's token: with one, every call without it is refused (UNAUTHENTICATED). Never
     /// read from or written to a file; the binary takes it from `GRADFLOW_TOKEN`. Default none.
-    #[serde(skip)]
     pub token: Option<gradflow_proto::auth::Token>,
     /// TLS: the server's certificate and key, and for mutual TLS the CAs that must have
     /// signed its clients' certificates (others are refused in the handshake). Comes from
     /// the job file's `[tls]` section. Default: plaintext.
-    #[serde(skip)]
     pub tls: Option<gradflow_proto::tls::ServerTls>,
     /// TLS of shard 0's calls to the other shards (time-based checkpoints): the client side
     /// of the job's `[tls]` section, what a worker uses. Default: from `GRADFLOW_TLS_CA` (and
     /// the variables beside it, see `gradflow_proto::tls`) when it is set, else plaintext.
-    #[serde(skip)]
     pub peer_tls: Option<gradflow_proto::tls::ClientTls>,
 }
 
@@ -85,33 +66,16 @@ impl ServerConfig {
     /// A shard with the job-wide server settings `settings` (a job file's `[server]`) and
     /// defaults for the rest. The one place where those settings become a shard's.
     pub fn from_settings(settings: &ServerSettings) -> ServerConfig {
-        // No `..`: a new setting does not compile until it is taken here (or said unused).
-        let ServerSettings {
-            heartbeat_timeout,
-            startup_timeout,
-            wait_timeout,
-            reject_non_finite,
-            // Reaches the shard in the model spec that the workers declare.
-            partition_bytes: _,
-            backup_workers,
-            link_port,
-            max_memory,
-        } = *settings;
         ServerConfig {
             shard: 0,
             num_shards: 1,
             num_workers: 1,
             mode: Mode::Sync,
             max_staleness: None,
-            heartbeat_timeout,
-            startup_timeout,
-            wait_timeout,
-            reject_non_finite,
-            backup_workers,
+            settings: settings.clone(),
             inline_bytes: 1 << 20,
-            max_memory,
             transport: TransportConfig::default(),
-            link_port,
+            embedding: EmbeddingSettings::default(),
             checkpoint: None,
             restore: None,
             token: None,
@@ -122,7 +86,7 @@ impl ServerConfig {
 
     /// The memory budget of the model, from [`ServerConfig::max_memory`]: `None` for no limit.
     pub fn memory_budget(&self) -> Option<u64> {
-        match self.max_memory {
+        match self.settings.max_memory {
             Some(0) => None,
             Some(n) => Some(n),
             None => machine_memory(),
@@ -140,14 +104,19 @@ impl ServerConfig {
         if self.num_workers == 0 {
             return Err(ConfigError::NoWorkers);
         }
-        gradflow_core::settings::check_heartbeat_timeout(self.heartbeat_timeout)?;
-        gradflow_core::settings::check_backup_workers(self.backup_workers, self.mode, self.num_workers)?;
+        gradflow_core::settings::check_heartbeat_timeout(self.settings.heartbeat_timeout)?;
+        gradflow_core::settings::check_backup_workers(
+            self.settings.backup_workers,
+            self.mode,
+            self.num_workers,
+        )?;
         if self.max_staleness.is_some() && self.mode == Mode::Sync {
             return Err(ConfigError::StalenessInSync);
         }
         if let Some(c) = &self.checkpoint {
             c.validate()?;
         }
+        self.embedding.validate()?;
         if let Some(r) = &self.restore {
             r.check(self.checkpoint.as_ref())?;
         }
@@ -169,8 +138,10 @@ pub enum ConfigError {
     /// A job-wide setting (see [`ServerSettings`], [`CheckpointConfig`], [`Restore`]).
     #[error(transparent)]
     Settings(#[from] SettingsError),
-    #[error("{0}")]
-    Transport(String),
+    #[error(transparent)]
+    Transport(#[from] gradflow_proto::TransportError),
+    #[error(transparent)]
+    Embedding(#[from] gradflow_core::embedding::EmbeddingError),
 }
 
 /// This machine's memory in bytes: the smaller of the RAM (`MemTotal` in `/proc/meminfo`) and

@@ -75,6 +75,9 @@ pub enum PsError {
     NonFiniteModel { tensor: String, at: String, step: u64, detail: String },
     #[error("model too large: {0}")]
     ModelTooLarge(String),
+    /// The job's `[embedding]` section does not fit the declared model.
+    #[error(transparent)]
+    Embedding(#[from] gradflow_core::embedding::EmbeddingError),
 }
 
 impl From<gradflow_checkpoint::CheckpointError> for PsError {
@@ -101,7 +104,8 @@ impl From<PsError> for Status {
             PsError::InvalidSpec(_)
             | PsError::InvalidArgument(_)
             | PsError::NonFinite(_)
-            | PsError::UnknownWorker { .. } => Code::InvalidArgument,
+            | PsError::UnknownWorker { .. }
+            | PsError::Embedding(_) => Code::InvalidArgument,
             PsError::WaitTimeout(_) => Code::DeadlineExceeded,
             PsError::Checkpoint(_) | PsError::CheckpointsFailed(_) | PsError::Bind { .. } => {
                 Code::FailedPrecondition

@@ -40,6 +40,7 @@ pub mod push;
 pub mod server;
 pub mod service;
 pub mod shard;
+pub mod table;
 pub mod tasks;
 
 pub use checkpointing::ENV_FAULT_STALL_UPLOAD;

@@ -123,7 +123,7 @@ async fn connection(
                     Ok(total) => {
                         let mut buf: BytesMut =
                             last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
-                        let check = shard.config.reject_non_finite;
+                        let check = shard.config.settings.reject_non_finite;
                         let bad = read_push_payload(&mut r, &mut buf, &msg, &lengths, total, check).await?;
                         let payload = buf.freeze();
                         let result = match bad {

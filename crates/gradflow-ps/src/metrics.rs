@@ -20,6 +20,11 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 100µs .. ~50s
     Histogram::new(exponential_buckets(1e-4, 2.0, 20))
@@ -38,6 +43,13 @@ pub struct Metrics {
     pub version: Gauge,
     pub live_workers: Gauge,
     pub sparse_rows: Gauge,
+    /// Per sparse table (see `table::TableStats`): rows and their bytes, rows created
+    /// (admitted) and evicted, and gradient rows dropped because their id was not admitted.
+    pub table_rows: Family<TableLabel, Gauge>,
+    pub table_bytes: Family<TableLabel, Gauge>,
+    pub table_admitted: Family<TableLabel, Counter>,
+    pub table_evicted: Family<TableLabel, Counter>,
+    pub table_dropped: Family<TableLabel, Counter>,
     /// Tensor-link connections accepted (authenticated).
     pub link_connections: Counter,
     /// Tensor-link connections dropped before they authenticated: a wrong or missing token,
@@ -60,6 +72,11 @@ impl Default for Metrics {
             version: Gauge::default(),
             live_workers: Gauge::default(),
             sparse_rows: Gauge::default(),
+            table_rows: Family::default(),
+            table_bytes: Family::default(),
+            table_admitted: Family::default(),
+            table_evicted: Family::default(),
+            table_dropped: Family::default(),
             link_connections: Counter::default(),
             link_refused: Counter::default(),
             registry: Arc::new(Registry::default()),
@@ -78,6 +95,27 @@ impl Default for Metrics {
         );
         registry.register("live_workers", "Workers currently counted as alive", m.live_workers.clone());
         registry.register("sparse_rows", "Sparse rows held by this shard", m.sparse_rows.clone());
+        registry.register("table_rows", "Rows of each sparse table on this shard", m.table_rows.clone());
+        registry.register(
+            "table_bytes",
+            "Memory of each sparse table's rows (values, optimizer state, id, counts) and admission sketch",
+            m.table_bytes.clone(),
+        );
+        registry.register(
+            "table_admitted_rows",
+            "Rows created in each sparse table",
+            m.table_admitted.clone(),
+        );
+        registry.register(
+            "table_evicted_rows",
+            "Rows evicted from each sparse table (evict_after_steps, max_rows)",
+            m.table_evicted.clone(),
+        );
+        registry.register(
+            "table_dropped_gradients",
+            "Gradient rows dropped because their id was not admitted (admit_min_count, admit_probability, max_rows)",
+            m.table_dropped.clone(),
+        );
         registry.register(
             "link_connections",
             "Tensor-link connections accepted from workers (pushes and pulls over plain TCP)",
@@ -102,6 +140,21 @@ impl Metrics {
     pub fn observe_pull(&self, kind: &'static str, elapsed: Duration) {
         self.pulls.get_or_create(&KindLabel { kind }).inc();
         self.pull_seconds.get_or_create(&KindLabel { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the per-table metrics of `table` to `stats` (counters move up to its counts).
+    pub fn observe_table(&self, table: &str, stats: crate::table::TableStats) {
+        let label = TableLabel { table: table.to_string() };
+        self.table_rows.get_or_create(&label).set(stats.rows as i64);
+        self.table_bytes.get_or_create(&label).set(stats.bytes as i64);
+        for (family, now) in [
+            (&self.table_admitted, stats.admitted),
+            (&self.table_evicted, stats.evicted),
+            (&self.table_dropped, stats.dropped),
+        ] {
+            let counter = family.get_or_create(&label);
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
     }
 
     /// The metrics in the Prometheus text format.

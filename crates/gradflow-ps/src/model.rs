@@ -19,16 +19,14 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 
-use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot, TableSnapshot};
-use gradflow_core::{Grad, Initializer, ModelSpec, NonFiniteUpdate, OptimizerConfig, Placement};
+use gradflow_checkpoint::{DensePieceSnapshot, ShardSnapshot};
+use gradflow_core::embedding::{EmbeddingError, EmbeddingSettings};
+use gradflow_core::{Grad, ModelSpec, NonFiniteUpdate, OptimizerConfig, Placement};
 use gradflow_proto::codec;
 use rayon::prelude::*;
-use rustc_hash::FxHashMap;
 
 use crate::PsError;
-
-/// Rows of a table are spread over this many independently locked stripes.
-const STRIPES: usize = 32;
+pub use crate::table::{SparseAccum, Table, TableStats};
 
 /// One shard's parameters.
 pub struct ShardModel {
@@ -152,99 +150,6 @@ fn f32s_of_held(bytes: &Bytes) -> &[f32] {
     as_f32s(bytes).expect("held only when aligned")
 }
 
-/// This shard's rows of one sparse table.
-pub struct Table {
-    name: String,
-    dim: usize,
-    init: Initializer,
-    optimizer: OptimizerConfig,
-    slots: usize,
-    stripes: Vec<Mutex<RowStore>>,
-    /// Sync mode: the sum of this step's gradients, per id.
-    accum: Mutex<SparseAccum>,
-    /// Whether updates are checked for NaN and infinity ([`ShardModel::set_check_finite`]).
-    check_finite: AtomicBool,
-}
-
-/// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
-#[derive(Default)]
-struct RowStore {
-    index: RowIndex,
-    /// The id of each row, in row order.
-    ids: Vec<u64>,
-    data: Vec<f32>,
-    steps: Vec<u32>,
-}
-
-/// Where each id's row is in a [`RowStore`] of one stripe.
-///
-/// Ids of most tables are small and dense (hashed into a fixed number of buckets), so they are
-/// indexed directly by `id / STRIPES` (the stripe is `id % STRIPES`): one load from an array
-/// of 4 bytes per id instead of a hash probe, which on a large table is two cache misses. The
-/// array grows only while it stays within a few entries per row, so sparse ids (large,
-/// scattered) cannot make it big; those go to a hash map. When the array grows, the ids of
-/// the map that now fit move into it, so a table whose ids turn out dense ends up with an
-/// empty map (and a lookup of a new id does not probe it).
-#[derive(Default)]
-struct RowIndex {
-    /// Row of id `local * STRIPES + stripe` at `direct[local]`; `ABSENT` where there is none.
-    direct: Vec<u32>,
-    /// Rows of ids that were past `direct`'s end when they came.
-    other: FxHashMap<u64, u32>,
-}
-
-impl RowIndex {
-    const ABSENT: u32 = u32::MAX;
-    /// `direct` may always grow this far (256 KiB: 2M ids over the 32 stripes)...
-    const DIRECT_MIN: usize = 1 << 16;
-    /// ...and beyond it, to at most this many entries per row: about what a hash map spends
-    /// per row, and room for the gaps of ids that other shards hold (with 8 shards, a shard
-    /// holds one id in 8 of a dense range).
-    const DIRECT_PER_ROW: usize = 8;
-
-    fn get(&self, id: u64) -> Option<u32> {
-        let local = id / STRIPES as u64;
-        if let Some(&r) = self.direct.get(local as usize)
-            && r != Self::ABSENT
-        {
-            return Some(r);
-        }
-        if self.other.is_empty() { None } else { self.other.get(&id).copied() }
-    }
-
-    /// Records `row` for `id` (not yet present); `rows` is how many rows the store holds.
-    fn insert(&mut self, id: u64, row: u32, rows: usize) {
-        let local = id / STRIPES as u64;
-        let limit = Self::DIRECT_MIN.max(Self::DIRECT_PER_ROW * rows) as u64;
-        if local < self.direct.len() as u64 || local < limit {
-            let local = local as usize;
-            if local >= self.direct.len() {
-                let len = (local + 1).next_power_of_two().min(limit as usize).max(local + 1);
-                self.direct.resize(len, Self::ABSENT);
-                let direct = &mut self.direct;
-                self.other.retain(|&id, &mut row| match direct.get_mut((id / STRIPES as u64) as usize) {
-                    Some(slot) => {
-                        *slot = row;
-                        false
-                    }
-                    None => true,
-                });
-            }
-            self.direct[local] = row;
-        } else {
-            self.other.insert(id, row);
-        }
-    }
-}
-
-/// Gradients summed per id.
-#[derive(Default)]
-pub struct SparseAccum {
-    index: FxHashMap<u64, u32>,
-    ids: Vec<u64>,
-    sums: Vec<f32>,
-}
-
 impl ShardModel {
     /// Builds and initializes this shard's part of `spec`.
     pub fn new(spec: ModelSpec, num_shards: u32, shard: u32, partition_bytes: u64) -> ShardModel {
@@ -277,21 +182,19 @@ impl ShardModel {
                 }
             })
             .collect();
-        let tables = spec
-            .sparse
-            .iter()
-            .map(|s| Table {
-                name: s.name.clone(),
-                dim: s.dim as usize,
-                init: s.init.clone(),
-                optimizer: s.optimizer.clone(),
-                slots: s.optimizer.num_slots(),
-                stripes: (0..STRIPES).map(|_| Mutex::new(RowStore::default())).collect(),
-                accum: Mutex::new(SparseAccum::default()),
-                check_finite: AtomicBool::new(true),
-            })
-            .collect();
+        let tables = spec.sparse.iter().map(|s| Table::new(s, Default::default())).collect();
         ShardModel { spec, placement, shard, pieces, piece_index, tables, fault: OnceLock::new() }
+    }
+
+    /// This model with the `[embedding]` policies of its tables: admission and eviction (see
+    /// the `table` module). Only an empty model takes them; a table the settings name that
+    /// the spec does not have is an error that names it.
+    pub fn with_embedding(mut self, settings: &EmbeddingSettings) -> Result<ShardModel, EmbeddingError> {
+        let names: Vec<&str> = self.spec.sparse.iter().map(|s| s.name.as_str()).collect();
+        let policies = settings.policies(&names)?;
+        debug_assert!(self.tables.iter().all(|t| t.rows() == 0), "policies are set on an empty model");
+        self.tables = self.spec.sparse.iter().zip(policies).map(|(s, p)| Table::new(s, p)).collect();
+        Ok(self)
     }
 
     /// Checks, from the spec alone and before anything is allocated, that shard `shard`'s part
@@ -365,7 +268,7 @@ impl ShardModel {
     /// lets NaN through); `clip_norm` applies either way.
     pub fn set_check_finite(&self, on: bool) {
         self.pieces.iter().for_each(|p| p.check_finite.store(on, Ordering::Relaxed));
-        self.tables.iter().for_each(|t| t.check_finite.store(on, Ordering::Relaxed));
+        self.tables.iter().for_each(|t| t.set_check_finite(on));
     }
 
     /// `Ok` until an update would have made the model non-finite; then, for good, the error
@@ -412,7 +315,10 @@ impl ShardModel {
 
     /// The index of sparse table `name`.
     pub fn table(&self, name: &str) -> Result<usize, PsError> {
-        self.tables.iter().position(|t| t.name == name).ok_or_else(|| PsError::UnknownTable(name.to_string()))
+        self.tables
+            .iter()
+            .position(|t| t.name() == name)
+            .ok_or_else(|| PsError::UnknownTable(name.to_string()))
     }
 
     /// Bytes of dense parameters on this shard.
@@ -423,7 +329,7 @@ impl ShardModel {
     /// Bytes a sync step's apply works over: every dense piece, and the summed rows of every
     /// table.
     pub fn accumulated_bytes(&self) -> u64 {
-        let rows = self.tables.iter().map(|t| (t.accum.lock().unwrap().ids.len() * t.dim * 4) as u64);
+        let rows = self.tables.iter().map(|t| (t.accumulated_ids() * t.dim() * 4) as u64);
         self.dense_bytes() + rows.sum::<u64>()
     }
 
@@ -439,27 +345,12 @@ impl ShardModel {
     pub fn try_apply_accumulated(&self, divisor: f32, step: u64) -> Result<(), PsError> {
         let scale = 1.0 / divisor;
         let dense: Vec<_> = self.pieces.par_iter().map(|p| p.apply_accumulated(scale)).collect();
-        let sparse: Vec<_> = self
-            .tables
-            .par_iter()
-            .map(|t| {
-                let mut acc = std::mem::take(&mut *t.accum.lock().unwrap());
-                let applied = t.try_apply(&acc, scale);
-                // Back for the next step, emptied but with its capacity: a step's ids would
-                // otherwise grow a new map from nothing, rehashing as it goes.
-                acc.clear();
-                let mut next = t.accum.lock().unwrap();
-                if next.is_empty() {
-                    *next = acc;
-                }
-                applied
-            })
-            .collect();
+        let sparse: Vec<_> = self.tables.par_iter().map(|t| t.try_apply_accumulated(scale)).collect();
         for (p, r) in self.pieces.iter().zip(dense) {
             r.map_err(|e| self.fail(&p.tensor, format!("partition {}", p.partition), step, e))?;
         }
         for (t, r) in self.tables.iter().zip(sparse) {
-            r.map_err(|(id, e)| self.fail(&t.name, format!("row {id}"), step, e))?;
+            r.map_err(|(id, e)| self.fail(t.name(), format!("row {id}"), step, e))?;
         }
         Ok(())
     }
@@ -556,8 +447,8 @@ impl ShardModel {
         for (t, ids, values) in push.sparse {
             let table = &self.tables[t];
             let mut acc = SparseAccum::default();
-            acc.add(&ids, &values, table.dim);
-            table.try_apply(&acc, 1.0).map_err(|(id, e)| fail(&table.name, format!("row {id}"), e))?;
+            acc.add(&ids, &values, table.dim());
+            table.try_apply(&acc, 1.0).map_err(|(id, e)| fail(table.name(), format!("row {id}"), e))?;
         }
         Ok(())
     }
@@ -599,8 +490,9 @@ impl ShardModel {
 
     /// A shard holding exactly what `snap` holds. `snap` must have been loaded for this
     /// shard's placement (see `CheckpointStore::load_shard`).
-    pub fn from_snapshot(snap: ShardSnapshot) -> Result<ShardModel, PsError> {
-        let model = ShardModel::new(snap.spec.clone(), snap.num_shards, snap.shard, snap.partition_bytes);
+    pub fn from_snapshot(snap: ShardSnapshot, embedding: &EmbeddingSettings) -> Result<ShardModel, PsError> {
+        let model = ShardModel::new(snap.spec.clone(), snap.num_shards, snap.shard, snap.partition_bytes)
+            .with_embedding(embedding)?;
         for d in snap.dense {
             let idx = model.piece(&d.tensor, d.partition)?;
             let piece = &model.pieces[idx];
@@ -777,313 +669,11 @@ impl AsRef<[u8]> for ValuesRange {
     }
 }
 
-/// How many rows ahead an update of a table's rows asks for the row it will need.
-///
-/// A large table's rows are mostly not in the cache, and an update knows every row it will
-/// visit before it starts; each row's optimizer call is long enough that the processor does
-/// not reach the next row's loads on its own, so they are asked for ahead. (A pull's loop,
-/// a plain copy per row, overlaps its loads without help and was slower with it.)
-const PREFETCH_ROWS_AHEAD: usize = 8;
-
-/// Hints the processor to load the cache lines of `row` (no effect on what the program does).
-#[inline(always)]
-fn prefetch(row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        const LINE: usize = 64;
-        let (start, len) = (row.as_ptr().cast::<i8>(), std::mem::size_of_val(row));
-        // One address every 64 bytes from the row's start, then its last byte: together they
-        // fall on every line the row touches, whether or not it starts on a line.
-        for offset in (0..len).step_by(LINE).chain(len.checked_sub(1)) {
-            // SAFETY: a prefetch is a hint that never faults, and the address is inside
-            // `row`; SSE is part of every x86-64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
-}
-
-fn stripe_of(id: u64) -> usize {
-    // The low bits, so that `id / STRIPES` numbers a stripe's ids densely (see `RowIndex`).
-    // The shard choice mixes the id first, so every stripe of a shard gets ids.
-    (id % STRIPES as u64) as usize
-}
-
-impl Table {
-    /// The table's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Values per row.
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
-    /// Sync: adds gradient rows (little-endian, [`Table::dim`] per id) for `ids` into the
-    /// step's sums.
-    pub fn accumulate(&self, ids: &[u64], values: &[u8]) {
-        self.accum.lock().unwrap().add(ids, values, self.dim);
-    }
-
-    fn stride(&self) -> usize {
-        self.dim * (1 + self.slots)
-    }
-
-    /// A copy of every row of this table on this shard.
-    fn snapshot(&self) -> TableSnapshot {
-        let stride = self.stride();
-        let mut snap = TableSnapshot {
-            table: self.name.clone(),
-            dim: self.dim as u32,
-            num_slots: self.slots as u32,
-            ids: Vec::new(),
-            values: Vec::new(),
-            state: Vec::new(),
-            steps: Vec::new(),
-        };
-        for stripe in &self.stripes {
-            let store = stripe.lock().unwrap();
-            for (row, &id) in store.ids.iter().enumerate() {
-                let data = &store.data[row * stride..][..stride];
-                snap.ids.push(id);
-                snap.values.extend_from_slice(&data[..self.dim]);
-                snap.state.extend_from_slice(&data[self.dim..]);
-                snap.steps.push(store.steps[row]);
-            }
-        }
-        snap
-    }
-
-    /// Puts the rows of a snapshot into this (empty) table.
-    fn restore(&self, snap: &TableSnapshot) -> Result<(), PsError> {
-        let (dim, slots) = (self.dim, self.slots);
-        if snap.dim as usize != dim || snap.num_slots as usize != slots {
-            return Err(PsError::Internal(format!(
-                "checkpoint table `{}` has dim {} and {} optimizer slots, the spec says {dim} and {slots}",
-                snap.table, snap.dim, snap.num_slots
-            )));
-        }
-        let n = snap.ids.len();
-        if snap.values.len() != n * dim || snap.state.len() != n * dim * slots || snap.steps.len() != n {
-            return Err(PsError::Internal(format!(
-                "checkpoint table `{}` has inconsistent lengths",
-                snap.table
-            )));
-        }
-        for (k, &id) in snap.ids.iter().enumerate() {
-            let mut store = self.stripes[stripe_of(id)].lock().unwrap();
-            let r = store.steps.len();
-            store.data.extend_from_slice(&snap.values[k * dim..][..dim]);
-            store.data.extend_from_slice(&snap.state[k * dim * slots..][..dim * slots]);
-            store.steps.push(snap.steps[k]);
-            store.ids.push(id);
-            store.index.insert(id, r as u32, r + 1);
-        }
-        Ok(())
-    }
-
-    /// Rows created so far.
-    pub fn rows(&self) -> u64 {
-        self.stripes.iter().map(|s| s.lock().unwrap().steps.len() as u64).sum()
-    }
-
-    /// Appends the rows of `ids` (created on first touch) to `out` as little-endian bytes.
-    pub fn pull(&self, ids: &[u64], out: &mut Vec<u8>) {
-        let base = out.len();
-        out.resize(base + ids.len() * self.dim * 4, 0);
-        let out = &mut out[base..];
-        for (s, positions) in self.group_by_stripe(ids).into_iter().enumerate() {
-            if positions.is_empty() {
-                continue;
-            }
-            let mut store = self.stripes[s].lock().unwrap();
-            let rows = self.rows_of(&mut store, ids, &positions);
-            let stride = self.stride();
-            for (&pos, &row) in positions.iter().zip(&rows) {
-                let values = &store.data[row as usize * stride..][..self.dim];
-                let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
-                codec::write_f32s(dst, values);
-            }
-        }
-    }
-
-    /// The rows of `ids[p]` for every `p` in `positions`, all in `store`'s stripe, created where
-    /// new. Looked up in one pass before any row is read: consecutive lookups do not depend on
-    /// each other, so the processor overlaps their cache misses (a lookup in a large table is
-    /// mostly waiting for memory).
-    fn rows_of(&self, store: &mut RowStore, ids: &[u64], positions: &[u32]) -> Vec<u32> {
-        positions.iter().map(|&pos| self.row(store, ids[pos as usize]) as u32).collect()
-    }
-
-    /// [`try_apply`](Self::try_apply), for benches and tests: checked all the same, but
-    /// whether every row went through is not returned.
-    pub fn apply(&self, acc: &SparseAccum, scale: f32) {
-        let _ = self.try_apply(acc, scale);
-    }
-
-    /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row,
-    /// each clipped and checked (see `OptimizerConfig::step_checked`). A row whose update turns
-    /// it non-finite keeps the bad values and does not count the step; the rows after it in
-    /// its stripe are left as they were, and the error names the id of the first such row
-    /// found (the caller records the fault and serves the table no more).
-    ///
-    /// Large updates run on rayon's threads, one stripe at a time each: a sync step's update
-    /// is on every worker's critical path, and the stripes are independent.
-    pub fn try_apply(&self, acc: &SparseAccum, scale: f32) -> Result<(), (u64, NonFiniteUpdate)> {
-        /// Fewer rows than this are not worth handing to other threads.
-        const PARALLEL_ROWS: usize = 4096;
-        let groups = self.group_by_stripe(&acc.ids);
-        if acc.ids.len() >= PARALLEL_ROWS {
-            groups
-                .into_par_iter()
-                .enumerate()
-                .map(|(s, positions)| self.apply_stripe(acc, scale, s, &positions))
-                .collect::<Result<(), _>>()
-        } else {
-            for (s, positions) in groups.into_iter().enumerate() {
-                self.apply_stripe(acc, scale, s, &positions)?;
-            }
-            Ok(())
-        }
-    }
-
-    /// [`try_apply`](Self::try_apply) to the rows of `acc` at `positions`, all in stripe `s`.
-    fn apply_stripe(
-        &self,
-        acc: &SparseAccum,
-        scale: f32,
-        s: usize,
-        positions: &[u32],
-    ) -> Result<(), (u64, NonFiniteUpdate)> {
-        if positions.is_empty() {
-            return Ok(());
-        }
-        let stride = self.stride();
-        let check = self.check_finite.load(Ordering::Relaxed);
-        let mut store = self.stripes[s].lock().unwrap();
-        let rows = self.rows_of(&mut store, &acc.ids, positions);
-        for (i, (&pos, &row)) in positions.iter().zip(&rows).enumerate() {
-            if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
-                prefetch(&store.data[ahead as usize * stride..][..stride]);
-            }
-            let (pos, row) = (pos as usize, row as usize);
-            let sum = &acc.sums[pos * self.dim..][..self.dim];
-            let grad = if scale == 1.0 { Grad::Plain(sum) } else { Grad::Scaled(sum, scale) };
-            let RowStore { data, steps, .. } = &mut *store;
-            let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
-            let t = steps[row] + 1;
-            if check {
-                self.optimizer
-                    .step_checked(values, grad, state, u64::from(t))
-                    .map_err(|e| (acc.ids[pos], e))?;
-            } else {
-                self.optimizer.step_clipped(values, grad, state, u64::from(t));
-            }
-            steps[row] = t;
-        }
-        Ok(())
-    }
-
-    /// The row index of `id` in `store`, creating and initializing the row if it is new.
-    fn row(&self, store: &mut RowStore, id: u64) -> usize {
-        if let Some(r) = store.index.get(id) {
-            return r as usize;
-        }
-        let r = store.steps.len();
-        let stride = self.stride();
-        store.data.resize((r + 1) * stride, 0.0);
-        let (values, state) = store.data[r * stride..].split_at_mut(self.dim);
-        self.init.fill_row(&self.name, id, values);
-        self.optimizer.init_state(state);
-        store.steps.push(0);
-        store.ids.push(id);
-        store.index.insert(id, r as u32, r + 1);
-        r
-    }
-
-    fn group_by_stripe(&self, ids: &[u64]) -> Vec<Vec<u32>> {
-        let mut groups = vec![Vec::new(); STRIPES];
-        for (i, &id) in ids.iter().enumerate() {
-            groups[stripe_of(id)].push(i as u32);
-        }
-        groups
-    }
-}
-
-impl SparseAccum {
-    /// Adds the gradient rows in `values` (little-endian, `dim` per id) for `ids`.
-    pub fn add(&mut self, ids: &[u64], values: &[u8], dim: usize) {
-        for (i, &id) in ids.iter().enumerate() {
-            let row = match self.index.get(&id) {
-                Some(&r) => r as usize,
-                None => {
-                    let r = self.ids.len();
-                    self.index.insert(id, r as u32);
-                    self.ids.push(id);
-                    self.sums.resize((r + 1) * dim, 0.0);
-                    r
-                }
-            };
-            codec::add_f32s(&mut self.sums[row * dim..][..dim], &values[i * dim * 4..][..dim * 4]);
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    /// Empties the sums, keeping their allocations.
-    pub fn clear(&mut self) {
-        self.index.clear();
-        self.ids.clear();
-        self.sums.clear();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn row_index_finds_what_a_hash_map_finds() {
-        let mut state = 3u64;
-        let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            state ^ (state >> 29)
-        };
-        let mut index = RowIndex::default();
-        let mut model = HashMap::new();
-        for step in 0..200_000u64 {
-            // Mostly small ids (dense ones go direct), some huge ones, some repeats.
-            let id = match next() % 10 {
-                0 => next(),
-                1 => u64::MAX - next() % 100,
-                _ => next() % (1 << 22),
-            };
-            // An index holds the ids of one stripe.
-            let id = id - id % STRIPES as u64 + 5;
-            match model.get(&id) {
-                Some(&r) => assert_eq!(index.get(id), Some(r), "step {step}: id {id}"),
-                None => {
-                    assert_eq!(index.get(id), None, "step {step}: id {id} was never inserted");
-                    let row = model.len() as u32;
-                    model.insert(id, row);
-                    index.insert(id, row, model.len());
-                }
-            }
-        }
-        for (&id, &row) in &model {
-            assert_eq!(index.get(id), Some(row));
-        }
-        assert!(!index.other.is_empty(), "huge ids go to the hash map");
-        assert!(index.direct.len() <= RowIndex::DIRECT_PER_ROW * model.len());
-        let fits = |id: &u64| ((id / STRIPES as u64) as usize) < index.direct.len();
-        assert!(!index.other.keys().any(fits), "ids that fit the array moved into it");
-    }
-    use gradflow_core::{DenseSpec, SparseSpec};
+    use gradflow_core::{DenseSpec, Initializer, SparseSpec};
 
     fn spec() -> ModelSpec {
         ModelSpec {
@@ -1214,12 +804,12 @@ mod tests {
     }
 
     #[test]
-    fn sparse_rows_are_created_on_touch_and_updated() {
+    fn sparse_rows_are_created_by_pushes_not_pulls() {
         let m = ShardModel::new(spec(), 1, 0, 1 << 20);
         let t = &m.tables[0];
         let mut out = Vec::new();
         t.pull(&[7, 9, 7], &mut out);
-        assert_eq!(t.rows(), 2);
+        assert_eq!(t.rows(), 0, "a pull reads what a new row would hold and creates none");
         let vals: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(vals, vec![0.25; 6]);
         let mut acc = SparseAccum::default();
@@ -1230,7 +820,7 @@ mod tests {
         t.pull(&[7, 9, 11], &mut out);
         let vals: Vec<f32> = out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(vals, vec![-0.5, -0.5, 0.25, 0.25, -0.75, -0.75]);
-        assert_eq!(t.rows(), 3);
+        assert_eq!(t.rows(), 2, "9 was only pulled");
     }
 
     #[test]
@@ -1242,16 +832,14 @@ mod tests {
             t.pull(ids, &mut out);
             out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<f32>>()
         };
-        let push = |ids: &[u64], g: f32| {
-            t.accum.lock().unwrap().add(ids, &codec::f32s_to_bytes(&vec![g; ids.len() * 2]), 2)
-        };
+        let push = |ids: &[u64], g: f32| t.accumulate(ids, &codec::f32s_to_bytes(&vec![g; ids.len() * 2]));
         push(&[3, 5], 1.0);
         push(&[5], 1.0);
         m.apply_accumulated(2.0);
         // 0.25 - (sum / 2): id 3 had one gradient of 1, id 5 two.
         assert_eq!(rows(&[3, 5]), vec![-0.25, -0.25, -0.75, -0.75]);
         // The sums went back emptied: the next step sees only its own pushes.
-        assert!(t.accum.lock().unwrap().is_empty());
+        assert_eq!(t.accumulated_ids(), 0);
         // Id 5 again, and a new one: had the emptied sums kept their index, 5 would find a
         // stale slot.
         push(&[8, 5], 0.5);
@@ -1277,7 +865,8 @@ mod tests {
             let row = f32::from_le_bytes(before[k * 8..][..4].try_into().unwrap());
             assert_eq!(row, 0.25 - grads[k * 2], "id {id}");
         }
-        let restored = ShardModel::from_snapshot(m.snapshot(1, gradflow_core::Mode::Sync)).unwrap();
+        let restored =
+            ShardModel::from_snapshot(m.snapshot(1, gradflow_core::Mode::Sync), &Default::default()).unwrap();
         assert_eq!(restored.tables[0].rows(), ids.len() as u64);
         restored.tables[0].pull(&ids, &mut after);
         assert_eq!(after, before);

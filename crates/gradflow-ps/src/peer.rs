@@ -22,7 +22,7 @@ pub async fn ask_checkpoint(
         Some(tls) => Some(tls),
         None => ClientTls::from_env().map_err(|e| AskError::Failed(e.to_string()))?,
     };
-    let url = tls::url(&addr, client_tls.is_some()).map_err(AskError::Failed)?;
+    let url = tls::url(&addr, client_tls.is_some()).map_err(|e| AskError::Failed(e.to_string()))?;
     let mut endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| AskError::Failed(format!("{addr}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(10));

@@ -101,7 +101,7 @@ pub async fn start(
     // The tensor link listens on the gRPC address's interface. Not with TLS: it would carry
     // the job's tensors in the clear.
     let link_listener = if config.transport.tensor_link && config.tls.is_none() {
-        let a = SocketAddr::new(addr.ip(), config.link_port);
+        let a = SocketAddr::new(addr.ip(), config.settings.link_port);
         Some(TcpListener::bind(a).await.map_err(|source| PsError::Bind {
             what: "for the tensor link",
             addr: a,
@@ -273,7 +273,7 @@ pub async fn serve_until(
 }
 
 async fn reap_loop(shard: Arc<Shard>, mut stop: watch::Receiver<bool>) {
-    let period = (shard.config.heartbeat_timeout / 4).max(Duration::from_millis(10));
+    let period = (shard.config.settings.heartbeat_timeout / 4).max(Duration::from_millis(10));
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {

@@ -148,13 +148,13 @@ impl Shard {
             config.mode,
             config.num_workers,
             config.max_staleness,
-            config.heartbeat_timeout,
-            config.startup_timeout,
+            config.settings.heartbeat_timeout,
+            config.settings.startup_timeout,
         )
-        .with_backup_workers(config.backup_workers);
+        .with_backup_workers(config.settings.backup_workers);
         let version = restored.as_ref().map_or(0, |r| r.version);
         if let Some(r) = &restored {
-            r.model.set_check_finite(config.reject_non_finite);
+            r.model.set_check_finite(config.settings.reject_non_finite);
         }
         if restored.is_some() {
             coord.restore(version);
@@ -354,7 +354,12 @@ impl Shard {
         dense: &[crate::push::DenseGrad],
         sparse: &[crate::push::SparseGrad],
     ) -> Option<PsError> {
-        let name = self.config.reject_non_finite.then(|| crate::push::non_finite(dense, sparse)).flatten()?;
+        let name = self
+            .config
+            .settings
+            .reject_non_finite
+            .then(|| crate::push::non_finite(dense, sparse))
+            .flatten()?;
         Some(PsError::NonFinite(name.to_string()))
     }
 
@@ -382,7 +387,7 @@ impl Shard {
         let push = offload(received, shard.config.inline_bytes, move || validate(&m, push)).await??;
         shard.metrics.bytes_received.inc_by(push.bytes);
         let (worker, step) = (push.worker, push.step);
-        shard.coord.wait_for_step(worker, step, shard.config.wait_timeout).await?;
+        shard.coord.wait_for_step(worker, step, shard.config.settings.wait_timeout).await?;
         match shard.config.mode {
             Mode::Sync => {
                 // From the reservation of its slot to the end of the step it may complete, a
@@ -438,7 +443,7 @@ impl Shard {
         let named: Vec<usize> =
             pieces.into_iter().map(|(t, p)| model.piece(t, p)).collect::<Result<_, _>>()?;
         let pieces = if named.is_empty() { (0..model.pieces().len()).collect() } else { named };
-        let version = self.coord.wait_for_step(worker, step, self.config.wait_timeout).await?;
+        let version = self.coord.wait_for_step(worker, step, self.config.settings.wait_timeout).await?;
         model.healthy()?;
         Ok(DenseRead { version, model, pieces, started, metrics: self.metrics.clone() })
     }
@@ -469,7 +474,7 @@ impl Shard {
             check_ids_on_shard(&model, &t.table, &ids)?;
             wanted.push((idx, ids));
         }
-        let version = self.coord.wait_for_step(worker, step, self.config.wait_timeout).await?;
+        let version = self.coord.wait_for_step(worker, step, self.config.settings.wait_timeout).await?;
         model.healthy()?;
         let bytes: u64 =
             wanted.iter().map(|(idx, ids)| (ids.len() * model.tables()[*idx].dim() * 4) as u64).sum();
@@ -538,8 +543,9 @@ impl Shard {
         let (n, s, pb_) = (cfg.num_shards, cfg.shard, d.partition_bytes);
         let max_message = cfg.transport.max_message_bytes as u64;
         ShardModel::check_fits(&spec, n, s, pb_, cfg.memory_budget(), max_message)?;
-        let model = blocking(move || ShardModel::new(spec, n, s, pb_)).await?;
-        model.set_check_finite(cfg.reject_non_finite);
+        let embedding = cfg.embedding.clone();
+        let model = blocking(move || ShardModel::new(spec, n, s, pb_).with_embedding(&embedding)).await??;
+        model.set_check_finite(cfg.settings.reject_non_finite);
         info!(
             dense_tensors = model.spec().dense.len(),
             pieces = model.pieces().len(),
@@ -601,6 +607,9 @@ impl Shard {
     pub fn metrics_text(&self) -> String {
         if let Ok(m) = self.model() {
             self.metrics.sparse_rows.set(m.sparse_rows() as i64);
+            for t in m.tables() {
+                self.metrics.observe_table(t.name(), t.stats());
+            }
         }
         self.metrics.encode()
     }
@@ -631,7 +640,7 @@ impl Shard {
         }
         // Until written; in sync mode the shard may also have passed the step before the
         // request was in (a step completing meanwhile), which the caller must hear about.
-        let deadline = tokio::time::Instant::now() + shard.config.wait_timeout;
+        let deadline = tokio::time::Instant::now() + shard.config.settings.wait_timeout;
         loop {
             let written = ck.written();
             if written >= target {
@@ -650,7 +659,7 @@ impl Shard {
                 return Err(PsError::ShuttingDown);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(PsError::WaitTimeout(shard.config.wait_timeout));
+                return Err(PsError::WaitTimeout(shard.config.settings.wait_timeout));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

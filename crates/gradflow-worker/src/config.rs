@@ -87,11 +87,11 @@ pub enum ConfigError {
     #[error("partition_bytes is {0}; expected at least 1024")]
     PartitionBytes(u64),
     /// `transport` settings that do not work together (the message names the key).
-    #[error("{0}")]
-    Transport(String),
+    #[error(transparent)]
+    Transport(#[from] gradflow_proto::TransportError),
     /// The job token in the environment is not a token.
-    #[error("{0}")]
-    Token(String),
+    #[error(transparent)]
+    Token(#[from] gradflow_proto::auth::TokenSourceError),
     /// The TLS settings: a missing or unreadable file, a bad PEM, a bad environment variable.
     #[error(transparent)]
     Tls(#[from] gradflow_proto::tls::TlsError),
@@ -100,8 +100,11 @@ pub enum ConfigError {
     TlsConfig(String),
     /// A server address that is not `host:port`, or whose scheme disagrees with the TLS
     /// settings.
-    #[error("{0}")]
-    Address(String),
+    #[error(transparent)]
+    Address(#[from] gradflow_proto::tls::AddressError),
+    /// A server address that is not a valid URI.
+    #[error("server address `{addr}` is not valid: {reason}")]
+    BadAddress { addr: String, reason: String },
     #[error(
         "server {addr} is shard {shard} of {num_shards}, but it is listed at position {position} of {listed}: list servers in shard order"
     )]
@@ -122,7 +125,7 @@ mod tests {
         let mut c = WorkerConfig::new(["a:1"], 0);
         c.transport.chunk_bytes = 100;
         let e = c.validate().unwrap_err();
-        assert!(matches!(&e, ConfigError::Transport(m) if m.contains("chunk_bytes")), "{e}");
+        assert!(matches!(&e, ConfigError::Transport(_)) && e.to_string().contains("chunk_bytes"), "{e}");
         assert!(WorkerConfig::new(["a:1"], 0).validate().is_ok());
     }
 }

@@ -6,7 +6,6 @@ use bytes::Bytes;
 use common::*;
 use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
 use gradflow_proto::{ParameterServerClient, codec, pb};
-use gradflow_ps::ServerConfig;
 use gradflow_worker::{Worker, WorkerConfig};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -274,8 +273,12 @@ async fn sparse_ids_sent_to_the_wrong_shard_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_finite_gradients_can_be_allowed() {
-    let servers =
-        start_shards(1, |s| ServerConfig { reject_non_finite: false, ..config(s, 1, 1, Mode::Async) }).await;
+    let servers = start_shards(1, |s| {
+        let mut c = config(s, 1, 1, Mode::Async);
+        c.settings.reject_non_finite = false;
+        c
+    })
+    .await;
     let addr = servers[0].addr().to_string();
     let mut worker = Worker::connect(WorkerConfig::new([addr], 0)).await.unwrap();
     worker.declare(spec()).await.unwrap();

@@ -20,7 +20,7 @@ async fn a_cancelled_sync_push_never_stops_the_step() {
     init_tracing();
     let servers = start_shards(1, |s| {
         let mut c = config(s, 1, 2, Mode::Sync);
-        c.heartbeat_timeout = Duration::from_secs(60);
+        c.settings.heartbeat_timeout = Duration::from_secs(60);
         c
     })
     .await;

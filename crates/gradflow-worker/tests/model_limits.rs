@@ -7,7 +7,6 @@ mod common;
 use common::{addrs, config, start_shards};
 use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
 use gradflow_proto::{ParameterServerClient, pb};
-use gradflow_ps::ServerConfig;
 use gradflow_worker::{Code, Worker, WorkerConfig, WorkerError};
 
 fn dense(shape: Vec<u64>, optimizer: OptimizerConfig) -> ModelSpec {
@@ -125,8 +124,12 @@ async fn models_too_large_for_the_machine_are_refused_at_declare_naming_the_size
 async fn max_memory_bounds_what_a_shard_holds_and_zero_turns_it_off() {
     // 1M elements with Adam (2 slots) and a gradient sum: 16 bytes each, 16 MB in all.
     let spec = || dense(vec![1_000_000], OptimizerConfig::adam(0.1));
-    let servers =
-        start_shards(1, |s| ServerConfig { max_memory: Some(8 << 20), ..config(s, 1, 1, Mode::Sync) }).await;
+    let servers = start_shards(1, |s| {
+        let mut c = config(s, 1, 1, Mode::Sync);
+        c.settings.max_memory = Some(8 << 20);
+        c
+    })
+    .await;
     let (code, message) = refusal(declare(&servers, spec()).await.unwrap_err());
     assert_eq!(code, Code::ResourceExhausted, "{message}");
     assert!(
@@ -135,11 +138,19 @@ async fn max_memory_bounds_what_a_shard_holds_and_zero_turns_it_off() {
     );
 
     // Cut in pieces of 1 MiB over 4 shards, each shard holds a quarter and fits.
-    let servers =
-        start_shards(4, |s| ServerConfig { max_memory: Some(8 << 20), ..config(s, 4, 1, Mode::Sync) }).await;
+    let servers = start_shards(4, |s| {
+        let mut c = config(s, 4, 1, Mode::Sync);
+        c.settings.max_memory = Some(8 << 20);
+        c
+    })
+    .await;
     declare_in_pieces(&servers, spec(), 1 << 20).await.unwrap();
 
-    let servers =
-        start_shards(1, |s| ServerConfig { max_memory: Some(0), ..config(s, 1, 1, Mode::Sync) }).await;
+    let servers = start_shards(1, |s| {
+        let mut c = config(s, 1, 1, Mode::Sync);
+        c.settings.max_memory = Some(0);
+        c
+    })
+    .await;
     declare(&servers, spec()).await.unwrap();
 }

@@ -368,7 +368,7 @@ async fn a_dropped_worker_that_comes_back_resynchronises_and_is_counted_again() 
     init_tracing();
     let servers = start_shards(1, |s| {
         let mut c = config(s, 1, 2, Mode::Sync);
-        c.heartbeat_timeout = std::time::Duration::from_millis(300);
+        c.settings.heartbeat_timeout = std::time::Duration::from_millis(300);
         c
     })
     .await;

@@ -53,7 +53,7 @@ async fn killing_a_worker_mid_run_does_not_stop_sync_training() {
     const STEPS: u64 = 40;
     let servers = start_shards(2, |s| {
         let mut c = config(s, 2, 3, Mode::Sync);
-        c.heartbeat_timeout = Duration::from_millis(800);
+        c.settings.heartbeat_timeout = Duration::from_millis(800);
         c
     })
     .await;

@@ -132,6 +132,9 @@ pub fn split(
                         values: vec![],
                         state: vec![],
                         steps: vec![],
+                        touched: vec![],
+                        clock: 0,
+                        sketch: vec![],
                     };
                     for (&id, (v, st, steps)) in &full.sparse[&s.name] {
                         if Placement::sparse_shard(id, num_shards) == shard {

@@ -340,12 +340,28 @@ fn print_manifest(m: &Manifest) {
     println!();
     println!("sparse tables: {}", m.spec.sparse.len());
     if !m.spec.sparse.is_empty() {
-        let mut rows = vec![["  NAME", "DIM", "ROWS", "OPTIMIZER", "STATE"].map(String::from).to_vec()];
+        let mut rows = vec![
+            ["  NAME", "DIM", "ROWS", "MOST ON A SHARD", "BYTES", "OPTIMIZER", "STATE"]
+                .map(String::from)
+                .to_vec(),
+        ];
         for s in &m.spec.sparse {
+            // Rows and bytes of the table's file on each shard.
+            let per_shard: Vec<(u64, u64)> = m
+                .shards
+                .iter()
+                .flat_map(|shard| &shard.files)
+                .filter_map(|f| match &f.content {
+                    FileContent::Sparse { table, rows, .. } if *table == s.name => Some((*rows, f.bytes)),
+                    _ => None,
+                })
+                .collect();
             rows.push(vec![
                 format!("  {}", s.name),
                 s.dim.to_string(),
                 m.table_rows(&s.name).to_string(),
+                per_shard.iter().map(|(r, _)| *r).max().unwrap_or(0).to_string(),
+                human_bytes(per_shard.iter().map(|(_, b)| *b).sum()),
                 optimizer(&s.optimizer),
                 slots(&s.optimizer),
             ]);

@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::runtime()?.block_on(async move {
         let mut config = restore_from_env(config).await?;
         if let Some(port) = args.link_port {
-            config.link_port = port;
+            config.settings.link_port = port;
         }
         config.token = Token::from_env().map_err(anyhow::Error::msg)?;
         if config.token.is_none() {

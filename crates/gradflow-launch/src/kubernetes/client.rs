@@ -109,6 +109,7 @@ impl JobClient {
         let token = job.auth.token().map_err(|e| {
             KubernetesError::Token(match e {
                 JobError::Environment(message) => message,
+                JobError::Token(e) => e.to_string(),
                 other => other.to_string(),
             })
         })?;

@@ -261,7 +261,7 @@ fn endpoint(
     let t = &config.transport;
     let url = tls::url(addr, tls.is_some()).map_err(ConfigError::Address)?;
     let mut endpoint = Endpoint::from_shared(url)
-        .map_err(|e| ConfigError::Address(format!("server address `{addr}` is not valid: {e}")))?;
+        .map_err(|e| ConfigError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?;
     if let Some(tls) = tls {
         endpoint = endpoint
             .tls_config(tls.clone())

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use gradflow_core::Mode;
-use gradflow_ps::{RunningServer, ServerConfig};
+use gradflow_ps::{RunningServer, ServerConfig, ServerSettings};
 
 pub fn config(shard: u32, num_shards: u32, num_workers: u32, mode: Mode) -> ServerConfig {
     ServerConfig {
@@ -14,9 +14,12 @@ pub fn config(shard: u32, num_shards: u32, num_workers: u32, mode: Mode) -> Serv
         num_shards,
         num_workers,
         mode,
-        heartbeat_timeout: Duration::from_secs(2),
-        startup_timeout: Duration::from_secs(60),
-        wait_timeout: Duration::from_secs(60),
+        settings: ServerSettings {
+            heartbeat_timeout: Duration::from_secs(2),
+            startup_timeout: Duration::from_secs(60),
+            wait_timeout: Duration::from_secs(60),
+            ..ServerSettings::default()
+        },
         ..ServerConfig::default()
     }
 }

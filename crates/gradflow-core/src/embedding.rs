@@ -1,0 +1,261 @@
+//! The job file's `[embedding]` section: which ids of a sparse table get a row, and when rows
+//! go again.
+//!
+//! Without it a row is created the first time an id is pushed and kept for good, so a table
+//! of raw 64-bit ids (`hash_buckets = 0`) grows without bound. The settings here bound it:
+//! admission (an id gets a row only after it was pushed `admit_min_count` times, or with
+//! probability `admit_probability`), eviction of rows not updated for `evict_after_steps` of
+//! their table's steps, and a cap of `max_rows` rows per table per shard. Every option applies
+//! to every sparse table; `[embedding.tables.NAME]` overrides them for one table. The servers
+//! apply them ([`TablePolicy`] is what one table of one shard follows); they are in the job
+//! file and not in the model spec, so a restored job may change them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The largest `admit_min_count`: counts are kept in one byte per sketch cell.
+pub const MAX_ADMIT_MIN_COUNT: u32 = 255;
+
+/// The job file's `[embedding]` section. Every field has a default: no admission filter, no
+/// eviction, no cap.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingSettings {
+    /// See [`TableOptions::admit_min_count`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_min_count: Option<u32>,
+    /// See [`TableOptions::admit_probability`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_probability: Option<f64>,
+    /// See [`TableOptions::admit_sketch_cells`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_sketch_cells: Option<u64>,
+    /// See [`TableOptions::evict_after_steps`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evict_after_steps: Option<u32>,
+    /// See [`TableOptions::max_rows`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
+    /// Options of single tables, by table name; a key given here replaces the one above for
+    /// that table.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tables: BTreeMap<String, TableOptions>,
+}
+
+/// Admission and eviction options of a table. Each is off when not given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TableOptions {
+    /// An id gets a row only once it was in this many pushes, counted in a count-min sketch of
+    /// bounded memory (`admit_sketch_cells` one-byte cells per table per shard). Until then its
+    /// gradients are dropped (and counted); pulls return what a new row would hold. 1 to 255.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_min_count: Option<u32>,
+    /// Instead of a count: each push of an id without a row gives it one with this
+    /// probability. Above 0 and at most 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_probability: Option<f64>,
+    /// Cells of the admission sketch (per table per shard, one byte each, four hashes per
+    /// id). Default 4194304 (4 MiB); fewer cells count more ids too high.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_sketch_cells: Option<u64>,
+    /// A row not updated for this many of its table's steps (sync steps, or applied pushes in
+    /// async mode) is dropped. At least 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evict_after_steps: Option<u32>,
+    /// At most this many rows per table per shard: when full, the rows updated longest ago are
+    /// dropped to make room. At least 32 (one per stripe of a table).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
+}
+
+/// What one table of one shard follows: the resolved options of [`EmbeddingSettings`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TablePolicy {
+    pub admit: Admission,
+    pub evict_after_steps: Option<u32>,
+    pub max_rows: Option<u64>,
+}
+
+/// How an id without a row gets one.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Admission {
+    /// On its first push.
+    #[default]
+    Always,
+    /// Once it was in `min_count` pushes, counted in a sketch of `cells` cells.
+    MinCount { min_count: u8, cells: u64 },
+    /// On each push, with this probability.
+    Probability(f64),
+}
+
+/// The default number of cells of an admission sketch.
+pub const DEFAULT_SKETCH_CELLS: u64 = 1 << 22;
+
+/// An `[embedding]` option that cannot apply; the message names the key.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum EmbeddingError {
+    #[error("{key} is {value}; expected {expected}")]
+    Invalid { key: String, value: String, expected: &'static str },
+    #[error("{key}: give admit_min_count or admit_probability, not both")]
+    BothAdmissions { key: String },
+    #[error("embedding.tables.{name}: the model has no sparse table `{name}`; its tables are: {known}")]
+    UnknownTable { name: String, known: String },
+}
+
+impl TableOptions {
+    /// `self` with the keys `over` gives replaced.
+    fn overridden_by(&self, over: &TableOptions) -> TableOptions {
+        TableOptions {
+            admit_min_count: over.admit_min_count.or(self.admit_min_count),
+            admit_probability: over.admit_probability.or(self.admit_probability),
+            admit_sketch_cells: over.admit_sketch_cells.or(self.admit_sketch_cells),
+            evict_after_steps: over.evict_after_steps.or(self.evict_after_steps),
+            max_rows: over.max_rows.or(self.max_rows),
+        }
+    }
+
+    fn check(&self, prefix: &str) -> Result<(), EmbeddingError> {
+        let invalid = |key: &str, value: String, expected| EmbeddingError::Invalid {
+            key: format!("{prefix}{key}"),
+            value,
+            expected,
+        };
+        if let Some(n) = self.admit_min_count
+            && !(1..=MAX_ADMIT_MIN_COUNT).contains(&n)
+        {
+            return Err(invalid("admit_min_count", n.to_string(), "1 to 255"));
+        }
+        if let Some(p) = self.admit_probability
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(invalid("admit_probability", p.to_string(), "above 0 and at most 1"));
+        }
+        if self.admit_min_count.is_some() && self.admit_probability.is_some() {
+            return Err(EmbeddingError::BothAdmissions { key: prefix.trim_end_matches('.').to_string() });
+        }
+        if let Some(c) = self.admit_sketch_cells
+            && !(1024..=1 << 32).contains(&c)
+        {
+            return Err(invalid("admit_sketch_cells", c.to_string(), "1024 to 4294967296"));
+        }
+        if self.evict_after_steps == Some(0) {
+            return Err(invalid("evict_after_steps", "0".into(), "at least 1 (or leave it out)"));
+        }
+        if let Some(m) = self.max_rows
+            && m < 32
+        {
+            return Err(invalid("max_rows", m.to_string(), "at least 32 (or leave it out)"));
+        }
+        Ok(())
+    }
+
+    fn policy(&self) -> TablePolicy {
+        let admit = match (self.admit_min_count, self.admit_probability) {
+            (Some(n), _) if n > 1 => Admission::MinCount {
+                min_count: n.min(MAX_ADMIT_MIN_COUNT) as u8,
+                cells: self.admit_sketch_cells.unwrap_or(DEFAULT_SKETCH_CELLS),
+            },
+            (_, Some(p)) if p < 1.0 => Admission::Probability(p),
+            _ => Admission::Always,
+        };
+        TablePolicy { admit, evict_after_steps: self.evict_after_steps, max_rows: self.max_rows }
+    }
+}
+
+impl EmbeddingSettings {
+    /// The options every table has unless `[embedding.tables.NAME]` says otherwise.
+    fn all(&self) -> TableOptions {
+        TableOptions {
+            admit_min_count: self.admit_min_count,
+            admit_probability: self.admit_probability,
+            admit_sketch_cells: self.admit_sketch_cells,
+            evict_after_steps: self.evict_after_steps,
+            max_rows: self.max_rows,
+        }
+    }
+
+    /// Checks every option; the error names the key (`embedding.max_rows`,
+    /// `embedding.tables.NAME.max_rows`).
+    pub fn validate(&self) -> Result<(), EmbeddingError> {
+        self.all().check("embedding.")?;
+        for (name, t) in &self.tables {
+            self.all().overridden_by(t).check(&format!("embedding.tables.{name}."))?;
+        }
+        Ok(())
+    }
+
+    /// The policy of each of `tables` (the model's sparse tables, in order). A table named in
+    /// `[embedding.tables]` that the model does not have is an error.
+    pub fn policies(&self, tables: &[&str]) -> Result<Vec<TablePolicy>, EmbeddingError> {
+        self.validate()?;
+        if let Some(name) = self.tables.keys().find(|n| !tables.contains(&n.as_str())) {
+            return Err(EmbeddingError::UnknownTable { name: name.clone(), known: tables.join(", ") });
+        }
+        Ok(tables
+            .iter()
+            .map(|t| match self.tables.get(*t) {
+                Some(over) => self.all().overridden_by(over).policy(),
+                None => self.all().policy(),
+            })
+            .collect())
+    }
+
+    /// Whether any table has a policy other than the default.
+    pub fn is_default(&self) -> bool {
+        *self == EmbeddingSettings::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> EmbeddingSettings {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn table_keys_override_the_section_and_unknown_tables_are_named() {
+        let e = parse(
+            "admit_min_count = 2\nmax_rows = 20000\n[tables.wide]\nadmit_min_count = 1\nevict_after_steps = 50\n",
+        );
+        let p = e.policies(&["wide", "embedding"]).unwrap();
+        assert_eq!(
+            p[0],
+            TablePolicy { admit: Admission::Always, evict_after_steps: Some(50), max_rows: Some(20000) }
+        );
+        assert_eq!(
+            p[1],
+            TablePolicy {
+                admit: Admission::MinCount { min_count: 2, cells: DEFAULT_SKETCH_CELLS },
+                evict_after_steps: None,
+                max_rows: Some(20000)
+            }
+        );
+        let e = e.policies(&["embedding"]).unwrap_err().to_string();
+        assert!(e.contains("embedding.tables.wide") && e.contains("embedding"), "{e}");
+    }
+
+    #[test]
+    fn options_that_cannot_apply_name_their_key() {
+        for (text, key) in [
+            ("max_rows = 0", "embedding.max_rows"),
+            ("[tables.emb]\nmax_rows = 3", "embedding.tables.emb.max_rows"),
+            ("admit_min_count = 0", "embedding.admit_min_count"),
+            ("admit_min_count = 300", "embedding.admit_min_count"),
+            ("admit_probability = 0.0", "embedding.admit_probability"),
+            ("admit_probability = 1.5", "embedding.admit_probability"),
+            ("evict_after_steps = 0", "embedding.evict_after_steps"),
+            ("admit_sketch_cells = 10", "embedding.admit_sketch_cells"),
+            ("admit_min_count = 2\n[tables.emb]\nadmit_probability = 0.5", "embedding.tables.emb"),
+        ] {
+            let e = parse(text).validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        assert!(toml::from_str::<EmbeddingSettings>("max_row = 5").is_err());
+        assert!(EmbeddingSettings::default().policies(&["a"]).unwrap()[0] == TablePolicy::default());
+    }
+}

@@ -1,0 +1,915 @@
+//! One shard's rows of one sparse embedding table: which ids have a row, the rows' values and
+//! optimizer state, and the table's admission and eviction ([`TablePolicy`], the job file's
+//! `[embedding]` section).
+//!
+//! - A **pull** reads the rows that exist and gives every other id what a new row would hold
+//!   (the initializer's value for that id). It never creates a row, so scoring (evaluation,
+//!   observers, serving) does not grow the table.
+//! - A **push** updates rows. An id without a row gets one if the policy admits it: at once
+//!   by default, after `admit_min_count` pushes counted in a count-min [`Sketch`], or with
+//!   `admit_probability`; until then its gradient is dropped and counted.
+//! - **Eviction**: each apply is one step of the table's clock; a row remembers the step it
+//!   was last updated. Rows not updated for `evict_after_steps` steps are dropped, and at
+//!   `max_rows` the rows updated longest ago make room for new ones (least recently updated
+//!   first). A dropped row that comes back starts again from the initializer.
+//!
+//! Rows live in [`STRIPES`] independently locked stripes (by id), each one contiguous arena,
+//! so pushes to different stripes proceed in parallel; the cap and the sketch are split
+//! evenly over the stripes, so a stripe decides alone.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use gradflow_checkpoint::TableSnapshot;
+use gradflow_core::embedding::{Admission, TablePolicy};
+use gradflow_core::{Grad, Initializer, NonFiniteUpdate, OptimizerConfig, SparseSpec};
+use gradflow_proto::codec;
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+
+use crate::PsError;
+
+/// Rows of a table are spread over this many independently locked stripes.
+pub(crate) const STRIPES: usize = 32;
+
+/// Hashes of an id in the admission sketch (rows of the count-min sketch).
+const SKETCH_DEPTH: usize = 4;
+
+/// This shard's rows of one sparse table.
+pub struct Table {
+    name: String,
+    dim: usize,
+    init: Initializer,
+    optimizer: OptimizerConfig,
+    slots: usize,
+    policy: TablePolicy,
+    stripes: Vec<Mutex<RowStore>>,
+    /// Sync mode: the sum of this step's gradients, per id.
+    accum: Mutex<SparseAccum>,
+    /// Whether updates are checked for NaN and infinity (`ShardModel::set_check_finite`).
+    check_finite: AtomicBool,
+    /// Applies so far: the table's steps, which eviction counts in.
+    clock: AtomicU32,
+    counts: TableCounts,
+}
+
+/// What a table's policy did, since the shard started.
+#[derive(Default)]
+struct TableCounts {
+    admitted: AtomicU64,
+    evicted: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// A table's size and what its policy did, for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableStats {
+    pub rows: u64,
+    /// Memory of the rows: values, optimizer state, id, update count and clock, and the
+    /// admission sketch.
+    pub bytes: u64,
+    /// Rows created (ids admitted), evicted, and gradient rows dropped because their id had no
+    /// row and was not admitted.
+    pub admitted: u64,
+    pub evicted: u64,
+    pub dropped: u64,
+}
+
+/// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
+#[derive(Default)]
+struct RowStore {
+    index: RowIndex,
+    /// The id of each row, in row order.
+    ids: Vec<u64>,
+    data: Vec<f32>,
+    /// Optimizer updates of each row.
+    steps: Vec<u32>,
+    /// The table's clock when each row was last updated (or created).
+    touched: Vec<u32>,
+    /// Pushes of ids without a row (`admit_min_count`); `None` without one.
+    sketch: Option<Sketch>,
+    /// Draws made for `admit_probability`.
+    draws: u64,
+    /// The clock at the last sweep for `evict_after_steps`.
+    swept: u32,
+}
+
+/// Where each id's row is in a [`RowStore`] of one stripe.
+///
+/// Ids of most tables are small and dense (hashed into a fixed number of buckets), so they are
+/// indexed directly by `id / STRIPES` (the stripe is `id % STRIPES`): one load from an array
+/// of 4 bytes per id instead of a hash probe, which on a large table is two cache misses. The
+/// array grows only while it stays within a few entries per row, so sparse ids (large,
+/// scattered) cannot make it big; those go to a hash map. When the array grows, the ids of
+/// the map that now fit move into it, so a table whose ids turn out dense ends up with an
+/// empty map (and a lookup of a new id does not probe it).
+#[derive(Default)]
+struct RowIndex {
+    /// Row of id `local * STRIPES + stripe` at `direct[local]`; `ABSENT` where there is none.
+    direct: Vec<u32>,
+    /// Rows of ids that were past `direct`'s end when they came.
+    other: FxHashMap<u64, u32>,
+}
+
+/// A count-min sketch with conservative update: counts of ids in one-byte cells, never too
+/// low, too high only where ids share all their cells.
+struct Sketch {
+    /// `SKETCH_DEPTH` rows of `width` cells.
+    cells: Vec<u8>,
+    width: usize,
+}
+
+/// Gradients summed per id.
+#[derive(Default)]
+pub struct SparseAccum {
+    index: FxHashMap<u64, u32>,
+    ids: Vec<u64>,
+    sums: Vec<f32>,
+}
+
+impl RowIndex {
+    const ABSENT: u32 = u32::MAX;
+    /// `direct` may always grow this far (256 KiB: 2M ids over the 32 stripes)...
+    const DIRECT_MIN: usize = 1 << 16;
+    /// ...and beyond it, to at most this many entries per row: about what a hash map spends
+    /// per row, and room for the gaps of ids that other shards hold (with 8 shards, a shard
+    /// holds one id in 8 of a dense range).
+    const DIRECT_PER_ROW: usize = 8;
+
+    fn get(&self, id: u64) -> Option<u32> {
+        let local = id / STRIPES as u64;
+        if let Some(&r) = self.direct.get(local as usize)
+            && r != Self::ABSENT
+        {
+            return Some(r);
+        }
+        if self.other.is_empty() { None } else { self.other.get(&id).copied() }
+    }
+
+    /// Records `row` for `id` (not yet present); `rows` is how many rows the store holds.
+    fn insert(&mut self, id: u64, row: u32, rows: usize) {
+        let local = id / STRIPES as u64;
+        let limit = Self::DIRECT_MIN.max(Self::DIRECT_PER_ROW * rows) as u64;
+        if local < self.direct.len() as u64 || local < limit {
+            let local = local as usize;
+            if local >= self.direct.len() {
+                let len = (local + 1).next_power_of_two().min(limit as usize).max(local + 1);
+                self.direct.resize(len, Self::ABSENT);
+                let direct = &mut self.direct;
+                self.other.retain(|&id, &mut row| match direct.get_mut((id / STRIPES as u64) as usize) {
+                    Some(slot) => {
+                        *slot = row;
+                        false
+                    }
+                    None => true,
+                });
+            }
+            self.direct[local] = row;
+        } else {
+            self.other.insert(id, row);
+        }
+    }
+
+    /// Points the present `id` at `row`.
+    fn set(&mut self, id: u64, row: u32) {
+        match self.direct.get_mut((id / STRIPES as u64) as usize) {
+            Some(slot) if *slot != Self::ABSENT => *slot = row,
+            _ => {
+                self.other.insert(id, row);
+            }
+        }
+    }
+
+    /// Forgets the present `id`.
+    fn remove(&mut self, id: u64) {
+        match self.direct.get_mut((id / STRIPES as u64) as usize) {
+            Some(slot) if *slot != Self::ABSENT => *slot = Self::ABSENT,
+            _ => {
+                self.other.remove(&id);
+            }
+        }
+    }
+}
+
+impl Sketch {
+    fn new(cells: u64) -> Sketch {
+        let width = ((cells as usize) / SKETCH_DEPTH).max(1);
+        Sketch { cells: vec![0; width * SKETCH_DEPTH], width }
+    }
+
+    fn cell(&self, id: u64, k: usize) -> usize {
+        let h = mix64(id ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        k * self.width + (h % self.width as u64) as usize
+    }
+
+    /// Counts one more push of `id`; returns its count so far (at most 255).
+    fn count(&mut self, id: u64) -> u8 {
+        let cells: [usize; SKETCH_DEPTH] = std::array::from_fn(|k| self.cell(id, k));
+        let now = cells.iter().map(|&c| self.cells[c]).min().unwrap_or(0).saturating_add(1);
+        for c in cells {
+            if self.cells[c] < now {
+                self.cells[c] = now;
+            }
+        }
+        now
+    }
+}
+
+/// A 64-bit finalizer (splitmix64's): every bit of the id moves every bit of the result.
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn stripe_of(id: u64) -> usize {
+    // The low bits, so that `id / STRIPES` numbers a stripe's ids densely (see `RowIndex`).
+    // The shard choice mixes the id first, so every stripe of a shard gets ids.
+    (id % STRIPES as u64) as usize
+}
+
+/// How many rows ahead an update of a table's rows asks for the row it will need.
+///
+/// A large table's rows are mostly not in the cache, and an update knows every row it will
+/// visit before it starts; each row's optimizer call is long enough that the processor does
+/// not reach the next row's loads on its own, so they are asked for ahead. (A pull's loop,
+/// a plain copy per row, overlaps its loads without help and was slower with it.)
+const PREFETCH_ROWS_AHEAD: usize = 8;
+
+/// Hints the processor to load the cache lines of `row` (no effect on what the program does).
+#[inline(always)]
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        const LINE: usize = 64;
+        let (start, len) = (row.as_ptr().cast::<i8>(), std::mem::size_of_val(row));
+        // One address every 64 bytes from the row's start, then its last byte: together they
+        // fall on every line the row touches, whether or not it starts on a line.
+        for offset in (0..len).step_by(LINE).chain(len.checked_sub(1)) {
+            // SAFETY: a prefetch is a hint that never faults, and the address is inside
+            // `row`; SSE is part of every x86-64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = row;
+}
+
+impl RowStore {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Drops row `r`: the last row moves into its place.
+    fn swap_remove(&mut self, r: usize, stride: usize) {
+        let last = self.len() - 1;
+        self.index.remove(self.ids[r]);
+        if r != last {
+            self.data.copy_within(last * stride..(last + 1) * stride, r * stride);
+            self.ids[r] = self.ids[last];
+            self.steps[r] = self.steps[last];
+            self.touched[r] = self.touched[last];
+            self.index.set(self.ids[r], r as u32);
+        }
+        self.ids.truncate(last);
+        self.steps.truncate(last);
+        self.touched.truncate(last);
+        self.data.truncate(last * stride);
+    }
+
+    /// Drops the rows at `rows` (each once); returns how many.
+    fn remove_rows(&mut self, mut rows: Vec<u32>, stride: usize) -> u64 {
+        // Highest first: the row that moves into a hole is then never one still to go.
+        rows.sort_unstable_by(|a, b| b.cmp(a));
+        for &r in &rows {
+            self.swap_remove(r as usize, stride);
+        }
+        rows.len() as u64
+    }
+
+    /// Drops up to `n` of the rows updated longest ago, none updated at `clock` (this step's).
+    fn evict_oldest(&mut self, n: usize, clock: u32, stride: usize) -> u64 {
+        let mut old: Vec<(u32, u32)> = (0..self.len() as u32)
+            .filter(|&r| self.touched[r as usize] != clock)
+            .map(|r| (self.touched[r as usize], r))
+            .collect();
+        if old.len() > n {
+            old.select_nth_unstable(n);
+            old.truncate(n);
+        }
+        self.remove_rows(old.into_iter().map(|(_, r)| r).collect(), stride)
+    }
+
+    /// Drops the rows not updated for more than `after` steps of `clock`.
+    fn evict_idle(&mut self, after: u32, clock: u32, stride: usize) -> u64 {
+        let idle: Vec<u32> = (0..self.len() as u32)
+            .filter(|&r| clock.saturating_sub(self.touched[r as usize]) > after)
+            .collect();
+        self.remove_rows(idle, stride)
+    }
+}
+
+impl Table {
+    /// An empty table of `spec` following `policy`.
+    pub fn new(spec: &SparseSpec, policy: TablePolicy) -> Table {
+        let sketch_cells = match policy.admit {
+            Admission::MinCount { cells, .. } => Some((cells / STRIPES as u64).max(SKETCH_DEPTH as u64)),
+            _ => None,
+        };
+        Table {
+            name: spec.name.clone(),
+            dim: spec.dim as usize,
+            init: spec.init.clone(),
+            optimizer: spec.optimizer.clone(),
+            slots: spec.optimizer.num_slots(),
+            policy,
+            stripes: (0..STRIPES)
+                .map(|_| {
+                    Mutex::new(RowStore { sketch: sketch_cells.map(Sketch::new), ..RowStore::default() })
+                })
+                .collect(),
+            accum: Mutex::new(SparseAccum::default()),
+            check_finite: AtomicBool::new(true),
+            clock: AtomicU32::new(0),
+            counts: TableCounts::default(),
+        }
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Values per row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// What the table follows.
+    pub fn policy(&self) -> &TablePolicy {
+        &self.policy
+    }
+
+    pub(crate) fn set_check_finite(&self, on: bool) {
+        self.check_finite.store(on, Ordering::Relaxed);
+    }
+
+    /// Sync: adds gradient rows (little-endian, [`Table::dim`] per id) for `ids` into the
+    /// step's sums.
+    pub fn accumulate(&self, ids: &[u64], values: &[u8]) {
+        self.accum.lock().unwrap().add(ids, values, self.dim);
+    }
+
+    /// Ids in the step's sums.
+    pub(crate) fn accumulated_ids(&self) -> usize {
+        self.accum.lock().unwrap().ids.len()
+    }
+
+    /// Sync: applies the step's sums multiplied by `scale` and empties them.
+    pub(crate) fn try_apply_accumulated(&self, scale: f32) -> Result<(), (u64, NonFiniteUpdate)> {
+        let mut acc = std::mem::take(&mut *self.accum.lock().unwrap());
+        let applied = self.try_apply(&acc, scale);
+        // Back for the next step, emptied but with its capacity: a step's ids would
+        // otherwise grow a new map from nothing, rehashing as it goes.
+        acc.clear();
+        let mut next = self.accum.lock().unwrap();
+        if next.is_empty() {
+            *next = acc;
+        }
+        applied
+    }
+
+    fn stride(&self) -> usize {
+        self.dim * (1 + self.slots)
+    }
+
+    /// Bytes one row takes: values and state, id, update count, clock.
+    pub fn row_bytes(&self) -> u64 {
+        (self.stride() * 4 + 8 + 4 + 4) as u64
+    }
+
+    /// A copy of every row of this table on this shard, with the clock and the sketch.
+    pub(crate) fn snapshot(&self) -> TableSnapshot {
+        let stride = self.stride();
+        let mut snap = TableSnapshot {
+            table: self.name.clone(),
+            dim: self.dim as u32,
+            num_slots: self.slots as u32,
+            ids: Vec::new(),
+            values: Vec::new(),
+            state: Vec::new(),
+            steps: Vec::new(),
+            touched: Vec::new(),
+            clock: self.clock.load(Ordering::Relaxed),
+            sketch: Vec::new(),
+        };
+        for stripe in &self.stripes {
+            let store = stripe.lock().unwrap();
+            for (row, &id) in store.ids.iter().enumerate() {
+                let data = &store.data[row * stride..][..stride];
+                snap.ids.push(id);
+                snap.values.extend_from_slice(&data[..self.dim]);
+                snap.state.extend_from_slice(&data[self.dim..]);
+                snap.steps.push(store.steps[row]);
+                snap.touched.push(store.touched[row]);
+            }
+            if let Some(s) = &store.sketch {
+                snap.sketch.extend_from_slice(&s.cells);
+            }
+        }
+        snap
+    }
+
+    /// Puts the rows of a snapshot into this (empty) table, with its clock and, where this
+    /// table counts with a sketch of the same size, its counts. Rows past `max_rows` (a cap
+    /// lowered since the checkpoint) go as eviction would take them.
+    pub(crate) fn restore(&self, snap: &TableSnapshot) -> Result<(), PsError> {
+        let (dim, slots) = (self.dim, self.slots);
+        if snap.dim as usize != dim || snap.num_slots as usize != slots {
+            return Err(PsError::Internal(format!(
+                "checkpoint table `{}` has dim {} and {} optimizer slots, the spec says {dim} and {slots}",
+                snap.table, snap.dim, snap.num_slots
+            )));
+        }
+        let n = snap.ids.len();
+        let touched_ok = snap.touched.is_empty() || snap.touched.len() == n;
+        if snap.values.len() != n * dim
+            || snap.state.len() != n * dim * slots
+            || snap.steps.len() != n
+            || !touched_ok
+        {
+            return Err(PsError::Internal(format!(
+                "checkpoint table `{}` has inconsistent lengths",
+                snap.table
+            )));
+        }
+        self.clock.store(snap.clock, Ordering::Relaxed);
+        let mut stores: Vec<_> = self.stripes.iter().map(|s| s.lock().unwrap()).collect();
+        for (k, &id) in snap.ids.iter().enumerate() {
+            let store = &mut stores[stripe_of(id)];
+            let r = store.len();
+            store.data.extend_from_slice(&snap.values[k * dim..][..dim]);
+            store.data.extend_from_slice(&snap.state[k * dim * slots..][..dim * slots]);
+            store.steps.push(snap.steps[k]);
+            store.touched.push(snap.touched.get(k).copied().unwrap_or(snap.clock));
+            store.ids.push(id);
+            store.index.insert(id, r as u32, r + 1);
+        }
+        let stride = self.stride();
+        if let Some(cap) = self.stripe_cap() {
+            for store in stores.iter_mut().filter(|s| s.len() > cap) {
+                let excess = store.len() - cap;
+                store.evict_oldest(excess, u32::MAX, stride);
+            }
+        }
+        let total: usize = stores.iter().filter_map(|s| s.sketch.as_ref()).map(|s| s.cells.len()).sum();
+        if total > 0 && snap.sketch.len() == total {
+            let mut at = 0;
+            for s in stores.iter_mut().filter_map(|s| s.sketch.as_mut()) {
+                let n = s.cells.len();
+                s.cells.copy_from_slice(&snap.sketch[at..at + n]);
+                at += n;
+            }
+        } else if total > 0 && !snap.sketch.is_empty() {
+            tracing::warn!(
+                table = %self.name,
+                "the checkpoint's admission counts were kept in {} cells, this table has {total}: counting starts again",
+                snap.sketch.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Rows this shard holds.
+    pub fn rows(&self) -> u64 {
+        self.stripes.iter().map(|s| s.lock().unwrap().len() as u64).sum()
+    }
+
+    /// Size and policy counts.
+    pub fn stats(&self) -> TableStats {
+        let (mut rows, mut sketch) = (0u64, 0u64);
+        for s in &self.stripes {
+            let s = s.lock().unwrap();
+            rows += s.len() as u64;
+            sketch += s.sketch.as_ref().map_or(0, |k| k.cells.len() as u64);
+        }
+        TableStats {
+            rows,
+            bytes: rows * self.row_bytes() + sketch,
+            admitted: self.counts.admitted.load(Ordering::Relaxed),
+            evicted: self.counts.evicted.load(Ordering::Relaxed),
+            dropped: self.counts.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Appends the rows of `ids` to `out` as little-endian bytes: an id without a row gets
+    /// what a new row would hold, and no row is created.
+    pub fn pull(&self, ids: &[u64], out: &mut Vec<u8>) {
+        let base = out.len();
+        out.resize(base + ids.len() * self.dim * 4, 0);
+        let out = &mut out[base..];
+        let stride = self.stride();
+        let mut fresh = vec![0f32; self.dim];
+        for (s, positions) in self.group_by_stripe(ids).into_iter().enumerate() {
+            if positions.is_empty() {
+                continue;
+            }
+            let store = self.stripes[s].lock().unwrap();
+            let rows: Vec<Option<u32>> =
+                positions.iter().map(|&p| store.index.get(ids[p as usize])).collect();
+            for (&pos, row) in positions.iter().zip(rows) {
+                let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
+                match row {
+                    Some(r) => codec::write_f32s(dst, &store.data[r as usize * stride..][..self.dim]),
+                    None => {
+                        self.init.fill_row(&self.name, ids[pos as usize], &mut fresh);
+                        codec::write_f32s(dst, &fresh);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`try_apply`](Self::try_apply), for benches and tests: checked all the same, but
+    /// whether every row went through is not returned.
+    pub fn apply(&self, acc: &SparseAccum, scale: f32) {
+        let _ = self.try_apply(acc, scale);
+    }
+
+    /// Applies per-id gradients `acc` (sums, multiplied by `scale`), one optimizer step per row,
+    /// each clipped and checked (see `OptimizerConfig::step_checked`); one step of the table's
+    /// clock. Ids without a row get one where the policy admits them (making room under
+    /// `max_rows`); the gradients of the others are dropped. A row whose update turns it
+    /// non-finite keeps the bad values and does not count the step; the rows after it in its
+    /// stripe are left as they were, and the error names the id of the first such row found
+    /// (the caller records the fault and serves the table no more).
+    ///
+    /// Large updates run on rayon's threads, one stripe at a time each: a sync step's update
+    /// is on every worker's critical path, and the stripes are independent.
+    pub fn try_apply(&self, acc: &SparseAccum, scale: f32) -> Result<(), (u64, NonFiniteUpdate)> {
+        /// Fewer rows than this are not worth handing to other threads.
+        const PARALLEL_ROWS: usize = 4096;
+        let clock = self.clock.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let groups = self.group_by_stripe(&acc.ids);
+        if acc.ids.len() >= PARALLEL_ROWS {
+            groups
+                .into_par_iter()
+                .enumerate()
+                .map(|(s, positions)| self.apply_stripe(acc, scale, s, &positions, clock))
+                .collect::<Result<(), _>>()
+        } else {
+            for (s, positions) in groups.into_iter().enumerate() {
+                self.apply_stripe(acc, scale, s, &positions, clock)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The most rows one stripe may hold.
+    fn stripe_cap(&self) -> Option<usize> {
+        self.policy.max_rows.map(|m| (m / STRIPES as u64).max(1) as usize)
+    }
+
+    /// Whether a push of `id`, which has no row, gives it one.
+    fn admits(&self, store: &mut RowStore, id: u64) -> bool {
+        match self.policy.admit {
+            Admission::Always => true,
+            Admission::MinCount { min_count, .. } => {
+                store.sketch.as_mut().expect("a sketch where admission counts").count(id) >= min_count
+            }
+            Admission::Probability(p) => {
+                store.draws += 1;
+                let draw = mix64(id ^ mix64(store.draws));
+                ((draw >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < p
+            }
+        }
+    }
+
+    /// [`try_apply`](Self::try_apply) to the rows of `acc` at `positions`, all in stripe `s`,
+    /// at table step `clock`.
+    fn apply_stripe(
+        &self,
+        acc: &SparseAccum,
+        scale: f32,
+        s: usize,
+        positions: &[u32],
+        clock: u32,
+    ) -> Result<(), (u64, NonFiniteUpdate)> {
+        let stride = self.stride();
+        let mut store = self.stripes[s].lock().unwrap();
+        let mut evicted = 0;
+        if let Some(after) = self.policy.evict_after_steps {
+            // A sweep reads every row: once per eighth of the idle time is enough.
+            if clock.saturating_sub(store.swept) >= (after / 8).max(1) {
+                store.swept = clock;
+                evicted += store.evict_idle(after, clock, stride);
+            }
+        }
+        if positions.is_empty() {
+            self.counts.evicted.fetch_add(evicted, Ordering::Relaxed);
+            return Ok(());
+        }
+        // Existing rows are marked as this step's (so that making room spares them); ids
+        // without one are admitted or dropped.
+        let mut rows: Vec<u32> = Vec::with_capacity(positions.len());
+        let mut fresh: Vec<usize> = Vec::new();
+        let mut dropped = 0;
+        for (i, &pos) in positions.iter().enumerate() {
+            let id = acc.ids[pos as usize];
+            match store.index.get(id) {
+                Some(r) => {
+                    store.touched[r as usize] = clock;
+                    rows.push(r);
+                }
+                None => {
+                    if self.admits(&mut store, id) {
+                        fresh.push(i);
+                    } else {
+                        dropped += 1;
+                    }
+                    rows.push(RowIndex::ABSENT);
+                }
+            }
+        }
+        if let Some(cap) = self.stripe_cap()
+            && store.len() + fresh.len() > cap
+        {
+            // Room for this step's new rows and a sixteenth of the cap more, so that a full
+            // table does not select its oldest rows at every step.
+            let want = store.len() + fresh.len() - cap + cap / 16;
+            evicted += store.evict_oldest(want, clock, stride);
+            let room = cap.saturating_sub(store.len());
+            if fresh.len() > room {
+                dropped += (fresh.len() - room) as u64;
+                fresh.truncate(room);
+            }
+            for (i, &pos) in positions.iter().enumerate() {
+                if rows[i] != RowIndex::ABSENT {
+                    rows[i] = store.index.get(acc.ids[pos as usize]).expect("this step's rows stay");
+                }
+            }
+        }
+        for &i in &fresh {
+            rows[i] = self.create(&mut store, acc.ids[positions[i] as usize], clock) as u32;
+        }
+        self.counts.admitted.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.counts.evicted.fetch_add(evicted, Ordering::Relaxed);
+        self.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
+
+        let check = self.check_finite.load(Ordering::Relaxed);
+        for (i, (&pos, &row)) in positions.iter().zip(&rows).enumerate() {
+            if row == RowIndex::ABSENT {
+                continue;
+            }
+            if let Some(&ahead) =
+                rows[i + 1..].iter().filter(|&&r| r != RowIndex::ABSENT).nth(PREFETCH_ROWS_AHEAD - 1)
+            {
+                prefetch(&store.data[ahead as usize * stride..][..stride]);
+            }
+            let (pos, row) = (pos as usize, row as usize);
+            let sum = &acc.sums[pos * self.dim..][..self.dim];
+            let grad = if scale == 1.0 { Grad::Plain(sum) } else { Grad::Scaled(sum, scale) };
+            let RowStore { data, steps, .. } = &mut *store;
+            let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
+            let t = steps[row] + 1;
+            if check {
+                self.optimizer
+                    .step_checked(values, grad, state, u64::from(t))
+                    .map_err(|e| (acc.ids[pos], e))?;
+            } else {
+                self.optimizer.step_clipped(values, grad, state, u64::from(t));
+            }
+            steps[row] = t;
+        }
+        Ok(())
+    }
+
+    /// Creates and initializes the row of `id` (which has none); returns its index.
+    fn create(&self, store: &mut RowStore, id: u64, clock: u32) -> usize {
+        let r = store.len();
+        let stride = self.stride();
+        store.data.resize((r + 1) * stride, 0.0);
+        let (values, state) = store.data[r * stride..].split_at_mut(self.dim);
+        self.init.fill_row(&self.name, id, values);
+        self.optimizer.init_state(state);
+        store.steps.push(0);
+        store.touched.push(clock);
+        store.ids.push(id);
+        store.index.insert(id, r as u32, r + 1);
+        r
+    }
+
+    fn group_by_stripe(&self, ids: &[u64]) -> Vec<Vec<u32>> {
+        let mut groups = vec![Vec::new(); STRIPES];
+        for (i, &id) in ids.iter().enumerate() {
+            groups[stripe_of(id)].push(i as u32);
+        }
+        groups
+    }
+}
+
+impl SparseAccum {
+    /// Adds the gradient rows in `values` (little-endian, `dim` per id) for `ids`.
+    pub fn add(&mut self, ids: &[u64], values: &[u8], dim: usize) {
+        for (i, &id) in ids.iter().enumerate() {
+            let row = match self.index.get(&id) {
+                Some(&r) => r as usize,
+                None => {
+                    let r = self.ids.len();
+                    self.index.insert(id, r as u32);
+                    self.ids.push(id);
+                    self.sums.resize((r + 1) * dim, 0.0);
+                    r
+                }
+            };
+            codec::add_f32s(&mut self.sums[row * dim..][..dim], &values[i * dim * 4..][..dim * 4]);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Empties the sums, keeping their allocations.
+    pub fn clear(&mut self) {
+        self.index.clear();
+        self.ids.clear();
+        self.sums.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use gradflow_core::embedding::DEFAULT_SKETCH_CELLS;
+
+    use super::*;
+
+    #[test]
+    fn row_index_finds_what_a_hash_map_finds() {
+        let mut state = 3u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state ^ (state >> 29)
+        };
+        let mut index = RowIndex::default();
+        let mut model = HashMap::new();
+        for step in 0..200_000u64 {
+            // Mostly small ids (dense ones go direct), some huge ones, some repeats.
+            let id = match next() % 10 {
+                0 => next(),
+                1 => u64::MAX - next() % 100,
+                _ => next() % (1 << 22),
+            };
+            // An index holds the ids of one stripe.
+            let id = id - id % STRIPES as u64 + 5;
+            match model.get(&id) {
+                Some(&r) => assert_eq!(index.get(id), Some(r), "step {step}: id {id}"),
+                None => {
+                    assert_eq!(index.get(id), None, "step {step}: id {id} was never inserted");
+                    let row = model.len() as u32;
+                    model.insert(id, row);
+                    index.insert(id, row, model.len());
+                }
+            }
+        }
+        for (&id, &row) in &model {
+            assert_eq!(index.get(id), Some(row));
+        }
+        assert!(!index.other.is_empty(), "huge ids go to the hash map");
+        assert!(index.direct.len() <= RowIndex::DIRECT_PER_ROW * model.len());
+        let fits = |id: &u64| ((id / STRIPES as u64) as usize) < index.direct.len();
+        assert!(!index.other.keys().any(fits), "ids that fit the array moved into it");
+        // Removing and re-pointing ids, in both parts of the index.
+        let ids: Vec<u64> = model.keys().copied().collect();
+        for (k, &id) in ids.iter().enumerate() {
+            if k % 2 == 0 {
+                index.remove(id);
+                model.remove(&id);
+            } else {
+                index.set(id, k as u32);
+                model.insert(id, k as u32);
+            }
+        }
+        for &id in &ids {
+            assert_eq!(index.get(id), model.get(&id).copied(), "id {id}");
+        }
+    }
+
+    fn table(policy: TablePolicy) -> Table {
+        let spec = SparseSpec {
+            name: "emb".into(),
+            dim: 2,
+            init: Initializer::Normal { mean: 0.0, std: 0.1, seed: 1 },
+            optimizer: OptimizerConfig::sgd(1.0),
+        };
+        Table::new(&spec, policy)
+    }
+
+    fn push(t: &Table, ids: &[u64]) {
+        let mut acc = SparseAccum::default();
+        let grads: Vec<f32> = ids.iter().flat_map(|_| [1.0f32, 1.0]).collect();
+        acc.add(ids, bytemuck::cast_slice(&grads), 2);
+        t.apply(&acc, 1.0);
+    }
+
+    fn pulled(t: &Table, ids: &[u64]) -> Vec<f32> {
+        let mut out = Vec::new();
+        t.pull(ids, &mut out);
+        out.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn a_pull_creates_no_row_and_gives_what_a_new_row_holds() {
+        let t = table(TablePolicy::default());
+        let before = pulled(&t, &[7, 1 << 60]);
+        assert_eq!(t.rows(), 0, "pulls create nothing");
+        push(&t, &[7]);
+        let after = pulled(&t, &[7, 1 << 60]);
+        assert_eq!(t.rows(), 1);
+        assert_eq!(after[0], before[0] - 1.0, "the row was created from the value pulled, then updated");
+        assert_eq!(&after[2..], &before[2..], "the other id still reads as new");
+    }
+
+    #[test]
+    fn an_id_gets_a_row_on_its_nth_push_and_earlier_gradients_are_dropped() {
+        let t = table(TablePolicy {
+            admit: Admission::MinCount { min_count: 3, cells: DEFAULT_SKETCH_CELLS },
+            ..TablePolicy::default()
+        });
+        let fresh = pulled(&t, &[42]);
+        push(&t, &[42]);
+        push(&t, &[42]);
+        assert_eq!((t.rows(), pulled(&t, &[42])), (0, fresh.clone()), "two pushes: no row, nothing applied");
+        push(&t, &[42]);
+        assert_eq!(t.rows(), 1);
+        assert_eq!(pulled(&t, &[42])[0], fresh[0] - 1.0, "the third push is applied");
+        let s = t.stats();
+        assert_eq!((s.admitted, s.dropped, s.evicted), (1, 2, 0));
+        let snap = t.snapshot();
+        let back = table(*t.policy());
+        back.restore(&snap).unwrap();
+        push(&back, &[43]);
+        push(&back, &[43]);
+        assert_eq!(back.rows(), 1, "43 needs three pushes in the copy too");
+        push(&t, &[44]);
+        push(&t, &[44]);
+        let back = table(*t.policy());
+        back.restore(&t.snapshot()).unwrap();
+        push(&back, &[44]);
+        assert_eq!(back.rows(), 2, "44's two counted pushes came back from the snapshot");
+    }
+
+    #[test]
+    fn probability_admits_about_that_fraction() {
+        let t = table(TablePolicy { admit: Admission::Probability(0.25), ..TablePolicy::default() });
+        let ids: Vec<u64> = (0..20_000).collect();
+        push(&t, &ids);
+        let rows = t.rows() as f64;
+        assert!((rows / 20_000.0 - 0.25).abs() < 0.02, "{rows}");
+        assert_eq!(t.stats().dropped + t.rows(), 20_000);
+    }
+
+    #[test]
+    fn rows_idle_for_longer_than_the_limit_go() {
+        let t = table(TablePolicy { evict_after_steps: Some(8), ..TablePolicy::default() });
+        push(&t, &(0..100).collect::<Vec<_>>());
+        let fresh = pulled(&t, &[5]);
+        for _ in 0..20 {
+            push(&t, &[1000, 1001]);
+        }
+        assert_eq!(t.rows(), 2, "only the two ids still pushed keep their rows");
+        assert_eq!(t.stats().evicted, 100);
+        assert_ne!(pulled(&t, &[5]), fresh, "the row of 5 went");
+        assert_eq!(pulled(&t, &[5]), pulled(&table(TablePolicy::default()), &[5]), "5 reads as new again");
+        let snap = t.snapshot();
+        assert!(snap.touched.iter().all(|&c| c == 21) && snap.clock == 21, "{:?}", snap.touched);
+    }
+
+    #[test]
+    fn a_full_table_drops_the_rows_updated_longest_ago_and_keeps_this_steps() {
+        let cap = 64 * STRIPES as u64;
+        let t = table(TablePolicy { max_rows: Some(cap), ..TablePolicy::default() });
+        let hot: Vec<u64> = (0..STRIPES as u64 * 8).collect();
+        let mut next = 1_000_000u64;
+        for _ in 0..200 {
+            let mut ids = hot.clone();
+            ids.extend(next..next + 100);
+            next += 100;
+            push(&t, &ids);
+            assert!(t.rows() <= cap, "{} rows over the cap {cap}", t.rows());
+        }
+        let (rows, ids) = (t.rows(), t.snapshot().ids);
+        assert!(rows > cap / 2, "{rows}");
+        for h in &hot {
+            assert!(ids.contains(h), "hot id {h} was evicted");
+        }
+        assert_eq!(pulled(&t, &[0])[0], pulled(&table(TablePolicy::default()), &[0])[0] - 200.0);
+        // A lower cap on restore trims to it.
+        let small = table(TablePolicy { max_rows: Some(cap / 4), ..TablePolicy::default() });
+        small.restore(&t.snapshot()).unwrap();
+        assert!(small.rows() <= cap / 4);
+    }
+}
