@@ -1,13 +1,20 @@
 //! The Kubernetes backend against a mock API server (kube-rs's `tower-test` pattern): every
 //! request the client sends is checked (method, path, query, body) and answered by a small
 //! in-memory API server that the tests also play kubelet on. Faults (409, 500) are injected
-//! per request.
+//! per request. The mock serves watches of pods (`?watch=true`: a body that stays open and
+//! carries one JSON event a line, as the API server's does) and Leases with
+//! `resourceVersion` conflicts, and it knows which client (controller) sent each request,
+//! so that tests can check who acted while holding the job's Lease.
 
 mod kubernetes_support;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 
 use futures::StreamExt;
 use gradflow_job::Role::{self, Ps, Worker};
@@ -16,14 +23,45 @@ use gradflow_launch::kubernetes::controller::{JobState, JobStatus};
 use gradflow_launch::kubernetes::{JobClient, KubernetesError, RECORD_STATUS_KEY};
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, ObjectReference, Pod, Secret, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kubernetes_support::*;
 use serde::Serialize;
 
 const NS: &str = "ml";
+
+/// What the mock answers with: a whole body, or a watch's body that stays open.
+type MockBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Something the test does to the mock just before it serves a request.
+type Hook = Box<dyn FnOnce(&mut State) + Send>;
+
+/// One request as the mock saw it: which client sent it, what it was, and who held the
+/// job's Lease (`demo-controller`) at that moment.
+#[derive(Debug, Clone)]
+struct Seen {
+    who: String,
+    line: String,
+    holder: Option<String>,
+}
+
+impl Seen {
+    /// A request that changes the job: a controller acting.
+    fn acts(&self) -> bool {
+        self.line.starts_with("POST pods")
+            || self.line.starts_with("DELETE pods")
+            || self.line.starts_with("PUT configmaps")
+    }
+}
+
+/// An open watch: the pods it selects and where their events go.
+struct Watch {
+    selector: String,
+    events: futures::channel::mpsc::UnboundedSender<Bytes>,
+}
 
 /// What the mock API server holds and has seen.
 #[derive(Default)]
@@ -42,6 +80,18 @@ struct State {
     /// One-shot races: the next request whose line starts with the prefix is carried out,
     /// but answered 409, as if another controller had done it a moment before.
     races: VecDeque<String>,
+    /// One-shot hooks: run just before the next request whose line starts with the prefix
+    /// is served (another controller getting there first).
+    hooks: Vec<(String, Hook)>,
+    leases: BTreeMap<String, Lease>,
+    /// Every request, with who sent it; never drained by `requests()`.
+    seen: Vec<Seen>,
+    /// Open watches of pods.
+    watches: Vec<Watch>,
+    /// The pods as the last events told them, to find what changed since.
+    published: BTreeMap<String, Pod>,
+    /// Every pod event sent, by resourceVersion, for watches that start from an older one.
+    history: Vec<(u64, String)>,
     next_uid: u32,
     next_rv: u64,
 }
@@ -57,12 +107,31 @@ fn status_body(code: u16, reason: &str, message: &str) -> Vec<u8> {
     .unwrap()
 }
 
-fn json(code: StatusCode, value: &impl Serialize) -> Response<Body> {
-    Response::builder().status(code).body(Body::from(serde_json::to_vec(value).unwrap())).unwrap()
+fn whole(bytes: Vec<u8>) -> MockBody {
+    Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn error(code: u16, reason: &str, message: &str) -> Response<Body> {
-    Response::builder().status(code).body(Body::from(status_body(code, reason, message))).unwrap()
+fn json(code: StatusCode, value: &impl Serialize) -> Response<MockBody> {
+    Response::builder().status(code).body(whole(serde_json::to_vec(value).unwrap())).unwrap()
+}
+
+fn error(code: u16, reason: &str, message: &str) -> Response<MockBody> {
+    Response::builder().status(code).body(whole(status_body(code, reason, message))).unwrap()
+}
+
+fn conflict() -> Response<MockBody> {
+    error(
+        409,
+        "Conflict",
+        "the object has been modified; please apply your changes to the latest version and try again",
+    )
+}
+
+/// A pod without its resourceVersion: what an event is about.
+fn content(pod: &Pod) -> Pod {
+    let mut pod = pod.clone();
+    pod.metadata.resource_version = None;
+    pod
 }
 
 fn query(uri: &http::Uri) -> BTreeMap<String, String> {
@@ -109,14 +178,93 @@ impl State {
         self.next_rv.to_string()
     }
 
-    /// Answers one request, as the API server would for the few calls gradflow makes.
-    fn handle(&mut self, method: &Method, uri: &http::Uri, body: &[u8]) -> Response<Body> {
+    /// Sends an event for every pod that changed since the last events: ADDED, MODIFIED
+    /// (with a new resourceVersion, unless the change gave it one) or DELETED. Tests change
+    /// pods in place, as a kubelet would; this is how watches hear of it.
+    fn publish(&mut self) {
+        let mut events = Vec::new();
+        let names: Vec<String> = self.pods.keys().cloned().collect();
+        for name in names {
+            let old = self.published.get(&name);
+            let pod = &self.pods[&name];
+            if old.is_some_and(|o| content(o) == content(pod)) {
+                continue;
+            }
+            let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+            if pod.metadata.resource_version.is_none()
+                || old.is_some_and(|o| o.metadata.resource_version == pod.metadata.resource_version)
+            {
+                let rv = self.rv();
+                self.pods.get_mut(&name).unwrap().metadata.resource_version = Some(rv);
+            }
+            let pod = self.pods[&name].clone();
+            self.published.insert(name, pod.clone());
+            events.push((kind, pod));
+        }
+        let gone: Vec<String> =
+            self.published.keys().filter(|n| !self.pods.contains_key(*n)).cloned().collect();
+        for name in gone {
+            let mut pod = self.published.remove(&name).unwrap();
+            pod.metadata.resource_version = Some(self.rv());
+            events.push(("DELETED", pod));
+        }
+        for (kind, pod) in events {
+            let rv: u64 = pod.metadata.resource_version.as_deref().unwrap().parse().unwrap();
+            let mut line = serde_json::to_vec(&serde_json::json!({"type": kind, "object": pod})).unwrap();
+            line.push(b'\n');
+            let labels = pod.metadata.labels.clone();
+            self.history.push((rv, String::from_utf8(line.clone()).unwrap()));
+            self.watches.retain(|w| {
+                !selected(labels.as_ref(), &w.selector)
+                    || w.events.unbounded_send(Bytes::from(line.clone())).is_ok()
+            });
+        }
+    }
+
+    /// Opens a watch of the pods `selector` selects, from `since` (a resourceVersion).
+    fn watch(&mut self, selector: &str, since: u64) -> Response<MockBody> {
+        let (events, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+        for (rv, line) in &self.history {
+            let pod: serde_json::Value =
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["object"].clone();
+            let labels: Option<BTreeMap<String, String>> =
+                serde_json::from_value(pod["metadata"]["labels"].clone()).unwrap();
+            if *rv > since && selected(labels.as_ref(), selector) {
+                events.unbounded_send(Bytes::from(line.clone())).unwrap();
+            }
+        }
+        self.watches.push(Watch { selector: selector.to_string(), events });
+        let body = StreamBody::new(
+            rx.map(|b| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(http_body::Frame::data(b))),
+        );
+        Response::builder().status(200).body(body.boxed_unsync()).unwrap()
+    }
+
+    /// The holder of the job's Lease, if any.
+    fn holder(&self) -> Option<String> {
+        self.leases.get("demo-controller")?.spec.as_ref()?.holder_identity.clone().filter(|h| !h.is_empty())
+    }
+
+    /// Answers one request from client `who`, as the API server would for the few calls
+    /// gradflow makes.
+    fn handle(&mut self, who: &str, method: &Method, uri: &http::Uri, body: &[u8]) -> Response<MockBody> {
+        self.publish();
+        let response = self.answer(who, method, uri, body);
+        self.publish();
+        response
+    }
+
+    fn answer(&mut self, who: &str, method: &Method, uri: &http::Uri, body: &[u8]) -> Response<MockBody> {
         let path = uri.path().to_string();
         let q = query(uri);
-        let (kind, rest) = if let Some(rest) = path.strip_prefix(&format!("/api/v1/namespaces/{NS}/")) {
-            let mut parts = rest.splitn(2, '/');
-            (parts.next().unwrap().to_string(), parts.next().map(str::to_string))
-        } else if let Some(rest) = path.strip_prefix(&format!("/apis/batch/v1/namespaces/{NS}/")) {
+        let (kind, rest) = if let Some(rest) = [
+            format!("/api/v1/namespaces/{NS}/"),
+            format!("/apis/batch/v1/namespaces/{NS}/"),
+            format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/"),
+        ]
+        .iter()
+        .find_map(|prefix| path.strip_prefix(prefix.as_str()))
+        {
             let mut parts = rest.splitn(2, '/');
             (parts.next().unwrap().to_string(), parts.next().map(str::to_string))
         } else {
@@ -125,7 +273,8 @@ impl State {
         let line = match (method.as_str(), &rest) {
             ("GET", None) => {
                 let sel = q.get("labelSelector").or(q.get("fieldSelector")).cloned().unwrap_or_default();
-                format!("LIST {kind} {sel}")
+                let verb = if q.get("watch").is_some_and(|w| w == "true") { "WATCH" } else { "LIST" };
+                format!("{verb} {kind} {sel}")
             }
             ("POST", None) => {
                 let v: serde_json::Value = serde_json::from_slice(body).expect("a POST has a JSON body");
@@ -150,6 +299,11 @@ impl State {
             (m, None) => panic!("unexpected {m} {uri}"),
         };
         self.requests.push(line.clone());
+        self.seen.push(Seen { who: who.to_string(), line: line.clone(), holder: self.holder() });
+        if let Some(i) = self.hooks.iter().position(|(prefix, _)| line.starts_with(prefix.as_str())) {
+            let (_, hook) = self.hooks.remove(i);
+            hook(self);
+        }
         if let Some(i) = self.faults.iter().position(|(prefix, _)| line.starts_with(prefix.as_str())) {
             let (_, code) = self.faults.remove(i).unwrap();
             let reason = match code {
@@ -174,7 +328,12 @@ impl State {
         rest: Option<&str>,
         q: &BTreeMap<String, String>,
         body: &[u8],
-    ) -> Response<Body> {
+    ) -> Response<MockBody> {
+        if method == Method::GET && rest.is_none() && q.get("watch").is_some_and(|w| w == "true") {
+            assert_eq!(kind, "pods", "the mock watches pods only");
+            let since = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            return self.watch(q.get("labelSelector").map_or("", String::as_str), since);
+        }
         match (method.as_str(), kind, rest) {
             ("POST", "configmaps", None) => {
                 let mut cm: ConfigMap = serde_json::from_slice(body).unwrap();
@@ -200,6 +359,7 @@ impl State {
                     self.secrets.retain(|_, s| !owned(&s.metadata.owner_references));
                     self.services.retain(|_, s| !owned(&s.metadata.owner_references));
                     self.jobs.retain(|_, j| !owned(&j.metadata.owner_references));
+                    self.leases.retain(|_, l| !owned(&l.metadata.owner_references));
                     self.config_maps.remove(name);
                     json(StatusCode::OK, &cm)
                 }
@@ -212,11 +372,7 @@ impl State {
                     return error(404, "NotFound", "not found");
                 };
                 if cm.metadata.resource_version != current.metadata.resource_version {
-                    return error(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    );
+                    return conflict();
                 }
                 assert_eq!(cm.metadata.uid, current.metadata.uid, "a replace keeps the uid");
                 cm.metadata.resource_version = Some(self.rv());
@@ -295,7 +451,10 @@ impl State {
                     self.pods.values().filter(|p| selected(p.metadata.labels.as_ref(), &sel)).collect();
                 json(
                     StatusCode::OK,
-                    &serde_json::json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}),
+                    &serde_json::json!({
+                        "apiVersion": "v1", "kind": "PodList",
+                        "metadata": {"resourceVersion": self.next_rv.to_string()}, "items": items
+                    }),
                 )
             }
             ("DELETE", "pods", Some(name)) => match self.pods.get_mut(name) {
@@ -310,7 +469,7 @@ impl State {
                 let name = sub.trim_end_matches("/log");
                 match self.logs.get(name) {
                     Some(text) => {
-                        Response::builder().status(200).body(Body::from(text.clone().into_bytes())).unwrap()
+                        Response::builder().status(200).body(whole(text.clone().into_bytes())).unwrap()
                     }
                     None => error(404, "NotFound", "no logs"),
                 }
@@ -331,6 +490,37 @@ impl State {
                     &serde_json::json!({"apiVersion": "v1", "kind": "EventList", "metadata": {}, "items": items}),
                 )
             }
+            ("POST", "leases", None) => {
+                let mut lease: Lease = serde_json::from_slice(body).unwrap();
+                let name = lease.metadata.name.clone().unwrap();
+                if self.leases.contains_key(&name) {
+                    return error(
+                        409,
+                        "AlreadyExists",
+                        &format!("leases.coordination.k8s.io \"{name}\" already exists"),
+                    );
+                }
+                lease.metadata.uid = Some(self.uid());
+                lease.metadata.resource_version = Some(self.rv());
+                self.leases.insert(name, lease.clone());
+                json(StatusCode::CREATED, &lease)
+            }
+            ("GET", "leases", Some(name)) => match self.leases.get(name) {
+                Some(l) => json(StatusCode::OK, l),
+                None => error(404, "NotFound", &format!("leases.coordination.k8s.io \"{name}\" not found")),
+            },
+            ("PUT", "leases", Some(name)) => {
+                let mut lease: Lease = serde_json::from_slice(body).unwrap();
+                let Some(current) = self.leases.get(name) else {
+                    return error(404, "NotFound", "not found");
+                };
+                if lease.metadata.resource_version != current.metadata.resource_version {
+                    return conflict();
+                }
+                lease.metadata.resource_version = Some(self.rv());
+                self.leases.insert(name.to_string(), lease.clone());
+                json(StatusCode::OK, &lease)
+            }
             (m, k, r) => panic!("the mock does not serve {m} {k} {r:?}"),
         }
     }
@@ -339,27 +529,8 @@ impl State {
 impl Fake {
     /// A client whose every request is answered by the mock.
     fn start() -> (JobClient, Fake) {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let fake = Fake(Arc::new(Mutex::new(State::default())));
-        let state = fake.clone();
-        tokio::spawn(async move {
-            while let Some((request, send)) = handle.next_request().await {
-                let (parts, body) = request.into_parts();
-                let body = body.collect_bytes().await.unwrap();
-                if matches!(parts.method, Method::POST | Method::PUT) {
-                    assert_eq!(
-                        parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap()),
-                        Some("application/json"),
-                        "{} {}",
-                        parts.method,
-                        parts.uri
-                    );
-                }
-                let response = state.0.lock().unwrap().handle(&parts.method, &parts.uri, &body);
-                send.send_response(response);
-            }
-        });
-        (JobClient::new(kube::Client::new(service, NS), NS), fake)
+        (fake_client_as(&fake, "launcher"), fake)
     }
 
     fn requests(&self) -> Vec<String> {
@@ -374,6 +545,37 @@ impl Fake {
         self.0.lock().unwrap().races.push_back(prefix.into());
     }
 
+    /// Runs `hook` on the mock just before it serves the next request that starts with
+    /// `prefix`.
+    fn before(&self, prefix: &str, hook: impl FnOnce(&mut State) + Send + 'static) {
+        self.0.lock().unwrap().hooks.push((prefix.into(), Box::new(hook)));
+    }
+
+    /// Every request so far, with who sent it.
+    fn seen(&self) -> Vec<Seen> {
+        self.0.lock().unwrap().seen.clone()
+    }
+
+    /// Whether some client has sent a request `line`.
+    fn has_seen(&self, line: &str) -> bool {
+        self.0.lock().unwrap().seen.iter().any(|s| s.line == line)
+    }
+
+    fn lease(&self) -> Option<Lease> {
+        self.0.lock().unwrap().leases.get("demo-controller").cloned()
+    }
+
+    fn holder(&self) -> Option<String> {
+        self.0.lock().unwrap().holder()
+    }
+
+    /// Open watches.
+    fn watching(&self) -> usize {
+        let mut state = self.0.lock().unwrap();
+        state.watches.retain(|w| !w.events.is_closed());
+        state.watches.len()
+    }
+
     fn pod(&self, name: &str) -> Pod {
         self.0.lock().unwrap().pods.get(name).cloned().unwrap_or_else(|| panic!("no pod {name}"))
     }
@@ -383,6 +585,7 @@ impl Fake {
         let mut state = self.0.lock().unwrap();
         let pod = state.pods.remove(&name).unwrap_or_else(|| panic!("no pod {name}"));
         state.pods.insert(name, f(pod));
+        state.publish();
     }
 
     fn everything_runs(&self) {
@@ -392,11 +595,14 @@ impl Fake {
                 *pod = running(pod.clone(), true);
             }
         }
+        state.publish();
     }
 
     /// Pods being deleted are gone.
     fn reap(&self) {
-        self.0.lock().unwrap().pods.retain(|_, p| p.metadata.deletion_timestamp.is_none());
+        let mut state = self.0.lock().unwrap();
+        state.pods.retain(|_, p| p.metadata.deletion_timestamp.is_none());
+        state.publish();
     }
 
     fn status(&self) -> JobStatus {
@@ -641,7 +847,7 @@ async fn a_500_costs_a_pass_not_the_job() {
 #[tokio::test]
 async fn run_follows_the_job_to_its_end_through_errors() {
     let (client, fake) = Fake::start();
-    let c = client.launch(job(1, 1, 3), false).await.unwrap().poll_interval(Duration::from_millis(5));
+    let c = client.launch(job(1, 1, 3), false).await.unwrap().resync_interval(Duration::from_millis(5));
     // A kubelet: runs what is created, fails the first worker once, then lets it succeed.
     let kubelet = {
         let fake = fake.clone();
@@ -693,7 +899,7 @@ async fn run_gives_up_after_repeated_failures_and_stops_on_cancel() {
         .launch(job(1, 1, 3), false)
         .await
         .unwrap()
-        .poll_interval(Duration::from_millis(1))
+        .resync_interval(Duration::from_millis(1))
         .max_failed_passes(3);
     for _ in 0..3 {
         fake.fail("GET configmaps/demo", 500);
@@ -743,13 +949,28 @@ async fn delete_removes_the_root_and_waits_for_everything() {
 
 /// Another client on the mock's state (a second `gradflow` command on the same cluster).
 fn fake_client(fake: &Fake) -> JobClient {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    fake_client_as(fake, "other")
+}
+
+/// A client on the mock's state whose requests the mock records as `who`'s.
+fn fake_client_as(fake: &Fake, who: &str) -> JobClient {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<MockBody>>();
     let state = fake.clone();
+    let who = who.to_string();
     tokio::spawn(async move {
         while let Some((request, send)) = handle.next_request().await {
             let (parts, body) = request.into_parts();
             let body = body.collect_bytes().await.unwrap();
-            let response = state.0.lock().unwrap().handle(&parts.method, &parts.uri, &body);
+            if matches!(parts.method, Method::POST | Method::PUT) {
+                assert_eq!(
+                    parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap()),
+                    Some("application/json"),
+                    "{} {}",
+                    parts.method,
+                    parts.uri
+                );
+            }
+            let response = state.0.lock().unwrap().handle(&who, &parts.method, &parts.uri, &body);
             send.send_response(response);
         }
     });
@@ -893,6 +1114,7 @@ fn verbs(lines: &[String]) -> std::collections::BTreeSet<(String, String)> {
             };
             let verb = match (method, target.contains('/')) {
                 ("LIST", _) => "list",
+                ("WATCH", _) => "watch",
                 ("POST", _) => "create",
                 ("GET", _) => "get",
                 ("PUT", _) => "update",
@@ -914,6 +1136,18 @@ async fn deploy_rbac_grants_exactly_the_verbs_gradflow_uses() {
     c.reconcile(None).await.unwrap();
     fake.everything_runs();
     c.reconcile(None).await.unwrap();
+    // The controller as `run` drives it: its Lease (read, created, released) and a watch on
+    // the job's pods; detached once the watch is open.
+    let c = c.stop_on_cancel(false);
+    let watched = fake.clone();
+    let opened = async move {
+        while watched.watching() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let outcome =
+        tokio::time::timeout(Duration::from_secs(120), c.run(opened, |_| {})).await.unwrap().unwrap();
+    assert!(matches!(outcome, RunOutcome::Detached));
     fake.set(Worker, 0, 0, succeeded);
     c.reconcile(None).await.unwrap();
     fake.0.lock().unwrap().logs.insert("demo-worker-0-0".into(), "done\n".into());
@@ -1178,4 +1412,293 @@ async fn attach_refuses_a_job_whose_token_secret_is_gone() {
     assert!(text.contains("Secret demo-token of job demo is missing"), "{text}");
     assert!(text.contains("gradflow delete demo"), "{text}");
     assert_eq!(fake.requests(), ["GET configmaps/demo", "GET secrets/demo-token"]);
+}
+
+/// Waits (up to `limit`, generous: the tests run on loaded machines) until `done`; fails the
+/// test naming `what` otherwise.
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "waited {limit:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What a controller running in the background said so far.
+#[derive(Clone, Default)]
+struct Said(Arc<Mutex<Vec<String>>>);
+
+impl Said {
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn any(&self, part: &str) -> bool {
+        self.lines().iter().any(|l| l.contains(part))
+    }
+}
+
+/// Runs `controller` in the background until the job ends or `cancel` fires (dropping the
+/// sender fires it too).
+fn spawn_run(
+    controller: gradflow_launch::kubernetes::Controller,
+) -> (tokio::task::JoinHandle<Result<RunOutcome, KubernetesError>>, Said, tokio::sync::oneshot::Sender<()>) {
+    let said = Said::default();
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let lines = said.clone();
+    let task = tokio::spawn(async move {
+        let cancelled = async move {
+            let _ = cancelled.await;
+        };
+        controller.run(cancelled, move |l| lines.0.lock().unwrap().push(l.to_string())).await
+    });
+    (task, said, cancel)
+}
+
+/// Requests that changed the job (created or deleted pods, wrote the record) by `who`.
+fn acts_of(fake: &Fake, who: &str) -> Vec<Seen> {
+    fake.seen().into_iter().filter(|s| s.acts() && s.who == who).collect()
+}
+
+/// Every request of the controllers `who` that changed the job was sent while its sender
+/// held the job's Lease.
+fn only_the_holder_acted(fake: &Fake, who: &[&str]) {
+    for s in fake.seen().iter().filter(|s| s.acts() && who.contains(&s.who.as_str())) {
+        assert_eq!(s.holder.as_deref(), Some(s.who.as_str()), "{s:?} without the lease");
+    }
+}
+
+fn lease_spec(fake: &Fake) -> LeaseSpec {
+    fake.lease().expect("no Lease demo-controller").spec.unwrap()
+}
+
+#[tokio::test]
+async fn a_pod_failure_is_acted_on_at_once_through_the_watch_not_at_the_next_resync() {
+    let (c, fake) = running_job(1, 2, 3).await;
+    // No resync in the time of the test: only a watch event can start a pass.
+    let (task, said, _cancel) = spawn_run(c.resync_interval(Duration::from_secs(120)));
+    wait_for("the watch on the job's pods", Duration::from_secs(60), || fake.watching() > 0).await;
+    // Let the passes that starting the watch brings pass (if one is slow, it sees the failure
+    // below: a watch event still, not the resync).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(said.any("holding lease demo-controller of job demo"), "{:#?}", said.lines());
+
+    let failed_at = Instant::now();
+    fake.set(Worker, 1, 0, |p| failed(p, 137, "OOMKilled"));
+    wait_for("the failed worker to be recreated", Duration::from_secs(20), || {
+        fake.has_seen("POST pods demo-worker-1-1")
+    })
+    .await;
+    assert!(failed_at.elapsed() < Duration::from_secs(20));
+    wait_for("the restart to be recorded", Duration::from_secs(20), || {
+        fake.status().worker[1].restarts() == 1
+    })
+    .await;
+    // A pod that vanishes (deleted by hand): the DELETED event, recreated as a disruption.
+    {
+        let mut state = fake.0.lock().unwrap();
+        state.pods.remove("demo-worker-0-0");
+        state.publish();
+    }
+    wait_for("the vanished worker to be recreated", Duration::from_secs(20), || {
+        fake.has_seen("POST pods demo-worker-0-1")
+    })
+    .await;
+    assert!(said.any("worker-0 attempt 0 was disrupted"), "{:#?}", said.lines());
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+#[tokio::test]
+async fn two_controllers_of_one_job_only_the_lease_holder_acts_and_the_other_takes_over() {
+    let (client, fake) = Fake::start();
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    // Short leases (3 s: renewed every second) so that the takeover comes soon; a long resync so
+    // that passes come from watch events.
+    let controller = |who: &str| {
+        let fake = fake.clone();
+        let who = who.to_string();
+        async move {
+            fake_client_as(&fake, &who)
+                .attach("demo")
+                .await
+                .unwrap()
+                .identity(who)
+                .stop_on_cancel(false)
+                .lease_duration(Duration::from_secs(3))
+                .resync_interval(Duration::from_secs(60))
+        }
+    };
+    let (a, said_a, _cancel_a) = spawn_run(controller("a").await);
+    wait_for("a to create the server", Duration::from_secs(60), || fake.has_seen("POST pods demo-ps-0-0"))
+        .await;
+    assert_eq!(fake.holder().as_deref(), Some("a"));
+
+    let (b, said_b, cancel_b) = spawn_run(controller("b").await);
+    wait_for("b to wait for a", Duration::from_secs(60), || {
+        said_b.any("job demo is controlled by a (lease demo-controller")
+    })
+    .await;
+    // The job moves on while both run: a acts on it, b only watches.
+    fake.everything_runs();
+    wait_for("a to create the worker", Duration::from_secs(60), || {
+        fake.has_seen("POST pods demo-worker-0-0")
+    })
+    .await;
+    fake.everything_runs();
+    wait_for("the job to run", Duration::from_secs(60), || fake.status().state == JobState::Running).await;
+    assert!(acts_of(&fake, "b").is_empty(), "{:#?}", acts_of(&fake, "b"));
+    assert!(!acts_of(&fake, "a").is_empty());
+    only_the_holder_acted(&fake, &["a", "b"]);
+    assert!(!b.is_finished());
+
+    // a dies without releasing the Lease; a worker fails meanwhile. b takes over once a's
+    // Lease has gone unrenewed for its duration, and recreates the worker.
+    a.abort();
+    let _ = a.await;
+    fake.set(Worker, 0, 0, |p| failed(p, 1, "Error"));
+    wait_for("b to take over and recreate the worker", Duration::from_secs(60), || {
+        fake.has_seen("POST pods demo-worker-0-1")
+    })
+    .await;
+    assert!(
+        said_b.any("took over job demo from a, whose lease demo-controller expired"),
+        "{:#?}",
+        said_b.lines()
+    );
+    let spec = lease_spec(&fake);
+    assert_eq!((spec.holder_identity.as_deref(), spec.lease_transitions), (Some("b"), Some(1)));
+    assert!(acts_of(&fake, "b").iter().any(|s| s.line == "POST pods demo-worker-0-1"));
+    only_the_holder_acted(&fake, &["a", "b"]);
+    assert!(!said_a.any("took over"), "{:#?}", said_a.lines());
+
+    // b detaches (`attach` stopped): it releases the Lease, and the next controller takes
+    // it at once, without waiting for it to expire.
+    drop(cancel_b);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), b).await.unwrap().unwrap().unwrap();
+    assert!(matches!(outcome, RunOutcome::Detached));
+    assert_eq!(fake.holder(), None);
+    let (c, said_c, _cancel_c) = spawn_run(controller("c").await);
+    wait_for("c to hold the lease", Duration::from_secs(60), || said_c.any("holding lease demo-controller"))
+        .await;
+    assert!(!said_c.any("controlled by"), "{:#?}", said_c.lines());
+    assert_eq!(lease_spec(&fake).lease_transitions, Some(2));
+    c.abort();
+}
+
+#[tokio::test]
+async fn a_controller_that_loses_its_lease_stops_acting() {
+    let (_launcher, fake) = running_job(1, 2, 3).await;
+    let c = fake_client_as(&fake, "a")
+        .attach("demo")
+        .await
+        .unwrap()
+        .identity("a")
+        .lease_duration(Duration::from_secs(3))
+        .resync_interval(Duration::from_secs(60));
+    let (task, said, _cancel) = spawn_run(c);
+    wait_for("a to hold the lease", Duration::from_secs(60), || fake.holder().as_deref() == Some("a")).await;
+    // Someone takes the Lease (as a controller would after a's renewals failed for its whole
+    // duration): a's next renewal conflicts, and a stops acting.
+    {
+        let mut state = fake.0.lock().unwrap();
+        let rv = state.rv();
+        let lease = state.leases.get_mut("demo-controller").unwrap();
+        lease.metadata.resource_version = Some(rv);
+        let spec = lease.spec.as_mut().unwrap();
+        spec.holder_identity = Some("thief".into());
+        spec.lease_duration_seconds = Some(3600);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+    }
+    wait_for("a to notice", Duration::from_secs(60), || said.any("lost lease demo-controller to thief"))
+        .await;
+    let acted = acts_of(&fake, "a").len();
+    fake.set(Worker, 0, 0, |p| failed(p, 137, "OOMKilled"));
+    // Long enough for a watch event and a pass, were a still acting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(acts_of(&fake, "a").len(), acted, "{:#?}", said.lines());
+    assert!(!fake.has_seen("POST pods demo-worker-0-1"));
+    only_the_holder_acted(&fake, &["a"]);
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_lease_conflict_on_acquire_leaves_the_loser_waiting() {
+    /// A Lease held by `holder`, renewed just now, that lasts long.
+    fn held_by(holder: &str, rv: String, transitions: i32) -> Lease {
+        Lease {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("demo-controller".into()),
+                namespace: Some(NS.into()),
+                resource_version: Some(rv),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                lease_duration_seconds: Some(3600),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            }),
+        }
+    }
+
+    // The create races: a rival creates the Lease between this controller's read (404) and its
+    // create, which gets 409 AlreadyExists.
+    let (client, fake) = Fake::start();
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    fake.before("POST leases demo-controller", |state| {
+        let rv = state.rv();
+        state.leases.insert("demo-controller".into(), held_by("rival", rv, 0));
+    });
+    let me = fake_client_as(&fake, "me").attach("demo").await.unwrap().identity("me");
+    let (task, said, _cancel) = spawn_run(me.lease_duration(Duration::from_secs(3)));
+    wait_for("the loser to wait", Duration::from_secs(60), || said.any("job demo is controlled by rival"))
+        .await;
+    assert!(fake.has_seen("POST leases demo-controller"));
+    assert!(acts_of(&fake, "me").is_empty());
+    assert_eq!(fake.holder().as_deref(), Some("rival"));
+    // The rival releases it: taken at once, and the job is driven.
+    {
+        let mut state = fake.0.lock().unwrap();
+        let rv = state.rv();
+        let lease = state.leases.get_mut("demo-controller").unwrap();
+        lease.metadata.resource_version = Some(rv);
+        lease.spec.as_mut().unwrap().holder_identity = None;
+    }
+    wait_for("the server pod", Duration::from_secs(60), || fake.has_seen("POST pods demo-ps-0-0")).await;
+    assert_eq!(fake.holder().as_deref(), Some("me"));
+    only_the_holder_acted(&fake, &["me"]);
+    task.abort();
+
+    // The takeover races: the old holder's Lease expired (1 s), but a rival takes it over
+    // between this controller's read and its write, which is conditional on the version it
+    // read and gets 409 Conflict.
+    let (client, fake) = Fake::start();
+    client.launch(job(1, 1, 3), false).await.unwrap();
+    {
+        let mut state = fake.0.lock().unwrap();
+        let rv = state.rv();
+        let mut old = held_by("old", rv, 4);
+        old.spec.as_mut().unwrap().lease_duration_seconds = Some(1);
+        state.leases.insert("demo-controller".into(), old);
+    }
+    fake.before("PUT leases/demo-controller", |state| {
+        let rv = state.rv();
+        state.leases.insert("demo-controller".into(), held_by("rival", rv, 5));
+    });
+    let me = fake_client_as(&fake, "me").attach("demo").await.unwrap().identity("me");
+    let (task, said, _cancel) = spawn_run(me.lease_duration(Duration::from_secs(3)));
+    wait_for("the first wait", Duration::from_secs(60), || said.any("job demo is controlled by old")).await;
+    wait_for("the lost race", Duration::from_secs(60), || said.any("job demo is controlled by rival")).await;
+    let puts: Vec<Seen> =
+        fake.seen().into_iter().filter(|s| s.line == "PUT leases/demo-controller" && s.who == "me").collect();
+    assert_eq!(puts.len(), 1, "{puts:?}");
+    assert_eq!(puts[0].holder.as_deref(), Some("old"));
+    let spec = lease_spec(&fake);
+    assert_eq!((spec.holder_identity.as_deref(), spec.lease_transitions), (Some("rival"), Some(5)));
+    assert!(acts_of(&fake, "me").is_empty(), "{:#?}", said.lines());
+    assert!(!said.any("took over"), "{:#?}", said.lines());
+    task.abort();
 }

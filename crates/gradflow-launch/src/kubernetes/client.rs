@@ -12,6 +12,13 @@
 //! `resourceVersion`), delete pods (DELETE). API errors end the pass; the next pass starts
 //! again from what is there, so a transient error (a 500, a timeout) costs a pass, not the
 //! job.
+//!
+//! [`Controller::run`] is one loop that owns everything it waits on: a kube-runtime watcher
+//! on the job's pods (any event schedules a pass 50 ms later, so a burst makes one pass), the
+//! resync timer (a pass at least every 30 s, the safety net if the watch is down), the
+//! job's [`lease`](super::lease) (acquired before the first pass, renewed every third of its
+//! duration, released on the way out), and the cancel signal. Without the Lease it only
+//! looks; after a failed pass, events wait for the backoff.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,12 +26,16 @@ use std::time::Duration;
 
 use futures::{AsyncBufReadExt, Stream, StreamExt};
 use k8s_openapi::api::batch::v1::Job as BatchJob;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, Preconditions};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::time::Instant;
 
 use super::controller::{self, Action, Decision, JobStatus, JobSummary, member};
+use super::lease::{Acquire, DEFAULT_LEASE_DURATION, LeaseKeeper, Renewal, default_identity};
 use super::render::{Renderer, controller_name, token_secret_name};
 use super::{KubernetesError, LABEL_CONTROLLER_OF, LABEL_JOB, RECORD_JOB_KEY, RECORD_STATUS_KEY};
 use gradflow_job::contract::Token;
@@ -481,22 +492,34 @@ pub struct Pass {
 }
 
 /// Drives one job to its end; see [`controller`] for the rules.
+///
+/// [`run`](Self::run) acts only while it holds the job's Lease (see [`lease`](super::lease))
+/// and passes when a watch on the job's pods says something changed, with a slow resync
+/// behind it; [`reconcile`](Self::reconcile) is one pass, without either.
 pub struct Controller {
     api: JobClient,
     renderer: Renderer,
-    poll_interval: Duration,
+    resync_interval: Duration,
     max_failed_passes: u32,
     stop_on_cancel: bool,
+    identity: String,
+    lease_duration: Duration,
 }
+
+/// Time from a watch event to the pass it causes, so that a burst of events (a pass creates
+/// several pods; a node drains) makes one pass.
+const SETTLE: Duration = Duration::from_millis(50);
 
 impl Controller {
     fn new(api: JobClient, renderer: Renderer) -> Controller {
         Controller {
             api,
             renderer,
-            poll_interval: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(30),
             max_failed_passes: 10,
             stop_on_cancel: true,
+            identity: default_identity(),
+            lease_duration: DEFAULT_LEASE_DURATION,
         }
     }
 
@@ -505,9 +528,10 @@ impl Controller {
         &self.renderer
     }
 
-    /// Time between two passes. Default 2 s.
-    pub fn poll_interval(mut self, interval: Duration) -> Controller {
-        self.poll_interval = interval;
+    /// Time between two passes when no watch event comes: the safety net behind the watch on
+    /// the job's pods, which is what drives passes. Default 30 s.
+    pub fn resync_interval(mut self, interval: Duration) -> Controller {
+        self.resync_interval = interval;
         self
     }
 
@@ -525,17 +549,45 @@ impl Controller {
         self
     }
 
-    /// One pass: read the record and the pods, decide, act. With `stop`, a job that is not
-    /// over is failed with that message and its running pods deleted.
-    pub async fn reconcile(&self, stop: Option<&str>) -> Result<Pass> {
-        let name = self.renderer.job().name.clone();
-        let (root, _, status) = self.api.read_record(&name).await?;
+    /// This controller's name as the holder of the job's Lease. Default: host name, process
+    /// id and a random tag ([`default_identity`]).
+    pub fn identity(mut self, identity: impl Into<String>) -> Controller {
+        self.identity = identity.into();
+        self
+    }
+
+    /// How long the job's Lease stays this controller's after its last renewal (whole
+    /// seconds, at least 1). Default 15 s: a controller that dies without releasing the Lease
+    /// is replaced that long after its last renewal.
+    pub fn lease_duration(mut self, duration: Duration) -> Controller {
+        self.lease_duration = duration.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The job's record, checked to be this controller's job, and its pods.
+    async fn read(&self) -> Result<(ConfigMap, JobStatus, Vec<Pod>)> {
+        let name = &self.renderer.job().name;
+        let (root, _, status) = self.api.read_record(name).await?;
         if root.metadata.uid.as_deref() != self.renderer.owner_uid() {
             // Deleted and launched again under the same name: not the job this controller
             // was started for.
-            return Err(KubernetesError::NotFound { job: name, namespace: self.api.namespace.clone() });
+            return Err(KubernetesError::NotFound {
+                job: name.clone(),
+                namespace: self.api.namespace.clone(),
+            });
         }
-        let pods = self.api.list_job_pods(&name).await?;
+        let pods = self.api.list_job_pods(name).await?;
+        Ok((root, status, pods))
+    }
+
+    /// One pass: read the record and the pods, decide, act. With `stop`, a job that is not
+    /// over is failed with that message and its running pods deleted.
+    ///
+    /// This does not look at the job's Lease: [`run`](Self::run) calls it only while it holds
+    /// it.
+    pub async fn reconcile(&self, stop: Option<&str>) -> Result<Pass> {
+        let name = self.renderer.job().name.clone();
+        let (root, status, pods) = self.read().await?;
         let decision = controller::decide(&self.renderer, &status, &pods, stop);
         let grace = self.renderer.job().launcher.grace_period.as_secs().max(1) as i64;
         for action in &decision.actions {
@@ -583,93 +635,308 @@ impl Controller {
         Ok(Pass { decision, summary })
     }
 
-    /// Passes until the job is over and nothing of it runs any more, calling `say` with each
-    /// decision's notes and each pod change.
+    /// A pass that only looks: what a controller that waits for the Lease sees. Its decision
+    /// says whether the job is over; nothing of it is carried out.
+    async fn observe(&self) -> Result<Pass> {
+        let (_, status, pods) = self.read().await?;
+        let decision = controller::decide(&self.renderer, &status, &pods, None);
+        let summary = controller::summarize(&self.renderer, &status, &pods, &[]);
+        Ok(Pass { decision, summary })
+    }
+
+    /// Drives the job until it is over and nothing of it runs any more, calling `say` with
+    /// each decision's notes, each pod change, and what happens to the job's Lease.
+    ///
+    /// It first acquires the job's Lease; while another live controller holds it, this one
+    /// only watches (it says who holds it, and returns when that controller finishes the
+    /// job) and takes over when that Lease expires or is released. While it holds the Lease
+    /// it passes whenever the watch on the job's pods reports a change, and at least every
+    /// [`resync_interval`](Self::resync_interval); it renews the Lease, stops acting if it
+    /// loses it, and releases it when it returns.
     ///
     /// When `cancel` completes: with [`stop_on_cancel`](Self::stop_on_cancel) (the default,
     /// what `launch` does) the job is stopped (Failed, running pods deleted) and this returns
-    /// after that pass; without it (`attach`), this returns [`RunOutcome::Detached`] and the
-    /// job goes on without a controller until one attaches again. API errors are retried
-    /// with a growing wait; after [`max_failed_passes`](Self::max_failed_passes) in a row
-    /// this gives up with [`KubernetesError::GaveUp`], leaving the job as it is.
+    /// after that pass (unless another controller holds the Lease: then the job is left to
+    /// it); without it (`attach`), this returns [`RunOutcome::Detached`] and the job goes on
+    /// without a controller until one attaches again. API errors are retried with a growing
+    /// wait; after [`max_failed_passes`](Self::max_failed_passes) in a row this gives up with
+    /// [`KubernetesError::GaveUp`], leaving the job as it is.
     pub async fn run(
         &self,
         cancel: impl Future<Output = ()>,
         mut say: impl FnMut(&str),
     ) -> Result<RunOutcome> {
+        let leases: Api<Lease> = Api::namespaced(self.api.client.clone(), &self.api.namespace);
+        let mut lease = LeaseKeeper::new(leases, &self.renderer, &self.identity, self.lease_duration);
+        let outcome = self.drive(&mut lease, cancel, &mut say).await;
+        if lease.holds()
+            && let Err(e) = lease.release().await
+        {
+            say(&format!("could not release the job's lease ({e}); it expires in {:?}", self.lease_duration));
+        }
+        outcome
+    }
+
+    async fn drive(
+        &self,
+        lease: &mut LeaseKeeper,
+        cancel: impl Future<Output = ()>,
+        say: &mut impl FnMut(&str),
+    ) -> Result<RunOutcome> {
+        let name = self.renderer.job().name.clone();
         let mut cancel = std::pin::pin!(cancel);
+        let mut cancelled = false;
+        let mut events = pod_events(self.api.pods(), &name);
+        let mut watch_failing = false;
         let mut before: Option<JobSummary> = None;
         let mut failed = 0u32;
         let mut stop: Option<String> = None;
+        // The holder this controller said it waits for; `Some(None)`: one it could not name.
+        let mut waiting_for: Option<Option<String>> = None;
+        let now = Instant::now();
+        // The next pass (or, without the Lease, the next look), and the next renewal (or
+        // attempt to acquire the Lease).
+        let mut pass_at = now;
+        let mut lease_at = now;
+        let mut backing_off = false;
         loop {
-            let wait = match self.reconcile(stop.as_deref()).await {
-                Ok(pass) => {
-                    failed = 0;
-                    // What was seen, what was decided, what was done.
-                    for line in controller::changes(before.as_ref(), &pass.summary) {
-                        say(&line);
-                    }
-                    for note in &pass.decision.notes {
-                        say(note);
-                    }
-                    for action in &pass.decision.actions {
-                        match action {
-                            Action::CreatePod(pod) => {
-                                say(&format!(
-                                    "created pod {}",
-                                    pod.metadata.name.as_deref().unwrap_or_default()
-                                ));
-                            }
-                            Action::DeletePod { name, reason, .. } => {
-                                say(&format!("deleting pod {name}: {reason}"))
-                            }
-                            Action::RecordStatus(_) => {}
-                        }
-                    }
-                    let stopped = stop.is_some() && pass.decision.status.state.is_terminal();
-                    if pass.decision.finished || stopped {
-                        return Ok(RunOutcome::Finished(pass.summary));
-                    }
-                    before = Some(pass.summary);
-                    self.poll_interval
-                }
-                Err(KubernetesError::Conflict) => {
-                    say("the job record changed during the pass; reading it again");
-                    Duration::from_millis(100).min(self.poll_interval)
-                }
-                Err(e @ (KubernetesError::NotFound { .. } | KubernetesError::Record { .. })) => {
-                    return Err(e);
-                }
-                Err(e) => {
-                    failed += 1;
-                    if failed >= self.max_failed_passes {
-                        return Err(KubernetesError::GaveUp {
-                            job: self.renderer.job().name.clone(),
-                            attempts: failed,
-                            last: e.to_string(),
-                        });
-                    }
-                    let wait = (self.poll_interval * 2u32.pow(failed.min(5))).min(Duration::from_secs(30));
-                    say(&format!("pass failed ({e}); trying again in {wait:?}"));
-                    wait
-                }
-            };
-            if stop.is_some() {
-                tokio::time::sleep(wait).await;
-                continue;
+            enum Wake {
+                Cancel,
+                Lease,
+                Pass,
+                Event(Option<std::result::Result<(), watcher::Error>>),
             }
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = &mut cancel => {
+            let wake = tokio::select! {
+                biased;
+                () = &mut cancel, if !cancelled && stop.is_none() => Wake::Cancel,
+                () = tokio::time::sleep_until(lease_at) => Wake::Lease,
+                () = tokio::time::sleep_until(pass_at) => Wake::Pass,
+                event = events.next() => Wake::Event(event),
+            };
+            let now = Instant::now();
+            match wake {
+                Wake::Cancel => {
+                    cancelled = true;
                     if !self.stop_on_cancel {
                         say("detached: the job goes on without a controller until `gradflow attach`");
                         return Ok(RunOutcome::Detached);
                     }
+                    if let Some(holder) = waiting_for.as_ref().filter(|_| !lease.holds()) {
+                        say(&format!(
+                            "interrupted: the job is left to the controller that holds its lease ({})",
+                            holder.as_deref().unwrap_or("another controller")
+                        ));
+                        return Ok(RunOutcome::Detached);
+                    }
                     say("interrupted: stopping the job (running pods are deleted, ended ones kept)");
                     stop = Some("interrupted: the launcher was stopped".into());
+                    pass_at = now;
+                }
+                Wake::Event(Some(Ok(()))) => {
+                    watch_failing = false;
+                    if !backing_off {
+                        pass_at = pass_at.min(now + SETTLE);
+                    }
+                }
+                Wake::Event(Some(Err(e))) => {
+                    if !watch_failing {
+                        say(&format!(
+                            "watching the pods of job {name} failed ({}); passes go on every {:?} until the watch works again",
+                            describe_watch(&e),
+                            self.resync_interval
+                        ));
+                        watch_failing = true;
+                    }
+                }
+                // A watcher's stream does not end; should it, the resync is left.
+                Wake::Event(None) => events = Box::pin(futures::stream::pending()),
+                Wake::Lease if lease.holds() => match lease.renew().await {
+                    Ok(Renewal::Renewed) => lease_at = now + lease.renew_period(),
+                    Ok(Renewal::Lost { holder }) => {
+                        say(&format!(
+                            "lost lease {} to {}: not acting on job {name} any more",
+                            lease.name(),
+                            holder.as_deref().unwrap_or("another controller")
+                        ));
+                        waiting_for = Some(holder);
+                        lease_at = now + lease.retry_period();
+                    }
+                    Err(e) => {
+                        if !lease.valid(Instant::now()) {
+                            say(&format!(
+                                "could not renew lease {} ({e}): not acting on job {name} until it holds the lease again",
+                                lease.name()
+                            ));
+                            lease.forget();
+                            waiting_for = Some(None);
+                        }
+                        lease_at = now + lease.retry_period();
+                    }
+                },
+                Wake::Lease => match lease.acquire().await {
+                    Ok(Acquire::Acquired { from }) => {
+                        failed = 0;
+                        match from {
+                            Some(old) => say(&format!(
+                                "took over job {name} from {old}, whose lease {} expired; acting as {}",
+                                lease.name(),
+                                lease.identity()
+                            )),
+                            None => say(&format!(
+                                "holding lease {} of job {name} as {}",
+                                lease.name(),
+                                lease.identity()
+                            )),
+                        }
+                        waiting_for = None;
+                        lease_at = now + lease.renew_period();
+                        pass_at = now;
+                        backing_off = false;
+                    }
+                    Ok(Acquire::Waiting { holder, renewed }) => {
+                        failed = 0;
+                        if stop.is_some() {
+                            say(&format!(
+                                "interrupted: the job is left to the controller that holds its lease ({})",
+                                holder.as_deref().unwrap_or("another controller")
+                            ));
+                            return Ok(RunOutcome::Detached);
+                        }
+                        if waiting_for.as_ref() != Some(&holder) {
+                            let renewed =
+                                renewed.map(|t| format!(", last renewed at {t}")).unwrap_or_default();
+                            say(&format!(
+                                "job {name} is controlled by {} (lease {}{renewed}); waiting: this controller acts only once that one stops renewing the lease",
+                                holder.as_deref().unwrap_or("another controller"),
+                                lease.name()
+                            ));
+                            waiting_for = Some(holder);
+                        }
+                        lease_at = now + lease.retry_period();
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        let wait = self.failed_pass(&mut failed, e)?;
+                        say(&format!("acquiring the job's lease failed ({text}); trying again in {wait:?}"));
+                        lease_at = now + wait;
+                    }
+                },
+                Wake::Pass if !lease.holds() => {
+                    // Waiting for the Lease: look only, and see the job to its end.
+                    pass_at = now + self.resync_interval;
+                    if waiting_for.is_none() {
+                        // The first attempt to acquire the Lease has not been made yet.
+                        pass_at = lease_at;
+                        continue;
+                    }
+                    match self.observe().await {
+                        Ok(pass) => {
+                            for line in controller::changes(before.as_ref(), &pass.summary) {
+                                say(&line);
+                            }
+                            if pass.decision.finished {
+                                return Ok(RunOutcome::Finished(pass.summary));
+                            }
+                            before = Some(pass.summary);
+                        }
+                        Err(e @ (KubernetesError::NotFound { .. } | KubernetesError::Record { .. })) => {
+                            return Err(e);
+                        }
+                        // The controller that acts retries; looking again later is enough.
+                        Err(_) => {}
+                    }
+                }
+                Wake::Pass if !lease.valid(now) => {
+                    // Renew before acting (a pass or the machine was slow).
+                    lease_at = now;
+                }
+                Wake::Pass => {
+                    backing_off = false;
+                    pass_at = now + self.resync_interval;
+                    match self.reconcile(stop.as_deref()).await {
+                        Ok(pass) => {
+                            failed = 0;
+                            // What was seen, what was decided, what was done.
+                            for line in controller::changes(before.as_ref(), &pass.summary) {
+                                say(&line);
+                            }
+                            for note in &pass.decision.notes {
+                                say(note);
+                            }
+                            for action in &pass.decision.actions {
+                                match action {
+                                    Action::CreatePod(pod) => {
+                                        say(&format!(
+                                            "created pod {}",
+                                            pod.metadata.name.as_deref().unwrap_or_default()
+                                        ));
+                                    }
+                                    Action::DeletePod { name, reason, .. } => {
+                                        say(&format!("deleting pod {name}: {reason}"))
+                                    }
+                                    Action::RecordStatus(_) => {}
+                                }
+                            }
+                            let stopped = stop.is_some() && pass.decision.status.state.is_terminal();
+                            if pass.decision.finished || stopped {
+                                return Ok(RunOutcome::Finished(pass.summary));
+                            }
+                            before = Some(pass.summary);
+                        }
+                        Err(KubernetesError::Conflict) => {
+                            say("the job record changed during the pass; reading it again");
+                            pass_at = now + Duration::from_millis(100).min(self.resync_interval);
+                        }
+                        Err(e @ (KubernetesError::NotFound { .. } | KubernetesError::Record { .. })) => {
+                            return Err(e);
+                        }
+                        Err(e) => {
+                            let text = e.to_string();
+                            let wait = self.failed_pass(&mut failed, e)?;
+                            say(&format!("pass failed ({text}); trying again in {wait:?}"));
+                            pass_at = now + wait;
+                            backing_off = true;
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Counts a failed pass (or attempt to acquire the Lease): the wait before the next one,
+    /// or [`KubernetesError::GaveUp`] after too many in a row.
+    fn failed_pass(&self, failed: &mut u32, e: KubernetesError) -> Result<Duration> {
+        *failed += 1;
+        if *failed >= self.max_failed_passes {
+            return Err(KubernetesError::GaveUp {
+                job: self.renderer.job().name.clone(),
+                attempts: *failed,
+                last: e.to_string(),
+            });
+        }
+        let base = self.resync_interval.min(Duration::from_secs(2));
+        Ok((base * 2u32.pow((*failed).min(5))).min(Duration::from_secs(30)))
+    }
+}
+
+/// Something changed among the job's pods (or the watch failed): a kube-runtime watcher on
+/// the job's label, with its backoff between failed attempts. Only the fact of a change is
+/// used: a pass reads everything afresh, so the watch cannot make a decision stale.
+fn pod_events(
+    pods: Api<Pod>,
+    job: &str,
+) -> Pin<Box<dyn Stream<Item = std::result::Result<(), watcher::Error>> + Send>> {
+    let config = watcher::Config::default().labels(&format!("{LABEL_JOB}={job}"));
+    Box::pin(watcher::watcher(pods, config).default_backoff().map(|event| event.map(|_| ())))
+}
+
+/// A watch error in the words of [`describe`](super::describe).
+fn describe_watch(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => super::describe(k),
+        other => other.to_string(),
     }
 }
 

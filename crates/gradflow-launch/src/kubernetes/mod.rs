@@ -9,8 +9,10 @@
 //!   records the job, one headless Service, one Pod per server shard and per worker.
 //! - [`controller`]: the lifecycle as a pure function from what is observed (the job record,
 //!   the pods) to [`Action`]s, plus the summary that `gradflow status` prints.
-//! - [`client`]: the thin part that talks to the API server: create, reconcile, follow,
-//!   status, logs, delete.
+//! - [`client`]: the thin part that talks to the API server: create, reconcile, follow
+//!   (a watch on the job's pods starts each pass), status, logs, delete.
+//! - [`lease`]: the job's `coordination.k8s.io` Lease, which one controller at a time holds:
+//!   only its holder acts on the job.
 //!
 //! # One root object, no CRD
 //!
@@ -41,6 +43,10 @@
 //! carry the attempt (`<job>-<role>-<index>-<attempt>`), so a recreated pod never collides
 //! with the failed one, whose logs stay until `gradflow delete`. See [`controller`].
 //!
+//! Passes are event-driven: a kube-runtime watcher on the job's pods starts a pass when one
+//! changes, and a slow resync (30 s) stands behind it. The watch only says when to look; the
+//! pass reads everything afresh.
+//!
 //! # Who runs the controller
 //!
 //! `gradflow launch --backend kubernetes` runs it in the launching process until the job
@@ -48,10 +54,16 @@
 //! Kubernetes Job, owned by the root like everything else, whose pod runs `gradflow attach`
 //! with the service account of `deploy/rbac.yaml`. If a foreground launcher dies without
 //! stopping the job, `gradflow attach JOB` takes over where it was.
+//!
+//! Whichever runs it, a controller acts on the job only while it holds the job's Lease
+//! (`<job>-controller`, see [`lease`]); a second controller of the same job waits, saying
+//! which controller holds it, and takes over when that one releases the Lease or stops
+//! renewing it.
 
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod lease;
 pub mod render;
 pub mod status;
 
