@@ -101,8 +101,12 @@ fn sparse(c: &mut Criterion) {
     let model = model();
     let table = &model.tables()[0];
     let all: Vec<u64> = (0..ROWS).collect();
+    // Rows are created by pushes (of zero gradients here), not by pulls.
+    let mut fill = SparseAccum::default();
+    fill.add(&all, &vec![0u8; all.len() * DIM as usize * 4], DIM as usize);
+    table.apply(&fill, 1.0);
+    assert_eq!(table.rows(), ROWS);
     let mut out = Vec::new();
-    table.pull(&all, &mut out);
     let ids: Vec<u64> =
         (0..IDS as u64).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) % ROWS).collect();
     let values = codec::f32s_to_bytes(&vec![1e-3f32; IDS * DIM as usize]);

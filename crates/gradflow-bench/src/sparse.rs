@@ -16,6 +16,8 @@ use gradflow_core::{Initializer, Mode, ModelSpec, OptimizerConfig, Placement, Sp
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use gradflow_ps::model::SparseAccum;
+
 use crate::cluster::{self, Servers};
 use crate::stats::{Timing, sig4};
 use crate::{BenchError, Log, SparseConfig};
@@ -128,20 +130,24 @@ fn measure(config: &SparseConfig, dim: u32, shards: u32) -> Result<SparseRow, Be
     })
 }
 
-/// Creates rows `0..rows` on their shards, on every core; returns the seconds it took.
+/// Creates rows `0..rows` on their shards, on every core, as pushes of zero gradients do
+/// (pulls create no rows); returns the seconds it took.
 fn fill(servers: &Servers, shards: u32, rows: u64) -> Result<f64, BenchError> {
     let started = Instant::now();
     for s in 0..shards {
         let model = servers.shard(s as usize).model()?;
         let table = &model.tables()[0];
+        let dim = table.dim();
         (0..rows.div_ceil(FILL_CHUNK)).into_par_iter().for_each_init(
             || (Vec::with_capacity(FILL_CHUNK as usize), Vec::new()),
-            |(ids, out): &mut (Vec<u64>, Vec<u8>), chunk| {
+            |(ids, zeros): &mut (Vec<u64>, Vec<u8>), chunk| {
                 ids.clear();
                 let end = ((chunk + 1) * FILL_CHUNK).min(rows);
                 ids.extend((chunk * FILL_CHUNK..end).filter(|&id| Placement::sparse_shard(id, shards) == s));
-                out.clear();
-                table.pull(ids, out);
+                zeros.resize(ids.len() * dim * 4, 0);
+                let mut acc = SparseAccum::default();
+                acc.add(ids, zeros, dim);
+                table.apply(&acc, 1.0);
             },
         );
     }

@@ -38,6 +38,9 @@ pub struct EmbeddingSettings {
     /// See [`TableOptions::max_rows`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rows: Option<u64>,
+    /// See [`TableOptions::evict`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evict: Option<EvictPolicy>,
     /// Options of single tables, by table name; a key given here replaces the one above for
     /// that table.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -69,6 +72,22 @@ pub struct TableOptions {
     /// dropped to make room. At least 32 (one per stripe of a table).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_rows: Option<u64>,
+    /// Which rows make room at `max_rows`: `"lru"` (default) the rows updated longest ago,
+    /// `"lfu"` the rows updated fewest times (ties: longest ago).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evict: Option<EvictPolicy>,
+}
+
+/// Which rows a full table drops to make room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EvictPolicy {
+    /// The rows updated longest ago.
+    #[default]
+    #[serde(rename = "lru")]
+    LeastRecent,
+    /// The rows updated fewest times, and of those the ones updated longest ago.
+    #[serde(rename = "lfu")]
+    LeastFrequent,
 }
 
 /// What one table of one shard follows: the resolved options of [`EmbeddingSettings`].
@@ -77,6 +96,7 @@ pub struct TablePolicy {
     pub admit: Admission,
     pub evict_after_steps: Option<u32>,
     pub max_rows: Option<u64>,
+    pub evict: EvictPolicy,
 }
 
 /// How an id without a row gets one.
@@ -114,6 +134,7 @@ impl TableOptions {
             admit_sketch_cells: over.admit_sketch_cells.or(self.admit_sketch_cells),
             evict_after_steps: over.evict_after_steps.or(self.evict_after_steps),
             max_rows: over.max_rows.or(self.max_rows),
+            evict: over.evict.or(self.evict),
         }
     }
 
@@ -161,7 +182,12 @@ impl TableOptions {
             (_, Some(p)) if p < 1.0 => Admission::Probability(p),
             _ => Admission::Always,
         };
-        TablePolicy { admit, evict_after_steps: self.evict_after_steps, max_rows: self.max_rows }
+        TablePolicy {
+            admit,
+            evict_after_steps: self.evict_after_steps,
+            max_rows: self.max_rows,
+            evict: self.evict.unwrap_or_default(),
+        }
     }
 }
 
@@ -174,6 +200,7 @@ impl EmbeddingSettings {
             admit_sketch_cells: self.admit_sketch_cells,
             evict_after_steps: self.evict_after_steps,
             max_rows: self.max_rows,
+            evict: self.evict,
         }
     }
 
@@ -220,19 +247,25 @@ mod tests {
     #[test]
     fn table_keys_override_the_section_and_unknown_tables_are_named() {
         let e = parse(
-            "admit_min_count = 2\nmax_rows = 20000\n[tables.wide]\nadmit_min_count = 1\nevict_after_steps = 50\n",
+            "admit_min_count = 2\nmax_rows = 20000\n[tables.wide]\nadmit_min_count = 1\nevict_after_steps = 50\nevict = \"lfu\"\n",
         );
         let p = e.policies(&["wide", "embedding"]).unwrap();
         assert_eq!(
             p[0],
-            TablePolicy { admit: Admission::Always, evict_after_steps: Some(50), max_rows: Some(20000) }
+            TablePolicy {
+                admit: Admission::Always,
+                evict_after_steps: Some(50),
+                max_rows: Some(20000),
+                evict: EvictPolicy::LeastFrequent
+            }
         );
         assert_eq!(
             p[1],
             TablePolicy {
                 admit: Admission::MinCount { min_count: 2, cells: DEFAULT_SKETCH_CELLS },
                 evict_after_steps: None,
-                max_rows: Some(20000)
+                max_rows: Some(20000),
+                evict: EvictPolicy::LeastRecent
             }
         );
         let e = e.policies(&["embedding"]).unwrap_err().to_string();

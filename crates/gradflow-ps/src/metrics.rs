@@ -165,3 +165,27 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::TableStats;
+
+    #[test]
+    fn table_metrics_follow_the_tables_counts() {
+        let m = Metrics::default();
+        let stats = TableStats { rows: 7, bytes: 700, admitted: 9, evicted: 2, dropped: 5 };
+        m.observe_table("embedding", stats);
+        m.observe_table("embedding", TableStats { admitted: 12, ..stats });
+        let text = m.encode();
+        for line in [
+            "gradflow_ps_table_rows{table=\"embedding\"} 7",
+            "gradflow_ps_table_bytes{table=\"embedding\"} 700",
+            "gradflow_ps_table_admitted_rows_total{table=\"embedding\"} 12",
+            "gradflow_ps_table_evicted_rows_total{table=\"embedding\"} 2",
+            "gradflow_ps_table_dropped_gradients_total{table=\"embedding\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+    }
+}

@@ -10,8 +10,8 @@
 //!   `admit_probability`; until then its gradient is dropped and counted.
 //! - **Eviction**: each apply is one step of the table's clock; a row remembers the step it
 //!   was last updated. Rows not updated for `evict_after_steps` steps are dropped, and at
-//!   `max_rows` the rows updated longest ago make room for new ones (least recently updated
-//!   first). A dropped row that comes back starts again from the initializer.
+//!   `max_rows` the rows updated longest ago make room for new ones (`evict = "lru"`, the
+//!   default; `"lfu"`: the rows updated fewest times). A dropped row that comes back starts again from the initializer.
 //!
 //! Rows live in [`STRIPES`] independently locked stripes (by id), each one contiguous arena,
 //! so pushes to different stripes proceed in parallel; the cap and the sketch are split
@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use gradflow_checkpoint::TableSnapshot;
-use gradflow_core::embedding::{Admission, TablePolicy};
+use gradflow_core::embedding::{Admission, EvictPolicy, TablePolicy};
 use gradflow_core::{Grad, Initializer, NonFiniteUpdate, OptimizerConfig, SparseSpec};
 use gradflow_proto::codec;
 use rayon::prelude::*;
@@ -288,11 +288,15 @@ impl RowStore {
         rows.len() as u64
     }
 
-    /// Drops up to `n` of the rows updated longest ago, none updated at `clock` (this step's).
-    fn evict_oldest(&mut self, n: usize, clock: u32, stride: usize) -> u64 {
-        let mut old: Vec<(u32, u32)> = (0..self.len() as u32)
+    /// Drops up to `n` rows as `policy` chooses them, none updated at `clock` (this step's).
+    fn evict_oldest(&mut self, n: usize, clock: u32, stride: usize, policy: EvictPolicy) -> u64 {
+        let key = |r: usize| match policy {
+            EvictPolicy::LeastRecent => u64::from(self.touched[r]),
+            EvictPolicy::LeastFrequent => (u64::from(self.steps[r]) << 32) | u64::from(self.touched[r]),
+        };
+        let mut old: Vec<(u64, u32)> = (0..self.len() as u32)
             .filter(|&r| self.touched[r as usize] != clock)
-            .map(|r| (self.touched[r as usize], r))
+            .map(|r| (key(r as usize), r))
             .collect();
         if old.len() > n {
             old.select_nth_unstable(n);
@@ -460,7 +464,7 @@ impl Table {
         if let Some(cap) = self.stripe_cap() {
             for store in stores.iter_mut().filter(|s| s.len() > cap) {
                 let excess = store.len() - cap;
-                store.evict_oldest(excess, u32::MAX, stride);
+                store.evict_oldest(excess, u32::MAX, stride, self.policy.evict);
             }
         }
         let total: usize = stores.iter().filter_map(|s| s.sketch.as_ref()).map(|s| s.cells.len()).sum();
@@ -638,7 +642,7 @@ impl Table {
             // Room for this step's new rows and a sixteenth of the cap more, so that a full
             // table does not select its oldest rows at every step.
             let want = store.len() + fresh.len() - cap + cap / 16;
-            evicted += store.evict_oldest(want, clock, stride);
+            evicted += store.evict_oldest(want, clock, stride, self.policy.evict);
             let room = cap.saturating_sub(store.len());
             if fresh.len() > room {
                 dropped += (fresh.len() - room) as u64;
@@ -911,5 +915,29 @@ mod tests {
         let small = table(TablePolicy { max_rows: Some(cap / 4), ..TablePolicy::default() });
         small.restore(&t.snapshot()).unwrap();
         assert!(small.rows() <= cap / 4);
+    }
+
+    #[test]
+    fn lfu_keeps_the_rows_updated_most_even_when_they_rest() {
+        let cap = 4 * STRIPES as u64;
+        let policy =
+            TablePolicy { max_rows: Some(cap), evict: EvictPolicy::LeastFrequent, ..TablePolicy::default() };
+        let (lfu, lru) = (table(policy), table(TablePolicy { evict: EvictPolicy::LeastRecent, ..policy }));
+        let regulars: Vec<u64> = (0..STRIPES as u64 * 2).collect();
+        for t in [&lfu, &lru] {
+            for _ in 0..5 {
+                push(t, &regulars);
+            }
+            // Many one-time ids, while the regulars rest.
+            for k in 0..20u64 {
+                push(t, &(1000 + k * 64..1000 + (k + 1) * 64).collect::<Vec<_>>());
+            }
+        }
+        let kept = |t: &Table| {
+            let ids = t.snapshot().ids;
+            regulars.iter().filter(|r| ids.contains(r)).count()
+        };
+        assert_eq!(kept(&lfu), regulars.len(), "lfu keeps every regular");
+        assert_eq!(kept(&lru), 0, "lru lets the resting regulars go");
     }
 }
