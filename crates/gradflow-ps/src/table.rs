@@ -10,8 +10,8 @@
 //!   `admit_probability`; until then its gradient is dropped and counted.
 //! - **Eviction**: each apply is one step of the table's clock; a row remembers the step it
 //!   was last updated. Rows not updated for `evict_after_steps` steps are dropped, and at
-//!   `max_rows` the rows updated longest ago make room for new ones (`evict = "lru"`, the
-//!   default; `"lfu"`: the rows updated fewest times). A dropped row that comes back starts again from the initializer.
+//!   `max_rows` rows make room for new ones: those updated fewest times (`evict = "lfu"`, the
+//!   default, chosen by AUC under a cap), or those updated longest ago (`"lru"`). A dropped row that comes back starts again from the initializer.
 //!
 //! Rows live in [`STRIPES`] independently locked stripes (by id), each one contiguous arena,
 //! so pushes to different stripes proceed in parallel; the cap and the sketch are split
@@ -893,9 +893,13 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_drops_the_rows_updated_longest_ago_and_keeps_this_steps() {
+    fn a_full_lru_table_drops_the_rows_updated_longest_ago_and_keeps_this_steps() {
         let cap = 64 * STRIPES as u64;
-        let t = table(TablePolicy { max_rows: Some(cap), ..TablePolicy::default() });
+        let t = table(TablePolicy {
+            max_rows: Some(cap),
+            evict: EvictPolicy::LeastRecent,
+            ..TablePolicy::default()
+        });
         let hot: Vec<u64> = (0..STRIPES as u64 * 8).collect();
         let mut next = 1_000_000u64;
         for _ in 0..200 {
