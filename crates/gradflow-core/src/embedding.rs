@@ -41,6 +41,9 @@ pub struct EmbeddingSettings {
     /// See [`TableOptions::evict`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evict: Option<EvictPolicy>,
+    /// See [`TableOptions::storage`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
     /// Options of single tables, by table name; a key given here replaces the one above for
     /// that table.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -78,6 +81,23 @@ pub struct TableOptions {
     /// 0.004 of it (docs/performance.md).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evict: Option<EvictPolicy>,
+    /// How a row's values are held on the server: `"f32"` (default), or in half the memory as
+    /// `"f16"` or `"bf16"` (rounded to nearest after every update; the optimizer state stays
+    /// f32). Pulls, pushes and checkpoints still carry f32.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
+}
+
+/// How a table's values are held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    #[default]
+    F32,
+    /// IEEE half precision: 11 bits of precision, values up to 65504.
+    F16,
+    /// bfloat16: 8 bits of precision, f32's range.
+    Bf16,
 }
 
 /// Which rows a full table drops to make room.
@@ -99,6 +119,7 @@ pub struct TablePolicy {
     pub evict_after_steps: Option<u32>,
     pub max_rows: Option<u64>,
     pub evict: EvictPolicy,
+    pub storage: Storage,
 }
 
 /// How an id without a row gets one.
@@ -137,6 +158,7 @@ impl TableOptions {
             evict_after_steps: over.evict_after_steps.or(self.evict_after_steps),
             max_rows: over.max_rows.or(self.max_rows),
             evict: over.evict.or(self.evict),
+            storage: over.storage.or(self.storage),
         }
     }
 
@@ -189,6 +211,7 @@ impl TableOptions {
             evict_after_steps: self.evict_after_steps,
             max_rows: self.max_rows,
             evict: self.evict.unwrap_or_default(),
+            storage: self.storage.unwrap_or_default(),
         }
     }
 }
@@ -203,6 +226,7 @@ impl EmbeddingSettings {
             evict_after_steps: self.evict_after_steps,
             max_rows: self.max_rows,
             evict: self.evict,
+            storage: self.storage,
         }
     }
 
@@ -258,7 +282,8 @@ mod tests {
                 admit: Admission::Always,
                 evict_after_steps: Some(50),
                 max_rows: Some(20000),
-                evict: EvictPolicy::LeastRecent
+                evict: EvictPolicy::LeastRecent,
+                storage: Storage::F32
             }
         );
         assert_eq!(
@@ -267,7 +292,8 @@ mod tests {
                 admit: Admission::MinCount { min_count: 2, cells: DEFAULT_SKETCH_CELLS },
                 evict_after_steps: None,
                 max_rows: Some(20000),
-                evict: EvictPolicy::LeastFrequent
+                evict: EvictPolicy::LeastFrequent,
+                storage: Storage::F32
             }
         );
         let e = e.policies(&["embedding"]).unwrap_err().to_string();

@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use gradflow_checkpoint::TableSnapshot;
-use gradflow_core::embedding::{Admission, EvictPolicy, TablePolicy};
+use gradflow_core::embedding::{Admission, EvictPolicy, Storage, TablePolicy};
 use gradflow_core::{Grad, Initializer, NonFiniteUpdate, OptimizerConfig, SparseSpec};
 use gradflow_proto::codec;
 use rayon::prelude::*;
@@ -43,6 +43,8 @@ pub struct Table {
     optimizer: OptimizerConfig,
     slots: usize,
     policy: TablePolicy,
+    /// Compact storage of the values (`storage = "f16" | "bf16"`), or `None` for f32.
+    half: Option<Half>,
     stripes: Vec<Mutex<RowStore>>,
     /// Sync mode: the sum of this step's gradients, per id.
     accum: Mutex<SparseAccum>,
@@ -75,13 +77,17 @@ pub struct TableStats {
     pub dropped: u64,
 }
 
-/// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot.
+/// Rows in one contiguous arena: each row is `[value; dim]` then `[slot; dim]` per slot; with
+/// compact storage the values are in `half` instead (`[value; dim]` per row, 16 bits each).
 #[derive(Default)]
 struct RowStore {
     index: RowIndex,
     /// The id of each row, in row order.
     ids: Vec<u64>,
     data: Vec<f32>,
+    /// Compact storage: the rows' values as f16 or bf16 bits; `hdim` per row (0 with f32).
+    half: Vec<u16>,
+    hdim: usize,
     /// Optimizer updates of each row.
     steps: Vec<u32>,
     /// The table's clock when each row was last updated (or created).
@@ -267,6 +273,8 @@ impl RowStore {
         self.index.remove(self.ids[r]);
         if r != last {
             self.data.copy_within(last * stride..(last + 1) * stride, r * stride);
+            let h = self.hdim;
+            self.half.copy_within(last * h..(last + 1) * h, r * h);
             self.ids[r] = self.ids[last];
             self.steps[r] = self.steps[last];
             self.touched[r] = self.touched[last];
@@ -276,6 +284,7 @@ impl RowStore {
         self.steps.truncate(last);
         self.touched.truncate(last);
         self.data.truncate(last * stride);
+        self.half.truncate(last * self.hdim);
     }
 
     /// Drops the rows at `rows` (each once); returns how many.
@@ -321,6 +330,12 @@ impl Table {
             Admission::MinCount { cells, .. } => Some((cells / STRIPES as u64).max(SKETCH_DEPTH as u64)),
             _ => None,
         };
+        let half = match policy.storage {
+            Storage::F32 => None,
+            Storage::F16 => Some(Half::F16),
+            Storage::Bf16 => Some(Half::Bf16),
+        };
+        let hdim = if half.is_some() { spec.dim as usize } else { 0 };
         Table {
             name: spec.name.clone(),
             dim: spec.dim as usize,
@@ -328,9 +343,14 @@ impl Table {
             optimizer: spec.optimizer.clone(),
             slots: spec.optimizer.num_slots(),
             policy,
+            half,
             stripes: (0..STRIPES)
                 .map(|_| {
-                    Mutex::new(RowStore { sketch: sketch_cells.map(Sketch::new), ..RowStore::default() })
+                    Mutex::new(RowStore {
+                        sketch: sketch_cells.map(Sketch::new),
+                        hdim,
+                        ..RowStore::default()
+                    })
                 })
                 .collect(),
             accum: Mutex::new(SparseAccum::default()),
@@ -384,13 +404,23 @@ impl Table {
         applied
     }
 
+    /// Floats of a row in `RowStore::data`: its values (unless compact) and its state.
     fn stride(&self) -> usize {
-        self.dim * (1 + self.slots)
+        self.dim * (self.slots + usize::from(self.half.is_none()))
+    }
+
+    /// The dim values of row `r` of `store`, as f32, into `out`.
+    fn values_of(&self, store: &RowStore, r: usize, out: &mut [f32]) {
+        match self.half {
+            None => out.copy_from_slice(&store.data[r * self.stride()..][..self.dim]),
+            Some(h) => h.decode(&store.half[r * self.dim..][..self.dim], out),
+        }
     }
 
     /// Bytes one row takes: values and state, id, update count, clock.
     pub fn row_bytes(&self) -> u64 {
-        (self.stride() * 4 + 8 + 4 + 4) as u64
+        let values = if self.half.is_some() { self.dim * 2 } else { 0 };
+        (self.stride() * 4 + values + 8 + 4 + 4) as u64
     }
 
     /// A copy of every row of this table on this shard, with the clock and the sketch.
@@ -408,13 +438,16 @@ impl Table {
             clock: self.clock.load(Ordering::Relaxed),
             sketch: Vec::new(),
         };
+        let state_at = if self.half.is_some() { 0 } else { self.dim };
+        let mut values = vec![0f32; self.dim];
         for stripe in &self.stripes {
             let store = stripe.lock().unwrap();
             for (row, &id) in store.ids.iter().enumerate() {
                 let data = &store.data[row * stride..][..stride];
                 snap.ids.push(id);
-                snap.values.extend_from_slice(&data[..self.dim]);
-                snap.state.extend_from_slice(&data[self.dim..]);
+                self.values_of(&store, row, &mut values);
+                snap.values.extend_from_slice(&values);
+                snap.state.extend_from_slice(&data[state_at..]);
                 snap.steps.push(store.steps[row]);
                 snap.touched.push(store.touched[row]);
             }
@@ -453,7 +486,11 @@ impl Table {
         for (k, &id) in snap.ids.iter().enumerate() {
             let store = &mut stores[stripe_of(id)];
             let r = store.len();
-            store.data.extend_from_slice(&snap.values[k * dim..][..dim]);
+            let values = &snap.values[k * dim..][..dim];
+            match self.half {
+                None => store.data.extend_from_slice(values),
+                Some(h) => h.extend(&mut store.half, values),
+            }
             store.data.extend_from_slice(&snap.state[k * dim * slots..][..dim * slots]);
             store.steps.push(snap.steps[k]);
             store.touched.push(snap.touched.get(k).copied().unwrap_or(snap.clock));
@@ -513,7 +550,6 @@ impl Table {
         let base = out.len();
         out.resize(base + ids.len() * self.dim * 4, 0);
         let out = &mut out[base..];
-        let stride = self.stride();
         let mut fresh = vec![0f32; self.dim];
         for (s, positions) in self.group_by_stripe(ids).into_iter().enumerate() {
             if positions.is_empty() {
@@ -524,10 +560,16 @@ impl Table {
                 positions.iter().map(|&p| store.index.get(ids[p as usize])).collect();
             for (&pos, row) in positions.iter().zip(rows) {
                 let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
-                match row {
-                    Some(r) => codec::write_f32s(dst, &store.data[r as usize * stride..][..self.dim]),
-                    None => {
-                        self.init.fill_row(&self.name, ids[pos as usize], &mut fresh);
+                match (row, self.half) {
+                    (Some(r), None) => {
+                        codec::write_f32s(dst, &store.data[r as usize * self.stride()..][..self.dim])
+                    }
+                    (Some(r), Some(_)) => {
+                        self.values_of(&store, r as usize, &mut fresh);
+                        codec::write_f32s(dst, &fresh);
+                    }
+                    (None, _) => {
+                        self.fresh_values(ids[pos as usize], &mut fresh);
                         codec::write_f32s(dst, &fresh);
                     }
                 }
@@ -662,6 +704,7 @@ impl Table {
         self.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
 
         let check = self.check_finite.load(Ordering::Relaxed);
+        let mut compact = vec![0f32; if self.half.is_some() { self.dim } else { 0 }];
         for (i, (&pos, &row)) in positions.iter().zip(&rows).enumerate() {
             if row == RowIndex::ABSENT {
                 continue;
@@ -674,8 +717,14 @@ impl Table {
             let (pos, row) = (pos as usize, row as usize);
             let sum = &acc.sums[pos * self.dim..][..self.dim];
             let grad = if scale == 1.0 { Grad::Plain(sum) } else { Grad::Scaled(sum, scale) };
-            let RowStore { data, steps, .. } = &mut *store;
-            let (values, state) = data[row * stride..][..stride].split_at_mut(self.dim);
+            let RowStore { data, steps, half, .. } = &mut *store;
+            let (values, state) = match self.half {
+                None => data[row * stride..][..stride].split_at_mut(self.dim),
+                Some(h) => {
+                    h.decode(&half[row * self.dim..][..self.dim], &mut compact);
+                    (&mut compact[..], &mut data[row * stride..][..stride])
+                }
+            };
             let t = steps[row] + 1;
             if check {
                 self.optimizer
@@ -683,6 +732,9 @@ impl Table {
                     .map_err(|e| (acc.ids[pos], e))?;
             } else {
                 self.optimizer.step_clipped(values, grad, state, u64::from(t));
+            }
+            if let Some(h) = self.half {
+                h.encode(values, &mut half[row * self.dim..][..self.dim]);
             }
             steps[row] = t;
         }
@@ -694,14 +746,34 @@ impl Table {
         let r = store.len();
         let stride = self.stride();
         store.data.resize((r + 1) * stride, 0.0);
-        let (values, state) = store.data[r * stride..].split_at_mut(self.dim);
-        self.init.fill_row(&self.name, id, values);
-        self.optimizer.init_state(state);
+        match self.half {
+            None => {
+                let (values, state) = store.data[r * stride..].split_at_mut(self.dim);
+                self.init.fill_row(&self.name, id, values);
+                self.optimizer.init_state(state);
+            }
+            Some(h) => {
+                let mut values = vec![0f32; self.dim];
+                self.init.fill_row(&self.name, id, &mut values);
+                h.extend(&mut store.half, &values);
+                self.optimizer.init_state(&mut store.data[r * stride..]);
+            }
+        }
         store.steps.push(0);
         store.touched.push(clock);
         store.ids.push(id);
         store.index.insert(id, r as u32, r + 1);
         r
+    }
+
+    /// What a new row of `id` holds, as this table stores it (rounded with compact storage).
+    fn fresh_values(&self, id: u64, out: &mut [f32]) {
+        self.init.fill_row(&self.name, id, out);
+        if let Some(h) = self.half {
+            let mut bits = vec![0u16; out.len()];
+            h.encode(out, &mut bits);
+            h.decode(&bits, out);
+        }
     }
 
     fn group_by_stripe(&self, ids: &[u64]) -> Vec<Vec<u32>> {
@@ -710,6 +782,41 @@ impl Table {
             groups[stripe_of(id)].push(i as u32);
         }
         groups
+    }
+}
+
+/// A 16-bit format of compact rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Half {
+    F16,
+    Bf16,
+}
+
+impl Half {
+    /// Rounds to nearest; an f16 value past the format's range is held at its largest finite
+    /// value (a parameter that large is already a fault; NaN and infinity are checked in f32).
+    fn encode(self, values: &[f32], out: &mut [u16]) {
+        for (o, &v) in out.iter_mut().zip(values) {
+            *o = match self {
+                Half::F16 => half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_bits(),
+                Half::Bf16 => half::bf16::from_f32(v).to_bits(),
+            };
+        }
+    }
+
+    fn decode(self, bits: &[u16], out: &mut [f32]) {
+        for (o, &b) in out.iter_mut().zip(bits) {
+            *o = match self {
+                Half::F16 => half::f16::from_bits(b).to_f32(),
+                Half::Bf16 => half::bf16::from_bits(b).to_f32(),
+            };
+        }
+    }
+
+    fn extend(self, half: &mut Vec<u16>, values: &[f32]) {
+        let at = half.len();
+        half.resize(at + values.len(), 0);
+        self.encode(values, &mut half[at..]);
     }
 }
 
@@ -943,5 +1050,38 @@ mod tests {
         };
         assert_eq!(kept(&lfu), regulars.len(), "lfu keeps every regular");
         assert_eq!(kept(&lru), 0, "lru lets the resting regulars go");
+    }
+
+    #[test]
+    fn compact_rows_hold_values_in_half_the_bytes_and_track_an_f32_table() {
+        let full = table(TablePolicy::default());
+        let ids: Vec<u64> = (0..500).map(|i| i * 7919).collect();
+        for (storage, tolerance) in [(Storage::F16, 1e-3f32), (Storage::Bf16, 8e-3)] {
+            let t = table(TablePolicy { storage, ..TablePolicy::default() });
+            assert_eq!(
+                t.row_bytes(),
+                full.row_bytes() - 2 * 2,
+                "{storage:?}: 2 bytes per value instead of 4"
+            );
+            let fresh = pulled(&t, &ids);
+            assert_eq!(t.rows(), 0);
+            for _ in 0..3 {
+                push(&t, &ids);
+                if storage == Storage::F16 {
+                    push(&full, &ids);
+                }
+            }
+            let (a, b) = (pulled(&t, &ids), pulled(&full, &ids));
+            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!((x - y).abs() <= tolerance * y.abs().max(1.0), "{storage:?} value {k}: {x} vs {y}");
+            }
+            assert_ne!(a, fresh);
+            // A snapshot carries the values as f32 and comes back to the same bits.
+            let snap = t.snapshot();
+            let back = table(*t.policy());
+            back.restore(&snap).unwrap();
+            assert_eq!(pulled(&back, &ids), a, "{storage:?}");
+            assert_eq!(back.snapshot(), snap);
+        }
     }
 }
