@@ -586,6 +586,10 @@ impl JobConfig {
         match &self.model {
             Some(config) => {
                 let model = gradflow_models::build(config).map_err(JobError::Model)?;
+                // `[embedding.tables.NAME]` must name a table of the model (a trainer of its
+                // own declares its tables to the servers, which check there).
+                let tables: Vec<&str> = model.spec().sparse.iter().map(|s| s.name.as_str()).collect();
+                self.embedding.policies(&tables)?;
                 if self.data.format == Format::Libsvm && model.num_dense() > 0 {
                     return Err(invalid(
                         "model.num_dense",
@@ -755,6 +759,18 @@ format = "libsvm"
             .replace("kind = \"logistic_regression\"", "kind = \"wide_deep\"\nnum_fields = 0\nnum_dense = 0");
         let err = JobConfig::parse(&text).unwrap_err().to_string();
         assert!(err.starts_with("model:"), "{err}");
+    }
+
+    #[test]
+    fn embedding_options_that_cannot_apply_are_refused_naming_the_key() {
+        let err = JobConfig::parse(&format!("{MIN}\n[embedding.tables.nope]\nmax_rows = 100\n")).unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("embedding.tables.nope") && err.contains("its tables are"), "{err}");
+        let err = JobConfig::parse(&format!("{MIN}\n[embedding]\nmax_rows = 0\n")).unwrap_err().to_string();
+        assert!(err.contains("embedding.max_rows is 0"), "{err}");
+        let job =
+            JobConfig::parse(&format!("{MIN}\n[embedding]\nmax_rows = 64\nstorage = \"bf16\"\n")).unwrap();
+        assert_eq!(job.embedding.max_rows, Some(64));
     }
 
     #[test]
