@@ -1,5 +1,5 @@
 //! What `gradflow bench` measures and how hard: [`BenchConfig`], its defaults (the issue's
-//! sizes, about 70 s on a 2-core machine) and the [`BenchConfig::quick`] preset (a few
+//! sizes, about 95 s on a 2-core machine) and the [`BenchConfig::quick`] preset (a few
 //! seconds, for tests and a smoke check).
 //!
 //! Every field has a default, so a JSON or TOML file only names what it changes; unknown fields
@@ -31,17 +31,20 @@ pub enum Scenario {
     Update,
     /// (6) Wide & deep training through `gradflow launch`'s local backend vs one process.
     Training,
+    /// (7) Zipf-distributed raw ids through one server's table, with and without a row cap.
+    Embedding,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run and print.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Ceiling,
         Scenario::Dense,
         Scenario::Small,
         Scenario::Sparse,
         Scenario::Update,
         Scenario::Training,
+        Scenario::Embedding,
     ];
 
     /// The name used on the command line and in the JSON report.
@@ -53,6 +56,7 @@ impl Scenario {
             Scenario::Sparse => "sparse",
             Scenario::Update => "update",
             Scenario::Training => "training",
+            Scenario::Embedding => "embedding",
         }
     }
 }
@@ -93,6 +97,8 @@ pub struct BenchConfig {
     pub update: UpdateConfig,
     /// (6) Training.
     pub training: TrainingConfig,
+    /// (7) Embedding tables at scale.
+    pub embedding: EmbeddingConfig,
 }
 
 /// (1) Raw TCP over loopback and memory-copy bandwidth.
@@ -199,6 +205,57 @@ pub struct TrainingConfig {
     /// Steps per progress report (and per timing window of the single-process baseline).
     /// The first window of every worker is a warm-up and is not counted. Default 10.
     pub log_every_steps: u64,
+}
+
+/// (7) Embedding tables at production scale: Zipf-distributed raw ids through one server's
+/// table, with eviction (a row cap) and without.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingConfig {
+    /// Distinct ids that can be drawn (Zipf ranks, each scrambled into a raw 64-bit id).
+    /// Default 50,000,000.
+    pub vocabulary: u64,
+    /// Zipf exponent: rank `r` has weight `(r + 1)^-s`. Default 1.05.
+    pub zipf_exponent: f64,
+    /// Ids drawn per push (duplicates within a push are sent once). Default 8192.
+    pub batch_ids: usize,
+    /// Pushes of each run (eviction on, then off; the same ids). Default 6000 (about 49
+    /// million ids drawn, about 6 million distinct; about 25 s on 2 cores).
+    pub pushes: usize,
+    /// Row cap of the eviction-on run (`[embedding] max_rows`). Default 2,000,000.
+    pub max_rows: u64,
+    /// Floats per row. Default 16.
+    pub dim: u32,
+    /// Seed of the ids and of the rows' initializer. Default 11.
+    pub seed: u64,
+}
+
+impl Default for EmbeddingConfig {
+    fn default() -> Self {
+        EmbeddingConfig {
+            vocabulary: 50_000_000,
+            zipf_exponent: 1.05,
+            batch_ids: 8192,
+            pushes: 6000,
+            max_rows: 2_000_000,
+            dim: 16,
+            seed: 11,
+        }
+    }
+}
+
+impl EmbeddingConfig {
+    /// A vocabulary and cap small enough for tests, still drawing more distinct ids than the
+    /// cap so that eviction runs.
+    pub fn quick() -> EmbeddingConfig {
+        EmbeddingConfig {
+            vocabulary: 200_000,
+            batch_ids: 1024,
+            pushes: 30,
+            max_rows: 5000,
+            ..EmbeddingConfig::default()
+        }
+    }
 }
 
 impl Default for CeilingConfig {
@@ -312,6 +369,7 @@ impl BenchConfig {
                 batch_size: 256,
                 log_every_steps: 2,
             },
+            embedding: EmbeddingConfig::quick(),
         }
     }
 
@@ -358,6 +416,19 @@ impl BenchConfig {
         if t.rows == 0 || t.servers == 0 || t.batch_size == 0 || t.log_every_steps == 0 {
             return bad("training: rows, servers, batch_size and log_every_steps must be positive".into());
         }
+        let e = &self.embedding;
+        if e.vocabulary == 0 || e.batch_ids == 0 || e.pushes == 0 || e.dim == 0 {
+            return bad("embedding: vocabulary, batch_ids, pushes and dim must be positive".into());
+        }
+        if !(e.zipf_exponent.is_finite() && e.zipf_exponent > 0.0) {
+            return bad(format!("embedding.zipf_exponent: {} must be above 0", e.zipf_exponent));
+        }
+        if e.max_rows < 32 {
+            return bad(format!(
+                "embedding.max_rows: {} must be at least 32 (one row per stripe)",
+                e.max_rows
+            ));
+        }
         for (name, counts) in [
             ("dense.shards", &d.shards),
             ("dense.workers", &d.workers),
@@ -380,6 +451,7 @@ mod tests {
     #[test]
     fn scenarios_parse_by_name() {
         assert_eq!("sparse".parse::<Scenario>().unwrap(), Scenario::Sparse);
+        assert_eq!("embedding".parse::<Scenario>().unwrap(), Scenario::Embedding);
         let e = "nope".parse::<Scenario>().unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("ceiling"), "{e}");
     }
@@ -395,6 +467,11 @@ mod tests {
         assert_eq!(partial.sparse.ids, 5);
         assert_eq!(partial.sparse.table_rows, 10_000_000);
         assert!(serde_json::from_str::<BenchConfig>(r#"{"sparse": {"idz": 5}}"#).is_err());
+        let bad = BenchConfig {
+            embedding: EmbeddingConfig { max_rows: 31, ..EmbeddingConfig::quick() },
+            ..BenchConfig::quick()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("embedding.max_rows"));
     }
 
     #[test]

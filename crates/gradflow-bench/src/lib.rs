@@ -15,15 +15,18 @@
 //! 6. [`training`]: samples per second of the wide & deep model with 1, 2 and 4 workers in
 //!    sync and async mode, as real `gradflow launch` jobs, against the same model trained in
 //!    one process with no servers.
+//! 7. [`embedding`]: 50 million Zipf-distributed raw ids pushed through one server's table
+//!    capped at 2 million rows, then the same ids with no cap: pull+push rows per second of
+//!    both, and the process's resident memory against the cap's bytes.
 //!
 //! What crosses a process boundary: (1) and (6) use child processes (a TCP sink; the job's
 //! servers and workers). (2)-(4) run the servers in this process and each worker on its own
-//! thread and tokio runtime, talking over loopback TCP, tensor link and gRPC ([`cluster`]). (5) has no
-//! network at all.
+//! thread and tokio runtime, talking over loopback TCP, tensor link and gRPC ([`cluster`]). (5)
+//! and (7) have no network at all.
 //!
 //! The result is a [`Report`]: one JSON object, and a table ([`Report::table`]). Every figure
 //! is the median of a few repetitions after a warm-up ([`stats`]). [`BenchConfig`] holds the
-//! sizes and repetitions; its defaults take about 70 s on 2 cores, and
+//! sizes and repetitions; its defaults take about 95 s on 2 cores, and
 //! [`BenchConfig::quick`] a few seconds.
 //!
 //! The hot paths also have criterion benches in `benches/` at the repository root, for
@@ -35,6 +38,7 @@ pub mod ceiling;
 pub mod cluster;
 pub mod config;
 pub mod dense;
+pub mod embedding;
 pub mod error;
 pub mod report;
 pub mod small;
@@ -48,8 +52,8 @@ use std::time::Instant;
 
 pub use ceiling::{CeilingReport, TCP_SINK_ARGS, serve_tcp_sink};
 pub use config::{
-    BenchConfig, CeilingConfig, DenseConfig, Scenario, SmallConfig, SparseConfig, TrainingConfig,
-    UpdateConfig,
+    BenchConfig, CeilingConfig, DenseConfig, EmbeddingConfig, Scenario, SmallConfig, SparseConfig,
+    TrainingConfig, UpdateConfig,
 };
 pub use error::BenchError;
 pub use report::{Machine, Report, Target};
@@ -78,6 +82,8 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         .transpose()?;
     let training =
         config.runs(Scenario::Training).then(|| training::run(&config.training, program, log)).transpose()?;
+    let embedding =
+        config.runs(Scenario::Embedding).then(|| embedding::run(&config.embedding, log)).transpose()?;
     let mut report = Report {
         version: report::REPORT_VERSION,
         machine,
@@ -89,6 +95,7 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         sparse,
         update,
         training,
+        embedding,
         targets: Vec::new(),
     };
     report.targets = report.compute_targets();

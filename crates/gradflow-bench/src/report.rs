@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ceiling::CeilingReport;
 use crate::dense::DenseReport;
+use crate::embedding::{EmbeddingReport, EmbeddingRun};
 use crate::small::SmallReport;
 use crate::sparse::SparseReport;
 use crate::stats::human_bytes;
@@ -41,6 +42,8 @@ pub struct Report {
     pub update: Option<UpdateReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingReport>,
     /// The issue's goals that this run has the numbers for.
     pub targets: Vec<Target>,
 }
@@ -314,6 +317,63 @@ impl Report {
             }
             s.push('\n');
         }
+        if let Some(e) = &self.embedding {
+            let _ = writeln!(
+                s,
+                "## 7. Embedding ({} pushes of {} Zipf({}) raw ids from a vocabulary of {}, dim {}, Adagrad, 1 server)\n\n\
+                 {} ids drawn, {} distinct, {} unique ids (rows pulled and pushed) per push on average.\n\n\
+                 | run | rows/s (pull+push) | pull rows/s | push rows/s | push ms (median / max) | rows at the end | evicted | table bytes | RSS growth | RSS / table bytes |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                thousands(e.pushes as f64),
+                thousands(e.batch_ids as f64),
+                e.zipf_exponent,
+                thousands(e.vocabulary as f64),
+                e.dim,
+                thousands(e.ids_drawn as f64),
+                thousands(e.distinct_ids as f64),
+                thousands(e.rows_per_push)
+            );
+            let run_line = |name: String, r: &EmbeddingRun| {
+                format!(
+                    "| {name} | {} | {} | {} | {} / {} | {} | {} | {} | {} | {} |",
+                    num(r.rows_per_sec),
+                    num(r.pull_rows_per_sec),
+                    num(r.push_rows_per_sec),
+                    num(r.step.median_s * 1e3),
+                    num(r.step.max_s * 1e3),
+                    thousands(r.rows as f64),
+                    thousands(r.evicted as f64),
+                    human_bytes(r.table_bytes),
+                    r.rss_growth_bytes.map(human_bytes).unwrap_or_default(),
+                    r.rss_ratio_to_table_bytes.map(|x| format!("{x:.2}x")).unwrap_or_default()
+                )
+            };
+            let _ = writeln!(
+                s,
+                "{}",
+                run_line(format!("eviction on, max_rows {}", thousands(e.max_rows as f64)), &e.eviction_on)
+            );
+            let _ = writeln!(s, "{}", run_line("eviction off".into(), &e.eviction_off));
+            let ratio = |x: Option<f64>| x.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "n/a".into());
+            let _ = writeln!(
+                s,
+                "\n| measure | value | goal |\n|---|---:|---:|\n\
+                 | RSS growth (eviction on) / cap's bytes ({} rows x {} B = {}) | {} | at most 1.3x |\n\
+                 | row bytes as the table counts them / raw floats ({} B / {} B) | {:.3}x | at most 1.25x |\n\
+                 | resident bytes per row (eviction on: RSS growth / rows) / raw floats | {} ({} B) | at most 1.25x |\n\
+                 | rows/s eviction on / off | {:.2}x | |\n",
+                thousands(e.max_rows as f64),
+                e.row_bytes,
+                human_bytes(e.cap_bytes),
+                ratio(e.rss_ratio_to_cap_bytes),
+                e.row_bytes,
+                e.raw_row_bytes,
+                e.row_bytes_ratio,
+                ratio(e.rss_row_ratio_to_raw),
+                e.rss_bytes_per_row.map(num).unwrap_or_else(|| "n/a".into()),
+                e.on_vs_off
+            );
+        }
         if !self.targets.is_empty() {
             let _ =
                 writeln!(s, "## Targets\n\n| target | value | needs | aim | met |\n|---|---:|---:|---:|---|");
@@ -344,6 +404,7 @@ impl Report {
             (self.sparse.is_some(), Scenario::Sparse),
             (self.update.is_some(), Scenario::Update),
             (self.training.is_some(), Scenario::Training),
+            (self.embedding.is_some(), Scenario::Embedding),
         ] {
             if present {
                 out.push(sc);

@@ -26,6 +26,40 @@ fn check_numbers(path: &str, value: &serde_json::Value, count: &mut usize) {
     }
 }
 
+/// The embedding section of a quick run: the capped table stays at its cap and evicts, the
+/// uncapped one grows past it, and the rates are real.
+fn check_embedding(report: &serde_json::Value) {
+    let e = &report["embedding"];
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v} in {e}"));
+    let cap = u(&e["max_rows"]);
+    assert_eq!(cap, u(&report["config"]["embedding"]["max_rows"]));
+    let (on, off) = (&e["eviction_on"], &e["eviction_off"]);
+    assert_eq!(u(&on["max_rows"]), cap);
+    assert!(off["max_rows"].is_null(), "{off}");
+    assert!(u(&on["rows"]) > 0 && u(&on["rows"]) <= cap, "eviction on: {on}");
+    assert!(u(&on["evicted"]) > 0, "eviction on evicted nothing: {on}");
+    assert!(u(&off["rows"]) > cap, "eviction off stayed under the cap: {off}");
+    assert_eq!(u(&off["evicted"]), 0);
+    assert!(u(&e["distinct_ids"]) > cap && u(&e["distinct_ids"]) <= u(&e["ids_drawn"]), "{e}");
+    for (run, r) in [("eviction_on", on), ("eviction_off", off)] {
+        let mut count = 0;
+        for field in ["rows_per_sec", "pull_rows_per_sec", "push_rows_per_sec", "seconds", "table_bytes"] {
+            check_numbers(&format!("embedding.{run}.{field}"), &r[field], &mut count);
+        }
+        check_numbers(&format!("embedding.{run}.step"), &r["step"], &mut count);
+        assert_eq!(count, 9, "embedding.{run} lacks a rate: {r}");
+    }
+    let mut count = 0;
+    for field in ["row_bytes", "raw_row_bytes", "row_bytes_ratio", "cap_bytes", "on_vs_off", "rows_per_push"]
+    {
+        check_numbers(&format!("embedding.{field}"), &e[field], &mut count);
+    }
+    assert_eq!(count, 6, "{e}");
+    if cfg!(target_os = "linux") {
+        assert!(e["rss_ratio_to_cap_bytes"].is_number(), "no RSS on Linux: {e}");
+    }
+}
+
 #[test]
 fn quick_bench_reports_every_section() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,6 +98,7 @@ fn quick_bench_reports_every_section() {
     let targets = report["targets"].as_array().unwrap();
     assert!(targets.iter().any(|t| t["name"].as_str().unwrap().contains("wide&deep")), "{targets:?}");
     assert!(report["elapsed_s"].as_f64().unwrap() > 0.0);
+    check_embedding(&report);
 
     // The table names every section.
     for heading in [
@@ -73,6 +108,7 @@ fn quick_bench_reports_every_section() {
         "## 4. Sparse",
         "## 5. Server update",
         "## 6. Training",
+        "## 7. Embedding",
     ] {
         assert!(stdout.contains(heading), "no `{heading}` in the table:\n{stdout}");
     }
@@ -88,7 +124,7 @@ fn only_runs_the_named_scenarios_and_refuses_unknown_ones() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(report["small"].is_object());
-    for absent in ["ceiling", "dense", "sparse", "update", "training"] {
+    for absent in ["ceiling", "dense", "sparse", "update", "training", "embedding"] {
         assert!(report.get(absent).is_none(), "{absent} ran with --only small");
     }
 

@@ -709,8 +709,8 @@ impl Table {
             if row == RowIndex::ABSENT {
                 continue;
             }
-            if let Some(&ahead) =
-                rows[i + 1..].iter().filter(|&&r| r != RowIndex::ABSENT).nth(PREFETCH_ROWS_AHEAD - 1)
+            if let Some(&ahead) = rows.get(i + PREFETCH_ROWS_AHEAD)
+                && ahead != RowIndex::ABSENT
             {
                 prefetch(&store.data[ahead as usize * stride..][..stride]);
             }

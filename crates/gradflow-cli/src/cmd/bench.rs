@@ -8,7 +8,7 @@ use gradflow_bench::{BenchConfig, Scenario};
 
 /// Measure what gradflow achieves on this machine, next to what the machine can do.
 ///
-/// Scenarios, in the order they run (defaults: about 70 s on 2 cores, at most 7 GiB of
+/// Scenarios, in the order they run (defaults: about 95 s on 2 cores, at most 7 GiB of
 /// memory):
 ///
 ///   ceiling   raw TCP throughput over loopback between this process and a child (1 GiB in
@@ -34,6 +34,10 @@ use gradflow_bench::{BenchConfig, Scenario};
 ///             real `gradflow launch` jobs with 1 server, against the same model trained in
 ///             this process with no servers (the overhead users pay). ~35 s
 ///
+///   embedding 50M raw ids (Zipf) pushed through one table of 16 floats (Adagrad), with
+///             `max_rows = 2000000` and without: pull+push rows per second, rows, bytes per
+///             row, and the process memory against the cap's bytes. ~25 s
+///
 /// The servers of dense, small and sparse run inside this process (each worker on its own
 /// thread and runtime, talking to them over loopback: the tensor link for pushes and pulls,
 /// gRPC for the rest); ceiling and training cross real process boundaries. Every figure is
@@ -49,7 +53,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (comma-separated): ceiling, dense, small, sparse, update,
-    /// training. The ceiling also runs when dense or update is chosen, for their ratios.
+    /// training, embedding. The ceiling also runs when dense or update is chosen, for their ratios.
     #[arg(long, value_delimiter = ',', value_name = "SCENARIO,...")]
     only: Vec<Scenario>,
     /// Also write the JSON object to this file.
