@@ -106,15 +106,123 @@ struct RowStore {
 /// indexed directly by `id / STRIPES` (the stripe is `id % STRIPES`): one load from an array
 /// of 4 bytes per id instead of a hash probe, which on a large table is two cache misses. The
 /// array grows only while it stays within a few entries per row, so sparse ids (large,
-/// scattered) cannot make it big; those go to a hash map. When the array grows, the ids of
-/// the map that now fit move into it, so a table whose ids turn out dense ends up with an
-/// empty map (and a lookup of a new id does not probe it).
+/// scattered) cannot make it big; those go to a hash table ([`IdMap`]). When the array grows,
+/// the ids of the table that now fit move into it, so a table whose ids turn out dense ends up
+/// with an empty map (and a lookup of a new id does not probe it).
+///
+/// Every method takes the store's `ids` (the id of each row): the hash table holds only row
+/// numbers and reads a row's id from there, 4 bytes a slot instead of 16.
 #[derive(Default)]
 struct RowIndex {
     /// Row of id `local * STRIPES + stripe` at `direct[local]`; `ABSENT` where there is none.
     direct: Vec<u32>,
     /// Rows of ids that were past `direct`'s end when they came.
-    other: FxHashMap<u64, u32>,
+    other: IdMap,
+}
+
+/// An open-addressing hash table of row numbers keyed by their rows' ids (linear probing,
+/// deletion by shifting back, so no tombstones), at most 7/8 full.
+#[derive(Default)]
+struct IdMap {
+    /// A power of two of slots (or none), each a row number or `RowIndex::ABSENT`.
+    slots: Vec<u32>,
+    len: usize,
+}
+
+impl IdMap {
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn home(&self, id: u64) -> usize {
+        (mix64(id) as usize) & (self.slots.len() - 1)
+    }
+
+    /// The slot holding the row of `id`.
+    fn find(&self, id: u64, ids: &[u64]) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(id);
+        loop {
+            match self.slots[i] {
+                RowIndex::ABSENT => return None,
+                r if ids[r as usize] == id => return Some(i),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn get(&self, id: u64, ids: &[u64]) -> Option<u32> {
+        self.find(id, ids).map(|i| self.slots[i])
+    }
+
+    /// Adds `row` (whose id, `ids[row]`, is not present).
+    fn insert(&mut self, row: u32, ids: &[u64]) {
+        if (self.len + 1) * 8 > self.slots.len() * 7 {
+            let rows = self.take_rows();
+            self.slots = vec![RowIndex::ABSENT; (rows.len() * 2).max(16).next_power_of_two()];
+            for r in rows {
+                self.place(r, ids);
+            }
+        }
+        self.place(row, ids);
+    }
+
+    fn place(&mut self, row: u32, ids: &[u64]) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(ids[row as usize]);
+        while self.slots[i] != RowIndex::ABSENT {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = row;
+        self.len += 1;
+    }
+
+    /// Every row held, leaving the table empty (its slots kept).
+    fn take_rows(&mut self) -> Vec<u32> {
+        let rows: Vec<u32> = self.slots.iter().copied().filter(|&r| r != RowIndex::ABSENT).collect();
+        self.slots.iter_mut().for_each(|s| *s = RowIndex::ABSENT);
+        self.len = 0;
+        rows
+    }
+
+    /// Points the present `id` at `row`; `ids` may already say `row` is `id`, but must still
+    /// hold `id` at the old row.
+    fn set(&mut self, id: u64, row: u32, ids: &[u64]) -> bool {
+        match self.find(id, ids) {
+            Some(i) => {
+                self.slots[i] = row;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets the present `id`; the slots after it move back to where a lookup finds them.
+    fn remove(&mut self, id: u64, ids: &[u64]) -> bool {
+        let Some(mut hole) = self.find(id, ids) else { return false };
+        let mask = self.slots.len() - 1;
+        self.slots[hole] = RowIndex::ABSENT;
+        self.len -= 1;
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let r = self.slots[j];
+            if r == RowIndex::ABSENT {
+                return true;
+            }
+            let home = self.home(ids[r as usize]);
+            // The entry at `j` may fill the hole unless its home lies cyclically in (hole, j].
+            let stays = if hole < j { hole < home && home <= j } else { hole < home || home <= j };
+            if !stays {
+                self.slots[hole] = r;
+                self.slots[j] = RowIndex::ABSENT;
+                hole = j;
+            }
+        }
+    }
 }
 
 /// A count-min sketch with conservative update: counts of ids in one-byte cells, never too
@@ -142,18 +250,19 @@ impl RowIndex {
     /// holds one id in 8 of a dense range).
     const DIRECT_PER_ROW: usize = 8;
 
-    fn get(&self, id: u64) -> Option<u32> {
+    fn get(&self, id: u64, ids: &[u64]) -> Option<u32> {
         let local = id / STRIPES as u64;
         if let Some(&r) = self.direct.get(local as usize)
             && r != Self::ABSENT
         {
             return Some(r);
         }
-        if self.other.is_empty() { None } else { self.other.get(&id).copied() }
+        if self.other.is_empty() { None } else { self.other.get(id, ids) }
     }
 
-    /// Records `row` for `id` (not yet present); `rows` is how many rows the store holds.
-    fn insert(&mut self, id: u64, row: u32, rows: usize) {
+    /// Records `row` for `id` (not yet present, and `ids[row] == id`); `rows` is how many
+    /// rows the store holds.
+    fn insert(&mut self, id: u64, row: u32, rows: usize, ids: &[u64]) {
         let local = id / STRIPES as u64;
         let limit = Self::DIRECT_MIN.max(Self::DIRECT_PER_ROW * rows) as u64;
         if local < self.direct.len() as u64 || local < limit {
@@ -161,37 +270,39 @@ impl RowIndex {
             if local >= self.direct.len() {
                 let len = (local + 1).next_power_of_two().min(limit as usize).max(local + 1);
                 self.direct.resize(len, Self::ABSENT);
-                let direct = &mut self.direct;
-                self.other.retain(|&id, &mut row| match direct.get_mut((id / STRIPES as u64) as usize) {
-                    Some(slot) => {
-                        *slot = row;
-                        false
+                if !self.other.is_empty() {
+                    for r in self.other.take_rows() {
+                        match self.direct.get_mut((ids[r as usize] / STRIPES as u64) as usize) {
+                            Some(slot) => *slot = r,
+                            None => self.other.insert(r, ids),
+                        }
                     }
-                    None => true,
-                });
+                }
             }
             self.direct[local] = row;
         } else {
-            self.other.insert(id, row);
+            self.other.insert(row, ids);
         }
     }
 
-    /// Points the present `id` at `row`.
-    fn set(&mut self, id: u64, row: u32) {
+    /// Points the present `id` at `row` (see [`IdMap::set`] for what `ids` must hold).
+    fn set(&mut self, id: u64, row: u32, ids: &[u64]) {
         match self.direct.get_mut((id / STRIPES as u64) as usize) {
             Some(slot) if *slot != Self::ABSENT => *slot = row,
             _ => {
-                self.other.insert(id, row);
+                let found = self.other.set(id, row, ids);
+                debug_assert!(found, "id {id} is present");
             }
         }
     }
 
-    /// Forgets the present `id`.
-    fn remove(&mut self, id: u64) {
+    /// Forgets the present `id` (`ids` still holding it at its row).
+    fn remove(&mut self, id: u64, ids: &[u64]) {
         match self.direct.get_mut((id / STRIPES as u64) as usize) {
             Some(slot) if *slot != Self::ABSENT => *slot = Self::ABSENT,
             _ => {
-                self.other.remove(&id);
+                let found = self.other.remove(id, ids);
+                debug_assert!(found, "id {id} is present");
             }
         }
     }
@@ -270,7 +381,7 @@ impl RowStore {
     /// Drops row `r`: the last row moves into its place.
     fn swap_remove(&mut self, r: usize, stride: usize) {
         let last = self.len() - 1;
-        self.index.remove(self.ids[r]);
+        self.index.remove(self.ids[r], &self.ids);
         if r != last {
             self.data.copy_within(last * stride..(last + 1) * stride, r * stride);
             let h = self.hdim;
@@ -278,7 +389,7 @@ impl RowStore {
             self.ids[r] = self.ids[last];
             self.steps[r] = self.steps[last];
             self.touched[r] = self.touched[last];
-            self.index.set(self.ids[r], r as u32);
+            self.index.set(self.ids[r], r as u32, &self.ids);
         }
         self.ids.truncate(last);
         self.steps.truncate(last);
@@ -495,7 +606,8 @@ impl Table {
             store.steps.push(snap.steps[k]);
             store.touched.push(snap.touched.get(k).copied().unwrap_or(snap.clock));
             store.ids.push(id);
-            store.index.insert(id, r as u32, r + 1);
+            let store: &mut RowStore = store;
+            store.index.insert(id, r as u32, r + 1, &store.ids);
         }
         let stride = self.stride();
         if let Some(cap) = self.stripe_cap() {
@@ -557,7 +669,7 @@ impl Table {
             }
             let store = self.stripes[s].lock().unwrap();
             let rows: Vec<Option<u32>> =
-                positions.iter().map(|&p| store.index.get(ids[p as usize])).collect();
+                positions.iter().map(|&p| store.index.get(ids[p as usize], &store.ids)).collect();
             for (&pos, row) in positions.iter().zip(rows) {
                 let dst = &mut out[pos as usize * self.dim * 4..][..self.dim * 4];
                 match (row, self.half) {
@@ -663,7 +775,7 @@ impl Table {
         let mut dropped = 0;
         for (i, &pos) in positions.iter().enumerate() {
             let id = acc.ids[pos as usize];
-            match store.index.get(id) {
+            match store.index.get(id, &store.ids) {
                 Some(r) => {
                     store.touched[r as usize] = clock;
                     rows.push(r);
@@ -692,7 +804,8 @@ impl Table {
             }
             for (i, &pos) in positions.iter().enumerate() {
                 if rows[i] != RowIndex::ABSENT {
-                    rows[i] = store.index.get(acc.ids[pos as usize]).expect("this step's rows stay");
+                    rows[i] =
+                        store.index.get(acc.ids[pos as usize], &store.ids).expect("this step's rows stay");
                 }
             }
         }
@@ -762,7 +875,7 @@ impl Table {
         store.steps.push(0);
         store.touched.push(clock);
         store.ids.push(id);
-        store.index.insert(id, r as u32, r + 1);
+        store.index.insert(id, r as u32, r + 1, &store.ids);
         r
     }
 
@@ -865,8 +978,14 @@ mod tests {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             state ^ (state >> 29)
         };
-        let mut index = RowIndex::default();
+        // A store without values: the index and the ids it reads, as a stripe keeps them.
+        let mut store = RowStore::default();
         let mut model = HashMap::new();
+        let check = |store: &RowStore, model: &HashMap<u64, u32>| {
+            for (&id, &row) in model {
+                assert_eq!(store.index.get(id, &store.ids), Some(row), "id {id}");
+            }
+        };
         for step in 0..200_000u64 {
             // Mostly small ids (dense ones go direct), some huge ones, some repeats.
             let id = match next() % 10 {
@@ -877,36 +996,61 @@ mod tests {
             // An index holds the ids of one stripe.
             let id = id - id % STRIPES as u64 + 5;
             match model.get(&id) {
-                Some(&r) => assert_eq!(index.get(id), Some(r), "step {step}: id {id}"),
+                Some(&r) => assert_eq!(store.index.get(id, &store.ids), Some(r), "step {step}: id {id}"),
                 None => {
-                    assert_eq!(index.get(id), None, "step {step}: id {id} was never inserted");
-                    let row = model.len() as u32;
+                    assert_eq!(
+                        store.index.get(id, &store.ids),
+                        None,
+                        "step {step}: id {id} was never inserted"
+                    );
+                    let row = store.len() as u32;
+                    store.ids.push(id);
+                    store.steps.push(0);
+                    store.touched.push(0);
                     model.insert(id, row);
-                    index.insert(id, row, model.len());
+                    store.index.insert(id, row, store.len(), &store.ids);
                 }
             }
         }
-        for (&id, &row) in &model {
-            assert_eq!(index.get(id), Some(row));
-        }
-        assert!(!index.other.is_empty(), "huge ids go to the hash map");
+        check(&store, &model);
+        let index = &store.index;
+        assert!(!index.other.is_empty(), "huge ids go to the hash table");
         assert!(index.direct.len() <= RowIndex::DIRECT_PER_ROW * model.len());
-        let fits = |id: &u64| ((id / STRIPES as u64) as usize) < index.direct.len();
-        assert!(!index.other.keys().any(fits), "ids that fit the array moved into it");
-        // Removing and re-pointing ids, in both parts of the index.
-        let ids: Vec<u64> = model.keys().copied().collect();
-        for (k, &id) in ids.iter().enumerate() {
-            if k % 2 == 0 {
-                index.remove(id);
-                model.remove(&id);
-            } else {
-                index.set(id, k as u32);
-                model.insert(id, k as u32);
+        let fits = |r: &u32| ((store.ids[*r as usize] / STRIPES as u64) as usize) < index.direct.len();
+        assert!(
+            !index.other.slots.iter().filter(|&&r| r != RowIndex::ABSENT).any(fits),
+            "ids that fit moved"
+        );
+        assert!(index.other.slots.len() * 7 >= index.other.len * 8, "at most 7/8 full");
+        // Removing rows as eviction does (the last row moves into the hole), in both parts of
+        // the index, then adding again.
+        let mut k = 0;
+        while store.len() > 1000 {
+            k = (k + 7919) % store.len();
+            let id = store.ids[k];
+            store.swap_remove(k, 0);
+            model.remove(&id);
+            let moved = store.ids.get(k).copied();
+            if let Some(m) = moved {
+                model.insert(m, k as u32);
+            }
+            assert_eq!(store.index.get(id, &store.ids), None, "removed id {id}");
+            if store.len() % 997 == 0 {
+                check(&store, &model);
             }
         }
-        for &id in &ids {
-            assert_eq!(index.get(id), model.get(&id).copied(), "id {id}");
+        check(&store, &model);
+        for id in (1u64 << 40..(1 << 40) + 64 * 5000).step_by(64) {
+            let id = id + 5;
+            let row = store.len() as u32;
+            store.ids.push(id);
+            store.steps.push(0);
+            store.touched.push(0);
+            model.insert(id, row);
+            store.index.insert(id, row, store.len(), &store.ids);
         }
+        check(&store, &model);
+        assert_eq!(model.len(), store.len());
     }
 
     fn table(policy: TablePolicy) -> Table {
