@@ -34,6 +34,32 @@ pub enum DataError {
         /// What the line holds there.
         found: String,
     },
+    /// A data path written as a URL is not one this crate can read: it does not parse, or its
+    /// scheme is not supported.
+    #[error("data URL `{url}`: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it, and what was expected.
+        reason: String,
+    },
+    /// A data URL names no object: the object, its bucket, or (for a folder or a glob) any
+    /// object under it does not exist. Not retried.
+    #[error("{url}: {what}")]
+    NotFound {
+        /// The URL as given.
+        url: String,
+        /// What is missing.
+        what: &'static str,
+    },
+    /// A request to the object store failed (after retrying, where the failure was transient).
+    #[error("{url}: {cause}")]
+    Store {
+        /// The URL of the object (or prefix) involved.
+        url: String,
+        /// What the store said.
+        cause: object_store::Error,
+    },
     /// A configuration (reader, shard, synthetic data) is not usable.
     #[error("invalid data config: {0}")]
     Config(String),

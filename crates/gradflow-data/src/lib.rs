@@ -21,6 +21,8 @@
 //! - [`shard`]: byte-range sharding ([`split_ranges`], [`ShardSpec`], [`FilePiece`]).
 //! - [`lines`]: reading the lines of one byte range, the building block of sharding.
 //! - [`libsvm`], [`csv`]: the two formats; [`hash`]: stable ids for categorical values.
+//! - [`source`]: where a file's bytes come from, and gzip/zstd decompression;
+//!   [`remote`]: files on object storage (URLs, globs, ranged reads with read-ahead).
 //! - [`shuffle`]: the streaming shuffle buffer.
 //! - [`synth`]: synthetic click-through data with a known oracle AUC.
 //! - [`metrics`]: AUC, log loss, accuracy. [`standardize`]: feature standardization.
@@ -37,10 +39,12 @@ pub mod libsvm;
 pub mod lines;
 pub mod metrics;
 pub mod reader;
+pub mod remote;
 mod rng;
 pub use rng::SplitMix64;
 pub mod shard;
 pub mod shuffle;
+pub mod source;
 pub mod standardize;
 pub mod synth;
 
@@ -49,8 +53,11 @@ pub use csv::CsvSchema;
 pub use error::DataError;
 pub use example::{Example, Labels};
 pub use hash::categorical_id;
+pub use libsvm::LibsvmOptions;
 pub use reader::{Epochs, Format, Reader, ReaderConfig, SKIPPED_LINES_KEPT};
-pub use shard::{FilePiece, ShardSpec, split_ranges};
+pub use remote::{RemoteOptions, Stores, is_url};
+pub use shard::{FilePiece, ShardSpec, split_ranges, task_pieces};
 pub use shuffle::ShuffleBuffer;
+pub use source::Compression;
 pub use standardize::Standardizer;
 pub use synth::{SynthConfig, SynthSummary, write_synth};

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use gradflow_core::Mode;
 use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings};
-use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
+use gradflow_data::{CsvSchema, Epochs, Format, LibsvmOptions, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
 use gradflow_proto::TransportConfig;
 use gradflow_proto::tls::{ClientTls, TlsConfig};
@@ -148,14 +148,17 @@ pub struct WorkerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training file(s) or directories. Relative paths are relative to the job file.
+    /// Training file(s), directories or globs (`data/part-*.csv`), local or URLs (`s3://`,
+    /// `gs://`, `az://`, `http(s)://`, `file://`; credentials from `AWS_*`, `GOOGLE_*`, `AZURE_*`
+    /// as for checkpoints). Relative paths are relative to the job file.
     #[serde(deserialize_with = "gradflow_data::reader::one_or_many")]
     pub train: Vec<PathBuf>,
     /// Test file(s), scored at the end of every epoch and of the job. Default: none.
     #[serde(default, deserialize_with = "gradflow_data::reader::one_or_many")]
     pub test: Vec<PathBuf>,
-    /// `"csv"` (default) or `"libsvm"`.
-    #[serde(default = "default_format")]
+    /// `"csv"` or `"libsvm"`. Default: from the first training file's extension (`.csv`;
+    /// `.libsvm`, `.svm`, `.libffm`, `.ffm`; after a `.gz` or `.zst`), CSV when it names none.
+    #[serde(default)]
     pub format: Format,
     /// CSV: the label column. Default `"label"`.
     #[serde(default = "default_label")]
@@ -163,6 +166,10 @@ pub struct DataConfig {
     /// CSV: the categorical columns; every other column is a dense feature. Default: none.
     #[serde(default)]
     pub categorical: Vec<String>,
+    /// libsvm: features with an index (in the `field:id:value` form, a field) below this are
+    /// dense features, and the categorical fields after them are numbered from 0. Default 0.
+    #[serde(default)]
+    pub dense_indices: usize,
     /// Skip (and count) lines that do not parse instead of failing. Default false.
     #[serde(default)]
     pub skip_malformed: bool,
@@ -359,9 +366,6 @@ impl<'de> Deserialize<'de> for KubernetesSection {
     }
 }
 
-fn default_format() -> Format {
-    Format::Csv
-}
 fn default_label() -> String {
     "label".into()
 }
@@ -450,8 +454,9 @@ impl JobConfig {
                 *p = base.join(&*p);
             }
         };
-        self.data.train.iter_mut().for_each(fix);
-        self.data.test.iter_mut().for_each(fix);
+        // Data may be URLs (`s3://...`), which are not relative to anything.
+        self.data.train.iter_mut().filter(|p| !gradflow_data::is_url(p)).for_each(fix);
+        self.data.test.iter_mut().filter(|p| !gradflow_data::is_url(p)).for_each(fix);
         if let Some(p) = &mut self.auth.token_file {
             fix(p);
         }
@@ -515,6 +520,11 @@ impl JobConfig {
         if self.data.train.is_empty() {
             return Err(invalid("data.train", "expected at least one file"));
         }
+        for (key, paths) in [("data.train", &self.data.train), ("data.test", &self.data.test)] {
+            for p in paths {
+                gradflow_data::remote::check_url(p).map_err(|e| invalid(key, e.to_string()))?;
+            }
+        }
         if let Some(s) = &self.data.synth {
             if self.data.train.len() != 1 || self.data.test.len() > 1 {
                 return Err(invalid(
@@ -522,7 +532,15 @@ impl JobConfig {
                     "expected exactly one data.train file and at most one data.test file to write",
                 ));
             }
-            if self.data.format != Format::Csv {
+            if let Some(url) =
+                self.data.train.iter().chain(&self.data.test).find(|p| gradflow_data::is_url(p))
+            {
+                return Err(invalid(
+                    "data.synth",
+                    format!("synthetic data is written to local files, but `{}` is a URL", url.display()),
+                ));
+            }
+            if self.data_format() != Format::Csv {
                 return Err(invalid("data.synth", "synthetic data is CSV; set data.format = \"csv\""));
             }
             if s.train_rows == 0 {
@@ -580,11 +598,12 @@ impl JobConfig {
         match &self.model {
             Some(config) => {
                 let model = gradflow_models::build(config).map_err(JobError::Model)?;
-                if self.data.format == Format::Libsvm && model.num_dense() > 0 {
+                if self.data_format() == Format::Libsvm && model.num_dense() != self.data.dense_indices {
                     return Err(invalid(
                         "model.num_dense",
                         format!(
-                            "libsvm data has no dense features, but the model expects {}",
+                            "libsvm data has data.dense_indices = {} dense features, but the model expects {}",
+                            self.data.dense_indices,
                             model.num_dense()
                         ),
                     ));
@@ -620,6 +639,12 @@ impl JobConfig {
         })
     }
 
+    /// The format the data is read in: `data.format`, or the one the first training file's
+    /// extension names.
+    pub fn data_format(&self) -> Format {
+        self.data.format.resolve(self.data.train.first().map(PathBuf::as_path))
+    }
+
     fn csv_schema(&self) -> CsvSchema {
         match self.synth_config(false) {
             Some(s) => s.schema(),
@@ -629,8 +654,9 @@ impl JobConfig {
 
     /// How a worker reads the training data.
     pub fn train_reader(&self) -> ReaderConfig {
-        let mut r = ReaderConfig::new(self.data.format, self.data.train.clone());
+        let mut r = ReaderConfig::new(self.data_format(), self.data.train.clone());
         r.csv = self.csv_schema();
+        r.libsvm = LibsvmOptions { dense_indices: self.data.dense_indices };
         r.skip_malformed = self.data.skip_malformed;
         r.shuffle_buffer = self.data.shuffle_buffer;
         r.seed = self.train.seed;
@@ -643,8 +669,9 @@ impl JobConfig {
         if self.data.test.is_empty() {
             return None;
         }
-        let mut r = ReaderConfig::new(self.data.format, self.data.test.clone());
+        let mut r = ReaderConfig::new(self.data_format(), self.data.test.clone());
         r.csv = self.csv_schema();
+        r.libsvm = LibsvmOptions { dense_indices: self.data.dense_indices };
         r.skip_malformed = self.data.skip_malformed;
         Some(r)
     }
