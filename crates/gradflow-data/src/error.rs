@@ -60,6 +60,26 @@ pub enum DataError {
         /// What the store said.
         cause: object_store::Error,
     },
+    /// A Parquet file could not be read, or its columns are not what the config names.
+    #[error("{}: {cause}", .path.display())]
+    Parquet {
+        /// The file (or URL).
+        path: PathBuf,
+        /// What was wrong.
+        cause: String,
+    },
+    /// A row of a Parquet file is not what its column roles require.
+    #[error("{}, row {row}: expected {expected}, found {found}", .path.display())]
+    Row {
+        /// The file (or URL).
+        path: PathBuf,
+        /// 1-based row number, counted from the start of the file.
+        row: u64,
+        /// What the column roles require.
+        expected: String,
+        /// What the row holds.
+        found: String,
+    },
     /// A configuration (reader, shard, synthetic data) is not usable.
     #[error("invalid data config: {0}")]
     Config(String),

@@ -22,6 +22,7 @@ use crate::error::{DataError, Result};
 use crate::example::{Example, Issue, Labels, SHOWN_BYTES, utf8};
 use crate::libsvm::{self, LibsvmOptions};
 use crate::lines::{DEFAULT_BUFFER_BYTES, RangeLines, line_number_in};
+use crate::parquet::ParquetRows;
 use crate::remote::{Location, RemoteOptions, Stores, glob_matches, has_glob};
 use crate::rng::derive_seed;
 use crate::shard::{FilePiece, ShardSpec};
@@ -40,15 +41,19 @@ pub enum Format {
     Libsvm,
     /// CSV with a header row; see [`crate::csv`].
     Csv,
+    /// Parquet, columns chosen by name as for CSV; see [`crate::parquet`].
+    Parquet,
 }
 
 impl Format {
     /// The format `path`'s extension names, looking past a compression extension:
-    /// `.csv` is CSV; `.libsvm`, `.svm`, `.libffm` and `.ffm` are libsvm.
+    /// `.csv` is CSV; `.libsvm`, `.svm`, `.libffm` and `.ffm` are libsvm; `.parquet`, `.parq`
+    /// and `.pq` are Parquet.
     pub fn of_path(path: &Path) -> Option<Format> {
         match extension(without_compression(path)).as_deref() {
             Some("csv") => Some(Format::Csv),
             Some("libsvm" | "svm" | "libffm" | "ffm") => Some(Format::Libsvm),
+            Some("parquet" | "parq" | "pq") => Some(Format::Parquet),
             _ => None,
         }
     }
@@ -246,7 +251,7 @@ impl ReaderConfig {
         if let Epochs::Count(0) = self.epochs {
             return Err(DataError::Config("epochs must be at least 1, found 0".into()));
         }
-        if matches!(self.format, Format::Csv | Format::Auto) {
+        if matches!(self.format, Format::Csv | Format::Auto | Format::Parquet) {
             self.csv.validate().map_err(DataError::Config)?;
         }
         Ok(())
@@ -344,6 +349,8 @@ fn local_glob(pattern: &Path) -> Result<Vec<PathBuf>> {
 struct CsvPlan {
     schema: CsvSchema,
     dense: Vec<String>,
+    /// Whether the files are Parquet (columns by name) rather than CSV.
+    parquet: bool,
 }
 
 /// Reads the header of a CSV file: its names and the offset of the first data line.
@@ -383,6 +390,8 @@ struct PieceReader {
     skip_malformed: bool,
     skipped: u64,
     stores: Stores,
+    /// The rows of a Parquet piece (then `lines` is empty).
+    parquet: Option<ParquetRows>,
 }
 
 /// How many skipped lines a reader remembers with their file, line and reason
@@ -420,6 +429,27 @@ impl PieceReader {
                 skip_malformed,
                 skipped: 0,
                 stores,
+                parquet: None,
+            });
+        }
+        if let Some(plan) = csv.filter(|p| p.parquet) {
+            let rows = ParquetRows::open(
+                path,
+                piece.range.clone(),
+                &plan.schema,
+                &plan.dense,
+                stores,
+                stores.remote(),
+            )?;
+            return Ok(PieceReader {
+                path: path.clone(),
+                lines: RangeLines::empty(),
+                parser: Parser::Libsvm(libsvm),
+                labels,
+                skip_malformed,
+                skipped: 0,
+                stores: stores.clone(),
+                parquet: Some(rows),
             });
         }
         let (parser, range) = match csv {
@@ -447,12 +477,45 @@ impl PieceReader {
             RangeLines::from_stream(|offset| open_stream(path, offset, end, buffer_bytes, stores), range)
                 .map_err(|e| DataError::io(path, e))?;
         let stores = stores.clone();
-        Ok(PieceReader { path: path.clone(), lines, parser, labels, skip_malformed, skipped: 0, stores })
+        Ok(PieceReader {
+            path: path.clone(),
+            lines,
+            parser,
+            labels,
+            skip_malformed,
+            skipped: 0,
+            stores,
+            parquet: None,
+        })
     }
 
     /// Parses the next example into `ex`; `false` at the end of the piece. A skipped line is
     /// added to `noted` while it holds fewer than [`SKIPPED_LINES_KEPT`].
     fn next_example(&mut self, ex: &mut Example, noted: &mut Vec<DataError>) -> Result<bool> {
+        if let Some(rows) = &mut self.parquet {
+            loop {
+                let issue = match rows.next_example(ex)? {
+                    None => return Ok(false),
+                    Some(parsed) => match parsed.and_then(|()| self.labels.check(ex.label)) {
+                        Ok(()) => return Ok(true),
+                        Err(issue) => issue,
+                    },
+                };
+                let error = DataError::Row {
+                    path: self.path.clone(),
+                    row: rows.row_number(),
+                    expected: issue.expected.into_owned(),
+                    found: issue.found,
+                };
+                if !self.skip_malformed {
+                    return Err(error);
+                }
+                self.skipped += 1;
+                if noted.len() < SKIPPED_LINES_KEPT {
+                    noted.push(error);
+                }
+            }
+        }
         loop {
             let Some((offset, line)) = self.lines.next_line().map_err(|e| DataError::io(&self.path, e))?
             else {
@@ -593,7 +656,8 @@ impl Reader {
     pub fn open(config: &ReaderConfig, shard: ShardSpec) -> Result<Reader> {
         config.validate()?;
         let files = config.files()?;
-        let pieces = shard.pieces_in(&files, &config.stores())?;
+        let format = config.format.resolve(files.first().map(PathBuf::as_path));
+        let pieces = shard.pieces_of(&files, &config.stores(), format)?;
         Reader::build(config, &files, pieces, shard.worker_index as u64)
     }
 
@@ -618,6 +682,15 @@ impl Reader {
                 let dense = (0..config.libsvm.dense_indices).map(|i| i.to_string()).collect();
                 (None, dense, Vec::new())
             }
+            Format::Parquet => {
+                let Some(first) = first else {
+                    return Err(DataError::Config("paths must name at least one file".into()));
+                };
+                let info = crate::parquet::info(first, &config.stores())?;
+                let dense = crate::parquet::dense_columns(&config.csv, &info, first)?;
+                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone(), parquet: true };
+                (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
+            }
             Format::Csv | Format::Auto => {
                 let Some(first) = first else {
                     return Err(DataError::Config("paths must name at least one file".into()));
@@ -630,7 +703,7 @@ impl Reader {
                         expected: i.expected.into_owned(),
                         found: i.found,
                     })?;
-                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone() };
+                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone(), parquet: false };
                 (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
             }
         };

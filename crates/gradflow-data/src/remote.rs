@@ -67,12 +67,17 @@ static IO: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 
 /// Runs `f` on the I/O runtime and waits for it, from any thread (also one of another
 /// runtime's: it waits on a channel, not by entering a runtime).
-fn wait<T: Send + 'static>(f: impl Future<Output = T> + Send + 'static) -> T {
+pub(crate) fn wait<T: Send + 'static>(f: impl Future<Output = T> + Send + 'static) -> T {
     let (tx, rx) = mpsc::sync_channel(1);
     IO.spawn(async move {
         let _ = tx.send(f.await);
     });
     rx.recv().expect("the data I/O runtime dropped a request")
+}
+
+/// Runs `f` on the I/O runtime; the caller owns the task (and aborts it when done with it).
+pub(crate) fn spawn(f: impl Future<Output = ()> + Send + 'static) -> tokio::task::JoinHandle<()> {
+    IO.spawn(f)
 }
 
 /// Whether `path` is written as a URL (`scheme://...`) rather than a local path.
@@ -194,6 +199,26 @@ impl Stores {
         let decoded = percent_decode(key);
         let path = ObjPath::parse(&decoded).map_err(|e| invalid(e.to_string()))?;
         Ok(Location::Remote(RemoteFile { url: given, store, path }))
+    }
+
+    /// `path` as an object of a store: a URL's object, or a local file through object_store's
+    /// local store (for the readers that work on stores, such as Parquet's).
+    pub(crate) fn object(&self, path: &Path) -> Result<RemoteFile> {
+        match self.locate(path)? {
+            Location::Remote(r) => Ok(r),
+            Location::Local(local) => {
+                let absolute = std::path::absolute(&local).map_err(|e| DataError::io(&local, e))?;
+                let object = ObjPath::from_absolute_path(&absolute).map_err(|e| DataError::Url {
+                    url: local.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Ok(RemoteFile {
+                    url: local.display().to_string(),
+                    store: Arc::new(object_store::local::LocalFileSystem::new()),
+                    path: object,
+                })
+            }
+        }
     }
 
     /// The read-ahead settings.
@@ -335,7 +360,7 @@ fn transient(e: &object_store::Error) -> bool {
 }
 
 /// One ranged read of `range`, retried on transient failures.
-async fn fetch(file: RemoteFile, range: Range<u64>) -> io::Result<Bytes> {
+pub(crate) async fn fetch(file: RemoteFile, range: Range<u64>) -> io::Result<Bytes> {
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0;
     loop {

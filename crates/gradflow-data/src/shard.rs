@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::reader::Format;
 use crate::remote::{Location, Stores};
 use crate::source::Compression;
 
@@ -101,6 +102,12 @@ impl ShardSpec {
 
     /// [`ShardSpec::pieces`], with URLs opened in `stores`.
     pub fn pieces_in(&self, files: &[PathBuf], stores: &Stores) -> Result<Vec<FilePiece>> {
+        self.pieces_of(files, stores, Format::Auto)
+    }
+
+    /// [`ShardSpec::pieces_in`] for files in `format`: for Parquet, the ranges are of every
+    /// file's row groups rather than its bytes.
+    pub fn pieces_of(&self, files: &[PathBuf], stores: &Stores, format: Format) -> Result<Vec<FilePiece>> {
         self.validate()?;
         let mut whole = 0;
         let mut pieces = Vec::with_capacity(files.len());
@@ -112,7 +119,7 @@ impl ShardSpec {
                 whole += 1;
                 continue;
             }
-            let len = file_size(path, stores)?;
+            let len = units(path, stores, format)?;
             let range = split_ranges(len, self.num_workers)[self.worker_index].clone();
             pieces.push(FilePiece { path: path.clone(), range });
         }
@@ -122,21 +129,44 @@ impl ShardSpec {
 
 /// The pieces of about `task_bytes` each that dynamic sharding hands out: every file cut into
 /// byte ranges, except files that cannot be cut (see [`Compression::splittable`]), which are
-/// one piece each. URLs are opened with the environment's settings.
-pub fn task_pieces(files: &[PathBuf], task_bytes: u64) -> Result<Vec<FilePiece>> {
+/// one piece each, and Parquet files (by `format`, or their extension), whose pieces are their
+/// row groups, one each.
+pub fn task_pieces(
+    files: &[PathBuf],
+    task_bytes: u64,
+    stores: &Stores,
+    format: Format,
+) -> Result<Vec<FilePiece>> {
     let mut pieces = Vec::new();
     for path in files {
         if !Compression::of(path).splittable() {
             pieces.push(FilePiece::whole(path));
             continue;
         }
-        let len = file_size(path, &Stores::default())?;
+        if is_parquet(path, format) {
+            let groups = units(path, stores, format)?;
+            pieces.extend((0..groups).map(|g| FilePiece { path: path.clone(), range: g..g + 1 }));
+            continue;
+        }
+        let len = file_size(path, stores)?;
         let parts = len.div_ceil(task_bytes.max(1)).max(1) as usize;
         pieces.extend(
             split_ranges(len, parts).into_iter().map(|range| FilePiece { path: path.clone(), range }),
         );
     }
     Ok(pieces)
+}
+
+fn is_parquet(path: &Path, format: Format) -> bool {
+    format.resolve(Some(path)) == Format::Parquet
+}
+
+/// What a file is cut into for sharding: its row groups (Parquet) or its bytes.
+fn units(path: &Path, stores: &Stores, format: Format) -> Result<u64> {
+    if is_parquet(path, format) {
+        return Ok(crate::parquet::info(path, stores)?.row_group_rows.len() as u64);
+    }
+    file_size(path, stores)
 }
 
 /// Length of a file (a local path or a URL) in bytes.

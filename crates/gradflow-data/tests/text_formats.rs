@@ -98,7 +98,8 @@ fn compressed_files_are_dealt_out_whole() {
 
     // Dynamic sharding: one task per compressed file, byte ranges for plain ones.
     let plain = write(dir.path(), "big.libsvm", "1 1:1\n".repeat(1000));
-    let tasks = task_pieces(&[files[0].clone(), plain.clone()], 1024).unwrap();
+    let tasks =
+        task_pieces(&[files[0].clone(), plain.clone()], 1024, &Default::default(), Format::Auto).unwrap();
     assert_eq!(tasks[0], FilePiece::whole(&files[0]));
     assert_eq!(tasks.len(), 1 + 6, "6000 bytes in tasks of 1024");
     assert!(tasks[1..].iter().all(|t| t.path == plain && t.range.end - t.range.start <= 1024));
@@ -172,4 +173,33 @@ fn libffm_files_with_dense_indices_feed_field_aware_models() {
         ReaderConfig::new(Format::Libsvm, vec![write(dir.path(), "c.libsvm", "1 0:4 5:1 1:2\n")]);
     config.libsvm = toml::from_str("dense_indices = 2").unwrap();
     assert_eq!(read_all(&config), vec![Row::new(1.0, &[4.0, 2.0], &[(0, 5, 1.0)])]);
+}
+
+#[test]
+fn local_globs_list_matching_files_sorted() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        ("day=2/part-0.libsvm", "0 2:1\n"),
+        ("day=1/part-0.libsvm", "1 1:1\n"),
+        ("day=1/.part-9.libsvm", "x"),
+    ] {
+        std::fs::create_dir_all(dir.path().join(name).parent().unwrap()).unwrap();
+        write(dir.path(), name, text);
+    }
+    write(dir.path(), "day=1/notes.txt", "not data");
+    let pattern = dir.path().join("day=*/part-*.libsvm");
+    let config = ReaderConfig::new(Format::Auto, vec![pattern.clone()]);
+    assert_eq!(
+        config.files().unwrap(),
+        [dir.path().join("day=1/part-0.libsvm"), dir.path().join("day=2/part-0.libsvm")]
+    );
+    assert_eq!(
+        read_all(&config),
+        vec![Row::new(1.0, &[], &[(0, 1, 1.0)]), Row::new(0.0, &[], &[(0, 2, 1.0)])]
+    );
+    let deep = ReaderConfig::new(Format::Libsvm, vec![dir.path().join("**/*.libsvm")]);
+    assert_eq!(deep.files().unwrap().len(), 2);
+    let none = ReaderConfig::new(Format::Libsvm, vec![dir.path().join("day=*/nope-*.libsvm")]);
+    let err = none.files().unwrap_err();
+    assert!(matches!(err, DataError::NotFound { .. }) && err.to_string().contains("nope-*"), "{err}");
 }

@@ -673,10 +673,12 @@ fn skip_examples(reader: &mut Reader, batch: &mut Batch, mut count: u64) -> Resu
 }
 
 /// The job's data tasks: every training file cut into pieces of about `data.task_bytes`
-/// (see [`gradflow_data::task_pieces`]: a file that cannot be cut is one task).
+/// (see [`gradflow_data::task_pieces`]: a file that cannot be cut is one task, a Parquet row
+/// group is one task).
 pub fn task_pieces(job: &JobConfig) -> Result<Vec<TaskPiece>, TrainError> {
-    let files = job.train_reader().files()?;
-    let pieces = gradflow_data::task_pieces(&files, job.data.task_bytes)?;
+    let reader = job.train_reader();
+    let files = reader.files()?;
+    let pieces = gradflow_data::task_pieces(&files, job.data.task_bytes, &reader.stores(), reader.format)?;
     Ok(pieces
         .into_iter()
         .map(|p| TaskPiece { path: p.path.display().to_string(), start: p.range.start, end: p.range.end })
