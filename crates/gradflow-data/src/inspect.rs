@@ -1,5 +1,6 @@
 //! What a data file holds, for `gradflow data inspect`: its format and compression, its size,
-//! for Parquet its columns and row groups, and its first rows as written.
+//! for Parquet its columns and row groups, and its first rows as written (for TFRecord, each
+//! record's features by name).
 
 use std::io::BufRead;
 use std::path::Path;
@@ -7,6 +8,7 @@ use std::path::Path;
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::DataType;
+use prost::Message;
 
 use crate::error::{DataError, Result};
 use crate::parquet::{ParquetInfo, first_batch};
@@ -50,6 +52,24 @@ pub fn inspect(path: &Path, format: Format, rows: usize, stores: &Stores) -> Res
         }
         return Ok(Inspection { format, compression, bytes, parquet: Some(info), columns, first });
     }
+    if format == Format::Tfrecord {
+        let mut records = crate::tfrecord::Records::open(path, stores)?;
+        let mut first = Vec::new();
+        while first.len() < rows {
+            let Some(data) = records.next_record()? else { break };
+            let example = crate::tfrecord::TfExample::decode(data).map_err(|e| DataError::Row {
+                path: path.to_path_buf(),
+                row: records.count(),
+                expected: "a tf.Example".into(),
+                found: format!("bytes that do not decode ({e})"),
+            })?;
+            let mut features: Vec<_> = example.features.unwrap_or_default().feature.into_iter().collect();
+            features.sort_by(|a, b| a.0.cmp(&b.0));
+            first
+                .push(features.into_iter().map(|(name, f)| format!("{name}={}", feature_text(&f))).collect());
+        }
+        return Ok(Inspection { format, compression, bytes, parquet: None, columns: Vec::new(), first });
+    }
     let mut stream = open_stream(path, 0, u64::MAX, 64 * 1024, stores).map_err(|e| DataError::io(path, e))?;
     let mut lines = Vec::new();
     let wanted = rows + usize::from(format == Format::Csv);
@@ -82,6 +102,20 @@ fn cell(col: &ArrayRef, row: usize) -> String {
         DataType::LargeList(_) => list(&col.as_list::<i64>().value(row)),
         _ => crate::parquet::number_text(col, row).unwrap_or_else(|| format!("<{}>", col.data_type())),
     }
+}
+
+/// A `tf.Feature`'s values, as text: `[1, 2]`, `[0.5]`, `["a"]`.
+fn feature_text(f: &crate::tfrecord::Feature) -> String {
+    use crate::tfrecord::Kind;
+    let items: Vec<String> = match &f.kind {
+        Some(Kind::BytesList(l)) => {
+            l.value.iter().map(|v| format!("{:?}", String::from_utf8_lossy(v))).collect()
+        }
+        Some(Kind::FloatList(l)) => l.value.iter().map(f32::to_string).collect(),
+        Some(Kind::Int64List(l)) => l.value.iter().map(i64::to_string).collect(),
+        None => Vec::new(),
+    };
+    format!("[{}]", items.join(", "))
 }
 
 fn list(values: &ArrayRef) -> String {

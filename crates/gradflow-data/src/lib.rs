@@ -20,7 +20,7 @@
 //! - [`reader`]: the streaming pipeline (files, shard, parse, shuffle, batch) and its config.
 //! - [`shard`]: byte-range sharding ([`split_ranges`], [`ShardSpec`], [`FilePiece`]).
 //! - [`lines`]: reading the lines of one byte range, the building block of sharding.
-//! - [`libsvm`], [`csv`], [`parquet`]: the formats; [`hash`]: stable ids for categorical values.
+//! - [`libsvm`], [`csv`], [`parquet`], [`tfrecord`]: the formats; [`hash`]: stable ids for categorical values.
 //! - [`source`]: where a file's bytes come from, and gzip/zstd decompression;
 //!   [`remote`]: files on object storage (URLs, globs, ranged reads with read-ahead).
 //! - [`shuffle`]: the streaming shuffle buffer.
@@ -52,6 +52,7 @@ pub mod shuffle;
 pub mod source;
 pub mod standardize;
 pub mod synth;
+pub mod tfrecord;
 
 pub use batch::Batch;
 pub use csv::CsvSchema;

@@ -23,6 +23,30 @@ use crate::example::{Example, Issue, Labels, SHOWN_BYTES, utf8};
 use crate::libsvm::{self, LibsvmOptions};
 use crate::lines::{DEFAULT_BUFFER_BYTES, RangeLines, line_number_in};
 use crate::parquet::ParquetRows;
+use crate::tfrecord::TfRows;
+
+/// The rows of a file read by record rather than by line.
+#[derive(Debug)]
+enum Records {
+    Parquet(ParquetRows),
+    Tf(TfRows),
+}
+
+impl Records {
+    fn next_example(&mut self, ex: &mut Example) -> Result<Option<std::result::Result<(), Issue>>> {
+        match self {
+            Records::Parquet(r) => r.next_example(ex),
+            Records::Tf(r) => r.next_example(ex),
+        }
+    }
+
+    fn row_number(&self) -> u64 {
+        match self {
+            Records::Parquet(r) => r.row_number(),
+            Records::Tf(r) => r.row_number(),
+        }
+    }
+}
 use crate::remote::{Location, RemoteOptions, Stores, glob_matches, has_glob};
 use crate::rng::derive_seed;
 use crate::shard::{FilePiece, ShardSpec};
@@ -43,17 +67,20 @@ pub enum Format {
     Csv,
     /// Parquet, columns chosen by name as for CSV; see [`crate::parquet`].
     Parquet,
+    /// TFRecord of `tf.Example`, features chosen by name as CSV columns; see [`crate::tfrecord`].
+    Tfrecord,
 }
 
 impl Format {
     /// The format `path`'s extension names, looking past a compression extension:
     /// `.csv` is CSV; `.libsvm`, `.svm`, `.libffm` and `.ffm` are libsvm; `.parquet`, `.parq`
-    /// and `.pq` are Parquet.
+    /// and `.pq` are Parquet; `.tfrecord`, `.tfrecords` and `.tfr` are TFRecord.
     pub fn of_path(path: &Path) -> Option<Format> {
         match extension(without_compression(path)).as_deref() {
             Some("csv") => Some(Format::Csv),
             Some("libsvm" | "svm" | "libffm" | "ffm") => Some(Format::Libsvm),
             Some("parquet" | "parq" | "pq") => Some(Format::Parquet),
+            Some("tfrecord" | "tfrecords" | "tfr") => Some(Format::Tfrecord),
             _ => None,
         }
     }
@@ -251,7 +278,7 @@ impl ReaderConfig {
         if let Epochs::Count(0) = self.epochs {
             return Err(DataError::Config("epochs must be at least 1, found 0".into()));
         }
-        if matches!(self.format, Format::Csv | Format::Auto | Format::Parquet) {
+        if matches!(self.format, Format::Csv | Format::Auto | Format::Parquet | Format::Tfrecord) {
             self.csv.validate().map_err(DataError::Config)?;
         }
         Ok(())
@@ -349,8 +376,8 @@ fn local_glob(pattern: &Path) -> Result<Vec<PathBuf>> {
 struct CsvPlan {
     schema: CsvSchema,
     dense: Vec<String>,
-    /// Whether the files are Parquet (columns by name) rather than CSV.
-    parquet: bool,
+    /// CSV, Parquet or TFRecord: the formats whose columns are chosen by name.
+    kind: Format,
 }
 
 /// Reads the header of a CSV file: its names and the offset of the first data line.
@@ -390,8 +417,8 @@ struct PieceReader {
     skip_malformed: bool,
     skipped: u64,
     stores: Stores,
-    /// The rows of a Parquet piece (then `lines` is empty).
-    parquet: Option<ParquetRows>,
+    /// The rows of a Parquet or TFRecord piece (then `lines` is empty).
+    records: Option<Records>,
 }
 
 /// How many skipped lines a reader remembers with their file, line and reason
@@ -410,7 +437,8 @@ impl PieceReader {
     ) -> Result<PieceReader> {
         let path = &piece.path;
         // A file that cannot be cut is read whole by the piece that starts at 0.
-        let piece_range = if Compression::of(path).splittable() {
+        let splittable = Compression::of(path).splittable() && csv.is_none_or(|p| p.kind != Format::Tfrecord);
+        let piece_range = if splittable {
             piece.range.clone()
         } else if piece.range.start == 0 && !piece.range.is_empty() {
             0..u64::MAX
@@ -429,18 +457,21 @@ impl PieceReader {
                 skip_malformed,
                 skipped: 0,
                 stores,
-                parquet: None,
+                records: None,
             });
         }
-        if let Some(plan) = csv.filter(|p| p.parquet) {
-            let rows = ParquetRows::open(
-                path,
-                piece.range.clone(),
-                &plan.schema,
-                &plan.dense,
-                stores,
-                stores.remote(),
-            )?;
+        if let Some(plan) = csv.filter(|p| p.kind != Format::Csv) {
+            let rows = match plan.kind {
+                Format::Tfrecord => Records::Tf(TfRows::open(path, &plan.schema, &plan.dense, stores)?),
+                _ => Records::Parquet(ParquetRows::open(
+                    path,
+                    piece.range.clone(),
+                    &plan.schema,
+                    &plan.dense,
+                    stores,
+                    stores.remote(),
+                )?),
+            };
             return Ok(PieceReader {
                 path: path.clone(),
                 lines: RangeLines::empty(),
@@ -449,7 +480,7 @@ impl PieceReader {
                 skip_malformed,
                 skipped: 0,
                 stores: stores.clone(),
-                parquet: Some(rows),
+                records: Some(rows),
             });
         }
         let (parser, range) = match csv {
@@ -485,14 +516,14 @@ impl PieceReader {
             skip_malformed,
             skipped: 0,
             stores,
-            parquet: None,
+            records: None,
         })
     }
 
     /// Parses the next example into `ex`; `false` at the end of the piece. A skipped line is
     /// added to `noted` while it holds fewer than [`SKIPPED_LINES_KEPT`].
     fn next_example(&mut self, ex: &mut Example, noted: &mut Vec<DataError>) -> Result<bool> {
-        if let Some(rows) = &mut self.parquet {
+        if let Some(rows) = &mut self.records {
             loop {
                 let issue = match rows.next_example(ex)? {
                     None => return Ok(false),
@@ -688,7 +719,17 @@ impl Reader {
                 };
                 let info = crate::parquet::info(first, &config.stores())?;
                 let dense = crate::parquet::dense_columns(&config.csv, &info, first)?;
-                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone(), parquet: true };
+                let plan =
+                    CsvPlan { schema: config.csv.clone(), dense: dense.clone(), kind: Format::Parquet };
+                (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
+            }
+            Format::Tfrecord => {
+                let Some(first) = first else {
+                    return Err(DataError::Config("paths must name at least one file".into()));
+                };
+                let dense = crate::tfrecord::dense_features(&config.csv, first, &config.stores())?;
+                let plan =
+                    CsvPlan { schema: config.csv.clone(), dense: dense.clone(), kind: Format::Tfrecord };
                 (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
             }
             Format::Csv | Format::Auto => {
@@ -703,7 +744,7 @@ impl Reader {
                         expected: i.expected.into_owned(),
                         found: i.found,
                     })?;
-                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone(), parquet: false };
+                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone(), kind: Format::Csv };
                 (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
             }
         };

@@ -90,7 +90,7 @@ impl ShardSpec {
     /// This worker's pieces of `files`, in the order of `files`.
     ///
     /// Splits every file (rather than dealing whole files out) so that the load is balanced
-    /// whatever the number and sizes of files. Files that cannot be cut (compressed ones, see
+    /// whatever the number and sizes of files. Files that cannot be cut (compressed ones and TFRecord files, see
     /// [`Compression::splittable`]) are dealt out whole instead: the `k`-th of them goes to
     /// worker `k % num_workers`.
     ///
@@ -112,7 +112,7 @@ impl ShardSpec {
         let mut whole = 0;
         let mut pieces = Vec::with_capacity(files.len());
         for path in files {
-            if !Compression::of(path).splittable() {
+            if whole_file(path, format) {
                 if whole % self.num_workers == self.worker_index {
                     pieces.push(FilePiece::whole(path));
                 }
@@ -128,7 +128,7 @@ impl ShardSpec {
 }
 
 /// The pieces of about `task_bytes` each that dynamic sharding hands out: every file cut into
-/// byte ranges, except files that cannot be cut (see [`Compression::splittable`]), which are
+/// byte ranges, except files that cannot be cut (compressed, see [`Compression::splittable`], or TFRecord), which are
 /// one piece each, and Parquet files (by `format`, or their extension), whose pieces are their
 /// row groups, one each.
 pub fn task_pieces(
@@ -139,7 +139,7 @@ pub fn task_pieces(
 ) -> Result<Vec<FilePiece>> {
     let mut pieces = Vec::new();
     for path in files {
-        if !Compression::of(path).splittable() {
+        if whole_file(path, format) {
             pieces.push(FilePiece::whole(path));
             continue;
         }
@@ -155,6 +155,12 @@ pub fn task_pieces(
         );
     }
     Ok(pieces)
+}
+
+/// Whether `path` is read whole by one reader: compressed, or TFRecord (records cannot be found
+/// from the middle of a file).
+fn whole_file(path: &Path, format: Format) -> bool {
+    !Compression::of(path).splittable() || format.resolve(Some(path)) == Format::Tfrecord
 }
 
 fn is_parquet(path: &Path, format: Format) -> bool {

@@ -156,16 +156,17 @@ pub struct DataConfig {
     /// Test file(s), scored at the end of every epoch and of the job. Default: none.
     #[serde(default, deserialize_with = "gradflow_data::reader::one_or_many")]
     pub test: Vec<PathBuf>,
-    /// `"csv"`, `"libsvm"` or `"parquet"`. Default: from the first training file's extension
-    /// (`.csv`; `.libsvm`, `.svm`, `.libffm`, `.ffm`; `.parquet`; after a `.gz` or `.zst`), CSV
-    /// when it names none.
+    /// `"csv"`, `"libsvm"`, `"parquet"` or `"tfrecord"`. Default: from the first training file's
+    /// extension (`.csv`; `.libsvm`, `.svm`, `.libffm`, `.ffm`; `.parquet`; `.tfrecord`; after a
+    /// `.gz` or `.zst`), CSV when it names none.
     #[serde(default)]
     pub format: Format,
-    /// CSV and Parquet: the label column. Default `"label"`.
+    /// CSV, Parquet, TFRecord: the label column (or feature). Default `"label"`.
     #[serde(default = "default_label")]
     pub label: String,
-    /// CSV and Parquet: the categorical columns (strings or integers; a Parquet list column is a
-    /// multi-id field); every other column is a dense feature. Default: none.
+    /// CSV, Parquet, TFRecord: the categorical columns or features (strings or integers; a
+    /// Parquet list column or a many-valued feature is a multi-id field); every other column is
+    /// a dense feature. Default: none.
     #[serde(default)]
     pub categorical: Vec<String>,
     /// libsvm: features with an index (in the `field:id:value` form, a field) below this are

@@ -24,7 +24,7 @@ pub enum Command {
 pub struct InspectArgs {
     /// The file.
     file_or_url: PathBuf,
-    /// Its format (`csv`, `libsvm`, `parquet`); default: from the extension.
+    /// Its format (`csv`, `libsvm`, `parquet`, `tfrecord`); default: from the extension.
     #[arg(long, value_parser = parse_format)]
     format: Option<Format>,
     /// How many rows to show.
@@ -60,7 +60,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "csv" => Ok(Format::Csv),
         "libsvm" => Ok(Format::Libsvm),
         "parquet" => Ok(Format::Parquet),
-        other => Err(format!("`{other}` is not a format; expected csv, libsvm or parquet")),
+        "tfrecord" => Ok(Format::Tfrecord),
+        other => Err(format!("`{other}` is not a format; expected csv, libsvm, parquet or tfrecord")),
     }
 }
 
