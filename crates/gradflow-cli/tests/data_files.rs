@@ -81,6 +81,12 @@ fn convert_then_inspect_locally() {
         "{stdout}"
     );
 
+    let svm = dir.path().join("t.libsvm");
+    std::fs::write(&svm, "1 2:1\n").unwrap();
+    let o = gradflow(&["data", "convert", svm.to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
+    let (_, stderr) = text(&o);
+    assert!(!o.status.success() && stderr.contains("Libsvm files are not converted"), "{stderr}");
+
     let o = gradflow(&["data", "inspect", "ftp://host/x.csv"], &[]);
     let (_, stderr) = text(&o);
     assert!(!o.status.success() && stderr.contains("`ftp://` is not a supported scheme"), "{stderr}");

@@ -168,3 +168,17 @@ fn inspect_shows_the_first_records_features() {
     assert_eq!(i.first[0], ["c=[\"v0\"]", "d0=[20]", "d1=[113]", "label=[0]", "tags=[]"]);
     assert_eq!(i.first[1][4], "tags=[41, -41]");
 }
+
+#[test]
+fn tfrecord_converted_to_parquet_reads_the_same() {
+    let Some(dir) = write_files() else { return };
+    let c = config(vec![dir.path().join("b.tfrecord.gz")]);
+    let out = dir.path().join("b.parquet");
+    let stores = gradflow_data::Stores::default();
+    let done = gradflow_data::convert::tfrecord_to_parquet(&c.paths[0], &c.csv, &out, 10, &stores).unwrap();
+    assert_eq!((done.rows, done.row_groups), (25, 3));
+    let mut p = config(vec![out]);
+    p.format = Format::Parquet;
+    let from_parquet = read_shard(&p, 0, 1).unwrap();
+    assert_eq!(from_parquet, (40..65).map(expected).collect::<Vec<_>>());
+}

@@ -32,15 +32,19 @@ pub struct InspectArgs {
     rows: usize,
 }
 
-/// Convert a CSV file (local or a URL, possibly `.gz` or `.zst`) to Parquet.
+/// Convert a CSV or TFRecord file (local or a URL, possibly `.gz` or `.zst`) to Parquet.
 ///
-/// The label and dense columns become float32, parsed as training parses them; the categorical
-/// columns stay strings. Training on the Parquet file with the same `label` and `categorical`
-/// gives the same examples as on the CSV file.
+/// The label and dense columns become float32, parsed as training parses them; categorical CSV
+/// columns stay strings, categorical TFRecord features become lists of strings or int64s.
+/// Training on the Parquet file with the same `label` and `categorical` gives the same examples
+/// as on the input. libsvm is not converted: its ids are used as they are, Parquet's are hashed.
 #[derive(clap::Args)]
 pub struct ConvertArgs {
-    /// The CSV file.
+    /// The CSV or TFRecord file.
     input: PathBuf,
+    /// Its format (`csv`, `tfrecord`); default: from the extension.
+    #[arg(long, value_parser = parse_format)]
+    format: Option<Format>,
     /// The Parquet file to write (local).
     #[arg(long, short)]
     out: PathBuf,
@@ -127,14 +131,18 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Convert(a) => {
             let schema = CsvSchema::new(a.label, a.categorical);
-            let done = gradflow_data::convert::csv_to_parquet(
-                &a.input,
-                &schema,
-                &a.out,
-                a.row_group_rows,
-                &Stores::default(),
-            )
-            .with_context(|| format!("converting {} to {}", a.input.display(), a.out.display()))?;
+            let stores = Stores::default();
+            let convert = match a.format.unwrap_or(Format::Auto).resolve(Some(&a.input)) {
+                Format::Tfrecord => gradflow_data::convert::tfrecord_to_parquet,
+                Format::Csv => gradflow_data::convert::csv_to_parquet,
+                other => anyhow::bail!(
+                    "{}: {other:?} files are not converted (CSV and TFRecord are); libsvm ids are used as they are, \
+                     while Parquet's are hashed, so a converted file would train on different ids",
+                    a.input.display()
+                ),
+            };
+            let done = convert(&a.input, &schema, &a.out, a.row_group_rows, &stores)
+                .with_context(|| format!("converting {} to {}", a.input.display(), a.out.display()))?;
             println!("wrote {} rows in {} row groups to {}", done.rows, done.row_groups, a.out.display());
             Ok(ExitCode::SUCCESS)
         }
