@@ -109,7 +109,7 @@ fn row_groups_are_the_units_of_sharding() {
     }
     assert_eq!(union, all);
     // Dynamic sharding: one task per row group, each read alone.
-    let tasks = task_pieces(&[path.clone()], 1 << 20, &Stores::default(), Format::Auto).unwrap();
+    let tasks = task_pieces(std::slice::from_ref(&path), 1 << 20, &Stores::default(), Format::Auto).unwrap();
     assert_eq!(tasks, (0..5).map(|g| FilePiece { path: path.clone(), range: g..g + 1 }).collect::<Vec<_>>());
     let last = common::drain(&mut Reader::from_pieces(&c, vec![tasks[4].clone()]).unwrap(), 7).unwrap();
     assert_eq!(last, all[400..]);
