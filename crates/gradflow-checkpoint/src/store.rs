@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
-use object_store::aws::AmazonS3Builder;
-use object_store::azure::MicrosoftAzureBuilder;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use gradflow_core::store::{StoreUrlError, cloud_store};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
@@ -150,31 +148,19 @@ impl CheckpointStore {
                     invalid(format!("{e} (supported: a local path, file://, s3://, gs://, az://, memory://)"))
                 })?;
                 let root = ObjPath::parse(path).map_err(|e| invalid(e.to_string()))?;
-                let opts = &options.storage_options;
-                let bad_key = |k: &str| invalid(format!("unknown storage option `{k}`"));
-                let open_err = |cause| CheckpointError::Open { url: display.clone(), cause };
                 let store: Arc<dyn ObjectStore> = match scheme {
-                    ObjectStoreScheme::AmazonS3 => {
-                        let mut b = AmazonS3Builder::from_env().with_url(given);
-                        for (k, v) in opts {
-                            b = b.with_config(k.parse().map_err(|_| bad_key(k))?, v);
-                        }
-                        Arc::new(b.build().map_err(open_err)?)
-                    }
-                    ObjectStoreScheme::GoogleCloudStorage => {
-                        let mut b = GoogleCloudStorageBuilder::from_env().with_url(given);
-                        for (k, v) in opts {
-                            b = b.with_config(k.parse().map_err(|_| bad_key(k))?, v);
-                        }
-                        Arc::new(b.build().map_err(open_err)?)
-                    }
-                    ObjectStoreScheme::MicrosoftAzure => {
-                        let mut b = MicrosoftAzureBuilder::from_env().with_url(given);
-                        for (k, v) in opts {
-                            b = b.with_config(k.parse().map_err(|_| bad_key(k))?, v);
-                        }
-                        Arc::new(b.build().map_err(open_err)?)
-                    }
+                    ObjectStoreScheme::AmazonS3
+                    | ObjectStoreScheme::GoogleCloudStorage
+                    | ObjectStoreScheme::MicrosoftAzure => cloud_store(given, &options.storage_options)
+                        .map_err(|e| match e {
+                            StoreUrlError::Invalid { reason, .. } => invalid(reason),
+                            StoreUrlError::UnknownOption { key, .. } => {
+                                invalid(format!("unknown storage option `{key}`"))
+                            }
+                            StoreUrlError::Build { cause, .. } => {
+                                CheckpointError::Open { url: display.clone(), cause }
+                            }
+                        })?,
                     other => {
                         return Err(invalid(format!(
                             "{other:?} stores are not supported (supported: a local path, file://, s3://, \

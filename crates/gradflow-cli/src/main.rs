@@ -30,7 +30,8 @@ enum Command {
     Worker(cmd::worker::Args),
     Eval(cmd::eval::Args),
     Bench(cmd::bench::Args),
-    /// Datasets for trying gradflow out (`gradflow data synth`).
+    /// Data files: a synthetic dataset to try gradflow out (`gradflow data synth`); what a file
+    /// holds, local or on object storage (`inspect`); CSV to Parquet (`convert`).
     #[command(subcommand)]
     Data(cmd::data::Command),
     /// List and inspect checkpoints (`gradflow checkpoint ls URL`, `inspect URL`).

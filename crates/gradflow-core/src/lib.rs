@@ -11,6 +11,8 @@
 //! - [`mode`]: synchronous or asynchronous training.
 //! - [`settings`]: what a job says about its servers (`[server]`, `[checkpoint]`, `restore`),
 //!   defined once for the job file and the server.
+//! - `store` (with the `object-store` feature): a cloud object store built from its URL, for
+//!   checkpoints and training data alike.
 //! - [`error`]: the error type of this crate.
 
 pub mod embedding;
@@ -21,6 +23,8 @@ pub mod optim;
 pub mod partition;
 pub mod settings;
 pub mod spec;
+#[cfg(feature = "object-store")]
+pub mod store;
 
 pub use error::CoreError;
 pub use init::Initializer;

@@ -97,6 +97,16 @@ pub(crate) fn header_names(line: &str) -> Result<Vec<String>, Issue> {
         .collect()
 }
 
+/// Splits a data line into its unescaped cells (not trimmed: a cell is data).
+pub(crate) fn cells(line: &str) -> Result<Vec<String>, Issue> {
+    Cells::new(line)
+        .map(|c| {
+            let c = c?;
+            Ok(if c.escaped { c.text.replace("\"\"", "\"") } else { c.text.to_string() })
+        })
+        .collect()
+}
+
 fn list(names: &[String]) -> String {
     format!("columns {}", column_list(names))
 }

@@ -34,6 +34,52 @@ pub enum DataError {
         /// What the line holds there.
         found: String,
     },
+    /// A data path written as a URL is not one this crate can read: it does not parse, or its
+    /// scheme is not supported.
+    #[error("data URL `{url}`: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it, and what was expected.
+        reason: String,
+    },
+    /// A data URL names no object: the object, its bucket, or (for a folder or a glob) any
+    /// object under it does not exist. Not retried.
+    #[error("{url}: {what}")]
+    NotFound {
+        /// The URL as given.
+        url: String,
+        /// What is missing.
+        what: &'static str,
+    },
+    /// A request to the object store failed (after retrying, where the failure was transient).
+    #[error("{url}: {cause}")]
+    Store {
+        /// The URL of the object (or prefix) involved.
+        url: String,
+        /// What the store said.
+        cause: object_store::Error,
+    },
+    /// A Parquet file could not be read, or its columns are not what the config names.
+    #[error("{}: {cause}", .path.display())]
+    Parquet {
+        /// The file (or URL).
+        path: PathBuf,
+        /// What was wrong.
+        cause: String,
+    },
+    /// A row of a Parquet file is not what its column roles require.
+    #[error("{}, row {row}: expected {expected}, found {found}", .path.display())]
+    Row {
+        /// The file (or URL).
+        path: PathBuf,
+        /// 1-based row number, counted from the start of the file.
+        row: u64,
+        /// What the column roles require.
+        expected: String,
+        /// What the row holds.
+        found: String,
+    },
     /// A configuration (reader, shard, synthetic data) is not usable.
     #[error("invalid data config: {0}")]
     Config(String),

@@ -8,11 +8,16 @@
 //!
 //! Line numbers are not tracked: counting them would cost on every line, and they are only
 //! needed for error messages. [`line_number_at`] recounts from the file start when one is.
+//!
+//! Offsets are those of the bytes the lines are read from: for a compressed file, offsets
+//! in its decompressed bytes (see [`crate::source`]).
 
-use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, Read};
 use std::ops::Range;
 use std::path::Path;
+
+use crate::remote::Stores;
+use crate::source::open_stream;
 
 /// Buffer size used when none is configured: large enough to amortize system calls, small
 /// enough that many open shards stay cheap.
@@ -22,33 +27,57 @@ pub const DEFAULT_BUFFER_BYTES: usize = 256 * 1024;
 ///
 /// Lines are returned without their terminator (`\n`, or `\r\n`). The whole file is never
 /// held in memory: only the buffer and the longest line seen.
-#[derive(Debug)]
 pub struct RangeLines {
-    reader: BufReader<File>,
+    reader: Box<dyn BufRead + Send>,
     /// File offset of the next byte `reader` will return.
     pos: u64,
     end: u64,
     line: Vec<u8>,
 }
 
+impl std::fmt::Debug for RangeLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RangeLines").field("pos", &self.pos).field("end", &self.end).finish_non_exhaustive()
+    }
+}
+
 impl RangeLines {
     /// Opens `path` for the lines starting in `range`, reading through a buffer of
     /// `buffer_bytes` (at least 1) bytes. A range past the end of the file yields no lines.
     pub fn open(path: &Path, range: Range<u64>, buffer_bytes: usize) -> io::Result<RangeLines> {
-        let file = File::open(path)?;
-        let mut reader = BufReader::with_capacity(buffer_bytes.max(1), file);
+        let end = range.end;
+        RangeLines::from_stream(
+            |offset| open_stream(path, offset, end, buffer_bytes, &Stores::default()),
+            range,
+        )
+    }
+
+    /// No lines at all (a piece another reader reads).
+    pub(crate) fn empty() -> RangeLines {
+        RangeLines { reader: Box::new(io::empty()), pos: 0, end: 0, line: Vec::new() }
+    }
+
+    /// The lines starting in `range` of the bytes `open(offset)` streams from `offset` on.
+    pub(crate) fn from_stream(
+        open: impl FnOnce(u64) -> io::Result<Box<dyn BufRead + Send>>,
+        range: Range<u64>,
+    ) -> io::Result<RangeLines> {
         let mut pos = range.start;
-        if range.start > 0 && range.start < range.end {
+        let reader = if range.start > 0 && range.start < range.end {
             // Start one byte early: if that byte is a newline, `start` begins a line and
             // nothing is skipped; otherwise everything up to the next newline belongs to the
             // line that started in an earlier range.
-            reader.seek(SeekFrom::Start(range.start - 1))?;
+            let mut reader = open(range.start - 1)?;
             let skipped = reader.skip_until(b'\n')?;
             pos = range.start - 1 + skipped as u64;
+            reader
         } else if range.start > 0 {
             // Empty range: no line can start in it, so there is nothing to position at.
             pos = range.end;
-        }
+            Box::new(io::empty())
+        } else {
+            open(0)?
+        };
         Ok(RangeLines { reader, pos, end: range.end, line: Vec::new() })
     }
 
@@ -86,7 +115,12 @@ impl RangeLines {
 ///
 /// Reads the file from its start, so it is meant for error messages, not for every line.
 pub fn line_number_at(path: &Path, offset: u64) -> io::Result<u64> {
-    let mut file = File::open(path)?.take(offset);
+    line_number_in(open_stream(path, 0, offset, 64 * 1024, &Stores::default())?, offset)
+}
+
+/// [`line_number_at`] in the bytes `stream` holds from the file start.
+pub(crate) fn line_number_in(stream: impl Read, offset: u64) -> io::Result<u64> {
+    let mut file = stream.take(offset);
     let mut buf = vec![0u8; 64 * 1024];
     let mut newlines = 0u64;
     loop {

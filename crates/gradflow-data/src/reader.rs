@@ -9,8 +9,8 @@
 //! Batches never straddle an epoch: the last batch of an epoch may be short, and
 //! [`Reader::end_of_epoch`] says when a batch was the last of its epoch.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,20 +20,79 @@ use crate::batch::Batch;
 use crate::csv::{CsvLayout, CsvSchema, header_names};
 use crate::error::{DataError, Result};
 use crate::example::{Example, Issue, Labels, SHOWN_BYTES, utf8};
-use crate::libsvm;
-use crate::lines::{DEFAULT_BUFFER_BYTES, RangeLines, line_number_at};
+use crate::libsvm::{self, LibsvmOptions};
+use crate::lines::{DEFAULT_BUFFER_BYTES, RangeLines, line_number_in};
+use crate::parquet::ParquetRows;
+use crate::tfrecord::TfRows;
+
+/// The rows of a file read by record rather than by line.
+#[derive(Debug)]
+enum Records {
+    Parquet(ParquetRows),
+    Tf(TfRows),
+}
+
+impl Records {
+    fn next_example(&mut self, ex: &mut Example) -> Result<Option<std::result::Result<(), Issue>>> {
+        match self {
+            Records::Parquet(r) => r.next_example(ex),
+            Records::Tf(r) => r.next_example(ex),
+        }
+    }
+
+    fn row_number(&self) -> u64 {
+        match self {
+            Records::Parquet(r) => r.row_number(),
+            Records::Tf(r) => r.row_number(),
+        }
+    }
+}
+use crate::remote::{Location, RemoteOptions, Stores, glob_matches, has_glob};
 use crate::rng::derive_seed;
 use crate::shard::{FilePiece, ShardSpec};
 use crate::shuffle::ShuffleBuffer;
+use crate::source::{Compression, extension, open_stream, without_compression};
 
 /// The format of the data files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
-    /// `label index:value ...` lines; see [`crate::libsvm`].
+    /// From the first file's extension (after a compression extension such as `.gz`):
+    /// see [`Format::of_path`]; CSV when the extension names no format.
+    #[default]
+    Auto,
+    /// `label index:value ...` lines, or `label field:id:value ...`; see [`crate::libsvm`].
     Libsvm,
     /// CSV with a header row; see [`crate::csv`].
     Csv,
+    /// Parquet, columns chosen by name as for CSV; see [`crate::parquet`].
+    Parquet,
+    /// TFRecord of `tf.Example`, features chosen by name as CSV columns; see [`crate::tfrecord`].
+    Tfrecord,
+}
+
+impl Format {
+    /// The format `path`'s extension names, looking past a compression extension:
+    /// `.csv` is CSV; `.libsvm`, `.svm`, `.libffm` and `.ffm` are libsvm; `.parquet`, `.parq`
+    /// and `.pq` are Parquet; `.tfrecord`, `.tfrecords` and `.tfr` are TFRecord.
+    pub fn of_path(path: &Path) -> Option<Format> {
+        match extension(without_compression(path)).as_deref() {
+            Some("csv") => Some(Format::Csv),
+            Some("libsvm" | "svm" | "libffm" | "ffm") => Some(Format::Libsvm),
+            Some("parquet" | "parq" | "pq") => Some(Format::Parquet),
+            Some("tfrecord" | "tfrecords" | "tfr") => Some(Format::Tfrecord),
+            _ => None,
+        }
+    }
+
+    /// This format, or for [`Format::Auto`] the one `first_file`'s extension names (CSV when it
+    /// names none, the default before formats were inferred).
+    pub fn resolve(self, first_file: Option<&Path>) -> Format {
+        match self {
+            Format::Auto => first_file.and_then(Format::of_path).unwrap_or(Format::Csv),
+            given => given,
+        }
+    }
 }
 
 /// How many passes over the data to make.
@@ -101,8 +160,9 @@ impl<'de> Deserialize<'de> for Epochs {
 /// In a config file (TOML shown; every field but `paths` and `format` is optional):
 ///
 /// ```toml
-/// paths = ["data/train.csv"]   # or `path = "data/"`; a directory means its files, sorted
-/// format = "csv"               # or "libsvm"
+/// paths = ["data/train.csv"]   # or `path = "data/"`; a directory means its files, sorted;
+///                              # or "data/part-*.csv", or "s3://bucket/day=*/part-*.csv"
+/// format = "csv"               # or "libsvm"; default: from the extension
 /// skip_malformed = false       # default: a bad line is an error
 /// labels = "binary"            # default: 0/1 (-1 read as 0); or "any"
 /// shuffle_buffer = 0           # default: no shuffle
@@ -112,19 +172,35 @@ impl<'de> Deserialize<'de> for Epochs {
 /// [csv]
 /// label = "label"              # default
 /// categorical = ["c0", "c1"]   # default: none; other columns are dense
+/// [libsvm]
+/// dense_indices = 0            # default: every feature sparse
+/// [storage_options]            # object_store keys, after the AWS_* (GOOGLE_*, AZURE_*) variables
+/// aws_endpoint = "http://127.0.0.1:9000"
+/// [remote]
+/// chunk_bytes = 8388608        # default: ranged reads of 8 MiB
+/// read_ahead = 4               # default: 4 of them in flight per open file
 /// ```
+///
+/// Files ending in `.gz` or `.zst` are decompressed as they are read; each is read whole by
+/// one worker (see [`ShardSpec::pieces`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReaderConfig {
-    /// Data files, or directories whose regular, non-hidden files (sorted by name) are read.
-    /// Accepts one path or a list, under `paths` or `path`.
+    /// Data files, or directories whose regular, non-hidden files (sorted by name) are read,
+    /// or globs (`*`, `?`, `[a-z]` within a path part, `**` for any number of parts). A path
+    /// with `://` is a URL: `file://`, or an object, folder or glob on `s3://`, `gs://`, `az://`,
+    /// `http(s)://` (see [`crate::remote`]). Accepts one path or a list, under `paths` or `path`.
     #[serde(alias = "path", deserialize_with = "one_or_many")]
     pub paths: Vec<PathBuf>,
-    /// File format.
+    /// File format. Default: [`Format::Auto`], from the first file's extension.
+    #[serde(default)]
     pub format: Format,
     /// Column roles for CSV; ignored for libsvm. Default: label `"label"`, all else dense.
     #[serde(default)]
     pub csv: CsvSchema,
+    /// Dense features in libsvm files; ignored for CSV. Default: none.
+    #[serde(default)]
+    pub libsvm: LibsvmOptions,
     /// If true, lines that do not parse are skipped and counted ([`Reader::skipped`]);
     /// if false (default), the first one is an error naming its file and line.
     #[serde(default)]
@@ -145,6 +221,13 @@ pub struct ReaderConfig {
     /// Read buffer per open file, in bytes. Default 256 KiB. Lines may be longer.
     #[serde(default = "default_buffer_bytes")]
     pub buffer_bytes: usize,
+    /// Object-store settings for URL paths, applied after the environment's (`AWS_*`,
+    /// `GOOGLE_*`, `AZURE_*`): object_store keys such as `aws_endpoint`. Default: none.
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, String>,
+    /// How remote files are read (ranged reads and read-ahead).
+    #[serde(default)]
+    pub remote: RemoteOptions,
 }
 
 fn default_buffer_bytes() -> usize {
@@ -172,12 +255,15 @@ impl ReaderConfig {
             paths,
             format,
             csv: CsvSchema::default(),
+            libsvm: LibsvmOptions::default(),
             skip_malformed: false,
             labels: Labels::default(),
             shuffle_buffer: 0,
             seed: 0,
             epochs: Epochs::default(),
             buffer_bytes: DEFAULT_BUFFER_BYTES,
+            storage_options: BTreeMap::new(),
+            remote: RemoteOptions::default(),
         }
     }
 
@@ -192,24 +278,41 @@ impl ReaderConfig {
         if let Epochs::Count(0) = self.epochs {
             return Err(DataError::Config("epochs must be at least 1, found 0".into()));
         }
-        if self.format == Format::Csv {
+        if matches!(self.format, Format::Csv | Format::Auto | Format::Parquet | Format::Tfrecord) {
             self.csv.validate().map_err(DataError::Config)?;
         }
         Ok(())
     }
 
-    /// The data files: `paths` with directories replaced by their files. The same on every
-    /// worker, which sharding relies on.
+    /// The stores URL paths are read from, with this config's storage options.
+    pub fn stores(&self) -> Stores {
+        Stores::new(self.storage_options.clone().into_iter().collect(), self.remote)
+    }
+
+    /// The data files: `paths` with directories, folders and globs replaced by their files
+    /// (local paths and URLs). The same on every worker, which sharding relies on.
     pub fn files(&self) -> Result<Vec<PathBuf>> {
+        let stores = self.stores();
         let mut files = Vec::new();
         for p in &self.paths {
-            let meta = std::fs::metadata(p).map_err(|e| DataError::io(p, e))?;
+            let local = match stores.locate(p)? {
+                Location::Remote(remote) => {
+                    files.extend(remote.expand()?.into_iter().map(|(f, _)| PathBuf::from(f.url)));
+                    continue;
+                }
+                Location::Local(local) => local,
+            };
+            if has_glob(&local) && !local.exists() {
+                files.extend(local_glob(&local)?);
+                continue;
+            }
+            let meta = std::fs::metadata(&local).map_err(|e| DataError::io(p, e))?;
             if !meta.is_dir() {
-                files.push(p.clone());
+                files.push(local);
                 continue;
             }
             let mut inside = Vec::new();
-            for entry in std::fs::read_dir(p).map_err(|e| DataError::io(p, e))? {
+            for entry in std::fs::read_dir(&local).map_err(|e| DataError::io(p, e))? {
                 let entry = entry.map_err(|e| DataError::io(p, e))?;
                 let hidden = entry.file_name().to_string_lossy().starts_with('.');
                 let path = entry.path();
@@ -227,18 +330,60 @@ impl ReaderConfig {
     }
 }
 
+/// The local files matching the glob `pattern`, sorted (hidden names left out).
+fn local_glob(pattern: &Path) -> Result<Vec<PathBuf>> {
+    let text = pattern.to_string_lossy();
+    let parts: Vec<&str> = text.split('/').collect();
+    let fixed = parts.iter().take_while(|p| !has_glob(p)).count();
+    let base = match parts[..fixed].join("/") {
+        b if b.is_empty() && fixed > 0 => PathBuf::from("/"),
+        b if b.is_empty() => PathBuf::from("."),
+        b => PathBuf::from(b),
+    };
+    let rest = parts[fixed..].join("/");
+    let deep = parts[fixed..].contains(&"**");
+    let mut found = Vec::new();
+    let mut dirs = vec![(base.clone(), String::new(), 0usize)];
+    while let Some((dir, rel, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let entry = entry.map_err(|e| DataError::io(&dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let path = entry.path();
+            if path.is_dir() {
+                if deep || depth + 1 < parts.len() - fixed {
+                    dirs.push((path, child, depth + 1));
+                }
+            } else if glob_matches(&rest, &child) {
+                found.push(path);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(DataError::NotFound { url: text.into_owned(), what: "no file matches the pattern" });
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// The CSV columns every file must have, fixed by the first file so that all files and all
 /// workers agree on what dense feature `i` is.
 #[derive(Debug)]
 struct CsvPlan {
     schema: CsvSchema,
     dense: Vec<String>,
+    /// CSV, Parquet or TFRecord: the formats whose columns are chosen by name.
+    kind: Format,
 }
 
 /// Reads the header of a CSV file: its names and the offset of the first data line.
-fn read_header(path: &Path) -> Result<(Vec<String>, u64)> {
-    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-    let mut reader = BufReader::with_capacity(64 * 1024, file);
+fn read_header(path: &Path, stores: &Stores) -> Result<(Vec<String>, u64)> {
+    let mut reader =
+        open_stream(path, 0, 64 * 1024, 64 * 1024, stores).map_err(|e| DataError::io(path, e))?;
     let mut line = Vec::new();
     let n = reader.read_until(b'\n', &mut line).map_err(|e| DataError::io(path, e))?;
     let header_error = |i: Issue| DataError::Parse {
@@ -258,7 +403,7 @@ fn read_header(path: &Path) -> Result<(Vec<String>, u64)> {
 
 #[derive(Debug)]
 enum Parser {
-    Libsvm,
+    Libsvm(LibsvmOptions),
     Csv(CsvLayout),
 }
 
@@ -271,6 +416,9 @@ struct PieceReader {
     labels: Labels,
     skip_malformed: bool,
     skipped: u64,
+    stores: Stores,
+    /// The rows of a Parquet or TFRecord piece (then `lines` is empty).
+    records: Option<Records>,
 }
 
 /// How many skipped lines a reader remembers with their file, line and reason
@@ -281,15 +429,64 @@ impl PieceReader {
     fn open(
         piece: &FilePiece,
         csv: Option<&CsvPlan>,
+        libsvm: LibsvmOptions,
         labels: Labels,
         skip_malformed: bool,
         buffer_bytes: usize,
+        stores: &Stores,
     ) -> Result<PieceReader> {
         let path = &piece.path;
+        // A file that cannot be cut is read whole by the piece that starts at 0.
+        let splittable = Compression::of(path).splittable() && csv.is_none_or(|p| p.kind != Format::Tfrecord);
+        let piece_range = if splittable {
+            piece.range.clone()
+        } else if piece.range.start == 0 && !piece.range.is_empty() {
+            0..u64::MAX
+        } else {
+            0..0
+        };
+        if piece_range.is_empty() {
+            let lines = RangeLines::empty();
+            let parser = Parser::Libsvm(libsvm);
+            let stores = stores.clone();
+            return Ok(PieceReader {
+                path: path.clone(),
+                lines,
+                parser,
+                labels,
+                skip_malformed,
+                skipped: 0,
+                stores,
+                records: None,
+            });
+        }
+        if let Some(plan) = csv.filter(|p| p.kind != Format::Csv) {
+            let rows = match plan.kind {
+                Format::Tfrecord => Records::Tf(TfRows::open(path, &plan.schema, &plan.dense, stores)?),
+                _ => Records::Parquet(ParquetRows::open(
+                    path,
+                    piece.range.clone(),
+                    &plan.schema,
+                    &plan.dense,
+                    stores,
+                    stores.remote(),
+                )?),
+            };
+            return Ok(PieceReader {
+                path: path.clone(),
+                lines: RangeLines::empty(),
+                parser: Parser::Libsvm(libsvm),
+                labels,
+                skip_malformed,
+                skipped: 0,
+                stores: stores.clone(),
+                records: Some(rows),
+            });
+        }
         let (parser, range) = match csv {
-            None => (Parser::Libsvm, piece.range.clone()),
+            None => (Parser::Libsvm(libsvm), piece_range),
             Some(plan) => {
-                let (header, header_end) = read_header(path)?;
+                let (header, header_end) = read_header(path, stores)?;
                 let (layout, _) =
                     CsvLayout::resolve(&plan.schema, &header, Some(&plan.dense)).map_err(|i| {
                         DataError::Parse {
@@ -302,17 +499,54 @@ impl PieceReader {
                 // The header starts at offset 0, so it belongs to the piece holding offset 0;
                 // starting that piece at the first data line leaves it out while every data
                 // line still belongs to exactly the piece it did before.
-                let start = piece.range.start.max(header_end);
-                (Parser::Csv(layout), start..piece.range.end.max(start))
+                let start = piece_range.start.max(header_end);
+                (Parser::Csv(layout), start..piece_range.end.max(start))
             }
         };
-        let lines = RangeLines::open(path, range, buffer_bytes).map_err(|e| DataError::io(path, e))?;
-        Ok(PieceReader { path: path.clone(), lines, parser, labels, skip_malformed, skipped: 0 })
+        let end = range.end;
+        let lines =
+            RangeLines::from_stream(|offset| open_stream(path, offset, end, buffer_bytes, stores), range)
+                .map_err(|e| DataError::io(path, e))?;
+        let stores = stores.clone();
+        Ok(PieceReader {
+            path: path.clone(),
+            lines,
+            parser,
+            labels,
+            skip_malformed,
+            skipped: 0,
+            stores,
+            records: None,
+        })
     }
 
     /// Parses the next example into `ex`; `false` at the end of the piece. A skipped line is
     /// added to `noted` while it holds fewer than [`SKIPPED_LINES_KEPT`].
     fn next_example(&mut self, ex: &mut Example, noted: &mut Vec<DataError>) -> Result<bool> {
+        if let Some(rows) = &mut self.records {
+            loop {
+                let issue = match rows.next_example(ex)? {
+                    None => return Ok(false),
+                    Some(parsed) => match parsed.and_then(|()| self.labels.check(ex.label)) {
+                        Ok(()) => return Ok(true),
+                        Err(issue) => issue,
+                    },
+                };
+                let error = DataError::Row {
+                    path: self.path.clone(),
+                    row: rows.row_number(),
+                    expected: issue.expected.into_owned(),
+                    found: issue.found,
+                };
+                if !self.skip_malformed {
+                    return Err(error);
+                }
+                self.skipped += 1;
+                if noted.len() < SKIPPED_LINES_KEPT {
+                    noted.push(error);
+                }
+            }
+        }
         loop {
             let Some((offset, line)) = self.lines.next_line().map_err(|e| DataError::io(&self.path, e))?
             else {
@@ -321,7 +555,7 @@ impl PieceReader {
             let line_bytes = line.len();
             let parsed = utf8(line)
                 .and_then(|text| match &self.parser {
-                    Parser::Libsvm => libsvm::parse_line(text, ex),
+                    Parser::Libsvm(options) => libsvm::parse_line(text, *options, ex),
                     Parser::Csv(layout) => layout.parse_line(text, ex),
                 })
                 .and_then(|found| {
@@ -350,7 +584,9 @@ impl PieceReader {
 
     /// The error for a line that does not parse (or the error finding its number).
     fn parse_error(&self, offset: u64, line_bytes: usize, issue: Issue) -> Result<DataError> {
-        let line = line_number_at(&self.path, offset).map_err(|e| DataError::io(&self.path, e))?;
+        let line = open_stream(&self.path, 0, offset, 64 * 1024, &self.stores)
+            .and_then(|stream| line_number_in(stream, offset))
+            .map_err(|e| DataError::io(&self.path, e))?;
         let mut found = issue.found;
         if line_bytes > SHOWN_BYTES {
             // What is shown of it is cut; say how much there was.
@@ -366,9 +602,11 @@ impl PieceReader {
 struct Source {
     pieces: Vec<FilePiece>,
     csv: Option<Arc<CsvPlan>>,
+    libsvm: LibsvmOptions,
     labels: Labels,
     skip_malformed: bool,
     buffer_bytes: usize,
+    stores: Stores,
     order: Vec<usize>,
     next: usize,
     current: Option<PieceReader>,
@@ -403,9 +641,11 @@ impl Source {
                 self.current = Some(PieceReader::open(
                     &self.pieces[i],
                     self.csv.as_deref(),
+                    self.libsvm,
                     self.labels,
                     self.skip_malformed,
                     self.buffer_bytes,
+                    &self.stores,
                 )?);
             }
             let current = self.current.as_mut().expect("opened above");
@@ -447,7 +687,8 @@ impl Reader {
     pub fn open(config: &ReaderConfig, shard: ShardSpec) -> Result<Reader> {
         config.validate()?;
         let files = config.files()?;
-        let pieces = shard.pieces(&files)?;
+        let format = config.format.resolve(files.first().map(PathBuf::as_path));
+        let pieces = shard.pieces_of(&files, &config.stores(), format)?;
         Reader::build(config, &files, pieces, shard.worker_index as u64)
     }
 
@@ -466,14 +707,36 @@ impl Reader {
         pieces: Vec<FilePiece>,
         stream: u64,
     ) -> Result<Reader> {
-        let (csv, dense_names, categorical_names) = match config.format {
-            Format::Libsvm => (None, Vec::new(), Vec::new()),
-            Format::Csv => {
-                let first = files.first().or(pieces.first().map(|p| &p.path));
+        let first = files.first().or(pieces.first().map(|p| &p.path));
+        let (csv, dense_names, categorical_names) = match config.format.resolve(first.map(PathBuf::as_path)) {
+            Format::Libsvm => {
+                let dense = (0..config.libsvm.dense_indices).map(|i| i.to_string()).collect();
+                (None, dense, Vec::new())
+            }
+            Format::Parquet => {
                 let Some(first) = first else {
                     return Err(DataError::Config("paths must name at least one file".into()));
                 };
-                let (header, _) = read_header(first)?;
+                let info = crate::parquet::info(first, &config.stores())?;
+                let dense = crate::parquet::dense_columns(&config.csv, &info, first)?;
+                let plan =
+                    CsvPlan { schema: config.csv.clone(), dense: dense.clone(), kind: Format::Parquet };
+                (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
+            }
+            Format::Tfrecord => {
+                let Some(first) = first else {
+                    return Err(DataError::Config("paths must name at least one file".into()));
+                };
+                let dense = crate::tfrecord::dense_features(&config.csv, first, &config.stores())?;
+                let plan =
+                    CsvPlan { schema: config.csv.clone(), dense: dense.clone(), kind: Format::Tfrecord };
+                (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
+            }
+            Format::Csv | Format::Auto => {
+                let Some(first) = first else {
+                    return Err(DataError::Config("paths must name at least one file".into()));
+                };
+                let (header, _) = read_header(first, &config.stores())?;
                 let (_, dense) =
                     CsvLayout::resolve(&config.csv, &header, None).map_err(|i| DataError::Parse {
                         path: first.clone(),
@@ -481,7 +744,7 @@ impl Reader {
                         expected: i.expected.into_owned(),
                         found: i.found,
                     })?;
-                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone() };
+                let plan = CsvPlan { schema: config.csv.clone(), dense: dense.clone(), kind: Format::Csv };
                 (Some(Arc::new(plan)), dense, config.csv.categorical.clone())
             }
         };
@@ -489,9 +752,11 @@ impl Reader {
             source: Source {
                 pieces,
                 csv,
+                libsvm: config.libsvm,
                 labels: config.labels,
                 skip_malformed: config.skip_malformed,
                 buffer_bytes: config.buffer_bytes,
+                stores: config.stores(),
                 order: Vec::new(),
                 next: 0,
                 current: None,
@@ -513,12 +778,12 @@ impl Reader {
         })
     }
 
-    /// Dense features per example (0 for libsvm).
+    /// Dense features per example (for libsvm, its `dense_indices`).
     pub fn num_dense(&self) -> usize {
         self.num_dense
     }
 
-    /// Names of the dense features, in feature order (CSV only; empty for libsvm).
+    /// Names of the dense features, in feature order (for libsvm, their indices).
     pub fn dense_names(&self) -> &[String] {
         &self.dense_names
     }

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result};
+use crate::reader::Format;
+use crate::remote::{Location, Stores};
+use crate::source::Compression;
 
 /// Cuts `0..file_len` into `parts` adjacent ranges of nearly equal length (they differ by at
 /// most one byte), in order. Some are empty when `file_len < parts`.
@@ -84,24 +87,103 @@ impl ShardSpec {
         Ok(())
     }
 
-    /// This worker's piece of each file, in the order of `files`.
+    /// This worker's pieces of `files`, in the order of `files`.
     ///
     /// Splits every file (rather than dealing whole files out) so that the load is balanced
-    /// whatever the number and sizes of files.
+    /// whatever the number and sizes of files. Files that cannot be cut (compressed ones and TFRecord files, see
+    /// [`Compression::splittable`]) are dealt out whole instead: the `k`-th of them goes to
+    /// worker `k % num_workers`.
+    ///
+    /// URLs among `files` are opened with the environment's settings only; see
+    /// [`ShardSpec::pieces_in`].
     pub fn pieces(&self, files: &[PathBuf]) -> Result<Vec<FilePiece>> {
+        self.pieces_in(files, &Stores::default())
+    }
+
+    /// [`ShardSpec::pieces`], with URLs opened in `stores`.
+    pub fn pieces_in(&self, files: &[PathBuf], stores: &Stores) -> Result<Vec<FilePiece>> {
+        self.pieces_of(files, stores, Format::Auto)
+    }
+
+    /// [`ShardSpec::pieces_in`] for files in `format`: for Parquet, the ranges are of every
+    /// file's row groups rather than its bytes.
+    pub fn pieces_of(&self, files: &[PathBuf], stores: &Stores, format: Format) -> Result<Vec<FilePiece>> {
         self.validate()?;
-        files
-            .iter()
-            .map(|path| {
-                let len = file_len(path)?;
-                let range = split_ranges(len, self.num_workers)[self.worker_index].clone();
-                Ok(FilePiece { path: path.clone(), range })
-            })
-            .collect()
+        let mut whole = 0;
+        let mut pieces = Vec::with_capacity(files.len());
+        for path in files {
+            if whole_file(path, format) {
+                if whole % self.num_workers == self.worker_index {
+                    pieces.push(FilePiece::whole(path));
+                }
+                whole += 1;
+                continue;
+            }
+            let len = units(path, stores, format)?;
+            let range = split_ranges(len, self.num_workers)[self.worker_index].clone();
+            pieces.push(FilePiece { path: path.clone(), range });
+        }
+        Ok(pieces)
     }
 }
 
-/// Length of a file in bytes.
+/// The pieces of about `task_bytes` each that dynamic sharding hands out: every file cut into
+/// byte ranges, except files that cannot be cut (compressed, see [`Compression::splittable`], or TFRecord), which are
+/// one piece each, and Parquet files (by `format`, or their extension), whose pieces are their
+/// row groups, one each.
+pub fn task_pieces(
+    files: &[PathBuf],
+    task_bytes: u64,
+    stores: &Stores,
+    format: Format,
+) -> Result<Vec<FilePiece>> {
+    let mut pieces = Vec::new();
+    for path in files {
+        if whole_file(path, format) {
+            pieces.push(FilePiece::whole(path));
+            continue;
+        }
+        if is_parquet(path, format) {
+            let groups = units(path, stores, format)?;
+            pieces.extend((0..groups).map(|g| FilePiece { path: path.clone(), range: g..g + 1 }));
+            continue;
+        }
+        let len = file_size(path, stores)?;
+        let parts = len.div_ceil(task_bytes.max(1)).max(1) as usize;
+        pieces.extend(
+            split_ranges(len, parts).into_iter().map(|range| FilePiece { path: path.clone(), range }),
+        );
+    }
+    Ok(pieces)
+}
+
+/// Whether `path` is read whole by one reader: compressed, or TFRecord (records cannot be found
+/// from the middle of a file).
+fn whole_file(path: &Path, format: Format) -> bool {
+    !Compression::of(path).splittable() || format.resolve(Some(path)) == Format::Tfrecord
+}
+
+fn is_parquet(path: &Path, format: Format) -> bool {
+    format.resolve(Some(path)) == Format::Parquet
+}
+
+/// What a file is cut into for sharding: its row groups (Parquet) or its bytes.
+fn units(path: &Path, stores: &Stores, format: Format) -> Result<u64> {
+    if is_parquet(path, format) {
+        return Ok(crate::parquet::info(path, stores)?.row_group_rows.len() as u64);
+    }
+    file_size(path, stores)
+}
+
+/// Length of a file (a local path or a URL) in bytes.
+pub(crate) fn file_size(path: &Path, stores: &Stores) -> Result<u64> {
+    match stores.locate(path)? {
+        Location::Local(local) => file_len(&local),
+        Location::Remote(remote) => remote.size(),
+    }
+}
+
+/// Length of a local file in bytes.
 pub fn file_len(path: &Path) -> Result<u64> {
     std::fs::metadata(path).map(|m| m.len()).map_err(|e| DataError::io(path, e))
 }

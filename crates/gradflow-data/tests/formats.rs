@@ -279,7 +279,7 @@ fn config_from_toml_and_json() {
 
     for bad in [
         r#"{"paths": ["a"], "format": "libsvm", "shufle_buffer": 3}"#,
-        r#"{"paths": ["a"], "format": "parquet"}"#,
+        r#"{"paths": ["a"], "format": "orc"}"#,
         r#"{"paths": ["a"], "format": "libsvm", "epochs": 0}"#,
         r#"{"paths": ["a"], "format": "libsvm", "epochs": "always"}"#,
         r#"{"paths": ["a"], "format": "csv", "csv": {"lable": "y"}}"#,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use gradflow_core::Mode;
 use gradflow_core::embedding::EmbeddingSettings;
 use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings};
-use gradflow_data::{CsvSchema, Epochs, Format, ReaderConfig, SynthConfig};
+use gradflow_data::{CsvSchema, Epochs, Format, LibsvmOptions, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
 use gradflow_proto::TransportConfig;
 use gradflow_proto::tls::{ClientTls, TlsConfig};
@@ -153,21 +153,31 @@ pub struct WorkerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training file(s) or directories. Relative paths are relative to the job file.
+    /// Training file(s), directories or globs (`data/part-*.csv`), local or URLs (`s3://`,
+    /// `gs://`, `az://`, `http(s)://`, `file://`; credentials from `AWS_*`, `GOOGLE_*`, `AZURE_*`
+    /// as for checkpoints). Relative paths are relative to the job file.
     #[serde(deserialize_with = "gradflow_data::reader::one_or_many")]
     pub train: Vec<PathBuf>,
     /// Test file(s), scored at the end of every epoch and of the job. Default: none.
     #[serde(default, deserialize_with = "gradflow_data::reader::one_or_many")]
     pub test: Vec<PathBuf>,
-    /// `"csv"` (default) or `"libsvm"`.
-    #[serde(default = "default_format")]
+    /// `"csv"`, `"libsvm"`, `"parquet"` or `"tfrecord"`. Default: from the first training file's
+    /// extension (`.csv`; `.libsvm`, `.svm`, `.libffm`, `.ffm`; `.parquet`; `.tfrecord`; after a
+    /// `.gz` or `.zst`), CSV when it names none.
+    #[serde(default)]
     pub format: Format,
-    /// CSV: the label column. Default `"label"`.
+    /// CSV, Parquet, TFRecord: the label column (or feature). Default `"label"`.
     #[serde(default = "default_label")]
     pub label: String,
-    /// CSV: the categorical columns; every other column is a dense feature. Default: none.
+    /// CSV, Parquet, TFRecord: the categorical columns or features (strings or integers; a
+    /// Parquet list column or a many-valued feature is a multi-id field); every other column is
+    /// a dense feature. Default: none.
     #[serde(default)]
     pub categorical: Vec<String>,
+    /// libsvm: features with an index (in the `field:id:value` form, a field) below this are
+    /// dense features, and the categorical fields after them are numbered from 0. Default 0.
+    #[serde(default)]
+    pub dense_indices: usize,
     /// Skip (and count) lines that do not parse instead of failing. Default false.
     #[serde(default)]
     pub skip_malformed: bool,
@@ -364,9 +374,6 @@ impl<'de> Deserialize<'de> for KubernetesSection {
     }
 }
 
-fn default_format() -> Format {
-    Format::Csv
-}
 fn default_label() -> String {
     "label".into()
 }
@@ -455,8 +462,9 @@ impl JobConfig {
                 *p = base.join(&*p);
             }
         };
-        self.data.train.iter_mut().for_each(fix);
-        self.data.test.iter_mut().for_each(fix);
+        // Data may be URLs (`s3://...`), which are not relative to anything.
+        self.data.train.iter_mut().filter(|p| !gradflow_data::is_url(p)).for_each(fix);
+        self.data.test.iter_mut().filter(|p| !gradflow_data::is_url(p)).for_each(fix);
         if let Some(p) = &mut self.auth.token_file {
             fix(p);
         }
@@ -520,6 +528,11 @@ impl JobConfig {
         if self.data.train.is_empty() {
             return Err(invalid("data.train", "expected at least one file"));
         }
+        for (key, paths) in [("data.train", &self.data.train), ("data.test", &self.data.test)] {
+            for p in paths {
+                gradflow_data::remote::check_url(p).map_err(|e| invalid(key, e.to_string()))?;
+            }
+        }
         if let Some(s) = &self.data.synth {
             if self.data.train.len() != 1 || self.data.test.len() > 1 {
                 return Err(invalid(
@@ -527,7 +540,15 @@ impl JobConfig {
                     "expected exactly one data.train file and at most one data.test file to write",
                 ));
             }
-            if self.data.format != Format::Csv {
+            if let Some(url) =
+                self.data.train.iter().chain(&self.data.test).find(|p| gradflow_data::is_url(p))
+            {
+                return Err(invalid(
+                    "data.synth",
+                    format!("synthetic data is written to local files, but `{}` is a URL", url.display()),
+                ));
+            }
+            if self.data_format() != Format::Csv {
                 return Err(invalid("data.synth", "synthetic data is CSV; set data.format = \"csv\""));
             }
             if s.train_rows == 0 {
@@ -590,11 +611,12 @@ impl JobConfig {
                 // own declares its tables to the servers, which check there).
                 let tables: Vec<&str> = model.spec().sparse.iter().map(|s| s.name.as_str()).collect();
                 self.embedding.policies(&tables)?;
-                if self.data.format == Format::Libsvm && model.num_dense() > 0 {
+                if self.data_format() == Format::Libsvm && model.num_dense() != self.data.dense_indices {
                     return Err(invalid(
                         "model.num_dense",
                         format!(
-                            "libsvm data has no dense features, but the model expects {}",
+                            "libsvm data has data.dense_indices = {} dense features, but the model expects {}",
+                            self.data.dense_indices,
                             model.num_dense()
                         ),
                     ));
@@ -630,6 +652,12 @@ impl JobConfig {
         })
     }
 
+    /// The format the data is read in: `data.format`, or the one the first training file's
+    /// extension names.
+    pub fn data_format(&self) -> Format {
+        self.data.format.resolve(self.data.train.first().map(PathBuf::as_path))
+    }
+
     fn csv_schema(&self) -> CsvSchema {
         match self.synth_config(false) {
             Some(s) => s.schema(),
@@ -639,8 +667,9 @@ impl JobConfig {
 
     /// How a worker reads the training data.
     pub fn train_reader(&self) -> ReaderConfig {
-        let mut r = ReaderConfig::new(self.data.format, self.data.train.clone());
+        let mut r = ReaderConfig::new(self.data_format(), self.data.train.clone());
         r.csv = self.csv_schema();
+        r.libsvm = LibsvmOptions { dense_indices: self.data.dense_indices };
         r.skip_malformed = self.data.skip_malformed;
         r.shuffle_buffer = self.data.shuffle_buffer;
         r.seed = self.train.seed;
@@ -653,8 +682,9 @@ impl JobConfig {
         if self.data.test.is_empty() {
             return None;
         }
-        let mut r = ReaderConfig::new(self.data.format, self.data.test.clone());
+        let mut r = ReaderConfig::new(self.data_format(), self.data.test.clone());
         r.csv = self.csv_schema();
+        r.libsvm = LibsvmOptions { dense_indices: self.data.dense_indices };
         r.skip_malformed = self.data.skip_malformed;
         Some(r)
     }

@@ -56,7 +56,10 @@ pub fn prepare_data(job: &JobConfig) -> Result<(), LaunchError> {
             write_split(&config, test_rows, train, test.map(|p| p.as_path()))?;
         }
     }
-    for p in job.data.train.iter().chain(&job.data.test) {
+    // URLs and globs are checked by opening them below, as a worker would.
+    let named_file =
+        |p: &&std::path::PathBuf| !gradflow_data::is_url(p) && !gradflow_data::remote::has_glob(p);
+    for p in job.data.train.iter().chain(&job.data.test).filter(named_file) {
         if !p.exists() {
             return Err(LaunchError::JobFailed(format!(
                 "data file {} does not exist (data.train / data.test in the job file)",

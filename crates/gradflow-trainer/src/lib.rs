@@ -672,20 +672,17 @@ fn skip_examples(reader: &mut Reader, batch: &mut Batch, mut count: u64) -> Resu
     Ok(())
 }
 
-/// The job's data tasks: every training file cut into pieces of about `data.task_bytes`.
+/// The job's data tasks: every training file cut into pieces of about `data.task_bytes`
+/// (see [`gradflow_data::task_pieces`]: a file that cannot be cut is one task, a Parquet row
+/// group is one task).
 pub fn task_pieces(job: &JobConfig) -> Result<Vec<TaskPiece>, TrainError> {
-    let files = job.train_reader().files()?;
-    let mut pieces = Vec::new();
-    for path in files {
-        let len = std::fs::metadata(&path)
-            .map_err(|e| TrainError::Config(format!("training file {}: {e}", path.display())))?
-            .len();
-        let parts = len.div_ceil(job.data.task_bytes).max(1) as usize;
-        for range in gradflow_data::split_ranges(len, parts) {
-            pieces.push(TaskPiece { path: path.display().to_string(), start: range.start, end: range.end });
-        }
-    }
-    Ok(pieces)
+    let reader = job.train_reader();
+    let files = reader.files()?;
+    let pieces = gradflow_data::task_pieces(&files, job.data.task_bytes, &reader.stores(), reader.format)?;
+    Ok(pieces
+        .into_iter()
+        .map(|p| TaskPiece { path: p.path.display().to_string(), start: p.range.start, end: p.range.end })
+        .collect())
 }
 
 /// Scores on a test set.
