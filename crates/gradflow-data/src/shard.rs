@@ -105,13 +105,33 @@ impl ShardSpec {
         self.pieces_of(files, stores, Format::Auto)
     }
 
-    /// [`ShardSpec::pieces_in`] for files in `format`: for Parquet, the ranges are of every
-    /// file's row groups rather than its bytes.
+    /// [`ShardSpec::pieces_in`] for files in `format`: for Parquet, the ranges are of row
+    /// groups rather than bytes, and the row groups of all the Parquet files, counted in file
+    /// order, are split among the workers as one sequence (a file of 3 row groups cannot be
+    /// cut in two equal halves, but 2 such files can: worker 0 reads the first, worker 1 the
+    /// second).
     pub fn pieces_of(&self, files: &[PathBuf], stores: &Stores, format: Format) -> Result<Vec<FilePiece>> {
         self.validate()?;
-        let mut whole = 0;
+        let groups: Vec<Option<u64>> = files
+            .iter()
+            .map(|path| {
+                (!whole_file(path, format) && is_parquet(path, format))
+                    .then(|| units(path, stores, format))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let total_groups: u64 = groups.iter().flatten().sum();
+        let mine = split_ranges(total_groups, self.num_workers)[self.worker_index].clone();
+        let (mut whole, mut first_group) = (0, 0u64);
         let mut pieces = Vec::with_capacity(files.len());
-        for path in files {
+        for (path, groups) in files.iter().zip(groups) {
+            if let Some(count) = groups {
+                let start = mine.start.clamp(first_group, first_group + count) - first_group;
+                let end = mine.end.clamp(first_group, first_group + count) - first_group;
+                pieces.push(FilePiece { path: path.clone(), range: start..end });
+                first_group += count;
+                continue;
+            }
             if whole_file(path, format) {
                 if whole % self.num_workers == self.worker_index {
                     pieces.push(FilePiece::whole(path));

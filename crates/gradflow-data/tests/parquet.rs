@@ -108,6 +108,15 @@ fn row_groups_are_the_units_of_sharding() {
         union.extend(rows);
     }
     assert_eq!(union, all);
+    // Several files: their row groups are split as one sequence, so 2 files of 5 groups give
+    // 2 workers 5 groups each (a file at a time), not 2 and 3 of each file.
+    let two = [path.clone(), path.clone()];
+    for (worker, want) in [(0, [0..5, 0..0]), (1, [5..5, 0..5])] {
+        let pieces =
+            ShardSpec::new(worker, 2).unwrap().pieces_of(&two, &Stores::default(), Format::Auto).unwrap();
+        let ranges: Vec<_> = pieces.iter().map(|p| p.range.clone()).collect();
+        assert_eq!(ranges, want, "worker {worker}");
+    }
     // Dynamic sharding: one task per row group, each read alone.
     let tasks = task_pieces(std::slice::from_ref(&path), 1 << 20, &Stores::default(), Format::Auto).unwrap();
     assert_eq!(tasks, (0..5).map(|g| FilePiece { path: path.clone(), range: g..g + 1 }).collect::<Vec<_>>());
