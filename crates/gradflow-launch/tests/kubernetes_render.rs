@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use gradflow_job::contract::Token;
 use gradflow_job::{ClusterSpec, JobConfig, Role};
 use gradflow_launch::kubernetes::config::{load_job, parse_job};
-use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, to_json, to_yaml};
+use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, restore_env, to_json, to_yaml};
 use gradflow_launch::kubernetes::{
     ANNOTATION_TOKEN, KubernetesConfig, LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY,
 };
@@ -235,11 +235,123 @@ fn cluster_spec_in_each_pod_is_the_shared_contract() {
 fn the_root_records_the_job() {
     let r = Renderer::new(full_job(), "team-a").unwrap();
     let root = r.root(&gradflow_launch::kubernetes::JobStatus::new(r.job()));
-    let job: JobConfig = serde_json::from_str(&root.data.unwrap()[RECORD_JOB_KEY]).unwrap();
+    let mut job: JobConfig = serde_json::from_str(&root.data.unwrap()[RECORD_JOB_KEY]).unwrap();
+    // The record has the job without the env values, which the job's env Secret holds.
+    assert_eq!(job, r.recorded_job());
+    assert_ne!(job, *r.job());
+    let secret = r.env_secret().unwrap();
+    restore_env(&mut job, secret.data.as_ref().unwrap()).unwrap();
     assert_eq!(job, *r.job());
     // The same renderer from the record renders the same pods: `attach` and `launch` agree.
     let again = Renderer::new(job, "team-a").unwrap();
     assert_eq!(again.pod(Role::Worker, 1, 3), r.pod(Role::Worker, 1, 3));
+}
+
+/// A job configured the way a platform team would: S3 checkpoints, credentials from a Secret,
+/// literal settings, and whole Secrets as variables.
+fn job_with_credentials() -> JobConfig {
+    parse_job(
+        r#"
+name = "ctr"
+servers = 2
+workers = 2
+[model]
+kind = "logistic_regression"
+num_dense = 13
+[data]
+train = "data/train.csv"
+[data.synth]
+train_rows = 1000
+[checkpoint]
+url = "s3://ml-checkpoints/ctr"
+
+[kubernetes]
+env = { AWS_REGION = "literal-region-7f3a", AWS_SECRET_ACCESS_KEY = { secret = "s3-credentials", key = "secret-access-key" }, AWS_ACCESS_KEY_ID = { valueFrom = { secretKeyRef = { name = "s3-credentials", key = "access-key-id" } } }, HOST_IP = { valueFrom = { fieldRef = { fieldPath = "status.hostIP" } } } }
+env_from = [{ secret = "team-settings", prefix = "TEAM_" }, { configMapRef = { name = "proxy" } }]
+[kubernetes.worker]
+env = { ONLY_WORKERS = "literal-worker-91c2" }
+"#,
+    )
+    .unwrap()
+}
+
+/// The containers of a rendered pod, init containers included.
+fn containers(pod: &Pod) -> Vec<&k8s_openapi::api::core::v1::Container> {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.init_containers.iter().flatten().chain(&spec.containers).collect()
+}
+
+#[test]
+fn env_values_appear_only_in_the_pod_env_they_were_set_for() {
+    let r = Renderer::new(job_with_credentials(), "ml").unwrap();
+    let manifests = r.manifests(true);
+    for m in &manifests {
+        let text = serde_json::to_string(m).unwrap();
+        let Manifest::Pod(pod) = m else {
+            assert!(!text.contains("literal-"), "{} {} holds an env value", m.kind(), m.name());
+            continue;
+        };
+        let role = pod.metadata.labels.as_ref().unwrap()[LABEL_ROLE].clone();
+        for c in containers(pod) {
+            let env = c.env.as_ref().unwrap();
+            let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+            let source = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value_from.clone());
+            assert_eq!(value("AWS_REGION").as_deref(), Some("literal-region-7f3a"));
+            assert_eq!(value("ONLY_WORKERS").is_some(), role == "worker", "{}", c.name);
+            // A Secret's value is the kubelet's business: the pod names the key, nothing more.
+            assert_eq!(value("AWS_SECRET_ACCESS_KEY"), None);
+            let key = source("AWS_SECRET_ACCESS_KEY").unwrap().secret_key_ref.unwrap();
+            assert_eq!((key.name.as_str(), key.key.as_str()), ("s3-credentials", "secret-access-key"));
+            let key = source("AWS_ACCESS_KEY_ID").unwrap().secret_key_ref.unwrap();
+            assert_eq!((key.name.as_str(), key.key.as_str()), ("s3-credentials", "access-key-id"));
+            assert_eq!(source("HOST_IP").unwrap().field_ref.unwrap().field_path, "status.hostIP");
+            let from = c.env_from.as_ref().unwrap();
+            assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "team-settings");
+            assert_eq!(from[0].prefix.as_deref(), Some("TEAM_"));
+            assert_eq!(from[1].config_map_ref.as_ref().unwrap().name, "proxy");
+            // The cluster spec carries the job without the values.
+            let spec = value("GRADFLOW_CLUSTER_SPEC").unwrap();
+            assert!(!spec.contains("literal-"), "{spec}");
+            let parsed = ClusterSpec::from_json(&spec).unwrap();
+            assert_eq!(parsed.job_config.kubernetes, r.recorded_job().kubernetes);
+            // Besides its own variable, a literal is in no other place of the pod.
+            let others = serde_json::to_string(
+                &env.iter()
+                    .filter(|e| !["AWS_REGION", "ONLY_WORKERS"].contains(&e.name.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            assert!(!others.contains("literal-"), "{others}");
+        }
+    }
+    // The printed forms agree.
+    let yaml = to_yaml(&manifests).unwrap();
+    assert_eq!(
+        yaml.matches("literal-region-7f3a").count(),
+        2 + 2 * 2,
+        "servers, workers and their init containers"
+    );
+    assert_eq!(yaml.matches("literal-worker-91c2").count(), 2 * 2);
+    // The record names where each value is; only `launch` creates that Secret.
+    let recorded = r.recorded_job();
+    let env = &recorded.kubernetes.as_ref().unwrap().as_map()["env"];
+    assert_eq!(env["AWS_REGION"], serde_json::json!({ "secret": "ctr-env", "key": "env.AWS_REGION" }));
+    assert_eq!(
+        env["AWS_SECRET_ACCESS_KEY"],
+        serde_json::json!({ "secret": "s3-credentials", "key": "secret-access-key" })
+    );
+    assert!(manifests.iter().all(|m| m.name() != "ctr-env"));
+    let secret = r.env_secret().unwrap();
+    let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, ["env.AWS_REGION", "worker.env.ONLY_WORKERS"]);
+    assert_eq!(secret.immutable, Some(true));
+}
+
+#[test]
+fn a_job_without_literal_env_values_needs_no_env_secret() {
+    let r = Renderer::new(job(1, 1, 0), "ml").unwrap();
+    assert_eq!(r.env_secret(), None);
+    assert_eq!(r.recorded_job(), *r.job());
 }
 
 #[test]
