@@ -524,3 +524,69 @@ fn deploy_manifests_of_the_wide_deep_example_match_the_renderer() {
     // And it reads back.
     assert_eq!(from_yaml(&yaml).unwrap(), r.manifests(false));
 }
+
+/// A job with `[checkpoint] url = <url>` (and whatever else `extra` adds to the file).
+fn checkpointed(url: &str, extra: &str) -> Result<Renderer, String> {
+    let job = parse_job(&format!(
+        "name = \"ctr\"\nservers = 2\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.csv\"\n\
+         [checkpoint]\nurl = \"{url}\"\n{extra}"
+    ))
+    .map_err(|e| e.to_string())?;
+    Renderer::new(job, "ml").map_err(|e| e.to_string())
+}
+
+#[test]
+fn checkpoints_on_a_pods_own_filesystem_are_refused_with_the_fix() {
+    let err = checkpointed("./ckpt", "").err().unwrap();
+    assert!(err.starts_with("checkpoint.url = \"/workspace/ckpt\" is not on shared storage"), "{err}");
+    assert!(err.contains("the server pod's own filesystem"), "{err}");
+    assert!(err.contains("s3://") && err.contains("PersistentVolumeClaim"), "{err}");
+    assert!(err.contains("mountPath = \"/workspace\""), "{err}");
+    // A volume that goes with the pod is no better; nor is one the servers cannot write.
+    let scratch = "[kubernetes]\nvolumes = [{ name = \"ckpt\", emptyDir = {} }]\n\
+                   volume_mounts = [{ name = \"ckpt\", mountPath = \"/workspace/ckpt\" }]\n";
+    let err = checkpointed("./ckpt", scratch).err().unwrap();
+    assert!(err.contains("volume \"ckpt\" is neither a persistentVolumeClaim nor nfs"), "{err}");
+    let read_only = "[kubernetes]\nvolumes = [{ name = \"ckpt\", persistentVolumeClaim = { claimName = \"ckpt\" } }]\n\
+                     volume_mounts = [{ name = \"ckpt\", mountPath = \"/workspace/ckpt\", readOnly = true }]\n";
+    assert!(checkpointed("./ckpt", read_only).err().unwrap().contains("readOnly"));
+    // Mounted on the workers only: the servers, who write checkpoints, do not see it.
+    let workers_only = "[kubernetes.worker]\nvolumes = [{ name = \"ckpt\", persistentVolumeClaim = { claimName = \"ckpt\" } }]\n\
+                        volume_mounts = [{ name = \"ckpt\", mountPath = \"/workspace/ckpt\" }]\n";
+    assert!(checkpointed("./ckpt", workers_only).err().unwrap().contains("own filesystem"));
+    assert!(checkpointed("memory://ckpt", "").err().unwrap().contains("memory:// lives in one process"));
+    // `restore` from a path is held to the same rule.
+    let job = parse_job(
+        "name = \"ctr\"\nrestore = \"file:///tmp/ckpt-000000001200\"\n[model]\nkind = \"logistic_regression\"\n\
+         [data]\ntrain = \"data/train.csv\"\n",
+    )
+    .unwrap();
+    let err = Renderer::new(job, "ml").err().unwrap().to_string();
+    assert!(err.starts_with("restore = \"/tmp/ckpt-000000001200\" is not on shared storage"), "{err}");
+}
+
+#[test]
+fn checkpoints_in_an_object_store_or_on_a_shared_volume_render() {
+    for url in ["s3://ml-checkpoints/ctr", "gs://b/ctr", "az://c/ctr"] {
+        checkpointed(url, "").unwrap();
+    }
+    for volume in [
+        "persistentVolumeClaim = { claimName = \"ckpt\" }",
+        "nfs = { server = \"nfs.example.com\", path = \"/exports/ckpt\" }",
+    ] {
+        let mounted = format!(
+            "[kubernetes]\nvolumes = [{{ name = \"ckpt\", {volume} }}]\n\
+             volume_mounts = [{{ name = \"ckpt\", mountPath = \"/workspace/shared\" }}]\n"
+        );
+        let r = checkpointed("./shared/ckpt", &mounted).unwrap();
+        let pod = r.pod(Role::Ps, 1, 1);
+        let mounts = pod.spec.unwrap().containers[0].volume_mounts.clone().unwrap();
+        assert!(mounts.iter().any(|m| m.mount_path == "/workspace/shared"));
+    }
+    // Without a [checkpoint] section nothing is restored, and nothing needs to be shared.
+    let job = parse_job(
+        "name = \"ctr\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.csv\"\n",
+    )
+    .unwrap();
+    Renderer::new(job, "ml").unwrap();
+}

@@ -132,6 +132,71 @@ fn for_each_env(
     }
 }
 
+/// Checkpoints that a server restores from must be where every pod finds them, whichever
+/// node it runs on: with a `[checkpoint]` section the controller recreates the servers from the
+/// latest checkpoint when one is lost, and `restore` reads one at the start. An object store
+/// URL is shared; a path is shared only under a volume of the server pods that is mounted
+/// writable from a PersistentVolumeClaim or NFS. Anything else (the container's own
+/// filesystem, an emptyDir, a hostPath, `memory://`) is refused, naming the fix.
+fn check_shared_storage(job: &JobConfig, kube: &KubernetesConfig) -> Result<(), KubernetesError> {
+    use gradflow_core::settings::Restore;
+    let settings = kube.for_role(Role::Ps);
+    let check = |key: &'static str, location: &str| -> Result<(), KubernetesError> {
+        let path = match location.split_once("://") {
+            None => location.to_string(),
+            Some(("file", rest)) => rest.to_string(),
+            Some(("memory", _)) => {
+                return Err(KubernetesError::PodLocalStorage {
+                    key,
+                    location: location.into(),
+                    why: "memory:// lives in one process".into(),
+                    mount: "/workspace/checkpoints".into(),
+                });
+            }
+            Some(_) => return Ok(()),
+        };
+        let path = super::config::normalize(Path::new(&path));
+        let refuse = |why: String| {
+            let mount = path.parent().filter(|p| p != &Path::new("/")).unwrap_or(&path);
+            KubernetesError::PodLocalStorage {
+                key,
+                location: path.to_string_lossy().into_owned(),
+                why,
+                mount: mount.to_string_lossy().into_owned(),
+            }
+        };
+        // The deepest mount that holds the path decides.
+        let mount = settings
+            .volume_mounts
+            .iter()
+            .filter(|m| path.starts_with(super::config::normalize(Path::new(&m.mount_path))))
+            .max_by_key(|m| m.mount_path.len());
+        let Some(mount) = mount else { return Err(refuse("the server pod's own filesystem".into())) };
+        let volume = settings.volumes.iter().find(|v| v.name == mount.name);
+        let shared = volume.is_some_and(|v| v.persistent_volume_claim.is_some() || v.nfs.is_some());
+        if !shared {
+            return Err(refuse(format!(
+                "volume {:?} is neither a persistentVolumeClaim nor nfs, so it goes with the pod",
+                mount.name
+            )));
+        }
+        if mount.read_only == Some(true) && key == "checkpoint.url" {
+            return Err(refuse(format!(
+                "volume {:?} is mounted readOnly, and servers write there",
+                mount.name
+            )));
+        }
+        Ok(())
+    };
+    if let Some(c) = &job.checkpoint {
+        check("checkpoint.url", &c.url)?;
+    }
+    if let Some(Restore::Url(url)) = &job.restore {
+        check("restore", url)?;
+    }
+    Ok(())
+}
+
 /// The job as `launch` had it, from its record ([`Renderer::recorded_job`]) and the data of
 /// its `<job>-env` Secret: every reference to a key of that Secret becomes the literal value
 /// again. A key the data lacks is an error that names it.
@@ -186,6 +251,7 @@ impl Renderer {
         let kube = KubernetesConfig::of(&job).map_err(config)?;
         kube.validate().map_err(config)?;
         check_name(&job.name).map_err(config)?;
+        check_shared_storage(&job, &kube)?;
         Ok(Renderer { job, kube, namespace: namespace.into(), owner: None })
     }
 
