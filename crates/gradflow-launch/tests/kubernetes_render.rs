@@ -590,3 +590,58 @@ fn checkpoints_in_an_object_store_or_on_a_shared_volume_render() {
     .unwrap();
     Renderer::new(job, "ml").unwrap();
 }
+
+/// Kubernetes versions the rendered objects are validated against: the two newest that
+/// `kubernetes-validate` 1.37.0 (pinned in `.ci/run`) knows, and one a year older.
+const SCHEMA_VERSIONS: [&str; 3] = ["1.37.0", "1.36.0", "1.34.0"];
+
+#[test]
+fn every_render_passes_strict_schema_validation() {
+    let installed = std::process::Command::new("kubernetes-validate").arg("--version").output();
+    if !installed.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIPPED every_render_passes_strict_schema_validation: kubernetes-validate is not installed \
+             (python3 -m pip install kubernetes-validate==1.37.0; CI installs it in .ci/run)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = Token::new("validate-only-0123456789abcdef").unwrap();
+    let pvc = "[kubernetes]\nvolumes = [{ name = \"shared\", persistentVolumeClaim = { claimName = \"ctr-shared\" } }]\n\
+               volume_mounts = [{ name = \"shared\", mountPath = \"/workspace/shared\" }]\n";
+    let renderers = [
+        ("minimal", Renderer::new(job(2, 2, 3), "ml").unwrap()),
+        ("owned", renderer(job(2, 3, 3))),
+        ("full", Renderer::new(full_job(), "team-a").unwrap()),
+        ("credentials", Renderer::new(job_with_credentials(), "ml").unwrap()),
+        ("pvc-checkpoints", checkpointed("./shared/ckpt", pvc).unwrap()),
+    ];
+    let mut files = Vec::new();
+    for (name, r) in &renderers {
+        // What `--dry-run` prints, detached, plus what only `launch` creates (the Secrets with
+        // data) and pods of later attempts.
+        let mut manifests = r.manifests(true);
+        manifests.push(Manifest::Secret(Box::new(r.token_secret(Some(&token)))));
+        manifests.extend(r.env_secret().map(|s| Manifest::Secret(Box::new(s))));
+        manifests.push(Manifest::Pod(Box::new(r.pod(Role::Ps, 0, 2))));
+        manifests.push(Manifest::Pod(Box::new(r.pod(Role::Worker, 0, 1))));
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, to_yaml(&manifests).unwrap()).unwrap();
+        files.push(path);
+    }
+    files.push(Path::new(MANIFEST_DIR).join("../../deploy/manifests/wide-deep.yaml"));
+    files.push(Path::new(MANIFEST_DIR).join("../../deploy/rbac.yaml"));
+    for version in SCHEMA_VERSIONS {
+        let out = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", version])
+            .args(&files)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubernetes-validate --strict -k {version} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
