@@ -1414,6 +1414,59 @@ async fn attach_refuses_a_job_whose_token_secret_is_gone() {
     assert_eq!(fake.requests(), ["GET configmaps/demo", "GET secrets/demo-token"]);
 }
 
+/// `job(1, 1, 3)` with literal env values, common and per role, and a Secret reference.
+fn job_with_env() -> gradflow_job::JobConfig {
+    let mut job = job(1, 1, 3);
+    let section = serde_json::json!({
+        "image": "registry.example.com/gradflow:test",
+        "env": { "AWS_REGION": "literal-region-7f3a", "AWS_SECRET_ACCESS_KEY": { "secret": "s3", "key": "k" } },
+        "worker": { "env": { "ONLY_WORKERS": "literal-worker-91c2" } },
+    });
+    job.kubernetes = Some(section.as_object().unwrap().clone().into());
+    job
+}
+
+#[tokio::test]
+async fn literal_env_values_live_in_the_jobs_env_secret_and_attach_renders_the_same_pods() {
+    let (client, fake) = Fake::start();
+    let launched = client.launch(job_with_env(), false).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        ["POST configmaps demo", "POST secrets demo-token", "POST secrets demo-env", "POST services demo"]
+    );
+    let uid = fake.root_uid();
+    {
+        let state = fake.0.lock().unwrap();
+        let secret = &state.secrets["demo-env"];
+        let data = secret.data.as_ref().unwrap();
+        assert_eq!(data["env.AWS_REGION"].0, b"literal-region-7f3a");
+        assert_eq!(data["worker.env.ONLY_WORKERS"].0, b"literal-worker-91c2");
+        assert_eq!(data.len(), 2, "a Secret reference has no value to keep");
+        assert_eq!(secret.metadata.owner_references.as_ref().unwrap()[0].uid, uid);
+        let record = serde_json::to_string(&state.config_maps["demo"]).unwrap();
+        assert!(!record.contains("literal-region-7f3a") && !record.contains("literal-worker-91c2"));
+    }
+    let attached = fake_client(&fake).attach("demo").await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        [
+            "GET configmaps/demo",
+            "GET secrets/demo-env",
+            "GET secrets/demo-token",
+            "POST services demo",
+            "GET services/demo"
+        ]
+    );
+    for (role, index) in [(Ps, 0), (Worker, 0)] {
+        assert_eq!(attached.renderer().pod(role, index, 2), launched.renderer().pod(role, index, 2));
+    }
+
+    // Without the Secret, attach says what is missing and how to get out.
+    fake.0.lock().unwrap().secrets.remove("demo-env");
+    let err = fake_client(&fake).attach("demo").await.err().unwrap().to_string();
+    assert!(err.contains("Secret demo-env") && err.contains("gradflow delete demo"), "{err}");
+}
+
 /// Waits (up to `limit`, generous: the tests run on loaded machines) until `done`; fails the
 /// test naming `what` otherwise.
 async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {

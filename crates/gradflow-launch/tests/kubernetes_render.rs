@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use gradflow_job::contract::Token;
 use gradflow_job::{ClusterSpec, JobConfig, Role};
 use gradflow_launch::kubernetes::config::{load_job, parse_job};
-use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, to_json, to_yaml};
+use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, restore_env, to_json, to_yaml};
 use gradflow_launch::kubernetes::{
     ANNOTATION_TOKEN, KubernetesConfig, LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY,
 };
@@ -235,11 +235,123 @@ fn cluster_spec_in_each_pod_is_the_shared_contract() {
 fn the_root_records_the_job() {
     let r = Renderer::new(full_job(), "team-a").unwrap();
     let root = r.root(&gradflow_launch::kubernetes::JobStatus::new(r.job()));
-    let job: JobConfig = serde_json::from_str(&root.data.unwrap()[RECORD_JOB_KEY]).unwrap();
+    let mut job: JobConfig = serde_json::from_str(&root.data.unwrap()[RECORD_JOB_KEY]).unwrap();
+    // The record has the job without the env values, which the job's env Secret holds.
+    assert_eq!(job, r.recorded_job());
+    assert_ne!(job, *r.job());
+    let secret = r.env_secret().unwrap();
+    restore_env(&mut job, secret.data.as_ref().unwrap()).unwrap();
     assert_eq!(job, *r.job());
     // The same renderer from the record renders the same pods: `attach` and `launch` agree.
     let again = Renderer::new(job, "team-a").unwrap();
     assert_eq!(again.pod(Role::Worker, 1, 3), r.pod(Role::Worker, 1, 3));
+}
+
+/// A job configured the way a platform team would: S3 checkpoints, credentials from a Secret,
+/// literal settings, and whole Secrets as variables.
+fn job_with_credentials() -> JobConfig {
+    parse_job(
+        r#"
+name = "ctr"
+servers = 2
+workers = 2
+[model]
+kind = "logistic_regression"
+num_dense = 13
+[data]
+train = "data/train.csv"
+[data.synth]
+train_rows = 1000
+[checkpoint]
+url = "s3://ml-checkpoints/ctr"
+
+[kubernetes]
+env = { AWS_REGION = "literal-region-7f3a", AWS_SECRET_ACCESS_KEY = { secret = "s3-credentials", key = "secret-access-key" }, AWS_ACCESS_KEY_ID = { valueFrom = { secretKeyRef = { name = "s3-credentials", key = "access-key-id" } } }, HOST_IP = { valueFrom = { fieldRef = { fieldPath = "status.hostIP" } } } }
+env_from = [{ secret = "team-settings", prefix = "TEAM_" }, { configMapRef = { name = "proxy" } }]
+[kubernetes.worker]
+env = { ONLY_WORKERS = "literal-worker-91c2" }
+"#,
+    )
+    .unwrap()
+}
+
+/// The containers of a rendered pod, init containers included.
+fn containers(pod: &Pod) -> Vec<&k8s_openapi::api::core::v1::Container> {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.init_containers.iter().flatten().chain(&spec.containers).collect()
+}
+
+#[test]
+fn env_values_appear_only_in_the_pod_env_they_were_set_for() {
+    let r = Renderer::new(job_with_credentials(), "ml").unwrap();
+    let manifests = r.manifests(true);
+    for m in &manifests {
+        let text = serde_json::to_string(m).unwrap();
+        let Manifest::Pod(pod) = m else {
+            assert!(!text.contains("literal-"), "{} {} holds an env value", m.kind(), m.name());
+            continue;
+        };
+        let role = pod.metadata.labels.as_ref().unwrap()[LABEL_ROLE].clone();
+        for c in containers(pod) {
+            let env = c.env.as_ref().unwrap();
+            let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+            let source = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value_from.clone());
+            assert_eq!(value("AWS_REGION").as_deref(), Some("literal-region-7f3a"));
+            assert_eq!(value("ONLY_WORKERS").is_some(), role == "worker", "{}", c.name);
+            // A Secret's value is the kubelet's business: the pod names the key, nothing more.
+            assert_eq!(value("AWS_SECRET_ACCESS_KEY"), None);
+            let key = source("AWS_SECRET_ACCESS_KEY").unwrap().secret_key_ref.unwrap();
+            assert_eq!((key.name.as_str(), key.key.as_str()), ("s3-credentials", "secret-access-key"));
+            let key = source("AWS_ACCESS_KEY_ID").unwrap().secret_key_ref.unwrap();
+            assert_eq!((key.name.as_str(), key.key.as_str()), ("s3-credentials", "access-key-id"));
+            assert_eq!(source("HOST_IP").unwrap().field_ref.unwrap().field_path, "status.hostIP");
+            let from = c.env_from.as_ref().unwrap();
+            assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "team-settings");
+            assert_eq!(from[0].prefix.as_deref(), Some("TEAM_"));
+            assert_eq!(from[1].config_map_ref.as_ref().unwrap().name, "proxy");
+            // The cluster spec carries the job without the values.
+            let spec = value("GRADFLOW_CLUSTER_SPEC").unwrap();
+            assert!(!spec.contains("literal-"), "{spec}");
+            let parsed = ClusterSpec::from_json(&spec).unwrap();
+            assert_eq!(parsed.job_config.kubernetes, r.recorded_job().kubernetes);
+            // Besides its own variable, a literal is in no other place of the pod.
+            let others = serde_json::to_string(
+                &env.iter()
+                    .filter(|e| !["AWS_REGION", "ONLY_WORKERS"].contains(&e.name.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            assert!(!others.contains("literal-"), "{others}");
+        }
+    }
+    // The printed forms agree.
+    let yaml = to_yaml(&manifests).unwrap();
+    assert_eq!(
+        yaml.matches("literal-region-7f3a").count(),
+        2 + 2 * 2,
+        "servers, workers and their init containers"
+    );
+    assert_eq!(yaml.matches("literal-worker-91c2").count(), 2 * 2);
+    // The record names where each value is; only `launch` creates that Secret.
+    let recorded = r.recorded_job();
+    let env = &recorded.kubernetes.as_ref().unwrap().as_map()["env"];
+    assert_eq!(env["AWS_REGION"], serde_json::json!({ "secret": "ctr-env", "key": "env.AWS_REGION" }));
+    assert_eq!(
+        env["AWS_SECRET_ACCESS_KEY"],
+        serde_json::json!({ "secret": "s3-credentials", "key": "secret-access-key" })
+    );
+    assert!(manifests.iter().all(|m| m.name() != "ctr-env"));
+    let secret = r.env_secret().unwrap();
+    let keys: Vec<&String> = secret.data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, ["env.AWS_REGION", "worker.env.ONLY_WORKERS"]);
+    assert_eq!(secret.immutable, Some(true));
+}
+
+#[test]
+fn a_job_without_literal_env_values_needs_no_env_secret() {
+    let r = Renderer::new(job(1, 1, 0), "ml").unwrap();
+    assert_eq!(r.env_secret(), None);
+    assert_eq!(r.recorded_job(), *r.job());
 }
 
 #[test]
@@ -411,4 +523,125 @@ fn deploy_manifests_of_the_wide_deep_example_match_the_renderer() {
     }
     // And it reads back.
     assert_eq!(from_yaml(&yaml).unwrap(), r.manifests(false));
+}
+
+/// A job with `[checkpoint] url = <url>` (and whatever else `extra` adds to the file).
+fn checkpointed(url: &str, extra: &str) -> Result<Renderer, String> {
+    let job = parse_job(&format!(
+        "name = \"ctr\"\nservers = 2\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.csv\"\n\
+         [checkpoint]\nurl = \"{url}\"\n{extra}"
+    ))
+    .map_err(|e| e.to_string())?;
+    Renderer::new(job, "ml").map_err(|e| e.to_string())
+}
+
+#[test]
+fn checkpoints_on_a_pods_own_filesystem_are_refused_with_the_fix() {
+    let err = checkpointed("./ckpt", "").err().unwrap();
+    assert!(err.starts_with("checkpoint.url = \"/workspace/ckpt\" is not on shared storage"), "{err}");
+    assert!(err.contains("the server pod's own filesystem"), "{err}");
+    assert!(err.contains("s3://") && err.contains("PersistentVolumeClaim"), "{err}");
+    assert!(err.contains("mountPath = \"/workspace\""), "{err}");
+    // A volume that goes with the pod is no better; nor is one the servers cannot write.
+    let scratch = "[kubernetes]\nvolumes = [{ name = \"ckpt\", emptyDir = {} }]\n\
+                   volume_mounts = [{ name = \"ckpt\", mountPath = \"/workspace/ckpt\" }]\n";
+    let err = checkpointed("./ckpt", scratch).err().unwrap();
+    assert!(err.contains("volume \"ckpt\" is neither a persistentVolumeClaim nor nfs"), "{err}");
+    let read_only = "[kubernetes]\nvolumes = [{ name = \"ckpt\", persistentVolumeClaim = { claimName = \"ckpt\" } }]\n\
+                     volume_mounts = [{ name = \"ckpt\", mountPath = \"/workspace/ckpt\", readOnly = true }]\n";
+    assert!(checkpointed("./ckpt", read_only).err().unwrap().contains("readOnly"));
+    // Mounted on the workers only: the servers, who write checkpoints, do not see it.
+    let workers_only = "[kubernetes.worker]\nvolumes = [{ name = \"ckpt\", persistentVolumeClaim = { claimName = \"ckpt\" } }]\n\
+                        volume_mounts = [{ name = \"ckpt\", mountPath = \"/workspace/ckpt\" }]\n";
+    assert!(checkpointed("./ckpt", workers_only).err().unwrap().contains("own filesystem"));
+    assert!(checkpointed("memory://ckpt", "").err().unwrap().contains("memory:// lives in one process"));
+    // `restore` from a path is held to the same rule.
+    let job = parse_job(
+        "name = \"ctr\"\nrestore = \"file:///tmp/ckpt-000000001200\"\n[model]\nkind = \"logistic_regression\"\n\
+         [data]\ntrain = \"data/train.csv\"\n",
+    )
+    .unwrap();
+    let err = Renderer::new(job, "ml").err().unwrap().to_string();
+    assert!(err.starts_with("restore = \"/tmp/ckpt-000000001200\" is not on shared storage"), "{err}");
+}
+
+#[test]
+fn checkpoints_in_an_object_store_or_on_a_shared_volume_render() {
+    for url in ["s3://ml-checkpoints/ctr", "gs://b/ctr", "az://c/ctr"] {
+        checkpointed(url, "").unwrap();
+    }
+    for volume in [
+        "persistentVolumeClaim = { claimName = \"ckpt\" }",
+        "nfs = { server = \"nfs.example.com\", path = \"/exports/ckpt\" }",
+    ] {
+        let mounted = format!(
+            "[kubernetes]\nvolumes = [{{ name = \"ckpt\", {volume} }}]\n\
+             volume_mounts = [{{ name = \"ckpt\", mountPath = \"/workspace/shared\" }}]\n"
+        );
+        let r = checkpointed("./shared/ckpt", &mounted).unwrap();
+        let pod = r.pod(Role::Ps, 1, 1);
+        let mounts = pod.spec.unwrap().containers[0].volume_mounts.clone().unwrap();
+        assert!(mounts.iter().any(|m| m.mount_path == "/workspace/shared"));
+    }
+    // Without a [checkpoint] section nothing is restored, and nothing needs to be shared.
+    let job = parse_job(
+        "name = \"ctr\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.csv\"\n",
+    )
+    .unwrap();
+    Renderer::new(job, "ml").unwrap();
+}
+
+/// Kubernetes versions the rendered objects are validated against: the two newest that
+/// `kubernetes-validate` 1.37.0 (pinned in `.ci/run`) knows, and one a year older.
+const SCHEMA_VERSIONS: [&str; 3] = ["1.37.0", "1.36.0", "1.34.0"];
+
+#[test]
+fn every_render_passes_strict_schema_validation() {
+    let installed = std::process::Command::new("kubernetes-validate").arg("--version").output();
+    if !installed.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIPPED every_render_passes_strict_schema_validation: kubernetes-validate is not installed \
+             (python3 -m pip install kubernetes-validate==1.37.0; CI installs it in .ci/run)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = Token::new("validate-only-0123456789abcdef").unwrap();
+    let pvc = "[kubernetes]\nvolumes = [{ name = \"shared\", persistentVolumeClaim = { claimName = \"ctr-shared\" } }]\n\
+               volume_mounts = [{ name = \"shared\", mountPath = \"/workspace/shared\" }]\n";
+    let renderers = [
+        ("minimal", Renderer::new(job(2, 2, 3), "ml").unwrap()),
+        ("owned", renderer(job(2, 3, 3))),
+        ("full", Renderer::new(full_job(), "team-a").unwrap()),
+        ("credentials", Renderer::new(job_with_credentials(), "ml").unwrap()),
+        ("pvc-checkpoints", checkpointed("./shared/ckpt", pvc).unwrap()),
+    ];
+    let mut files = Vec::new();
+    for (name, r) in &renderers {
+        // What `--dry-run` prints, detached, plus what only `launch` creates (the Secrets with
+        // data) and pods of later attempts.
+        let mut manifests = r.manifests(true);
+        manifests.push(Manifest::Secret(Box::new(r.token_secret(Some(&token)))));
+        manifests.extend(r.env_secret().map(|s| Manifest::Secret(Box::new(s))));
+        manifests.push(Manifest::Pod(Box::new(r.pod(Role::Ps, 0, 2))));
+        manifests.push(Manifest::Pod(Box::new(r.pod(Role::Worker, 0, 1))));
+        let path = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, to_yaml(&manifests).unwrap()).unwrap();
+        files.push(path);
+    }
+    files.push(Path::new(MANIFEST_DIR).join("../../deploy/manifests/wide-deep.yaml"));
+    files.push(Path::new(MANIFEST_DIR).join("../../deploy/rbac.yaml"));
+    for version in SCHEMA_VERSIONS {
+        let out = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", version])
+            .args(&files)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubernetes-validate --strict -k {version} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

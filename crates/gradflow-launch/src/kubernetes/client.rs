@@ -2,7 +2,8 @@
 //! read its logs, delete it.
 //!
 //! `launch` creates, in this order, the job's root ConfigMap, the Secret with its token (when
-//! `auth.enabled`), its Service and, detached, its controller's Kubernetes Job; every pod comes
+//! `auth.enabled`), the Secret with the literal values of `kubernetes.env` (when it sets any;
+//! the record holds references to it, and `attach` reads it back), its Service and, detached, its controller's Kubernetes Job; every pod comes
 //! later, from the controller, so the Secret always exists before the first pod that reads it.
 //!
 //! Everything here is thin on purpose: decisions are made by
@@ -36,9 +37,10 @@ use tokio::time::Instant;
 
 use super::controller::{self, Action, Decision, JobStatus, JobSummary, member};
 use super::lease::{Acquire, DEFAULT_LEASE_DURATION, LeaseKeeper, Renewal, default_identity};
-use super::render::{Renderer, controller_name, token_secret_name};
+use super::render::{
+    Renderer, controller_name, env_secret_name, restore_env, token_secret_name, uses_env_secret,
+};
 use super::{KubernetesError, LABEL_CONTROLLER_OF, LABEL_JOB, RECORD_JOB_KEY, RECORD_STATUS_KEY};
-use gradflow_job::contract::Token;
 use gradflow_job::{JobConfig, JobError, Role};
 
 type Result<T, E = KubernetesError> = std::result::Result<T, E>;
@@ -135,13 +137,16 @@ impl JobClient {
             Err(e) => return Err(KubernetesError::api(format!("creating ConfigMap {name}"))(e)),
         };
         let renderer = renderer.with_owner(&root)?;
-        if let Some(token) = &token
-            && let Err(e) = self.create_token_secret(&renderer, token).await
-        {
-            // Nothing else exists yet: without the root, launching again after fixing the cause
-            // (a missing permission, a Secret of that name) starts from a clean slate.
-            let _ = self.config_maps().delete(&name, &DeleteParams::background()).await;
-            return Err(e);
+        // The Secrets exist before any pod that reads them: the token's, and the one with the
+        // literal values of `kubernetes.env` (which `attach` needs to render the same pods).
+        let secrets = token.iter().map(|t| renderer.token_secret(Some(t))).chain(renderer.env_secret());
+        for secret in secrets.collect::<Vec<_>>() {
+            if let Err(e) = self.create_owned_secret(&renderer, &secret).await {
+                // Nothing else exists yet: without the root, launching again after fixing the
+                // cause (a missing permission, a Secret of that name) starts from a clean slate.
+                let _ = self.config_maps().delete(&name, &DeleteParams::background()).await;
+                return Err(e);
+            }
         }
         self.ensure_service(&renderer).await?;
         if detach {
@@ -161,7 +166,35 @@ impl JobClient {
     /// created it died, or in a detached job's controller pod). The job's token Secret must be
     /// there: pods created without it could not start, and only `launch` knows a token.
     pub async fn attach(&self, name: &str) -> Result<Controller> {
-        let (_, renderer, _) = self.read_record(name).await?;
+        let (root, mut renderer, _) = self.read_record(name).await?;
+        if uses_env_secret(renderer.job()) {
+            // The record holds `kubernetes.env` without its literal values; they are in the
+            // job's `<job>-env` Secret.
+            let secret_name = env_secret_name(name);
+            let secret = self
+                .secrets()
+                .get_opt(&secret_name)
+                .await
+                .map_err(KubernetesError::api(format!("reading Secret {secret_name}")))?;
+            let secret = match secret {
+                Some(s) if secret_owner(&s.metadata, &renderer) == SecretOwner::ThisJob => s,
+                Some(_) => return Err(self.foreign_secret(&secret_name)),
+                None => {
+                    return Err(KubernetesError::Record {
+                        job: name.into(),
+                        message: format!(
+                            "Secret {secret_name}, which holds the values of kubernetes.env, is missing in \
+                             namespace {}: new pods could not get their environment; remove the job with \
+                             `gradflow delete {name}` and launch it again",
+                            self.namespace
+                        ),
+                    });
+                }
+            };
+            let mut job = renderer.job().clone();
+            restore_env(&mut job, &secret.data.unwrap_or_default())?;
+            renderer = Renderer::new(job, &self.namespace)?.with_owner(&root)?;
+        }
         if renderer.job().auth.enabled {
             self.check_token_secret(&renderer).await?;
         }
@@ -169,17 +202,17 @@ impl JobClient {
         Ok(Controller::new(self.clone(), renderer))
     }
 
-    /// Creates the Secret with the job's token, owned by the job's (new) root.
+    /// Creates one of the job's Secrets (its token's, its env values'), owned by the job's
+    /// (new) root.
     ///
     /// A Secret of that name may be there already: one this job owns (an earlier try of this
     /// request) is used as it is; one owned by an earlier job of the same name, whose root is
     /// gone (`kubectl delete configmap` returns before the garbage collector has deleted the
     /// dependents), is deleted and created again; any other one is an error that names it.
-    async fn create_token_secret(&self, renderer: &Renderer, token: &Token) -> Result<()> {
-        let name = token_secret_name(&renderer.job().name);
-        let secret = renderer.token_secret(Some(token));
+    async fn create_owned_secret(&self, renderer: &Renderer, secret: &Secret) -> Result<()> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
         let creating = || KubernetesError::api(format!("creating Secret {name}"));
-        match self.secrets().create(&PostParams::default(), &secret).await {
+        match self.secrets().create(&PostParams::default(), secret).await {
             Ok(_) => return Ok(()),
             Err(e) if is_status(&e, 409) => {}
             Err(e) => return Err(creating()(e)),
@@ -193,7 +226,7 @@ impl JobClient {
             // Deleted in between (by the garbage collector, say): the conflict is over.
             return self
                 .secrets()
-                .create(&PostParams::default(), &secret)
+                .create(&PostParams::default(), secret)
                 .await
                 .map(|_| ())
                 .map_err(creating());
@@ -214,7 +247,7 @@ impl JobClient {
                         ))(e));
                     }
                 }
-                self.secrets().create(&PostParams::default(), &secret).await.map(|_| ()).map_err(creating())
+                self.secrets().create(&PostParams::default(), secret).await.map(|_| ()).map_err(creating())
             }
             SecretOwner::Other => Err(self.foreign_secret(&name)),
         }
@@ -244,7 +277,7 @@ impl JobClient {
     fn foreign_secret(&self, name: &str) -> KubernetesError {
         KubernetesError::Foreign(format!(
             "a Secret named {name} already exists in namespace {} and does not belong to this job; \
-             gradflow creates the job's token Secret itself: delete that one (`kubectl delete secret {name} -n {}`) \
+             gradflow creates the job's Secrets (<job>-token, <job>-env) itself: delete that one (`kubectl delete secret {name} -n {}`) \
              or rename the job (to use a token of your own, set auth.token_file)",
             self.namespace, self.namespace
         ))
@@ -430,7 +463,8 @@ impl JobClient {
     }
 }
 
-/// Whose an existing token Secret is.
+/// Whose an existing Secret of the job's (its token's, its env values') is.
+#[derive(Debug, PartialEq)]
 enum SecretOwner {
     /// Owned by the job's root.
     ThisJob,

@@ -27,7 +27,10 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Toleration, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVarSource, SecretEnvSource,
+    SecretKeySelector, Toleration, Volume, VolumeMount,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -111,8 +114,16 @@ pub struct KubernetesConfig {
     /// Tolerations, as in a pod spec.
     #[serde(deserialize_with = "strict_list")]
     pub tolerations: Vec<Toleration>,
-    /// Extra environment variables (names starting with `GRADFLOW_` are reserved).
-    pub env: BTreeMap<String, String>,
+    /// Extra environment variables (names starting with `GRADFLOW_` are reserved): a literal
+    /// value, or a reference to a Secret's or ConfigMap's key ([`EnvValue`]). Literal values
+    /// are set in the pods' env only: the job record and the cluster spec carry them as
+    /// references to the job's `<job>-env` Secret.
+    pub env: BTreeMap<String, EnvValue>,
+    /// Whole Secrets or ConfigMaps as variables (`envFrom`): `{ secret = "name" }`,
+    /// `{ config_map = "name", prefix = "P_" }`, or the Kubernetes shape
+    /// (`{ secretRef = { name = "name" } }`). Variables of `env` win over these.
+    #[serde(deserialize_with = "env_from_list")]
+    pub env_from: Vec<EnvFromSource>,
     /// Extra volumes, as in a pod spec.
     #[serde(deserialize_with = "strict_list")]
     pub volumes: Vec<Volume>,
@@ -142,7 +153,9 @@ pub struct PodSettings {
     pub node_selector: BTreeMap<String, String>,
     #[serde(deserialize_with = "strict_list")]
     pub tolerations: Vec<Toleration>,
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
+    #[serde(deserialize_with = "env_from_list")]
+    pub env_from: Vec<EnvFromSource>,
     #[serde(deserialize_with = "strict_list")]
     pub volumes: Vec<Volume>,
     #[serde(deserialize_with = "strict_list")]
@@ -175,6 +188,7 @@ impl Default for KubernetesConfig {
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
             env: BTreeMap::new(),
+            env_from: Vec::new(),
             volumes: Vec::new(),
             volume_mounts: Vec::new(),
             ps: PodSettings::default(),
@@ -190,11 +204,11 @@ impl KubernetesConfig {
             Role::Ps => &self.ps,
             Role::Worker => &self.worker,
         };
-        let merge = |a: &BTreeMap<String, String>, b: &BTreeMap<String, String>| {
+        fn merge<V: Clone>(a: &BTreeMap<String, V>, b: &BTreeMap<String, V>) -> BTreeMap<String, V> {
             let mut m = a.clone();
             m.extend(b.iter().map(|(k, v)| (k.clone(), v.clone())));
             m
-        };
+        }
         PodSettings {
             image: over.image.clone().or_else(|| Some(self.image.clone())),
             command: over.command.clone().or_else(|| self.command.clone()),
@@ -204,6 +218,7 @@ impl KubernetesConfig {
             node_selector: merge(&self.node_selector, &over.node_selector),
             tolerations: [&self.tolerations[..], &over.tolerations].concat(),
             env: merge(&self.env, &over.env),
+            env_from: [&self.env_from[..], &over.env_from].concat(),
             volumes: [&self.volumes[..], &over.volumes].concat(),
             volume_mounts: [&self.volume_mounts[..], &over.volume_mounts].concat(),
         }
@@ -332,6 +347,7 @@ impl KubernetesConfig {
             node_selector: self.node_selector.clone(),
             tolerations: self.tolerations.clone(),
             env: self.env.clone(),
+            env_from: self.env_from.clone(),
             volumes: self.volumes.clone(),
             volume_mounts: self.volume_mounts.clone(),
         };
@@ -379,6 +395,14 @@ fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), Jo
             return Err(invalid(at("env"), format!("{k:?} is not a valid environment variable name")));
         }
     }
+    for (k, v) in &s.env {
+        if let EnvValue::From(source) = v {
+            check_env_source(source).map_err(|e| invalid(format!("{}.{k}", at("env")), e))?;
+        }
+    }
+    for (i, source) in s.env_from.iter().enumerate() {
+        check_env_from(source).map_err(|e| invalid(format!("{}[{i}]", at("env_from")), e))?;
+    }
     for (i, v) in s.volumes.iter().enumerate() {
         let name = format!("{}[{i}].name", at("volumes"));
         dns_label(&v.name).map_err(|e| invalid(name.clone(), e))?;
@@ -395,6 +419,176 @@ fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), Jo
         }
     }
     Ok(())
+}
+
+/// A reference to a key of a Secret or ConfigMap names both; other sources (`fieldRef`,
+/// `resourceFieldRef`) are checked by the API server.
+fn check_env_source(source: &EnvVarSource) -> Result<(), String> {
+    let set = [
+        source.secret_key_ref.is_some(),
+        source.config_map_key_ref.is_some(),
+        source.field_ref.is_some(),
+        source.resource_field_ref.is_some(),
+    ];
+    if set.iter().filter(|s| **s).count() != 1 {
+        return Err(
+            "expected exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef".into()
+        );
+    }
+    let refs = [
+        source.secret_key_ref.as_ref().map(|r| (&r.name, &r.key)),
+        source.config_map_key_ref.as_ref().map(|r| (&r.name, &r.key)),
+    ];
+    for (name, key) in refs.into_iter().flatten() {
+        dns_subdomain(name)?;
+        config_key(key)?;
+    }
+    Ok(())
+}
+
+/// An `env_from` entry names one Secret or ConfigMap, and its prefix cannot make gradflow's
+/// variables.
+fn check_env_from(source: &EnvFromSource) -> Result<(), String> {
+    let name = match (&source.secret_ref, &source.config_map_ref) {
+        (Some(s), None) => &s.name,
+        (None, Some(c)) => &c.name,
+        _ => return Err("expected exactly one of secret and config_map (secretRef, configMapRef)".into()),
+    };
+    dns_subdomain(name)?;
+    if source.prefix.as_deref().is_some_and(|p| p.starts_with("GRADFLOW_")) {
+        return Err(
+            "a prefix starting with GRADFLOW_ is reserved: gradflow sets the GRADFLOW_ variables".into()
+        );
+    }
+    Ok(())
+}
+
+/// A key of a Secret or ConfigMap: letters, digits, `-`, `_`, `.`.
+fn config_key(key: &str) -> Result<(), String> {
+    let ok = !key.is_empty()
+        && key.len() <= 253
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(format!("{key:?} is not a valid Secret or ConfigMap key")) }
+}
+
+/// The value of one `env` entry: a literal, or where the pod takes it from.
+///
+/// In the job file: `NAME = "value"`; `NAME = { secret = "s3", key = "secret-key" }` or
+/// `NAME = { config_map = "settings", key = "region" }` (either with `optional = true`); or the
+/// Kubernetes shape, `NAME = { valueFrom = { secretKeyRef = { name = "s3", key = "k" } } }`,
+/// which also takes `fieldRef` and `resourceFieldRef`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnvValue {
+    /// A literal value, set in the pods' env.
+    Value(String),
+    /// Taken by the kubelet from a Secret, a ConfigMap or the pod itself.
+    From(EnvVarSource),
+}
+
+impl EnvValue {
+    /// A reference to `key` of the Secret `secret`.
+    pub fn secret(secret: impl Into<String>, key: impl Into<String>) -> EnvValue {
+        EnvValue::From(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: secret.into(), key: key.into(), optional: None }),
+            ..EnvVarSource::default()
+        })
+    }
+}
+
+impl Serialize for EnvValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shape<'a> {
+            #[serde(rename = "valueFrom")]
+            value_from: &'a EnvVarSource,
+        }
+        match self {
+            EnvValue::Value(v) => s.serialize_str(v),
+            EnvValue::From(source) => Shape { value_from: source }.serialize(s),
+        }
+    }
+}
+
+const ENV_SHAPES: &str = "expected a string, { secret = \"name\", key = \"key\" }, \
+     { config_map = \"name\", key = \"key\" } or { valueFrom = { secretKeyRef = { name = \"name\", key = \"key\" } } }";
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        use serde_json::Value;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Short {
+            secret: Option<String>,
+            config_map: Option<String>,
+            key: String,
+            optional: Option<bool>,
+        }
+        let value = Value::deserialize(d)?;
+        let Value::Object(map) = &value else {
+            return match value {
+                Value::String(s) => Ok(EnvValue::Value(s)),
+                _ => Err(D::Error::custom(ENV_SHAPES)),
+            };
+        };
+        if let Some(source) = map.get("valueFrom") {
+            if map.len() != 1 {
+                return Err(D::Error::custom(format!("{ENV_SHAPES}: valueFrom comes alone")));
+            }
+            return strict::<EnvVarSource>(source).map(EnvValue::From).map_err(D::Error::custom);
+        }
+        let short: Short = serde_json::from_value(value.clone())
+            .map_err(|e| D::Error::custom(format!("{ENV_SHAPES}: {e}")))?;
+        let source = match (short.secret, short.config_map) {
+            (Some(name), None) => EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector { name, key: short.key, optional: short.optional }),
+                ..EnvVarSource::default()
+            },
+            (None, Some(name)) => EnvVarSource {
+                config_map_key_ref: Some(ConfigMapKeySelector {
+                    name,
+                    key: short.key,
+                    optional: short.optional,
+                }),
+                ..EnvVarSource::default()
+            },
+            _ => return Err(D::Error::custom(format!("{ENV_SHAPES}: name either secret or config_map"))),
+        };
+        Ok(EnvValue::From(source))
+    }
+}
+
+/// `env_from`: a list of `{ secret = "name" }`, `{ config_map = "name" }` (with `prefix` and
+/// `optional`), or Kubernetes `envFrom` entries (`{ secretRef = { name = "name" } }`).
+fn env_from_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<EnvFromSource>, D::Error> {
+    use serde::de::Error;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Short {
+        secret: Option<String>,
+        config_map: Option<String>,
+        prefix: Option<String>,
+        optional: Option<bool>,
+    }
+    let raw = Vec::<serde_json::Value>::deserialize(d)?;
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, value)| {
+            let short_form = value.get("secret").is_some() || value.get("config_map").is_some();
+            if !short_form {
+                return strict::<EnvFromSource>(&value).map_err(|e| D::Error::custom(format!("[{i}]: {e}")));
+            }
+            let short: Short =
+                serde_json::from_value(value).map_err(|e| D::Error::custom(format!("[{i}]: {e}")))?;
+            Ok(EnvFromSource {
+                secret_ref: short.secret.map(|name| SecretEnvSource { name, optional: short.optional }),
+                config_map_ref: short
+                    .config_map
+                    .map(|name| ConfigMapEnvSource { name, optional: short.optional }),
+                prefix: short.prefix,
+            })
+        })
+        .collect()
 }
 
 /// Every mount names a volume of the same pod, and volume names are unique.
@@ -562,16 +756,18 @@ fn strict_list<'de, D: Deserializer<'de>, T: DeserializeOwned + Serialize>(d: D)
     let raw = Vec::<serde_json::Value>::deserialize(d)?;
     raw.into_iter()
         .enumerate()
-        .map(|(i, value)| {
-            let typed: T = serde_json::from_value(value.clone())
-                .map_err(|e| serde::de::Error::custom(format!("[{i}]: {e}")))?;
-            let back = serde_json::to_value(&typed).map_err(serde::de::Error::custom)?;
-            if let Some(path) = unknown_key(&value, &back, String::new()) {
-                return Err(serde::de::Error::custom(format!("[{i}]: unknown field `{path}`")));
-            }
-            Ok(typed)
-        })
+        .map(|(i, value)| strict(&value).map_err(|e| serde::de::Error::custom(format!("[{i}]: {e}"))))
         .collect()
+}
+
+/// One Kubernetes object whose keys are checked (see [`strict_list`]).
+fn strict<T: DeserializeOwned + Serialize>(value: &serde_json::Value) -> Result<T, String> {
+    let typed: T = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    if let Some(path) = unknown_key(value, &back, String::new()) {
+        return Err(format!("unknown field `{path}`"));
+    }
+    Ok(typed)
 }
 
 /// The first key of `given` that `understood` (the same value after a round trip through its
@@ -696,6 +892,62 @@ mod tests {
         assert!(err.contains("no volume named \"nope\""), "{err}");
         let err = parse("[kubernetes]\ntolerations = [{ keys = \"x\" }]\n").unwrap_err();
         assert!(err.contains("keys"), "{err}");
+    }
+
+    #[test]
+    fn env_takes_literals_and_references_in_two_shapes() {
+        let job = parse(
+            "[kubernetes]\nenv = { A = \"1\", B = { secret = \"s3\", key = \"secret-key\" }, \
+             C = { config_map = \"settings\", key = \"region\", optional = true }, \
+             D = { valueFrom = { secretKeyRef = { name = \"s3\", key = \"id\" } } } }\n\
+             env_from = [{ secret = \"team\" }, { configMapRef = { name = \"proxy\" }, prefix = \"P_\" }]\n\
+             [kubernetes.worker]\nenv_from = [{ config_map = \"worker-settings\", optional = true }]\n",
+        )
+        .unwrap();
+        let k = KubernetesConfig::of(&job).unwrap();
+        let w = k.for_role(Role::Worker);
+        assert_eq!(w.env["A"], EnvValue::Value("1".into()));
+        assert_eq!(w.env["B"], EnvValue::secret("s3", "secret-key"));
+        let EnvValue::From(c) = &w.env["C"] else { panic!() };
+        let c = c.config_map_key_ref.as_ref().unwrap();
+        assert_eq!((c.name.as_str(), c.key.as_str(), c.optional), ("settings", "region", Some(true)));
+        assert_eq!(w.env["D"], EnvValue::secret("s3", "id"));
+        assert_eq!(w.env_from.len(), 3);
+        assert_eq!(w.env_from[0].secret_ref.as_ref().unwrap().name, "team");
+        assert_eq!(w.env_from[1].prefix.as_deref(), Some("P_"));
+        assert_eq!(w.env_from[2].config_map_ref.as_ref().unwrap().optional, Some(true));
+        assert_eq!(k.for_role(Role::Ps).env_from.len(), 2);
+        // What is written is what is read back.
+        let back: KubernetesConfig = serde_json::from_value(serde_json::to_value(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+    }
+
+    #[test]
+    fn bad_env_references_name_the_key() {
+        for (extra, key) in [
+            ("[kubernetes]\nenv = { A = { secret = \"S3\", key = \"k\" } }", "kubernetes.env.A"),
+            ("[kubernetes]\nenv = { A = { secret = \"s\", key = \"a/b\" } }", "kubernetes.env.A"),
+            ("[kubernetes]\nenv = { A = { secret = \"s\", keys = \"k\" } }", "keys"),
+            (
+                "[kubernetes]\nenv = { A = { secret = \"s\", config_map = \"c\", key = \"k\" } }",
+                "either secret or config_map",
+            ),
+            ("[kubernetes]\nenv = { A = 1 }", "expected a string"),
+            ("[kubernetes.worker]\nenv = { A = { valueFrom = {} } }", "kubernetes.worker.env.A"),
+            (
+                "[kubernetes]\nenv = { A = { valueFrom = { secretKeyRef = { name = \"s\", kee = \"k\" } } } }",
+                "kee",
+            ),
+            ("[kubernetes]\nenv_from = [{ secret = \"s\", config_map = \"c\" }]", "kubernetes.env_from[0]"),
+            (
+                "[kubernetes.ps]\nenv_from = [{ secretRef = { name = \"s\" }, prefix = \"GRADFLOW_\" }]",
+                "kubernetes.ps.env_from[0]",
+            ),
+            ("[kubernetes]\nenv_from = [{ secretref = { name = \"s\" } }]", "secretref"),
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

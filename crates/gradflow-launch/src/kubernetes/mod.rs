@@ -141,6 +141,26 @@ pub enum KubernetesError {
     /// in ours, and its chain repeats itself.)
     #[error("{context}: {}", describe(.error))]
     Api { context: String, error: kube::Error },
+    /// Something that must outlive a pod (checkpoints a restarted server restores from) would
+    /// be kept on a pod's own filesystem, which goes with the pod.
+    #[error(
+        "{key} = {location:?} is not on shared storage ({why}): when a server pod is lost, the servers \
+         are recreated to restore the latest checkpoint, which would have gone with the old pod, and the job \
+         would silently start over. Use storage every pod shares: an object store URL (s3://, gs://, az://), or \
+         a path under a volume mounted from a PersistentVolumeClaim (ReadWriteMany) or NFS, e.g. \
+         kubernetes.volumes = [{{ name = \"ckpt\", persistentVolumeClaim = {{ claimName = \"ckpt\" }} }}] and \
+         kubernetes.volume_mounts = [{{ name = \"ckpt\", mountPath = \"{mount}\" }}]"
+    )]
+    PodLocalStorage {
+        /// The job-file key (`checkpoint.url`, `restore`).
+        key: &'static str,
+        /// Where it points, inside the pod.
+        location: String,
+        /// Where it is instead (`the server pod's own filesystem`, `volume "x" is an emptyDir`).
+        why: String,
+        /// A mount path that would cover it.
+        mount: String,
+    },
     /// `launch` found a job of the same name.
     #[error(
         "job {job} already exists in namespace {namespace}; see `gradflow status {job}`, remove it with `gradflow delete {job}`"

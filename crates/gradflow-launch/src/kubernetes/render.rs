@@ -35,7 +35,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
-use super::config::{KubernetesConfig, PodSettings, SCRATCH_VOLUME, check_name};
+use super::config::{EnvValue, KubernetesConfig, PodSettings, SCRATCH_VOLUME, check_name};
 use super::status::JobStatus;
 use super::{
     ANNOTATION_TOKEN, ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT,
@@ -106,6 +106,138 @@ pub fn token_secret_name(job: &str) -> String {
     format!("{job}-token")
 }
 
+/// Name of the Secret that holds the literal values of the job's `kubernetes.env` (see
+/// [`Renderer::env_secret`]).
+pub fn env_secret_name(job: &str) -> String {
+    format!("{job}-env")
+}
+
+/// Calls `f` with every `env` entry of a `[kubernetes]` section (`env`, `ps.env`,
+/// `worker.env`), and its key in the job's env Secret (`env.NAME`, `ps.env.NAME`, ...).
+fn for_each_env(
+    section: &mut serde_json::Map<String, serde_json::Value>,
+    mut f: impl FnMut(&str, &mut serde_json::Value),
+) {
+    let mut visit = |scope: &str, table: Option<&mut serde_json::Value>| {
+        if let Some(serde_json::Value::Object(env)) = table {
+            for (name, value) in env.iter_mut() {
+                f(&format!("{scope}.{name}"), value);
+            }
+        }
+    };
+    visit("env", section.get_mut("env"));
+    for role in ["ps", "worker"] {
+        let table = section.get_mut(role).and_then(|r| r.get_mut("env"));
+        visit(&format!("{role}.env"), table);
+    }
+}
+
+/// Checkpoints that a server restores from must be where every pod finds them, whichever
+/// node it runs on: with a `[checkpoint]` section the controller recreates the servers from the
+/// latest checkpoint when one is lost, and `restore` reads one at the start. An object store
+/// URL is shared; a path is shared only under a volume of the server pods that is mounted
+/// writable from a PersistentVolumeClaim or NFS. Anything else (the container's own
+/// filesystem, an emptyDir, a hostPath, `memory://`) is refused, naming the fix.
+fn check_shared_storage(job: &JobConfig, kube: &KubernetesConfig) -> Result<(), KubernetesError> {
+    use gradflow_core::settings::Restore;
+    let settings = kube.for_role(Role::Ps);
+    let check = |key: &'static str, location: &str| -> Result<(), KubernetesError> {
+        let path = match location.split_once("://") {
+            None => location.to_string(),
+            Some(("file", rest)) => rest.to_string(),
+            Some(("memory", _)) => {
+                return Err(KubernetesError::PodLocalStorage {
+                    key,
+                    location: location.into(),
+                    why: "memory:// lives in one process".into(),
+                    mount: "/workspace/checkpoints".into(),
+                });
+            }
+            Some(_) => return Ok(()),
+        };
+        let path = super::config::normalize(Path::new(&path));
+        let refuse = |why: String| {
+            let mount = path.parent().filter(|p| p != &Path::new("/")).unwrap_or(&path);
+            KubernetesError::PodLocalStorage {
+                key,
+                location: path.to_string_lossy().into_owned(),
+                why,
+                mount: mount.to_string_lossy().into_owned(),
+            }
+        };
+        // The deepest mount that holds the path decides.
+        let mount = settings
+            .volume_mounts
+            .iter()
+            .filter(|m| path.starts_with(super::config::normalize(Path::new(&m.mount_path))))
+            .max_by_key(|m| m.mount_path.len());
+        let Some(mount) = mount else { return Err(refuse("the server pod's own filesystem".into())) };
+        let volume = settings.volumes.iter().find(|v| v.name == mount.name);
+        let shared = volume.is_some_and(|v| v.persistent_volume_claim.is_some() || v.nfs.is_some());
+        if !shared {
+            return Err(refuse(format!(
+                "volume {:?} is neither a persistentVolumeClaim nor nfs, so it goes with the pod",
+                mount.name
+            )));
+        }
+        if mount.read_only == Some(true) && key == "checkpoint.url" {
+            return Err(refuse(format!(
+                "volume {:?} is mounted readOnly, and servers write there",
+                mount.name
+            )));
+        }
+        Ok(())
+    };
+    if let Some(c) = &job.checkpoint {
+        check("checkpoint.url", &c.url)?;
+    }
+    if let Some(Restore::Url(url)) = &job.restore {
+        check("restore", url)?;
+    }
+    Ok(())
+}
+
+/// The job as `launch` had it, from its record ([`Renderer::recorded_job`]) and the data of
+/// its `<job>-env` Secret: every reference to a key of that Secret becomes the literal value
+/// again. A key the data lacks is an error that names it.
+pub fn restore_env(job: &mut JobConfig, data: &BTreeMap<String, ByteString>) -> Result<(), KubernetesError> {
+    let secret = env_secret_name(&job.name);
+    let Some(section) = &job.kubernetes else { return Ok(()) };
+    let mut map = section.as_map().clone();
+    let mut missing = None;
+    for_each_env(&mut map, |key, value| {
+        let ours = value.get("secret").and_then(|s| s.as_str()) == Some(secret.as_str())
+            && value.get("key").and_then(|k| k.as_str()) == Some(key);
+        if !ours {
+            return;
+        }
+        match data.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned()) {
+            Some(v) => *value = serde_json::Value::String(v),
+            None => missing = Some(key.to_string()),
+        }
+    });
+    if let Some(key) = missing {
+        return Err(KubernetesError::Record {
+            job: job.name.clone(),
+            message: format!("Secret {secret} has no key {key}, which kubernetes.env refers to"),
+        });
+    }
+    job.kubernetes = Some(map.into());
+    Ok(())
+}
+
+/// Whether the job's record refers to its `<job>-env` Secret (it set literal env values).
+pub fn uses_env_secret(job: &JobConfig) -> bool {
+    let secret = env_secret_name(&job.name);
+    let Some(section) = &job.kubernetes else { return false };
+    let mut map = section.as_map().clone();
+    let mut found = false;
+    for_each_env(&mut map, |_, value| {
+        found |= value.get("secret").and_then(|s| s.as_str()) == Some(secret.as_str());
+    });
+    found
+}
+
 /// Name of a detached job's controller (a Kubernetes Job; its pods get generated names).
 pub fn controller_name(job: &str) -> String {
     format!("{job}-controller")
@@ -119,6 +251,7 @@ impl Renderer {
         let kube = KubernetesConfig::of(&job).map_err(config)?;
         kube.validate().map_err(config)?;
         check_name(&job.name).map_err(config)?;
+        check_shared_storage(&job, &kube)?;
         Ok(Renderer { job, kube, namespace: namespace.into(), owner: None })
     }
 
@@ -193,13 +326,61 @@ impl Renderer {
     }
 
     /// The job file as the pods see it: the tensor link on `kubernetes.link_port` unless the
-    /// job file names a port.
+    /// job file names a port, and `kubernetes.env` without its values (see
+    /// [`recorded_job`](Self::recorded_job)).
     fn pod_job_config(&self) -> JobConfig {
-        let mut job = self.job.clone();
+        let mut job = self.recorded_job();
         if job.server.link_port == 0 {
             job.server.link_port = self.kube.link_port;
         }
         job
+    }
+
+    /// The job as the record (the root ConfigMap) and the cluster spec carry it: each literal
+    /// value of `kubernetes.env` (and of `ps.env`, `worker.env`) is replaced by a reference to
+    /// its key in the job's Secret `<job>-env` ([`env_secret`](Self::env_secret)), so that a
+    /// value set in the job file appears in the pods' env and in that Secret only. References
+    /// to other Secrets stay as written: they hold no value.
+    pub fn recorded_job(&self) -> JobConfig {
+        let mut job = self.job.clone();
+        let secret = env_secret_name(&job.name);
+        if let Some(section) = &job.kubernetes {
+            let mut map = section.as_map().clone();
+            for_each_env(&mut map, |key, value| {
+                if value.is_string() {
+                    *value = serde_json::json!({ "secret": secret, "key": key });
+                }
+            });
+            job.kubernetes = Some(map.into());
+        }
+        job
+    }
+
+    /// The Secret `<job>-env` with the literal values of `kubernetes.env` (keys `env.NAME`,
+    /// `ps.env.NAME`, `worker.env.NAME`), which `launch` creates next to the token's and
+    /// `attach` reads to render the same pods as `launch` ([`restore_env`]). `None` when the
+    /// job sets no literal value. Never part of [`manifests`](Self::manifests): the pods take
+    /// their values from their own spec.
+    pub fn env_secret(&self) -> Option<Secret> {
+        let mut data = BTreeMap::new();
+        if let Some(section) = &self.job.kubernetes {
+            let mut map = section.as_map().clone();
+            for_each_env(&mut map, |key, value| {
+                if let Some(v) = value.as_str() {
+                    data.insert(key.to_string(), ByteString(v.as_bytes().to_vec()));
+                }
+            });
+        }
+        if data.is_empty() {
+            return None;
+        }
+        Some(Secret {
+            metadata: self.meta(env_secret_name(&self.job.name), self.labels("job")),
+            type_: Some("Opaque".into()),
+            immutable: Some(true),
+            data: Some(data),
+            ..Secret::default()
+        })
     }
 
     /// The servers' tensor-link port, if they offer the link (not with TLS).
@@ -242,7 +423,8 @@ impl Renderer {
             data: Some(BTreeMap::from([
                 (
                     RECORD_JOB_KEY.to_string(),
-                    serde_json::to_string_pretty(&self.job).expect("a JobConfig always serializes"),
+                    serde_json::to_string_pretty(&self.recorded_job())
+                        .expect("a JobConfig always serializes"),
                 ),
                 (RECORD_STATUS_KEY.to_string(), status.to_json()),
             ])),
@@ -370,9 +552,19 @@ impl Renderer {
                 }),
             });
         }
-        let user_env: Vec<EnvVar> = settings.env.iter().map(|(k, v)| env_var(k, v)).collect();
+        let user_env: Vec<EnvVar> = settings
+            .env
+            .iter()
+            .map(|(k, v)| match v {
+                EnvValue::Value(v) => env_var(k, v),
+                EnvValue::From(source) => {
+                    EnvVar { name: k.clone(), value: None, value_from: Some(source.clone()) }
+                }
+            })
+            .collect();
         main_env.extend(user_env.iter().cloned());
         env.extend(user_env);
+        let env_from = (!settings.env_from.is_empty()).then(|| settings.env_from.clone());
 
         let (scratch_mounts, scratch_volume) = match role {
             Role::Worker => self.scratch(&settings),
@@ -394,6 +586,7 @@ impl Renderer {
         };
         let mut main = self.container(role.as_str(), &settings, args);
         main.env = Some(main_env);
+        main.env_from = env_from.clone();
         main.volume_mounts = (!mounts.is_empty()).then(|| mounts.clone());
         main.resources = resources(&settings);
         if role == Role::Ps {
@@ -417,6 +610,7 @@ impl Renderer {
         let init = (role == Role::Worker && job.data.synth.is_some()).then(|| {
             let mut prepare = self.container("prepare", &settings, vec!["prepare".into()]);
             prepare.env = Some(env);
+            prepare.env_from = env_from;
             prepare.volume_mounts = main.volume_mounts.clone();
             // CPU and memory like the worker (so the pod asks for no more), but no GPU.
             prepare.resources = resources(&PodSettings { gpu: None, ..settings.clone() });
