@@ -106,10 +106,10 @@ fn a_job_reads_parquet_row_groups_from_s3_through_a_glob_and_learns_as_from_loca
         aucs.push(last["test_auc"].as_f64().unwrap());
     }
     let (csv, parquet) = (aucs[0], aucs[1]);
+    eprintln!("test AUC: local CSV {csv:.4}, Parquet on S3 {parquet:.4}");
     assert!(csv > 0.70, "local CSV learns: AUC {csv}");
-    // Row groups instead of byte ranges give each worker other examples in another order, which
-    // moves one epoch's AUC by up to about 0.015 on this data (the data crate's tests check that
-    // the examples themselves are the same).
-    assert!(parquet > 0.70, "Parquet on S3 learns: AUC {parquet}");
-    assert!((parquet - csv).abs() < 0.03, "Parquet on S3: AUC {parquet} vs local CSV {csv}");
+    // Row groups instead of byte ranges give each worker its examples in another order: the
+    // issue allows 0.003 (measured: 0.7347 and 0.7351; before row groups were split across
+    // files as one sequence, one worker got a third of the data and the AUC was 0.7192).
+    assert!((parquet - csv).abs() < 0.003, "Parquet on S3: AUC {parquet} vs local CSV {csv}");
 }
