@@ -5,9 +5,10 @@
 //! The S3 part is skipped, with a notice, when `s3s-fs` is not on `PATH`
 //! (`cargo install s3s-fs@0.14.1 --features binary --locked`).
 
-use std::net::{TcpListener, TcpStream};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn gradflow(args: &[&str], env: &[(&str, String)]) -> Output {
@@ -92,51 +93,13 @@ fn convert_then_inspect_locally() {
     assert!(!o.status.success() && stderr.contains("`ftp://` is not a supported scheme"), "{stderr}");
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn inspect_an_object_on_s3_with_the_aws_variables() {
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("s3s-fs").is_file()));
-    if !on_path {
-        eprintln!(
-            "NOTICE: skipping the S3 test: `s3s-fs` is not on PATH (cargo install s3s-fs@0.14.1 --features binary --locked)"
-        );
-        return;
-    }
     let data = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data.path().join("bucket/day=1")).unwrap();
     std::fs::copy(csv(data.path()), data.path().join("bucket/day=1/t.csv")).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _server = Server(
-        Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", "gradflow-key", "--secret-key", "gradflow-secret"])
-            .arg(data.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting s3s-fs"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s3s-fs did not start listening on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let env = [
-        ("AWS_ACCESS_KEY_ID", "gradflow-key".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "gradflow-secret".to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-        ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
-        ("AWS_ALLOW_HTTP", "true".to_string()),
-    ];
+    let Some(server) = common::S3Server::start(data.path(), "the S3 test") else { return };
+    let env = server.env();
     let o = gradflow(&["data", "inspect", "s3://bucket/day=1/t.csv", "--rows", "1"], &env);
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");

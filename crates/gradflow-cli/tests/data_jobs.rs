@@ -7,22 +7,9 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Kills the S3 server when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn convert(csv: &Path, out: &Path) {
     let mut c = gradflow();
@@ -36,14 +23,6 @@ fn convert(csv: &Path, out: &Path) {
 
 #[test]
 fn a_job_reads_parquet_row_groups_from_s3_through_a_glob_and_learns_as_from_local_csv() {
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("s3s-fs").is_file()));
-    if !on_path {
-        eprintln!(
-            "NOTICE: skipping the S3 job test: `s3s-fs` is not on PATH (cargo install s3s-fs@0.14.1 --features binary --locked)"
-        );
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
     synth_train_test(dir.path(), 60_000, 10_000);
@@ -62,22 +41,7 @@ fn a_job_reads_parquet_row_groups_from_s3_through_a_glob_and_learns_as_from_loca
     }
     convert(&dir.path().join("data/test.csv"), &store.join("bucket/test.parquet"));
 
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let _server = Server(
-        Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", "gradflow-key", "--secret-key", "gradflow-secret"])
-            .arg(&store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting s3s-fs"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "s3s-fs did not start listening on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let Some(server) = S3Server::start(&store, "the S3 job test") else { return };
 
     let categorical: Vec<String> = (0..26).map(|i| format!("\"c{i}\"")).collect();
     let local = wide_deep_job("local-csv", 2, "sync", "").replace("[data.synth]\n", "[data.unused]\n");
@@ -90,16 +54,7 @@ fn a_job_reads_parquet_row_groups_from_s3_through_a_glob_and_learns_as_from_loca
     let mut aucs = Vec::new();
     for (name, text) in [("local-csv", local), ("s3-parquet", on_s3)] {
         let job = write(dir.path(), &format!("{name}.toml"), &text);
-        let out = gradflow()
-            .arg("launch")
-            .arg(&job)
-            .env("AWS_ACCESS_KEY_ID", "gradflow-key")
-            .env("AWS_SECRET_ACCESS_KEY", "gradflow-secret")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
-            .env("AWS_ALLOW_HTTP", "true")
-            .output()
-            .unwrap();
+        let out = gradflow().arg("launch").arg(&job).envs(server.env()).output().unwrap();
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
         let last = results(dir.path(), name).pop().unwrap();
         assert_eq!(last["test_examples"].as_u64(), Some(10_000), "{name}: every test row scored");

@@ -113,16 +113,14 @@ pub fn csv_to_parquet(
     let mut columns = new_columns();
     let (mut rows, mut pending, mut line_no) = (0u64, 0usize, 1u64);
     let flush = |columns: &mut Vec<Column>, writer: &mut ArrowWriter<File>| -> Result<()> {
-        let arrays: Vec<ArrayRef> = columns
+        let arrays = columns
             .iter_mut()
             .map(|c| match c {
                 Column::Number(b) => Arc::new(b.finish()) as ArrayRef,
                 Column::Text(b) => Arc::new(b.finish()) as ArrayRef,
             })
             .collect();
-        let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
-            .map_err(|e| DataError::Parquet { path: out.to_path_buf(), cause: e.to_string() })?;
-        writer.write(&batch).map_err(write_err)
+        write_batch(writer, &arrow_schema, arrays, out)
     };
     while read(&mut stream, &mut line)? {
         line_no += 1;
@@ -239,7 +237,7 @@ pub fn tfrecord_to_parquet(
     let mut writer = ArrowWriter::try_new(file, arrow_schema.clone(), Some(props)).map_err(write_err)?;
     let mut columns: Vec<TfColumn> = new_columns.iter().map(|f| f()).collect();
     let flush = |columns: &mut Vec<TfColumn>, writer: &mut ArrowWriter<File>| -> Result<()> {
-        let arrays: Vec<ArrayRef> = columns
+        let arrays = columns
             .iter_mut()
             .map(|c| match c {
                 TfColumn::Number(b) => Arc::new(b.finish()) as ArrayRef,
@@ -247,9 +245,7 @@ pub fn tfrecord_to_parquet(
                 TfColumn::Ints(b) => Arc::new(b.finish()) as ArrayRef,
             })
             .collect();
-        let batch = RecordBatch::try_new(arrow_schema.clone(), arrays)
-            .map_err(|e| DataError::Parquet { path: out.to_path_buf(), cause: e.to_string() })?;
-        writer.write(&batch).map_err(write_err)
+        write_batch(writer, &arrow_schema, arrays, out)
     };
     let (mut rows, mut pending) = (0u64, 0usize);
     let mut features = first;
@@ -298,4 +294,16 @@ pub fn tfrecord_to_parquet(
     }
     let meta = writer.close().map_err(write_err)?;
     Ok(Converted { rows, row_groups: meta.num_row_groups() as u64 })
+}
+
+/// Writes one record batch of `arrays` (one per column of `schema`) to the Parquet file `out`.
+fn write_batch(
+    writer: &mut ArrowWriter<File>,
+    schema: &arrow_schema::SchemaRef,
+    arrays: Vec<ArrayRef>,
+    out: &Path,
+) -> Result<()> {
+    let parquet = |e: String| DataError::Parquet { path: out.to_path_buf(), cause: e };
+    let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| parquet(e.to_string()))?;
+    writer.write(&batch).map_err(|e| parquet(e.to_string()))
 }

@@ -557,12 +557,15 @@ fn checkpoints_on_a_pods_own_filesystem_are_refused_with_the_fix() {
     assert!(checkpointed("memory://ckpt", "").err().unwrap().contains("memory:// lives in one process"));
     // `restore` from a path is held to the same rule.
     let job = parse_job(
-        "name = \"ctr\"\nrestore = \"file:///tmp/ckpt-000000001200\"\n[model]\nkind = \"logistic_regression\"\n\
+        "name = \"ctr\"\nrestore = \"file:///workspace/archive/ckpt-000000001200\"\n[model]\nkind = \"logistic_regression\"\n\
          [data]\ntrain = \"data/train.csv\"\n",
     )
     .unwrap();
     let err = Renderer::new(job, "ml").err().unwrap().to_string();
-    assert!(err.starts_with("restore = \"/tmp/ckpt-000000001200\" is not on shared storage"), "{err}");
+    assert!(
+        err.starts_with("restore = \"/workspace/archive/ckpt-000000001200\" is not on shared storage"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -101,3 +101,59 @@ pub fn rest_of(rx: &std::sync::mpsc::Receiver<String>, log: &mut Vec<String>) {
         log.push(line);
     }
 }
+
+/// A real S3-protocol server (`s3s-fs`) serving the folders of `root` as buckets, on a free
+/// port, with fixed test credentials; killed when dropped.
+pub struct S3Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl S3Server {
+    /// Starts one, or `None` (after a notice naming `what` is skipped) when `s3s-fs` is not on
+    /// `PATH` (`cargo install s3s-fs@0.14.1 --features binary --locked`; CI installs it).
+    pub fn start(root: &Path, what: &str) -> Option<S3Server> {
+        let on_path = std::env::var_os("PATH")
+            .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("s3s-fs").is_file()));
+        if !on_path {
+            eprintln!(
+                "NOTICE: skipping {what}: `s3s-fs` is not on PATH (cargo install s3s-fs@0.14.1 --features binary --locked)"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("s3s-fs")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", "gradflow-key", "--secret-key", "gradflow-secret"])
+            .arg(root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting s3s-fs");
+        let server = S3Server { child, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "s3s-fs did not start listening on port {port}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Some(server)
+    }
+
+    /// The `AWS_*` variables that reach it, as a process of a job takes them.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "gradflow-key".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "gradflow-secret".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
