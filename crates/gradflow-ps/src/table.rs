@@ -88,6 +88,8 @@ struct RowStore {
     /// Compact storage: the rows' values as f16 or bf16 bits; `hdim` per row (0 with f32).
     half: Vec<u16>,
     hdim: usize,
+    /// Compact storage: a new row's f32 values on their way into `half`.
+    scratch: Vec<f32>,
     /// Optimizer updates of each row.
     steps: Vec<u32>,
     /// The table's clock when each row was last updated (or created).
@@ -866,9 +868,11 @@ impl Table {
                 self.optimizer.init_state(state);
             }
             Some(h) => {
-                let mut values = vec![0f32; self.dim];
+                let mut values = std::mem::take(&mut store.scratch);
+                values.resize(self.dim, 0.0);
                 self.init.fill_row(&self.name, id, &mut values);
                 h.extend(&mut store.half, &values);
+                store.scratch = values;
                 self.optimizer.init_state(&mut store.data[r * stride..]);
             }
         }
@@ -883,9 +887,7 @@ impl Table {
     fn fresh_values(&self, id: u64, out: &mut [f32]) {
         self.init.fill_row(&self.name, id, out);
         if let Some(h) = self.half {
-            let mut bits = vec![0u16; out.len()];
-            h.encode(out, &mut bits);
-            h.decode(&bits, out);
+            h.round(out);
         }
     }
 
@@ -923,6 +925,15 @@ impl Half {
                 Half::F16 => half::f16::from_bits(b).to_f32(),
                 Half::Bf16 => half::bf16::from_bits(b).to_f32(),
             };
+        }
+    }
+
+    /// `values` as this format holds them.
+    fn round(self, values: &mut [f32]) {
+        for v in values {
+            let mut bits = [0u16];
+            self.encode(std::slice::from_ref(v), &mut bits);
+            self.decode(&bits, std::slice::from_mut(v));
         }
     }
 
