@@ -2,7 +2,7 @@
 //! network or from storage.
 //!
 //! Each `fuzz_targets/<name>.rs` only hands libFuzzer's input to the function of the same name
-//! here, so that `tests/corpus.rs` can replay the committed corpus and the regression inputs on
+//! here, so that the `replay` tests can replay the committed corpus and the regression inputs on
 //! stable Rust, without libFuzzer. Every function asserts properties, not just "no panic": a
 //! decoded message re-encodes to itself, a validated push is consistent with the model, a loaded
 //! checkpoint is what the placement asks for and what the server accepts, a refused input gets
@@ -30,6 +30,9 @@ pub mod job;
 pub mod tasks;
 pub mod wire;
 
+#[cfg(test)]
+mod replay;
+
 pub use checkpoint::{ckpt_dense_file, ckpt_manifest, ckpt_shard_manifest, ckpt_sparse_file};
 pub use data::data_lines;
 pub use job::job_file;
@@ -53,7 +56,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// Valid inputs for each target, built with gradflow's own encoders: the seed corpus. The
-/// committed `corpus/<target>/seed-*` files are these (`tests/corpus.rs` rewrites them when
+/// committed `corpus/<target>/seed-*` files are these (the `replay` tests rewrite them when
 /// `GRADFLOW_FUZZ_WRITE_SEEDS=1`).
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out = Vec::new();

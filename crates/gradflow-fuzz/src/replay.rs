@@ -2,13 +2,16 @@
 //! (`regressions/<target>/`: inputs that once crashed, kept after the fix) and its seeds, on
 //! stable Rust and without libFuzzer, so that CI catches a decoder that regresses.
 //!
-//! `GRADFLOW_FUZZ_WRITE_SEEDS=1 cargo test --manifest-path crates/gradflow-fuzz/Cargo.toml`
-//! rewrites the `corpus/<target>/seed-*` files from gradflow's own encoders.
+//! `GRADFLOW_FUZZ_WRITE_SEEDS=1 cargo test -p gradflow-fuzz` rewrites the `corpus/<target>/seed-*`
+//! files from gradflow's own encoders.
+//!
+//! A unit test of the library rather than an integration test: `cargo test` builds a package's
+//! bins for its integration tests, and the twelve fuzz bins would be linked for nothing.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-use gradflow_fuzz::{TARGETS, seeds, target};
+use crate::{TARGETS, seeds, target};
 
 /// Held by each test: the checkpoint targets share one in-memory checkpoint per process and put
 /// their input into it, so two at once would read each other's objects.
@@ -95,8 +98,7 @@ fn checkpoint_seeds_are_current() {
         let committed = std::fs::read(&path).unwrap_or_default();
         assert!(
             committed == data,
-            "{} is out of date: rewrite the seeds with GRADFLOW_FUZZ_WRITE_SEEDS=1 cargo test --manifest-path \
-             crates/gradflow-fuzz/Cargo.toml",
+            "{} is out of date: rewrite the seeds with GRADFLOW_FUZZ_WRITE_SEEDS=1 cargo test -p gradflow-fuzz",
             path.display()
         );
     }
