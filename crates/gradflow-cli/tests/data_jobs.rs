@@ -1,9 +1,11 @@
-//! Whole jobs on data where it lives: Parquet files, converted by `gradflow data convert`, read
+//! Whole jobs on data where it lives: Parquet files, one day's written by pyarrow (as the
+//! users' own pipelines write them) and the other's converted by `gradflow data convert`, read
 //! by a wide & deep job from a real S3-protocol server (`s3s-fs`) through a glob, reach the
 //! accuracy the same data reaches as local CSV.
 //!
 //! Skipped, with a notice, when `s3s-fs` is not on `PATH`
-//! (`cargo install s3s-fs@0.14.1 --features binary --locked`).
+//! (`cargo install s3s-fs@0.14.1 --features binary --locked`). Without pyarrow
+//! (`python3 -m pip install pyarrow`) every file is converted, with a notice.
 
 mod common;
 
@@ -19,6 +21,25 @@ fn convert(csv: &Path, out: &Path) {
     }
     let o = c.output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Writes `csv` as Parquet with pyarrow, in row groups of 10,000 rows, the columns as pyarrow
+/// infers them (the categorical ones become integers or strings); `false` without pyarrow.
+fn pyarrow_write(csv: &Path, out: &Path) -> bool {
+    let script = "import sys, pyarrow.csv as c, pyarrow.parquet as q\n\
+                  q.write_table(c.read_csv(sys.argv[1]), sys.argv[2], row_group_size=10000)";
+    match std::process::Command::new("python3").args(["-c", script]).arg(csv).arg(out).output() {
+        Ok(o) if o.status.success() => true,
+        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("No module named") => {
+            eprintln!("NOTICE: pyarrow is missing (python3 -m pip install pyarrow): converting instead");
+            false
+        }
+        Ok(o) => panic!("pyarrow could not write {}: {}", out.display(), String::from_utf8_lossy(&o.stderr)),
+        Err(e) => {
+            eprintln!("NOTICE: no python3 ({e}): converting instead");
+            false
+        }
+    }
 }
 
 #[test]
@@ -37,9 +58,15 @@ fn a_job_reads_parquet_row_groups_from_s3_through_a_glob_and_learns_as_from_loca
     for (k, half) in rows.chunks(rows.len() / 2).enumerate() {
         let part = dir.path().join(format!("data/part-{k}.csv"));
         std::fs::write(&part, format!("{header}\n{}\n", half.join("\n"))).unwrap();
-        convert(&part, &store.join(format!("bucket/day={}/part-0.parquet", k + 1)));
+        let out = store.join(format!("bucket/day={}/part-0.parquet", k + 1));
+        if k == 0 || !pyarrow_write(&part, &out) {
+            convert(&part, &out);
+        }
     }
-    convert(&dir.path().join("data/test.csv"), &store.join("bucket/test.parquet"));
+    let test = dir.path().join("data/test.csv");
+    if !pyarrow_write(&test, &store.join("bucket/test.parquet")) {
+        convert(&test, &store.join("bucket/test.parquet"));
+    }
 
     let Some(server) = S3Server::start(&store, "the S3 job test") else { return };
 
