@@ -9,6 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use gradflow_core::Mode;
+use gradflow_proto::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::BenchError;
@@ -205,6 +206,9 @@ pub struct TrainingConfig {
     /// Steps per progress report (and per timing window of the single-process baseline).
     /// The first window of every worker is a warm-up and is not counted. Default 10.
     pub log_every_steps: u64,
+    /// `[transport] compression` of each job; every configuration runs once per entry.
+    /// Default `["none"]`.
+    pub compression: Vec<Compression>,
 }
 
 /// (7) Embedding tables at production scale: Zipf-distributed raw ids through one server's
@@ -325,6 +329,7 @@ impl Default for TrainingConfig {
             servers: 1,
             batch_size: 256,
             log_every_steps: 10,
+            compression: vec![Compression::None],
         }
     }
 }
@@ -368,6 +373,7 @@ impl BenchConfig {
                 servers: 1,
                 batch_size: 256,
                 log_every_steps: 2,
+                compression: vec![Compression::None],
             },
             embedding: EmbeddingConfig::quick(),
         }
@@ -415,6 +421,9 @@ impl BenchConfig {
         let t = &self.training;
         if t.rows == 0 || t.servers == 0 || t.batch_size == 0 || t.log_every_steps == 0 {
             return bad("training: rows, servers, batch_size and log_every_steps must be positive".into());
+        }
+        if t.compression.is_empty() {
+            return bad("training.compression: give at least one (\"none\", \"f16\", \"bf16\")".into());
         }
         let e = &self.embedding;
         if e.vocabulary == 0 || e.batch_ids == 0 || e.pushes == 0 || e.dim == 0 {

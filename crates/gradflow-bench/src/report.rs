@@ -138,7 +138,12 @@ impl Report {
             let run = t
                 .runs
                 .iter()
-                .find(|r| r.workers == 2 && r.servers == 1 && r.mode == gradflow_core::Mode::Sync);
+                .find(|r| {
+                    r.workers == 2
+                        && r.servers == 1
+                        && r.mode == gradflow_core::Mode::Sync
+                        && r.compression == gradflow_proto::Compression::None
+                });
             push(
                 "wide&deep 2 workers sync 1 shard / single process, per core".into(),
                 run.map(|r| r.ratio_to_single),
@@ -282,8 +287,8 @@ impl Report {
             let _ = writeln!(
                 s,
                 "## 6. Training (wide & deep, {} rows, batch {}, {} cores shared by all processes)\n\n\
-                 | run | samples/s | per worker | vs single process | end to end | wall s |\n\
-                 |---|---:|---:|---:|---:|---:|",
+                 | run | samples/s | per worker | vs single process | end to end | wall s | loopback bytes per sample |\n\
+                 |---|---:|---:|---:|---:|---:|---:|",
                 thousands(t.rows as f64),
                 t.batch_size,
                 t.cores
@@ -291,28 +296,33 @@ impl Report {
             let sp = &t.single_process;
             let _ = writeln!(
                 s,
-                "| single process, {} threads, no servers | {} | | 100% | | |",
+                "| single process, {} threads, no servers | {} | | 100% | | | |",
                 sp.threads,
                 num(sp.samples_per_sec)
             );
             let _ = writeln!(
                 s,
-                "| single process, 1 thread, no servers | {} | | {} | | |",
+                "| single process, 1 thread, no servers | {} | | {} | | | |",
                 num(sp.one_thread_samples_per_sec),
                 pct(Some(sp.one_thread_samples_per_sec / sp.samples_per_sec))
             );
             for r in &t.runs {
                 let _ = writeln!(
                     s,
-                    "| {} worker(s) {}, {} server(s) | {} | {} | {} | {} | {} |",
+                    "| {} worker(s) {}, {} server(s){} | {} | {} | {} | {} | {} | {} |",
                     r.workers,
                     r.mode,
                     r.servers,
+                    match r.compression {
+                        gradflow_proto::Compression::None => String::new(),
+                        c => format!(", compression {}", c.name()),
+                    },
                     num(r.samples_per_sec),
                     num(r.per_worker_samples_per_sec),
                     pct(Some(r.ratio_to_single)),
                     num(r.end_to_end_samples_per_sec),
-                    num(r.wall_s)
+                    num(r.wall_s),
+                    r.loopback_bytes_per_sample.map_or("-".to_string(), num)
                 );
             }
             s.push('\n');

@@ -28,6 +28,7 @@ use gradflow_data::{Batch, Reader, ShardSpec};
 use gradflow_job::{Event, JobConfig};
 use gradflow_launch::local::{Console, LocalLauncher};
 use gradflow_models::LocalTrainer;
+use gradflow_proto::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::stats::{median, sig4};
@@ -61,6 +62,14 @@ pub struct TrainingRun {
     pub workers: u32,
     pub servers: u32,
     pub mode: Mode,
+    /// `[transport] compression`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Bytes over loopback during the job (every process of it; read from the kernel's
+    /// counters of the `lo` interface, so other traffic on this machine adds to it), per
+    /// training sample. `None` where the kernel does not say.
+    #[serde(default)]
+    pub loopback_bytes_per_sample: Option<f64>,
     /// All workers together, steady state (see the module docs).
     pub samples_per_sec: f64,
     pub per_worker_samples_per_sec: f64,
@@ -79,7 +88,7 @@ pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<Trai
         .prefix("gradflow-bench-")
         .tempdir()
         .map_err(BenchError::io("creating a temporary directory"))?;
-    let first = job(config, dir.path(), 1, Mode::Sync)?;
+    let first = job(config, dir.path(), 1, Mode::Sync, Compression::None)?;
     let started = Instant::now();
     gradflow_launch::prepare::prepare_data(&first).map_err(|e| job_error(&first, e))?;
     log(&format!(
@@ -100,17 +109,21 @@ pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<Trai
     let mut runs = Vec::new();
     for &mode in &config.modes {
         for &workers in &config.workers {
-            let job = job(config, dir.path(), workers, mode)?;
-            let run = launch(&runtime, job, program, &single)?;
-            log(&format!(
-                "training: {workers} worker(s) {mode}, {} server(s): {:.0} samples/s ({:.0}% of single process), end to end {:.0} in {:.1} s",
-                run.servers,
-                run.samples_per_sec,
-                run.ratio_to_single * 100.0,
-                run.end_to_end_samples_per_sec,
-                run.wall_s
-            ));
-            runs.push(run);
+            for &compression in &config.compression {
+                let job = job(config, dir.path(), workers, mode, compression)?;
+                let run = launch(&runtime, job, program, &single)?;
+                log(&format!(
+                    "training: {workers} worker(s) {mode}, {} server(s), compression {}: {:.0} samples/s ({:.0}% of single process), end to end {:.0} in {:.1} s{}",
+                    run.servers,
+                    compression.name(),
+                    run.samples_per_sec,
+                    run.ratio_to_single * 100.0,
+                    run.end_to_end_samples_per_sec,
+                    run.wall_s,
+                    run.loopback_bytes_per_sample.map_or(String::new(), |b| format!(", {b:.0} loopback bytes per sample"))
+                ));
+                runs.push(run);
+            }
         }
     }
     Ok(TrainingReport {
@@ -127,8 +140,14 @@ fn job_error(job: &JobConfig, e: impl std::fmt::Display) -> BenchError {
 }
 
 /// The job file of one configuration; every job reads `dir/data/train.csv`.
-fn job(config: &TrainingConfig, dir: &Path, workers: u32, mode: Mode) -> Result<JobConfig, BenchError> {
-    let name = format!("bench-{workers}w-{mode}");
+fn job(
+    config: &TrainingConfig,
+    dir: &Path,
+    workers: u32,
+    mode: Mode,
+    compression: Compression,
+) -> Result<JobConfig, BenchError> {
+    let name = format!("bench-{workers}w-{mode}-{}", compression.name());
     let train = dir.join("data").join("train.csv");
     let out = dir.join("runs").join(&name);
     let text = format!(
@@ -161,11 +180,15 @@ batch_size = {batch}
 epochs = 1
 log_every_steps = {every}
 
+[transport]
+compression = "{compression}"
+
 [output]
 dir = {out:?}
 log = "warn"
 metrics = false
 "#,
+        compression = compression.name(),
         servers = config.servers,
         train = path_str(&train),
         rows = config.rows,
@@ -262,10 +285,13 @@ fn launch(
     single: &SingleProcess,
 ) -> Result<TrainingRun, BenchError> {
     let (name, workers, servers, mode) = (job.name.clone(), job.workers, job.servers, job.mode);
+    let compression = job.transport.compression;
+    let loopback_before = loopback_bytes();
     let capture = Capture::default();
     let console = Console::lines(capture.clone()).progress_every(Duration::ZERO);
     let launcher = LocalLauncher::new(job, PathBuf::from(program)).console(console);
     let outcome = runtime.block_on(launcher.run(std::future::pending::<()>()));
+    let loopback = loopback_before.zip(loopback_bytes()).map(|(a, b)| b.saturating_sub(a));
     let lines = std::mem::take(&mut capture.0.lock().unwrap_or_else(|p| p.into_inner()).lines);
     let outcome = outcome.map_err(|e| {
         let tail: Vec<&str> = lines.iter().rev().take(20).rev().map(String::as_str).collect();
@@ -289,6 +315,8 @@ fn launch(
         workers,
         servers,
         mode,
+        compression,
+        loopback_bytes_per_sample: loopback.map(|b| sig4(b as f64 / samples.max(1) as f64)),
         samples_per_sec: sig4(samples_per_sec),
         per_worker_samples_per_sec: sig4(samples_per_sec / f64::from(workers)),
         ratio_to_single: sig4(samples_per_sec / single.samples_per_sec),
@@ -297,6 +325,14 @@ fn launch(
         samples,
         reports_used: steady.len(),
     })
+}
+
+/// Bytes received on the loopback interface so far (Linux: `/proc/net/dev`); every byte sent
+/// over loopback is received once.
+fn loopback_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/dev").ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("lo:"))?;
+    line.split_once(':')?.1.split_whitespace().next()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -315,7 +351,8 @@ mod tests {
     #[test]
     fn job_files_parse() {
         let dir = tempfile::tempdir().unwrap();
-        let j = job(&TrainingConfig::default(), dir.path(), 2, Mode::Async).unwrap();
+        let j = job(&TrainingConfig::default(), dir.path(), 2, Mode::Async, Compression::Bf16).unwrap();
+        assert_eq!(j.transport.compression, Compression::Bf16);
         assert_eq!((j.workers, j.servers, j.mode), (2, 1, Mode::Async));
         assert_eq!(j.train.batch_size, 256);
     }

@@ -13,19 +13,27 @@ fn auc_of(dir: &std::path::Path, job: &str) -> f64 {
 fn sync_and_async_with_two_workers_reach_the_auc_of_one_worker() {
     let dir = tempfile::tempdir().unwrap();
     let mut aucs = Vec::new();
-    for (name, workers, mode) in [("one", 1, "sync"), ("two-sync", 2, "sync"), ("two-async", 2, "async")] {
-        let job = write(dir.path(), &format!("{name}.toml"), &wide_deep_job(name, workers, mode, ""));
+    let bf16 = "[transport]\ncompression = \"bf16\"\n";
+    for (name, workers, mode, extra) in [
+        ("one", 1, "sync", ""),
+        ("two-sync", 2, "sync", ""),
+        ("two-async", 2, "async", ""),
+        ("two-sync-bf16", 2, "sync", bf16),
+    ] {
+        let job = write(dir.path(), &format!("{name}.toml"), &wide_deep_job(name, workers, mode, extra));
         let out = launch(&job);
         assert!(out.status.success(), "{name} failed: {}", String::from_utf8_lossy(&out.stderr));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("test AUC"), "{name}: the launcher prints the test AUC:\n{stderr}");
         aucs.push(auc_of(dir.path(), name));
     }
-    let (one, sync, asynch) = (aucs[0], aucs[1], aucs[2]);
+    let (one, sync, asynch, bf16) = (aucs[0], aucs[1], aucs[2], aucs[3]);
     // The synthetic data's oracle AUC is about 0.80; logistic regression gets about 0.72.
     assert!(one > 0.70, "one worker learns: AUC {one}");
     assert!((sync - one).abs() < 0.005, "sync 2 workers AUC {sync} vs 1 worker {one}");
     assert!((asynch - one).abs() < 0.01, "async 2 workers AUC {asynch} vs 1 worker {one}");
+    // Gradients and values in bfloat16 on the wire (`[transport] compression`).
+    assert!((bf16 - sync).abs() < 0.005, "sync 2 workers, bf16 on the wire: AUC {bf16} vs f32 {sync}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::{OptimizerConfig, SparseSpec};
+
 /// The largest `admit_min_count`: counts are kept in one byte per sketch cell.
 pub const MAX_ADMIT_MIN_COUNT: u32 = 255;
 
@@ -83,7 +85,9 @@ pub struct TableOptions {
     pub evict: Option<EvictPolicy>,
     /// How a row's values are held on the server: `"f32"` (default), or in half the memory as
     /// `"f16"` or `"bf16"` (rounded to nearest after every update; the optimizer state stays
-    /// f32). Pulls, pushes and checkpoints still carry f32.
+    /// f32). Checkpoints still carry f32; the wire carries what `[transport] compression`
+    /// says. Refused for an Adam or AdamW table whose steps are too small for it to hold
+    /// ([`EmbeddingSettings::check_storage`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<Storage>,
 }
@@ -146,6 +150,41 @@ pub enum EmbeddingError {
     BothAdmissions { key: String },
     #[error("embedding.tables.{name}: the model has no sparse table `{name}`; its tables are: {known}")]
     UnknownTable { name: String, known: String },
+    #[error(
+        "{key} = \"{storage}\" cannot hold table `{table}` as its {optimizer} optimizer moves it: \
+         a step moves a value by about lr = {lr}, less than half a {storage} step at the size of \
+         the table's initial values (up to {scale}), so those values would never change; expected \
+         storage = \"f32\" for this table, or a learning rate of at least {min_lr}"
+    )]
+    StorageTooCoarse {
+        key: String,
+        storage: &'static str,
+        table: String,
+        optimizer: &'static str,
+        lr: f64,
+        scale: f32,
+        min_lr: f64,
+    },
+}
+
+impl Storage {
+    fn name(self) -> &'static str {
+        match self {
+            Storage::F32 => "f32",
+            Storage::F16 => "f16",
+            Storage::Bf16 => "bf16",
+        }
+    }
+
+    /// Half the distance between neighbouring values, relative to the value, at its smallest
+    /// (a change below this times |v| always rounds back to v).
+    fn half_step(self) -> Option<f64> {
+        match self {
+            Storage::F32 => None,
+            Storage::F16 => Some((2f64).powi(-12)),
+            Storage::Bf16 => Some((2f64).powi(-9)),
+        }
+    }
 }
 
 impl TableOptions {
@@ -256,6 +295,49 @@ impl EmbeddingSettings {
             .collect())
     }
 
+    /// Checks that each table's storage can hold what its optimizer does to it. Adam and AdamW
+    /// move a value by about `lr` per step whatever the gradient's size; where that is below
+    /// half a step of compact storage at the size of the table's initial values, those values
+    /// could never change, and the table is refused (the error names the key that set its
+    /// storage). SGD, Adagrad and FTRL steps scale with the gradient, so no setting of theirs
+    /// is refused; their optimizer state stays f32 in every case.
+    pub fn check_storage(&self, tables: &[SparseSpec]) -> Result<(), EmbeddingError> {
+        for t in tables {
+            let over = self.tables.get(&t.name);
+            let (storage, key) = match over.and_then(|o| o.storage) {
+                Some(s) => (s, format!("embedding.tables.{}.storage", t.name)),
+                None => (self.storage.unwrap_or_default(), "embedding.storage".to_string()),
+            };
+            let Some(half_step) = storage.half_step() else { continue };
+            let (optimizer, lr) = match t.optimizer {
+                OptimizerConfig::Adam { lr, .. } => ("Adam", lr),
+                OptimizerConfig::AdamW { lr, .. } => ("AdamW", lr),
+                _ => continue,
+            };
+            // The largest initial value over a sample of rows (values depend on the id).
+            let mut row = vec![0f32; t.dim as usize];
+            let scale = (0..64u64)
+                .map(|id| {
+                    t.init.fill_row(&t.name, id, &mut row);
+                    row.iter().fold(0f32, |m, v| m.max(v.abs()))
+                })
+                .fold(0f32, f32::max);
+            let min_lr = f64::from(scale) * half_step;
+            if lr < min_lr {
+                return Err(EmbeddingError::StorageTooCoarse {
+                    key,
+                    storage: storage.name(),
+                    table: t.name.clone(),
+                    optimizer,
+                    lr,
+                    scale,
+                    min_lr,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether any table has a policy other than the default.
     pub fn is_default(&self) -> bool {
         *self == EmbeddingSettings::default()
@@ -318,5 +400,31 @@ mod tests {
         }
         assert!(toml::from_str::<EmbeddingSettings>("max_row = 5").is_err());
         assert!(EmbeddingSettings::default().policies(&["a"]).unwrap()[0] == TablePolicy::default());
+    }
+
+    #[test]
+    fn compact_storage_too_coarse_for_adam_steps_is_refused_by_key() {
+        use crate::Initializer;
+        let table = |name: &str, optimizer: OptimizerConfig| SparseSpec {
+            name: name.into(),
+            dim: 8,
+            init: Initializer::Uniform { low: -0.5, high: 0.5, seed: 1 },
+            optimizer,
+        };
+        // bf16 at values near 0.5 moves in steps of 2^-9 or more: an Adam lr of 1e-4 is lost.
+        let tables = [table("wide", OptimizerConfig::sgd(1e-4)), table("deep", OptimizerConfig::adam(1e-4))];
+        let e = parse("storage = \"bf16\"\n").check_storage(&tables).unwrap_err().to_string();
+        assert!(
+            e.contains("embedding.storage = \"bf16\"") && e.contains("`deep`") && e.contains("Adam"),
+            "{e}"
+        );
+        // Named by the table's own key where that set it; f16 is fine at this lr, f32 always.
+        let e = parse("[tables.deep]\nstorage = \"bf16\"\n").check_storage(&tables).unwrap_err().to_string();
+        assert!(e.contains("embedding.tables.deep.storage"), "{e}");
+        assert!(parse("storage = \"f16\"\n").check_storage(&tables).is_ok());
+        assert!(parse("").check_storage(&tables).is_ok());
+        // A learning rate Adam can take steps of in bf16, and SGD at any rate, pass.
+        let ok = [table("wide", OptimizerConfig::sgd(1e-9)), table("deep", OptimizerConfig::adamw(1e-2))];
+        assert!(parse("storage = \"bf16\"\n").check_storage(&ok).is_ok());
     }
 }

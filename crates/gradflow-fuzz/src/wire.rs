@@ -398,7 +398,15 @@ pub fn link(data: &[u8]) {
                                 return;
                             }
                             let body = Bytes::copy_from_slice(&payload[..total]);
-                            let push = gradflow_ps::link::decode_push(msg, &req.payload_bytes, body);
+                            let size = gradflow_proto::codec::value_bytes(msg.encoding()) as u64;
+                            let push = match gradflow_ps::link::decode_push(msg, &req.payload_bytes, body) {
+                                Ok(push) => push,
+                                Err(e) => {
+                                    assert!(matches!(e, PsError::InvalidArgument(_)), "{e:?}");
+                                    assert_ne!(size, 4, "f32 values are not refused by the decoding");
+                                    return;
+                                }
+                            };
                             // What the frame said, with its payload in place: the one message
                             // a gRPC push of the same gradients would have sent.
                             let sent = [pb::PushRequest {
@@ -424,16 +432,16 @@ pub fn link(data: &[u8]) {
                                     })
                                     .collect(),
                                 task: None,
+                                ..Default::default()
                             }];
+                            // Values widened to f32 from `size` bytes each.
                             let lengths: Vec<u64> = push
                                 .dense
                                 .iter()
-                                .map(|d| d.data.len() as u64)
-                                .chain(
-                                    push.sparse
-                                        .iter()
-                                        .flat_map(|g| [g.ids.len() as u64, g.values.len() as u64]),
-                                )
+                                .map(|d| d.data.len() as u64 * size / 4)
+                                .chain(push.sparse.iter().flat_map(|g| {
+                                    [g.ids.len() as u64, g.values.len() as u64 * size / 4]
+                                }))
                                 .collect();
                             assert_eq!(lengths, req.payload_bytes, "each field holds its announced bytes");
                             check_valid_push(&m, &sent, push, true);
@@ -653,6 +661,7 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             worker: 0,
             step: 1,
             pieces: vec![],
+            ..Default::default()
         })),
         payload_bytes: vec![],
     };
@@ -662,6 +671,7 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             worker: 1,
             step: 1,
             tables: vec![pb::SparseIds { table: "emb".into(), ids: c::u64s_to_bytes(&ids_on(1, 3)) }],
+            ..Default::default()
         })),
         payload_bytes: vec![],
     };
@@ -702,14 +712,14 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         pb::PieceRef { tensor: "b".into(), partition: 0 },
     ];
     req(2, "pull-dense", &|b| {
-        pb::PullDenseRequest { worker: 0, step: 1, pieces: pieces.clone() }.encode(b).unwrap()
+        pb::PullDenseRequest { worker: 0, step: 1, pieces: pieces.clone(), ..Default::default() }.encode(b).unwrap()
     });
     let tables = vec![
         pb::SparseIds { table: "emb".into(), ids: c::u64s_to_bytes(&ids_on(1, 4)) },
         pb::SparseIds { table: "wide".into(), ids: c::u64s_to_bytes(&ids_on(1, 2)) },
     ];
     req(3, "pull-sparse", &|b| {
-        pb::PullSparseRequest { worker: 1, step: 1, tables: tables.clone() }.encode(b).unwrap()
+        pb::PullSparseRequest { worker: 1, step: 1, tables: tables.clone(), ..Default::default() }.encode(b).unwrap()
     });
     let push = pb::PushRequest {
         worker: 0,

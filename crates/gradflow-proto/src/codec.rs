@@ -1,9 +1,15 @@
 //! Little-endian byte codecs for tensor data.
 //!
-//! On little-endian hosts (every platform gradflow runs on in practice) these are plain
-//! memory copies; the per-element paths exist so big-endian hosts stay correct.
+//! On little-endian hosts (every platform gradflow runs on in practice) the `f32` codecs are
+//! plain memory copies; the per-element paths exist so big-endian hosts stay correct. The
+//! `*_values` codecs take a [`ValueEncoding`]: f32, or the 16-bit f16 and bf16 of
+//! `[transport] compression`, which a sender narrows to and a receiver widens from once, at
+//! the edge (servers keep and compute in f32).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use half::{bf16, f16};
+
+use crate::pb::ValueEncoding;
 
 /// Bytes of `values` as little-endian `f32`. One copy: the caller keeps its buffer.
 pub fn f32s_to_bytes(values: &[f32]) -> Bytes {
@@ -124,6 +130,124 @@ pub fn all_finite(bytes: &[u8]) -> bool {
     }
 }
 
+/// The name of `encoding` as the job file writes it (`f32` for none).
+pub fn encoding_name(encoding: ValueEncoding) -> &'static str {
+    match encoding {
+        ValueEncoding::F32 => "f32",
+        ValueEncoding::F16 => "f16",
+        ValueEncoding::Bf16 => "bf16",
+    }
+}
+
+/// Bytes per value in `encoding`.
+pub fn value_bytes(encoding: ValueEncoding) -> usize {
+    match encoding {
+        ValueEncoding::F32 => 4,
+        ValueEncoding::F16 | ValueEncoding::Bf16 => 2,
+    }
+}
+
+/// Number of values in `bytes` of `encoding`, or `None` when the length is not a multiple of
+/// the value size.
+pub fn value_len(bytes: &[u8], encoding: ValueEncoding) -> Option<usize> {
+    let size = value_bytes(encoding);
+    (bytes.len() % size == 0).then_some(bytes.len() / size)
+}
+
+/// The 16 bits of `v` in a compact encoding. A finite f32 beyond f16's range is sent as
+/// f16's largest value of its sign (so that a large but finite gradient is not refused as
+/// infinite); NaN and infinities stay what they are.
+fn narrow_one(v: f32, encoding: ValueEncoding) -> u16 {
+    match encoding {
+        ValueEncoding::F16 if v.is_finite() => f16::from_f32(v.clamp(-65504.0, 65504.0)).to_bits(),
+        ValueEncoding::F16 => f16::from_f32(v).to_bits(),
+        _ => bf16::from_f32(v).to_bits(),
+    }
+}
+
+fn widen_one(bits: u16, encoding: ValueEncoding) -> f32 {
+    match encoding {
+        ValueEncoding::F16 => f16::from_bits(bits).to_f32(),
+        _ => bf16::from_bits(bits).to_f32(),
+    }
+}
+
+/// Appends `values` in `encoding` to `out`.
+pub fn extend_values(out: &mut Vec<u8>, values: &[f32], encoding: ValueEncoding) {
+    match encoding {
+        ValueEncoding::F32 => extend_f32s(out, values),
+        _ => {
+            out.reserve(values.len() * 2);
+            out.extend(values.iter().flat_map(|&v| narrow_one(v, encoding).to_le_bytes()));
+        }
+    }
+}
+
+/// Puts `values` in `encoding` into `buf`, replacing what it held and reusing its allocation
+/// when that is large enough.
+pub fn put_values(buf: &mut BytesMut, values: &[f32], encoding: ValueEncoding) {
+    match encoding {
+        ValueEncoding::F32 => put_f32s(buf, values),
+        _ => {
+            buf.clear();
+            buf.reserve(values.len() * 2);
+            for &v in values {
+                buf.extend_from_slice(&narrow_one(v, encoding).to_le_bytes());
+            }
+        }
+    }
+}
+
+/// Decodes `src`, values in `encoding`, into `dst`. Panics if `src` does not hold exactly
+/// `dst.len()` values.
+pub fn copy_values(dst: &mut [f32], src: &[u8], encoding: ValueEncoding) {
+    match encoding {
+        ValueEncoding::F32 => copy_f32s(dst, src),
+        _ => {
+            assert_eq!(src.len(), dst.len() * 2, "16-bit value byte length");
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = widen_one(u16::from_le_bytes([s[0], s[1]]), encoding);
+            }
+        }
+    }
+}
+
+/// `src`, values in `encoding`, as f32 little-endian bytes: `src` itself when it is f32
+/// already, else one new buffer.
+pub fn widen(src: Bytes, encoding: ValueEncoding) -> Bytes {
+    if encoding == ValueEncoding::F32 {
+        return src;
+    }
+    let mut out = Vec::with_capacity(src.len() * 2);
+    for s in src.chunks_exact(2) {
+        out.extend_from_slice(&widen_one(u16::from_le_bytes([s[0], s[1]]), encoding).to_le_bytes());
+    }
+    out.into()
+}
+
+/// `src`, f32 little-endian bytes, in `encoding`: `src` itself for f32, else one new buffer.
+pub fn narrow(src: Bytes, encoding: ValueEncoding) -> Bytes {
+    if encoding == ValueEncoding::F32 {
+        return src;
+    }
+    let mut out = Vec::with_capacity(src.len() / 2);
+    for s in src.chunks_exact(4) {
+        out.extend_from_slice(&narrow_one(f32::from_le_bytes(s.try_into().unwrap()), encoding).to_le_bytes());
+    }
+    out.into()
+}
+
+/// True when every value in `bytes` (of `encoding`) is finite.
+pub fn all_finite_values(bytes: &[u8], encoding: ValueEncoding) -> bool {
+    // An f16's exponent is bits 10..15, a bf16's bits 7..15; all ones is infinite or NaN.
+    let exponent: u16 = match encoding {
+        ValueEncoding::F32 => return all_finite(bytes),
+        ValueEncoding::F16 => 0x7c00,
+        ValueEncoding::Bf16 => 0x7f80,
+    };
+    bytes.chunks_exact(2).all(|s| u16::from_le_bytes([s[0], s[1]]) & exponent != exponent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +306,55 @@ mod tests {
             }
         }
         assert!(all_finite(&f32s_to_bytes(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE, -0.0, 1e-45])));
+    }
+
+    #[test]
+    fn compact_encodings_round_trip_within_their_precision() {
+        let v = [1.0f32, -0.333_333, 1e-3, 123.456, 0.0, -0.0];
+        for (encoding, rel) in [(ValueEncoding::F16, 1.0 / 2048.0), (ValueEncoding::Bf16, 1.0 / 256.0)] {
+            let mut buf = BytesMut::new();
+            put_values(&mut buf, &v, encoding);
+            assert_eq!(buf.len(), v.len() * 2, "{encoding:?}: 2 bytes per value");
+            assert_eq!(value_len(&buf, encoding), Some(v.len()));
+            let mut back = [9f32; 6];
+            copy_values(&mut back, &buf, encoding);
+            for (x, y) in back.iter().zip(&v) {
+                assert!((x - y).abs() <= rel * y.abs(), "{encoding:?}: {y} came back as {x}");
+            }
+            // The other paths give the same bits.
+            let mut ext = Vec::new();
+            extend_values(&mut ext, &v, encoding);
+            assert_eq!(&ext[..], &buf[..]);
+            assert_eq!(narrow(f32s_to_bytes(&v), encoding), buf.clone().freeze());
+            assert_eq!(widen(buf.freeze(), encoding), f32s_to_bytes(&back));
+        }
+        // f32 is the identity, without a copy.
+        let b = f32s_to_bytes(&v);
+        assert_eq!(widen(b.clone(), ValueEncoding::F32).as_ptr(), b.as_ptr());
+        assert_eq!(narrow(b.clone(), ValueEncoding::F32).as_ptr(), b.as_ptr());
+    }
+
+    #[test]
+    fn f16_saturates_finite_values_and_keeps_non_finite_ones() {
+        let mut buf = BytesMut::new();
+        put_values(&mut buf, &[1e6, -1e9, f32::MAX], ValueEncoding::F16);
+        let mut back = [0f32; 3];
+        copy_values(&mut back, &buf, ValueEncoding::F16);
+        assert_eq!(back, [65504.0, -65504.0, 65504.0]);
+        assert!(all_finite_values(&buf, ValueEncoding::F16));
+        for encoding in [ValueEncoding::F16, ValueEncoding::Bf16] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut buf = BytesMut::new();
+                put_values(&mut buf, &[0.5, bad, 2.0], encoding);
+                assert!(!all_finite_values(&buf, encoding), "{encoding:?} {bad}");
+                let mut back = [0f32; 3];
+                copy_values(&mut back, &buf, encoding);
+                assert!(!back[1].is_finite() && back[0] == 0.5 && back[2] == 2.0, "{encoding:?} {bad}");
+            }
+            // bf16 keeps f32's range.
+            let mut buf = BytesMut::new();
+            put_values(&mut buf, &[3e38], ValueEncoding::Bf16);
+            assert!(all_finite_values(&buf, ValueEncoding::Bf16));
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! - [`pb`]: the messages and the `ParameterServer` service generated from
 //!   `proto/gradflow.proto` by tonic/prost (bytes fields are `bytes::Bytes`, so payloads are
 //!   not copied when a message is decoded).
-//! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back.
+//! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back, and values
+//!   into the compact f16 and bf16 wire encodings.
 //! - [`transport`]: message limits, HTTP/2 windows, keepalive and retry settings.
 //! - [`link`]: the framing of the tensor link, the raw-TCP path for pushes and pulls.
 //! - [`auth`]: the job token every call carries and every server checks.
@@ -20,7 +21,7 @@ pub mod refusal;
 pub mod tls;
 pub mod transport;
 
-pub use transport::{TransportConfig, TransportError};
+pub use transport::{Compression, TransportConfig, TransportError};
 
 /// Generated protobuf messages and gRPC stubs.
 #[allow(clippy::all, missing_docs)]

@@ -42,6 +42,44 @@ pub struct TransportConfig {
     /// `gradflow_proto::link`). A server offers it unless this is false or it speaks TLS; a
     /// worker uses it where offered unless this is false. Default true.
     pub tensor_link: bool,
+    /// How workers send gradients and ask for values on the wire: `"none"` (f32), `"f16"` or
+    /// `"bf16"` (half the bytes; servers widen to f32 on arrival and keep computing in f32).
+    /// Default `"none"`.
+    pub compression: Compression,
+}
+
+/// `[transport] compression`: the encoding of values on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// f32, 4 bytes per value.
+    #[default]
+    None,
+    /// IEEE 754 half precision, 2 bytes per value: 11 significant bits, finite values up to
+    /// 65504 (larger ones are sent as 65504).
+    F16,
+    /// bfloat16, 2 bytes per value: 8 significant bits, f32's range.
+    Bf16,
+}
+
+impl Compression {
+    /// The name as the job file writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::F16 => "f16",
+            Compression::Bf16 => "bf16",
+        }
+    }
+
+    /// The wire encoding of values under this setting.
+    pub fn encoding(self) -> crate::pb::ValueEncoding {
+        match self {
+            Compression::None => crate::pb::ValueEncoding::F32,
+            Compression::F16 => crate::pb::ValueEncoding::F16,
+            Compression::Bf16 => crate::pb::ValueEncoding::Bf16,
+        }
+    }
 }
 
 impl Default for TransportConfig {
@@ -58,6 +96,7 @@ impl Default for TransportConfig {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(2),
             tensor_link: true,
+            compression: Compression::None,
         }
     }
 }

@@ -22,6 +22,7 @@
 //!   math beside them (accumulating a push, applying a step).
 //! - [`service`]: the gRPC adapter, one handler per RPC of `proto/gradflow.proto`.
 //! - [`link`]: the tensor-link adapter, pushes and pulls over plain TCP.
+//! - [`encoding`]: the compact wire encodings of values (f16, bf16), decoded by both adapters.
 //! - [`tasks`]: dynamic data sharding, the queue of data tasks shard 0 hands out.
 //! - [`checkpointing`]: when a shard writes checkpoints, and restoring one at start; `peer`:
 //!   shard 0 asking the other shards for a checkpoint.
@@ -31,6 +32,7 @@
 pub mod checkpointing;
 pub mod config;
 pub mod coord;
+pub mod encoding;
 pub mod error;
 pub mod link;
 pub mod metrics;

@@ -29,6 +29,7 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::PsError;
+use crate::encoding::{encoding_of, widen};
 use crate::model::ShardModel;
 use crate::push::{DenseGrad, Push, SparseGrad, TaskProgress};
 use crate::shard::{Shard, TableIds};
@@ -125,9 +126,13 @@ async fn connection(
                             last.take().and_then(|b| b.try_into_mut().ok()).unwrap_or_default();
                         let check = shard.config.settings.reject_non_finite;
                         let bad = read_push_payload(&mut r, &mut buf, &msg, &lengths, total, check).await?;
+                        // A compact push's values become f32 here, once (its lengths were checked).
                         let payload = buf.freeze();
                         let result = match bad {
-                            None => shard.push(decode_push(msg, &lengths, payload.clone()), started).await,
+                            None => match decode_push(msg, &lengths, payload.clone()) {
+                                Ok(push) => shard.push(push, started).await,
+                                Err(e) => Err(shard.refuse_push(e, started)),
+                            },
                             Some(name) => Err(shard.refuse_push(PsError::NonFinite(name), started)),
                         };
                         last = Some(payload);
@@ -179,6 +184,7 @@ pub async fn read_push_payload<R: AsyncRead + Unpin>(
 ) -> std::io::Result<Option<String>> {
     buf.clear();
     buf.reserve(total);
+    let encoding = msg.encoding();
     let gradients = msg.dense.iter().map(|d| Some(&d.tensor));
     let segments = gradients.chain(msg.sparse.iter().flat_map(|g| [None, Some(&g.table)]));
     let mut bad = None;
@@ -192,7 +198,7 @@ pub async fn read_push_payload<R: AsyncRead + Unpin>(
             left -= block;
             if let Some(name) = checked
                 && bad.is_none()
-                && !codec::all_finite(&buf[start..])
+                && !codec::all_finite_values(&buf[start..], encoding)
             {
                 bad = Some(name.clone());
             }
@@ -229,22 +235,27 @@ fn skip_limit(shard: &Shard) -> u64 {
 /// bytes and whole `f32`s, a sparse gradient whole `u64` ids and `dim` floats per id.
 /// `lengths` has one entry per segment ([`push_lengths`] checked).
 pub fn segment_lengths(model: &ShardModel, msg: &pb::PushRequest, lengths: &[u64]) -> Result<(), PsError> {
+    let encoding = encoding_of(msg.encoding)?;
+    let size = codec::value_bytes(encoding) as u64;
     let (dense, sparse) = lengths.split_at(msg.dense.len());
     for (d, &n) in msg.dense.iter().zip(dense) {
         let piece = &model.pieces()[model.piece(&d.tensor, d.partition)?];
-        let room = (piece.len() as u64).saturating_sub(d.offset).saturating_mul(4);
-        if n % 4 != 0 || n > room {
+        let room = (piece.len() as u64).saturating_sub(d.offset).saturating_mul(size);
+        if n % size != 0 || n > room {
             return Err(PsError::InvalidArgument(format!(
                 "tensor link push announces {n} bytes for `{}` partition {} from element {}; \
-                 expected a whole number of f32 values, at most {room} bytes",
-                d.tensor, d.partition, d.offset
+                 expected a whole number of {} values, at most {room} bytes",
+                d.tensor,
+                d.partition,
+                d.offset,
+                codec::encoding_name(encoding)
             )));
         }
     }
     for (g, n) in msg.sparse.iter().zip(sparse.chunks(2)) {
         let dim = model.tables()[model.table(&g.table)?].dim() as u64;
         let (ids, values) = (n[0], n[1]);
-        let expected = (ids / 8).checked_mul(dim * 4);
+        let expected = (ids / 8).checked_mul(dim * size);
         if ids % 8 != 0 || expected != Some(values) {
             return Err(PsError::InvalidArgument(format!(
                 "tensor link push announces {ids} bytes of ids and {values} bytes of values for \
@@ -259,8 +270,9 @@ pub fn segment_lengths(model: &ShardModel, msg: &pb::PushRequest, lengths: &[u64
 
 /// Checks a push's payload lengths: one per dense slice and two per sparse gradient, adding
 /// up to at most `limit` bytes (a shard's dense bytes, which a push covers once, plus the
-/// transport's message limit for sparse gradients). Returns the total.
+/// transport's message limit for sparse gradients), and its value encoding. Returns the total.
 pub fn push_lengths(msg: &pb::PushRequest, lengths: &[u64], limit: u64) -> Result<usize, PsError> {
+    encoding_of(msg.encoding)?;
     let segments = msg.dense.len() + 2 * msg.sparse.len();
     if lengths.len() != segments {
         return Err(PsError::InvalidArgument(format!(
@@ -283,9 +295,11 @@ pub fn push_lengths(msg: &pb::PushRequest, lengths: &[u64], limit: u64) -> Resul
 }
 
 /// Decodes a push from its header and payload: each dense slice and sparse gradient gets its
-/// segment of `payload` (a slice of the buffer, not a copy). `lengths` must have passed
+/// segment of `payload` (a slice of the buffer, not a copy; values in a compact encoding are
+/// widened to f32, and refused where they are not whole values). `lengths` must have passed
 /// [`push_lengths`] and `payload` must hold exactly their total.
-pub fn decode_push(msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> Push {
+pub fn decode_push(msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> Result<Push, PsError> {
+    let encoding = msg.encoding();
     let mut at = 0usize;
     let mut lengths = lengths.iter();
     let mut next = || {
@@ -297,17 +311,27 @@ pub fn decode_push(msg: pb::PushRequest, lengths: &[u64], payload: Bytes) -> Pus
     let dense = msg
         .dense
         .into_iter()
-        .map(|d| DenseGrad { tensor: d.tensor, partition: d.partition, offset: d.offset, data: next() })
-        .collect();
-    let sparse =
-        msg.sparse.into_iter().map(|g| SparseGrad { table: g.table, ids: next(), values: next() }).collect();
-    Push {
+        .map(|d| {
+            let data = widen(next(), encoding, &d.tensor)?;
+            Ok(DenseGrad { tensor: d.tensor, partition: d.partition, offset: d.offset, data })
+        })
+        .collect::<Result<_, PsError>>()?;
+    let sparse = msg
+        .sparse
+        .into_iter()
+        .map(|g| {
+            let ids = next();
+            let values = widen(next(), encoding, &g.table)?;
+            Ok(SparseGrad { table: g.table, ids, values })
+        })
+        .collect::<Result<_, PsError>>()?;
+    Ok(Push {
         worker: msg.worker,
         step: msg.step,
         task: msg.task.map(|t| TaskProgress { lease: t.lease, examples: t.examples }),
         dense,
         sparse,
-    }
+    })
 }
 
 /// Answers a dense pull: the piece list, then every piece's values as they are.
@@ -317,10 +341,15 @@ async fn pull_dense<W: AsyncWrite + Unpin>(
     w: &mut W,
 ) -> std::io::Result<()> {
     let pieces = req.pieces.iter().map(|p| (p.tensor.as_str(), p.partition));
-    let read = match shard.pull_dense(req.worker, req.step, pieces).await {
+    let read = match encoding_of(req.encoding) {
+        Ok(_) => shard.pull_dense(req.worker, req.step, pieces).await,
+        Err(e) => Err(e),
+    };
+    let read = match read {
         Ok(r) => r,
         Err(e) => return write_frame(w, &link::reply_of(&Status::from(e)), &[]).await,
     };
+    let encoding = req.encoding();
     let mut header = pb::LinkReply { version: read.version(), ..Default::default() };
     let mut values = Vec::with_capacity(read.pieces().len());
     for piece in read.pieces() {
@@ -329,11 +358,11 @@ async fn pull_dense<W: AsyncWrite + Unpin>(
             partition: piece.partition(),
             len: piece.len() as u64,
         });
-        values.push(piece.read(0, piece.len()));
+        values.push(codec::narrow(piece.read(0, piece.len()), encoding));
     }
     let payload: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
     write_frame(w, &header, &payload).await?;
-    read.sent(payload.iter().map(|p| p.len() as u64).sum());
+    read.sent(header.pieces.iter().map(|p| p.len * 4).sum());
     Ok(())
 }
 
@@ -343,8 +372,13 @@ async fn pull_sparse<W: AsyncWrite + Unpin>(
     req: pb::PullSparseRequest,
     w: &mut W,
 ) -> std::io::Result<()> {
+    let encoding = req.encoding();
     let tables = req.tables.into_iter().map(|t| TableIds { table: t.table, ids: t.ids }).collect();
-    let (rows, version) = match shard.pull_sparse(req.worker, req.step, tables).await {
+    let rows = match encoding_of(req.encoding) {
+        Ok(_) => shard.pull_sparse(req.worker, req.step, tables).await,
+        Err(e) => Err(e),
+    };
+    let (rows, version) = match rows {
         Ok(t) => t,
         Err(e) => return write_frame(w, &link::reply_of(&Status::from(e)), &[]).await,
     };
@@ -352,7 +386,8 @@ async fn pull_sparse<W: AsyncWrite + Unpin>(
         .iter()
         .map(|t| pb::LinkPiece { tensor: t.table.clone(), partition: 0, len: t.values.len() as u64 / 4 })
         .collect();
-    let payload: Vec<&[u8]> = rows.iter().map(|t| t.values.as_ref()).collect();
+    let values: Vec<Bytes> = rows.into_iter().map(|t| codec::narrow(t.values, encoding)).collect();
+    let payload: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
     write_frame(w, &pb::LinkReply { version, pieces, ..Default::default() }, &payload).await
 }
 
@@ -407,7 +442,7 @@ mod tests {
             let bad = read_push_payload(&mut r, &mut buf, msg, lengths, payload.len(), check).await.unwrap();
             assert_eq!(&buf[..], payload, "the payload is read whole, bad values or not");
             if check {
-                let whole = decode_push(msg.clone(), lengths, Bytes::copy_from_slice(payload));
+                let whole = decode_push(msg.clone(), lengths, Bytes::copy_from_slice(payload)).unwrap();
                 assert_eq!(
                     bad.as_deref(),
                     crate::push::non_finite(&whole.dense, &whole.sparse),

@@ -192,6 +192,7 @@ impl ShardModel {
     pub fn with_embedding(mut self, settings: &EmbeddingSettings) -> Result<ShardModel, EmbeddingError> {
         let names: Vec<&str> = self.spec.sparse.iter().map(|s| s.name.as_str()).collect();
         let policies = settings.policies(&names)?;
+        settings.check_storage(&self.spec.sparse)?;
         debug_assert!(self.tables.iter().all(|t| t.rows() == 0), "policies are set on an empty model");
         self.tables = self.spec.sparse.iter().zip(policies).map(|(s, p)| Table::new(s, p)).collect();
         Ok(self)

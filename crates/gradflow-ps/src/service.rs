@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::Stream;
-use gradflow_proto::pb;
+use gradflow_proto::{codec, pb};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::PsError;
+use crate::encoding::{encoding_of, widen};
 use crate::push::{DenseGrad, Push, SparseGrad, TaskProgress};
 use crate::shard::{Declare, DenseRead, Rows, Shard, TableIds};
 use crate::tasks::{Handout, Piece, TaskPlan};
@@ -66,13 +67,14 @@ impl gradflow_proto::ParameterServer for Service {
         request: Request<pb::PullDenseRequest>,
     ) -> Result<Response<Self::PullDenseStream>, Status> {
         let req = request.into_inner();
+        let encoding = encoding_of(req.encoding)?;
         let pieces = req.pieces.iter().map(|p| (p.tensor.as_str(), p.partition));
         let read = self.shard.pull_dense(req.worker, req.step, pieces).await?;
         let config = &self.shard.config;
         let chunk_elems = config.transport.chunk_bytes / 4;
         if read.bytes() <= config.inline_bytes {
             let mut chunks = Vec::new();
-            let sent = read_chunks(&read, chunk_elems, |c| {
+            let sent = read_chunks(&read, chunk_elems, encoding, |c| {
                 chunks.push(Ok(c));
                 true
             });
@@ -83,7 +85,7 @@ impl gradflow_proto::ParameterServer for Service {
         }
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            if let Some(sent) = read_chunks(&read, chunk_elems, |c| tx.blocking_send(Ok(c)).is_ok()) {
+            if let Some(sent) = read_chunks(&read, chunk_elems, encoding, |c| tx.blocking_send(Ok(c)).is_ok()) {
                 read.sent(sent);
             }
         });
@@ -95,10 +97,13 @@ impl gradflow_proto::ParameterServer for Service {
         request: Request<pb::PullSparseRequest>,
     ) -> Result<Response<pb::PullSparseResponse>, Status> {
         let req = request.into_inner();
+        let encoding = encoding_of(req.encoding)?;
         let tables = req.tables.into_iter().map(|t| TableIds { table: t.table, ids: t.ids }).collect();
         let (rows, version) = self.shard.pull_sparse(req.worker, req.step, tables).await?;
-        let tables =
-            rows.into_iter().map(|Rows { table, values }| pb::SparseRows { table, values }).collect();
+        let tables = rows
+            .into_iter()
+            .map(|Rows { table, values }| pb::SparseRows { table, values: codec::narrow(values, encoding) })
+            .collect();
         Ok(Response::new(pb::PullSparseResponse { tables, version }))
     }
 
@@ -110,8 +115,21 @@ impl gradflow_proto::ParameterServer for Service {
         let shard = &self.shard;
         let mut stream = request.into_inner();
         let mut push: Option<Push> = None;
+        let mut encoding = None;
         while let Some(msg) = stream.next().await {
             let msg = msg?;
+            let enc = match encoding_of(msg.encoding) {
+                Ok(e) if encoding.is_none_or(|first| first == e) => *encoding.insert(e),
+                Ok(e) => {
+                    let e = PsError::InvalidArgument(format!(
+                        "push stream mixes value encodings: started in {}, then {}",
+                        codec::encoding_name(encoding.unwrap_or_default()),
+                        codec::encoding_name(e)
+                    ));
+                    return Err(shard.refuse_push(e, started).into());
+                }
+                Err(e) => return Err(shard.refuse_push(e, started).into()),
+            };
             let push = match &mut push {
                 None => push.insert(Push {
                     worker: msg.worker,
@@ -129,17 +147,20 @@ impl gradflow_proto::ParameterServer for Service {
                 Some(p) => p,
             };
             let (dense, sparse) = (push.dense.len(), push.sparse.len());
-            push.dense.extend(msg.dense.into_iter().map(|d| DenseGrad {
-                tensor: d.tensor,
-                partition: d.partition,
-                offset: d.offset,
-                data: d.data,
-            }));
-            push.sparse.extend(msg.sparse.into_iter().map(|g| SparseGrad {
-                table: g.table,
-                ids: g.ids,
-                values: g.values,
-            }));
+            for d in msg.dense {
+                let data = match widen(d.data, enc, &d.tensor) {
+                    Ok(data) => data,
+                    Err(e) => return Err(shard.refuse_push(e, started).into()),
+                };
+                push.dense.push(DenseGrad { tensor: d.tensor, partition: d.partition, offset: d.offset, data });
+            }
+            for g in msg.sparse {
+                let values = match widen(g.values, enc, &g.table) {
+                    Ok(values) => values,
+                    Err(e) => return Err(shard.refuse_push(e, started).into()),
+                };
+                push.sparse.push(SparseGrad { table: g.table, ids: g.ids, values });
+            }
             // Checked as each message arrives, while its bytes are in the cache.
             if let Some(e) = shard.refuses_non_finite(&push.dense[dense..], &push.sparse[sparse..]) {
                 return Err(shard.refuse_push(e, started).into());
@@ -240,12 +261,13 @@ impl gradflow_proto::ParameterServer for Service {
     }
 }
 
-/// Reads a dense pull's pieces in chunks of at most `chunk_elems` values and hands each to
-/// `send`, which says whether the client still listens. The bytes sent, or `None` if the
-/// client went away.
+/// Reads a dense pull's pieces in chunks of at most `chunk_elems` values, in `encoding`, and
+/// hands each to `send`, which says whether the client still listens. The bytes of values sent
+/// (as f32), or `None` if the client went away.
 fn read_chunks(
     read: &DenseRead,
     chunk_elems: usize,
+    encoding: pb::ValueEncoding,
     mut send: impl FnMut(pb::DenseChunk) -> bool,
 ) -> Option<u64> {
     let mut sent = 0u64;
@@ -257,7 +279,7 @@ fn read_chunks(
                 tensor: piece.tensor().to_string(),
                 partition: piece.partition(),
                 offset: start as u64,
-                data: piece.read(start, n),
+                data: codec::narrow(piece.read(start, n), encoding),
                 version: read.version(),
             };
             sent += n as u64 * 4;

@@ -860,6 +860,20 @@ impl Table {
     fn create(&self, store: &mut RowStore, id: u64, clock: u32) -> usize {
         let r = store.len();
         let stride = self.stride();
+        if let Some(cap) = self.stripe_cap()
+            && r == store.ids.capacity()
+            && r < cap
+        {
+            // A capped stripe's arenas are sized for the cap once: doubling would leave up to
+            // half of them as spare capacity that eviction has touched. Pages not yet written
+            // take no memory. (A step that brings more new rows than the cap grows as usual.)
+            let more = cap - r;
+            store.data.reserve_exact(more * stride);
+            store.half.reserve_exact(more * store.hdim);
+            store.steps.reserve_exact(more);
+            store.touched.reserve_exact(more);
+            store.ids.reserve_exact(more);
+        }
         store.data.resize((r + 1) * stride, 0.0);
         match self.half {
             None => {

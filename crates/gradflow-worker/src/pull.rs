@@ -93,7 +93,8 @@ impl Worker {
                         .map(|s| pb::PieceRef { tensor: s.tensor.to_string(), partition: s.partition })
                         .collect()
                 };
-                let req = pb::PullDenseRequest { worker: me, step, pieces };
+                let encoding = self.config.transport.compression.encoding() as i32;
+                let req = pb::PullDenseRequest { worker: me, step, pieces, encoding };
                 async move { shard.pull_dense(req, &mut slots).await }
             },
         ))
@@ -140,6 +141,8 @@ impl Worker {
             }
         }
         let (me, step) = (self.config.worker, self.current_step());
+        let encoding = self.config.transport.compression.encoding();
+        let value_bytes = codec::value_bytes(encoding);
         let replies =
             try_join_all((0..n).filter(|&s| positions[s].iter().any(|p| !p.is_empty())).map(|shard| {
                 let tables: Vec<pb::SparseIds> = requests
@@ -153,7 +156,7 @@ impl Worker {
                     })
                     .collect();
                 async move {
-                    let req = pb::PullSparseRequest { worker: me, step, tables };
+                    let req = pb::PullSparseRequest { worker: me, step, tables, encoding: encoding as i32 };
                     let reply = self.shards[shard].pull_sparse(&req).await?;
                     Ok::<_, WorkerError>((shard, reply))
                 }
@@ -174,7 +177,7 @@ impl Worker {
                     shard,
                     message: format!("no rows for table `{}` in PullSparse reply", requests[r].0),
                 })?;
-                if got.values.len() != pos.len() * dim * 4 {
+                if got.values.len() != pos.len() * dim * value_bytes {
                     return Err(WorkerError::Protocol {
                         shard,
                         message: format!(
@@ -187,9 +190,10 @@ impl Worker {
                 }
                 for (k, &i) in pos.iter().enumerate() {
                     let i = i as usize;
-                    codec::copy_f32s(
+                    codec::copy_values(
                         &mut out[r][i * dim..(i + 1) * dim],
-                        &got.values[k * dim * 4..(k + 1) * dim * 4],
+                        &got.values[k * dim * value_bytes..(k + 1) * dim * value_bytes],
+                        encoding,
                     );
                 }
             }

@@ -4,8 +4,9 @@
 //!
 //! A dense gradient is cut into the pieces the placement gives each shard, and each piece
 //! into chunks of at most `transport.chunk_bytes`, written once into staging buffers that are
-//! reused from step to step; both transports send those bytes as they are (the link writes
-//! them to its socket, gRPC shares them in its messages).
+//! reused from step to step, in the wire encoding of `[transport] compression`; both
+//! transports send those bytes as they are (the link writes them to its socket, gRPC shares
+//! them in its messages).
 
 use bytes::{Bytes, BytesMut};
 use gradflow_core::Placement;
@@ -58,12 +59,13 @@ impl Worker {
             return Err(WorkerError::Length { name: name.to_string(), expected, got: grad.len() });
         }
         let chunk = self.config.transport.chunk_bytes / 4;
+        let encoding = self.config.transport.compression.encoding();
         let staging = &mut self.staging;
         for p in placement.pieces_of(t) {
             let piece = &grad[p.offset as usize..(p.offset + p.len) as usize];
             for (k, part) in piece.chunks(chunk).enumerate() {
                 let mut buf = staging.spare.pop().unwrap_or_default();
-                codec::put_f32s(&mut buf, part);
+                codec::put_values(&mut buf, part, encoding);
                 staging.by_shard[p.shard as usize].dense.push(pb::DenseSlice {
                     tensor: name.to_string(),
                     partition: p.partition,
@@ -89,11 +91,12 @@ impl Worker {
             });
         }
         let n = self.shards.len();
+        let encoding = self.config.transport.compression.encoding();
         let mut by_shard: Vec<(Vec<u64>, Vec<u8>)> = vec![(Vec::new(), Vec::new()); n];
         for (i, &id) in ids.iter().enumerate() {
             let (sids, svals) = &mut by_shard[Placement::sparse_shard(id, n as u32) as usize];
             sids.push(id);
-            codec::extend_f32s(svals, &grads[i * dim..(i + 1) * dim]);
+            codec::extend_values(svals, &grads[i * dim..(i + 1) * dim], encoding);
         }
         for (shard, (sids, svals)) in by_shard.into_iter().enumerate() {
             if !sids.is_empty() {
@@ -115,13 +118,14 @@ impl Worker {
             std::mem::replace(&mut self.staging.by_shard, (0..n).map(|_| Staged::default()).collect());
         let (me, step) = (self.config.worker, self.current_step());
         let max_payload = self.config.transport.chunk_bytes;
+        let encoding = self.config.transport.compression.encoding();
         let mut task = self.task_progress.take();
         let this = &*self;
         let sent = futures::future::join_all(staged.into_iter().zip(&this.shards).enumerate().map(
             |(i, (staged, shard))| {
                 let task = if i == 0 { task.take() } else { None };
                 async move {
-                    let push = Push::new(me, step, &staged, task, max_payload);
+                    let push = Push::new(me, step, &staged, task, max_payload, encoding);
                     let result = match shard.push(&push).await {
                         // step() sends once per step, so this can only be a retry of a push
                         // whose first attempt arrived although its answer was lost.

@@ -51,6 +51,7 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
             values: codec::f32s_to_bytes(&[1.0, 1.0]),
         }],
         task: None,
+        ..Default::default()
     };
     let ids = pb::SparseIds { table: "emb".into(), ids: codec::u64s_to_bytes(&[7]) };
     vec![
@@ -73,7 +74,7 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
             code(
                 async {
                     let mut stream = c
-                        .pull_dense(pb::PullDenseRequest { worker: 0, step: 0, pieces: vec![] })
+                        .pull_dense(pb::PullDenseRequest { worker: 0, step: 0, pieces: vec![], ..Default::default() })
                         .await?
                         .into_inner();
                     while stream.message().await?.is_some() {}
@@ -85,7 +86,7 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
         (
             "PullSparse",
             code(
-                c.pull_sparse(pb::PullSparseRequest { worker: 0, step: 0, tables: vec![ids] })
+                c.pull_sparse(pb::PullSparseRequest { worker: 0, step: 0, tables: vec![ids], ..Default::default() })
                     .await
                     .map(drop),
             ),

@@ -40,7 +40,7 @@ fn sparse(table: &str, ids: &[u64], values: &[f32]) -> pb::SparseGrad {
 }
 
 fn push(worker: u32, step: u64, d: Vec<pb::DenseSlice>, s: Vec<pb::SparseGrad>) -> pb::PushRequest {
-    pb::PushRequest { worker, step, dense: d, sparse: s, task: None }
+    pb::PushRequest { worker, step, dense: d, sparse: s, task: None, ..Default::default() }
 }
 
 async fn send(
@@ -192,6 +192,7 @@ async fn bad_input_is_refused_with_its_status_and_changes_nothing() {
             worker: 0,
             step: 0,
             tables: vec![pb::SparseIds { table: "zzz".into(), ids: codec::u64s_to_bytes(&[1]) }],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -202,6 +203,7 @@ async fn bad_input_is_refused_with_its_status_and_changes_nothing() {
             worker: 0,
             step: 0,
             pieces: vec![pb::PieceRef { tensor: "ghost".into(), partition: 0 }],
+            ..Default::default()
         })
         .await
         .unwrap_err();

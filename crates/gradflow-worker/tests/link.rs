@@ -32,6 +32,7 @@ fn push_of(values: &[f32]) -> (pb::LinkRequest, Vec<u8>) {
         dense: vec![pb::DenseSlice { tensor: "w".into(), partition: 0, offset: 0, data: Default::default() }],
         sparse: vec![],
         task: None,
+        ..Default::default()
     };
     let payload = codec::f32s_to_bytes(values).to_vec();
     let request = pb::LinkRequest {
@@ -125,6 +126,7 @@ async fn malformed_link_requests_are_refused_by_name_and_the_connection_stays_in
         worker: 0,
         step: 0,
         tables: vec![pb::SparseIds { table: "emb".into(), ids: vec![0u8; 7].into() }],
+        ..Default::default()
     };
     let request =
         pb::LinkRequest { request: Some(pb::link_request::Request::PullSparse(pull)), payload_bytes: vec![] };

@@ -21,7 +21,8 @@ pub(crate) async fn push(client: &Client, push: &Push<'_>) -> Result<u64, CallEr
 /// (the bytes are shared, not copied); the first carries the task progress.
 fn pack(push: &Push<'_>) -> Vec<pb::PushRequest> {
     let (worker, step, max) = (push.worker, push.step, push.max_payload);
-    let new = || pb::PushRequest { worker, step, dense: Vec::new(), sparse: Vec::new(), task: None };
+    let encoding = push.encoding as i32;
+    let new = || pb::PushRequest { worker, step, encoding, ..Default::default() };
     let mut msgs = vec![pb::PushRequest { task: push.task, ..new() }];
     let mut size = 0;
     for d in &push.staged.dense {
@@ -50,17 +51,22 @@ pub(crate) async fn pull_dense(
     req: pb::PullDenseRequest,
     slots: &mut [Slot<'_>],
 ) -> Result<(), CallError> {
+    let encoding = req.encoding();
     let mut chunks = client.clone().pull_dense(req).await?.into_inner();
     while let Some(chunk) = chunks.message().await? {
         let slot = Slot::find(slots, &chunk.tensor, chunk.partition)?;
-        let Some(n) = codec::f32_len(&chunk.data) else {
-            return Err(CallError::Protocol(format!("chunk of `{}` is not whole f32 values", chunk.tensor)));
+        let Some(n) = codec::value_len(&chunk.data, encoding) else {
+            return Err(CallError::Protocol(format!(
+                "chunk of `{}` is not whole {} values",
+                chunk.tensor,
+                codec::encoding_name(encoding)
+            )));
         };
         if chunk.offset.checked_add(n as u64).is_none_or(|end| end > slot.dst.len() as u64) {
             return Err(CallError::Protocol(format!("chunk of `{}` runs past its partition", chunk.tensor)));
         }
         let start = chunk.offset as usize;
-        codec::copy_f32s(&mut slot.dst[start..start + n], &chunk.data);
+        codec::copy_values(&mut slot.dst[start..start + n], &chunk.data, encoding);
         slot.filled += n as u64;
     }
     Ok(())

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use gradflow_proto::auth::Token;
 use gradflow_proto::link::{self, read_f32s, read_header, read_payload, write_frame};
-use gradflow_proto::{TransportConfig, pb};
+use gradflow_proto::{TransportConfig, codec, pb};
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -182,6 +182,7 @@ impl Link {
         req: pb::PullDenseRequest,
         slots: &mut [Slot<'_>],
     ) -> Result<(), CallError> {
+        let encoding = req.encoding();
         let request = pb::LinkRequest {
             request: Some(pb::link_request::Request::PullDense(req)),
             payload_bytes: vec![],
@@ -199,7 +200,14 @@ impl Link {
                     slot.dst.len()
                 )));
             }
-            read_f32s(&mut conn.r, slot.dst).await.map_err(|e| self.broken("reading pulled values", e))?;
+            if encoding == pb::ValueEncoding::F32 {
+                read_f32s(&mut conn.r, slot.dst).await.map_err(|e| self.broken("reading pulled values", e))?;
+            } else {
+                let n = slot.dst.len() * codec::value_bytes(encoding);
+                let bytes =
+                    read_payload(&mut conn.r, n).await.map_err(|e| self.broken("reading pulled values", e))?;
+                codec::copy_values(slot.dst, &bytes, encoding);
+            }
             slot.filled = piece.len;
         }
         self.put_back(conn);
@@ -212,6 +220,7 @@ impl Link {
         port: u16,
         req: pb::PullSparseRequest,
     ) -> Result<pb::PullSparseResponse, Status> {
+        let value_bytes = codec::value_bytes(req.encoding());
         let request = pb::LinkRequest {
             request: Some(pb::link_request::Request::PullSparse(req)),
             payload_bytes: vec![],
@@ -221,7 +230,7 @@ impl Link {
         for piece in &reply.pieces {
             let n = usize::try_from(piece.len)
                 .ok()
-                .and_then(|n| n.checked_mul(4))
+                .and_then(|n| n.checked_mul(value_bytes))
                 .filter(|&n| n <= link::MAX_HEADER_BYTES.max(self.transport.max_message_bytes))
                 .ok_or_else(|| {
                     self.idle.lock().unwrap().clear();
@@ -273,7 +282,14 @@ pub(crate) fn push_request<'a>(push: &Push<'a>) -> (pb::LinkRequest, Vec<&'a [u8
             pb::SparseGrad { table: g.table.clone(), ids: Bytes::new(), values: Bytes::new() }
         })
         .collect();
-    let push = pb::PushRequest { worker: push.worker, step: push.step, dense, sparse, task: push.task };
+    let push = pb::PushRequest {
+        worker: push.worker,
+        step: push.step,
+        dense,
+        sparse,
+        task: push.task,
+        encoding: push.encoding as i32,
+    };
     let request = pb::LinkRequest {
         request: Some(pb::link_request::Request::Push(push)),
         payload_bytes: payload.iter().map(|p| p.len() as u64).collect(),

@@ -47,6 +47,8 @@ pub(crate) struct Push<'a> {
     pub task: Option<pb::TaskProgress>,
     /// gRPC: the payload bytes of one message, at most about this (`transport.chunk_bytes`).
     pub max_payload: usize,
+    /// The encoding the staged values are in (`transport.compression`).
+    pub encoding: pb::ValueEncoding,
     /// The push as the link sends it ([`link::push_request`]), built on the first try over
     /// the link and kept for its retries.
     link_form: OnceLock<(pb::LinkRequest, Vec<&'a [u8]>)>,
@@ -59,8 +61,9 @@ impl<'a> Push<'a> {
         staged: &'a Staged,
         task: Option<pb::TaskProgress>,
         max_payload: usize,
+        encoding: pb::ValueEncoding,
     ) -> Push<'a> {
-        Push { worker, step, staged, task, max_payload, link_form: OnceLock::new() }
+        Push { worker, step, staged, task, max_payload, encoding, link_form: OnceLock::new() }
     }
 }
 
