@@ -135,15 +135,12 @@ impl Report {
             }
         }
         if let Some(t) = &self.training {
-            let run = t
-                .runs
-                .iter()
-                .find(|r| {
-                    r.workers == 2
-                        && r.servers == 1
-                        && r.mode == gradflow_core::Mode::Sync
-                        && r.compression == gradflow_proto::Compression::None
-                });
+            let run = t.runs.iter().find(|r| {
+                r.workers == 2
+                    && r.servers == 1
+                    && r.mode == gradflow_core::Mode::Sync
+                    && r.compression == gradflow_proto::Compression::None
+            });
             push(
                 "wide&deep 2 workers sync 1 shard / single process, per core".into(),
                 run.map(|r| r.ratio_to_single),

@@ -120,7 +120,8 @@ pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<Trai
                     run.ratio_to_single * 100.0,
                     run.end_to_end_samples_per_sec,
                     run.wall_s,
-                    run.loopback_bytes_per_sample.map_or(String::new(), |b| format!(", {b:.0} loopback bytes per sample"))
+                    run.loopback_bytes_per_sample
+                        .map_or(String::new(), |b| format!(", {b:.0} loopback bytes per sample"))
                 ));
                 runs.push(run);
             }

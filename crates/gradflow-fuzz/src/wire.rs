@@ -439,9 +439,11 @@ pub fn link(data: &[u8]) {
                                 .dense
                                 .iter()
                                 .map(|d| d.data.len() as u64 * size / 4)
-                                .chain(push.sparse.iter().flat_map(|g| {
-                                    [g.ids.len() as u64, g.values.len() as u64 * size / 4]
-                                }))
+                                .chain(
+                                    push.sparse
+                                        .iter()
+                                        .flat_map(|g| [g.ids.len() as u64, g.values.len() as u64 * size / 4]),
+                                )
                                 .collect();
                             assert_eq!(lengths, req.payload_bytes, "each field holds its announced bytes");
                             check_valid_push(&m, &sent, push, true);
@@ -712,14 +714,18 @@ pub(crate) fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         pb::PieceRef { tensor: "b".into(), partition: 0 },
     ];
     req(2, "pull-dense", &|b| {
-        pb::PullDenseRequest { worker: 0, step: 1, pieces: pieces.clone(), ..Default::default() }.encode(b).unwrap()
+        pb::PullDenseRequest { worker: 0, step: 1, pieces: pieces.clone(), ..Default::default() }
+            .encode(b)
+            .unwrap()
     });
     let tables = vec![
         pb::SparseIds { table: "emb".into(), ids: c::u64s_to_bytes(&ids_on(1, 4)) },
         pb::SparseIds { table: "wide".into(), ids: c::u64s_to_bytes(&ids_on(1, 2)) },
     ];
     req(3, "pull-sparse", &|b| {
-        pb::PullSparseRequest { worker: 1, step: 1, tables: tables.clone(), ..Default::default() }.encode(b).unwrap()
+        pb::PullSparseRequest { worker: 1, step: 1, tables: tables.clone(), ..Default::default() }
+            .encode(b)
+            .unwrap()
     });
     let push = pb::PushRequest {
         worker: 0,

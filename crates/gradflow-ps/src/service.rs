@@ -85,7 +85,8 @@ impl gradflow_proto::ParameterServer for Service {
         }
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            if let Some(sent) = read_chunks(&read, chunk_elems, encoding, |c| tx.blocking_send(Ok(c)).is_ok()) {
+            if let Some(sent) = read_chunks(&read, chunk_elems, encoding, |c| tx.blocking_send(Ok(c)).is_ok())
+            {
                 read.sent(sent);
             }
         });
@@ -152,7 +153,12 @@ impl gradflow_proto::ParameterServer for Service {
                     Ok(data) => data,
                     Err(e) => return Err(shard.refuse_push(e, started).into()),
                 };
-                push.dense.push(DenseGrad { tensor: d.tensor, partition: d.partition, offset: d.offset, data });
+                push.dense.push(DenseGrad {
+                    tensor: d.tensor,
+                    partition: d.partition,
+                    offset: d.offset,
+                    data,
+                });
             }
             for g in msg.sparse {
                 let values = match widen(g.values, enc, &g.table) {

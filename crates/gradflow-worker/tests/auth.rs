@@ -74,7 +74,12 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
             code(
                 async {
                     let mut stream = c
-                        .pull_dense(pb::PullDenseRequest { worker: 0, step: 0, pieces: vec![], ..Default::default() })
+                        .pull_dense(pb::PullDenseRequest {
+                            worker: 0,
+                            step: 0,
+                            pieces: vec![],
+                            ..Default::default()
+                        })
                         .await?
                         .into_inner();
                     while stream.message().await?.is_some() {}
@@ -86,9 +91,14 @@ async fn every_rpc(c: &mut Client) -> Vec<(&'static str, Code)> {
         (
             "PullSparse",
             code(
-                c.pull_sparse(pb::PullSparseRequest { worker: 0, step: 0, tables: vec![ids], ..Default::default() })
-                    .await
-                    .map(drop),
+                c.pull_sparse(pb::PullSparseRequest {
+                    worker: 0,
+                    step: 0,
+                    tables: vec![ids],
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
             ),
         ),
         ("Push", code(c.push(futures::stream::iter(vec![grad])).await.map(drop))),

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{addrs, config, start_shards};
-use gradflow_core::{DenseSpec, Initializer, ModelSpec, Mode, OptimizerConfig, SparseSpec};
+use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
 use gradflow_proto::{Compression, ParameterServerClient, codec, pb};
 use gradflow_worker::{Code, Worker, WorkerConfig};
 use tonic::transport::Channel;
@@ -43,7 +43,8 @@ async fn one_step(compression: Compression, link: bool, grad: &[f32; 6]) -> (Vec
     worker.declare(spec()).await.unwrap();
     let ids = [3u64, 10, 7_000_000_001];
     worker.push_dense("w", grad).unwrap();
-    let rows: Vec<f32> = (0..ids.len()).flat_map(|i| grad[..3].iter().map(move |g| g * (i + 1) as f32)).collect();
+    let rows: Vec<f32> =
+        (0..ids.len()).flat_map(|i| grad[..3].iter().map(move |g| g * (i + 1) as f32)).collect();
     worker.push_sparse("emb", &ids, &rows).unwrap();
     worker.step().await.unwrap();
     let mut dense = vec![Vec::new()];
@@ -71,7 +72,9 @@ async fn compact_values_train_as_f32_does_over_both_transports() {
     // out; the server's own values stay f32 (1 - rounded(0.1) is not a 16-bit number).
     let inexact = [0.1f32, 0.2, 0.3, 1e-3, 3.3, -7.7];
     let f32_model = one_step(Compression::None, true, &inexact).await;
-    for (compression, encoding) in [(Compression::F16, pb::ValueEncoding::F16), (Compression::Bf16, pb::ValueEncoding::Bf16)] {
+    for (compression, encoding) in
+        [(Compression::F16, pb::ValueEncoding::F16), (Compression::Bf16, pb::ValueEncoding::Bf16)]
+    {
         let round = |v: &[f32]| {
             let mut b = bytes::BytesMut::new();
             codec::put_values(&mut b, v, encoding);
@@ -81,7 +84,11 @@ async fn compact_values_train_as_f32_does_over_both_transports() {
         };
         let server_model: Vec<f32> = round(&inexact).iter().map(|g| 1.0 - g).collect();
         let got = one_step(compression, true, &inexact).await;
-        assert_eq!(got.0, round(&server_model), "{compression:?}: the f32 update of the rounded gradient, rounded");
+        assert_eq!(
+            got.0,
+            round(&server_model),
+            "{compression:?}: the f32 update of the rounded gradient, rounded"
+        );
         assert_ne!(got.0, f32_model.0, "{compression:?} changes the bytes, so some value differs");
         let tolerance = if compression == Compression::F16 { 2e-3 } else { 1.6e-2 };
         for (x, y) in got.0.iter().zip(&f32_model.0) {
@@ -100,8 +107,11 @@ async fn a_compact_push_that_does_not_add_up_is_refused_by_name() {
     .await;
     let mut worker = Worker::connect(WorkerConfig::new(addrs(&servers), 0)).await.unwrap();
     worker.declare(spec()).await.unwrap();
-    let mut client = ParameterServerClient::new(Channel::from_shared(format!("http://{}", addrs(&servers)[0])).unwrap().connect_lazy());
-    let slice = |data: Vec<u8>| pb::DenseSlice { tensor: "w".into(), partition: 0, offset: 0, data: data.into() };
+    let mut client = ParameterServerClient::new(
+        Channel::from_shared(format!("http://{}", addrs(&servers)[0])).unwrap().connect_lazy(),
+    );
+    let slice =
+        |data: Vec<u8>| pb::DenseSlice { tensor: "w".into(), partition: 0, offset: 0, data: data.into() };
     let push = |encoding: i32, data: Vec<u8>| pb::PushRequest {
         worker: 0,
         step: 0,

@@ -162,6 +162,7 @@ fn push_announcing(payload_bytes: Vec<u64>, sparse: bool) -> pb::LinkRequest {
             vec![]
         },
         task: None,
+        ..Default::default()
     };
     pb::LinkRequest { request: Some(pb::link_request::Request::Push(header)), payload_bytes }
 }

@@ -93,7 +93,7 @@ mod tests {
         let slice = |offset| pb::DenseSlice { tensor: "w".into(), partition: 0, offset, data: data.clone() };
         let staged = Staged { dense: vec![slice(0), slice(150), slice(300)], sparse: vec![] };
         let task = Some(pb::TaskProgress { lease: 3, examples: 10 });
-        let push = Push::new(1, 7, &staged, task, 1000);
+        let push = Push::new(1, 7, &staged, task, 1000, pb::ValueEncoding::F32);
         let msgs = pack(&push);
         assert_eq!(msgs.len(), 3, "600 + 600 > 1000: one slice a message");
         assert_eq!(msgs[0].task, task, "the first message carries the task");

@@ -201,11 +201,14 @@ impl Link {
                 )));
             }
             if encoding == pb::ValueEncoding::F32 {
-                read_f32s(&mut conn.r, slot.dst).await.map_err(|e| self.broken("reading pulled values", e))?;
+                read_f32s(&mut conn.r, slot.dst)
+                    .await
+                    .map_err(|e| self.broken("reading pulled values", e))?;
             } else {
                 let n = slot.dst.len() * codec::value_bytes(encoding);
-                let bytes =
-                    read_payload(&mut conn.r, n).await.map_err(|e| self.broken("reading pulled values", e))?;
+                let bytes = read_payload(&mut conn.r, n)
+                    .await
+                    .map_err(|e| self.broken("reading pulled values", e))?;
                 codec::copy_values(slot.dst, &bytes, encoding);
             }
             slot.filled = piece.len;
