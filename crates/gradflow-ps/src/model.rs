@@ -485,6 +485,7 @@ impl ShardModel {
             partition_bytes: self.placement.partition_bytes,
             dense,
             sparse,
+            serving: None,
         }
     }
 
