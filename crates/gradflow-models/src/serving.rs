@@ -158,18 +158,22 @@ mod tests {
         ServingInfo::new("job", model, input, Some(Scaling { mean: vec![0.0, 1.0], std: vec![1.0, 2.0] }))
     }
 
+    fn error(i: &ServingInfo) -> String {
+        i.check().err().expect("refused").to_string()
+    }
+
     #[test]
     fn checks_columns_against_the_model() {
         assert!(info().check().is_ok());
         let mut i = info();
         i.input.dense.pop();
-        assert!(i.check().unwrap_err().to_string().contains("1 dense columns, the model has num_dense 2"));
+        assert!(error(&i).contains("1 dense columns, the model has num_dense 2"));
         let mut i = info();
         i.input.categorical.push("d0".into());
         assert!(i.check().is_err());
         let mut i = info();
         i.id_hash = "other".into();
-        assert!(i.check().unwrap_err().to_string().contains("id_hash is `other`"));
+        assert!(error(&i).contains("id_hash is `other`"));
         let mut i = info();
         i.standardize.as_mut().unwrap().std[0] = 0.0;
         assert!(i.check().is_err());
