@@ -34,11 +34,13 @@ pub enum Scenario {
     Training,
     /// (7) Zipf-distributed raw ids through one server's table, with and without a row cap.
     Embedding,
+    /// (8) `gradflow serve` over loopback HTTP against the same forward pass in process.
+    Serve,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run and print.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Ceiling,
         Scenario::Dense,
         Scenario::Small,
@@ -46,6 +48,7 @@ impl Scenario {
         Scenario::Update,
         Scenario::Training,
         Scenario::Embedding,
+        Scenario::Serve,
     ];
 
     /// The name used on the command line and in the JSON report.
@@ -58,6 +61,7 @@ impl Scenario {
             Scenario::Update => "update",
             Scenario::Training => "training",
             Scenario::Embedding => "embedding",
+            Scenario::Serve => "serve",
         }
     }
 }
@@ -100,6 +104,28 @@ pub struct BenchConfig {
     pub training: TrainingConfig,
     /// (7) Embedding tables at scale.
     pub embedding: EmbeddingConfig,
+    /// (8) Serving.
+    pub serve: ServeBenchConfig,
+}
+
+/// (8) `gradflow serve` over loopback HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeBenchConfig {
+    /// Rows per sparse table of the served model (random ids below 1M). Default 200,000.
+    pub table_rows: u64,
+    /// Requests of one row, one after the other (after 10 warm-ups). Default 3000.
+    pub requests_batch_1: usize,
+    /// Rows per request of the throughput measure. Default 256.
+    pub batch_rows: usize,
+    /// Requests of `batch_rows` rows. Default 300.
+    pub requests_batch: usize,
+}
+
+impl Default for ServeBenchConfig {
+    fn default() -> Self {
+        ServeBenchConfig { table_rows: 200_000, requests_batch_1: 3000, batch_rows: 256, requests_batch: 300 }
+    }
 }
 
 /// (1) Raw TCP over loopback and memory-copy bandwidth.
@@ -376,6 +402,12 @@ impl BenchConfig {
                 compression: vec![Compression::None],
             },
             embedding: EmbeddingConfig::quick(),
+            serve: ServeBenchConfig {
+                table_rows: 5000,
+                requests_batch_1: 50,
+                batch_rows: 64,
+                requests_batch: 10,
+            },
         }
     }
 
@@ -437,6 +469,12 @@ impl BenchConfig {
                 "embedding.max_rows: {} must be at least 32 (one row per stripe)",
                 e.max_rows
             ));
+        }
+        let sv = &self.serve;
+        if sv.table_rows == 0 || sv.requests_batch_1 == 0 || sv.batch_rows == 0 || sv.requests_batch == 0 {
+            return bad(
+                "serve: table_rows, requests_batch_1, batch_rows and requests_batch must be positive".into(),
+            );
         }
         for (name, counts) in [
             ("dense.shards", &d.shards),

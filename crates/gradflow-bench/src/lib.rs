@@ -18,6 +18,8 @@
 //! 7. [`embedding`]: 50 million Zipf-distributed raw ids pushed through one server's table
 //!    capped at 2 million rows, then the same ids with no cap: pull+push rows per second of
 //!    both, and the process's resident memory against the cap's bytes.
+//! 8. [`serve`]: `gradflow serve`'s HTTP endpoint over loopback, latency at batch 1 and
+//!    throughput at batch 256, against the same forward pass in process.
 //!
 //! What crosses a process boundary: (1) and (6) use child processes (a TCP sink; the job's
 //! servers and workers). (2)-(4) run the servers in this process and each worker on its own
@@ -41,6 +43,7 @@ pub mod dense;
 pub mod embedding;
 pub mod error;
 pub mod report;
+pub mod serve;
 pub mod small;
 pub mod sparse;
 pub mod stats;
@@ -52,8 +55,8 @@ use std::time::Instant;
 
 pub use ceiling::{CeilingReport, TCP_SINK_ARGS, serve_tcp_sink};
 pub use config::{
-    BenchConfig, CeilingConfig, DenseConfig, EmbeddingConfig, Scenario, SmallConfig, SparseConfig,
-    TrainingConfig, UpdateConfig,
+    BenchConfig, CeilingConfig, DenseConfig, EmbeddingConfig, Scenario, ServeBenchConfig, SmallConfig,
+    SparseConfig, TrainingConfig, UpdateConfig,
 };
 pub use error::BenchError;
 pub use report::{Machine, Report, Target};
@@ -84,6 +87,7 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         config.runs(Scenario::Training).then(|| training::run(&config.training, program, log)).transpose()?;
     let embedding =
         config.runs(Scenario::Embedding).then(|| embedding::run(&config.embedding, log)).transpose()?;
+    let serve = config.runs(Scenario::Serve).then(|| serve::run(&config.serve, log)).transpose()?;
     let mut report = Report {
         version: report::REPORT_VERSION,
         machine,
@@ -96,6 +100,7 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         update,
         training,
         embedding,
+        serve,
         targets: Vec::new(),
     };
     report.targets = report.compute_targets();

@@ -44,6 +44,8 @@ pub struct Report {
     pub training: Option<TrainingReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<EmbeddingReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<crate::serve::ServeReport>,
     /// The issue's goals that this run has the numbers for.
     pub targets: Vec<Target>,
 }
@@ -133,6 +135,15 @@ impl Report {
                     None,
                 );
             }
+        }
+        if let Some(v) = &self.serve {
+            let one = v.rows.iter().find(|r| r.path == "http" && r.batch_rows == 1);
+            push(
+                "serve p99 at batch 1 over loopback HTTP: 1 ms / p99".into(),
+                one.map(|r| 1000.0 / r.p99_us.max(1e-9)),
+                1.0,
+                None,
+            );
         }
         if let Some(t) = &self.training {
             let run = t.runs.iter().find(|r| {
@@ -381,6 +392,27 @@ impl Report {
                 e.on_vs_off
             );
         }
+        if let Some(v) = &self.serve {
+            let _ = writeln!(
+                s,
+                "## 8. Serving (wide & deep headline model, {} rows per table; one client, requests one after the other)\n\n\
+                 | path | rows per request | requests | p50 us | p99 us | rows/s |\n|---|---:|---:|---:|---:|---:|",
+                thousands(v.table_rows as f64)
+            );
+            for r in &v.rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.path,
+                    r.batch_rows,
+                    r.requests,
+                    num(r.p50_us),
+                    num(r.p99_us),
+                    num(r.rows_per_sec)
+                );
+            }
+            s.push('\n');
+        }
         if !self.targets.is_empty() {
             let _ =
                 writeln!(s, "## Targets\n\n| target | value | needs | aim | met |\n|---|---:|---:|---:|---|");
@@ -412,6 +444,7 @@ impl Report {
             (self.update.is_some(), Scenario::Update),
             (self.training.is_some(), Scenario::Training),
             (self.embedding.is_some(), Scenario::Embedding),
+            (self.serve.is_some(), Scenario::Serve),
         ] {
             if present {
                 out.push(sc);

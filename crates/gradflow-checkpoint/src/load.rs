@@ -77,6 +77,27 @@ impl CheckpointStore {
             partition_bytes,
             dense,
             sparse,
+            serving: manifest.serving.clone(),
+        })
+    }
+
+    /// The whole model of checkpoint `manifest`, without optimizer state, for prediction: one
+    /// dense piece per tensor (the whole tensor, flattened) in spec order, and every table's
+    /// rows sorted by id, in spec order. Every file read is checked against its size and
+    /// CRC-32C like in [`CheckpointStore::load_shard`]; the snapshot's `serving` is the
+    /// manifest's.
+    pub async fn load_model(&self, manifest: &Manifest) -> Result<ShardSnapshot, CheckpointError> {
+        let (dense, sparse, version) = self.assemble(manifest, 0, 1, u64::MAX, false).await?;
+        Ok(ShardSnapshot {
+            shard: 0,
+            num_shards: 1,
+            version,
+            mode: manifest.mode,
+            spec: manifest.spec.clone(),
+            partition_bytes: u64::MAX,
+            dense,
+            sparse,
+            serving: manifest.serving.clone(),
         })
     }
 
@@ -90,7 +111,8 @@ impl CheckpointStore {
     ///   kernels (sorting and comparing work; `isin`, `searchsorted` and indexing do not), so
     ///   convert with `ids.to(torch.int64)` for those: same bits, ids from 2^63 up turn negative;
     /// - metadata: `format` (`gradflow-export`), `format_version`, `step`, `mode`, `time`,
-    ///   `checkpoint` (its URL) and `spec` (the model spec as JSON).
+    ///   `checkpoint` (its URL), `spec` (the model spec as JSON) and, when the checkpoint has
+    ///   one, `serving` (what prediction needs beside the parameters, as JSON; docs/serving.md).
     ///
     /// Optimizer state is not exported. The file is written next to `out` and renamed into
     /// place, so an existing `out` is replaced whole or not at all.
@@ -125,7 +147,7 @@ impl CheckpointStore {
             tensors
                 .push((format!("{}.values", t.table), ExportView::F32(PodView { data: &t.values, shape })));
         }
-        let metadata = HashMap::from([
+        let mut metadata = HashMap::from([
             ("format".to_string(), "gradflow-export".to_string()),
             ("format_version".to_string(), "1".to_string()),
             ("step".to_string(), manifest.step.to_string()),
@@ -134,6 +156,9 @@ impl CheckpointStore {
             ("checkpoint".to_string(), manifest.url()),
             ("spec".to_string(), serde_json::to_string(&manifest.spec).expect("a spec serializes")),
         ]);
+        if let Some(serving) = &manifest.serving {
+            metadata.insert("serving".to_string(), serving.to_string());
+        }
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty())
             && !parent.is_dir()
         {

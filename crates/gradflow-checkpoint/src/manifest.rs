@@ -126,6 +126,9 @@ pub struct ShardManifest {
     /// The run that wrote it (`GRADFLOW_RUN_ID`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// What a predictor needs beside the parameters ([`ShardSnapshot::serving`](crate::ShardSnapshot::serving)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<serde_json::Value>,
 }
 
 impl ShardManifest {
@@ -179,6 +182,11 @@ pub struct Manifest {
     /// The run that wrote it (`GRADFLOW_RUN_ID`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// What a predictor needs beside the parameters, from shard 0's manifest (see
+    /// [`ShardSnapshot::serving`](crate::ShardSnapshot::serving)); covered by the manifest's
+    /// checksum like every other field. `None` in checkpoints written without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<serde_json::Value>,
     #[serde(skip)]
     pub(crate) origin: Option<Origin>,
 }

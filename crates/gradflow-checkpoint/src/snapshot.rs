@@ -87,6 +87,11 @@ pub struct ShardSnapshot {
     pub dense: Vec<DensePieceSnapshot>,
     /// This shard's rows of every sparse table.
     pub sparse: Vec<TableSnapshot>,
+    /// What a predictor needs beside the parameters (the model config, the input columns, the
+    /// scaling of dense features: gradflow-models' `ServingInfo` as JSON), as the job's first
+    /// worker declared it. Opaque here; recorded in the shard's manifest and, from shard 0, in
+    /// the checkpoint's manifest. `None` when no worker declared one.
+    pub serving: Option<serde_json::Value>,
 }
 
 impl ShardSnapshot {
@@ -239,5 +244,6 @@ pub(crate) fn tiny() -> ShardSnapshot {
             steps: 1,
         }],
         sparse: vec![],
+        serving: None,
     }
 }

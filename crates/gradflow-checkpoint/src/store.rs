@@ -503,6 +503,7 @@ impl CheckpointStore {
             spec: snap.spec.clone(),
             files,
             run_id: self.options.run_id.clone(),
+            serving: snap.serving.clone(),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
         self.put_small(&shard_manifest, Bytes::from(json)).await?;
@@ -611,6 +612,7 @@ impl CheckpointStore {
                 })
                 .collect(),
             run_id: self.options.run_id.clone(),
+            serving: first.serving.clone(),
             origin: None,
         };
         self.put_small(&format!("{dir}/{MANIFEST}"), Bytes::from(encode_manifest(&manifest))).await?;

@@ -60,6 +60,7 @@ fn tiny() -> ShardSnapshot {
             steps: 1,
         }],
         sparse: vec![],
+        serving: None,
     }
 }
 

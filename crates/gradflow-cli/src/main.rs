@@ -3,7 +3,8 @@
 //! `gradflow launch JOB.toml` runs a whole job; `gradflow ps` and `gradflow worker` run one
 //! process of a job (what the launcher starts, and what a Kubernetes pod runs); `gradflow data
 //! synth` writes a synthetic click-through dataset; `gradflow eval` scores the model a job's
-//! servers hold; `gradflow bench` measures the runtime on this machine.
+//! servers hold, or a checkpoint's; `gradflow predict` and `gradflow serve` use a checkpoint's
+//! model after the job; `gradflow bench` measures the runtime on this machine.
 
 #![forbid(unsafe_code)]
 
@@ -29,6 +30,8 @@ enum Command {
     Ps(cmd::ps::Args),
     Worker(cmd::worker::Args),
     Eval(cmd::eval::Args),
+    Predict(cmd::predict::Args),
+    Serve(cmd::serve::Args),
     Bench(cmd::bench::Args),
     /// Data files: a synthetic dataset to try gradflow out (`gradflow data synth`); what a file
     /// holds, local or on object storage (`inspect`); CSV to Parquet (`convert`).
@@ -53,6 +56,8 @@ fn main() -> std::process::ExitCode {
         Command::Ps(a) => cmd::ps::run(a),
         Command::Worker(a) => cmd::worker::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Predict(a) => cmd::predict::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Checkpoint(c) => cmd::checkpoint::run(c),

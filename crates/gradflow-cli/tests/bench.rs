@@ -83,7 +83,7 @@ fn quick_bench_reports_every_section() {
     let printed: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(printed, report);
     assert_eq!(report["version"], 1);
-    for section in ["ceiling", "dense", "small", "sparse", "update", "training"] {
+    for section in ["ceiling", "dense", "small", "sparse", "update", "training", "serve"] {
         let mut count = 0;
         check_numbers(section, &report[section], &mut count);
         assert!(count > 0, "section {section} is missing or has no numbers: {}", report[section]);
@@ -97,6 +97,9 @@ fn quick_bench_reports_every_section() {
     assert_eq!((training["workers"].as_u64(), training["mode"].as_str()), (Some(2), Some("sync")));
     let targets = report["targets"].as_array().unwrap();
     assert!(targets.iter().any(|t| t["name"].as_str().unwrap().contains("wide&deep")), "{targets:?}");
+    assert!(targets.iter().any(|t| t["name"].as_str().unwrap().contains("serve p99")), "{targets:?}");
+    let serve = report["serve"]["rows"].as_array().unwrap();
+    assert_eq!(serve.len(), 4, "http and in process at two batch sizes: {serve:?}");
     assert!(report["elapsed_s"].as_f64().unwrap() > 0.0);
     check_embedding(&report);
 
@@ -109,6 +112,7 @@ fn quick_bench_reports_every_section() {
         "## 5. Server update",
         "## 6. Training",
         "## 7. Embedding",
+        "## 8. Serving",
     ] {
         assert!(stdout.contains(heading), "no `{heading}` in the table:\n{stdout}");
     }
@@ -124,7 +128,7 @@ fn only_runs_the_named_scenarios_and_refuses_unknown_ones() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(report["small"].is_object());
-    for absent in ["ceiling", "dense", "sparse", "update", "training", "embedding"] {
+    for absent in ["ceiling", "dense", "sparse", "update", "training", "embedding", "serve"] {
         assert!(report.get(absent).is_none(), "{absent} ran with --only small");
     }
 

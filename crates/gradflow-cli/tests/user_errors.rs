@@ -268,5 +268,6 @@ fn snapshot() -> gradflow_checkpoint::ShardSnapshot {
             steps: 1,
         }],
         sparse: vec![],
+        serving: None,
     }
 }

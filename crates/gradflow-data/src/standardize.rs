@@ -116,12 +116,29 @@ impl Standardizer {
         if d == 0 || self.count == 0 {
             return;
         }
-        // Precomputed per call: a division per value would cost more than the batch copy.
-        let scale: Vec<f64> = (0..d).map(|j| 1.0 / self.std_of(j)).collect();
-        for row in batch.dense.chunks_exact_mut(d) {
-            for ((x, &m), &s) in row.iter_mut().zip(&self.mean).zip(&scale) {
-                *x = ((*x as f64 - m) * s) as f32;
-            }
+        scale(&mut batch.dense, &self.mean, &self.std());
+    }
+}
+
+/// Scales rows of dense features in place: feature `j` of every row (`dense` is row-major,
+/// `mean.len()` features per row) becomes `(x - mean[j]) * (1 / std[j])`, computed in `f64`
+/// and rounded to `f32`. What [`Standardizer::apply`] does, and what a predictor does with the
+/// statistics a checkpoint carries.
+///
+/// # Panics
+/// If `std` and `mean` differ in length, or `dense` is not a whole number of rows.
+pub fn scale(dense: &mut [f32], mean: &[f64], std: &[f64]) {
+    let d = mean.len();
+    assert_eq!(std.len(), d, "standardize: as many stds as means");
+    if d == 0 {
+        return;
+    }
+    assert_eq!(dense.len() % d, 0, "standardize: whole rows");
+    // Precomputed per call: a division per value would cost more than the batch copy.
+    let inv: Vec<f64> = std.iter().map(|s| 1.0 / s).collect();
+    for row in dense.chunks_exact_mut(d) {
+        for ((x, &m), &s) in row.iter_mut().zip(mean).zip(&inv) {
+            *x = ((*x as f64 - m) * s) as f32;
         }
     }
 }

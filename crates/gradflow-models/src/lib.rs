@@ -11,6 +11,8 @@
 //! - [`wide_deep`]: [`WideDeep`], a wide linear part plus embeddings and an MLP.
 //! - [`params`]: the [`Params`] and [`Grads`] layouts.
 //! - [`trainer`]: [`LocalTrainer`], training in one process with the servers' optimizers.
+//! - [`serving`]: [`ServingInfo`], what using a trained model on raw rows needs beside its
+//!   parameters (columns, scaling, id hashing).
 //! - [`error`]: the [`ModelError`] type.
 
 #![warn(missing_docs)]
@@ -20,6 +22,7 @@ pub mod error;
 pub mod logistic;
 pub mod model;
 pub mod params;
+pub mod serving;
 pub mod trainer;
 mod util;
 pub mod wide_deep;
@@ -28,5 +31,6 @@ pub use error::ModelError;
 pub use logistic::{LogisticRegression, LogisticRegressionConfig};
 pub use model::{Model, ModelConfig, build};
 pub use params::{Grads, Params, SparseRows};
+pub use serving::{InputSchema, Scaling, ServingInfo};
 pub use trainer::LocalTrainer;
 pub use wide_deep::{WideDeep, WideDeepConfig};

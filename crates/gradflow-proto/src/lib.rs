@@ -1,6 +1,7 @@
 //! gradflow's wire protocol.
 //!
-//! - [`pb`]: the messages and the `ParameterServer` service generated from
+//! - [`pb`]: the messages, the `ParameterServer` service and `gradflow serve`'s `Predictor`
+//!   service generated from
 //!   `proto/gradflow.proto` by tonic/prost (bytes fields are `bytes::Bytes`, so payloads are
 //!   not copied when a message is decoded).
 //! - [`codec`]: turning `f32` and `u64` slices into little-endian bytes and back, and values

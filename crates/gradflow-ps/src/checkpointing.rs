@@ -56,6 +56,9 @@ pub struct Scoring {
 pub struct Extras {
     pub tasks: Option<SavedTasks>,
     pub scoring: Option<Scoring>,
+    /// What a predictor needs beside the parameters; goes into the snapshot (and so into the
+    /// manifests), not beside it.
+    pub serving: Option<serde_json::Value>,
 }
 
 /// Fault injection for tests: a server whose environment sets this to a step, on its first
@@ -289,7 +292,8 @@ impl Checkpointer {
             s.requested = None;
         }
         drop(s);
-        let snap = model.snapshot(name, self.mode);
+        let mut snap = model.snapshot(name, self.mode);
+        snap.serving = extras.serving.clone();
         self.busy.send_modify(|n| *n += 1);
         slot.send(Upload { snap, extras });
     }
@@ -464,6 +468,9 @@ pub struct Restored {
     /// Shard 0: the scoring record at that version; `None` in checkpoints written before it
     /// was recorded.
     pub scoring: Option<Scoring>,
+    /// Shard 0: what the checkpoint's manifest says a predictor needs, kept for the next
+    /// checkpoints until worker 0 declares it again.
+    pub serving: Option<serde_json::Value>,
 }
 
 /// Loads the checkpoint `which` (latest, a step, a URL or path) for this shard.
@@ -476,6 +483,7 @@ pub async fn restore(config: &ServerConfig, which: &Restore) -> Result<Restored,
     let manifest = store.resolve(&which).await?;
     let snap = store.load_shard(&manifest, config.shard, config.num_shards, manifest.partition_bytes).await?;
     let version = snap.version;
+    let serving = snap.serving.clone();
     let embedding = config.embedding.clone();
     let model = tokio::task::spawn_blocking(move || ShardModel::from_snapshot(snap, &embedding))
         .await
@@ -485,7 +493,7 @@ pub async fn restore(config: &ServerConfig, which: &Restore) -> Result<Restored,
         _ => (None, None),
     };
     info!(step = version, checkpoint = which, "model restored from checkpoint");
-    Ok(Restored { model, version, tasks, scoring })
+    Ok(Restored { model, version, tasks, scoring, serving })
 }
 
 /// The JSON extra `name` of a checkpoint, if it has one.

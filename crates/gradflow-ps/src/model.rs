@@ -486,6 +486,7 @@ impl ShardModel {
             partition_bytes: self.placement.partition_bytes,
             dense,
             sparse,
+            serving: None,
         }
     }
 

@@ -192,6 +192,15 @@ impl gradflow_proto::ParameterServer for Service {
         Ok(Response::new(pb::ScoreResponse {}))
     }
 
+    async fn declare_serving(
+        &self,
+        request: Request<pb::DeclareServingRequest>,
+    ) -> Result<Response<pb::DeclareServingResponse>, Status> {
+        let req = request.into_inner();
+        self.shard.declare_serving(req.worker, &req.serving_json)?;
+        Ok(Response::new(pb::DeclareServingResponse {}))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,

@@ -138,6 +138,9 @@ pub struct Shard {
     /// Epochs scored so far (static data sharding, see the `Score` RPC); `None` when unknown
     /// (restored from a checkpoint that did not record it).
     scored_epochs: Mutex<Option<u64>>,
+    /// Shard 0: what a predictor needs beside the parameters, as worker 0 declared it (or as
+    /// the restored checkpoint had it); written into every checkpoint.
+    serving: Mutex<Option<serde_json::Value>>,
 }
 
 impl Shard {
@@ -167,6 +170,7 @@ impl Shard {
             coord,
             metrics,
             restored_tasks: Mutex::new(restored.as_ref().and_then(|r| r.tasks.clone())),
+            serving: Mutex::new(restored.as_ref().and_then(|r| r.serving.clone())),
             scored_epochs: Mutex::new(match &restored {
                 None => Some(0),
                 Some(r) => r.scoring.map(|s| s.scored_epochs),
@@ -191,7 +195,24 @@ impl Shard {
             None => self.restored_tasks.lock().unwrap().clone(),
         };
         let scoring = self.scored_epochs().map(|scored_epochs| Scoring { scored_epochs });
-        Extras { tasks, scoring }
+        let serving = self.serving.lock().unwrap().clone();
+        Extras { tasks, scoring, serving }
+    }
+
+    /// Worker 0 declares what a predictor needs beside the parameters (see the
+    /// `DeclareServing` RPC): kept by shard 0 and written into its next checkpoints. It must be
+    /// a JSON object; the servers do not look inside.
+    pub fn declare_serving(&self, worker: u32, json: &str) -> Result<(), PsError> {
+        self.touch(worker)?;
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|e| PsError::InvalidArgument(format!("serving_json is not JSON: {e}")))?;
+        if !value.is_object() {
+            return Err(PsError::InvalidArgument("serving_json must be a JSON object".into()));
+        }
+        if self.config.shard == 0 {
+            *self.serving.lock().unwrap() = Some(value);
+        }
+        Ok(())
     }
 
     /// Epochs scored so far; `None` when not known (see [`Scoring`]).

@@ -8,6 +8,8 @@
 //! - [`run_worker`]: the loop.
 //! - [`evaluate`]: test loss, AUC and accuracy of the model the servers hold.
 //! - [`standardizer`]: dense-feature scaling measured the same way on every worker.
+//! - [`serving_info`]: what a predictor needs beside the parameters; worker 0 declares it to
+//!   the servers, and every checkpoint carries it.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +22,7 @@ use gradflow_core::Mode;
 use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer, metrics};
 use gradflow_job::contract::{ENV_ATTEMPT, ENV_RUN_ID};
 use gradflow_job::{Event, JobConfig, Sharding};
-use gradflow_models::{Grads, Model, Params, SparseRows};
+use gradflow_models::{Grads, InputSchema, Model, Params, Scaling, ServingInfo, SparseRows};
 use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -148,6 +150,20 @@ pub fn standardizer(job: &JobConfig) -> Result<Option<Standardizer>, TrainError>
     Ok(Some(s))
 }
 
+/// What a predictor needs beside the parameters of `job`'s model: the model config, the
+/// columns of a row (`dense` in feature order, as the reader resolved them), and the scaling.
+pub fn serving_info(
+    job: &JobConfig,
+    dense: &[String],
+    scaler: Option<&Standardizer>,
+) -> Result<ServingInfo, TrainError> {
+    let model = job.model().map_err(|e| TrainError::Config(e.to_string()))?.clone();
+    // The columns the readers use (a synthetic-data job names its own).
+    let columns = job.train_reader().csv;
+    let input = InputSchema { label: columns.label, dense: dense.to_vec(), categorical: columns.categorical };
+    Ok(ServingInfo::new(&job.name, model, input, scaler.map(Scaling::of)))
+}
+
 /// Reusable buffers for one step: the parameters a batch needs and their gradients.
 struct StepBuffers {
     ids: Vec<Vec<u64>>,
@@ -236,6 +252,10 @@ pub async fn run_worker(
     }
     let mut worker = Worker::connect(config).await?;
     worker.declare(model.spec().clone()).await?;
+    if index == 0 {
+        let info = serving_info(job, reader.dense_names(), scaler.as_ref())?;
+        worker.declare_serving(&serde_json::to_string(&info).expect("serving info serializes")).await?;
+    }
     if job.mode == Mode::Sync {
         // A restarted worker joins the step the servers are on.
         catch_up(&mut worker).await?;

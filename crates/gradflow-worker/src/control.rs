@@ -43,6 +43,20 @@ impl Worker {
         Ok(())
     }
 
+    /// Declares what a predictor needs beside the parameters (a JSON object: gradflow-models'
+    /// `ServingInfo`) to shard 0, which writes it into every checkpoint from then on. Worker 0
+    /// calls it after [`Worker::declare`].
+    pub async fn declare_serving(&self, serving_json: &str) -> Result<(), WorkerError> {
+        let worker = self.config.worker;
+        let json = serving_json.to_string();
+        self.call(0, "DeclareServing", move |mut c| {
+            let req = pb::DeclareServingRequest { worker, serving_json: json.clone() };
+            async move { c.declare_serving(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Tells every shard this worker is done, so sync steps stop waiting for it.
     pub async fn leave(self) -> Result<(), WorkerError> {
         let me = self.config.worker;

@@ -156,6 +156,7 @@ pub fn split(
                 partition_bytes,
                 dense,
                 sparse,
+                serving: None,
             }
         })
         .collect()

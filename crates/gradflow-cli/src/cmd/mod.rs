@@ -6,7 +6,9 @@ pub mod data;
 pub mod eval;
 pub mod kube;
 pub mod launch;
+pub mod predict;
 pub mod ps;
+pub mod serve;
 pub mod worker;
 
 use std::path::Path;

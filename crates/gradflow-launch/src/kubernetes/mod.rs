@@ -13,6 +13,8 @@
 //!   (a watch on the job's pods starts each pass), status, logs, delete.
 //! - [`lease`]: the job's `coordination.k8s.io` Lease, which one controller at a time holds:
 //!   only its holder acts on the job.
+//! - [`serve`]: `gradflow serve` as a Deployment and a Service (rendered, not run by a
+//!   controller).
 //!
 //! # One root object, no CRD
 //!
@@ -65,6 +67,7 @@ pub mod config;
 pub mod controller;
 pub mod lease;
 pub mod render;
+pub mod serve;
 pub mod status;
 
 use thiserror::Error;
