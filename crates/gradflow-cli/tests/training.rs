@@ -28,6 +28,7 @@ fn sync_and_async_with_two_workers_reach_the_auc_of_one_worker() {
         aucs.push(auc_of(dir.path(), name));
     }
     let (one, sync, asynch, bf16) = (aucs[0], aucs[1], aucs[2], aucs[3]);
+    eprintln!("test AUC: 1 worker {one:.4}, 2 sync {sync:.4}, 2 async {asynch:.4}, 2 sync bf16 {bf16:.4}");
     // The synthetic data's oracle AUC is about 0.80; logistic regression gets about 0.72.
     assert!(one > 0.70, "one worker learns: AUC {one}");
     assert!((sync - one).abs() < 0.005, "sync 2 workers AUC {sync} vs 1 worker {one}");
