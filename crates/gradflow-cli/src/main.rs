@@ -4,7 +4,9 @@
 //! process of a job (what the launcher starts, and what a Kubernetes pod runs); `gradflow data
 //! synth` writes a synthetic click-through dataset; `gradflow eval` scores the model a job's
 //! servers hold, or a checkpoint's; `gradflow predict` and `gradflow serve` use a checkpoint's
-//! model after the job; `gradflow bench` measures the runtime on this machine.
+//! model after the job; `gradflow bench` measures the runtime on this machine; `gradflow status`
+//! and `gradflow logs` show a job, local or on Kubernetes; `gradflow completions SHELL` prints a
+//! shell completion script.
 
 #![forbid(unsafe_code)]
 
@@ -47,6 +49,18 @@ enum Command {
     Attach(cmd::kube::AttachArgs),
     #[command(hide = true)]
     Prepare(cmd::kube::PrepareArgs),
+    Completions(CompletionsArgs),
+}
+
+/// Print a completion script for SHELL on standard output.
+///
+/// bash: `gradflow completions bash > ~/.local/share/bash-completion/completions/gradflow`;
+/// zsh: `gradflow completions zsh > "${fpath[1]}/_gradflow"`; fish: `gradflow completions fish >
+/// ~/.config/fish/completions/gradflow.fish`.
+#[derive(clap::Args)]
+struct CompletionsArgs {
+    /// The shell to complete in.
+    shell: clap_complete::Shell,
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +81,11 @@ fn main() -> std::process::ExitCode {
         Command::Delete(a) => cmd::kube::delete(a),
         Command::Attach(a) => cmd::kube::attach(a),
         Command::Prepare(a) => cmd::kube::prepare(a),
+        Command::Completions(a) => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(a.shell, &mut command, "gradflow", &mut std::io::stdout());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

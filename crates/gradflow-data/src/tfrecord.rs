@@ -94,6 +94,19 @@ pub fn masked_crc(bytes: &[u8]) -> u32 {
     crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
+/// Writes `data` to `out` as one TFRecord record (length, its masked crc32c, the data, its
+/// masked crc32c), in one `write_all`: the framing [`Records`] reads, and TensorBoard's event
+/// files use.
+pub fn write_record(out: &mut impl io::Write, data: &[u8]) -> io::Result<()> {
+    let mut record = Vec::with_capacity(data.len() + 16);
+    let len = (data.len() as u64).to_le_bytes();
+    record.extend_from_slice(&len);
+    record.extend_from_slice(&masked_crc(&len).to_le_bytes());
+    record.extend_from_slice(data);
+    record.extend_from_slice(&masked_crc(data).to_le_bytes());
+    out.write_all(&record)
+}
+
 /// Reads the records of a TFRecord stream, checking both checksums of each.
 pub struct Records {
     stream: Box<dyn BufRead + Send>,
@@ -292,5 +305,27 @@ mod tests {
         // Masked as TensorFlow's crc32c::Mask does, computed apart (in Python).
         assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
         assert_eq!(masked_crc(b"123456789"), 0xc78a_b0e5);
+    }
+
+    #[test]
+    fn written_records_read_back_and_a_flipped_byte_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.tfrecord");
+        let mut bytes = Vec::new();
+        for data in [&b"first"[..], b"", b"third record"] {
+            write_record(&mut bytes, data).unwrap();
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let mut records = Records::open(&path, &Stores::default()).unwrap();
+        for want in [&b"first"[..], b"", b"third record"] {
+            assert_eq!(records.next_record().unwrap(), Some(want));
+        }
+        assert_eq!(records.next_record().unwrap(), None);
+
+        bytes[14] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut records = Records::open(&path, &Stores::default()).unwrap();
+        let err = records.next_record().unwrap_err().to_string();
+        assert!(err.contains("checksum does not match"), "{err}");
     }
 }

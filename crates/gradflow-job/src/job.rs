@@ -715,6 +715,23 @@ impl JobConfig {
     pub fn output_dir(&self) -> PathBuf {
         self.output.dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
+
+    /// Run `run_id`'s TensorBoard folder, `<output dir>/tensorboard/<run id>`: one subfolder
+    /// (one TensorBoard run) per process, e.g. `worker-0`.
+    pub fn tensorboard_dir(&self, run_id: &str) -> PathBuf {
+        self.output_dir().join("tensorboard").join(run_id)
+    }
+
+    /// Run `run_id`'s log folder, `<output dir>/logs/<run id>`: the launcher's `launch.log`
+    /// and one file per process and attempt (`worker-0-0.log`, as its pod would be named).
+    pub fn logs_dir(&self, run_id: &str) -> PathBuf {
+        self.output_dir().join("logs").join(run_id)
+    }
+
+    /// The local launcher's record of the job's latest run: `<output dir>/state.json`.
+    pub fn state_path(&self) -> PathBuf {
+        self.output_dir().join("state.json")
+    }
 }
 
 #[cfg(test)]

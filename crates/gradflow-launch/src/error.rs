@@ -25,6 +25,9 @@ pub enum LaunchError {
     /// process started.
     #[error("data: {0}")]
     Data(String),
+    /// A local job's state record or log files that are missing or unreadable.
+    #[error("{0}")]
+    State(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
     /// The Kubernetes backend failed (see [`KubernetesError`](crate::kubernetes::KubernetesError)).

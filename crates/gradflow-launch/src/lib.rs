@@ -10,14 +10,19 @@
 //!   checkpoint root, and the check that it does not write over an earlier run's checkpoints.
 //! - [`local`]: the default backend: the job's servers and workers as child processes on
 //!   this machine.
+//! - [`metrics`]: the local launcher's Prometheus `/metrics` (job state, restarts, progress).
+//! - [`state`]: a local job's state record and log files, what `gradflow status JOB.toml` and
+//!   `gradflow logs JOB.toml` read.
 //! - [`kubernetes`]: the second backend: the same job as pods on a Kubernetes cluster.
 
 pub mod error;
 pub mod guard;
 pub mod kubernetes;
 pub mod local;
+pub mod metrics;
 pub mod prepare;
 pub mod servers;
+pub mod state;
 
 use std::path::Path;
 

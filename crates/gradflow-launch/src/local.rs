@@ -6,6 +6,13 @@
 //! and evaluations, and restarts workers that fail. When every worker has finished it stops
 //! the servers; when the job fails or is cancelled it stops everything.
 //!
+//! # What it leaves behind
+//!
+//! While it runs the launcher keeps the job's state record (`<output dir>/state.json`) and
+//! writes every process's output, one file per process and attempt, and its own console to
+//! `<output dir>/logs/<run id>/` (see [`crate::state`]): `gradflow status JOB.toml` and
+//! `gradflow logs JOB.toml` read them, during the run and after it.
+//!
 //! # A server that dies
 //!
 //! A shard holds part of the model, so its death stops the job. With a `[checkpoint]`
@@ -55,6 +62,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::LaunchError;
+use crate::state::{JobState, LocalState};
 
 pub use gradflow_job::contract::ENV_LOG;
 
@@ -171,6 +179,33 @@ impl LocalLauncher {
         })?;
         let (tx, rx) = mpsc::channel(1024);
         let (servers, workers) = (self.job.servers as usize, self.job.workers as usize);
+        let mut state = LocalState::new(&self.job, &self.run_id);
+        let counted = self.job.clone();
+        let examples = tokio::task::spawn_blocking(move || crate::prepare::count_examples(&counted))
+            .await
+            .ok()
+            .flatten();
+        state.total_steps = crate::prepare::total_steps(&self.job, examples);
+        let logs = self.job.logs_dir(&self.run_id);
+        let mut console = self.console;
+        let metrics = crate::metrics::LauncherMetrics::default();
+        let stop_metrics = CancellationToken::new();
+        let _stop_metrics = stop_metrics.clone().drop_guard();
+        // After the servers' and the workers' ports.
+        if let Some(listen) = self.job.metrics_listen(self.job.servers + self.job.workers) {
+            let served = match listen.parse() {
+                Ok(addr) => metrics.serve(addr, stop_metrics).await.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("{listen:?} is not an address: {e}")),
+            };
+            match served {
+                Ok(addr) => state.metrics = Some(addr.to_string()),
+                Err(e) => console.note(&format!("warning: no launcher /metrics: {e}")),
+            }
+        }
+        match std::fs::create_dir_all(&logs).and_then(|()| std::fs::File::create(logs.join("launch.log"))) {
+            Ok(file) => console.copy = Some(file),
+            Err(e) => console.note(&format!("warning: no log files for this run ({}: {e})", logs.display())),
+        }
         // Every process of the job gets its token; a later `env(GRADFLOW_TOKEN, ..)` wins.
         let token = self.job.auth.token()?;
         let mut env = self.env;
@@ -186,7 +221,7 @@ impl LocalLauncher {
             job: self.job,
             program: self.program,
             env,
-            console: self.console,
+            console,
             startup_timeout: self.startup_timeout,
             spawner,
             tx,
@@ -198,6 +233,13 @@ impl LocalLauncher {
             live: 0,
             rates: vec![None; workers],
             max_step: 0,
+            logs,
+            state,
+            metrics,
+            state_saved: None,
+            state_unwritable: false,
+            first_progress: None,
+            line_step: None,
             outcome: JobOutcome {
                 servers: Vec::with_capacity(servers),
                 metrics: Vec::with_capacity(servers),
@@ -215,6 +257,18 @@ impl LocalLauncher {
         };
         let stopped = run.stop_all(result.is_err()).await;
         let _ = std::fs::remove_file(RunningJob::path(&run.job));
+        match result.as_ref().err().or(stopped.as_ref().err()) {
+            None => {
+                run.state.state = JobState::Succeeded;
+                run.state.message =
+                    Some(format!("every worker finished in {:.1}s", started.elapsed().as_secs_f64()));
+            }
+            Some(e) => {
+                run.state.state = JobState::Failed;
+                run.state.message = Some(e.to_string());
+            }
+        }
+        run.save_state(true);
         run.console.finish();
         result?;
         stopped?;
@@ -358,6 +412,8 @@ pub struct Console {
     sink: Sink,
     progress_every: Duration,
     last_progress: Option<Instant>,
+    /// Where every line also goes: the run's `launch.log`.
+    copy: Option<std::fs::File>,
 }
 
 enum Sink {
@@ -380,26 +436,31 @@ impl Console {
         );
         bar.set_message("starting");
         bar.enable_steady_tick(Duration::from_millis(120));
-        Console { sink: Sink::Bar(bar), progress_every: Duration::ZERO, last_progress: None }
+        Console { sink: Sink::Bar(bar), progress_every: Duration::ZERO, last_progress: None, copy: None }
     }
 
-    /// Plain lines to `out`, progress at most every 5 s.
+    /// Plain lines to `out`: a progress line every `train.log_every_steps` steps.
     pub fn lines(out: impl Write + Send + 'static) -> Console {
         Console {
             sink: Sink::Lines(Box::new(out)),
-            progress_every: Duration::from_secs(5),
+            progress_every: Duration::ZERO,
             last_progress: None,
+            copy: None,
         }
     }
 
-    /// The shortest time between two plain progress lines (no effect on a terminal, where
-    /// the spinner is updated in place).
+    /// The shortest time between two plain progress lines, on top of one per
+    /// `train.log_every_steps` steps (no effect on a terminal, where the progress line is
+    /// updated in place). Default: none.
     pub fn progress_every(mut self, every: Duration) -> Console {
         self.progress_every = every;
         self
     }
 
     fn line(&mut self, text: &str) {
+        if let Some(copy) = &mut self.copy {
+            let _ = copy.write_all(format!("{text}\n").as_bytes());
+        }
         match &mut self.sink {
             Sink::Bar(bar) => bar.println(text),
             Sink::Lines(out) => {
@@ -424,12 +485,13 @@ impl Console {
         }
     }
 
-    fn progress(&mut self, step: u64, samples_per_sec: f64, loss: f64) {
-        let text = format!("step {step}  samples/s {samples_per_sec:.0}  loss {loss:.4}");
+    /// Shows `text`: in place on a terminal; as a line when `line` is true (a new
+    /// `log_every_steps` interval) and `progress_every` has passed.
+    fn progress(&mut self, text: String, line: bool) {
         match &self.sink {
             Sink::Bar(bar) => bar.set_message(text),
             Sink::Lines(_) => {
-                if self.last_progress.is_none_or(|last| last.elapsed() >= self.progress_every) {
+                if line && self.last_progress.is_none_or(|last| last.elapsed() >= self.progress_every) {
                     self.last_progress = Some(Instant::now());
                     self.line(&text);
                 }
@@ -500,10 +562,80 @@ struct Run {
     /// Each running worker's latest samples/s.
     rates: Vec<Option<f64>>,
     max_step: u64,
+    /// This run's log folder.
+    logs: PathBuf,
+    /// The record `gradflow status` reads, and when it was last written.
+    state: LocalState,
+    /// The launcher's `/metrics`, set from `state`.
+    metrics: crate::metrics::LauncherMetrics,
+    state_saved: Option<Instant>,
+    /// The last write of the record failed (and was said).
+    state_unwritable: bool,
+    /// The first progress report (when, at which step): the rate the ETA is taken from.
+    first_progress: Option<(Instant, u64)>,
+    /// The step of the last plain progress line.
+    line_step: Option<u64>,
     outcome: JobOutcome,
 }
 
 impl Run {
+    /// Says `text` on the console and records it as the job's last event.
+    fn note(&mut self, text: &str) {
+        self.console.note(text);
+        self.state.last_event = Some(text.to_string());
+        self.save_state(true);
+    }
+
+    /// Writes the state record: now if `now`, else at most once a second (progress).
+    fn save_state(&mut self, now: bool) {
+        self.metrics.observe(&self.state);
+        if !now && self.state_saved.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.state_saved = Some(Instant::now());
+        match self.state.save(&self.job.state_path()) {
+            Ok(()) => self.state_unwritable = false,
+            // Said once: `gradflow status` will show the record as it last was.
+            Err(e) if !self.state_unwritable => {
+                self.state_unwritable = true;
+                self.console.note(&format!("warning: cannot write {}: {e}", self.job.state_path().display()));
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Records that `proc` is in `phase` (and why, for a failure).
+    fn set_phase(&mut self, proc: Proc, phase: &str, problem: Option<String>) {
+        if let Some(p) = self.state.process_mut(&proc.to_string()) {
+            p.phase = phase.into();
+            p.problem = problem;
+            if phase != "Running" {
+                p.pid = None;
+            }
+        }
+        self.save_state(true);
+    }
+
+    /// The progress line: epoch, step of the total with its percentage, samples/s, loss and
+    /// the time left at the rate since the first report.
+    fn progress_text(&self, epoch: u64, total_rate: f64, loss: f64) -> String {
+        let (step, epochs) = (self.max_step, self.job.train.epochs);
+        let mut text = format!("epoch {epoch}/{epochs}  step {step}");
+        if let Some(total) = self.state.total_steps.filter(|&t| t > 0) {
+            let done = step.min(total);
+            text.push_str(&format!("/{total} ({:.0}%)", done as f64 * 100.0 / total as f64));
+        }
+        text.push_str(&format!("  samples/s {total_rate:.0}  loss {loss:.4}"));
+        if let (Some(total), Some((t0, s0))) = (self.state.total_steps, self.first_progress)
+            && step > s0
+        {
+            let per_step = t0.elapsed().as_secs_f64() / (step - s0) as f64;
+            let left = (total.saturating_sub(step) as f64 * per_step).round() as u64;
+            text.push_str(&format!("  ETA {}:{:02}:{:02}", left / 3600, left / 60 % 60, left % 60));
+        }
+        text
+    }
+
     /// Everything from the first server to the last worker's exit. Dropping this future
     /// halfway (cancellation) leaves no state behind that `stop_all` cannot handle: every
     /// await is on the message channel, a timer, or a spawn.
@@ -520,10 +652,13 @@ impl Run {
     /// workers still needed it; `None` means every worker finished.
     async fn generation(&mut self) -> Result<Option<(Proc, io::Result<ExitStatus>)>, LaunchError> {
         let (num_servers, num_workers) = (self.job.servers, self.job.workers);
-        self.console.note(&format!(
+        self.note(&format!(
             "job {} (run {}): starting {num_servers} server(s), then {num_workers} worker(s)",
             self.job.name, self.run_id
         ));
+        if let Some(m) = self.state.metrics.clone() {
+            self.note(&format!("launcher metrics at http://{m}/metrics"));
+        }
         self.console.status("starting servers");
         for shard in 0..num_servers {
             let attempt = self.ps_attempts[shard as usize];
@@ -550,7 +685,7 @@ impl Run {
                         Some(m) => format!(", metrics at http://{m}/metrics"),
                         None => String::new(),
                     };
-                    self.console.note(&format!("ps-{shard} listening on {addr}{at}"));
+                    self.note(&format!("ps-{shard} listening on {addr}{at}"));
                     listening[shard as usize] = Some((addr, metrics));
                 }
                 Step::Exited(proc, status) => {
@@ -577,7 +712,7 @@ impl Run {
             token: self.token.clone(),
         };
         if let Err(e) = record.write(&self.job) {
-            self.console.note(&format!(
+            self.note(&format!(
                 "warning: cannot write {} ({e}); `gradflow checkpoint now` will need the server addresses",
                 RunningJob::path(&self.job).display()
             ));
@@ -587,6 +722,8 @@ impl Run {
             let attempt = self.worker_attempts[w as usize];
             self.spawn(Proc { role: Role::Worker, index: w }, attempt, servers.clone()).await?;
         }
+        self.state.state = JobState::Running;
+        self.save_state(true);
         let max_restarts = self.job.launcher.max_restarts;
         let mut running = num_workers;
         while running > 0 {
@@ -609,18 +746,23 @@ impl Run {
                         )));
                     }
                     *restarts += 1;
+                    let count = *restarts;
                     self.worker_attempts[proc.index as usize] += 1;
                     let attempt = self.worker_attempts[proc.index as usize];
-                    self.console.note(&format!(
+                    self.state.state = JobState::Restarting;
+                    if let Some(p) = self.state.process_mut(&proc.to_string()) {
+                        p.restarts = count;
+                    }
+                    self.note(&format!(
                         "warning: {proc} failed ({}); restarting it ({} of {max_restarts} restarts)",
                         describe(&status),
-                        *restarts
+                        count
                     ));
                     self.spawn(proc, attempt, servers.clone()).await?;
                 }
             }
         }
-        self.console.note(&format!("all {num_workers} worker(s) finished; stopping the servers"));
+        self.note(&format!("all {num_workers} worker(s) finished; stopping the servers"));
         Ok(None)
     }
 
@@ -648,7 +790,9 @@ impl Run {
             )));
         }
         self.outcome.server_restarts += 1;
-        self.console.note(&format!(
+        self.state.job_restarts = self.outcome.server_restarts;
+        self.state.state = JobState::Restarting;
+        self.note(&format!(
             "warning: {proc} exited ({}); restarting every process of the job from the latest checkpoint ({} of {max_restarts} restarts)",
             describe(&status),
             self.outcome.server_restarts
@@ -665,7 +809,7 @@ impl Run {
 
         match crate::prepare::latest_step(&checkpoint.url).await? {
             Some(step) => {
-                self.console.note(&format!("restoring checkpoint step {step} from {}", checkpoint.url));
+                self.note(&format!("restoring checkpoint step {step} from {}", checkpoint.url));
                 self.job.restore = Some(Restore::Step(step));
                 self.max_step = step;
             }
@@ -674,7 +818,7 @@ impl Run {
                     Some(r) => format!("restore = \"{r}\" again"),
                     None => "the beginning".to_string(),
                 };
-                self.console.note(&format!("no checkpoint was written yet; starting from {from}"));
+                self.note(&format!("no checkpoint was written yet; starting from {from}"));
                 self.max_step = 0;
             }
         }
@@ -691,7 +835,7 @@ impl Run {
     async fn stop_all(&mut self, failed: bool) -> Result<(), LaunchError> {
         let mut servers_failed = Vec::new();
         if failed && self.live > 0 {
-            self.console.note(&format!(
+            self.note(&format!(
                 "stopping {} process(es) (SIGTERM, SIGKILL after {:?})",
                 self.live, self.grace
             ));
@@ -724,13 +868,23 @@ impl Run {
             let Some(msg) = self.rx.recv().await else { unreachable!("the run holds a sender") };
             match msg {
                 Msg::Log(proc, line) => self.console.line(&format!("[{proc}] {line}")),
-                Msg::Note(text) => self.console.note(&text),
+                Msg::Note(text) => self.note(&text),
                 Msg::Event(proc, event) => match event {
                     Event::Listening { addr, metrics } if proc.role == Role::Ps => {
+                        if let Some(p) = self.state.process_mut(&proc.to_string()) {
+                            p.metrics.clone_from(&metrics);
+                        }
                         return Step::Listening { shard: proc.index, addr, metrics };
                     }
-                    Event::Listening { .. } => {}
-                    Event::Progress { step, loss, samples_per_sec, .. } => {
+                    Event::Listening { metrics, .. } => {
+                        if let Some(m) = &metrics {
+                            self.note(&format!("{proc} metrics at http://{m}/metrics"));
+                        }
+                        if let Some(p) = self.state.process_mut(&proc.to_string()) {
+                            p.metrics = metrics;
+                        }
+                    }
+                    Event::Progress { step, loss, samples_per_sec, epoch, .. } => {
                         // Index by the process, not the event's `worker`: the launcher knows
                         // who is talking, and a bad field must not panic it.
                         if let Some(rate) = self.rates.get_mut(proc.index as usize) {
@@ -738,7 +892,22 @@ impl Run {
                         }
                         self.max_step = self.max_step.max(step);
                         let total: f64 = self.rates.iter().flatten().sum();
-                        self.console.progress(self.max_step, total, loss);
+                        self.first_progress.get_or_insert((Instant::now(), self.max_step));
+                        // Workers report every `log_every_steps` of their steps; in sync mode
+                        // all of them at the same steps, which is one line.
+                        let line = self.line_step.is_none_or(|last| self.max_step > last);
+                        if line {
+                            self.line_step = Some(self.max_step);
+                        }
+                        let text = self.progress_text(epoch + 1, total, loss);
+                        self.console.progress(text, line);
+                        let state = &mut self.state;
+                        (state.step, state.epoch, state.samples_per_sec, state.loss) =
+                            (self.max_step, epoch + 1, total, Some(loss));
+                        if state.state == JobState::Restarting {
+                            state.state = JobState::Running;
+                        }
+                        self.save_state(false);
                         self.outcome.progress.push(JobProgress {
                             elapsed: self.started.elapsed(),
                             step: self.max_step,
@@ -746,15 +915,28 @@ impl Run {
                         });
                     }
                     Event::Eval { epoch, test_loss, test_auc, test_accuracy, test_examples, .. } => {
-                        self.console.line(&format!(
+                        let text = format!(
                             "epoch {epoch} test AUC {test_auc:.4} loss {test_loss:.4} accuracy {test_accuracy:.4} ({test_examples} examples)"
-                        ));
+                        );
+                        self.console.line(&text);
+                        self.state.last_event = Some(text);
+                        self.save_state(true);
                         self.outcome.evals.push(event);
                     }
-                    Event::Done { .. } => self.outcome.done.push(event),
+                    Event::Done { step, .. } => {
+                        // The last step, which no progress report may have shown.
+                        self.max_step = self.max_step.max(step);
+                        self.state.step = self.max_step;
+                        self.save_state(true);
+                        self.outcome.done.push(event);
+                    }
                 },
                 Msg::Exited(proc, status) => {
                     self.live -= 1;
+                    match &status {
+                        Ok(s) if s.success() => self.set_phase(proc, "Succeeded", None),
+                        _ => self.set_phase(proc, "Failed", Some(describe(&status))),
+                    }
                     if proc.role == Role::Worker
                         && let Some(rate) = self.rates.get_mut(proc.index as usize)
                     {
@@ -779,7 +961,8 @@ impl Run {
             servers,
             num_workers: job.workers,
             listen: is_ps.then(|| LOCAL_ANY_PORT.to_string()),
-            metrics_listen: if is_ps { job.metrics_listen(proc.index) } else { None },
+            // Shards take the first metrics ports, workers the ones after them.
+            metrics_listen: job.metrics_listen(if is_ps { proc.index } else { job.servers + proc.index }),
             job_config: job.clone(),
         };
         // A worker runs the job's own trainer when it names one.
@@ -804,7 +987,28 @@ impl Run {
             source,
         })?;
         self.live += 1;
-        tokio::spawn(watch(proc, child, self.stop.clone(), self.kill.clone(), self.grace, self.tx.clone()));
+        let log_path = self.logs.join(format!("{proc}-{attempt}.log"));
+        let log = match std::fs::File::create(&log_path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                self.console
+                    .note(&format!("warning: {proc}'s output is not kept ({}: {e})", log_path.display()));
+                None
+            }
+        };
+        if let Some(p) = self.state.process_mut(&proc.to_string()) {
+            (p.attempt, p.phase, p.pid, p.problem) = (attempt, "Running".into(), child.id(), None);
+        }
+        self.save_state(true);
+        tokio::spawn(watch(
+            proc,
+            child,
+            log,
+            self.stop.clone(),
+            self.kill.clone(),
+            self.grace,
+            self.tx.clone(),
+        ));
         Ok(())
     }
 }
@@ -813,14 +1017,16 @@ impl Run {
 async fn watch(
     proc: Proc,
     mut child: Child,
+    log: Option<std::fs::File>,
     stop: CancellationToken,
     kill: CancellationToken,
     grace: Duration,
     tx: mpsc::Sender<Msg>,
 ) {
+    let copy = || log.as_ref().and_then(|f| f.try_clone().ok());
     let readers = [
-        child.stdout.take().map(|out| tokio::spawn(forward_lines(proc, out, true, tx.clone()))),
-        child.stderr.take().map(|err| tokio::spawn(forward_lines(proc, err, false, tx.clone()))),
+        child.stdout.take().map(|out| tokio::spawn(forward_lines(proc, out, true, copy(), tx.clone()))),
+        child.stderr.take().map(|err| tokio::spawn(forward_lines(proc, err, false, copy(), tx.clone()))),
     ];
     let status = tokio::select! {
         status = child.wait() => status,
@@ -850,8 +1056,15 @@ async fn watch(
     let _ = tx.send(Msg::Exited(proc, status)).await;
 }
 
-/// Sends each whole line of `pipe` to the run; on standard output, event lines as events.
-async fn forward_lines(proc: Proc, pipe: impl AsyncRead + Unpin, events: bool, tx: mpsc::Sender<Msg>) {
+/// Sends each whole line of `pipe` to the run, on standard output event lines as events, and
+/// appends every line to the process's log file, one write per line.
+async fn forward_lines(
+    proc: Proc,
+    pipe: impl AsyncRead + Unpin,
+    events: bool,
+    mut log: Option<std::fs::File>,
+    tx: mpsc::Sender<Msg>,
+) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
     loop {
@@ -861,6 +1074,15 @@ async fn forward_lines(proc: Proc, pipe: impl AsyncRead + Unpin, events: bool, t
             Ok(_) => {}
         }
         // Lossy: a stray non-UTF-8 byte must not cost the rest of the log.
+        if let Some(file) = &mut log {
+            if !buf.ends_with(b"\n") {
+                buf.push(b'\n');
+            }
+            // A short append to a local file; a full disk costs the log, not the job.
+            if file.write_all(&buf).is_err() {
+                log = None;
+            }
+        }
         let text = String::from_utf8_lossy(&buf);
         let line = text.trim_end_matches(['\n', '\r']);
         let msg = match events.then(|| Event::parse(line)).flatten() {

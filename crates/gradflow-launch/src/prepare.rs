@@ -146,6 +146,56 @@ fn write_split(
     Ok(())
 }
 
+/// The training examples of `job`, counted as lines, when that is cheap and exact: local,
+/// uncompressed CSV (less each file's header) and libsvm files. `None` otherwise (Parquet,
+/// TFRecord, compressed or remote files): progress then shows no total.
+pub fn count_examples(job: &JobConfig) -> Option<u64> {
+    let config = job.train_reader();
+    let files = config.files().ok()?;
+    let format = config.format.resolve(files.first().map(|p| p.as_path()));
+    let header = match format {
+        gradflow_data::Format::Csv => 1,
+        gradflow_data::Format::Libsvm => 0,
+        _ => return None,
+    };
+    let mut total = 0u64;
+    for file in &files {
+        let name = file.to_string_lossy();
+        if name.contains("://") || name.ends_with(".gz") || name.ends_with(".zst") {
+            return None;
+        }
+        let mut reader = BufReader::with_capacity(1 << 20, std::fs::File::open(file).ok()?);
+        let (mut lines, mut last) = (0u64, b'\n');
+        loop {
+            let buf = reader.fill_buf().ok()?;
+            let Some(&end) = buf.last() else { break };
+            lines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+            last = end;
+            let n = buf.len();
+            reader.consume(n);
+        }
+        // A last line without a newline is a line too.
+        lines += u64::from(last != b'\n');
+        total += lines.saturating_sub(header);
+    }
+    Some(total)
+}
+
+/// The steps a local sync job will take: `epochs` passes of every worker's share in batches,
+/// at most `max_steps`; `None` when unknown (see [`count_examples`]) or for async jobs, whose
+/// workers step apart.
+pub fn total_steps(job: &JobConfig, examples: Option<u64>) -> Option<u64> {
+    if job.mode != gradflow_core::Mode::Sync {
+        return None;
+    }
+    let per_epoch = examples
+        .map(|n| n.div_ceil(u64::from(job.workers.max(1))).div_ceil(job.train.batch_size.max(1) as u64));
+    match (per_epoch.map(|s| s * job.train.epochs), job.train.max_steps) {
+        (Some(t), Some(m)) => Some(t.min(m)),
+        (t, m) => t.or(m),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +220,28 @@ mod tests {
         let before = std::fs::metadata(dir.path().join("train.csv")).unwrap().modified().unwrap();
         prepare_data(&job).unwrap();
         assert_eq!(before, std::fs::metadata(dir.path().join("train.csv")).unwrap().modified().unwrap());
+    }
+
+    #[test]
+    fn examples_are_counted_for_the_progress_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = csv_job(dir.path(), "label,x,y,c", "");
+        job.workers = 2;
+        // Two files, the second without a newline at its end.
+        std::fs::write(dir.path().join("more.csv"), "label,x,y,c\n1,1,1,a\n0,0,0,b\n1,2,2,c").unwrap();
+        job.data.train = vec![dir.path().join("train.csv"), dir.path().join("more.csv")];
+        assert_eq!(count_examples(&job), Some(5));
+        job.train.batch_size = 2;
+        job.train.epochs = 3;
+        // 5 examples over 2 workers: 3 each at most, 2 batches, 3 epochs.
+        assert_eq!(total_steps(&job, Some(5)), Some(6));
+        job.train.max_steps = Some(4);
+        assert_eq!(total_steps(&job, Some(5)), Some(4));
+        assert_eq!(total_steps(&job, None), Some(4));
+        job.mode = gradflow_core::Mode::Async;
+        assert_eq!(total_steps(&job, Some(5)), None);
+        job.data.train = vec![dir.path().join("train.csv.gz")];
+        assert_eq!(count_examples(&job), None);
     }
 
     fn csv_job(dir: &Path, header: &str, extra: &str) -> JobConfig {

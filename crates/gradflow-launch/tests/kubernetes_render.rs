@@ -225,6 +225,8 @@ fn cluster_spec_in_each_pod_is_the_shared_contract() {
             assert_eq!(parsed.metrics_listen.as_deref(), Some("0.0.0.0:9090"));
         } else {
             assert_eq!(parsed.listen, None);
+            // The built-in trainer serves its metrics on the same port.
+            assert_eq!(parsed.metrics_listen.as_deref(), Some("0.0.0.0:9090"));
         }
         assert!(env.contains(&("GRADFLOW_LOG".into(), "info".into())));
         assert_eq!(env.iter().any(|(k, _)| k == "GRADFLOW_RESTORE"), role == Role::Ps && attempt > 0);

@@ -26,7 +26,18 @@ fn job(servers: u32, workers: u32, max_restarts: u32, grace: Duration) -> JobCon
     job.launcher.grace_period = grace;
     job.output.metrics = false;
     job.output.log = "debug".into();
+    job.output.dir = Some(output_dir());
     job
+}
+
+/// A fresh output folder for one job, under cargo's folder for tests' files: the state
+/// record, log files and servers record of one test never meet another's.
+fn output_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("local-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }
 
 /// The launcher's output, shared with the test.
@@ -174,7 +185,10 @@ async fn two_servers_two_workers_succeed_and_leave_nothing_running() {
         out.contains("\nepoch 1 test AUC 0.7512 loss 0.4601 accuracy 0.7800 (50000 examples)\n"),
         "{out}"
     );
-    assert!(out.contains("\nstep 2  samples/s "), "{out}");
+    // Off a terminal, one line per new step reported (each worker reports every
+    // `log_every_steps`); no total: the fake job's data cannot be counted.
+    assert_eq!(count(&out, "\nepoch 1/1  step 1  samples/s "), 1, "{out}");
+    assert_eq!(count(&out, "\nepoch 1/1  step 2  samples/s "), 1, "{out}");
     assert!(out.contains("loss 0.5000\n"), "{out}");
     for line in out.lines() {
         assert!(
@@ -519,4 +533,110 @@ fn more_processes_than_the_machine_runs_well_are_refused_unless_allowed() {
     );
     j.launcher.allow_oversubscribe = true;
     gradflow_launch::local::check_process_count(&j).unwrap();
+}
+
+/// The state record `gradflow status` reads, as the launcher left it.
+fn state_of(job: &JobConfig) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(job.state_path()).unwrap()).unwrap()
+}
+
+/// The run's log folder (the only run in the job's output folder).
+fn logs_of(job: &JobConfig) -> std::path::PathBuf {
+    let run = state_of(job)["run_id"].as_str().unwrap().to_string();
+    job.logs_dir(&run)
+}
+
+#[tokio::test]
+async fn the_state_record_and_log_files_follow_a_job_to_success() {
+    let fake = Fake::new();
+    let j = job(1, 2, 0, Duration::from_secs(5));
+    fake.run(j.clone(), "ok").await.unwrap();
+    let state = state_of(&j);
+    assert_eq!(state["state"], "Succeeded", "{state:#}");
+    assert_eq!(state["step"], 2, "{state:#}");
+    let phases: Vec<_> = state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].clone(), p["phase"].clone()))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("ps-0".into(), "Succeeded".into()),
+            ("worker-0".into(), "Succeeded".into()),
+            ("worker-1".into(), "Succeeded".into())
+        ],
+        "{state:#}"
+    );
+    let logs = logs_of(&j);
+    let log = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    // Each process's own lines, stdout and stderr, whole, events included, unprefixed.
+    let worker1 = log("worker-1-0.log");
+    assert!(worker1.contains("worker 1 attempt 0 servers=127.0.0.1:41000\n"), "{worker1}");
+    assert!(worker1.contains("worker 1: a line on stderr\n"), "{worker1}");
+    assert!(worker1.contains("worker 1 part one, part two\n"), "{worker1}");
+    assert!(worker1.contains("@gradflow {\"event\":\"progress\""), "{worker1}");
+    assert!(!log("ps-0-0.log").contains("worker 1"), "{}", log("ps-0-0.log"));
+    // The launcher's console, as it was shown.
+    assert_eq!(log("launch.log"), fake.out.text());
+}
+
+#[tokio::test]
+async fn a_restarted_worker_gets_a_log_per_attempt_and_a_failed_job_says_why() {
+    let fake = Fake::new();
+    let j = job(1, 1, 1, Duration::from_secs(5));
+    fake.run(j.clone(), "fail_always").await.unwrap_err();
+    let state = state_of(&j);
+    assert_eq!(state["state"], "Failed", "{state:#}");
+    assert!(
+        state["message"].as_str().unwrap().contains("worker-0 failed (exit status: 1) after 1 restart(s)"),
+        "{state:#}"
+    );
+    let worker = &state["processes"][1];
+    assert_eq!((worker["attempt"].as_u64(), worker["restarts"].as_u64()), (Some(1), Some(1)), "{state:#}");
+    assert_eq!(worker["phase"], "Failed", "{state:#}");
+    assert_eq!(worker["problem"], "exit status: 1", "{state:#}");
+    let logs = logs_of(&j);
+    for attempt in [0, 1] {
+        let text = std::fs::read_to_string(logs.join(format!("worker-0-{attempt}.log"))).unwrap();
+        assert!(text.contains(&format!("worker 0 attempt {attempt} servers=")), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_running_job_is_recorded_running_and_an_interrupted_one_failed() {
+    let fake = Fake::new();
+    let j = job(1, 2, 0, Duration::from_secs(30));
+    let path = j.state_path();
+    let seen = async move {
+        // Generous: a loaded machine may take long to start three processes.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let running = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|s| {
+                    s["state"] == "Running"
+                        && s["processes"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .all(|p| p["phase"] == "Running" && p["pid"].is_u64())
+                });
+            if running {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the state record never said Running with every process running"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let err = fake.launcher(j.clone(), "hang").run(seen).await.unwrap_err();
+    let state = state_of(&j);
+    assert_eq!(state["state"], "Failed", "{state:#}");
+    assert_eq!(state["message"], err.to_string(), "{state:#}");
+    fake.assert_nothing_left();
 }

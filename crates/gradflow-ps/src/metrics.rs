@@ -1,6 +1,7 @@
 //! Prometheus metrics of a shard, served as text on `GET /metrics`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -55,7 +56,25 @@ pub struct Metrics {
     /// Tensor-link connections dropped before they authenticated: a wrong or missing token,
     /// a hello over its bound or one that did not decode, or no hello within the deadline.
     pub link_refused: Counter,
+    /// Pushes refused because a gradient held NaN or infinity (`reject_non_finite`).
+    pub non_finite_pushes: Counter,
+    /// Checkpoints of this run that failed on this shard (see `Checkpointer::failures`).
+    pub checkpoint_failures: Counter,
+    /// The step of the last checkpoint this shard finished writing.
+    pub checkpoint_step: Gauge,
+    /// Running sums of push and pull latency, for means between two reads (see
+    /// [`Metrics::latency`]); the histograms above keep no sum one can read.
+    latency: Arc<[AtomicU64; 4]>,
     registry: Arc<Registry>,
+}
+
+/// Pushes and pulls taken so far and the time they took, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Latency {
+    pub pushes: u64,
+    pub push_seconds: f64,
+    pub pulls: u64,
+    pub pull_seconds: f64,
 }
 
 impl Default for Metrics {
@@ -79,6 +98,10 @@ impl Default for Metrics {
             table_dropped: Family::default(),
             link_connections: Counter::default(),
             link_refused: Counter::default(),
+            non_finite_pushes: Counter::default(),
+            checkpoint_failures: Counter::default(),
+            checkpoint_step: Gauge::default(),
+            latency: Arc::new(Default::default()),
             registry: Arc::new(Registry::default()),
         };
         registry.register("pushes", "Gradient pushes, by result (ok or refused)", m.pushes.clone());
@@ -126,6 +149,29 @@ impl Default for Metrics {
             "Tensor-link connections dropped before authenticating (bad token, bad or late hello)",
             m.link_refused.clone(),
         );
+        registry.register(
+            "non_finite_pushes",
+            "Pushes refused because a gradient held NaN or infinity (reject_non_finite)",
+            m.non_finite_pushes.clone(),
+        );
+        registry.register(
+            "checkpoint_failures",
+            "Checkpoints of this run that failed on this shard (the previous one stays the latest)",
+            m.checkpoint_failures.clone(),
+        );
+        registry.register(
+            "checkpoint_step",
+            "Step of the last checkpoint this shard finished writing",
+            m.checkpoint_step.clone(),
+        );
+        // The results and kinds a dashboard plots are series from the start, at 0.
+        for result in ["ok", "refused"] {
+            let _ = m.pushes.get_or_create(&ResultLabel { result });
+        }
+        for kind in ["dense", "sparse"] {
+            let _ = m.pulls.get_or_create(&KindLabel { kind });
+            let _ = m.pull_seconds.get_or_create(&KindLabel { kind });
+        }
         Metrics { registry: Arc::new(registry), ..m }
     }
 }
@@ -135,11 +181,34 @@ impl Metrics {
         let result = if ok { "ok" } else { "refused" };
         self.pushes.get_or_create(&ResultLabel { result }).inc();
         self.push_seconds.observe(elapsed.as_secs_f64());
+        self.latency[0].fetch_add(1, Ordering::Relaxed);
+        self.latency[1].fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
     }
 
     pub fn observe_pull(&self, kind: &'static str, elapsed: Duration) {
         self.pulls.get_or_create(&KindLabel { kind }).inc();
         self.pull_seconds.get_or_create(&KindLabel { kind }).observe(elapsed.as_secs_f64());
+        self.latency[2].fetch_add(1, Ordering::Relaxed);
+        self.latency[3].fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Pushes and pulls so far and their total time: the mean latency between two reads is
+    /// the difference of the seconds over the difference of the counts.
+    pub fn latency(&self) -> Latency {
+        let get = |i: usize| self.latency[i].load(Ordering::Relaxed);
+        Latency {
+            pushes: get(0),
+            push_seconds: get(1) as f64 * 1e-9,
+            pulls: get(2),
+            pull_seconds: get(3) as f64 * 1e-9,
+        }
+    }
+
+    /// Counts a refused push's reason, where it has a metric of its own.
+    pub fn observe_refusal(&self, e: &crate::PsError) {
+        if matches!(e, crate::PsError::NonFinite(_)) {
+            self.non_finite_pushes.inc();
+        }
     }
 
     /// Sets the per-table metrics of `table` to `stats` (counters move up to its counts).
@@ -177,6 +246,14 @@ mod tests {
         let stats = TableStats { rows: 7, bytes: 700, admitted: 9, evicted: 2, dropped: 5 };
         m.observe_table("embedding", stats);
         m.observe_table("embedding", TableStats { admitted: 12, ..stats });
+        m.observe_refusal(&crate::PsError::NonFinite("w".into()));
+        m.observe_refusal(&crate::PsError::InvalidArgument("lengths".into()));
+        m.observe_push(true, Duration::from_millis(3));
+        m.observe_push(false, Duration::from_millis(1));
+        m.observe_pull("dense", Duration::from_millis(5));
+        let l = m.latency();
+        assert_eq!((l.pushes, l.pulls), (2, 1));
+        assert!((l.push_seconds - 0.004).abs() < 1e-9 && (l.pull_seconds - 0.005).abs() < 1e-9, "{l:?}");
         let text = m.encode();
         for line in [
             "gradflow_ps_table_rows{table=\"embedding\"} 7",
@@ -184,6 +261,7 @@ mod tests {
             "gradflow_ps_table_admitted_rows_total{table=\"embedding\"} 12",
             "gradflow_ps_table_evicted_rows_total{table=\"embedding\"} 2",
             "gradflow_ps_table_dropped_gradients_total{table=\"embedding\"} 5",
+            "gradflow_ps_non_finite_pushes_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
         }

@@ -358,6 +358,9 @@ impl Shard {
     pub async fn push(self: &Arc<Self>, push: Push, started: Instant) -> Result<u64, PsError> {
         let result = self.take_push(push).await;
         self.metrics.observe_push(result.is_ok(), started.elapsed());
+        if let Err(e) = &result {
+            self.metrics.observe_refusal(e);
+        }
         result
     }
 
@@ -365,6 +368,7 @@ impl Shard {
     /// take): counted as a refused push, and the error given back.
     pub fn refuse_push(&self, e: PsError, started: Instant) -> PsError {
         self.metrics.observe_push(false, started.elapsed());
+        self.metrics.observe_refusal(&e);
         e
     }
 
@@ -631,6 +635,11 @@ impl Shard {
             for t in m.tables() {
                 self.metrics.observe_table(t.name(), t.stats());
             }
+        }
+        if let Some(ck) = &self.checkpointer {
+            self.metrics.checkpoint_step.set(ck.written() as i64);
+            let (failed, counter) = (ck.failures().len() as u64, &self.metrics.checkpoint_failures);
+            counter.inc_by(failed.saturating_sub(counter.get()));
         }
         self.metrics.encode()
     }

@@ -10,8 +10,14 @@
 //! - [`standardizer`]: dense-feature scaling measured the same way on every worker.
 //! - [`serving_info`]: what a predictor needs beside the parameters; worker 0 declares it to
 //!   the servers, and every checkpoint carries it.
+//! - [`observe`]: what a worker records about itself: TensorBoard scalars, each epoch's mean
+//!   training loss (in the results line), the time a step spends in each phase.
+//! - [`metrics`]: the worker's Prometheus `/metrics`.
 
 #![forbid(unsafe_code)]
+
+pub mod metrics;
+pub mod observe;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,11 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gradflow_core::Mode;
-use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer, metrics};
+use gradflow_data::metrics as scoring;
+use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer};
 use gradflow_job::contract::{ENV_ATTEMPT, ENV_RUN_ID};
 use gradflow_job::{Event, JobConfig, Sharding};
 use gradflow_models::{Grads, InputSchema, Model, Params, Scaling, ServingInfo, SparseRows};
 use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
+use observe::{Phases, Recorder};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
@@ -207,6 +215,18 @@ impl StepBuffers {
     }
 }
 
+/// Adds the time since `since` to `into` when dropped.
+struct PhaseTimer<'a> {
+    since: Instant,
+    into: &'a mut f64,
+}
+
+impl Drop for PhaseTimer<'_> {
+    fn drop(&mut self) {
+        *self.into += self.since.elapsed().as_secs_f64();
+    }
+}
+
 /// Runs compute on rayon's pool without stalling the async runtime.
 fn compute<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     tokio::task::block_in_place(|| rayon::scope(|_| f()))
@@ -219,12 +239,26 @@ fn read_batch(reader: &mut Reader, batch: &mut Batch, rows: usize) -> Result<usi
     Ok(reader.next_batch(batch, rows)?)
 }
 
-/// Trains worker `index` of `job` against `servers` until its data (or `max_steps`) is done.
+/// Trains worker `index` of `job` against `servers` until its data (or `max_steps`) is done;
+/// serves its Prometheus metrics on `metrics_listen` meanwhile, if given (and says where in a
+/// `listening` event).
 pub async fn run_worker(
     job: &JobConfig,
     index: u32,
     servers: Vec<String>,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> Result<WorkerSummary, TrainError> {
+    let worker_metrics = metrics::WorkerMetrics::default();
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    let _stop_metrics = stop_metrics.clone().drop_guard();
+    if let Some(addr) = metrics_listen {
+        match worker_metrics.serve(addr, stop_metrics).await {
+            Ok(bound) => {
+                Event::Listening { addr: bound.to_string(), metrics: Some(bound.to_string()) }.emit()
+            }
+            Err(e) => warn!(worker = index, "no /metrics for this worker: cannot listen on {addr}: {e}"),
+        }
+    }
     let config = job.model().map_err(|e| TrainError::Config(e.to_string()))?;
     let model: Arc<dyn Model> = Arc::from(gradflow_models::build(config)?);
     // Opening the reader checks the data against the model before any server is involved.
@@ -271,6 +305,8 @@ pub async fn run_worker(
         worker,
         summary: WorkerSummary { steps: 0, samples: 0, evals: Vec::new() },
         window: Window::new(),
+        recorder: Recorder::open(job, index),
+        metrics: worker_metrics,
     };
     match job.data.sharding {
         Sharding::Static => session.train_static(reader).await?,
@@ -339,17 +375,18 @@ async fn catch_up(worker: &mut Worker) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Loss and throughput since the last progress report.
+/// Loss, throughput and the time in each phase of a step since the last progress report.
 struct Window {
     loss: f64,
     batches: u64,
     samples: u64,
     start: Instant,
+    phases: Phases,
 }
 
 impl Window {
     fn new() -> Window {
-        Window { loss: 0.0, batches: 0, samples: 0, start: Instant::now() }
+        Window { loss: 0.0, batches: 0, samples: 0, start: Instant::now(), phases: Phases::default() }
     }
 }
 
@@ -364,6 +401,8 @@ struct Session<'a> {
     batch: Batch,
     summary: WorkerSummary,
     window: Window,
+    recorder: Recorder,
+    metrics: metrics::WorkerMetrics,
 }
 
 /// What became of one batch.
@@ -382,19 +421,29 @@ impl Session<'_> {
 
     /// Reads the next batch of `reader` into `self.batch` (scaled); 0 at the end.
     fn read(&mut self, reader: &mut Reader) -> Result<usize, TrainError> {
+        let started = Instant::now();
         let n = read_batch(reader, &mut self.batch, self.job.train.batch_size)?;
         if let (Some(s), true) = (&self.scaler, n > 0) {
             s.apply(&mut self.batch);
         }
+        self.window.phases.data += started.elapsed().as_secs_f64();
         Ok(n)
     }
 
     /// Pulls what the batch in `self.batch` needs, computes its gradients and pushes them.
     async fn train_batch(&mut self) -> Result<(Trained, f32), TrainError> {
         let (model, worker, batch) = (self.model.as_ref(), &mut self.worker, &self.batch);
+        let phases = &mut self.window.phases;
+        let started = Instant::now();
         self.buffers.pull(worker, model, batch).await?;
+        let pulled = Instant::now();
+        phases.pull += (pulled - started).as_secs_f64();
         let StepBuffers { params, grads, .. } = &mut self.buffers;
         let loss = compute(|| model.forward_backward(batch, params, grads))?;
+        let computed = Instant::now();
+        phases.compute += (computed - pulled).as_secs_f64();
+        // Pushing, from here to the end of the step, is counted on every way out.
+        let _push = PhaseTimer { since: computed, into: &mut phases.push };
         let spec = model.spec();
         for (d, g) in spec.dense.iter().zip(&grads.dense) {
             worker.push_dense(&d.name, g)?;
@@ -410,26 +459,50 @@ impl Session<'_> {
         }
     }
 
-    /// Counts a trained batch of `n` examples and reports progress every `log_every_steps`.
-    fn count(&mut self, n: usize, loss: f32, epoch: u64) {
+    /// Counts a trained batch of `n` examples and reports progress every `log_every_steps`:
+    /// to the launcher, and as TensorBoard scalars (worker 0 adds every shard's model version).
+    async fn count(&mut self, n: usize, loss: f32, epoch: u64) {
         self.summary.steps += 1;
         self.summary.samples += n as u64;
+        self.recorder.batch(epoch, loss);
         let w = &mut self.window;
         w.loss += loss as f64;
         w.batches += 1;
         w.samples += n as u64;
         if self.summary.steps % self.job.train.log_every_steps == 0 {
             let secs = w.start.elapsed().as_secs_f64().max(1e-9);
+            let step = self.worker.current_step();
+            let (loss, samples_per_sec) = (w.loss / w.batches as f64, w.samples as f64 / secs);
             Event::Progress {
                 worker: self.index,
-                step: self.worker.current_step(),
+                step,
                 epoch,
                 samples: self.summary.samples,
-                loss: w.loss / w.batches as f64,
-                samples_per_sec: w.samples as f64 / secs,
+                loss,
+                samples_per_sec,
             }
             .emit();
+            self.recorder.progress(step, loss, samples_per_sec, w.phases.per_step(w.batches));
+            self.metrics.observe(&metrics::Window {
+                steps: w.batches,
+                samples: w.samples,
+                phases: w.phases,
+                samples_per_second: samples_per_sec,
+                loss,
+                step,
+                epoch,
+            });
             self.window = Window::new();
+            if self.index == 0 {
+                // Scalars only: a shard that does not answer now will be asked again.
+                match self.worker.status().await {
+                    Ok(shards) => {
+                        let versions: Vec<u64> = shards.iter().map(|s| s.version).collect();
+                        self.recorder.shard_versions(step, &versions);
+                    }
+                    Err(e) => debug!(worker = self.index, "no shard versions for TensorBoard: {e}"),
+                }
+            }
         }
     }
 
@@ -454,10 +527,13 @@ impl Session<'_> {
             self.job.train.batch_size,
         )
         .await?;
+        let step = self.worker.current_step();
+        let train_loss = self.recorder.epoch_loss(epoch);
+        self.recorder.eval(step, &e, train_loss);
         let event = Event::Eval {
             worker: self.index,
             epoch: epoch + 1,
-            step: self.worker.current_step(),
+            step,
             test_loss: e.loss,
             test_auc: e.auc,
             test_accuracy: e.accuracy,
@@ -465,7 +541,7 @@ impl Session<'_> {
         };
         fault_abort_scoring(epoch + 1, false);
         event.emit();
-        append_result(self.job, &event, trained)?;
+        append_result(self.job, &event, trained, train_loss)?;
         fault_abort_scoring(epoch + 1, true);
         self.summary.evals.push(event);
         Ok(())
@@ -562,7 +638,7 @@ impl Session<'_> {
                     "this batch's gradients were discarded: the servers had moved on"
                 );
             }
-            self.count(n, loss, reader.epoch());
+            self.count(n, loss, reader.epoch()).await;
             if ends_epoch {
                 self.score_epoch(reader.epoch(), step).await?;
             }
@@ -637,7 +713,7 @@ impl Session<'_> {
                 match outcome {
                     (Trained::Applied, loss) => {
                         examples += n as u64;
-                        self.count(n, loss, task.epoch);
+                        self.count(n, loss, task.epoch).await;
                     }
                     _ => {
                         warn!(
@@ -743,9 +819,9 @@ pub async fn evaluate(
         return Err(TrainError::Config("the test data has no examples".into()));
     }
     Ok(Scores {
-        loss: metrics::log_loss(&labels, &probs),
-        auc: metrics::auc(&labels, &probs),
-        accuracy: metrics::accuracy(&labels, &probs),
+        loss: scoring::log_loss(&labels, &probs),
+        auc: scoring::auc(&labels, &probs),
+        accuracy: scoring::accuracy(&labels, &probs),
         examples: labels.len() as u64,
     })
 }
@@ -794,9 +870,15 @@ fn fault_abort_scoring(epoch: u64, written: bool) {
 }
 
 /// Appends an evaluation to the job's results file as one JSON line, with the examples the
-/// epoch trained when known (dynamic sharding), the run id when the launcher gave one
+/// epoch trained when known (dynamic sharding), the mean loss of the scoring worker's
+/// training batches in the epoch (`train_loss`), the run id when the launcher gave one
 /// (`run_id`), and when it was written (`time`, RFC 3339 UTC).
-fn append_result(job: &JobConfig, event: &Event, trained: Option<u64>) -> Result<(), TrainError> {
+fn append_result(
+    job: &JobConfig,
+    event: &Event,
+    trained: Option<u64>,
+    train_loss: Option<f64>,
+) -> Result<(), TrainError> {
     let path = job.output_dir().join(&job.output.results);
     let err = |cause| TrainError::Results { path: path.clone(), cause };
     if let Some(dir) = path.parent() {
@@ -809,6 +891,9 @@ fn append_result(job: &JobConfig, event: &Event, trained: Option<u64>) -> Result
     line["servers"] = job.servers.into();
     if let Some(n) = trained {
         line["epoch_train_examples"] = n.into();
+    }
+    if let Some(loss) = train_loss.filter(|l| l.is_finite()) {
+        line["train_loss"] = loss.into();
     }
     if let Some(run) = std::env::var(ENV_RUN_ID).ok().filter(|r| !r.is_empty()) {
         line["run_id"] = run.into();

@@ -104,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let program = std::env::current_exe().context("finding the gradflow executable")?;
     let results = job.output_dir().join(&job.output.results);
     let run_id = new_run_id(&name);
+    let job_file = job.clone();
     let outcome = super::runtime()?.block_on(async {
         let cancel = shutdown_signal()?;
         let mut guard = RunGuard::acquire(&job, &run_id).await?;
@@ -123,6 +124,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await;
         if let Some(warning) = guard.release().await {
             eprintln!("[launch] warning: {warning}");
+        }
+        if let Err(e) = &started
+            && let Err(w) = gradflow_launch::state::record_failed_start(&job_file, &run_id, &e.to_string())
+        {
+            eprintln!("[launch] warning: `gradflow status` will not show this run: {w}");
         }
         started
     });

@@ -39,8 +39,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::init_logging("info");
+    let mut launched = None;
     let (config, listen, metrics) = match super::cluster_from_env()? {
         Some(spec) => {
+            launched = Some((spec.job_config.clone(), spec.index));
             let listen: SocketAddr = spec
                 .listen
                 .as_deref()
@@ -93,7 +95,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             metrics: server.metrics_addr().map(|a| a.to_string()),
         }
         .emit();
+        let (stop_scalars, stopped) = tokio::sync::watch::channel(false);
+        let scalars = launched.map(|(job, shard)| {
+            tokio::spawn(write_scalars(server.shard().metrics.clone(), job, shard, stopped))
+        });
         shutdown_signal().await;
+        // The last point of the curves, then the shutdown.
+        let _ = stop_scalars.send(true);
+        if let Some(task) = scalars {
+            let _ = task.await;
+        }
         tracing::info!("signal received; shutting down");
         server.shutdown().await?;
         Ok(ExitCode::SUCCESS)
@@ -140,4 +151,55 @@ pub(crate) async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// How often a server adds its scalars to TensorBoard: servers count no steps of their own.
+const SCALARS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes this shard's TensorBoard scalars under the run's folder (`ps-<shard>`) every
+/// [`SCALARS_EVERY`] while the model moves, and once more when `stop` says so, at the model
+/// version as the step: the mean push and pull latency since the last write
+/// (`shard/push_seconds`, `shard/pull_seconds`) and `shard/model_version`. Never fails the
+/// server: a folder it cannot write is logged once.
+async fn write_scalars(
+    metrics: gradflow_ps::metrics::Metrics,
+    job: gradflow_job::JobConfig,
+    shard: u32,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let run = std::env::var(gradflow_job::contract::ENV_RUN_ID)
+        .unwrap_or_else(|_| gradflow_job::contract::new_run_id(&job.name));
+    let dir = job.tensorboard_dir(&run).join(format!("ps-{shard}"));
+    let mut events = match gradflow_tensorboard::EventWriter::create(&dir) {
+        Ok(w) => w,
+        Err(e) => return tracing::warn!("no TensorBoard scalars for this shard: {e}"),
+    };
+    let (mut last, mut last_version) = (metrics.latency(), None);
+    let mut tick = tokio::time::interval(SCALARS_EVERY);
+    loop {
+        let last_point = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        let (now, version) = (metrics.latency(), metrics.version.get().max(0) as u64);
+        if last_version == Some(version) {
+            if last_point {
+                return;
+            }
+            continue;
+        }
+        let mean = |seconds: f64, count: u64| if count > 0 { seconds / count as f64 } else { 0.0 };
+        let values = [
+            ("shard/push_seconds", mean(now.push_seconds - last.push_seconds, now.pushes - last.pushes)),
+            ("shard/pull_seconds", mean(now.pull_seconds - last.pull_seconds, now.pulls - last.pulls)),
+            ("shard/model_version", version as f64),
+        ];
+        if let Err(e) = events.scalars(version, &values).and_then(|()| events.flush()) {
+            return tracing::warn!("no more TensorBoard scalars for this shard: {e}");
+        }
+        (last, last_version) = (now, Some(version));
+        if last_point {
+            return;
+        }
+    }
 }

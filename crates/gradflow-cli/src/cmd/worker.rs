@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::bail;
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
 
 /// Exit code of a worker that failed in a way a restart would repeat: the launcher does not
 /// restart it.
@@ -28,11 +30,15 @@ pub struct Args {
     /// Server addresses in shard order, comma-separated.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<String>,
+    /// Serve Prometheus metrics on this address (plain HTTP `/metrics`; port 0 picks a free
+    /// one). Under a launcher the cluster spec says where.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     super::init_logging("info");
-    let (job, index, servers) = match setup(args) {
+    let (job, index, servers, metrics) = match setup(args) {
         Ok(found) => found,
         Err(e) => {
             // A job that cannot be read or does not fit its environment stays that way.
@@ -40,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_NO_RESTART));
         }
     };
-    let trained = super::runtime()?.block_on(gradflow_trainer::run_worker(&job, index, servers));
+    let trained = super::runtime()?.block_on(gradflow_trainer::run_worker(&job, index, servers, metrics));
     match trained {
         Ok(summary) => {
             tracing::info!(steps = summary.steps, samples = summary.samples, "worker finished");
@@ -53,11 +59,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The job, this worker's index and the servers: from the launcher's environment, else from
-/// the flags.
-fn setup(args: Args) -> anyhow::Result<(gradflow_job::JobConfig, u32, Vec<String>)> {
-    let (job, index, servers) = match super::cluster_from_env()? {
-        Some(spec) => (spec.job_config, spec.index, spec.servers),
+/// The job, this worker's index, the servers and where to serve `/metrics`: from the
+/// launcher's environment, else from the flags.
+#[allow(clippy::type_complexity)]
+fn setup(args: Args) -> anyhow::Result<(gradflow_job::JobConfig, u32, Vec<String>, Option<SocketAddr>)> {
+    let metrics_flag = args.metrics;
+    let (job, index, servers, metrics) = match super::cluster_from_env()? {
+        Some(spec) => {
+            let metrics = match spec.metrics_listen.as_deref() {
+                Some(m) => {
+                    Some(m.parse().context("GRADFLOW_CLUSTER_SPEC: metrics_listen is not an address")?)
+                }
+                None => None,
+            };
+            (spec.job_config, spec.index, spec.servers, metrics)
+        }
         None => {
             let Some(path) = args.job else {
                 bail!("no job: pass --job JOB.toml --servers ADDR,..., or run under `gradflow launch`");
@@ -73,10 +89,10 @@ fn setup(args: Args) -> anyhow::Result<(gradflow_job::JobConfig, u32, Vec<String
                     job.servers
                 );
             }
-            (job, args.index, args.servers)
+            (job, args.index, args.servers, metrics_flag)
         }
     };
     // The job's [tls] section, if any, reaches the trainer's client with the job
     // (`WorkerConfig::tls`).
-    Ok((job, index, servers))
+    Ok((job, index, servers, metrics))
 }

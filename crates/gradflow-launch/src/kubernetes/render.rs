@@ -306,6 +306,12 @@ impl Renderer {
             .collect()
     }
 
+    /// Whether a process of `role` serves `/metrics` on `kubernetes.metrics_port`: servers,
+    /// and workers that run the built-in trainer (a job's own trainer may serve none).
+    fn serves_metrics(&self, role: Role) -> bool {
+        self.job.output.metrics && (role == Role::Ps || self.job.worker.command.is_none())
+    }
+
     /// What the pod of one attempt of one process is told: the same contract as a local
     /// process, with addresses that work in the cluster.
     pub fn cluster_spec(&self, role: Role, index: u32, attempt: u32) -> ClusterSpec {
@@ -319,8 +325,7 @@ impl Renderer {
             servers: self.server_addresses(),
             num_workers: self.job.workers,
             listen: is_ps.then(|| format!("0.0.0.0:{}", self.kube.port)),
-            metrics_listen: (is_ps && self.job.output.metrics)
-                .then(|| format!("0.0.0.0:{}", self.kube.metrics_port)),
+            metrics_listen: self.serves_metrics(role).then(|| format!("0.0.0.0:{}", self.kube.metrics_port)),
             job_config: self.pod_job_config(),
         }
     }
@@ -519,7 +524,7 @@ impl Renderer {
             labels.insert(LABEL_KUEUE_QUEUE.into(), queue.clone());
             annotations.insert(ANNOTATION_VOLCANO_QUEUE.into(), queue.clone());
         }
-        if role == Role::Ps && job.output.metrics {
+        if self.serves_metrics(role) {
             annotations.insert("prometheus.io/scrape".into(), "true".into());
             annotations.insert("prometheus.io/port".into(), self.kube.metrics_port.to_string());
         }
@@ -604,6 +609,8 @@ impl Renderer {
                 period_seconds: Some(2),
                 ..Probe::default()
             });
+        } else if self.serves_metrics(role) {
+            main.ports = Some(vec![container_port("metrics", self.kube.metrics_port)]);
         }
         // Synthetic data is generated in each worker pod before the worker starts: the
         // generator is deterministic, so every worker sees the same files.
