@@ -394,7 +394,8 @@ mod tests {
     #[test]
     fn block_conversions_give_the_bits_of_halfs_own_scalar_ones() {
         // Every exponent, both signs, mantissas that round up, down and to even, odd lengths.
-        let mut values: Vec<f32> = (0..20_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).collect();
+        let mut values: Vec<f32> =
+            (0..20_000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))).collect();
         values.extend([0.0, -0.0, 1.0 + f32::EPSILON, 65504.0, 65519.0, 1e-8, f32::MIN_POSITIVE]);
         values.retain(|v| !v.is_nan());
         for encoding in [ValueEncoding::F16, ValueEncoding::Bf16] {
@@ -405,7 +406,9 @@ mod tests {
                 for (k, (&x, pair)) in v.iter().zip(got.chunks_exact(2)).enumerate() {
                     let bits = u16::from_le_bytes([pair[0], pair[1]]);
                     let want = match encoding {
-                        ValueEncoding::F16 if x.is_finite() => f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits(),
+                        ValueEncoding::F16 if x.is_finite() => {
+                            f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits()
+                        }
                         ValueEncoding::F16 => f16::from_f32(x).to_bits(),
                         _ => half::bf16::from_f32(x).to_bits(),
                     };
