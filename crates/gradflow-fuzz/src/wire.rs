@@ -401,9 +401,9 @@ pub fn link(data: &[u8]) {
                             let size = gradflow_proto::codec::value_bytes(msg.encoding()) as u64;
                             let push = match gradflow_ps::link::decode_push(msg, &req.payload_bytes, body) {
                                 Ok(push) => push,
+                                // Segments that are not whole values of the push's encoding.
                                 Err(e) => {
                                     assert!(matches!(e, PsError::InvalidArgument(_)), "{e:?}");
-                                    assert_ne!(size, 4, "f32 values are not refused by the decoding");
                                     return;
                                 }
                             };
