@@ -899,8 +899,12 @@ fn append_result(
         line["run_id"] = run.into();
     }
     line["time"] = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into();
+    // One write of the whole line: formatting straight into the file writes it in pieces, and
+    // a scorer killed between two of them left a line that the next one's text continued.
+    let mut text = line.to_string();
+    text.push('\n');
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(err)?;
-    writeln!(f, "{line}").map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
     Ok(())
 }
 

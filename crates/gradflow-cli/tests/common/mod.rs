@@ -26,7 +26,12 @@ pub fn launch(job: &Path) -> Output {
 pub fn results(dir: &Path, job: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("runs").join(job).join("results.jsonl"))
         .unwrap_or_else(|e| panic!("results of {job}: {e}"));
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("results of {job}: {e} in line {l:?} of\n{text}"))
+        })
+        .collect()
 }
 
 /// A synthetic wide & deep job.
