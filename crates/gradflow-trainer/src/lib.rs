@@ -8,6 +8,8 @@
 //! - [`run_worker`]: the loop.
 //! - [`evaluate`]: test loss, AUC and accuracy of the model the servers hold.
 //! - [`standardizer`]: dense-feature scaling measured the same way on every worker.
+//! - [`append_result`], [`recorded_result`]: the job's results file, one line per evaluation
+//!   (also written by worker programs of their own, such as the Python package's).
 //! - [`serving_info`]: what a predictor needs beside the parameters; worker 0 declares it to
 //!   the servers, and every checkpoint carries it.
 //! - [`observe`]: what a worker records about itself: TensorBoard scalars, each epoch's mean
@@ -828,7 +830,7 @@ pub async fn evaluate(
 
 /// The results line of this run (the launcher's run id) for `epoch` (1-based), if one was
 /// written; never one without a run id to tell runs apart.
-fn recorded_result(job: &JobConfig, epoch: u64) -> Result<Option<String>, TrainError> {
+pub fn recorded_result(job: &JobConfig, epoch: u64) -> Result<Option<String>, TrainError> {
     let Some(run) = std::env::var(ENV_RUN_ID).ok().filter(|r| !r.is_empty()) else { return Ok(None) };
     let path = job.output_dir().join(&job.output.results);
     let text = match std::fs::read_to_string(&path) {
@@ -873,7 +875,7 @@ fn fault_abort_scoring(epoch: u64, written: bool) {
 /// epoch trained when known (dynamic sharding), the mean loss of the scoring worker's
 /// training batches in the epoch (`train_loss`), the run id when the launcher gave one
 /// (`run_id`), and when it was written (`time`, RFC 3339 UTC).
-fn append_result(
+pub fn append_result(
     job: &JobConfig,
     event: &Event,
     trained: Option<u64>,

@@ -58,12 +58,14 @@
 //! - `pull`: pulling dense tensors and sparse rows into the caller's buffers.
 //! - `control`: declare, leave, scoring holds, checkpoints, status, heartbeats.
 //! - [`tasks`]: dynamic data sharding.
+//! - [`init`]: the initializer that matches a framework's initial values.
 
 pub mod client;
 pub mod config;
 mod connection;
 mod control;
 pub mod error;
+pub mod init;
 mod pull;
 mod retry;
 mod step;

@@ -32,7 +32,7 @@
 //!
 //! - [`adapter`]: [`TchAdapter`] and its builder: which variables are dense tensors and which
 //!   are sparse embedding tables, their initializers and optimizers.
-//! - [`init`]: the initializer a variable is declared with, read from its values.
+//! - [`crate::init`]: the initializer a variable is declared with, read from its values.
 //! - [`transfer`]: how values move between a variable and the network buffers: straight
 //!   through the memory of CPU tensors, or through one (pinned) host buffer per tensor with
 //!   non-blocking copies for CUDA tensors.
@@ -40,7 +40,6 @@
 //! See `docs/tch.md` for the guide.
 
 pub mod adapter;
-pub mod init;
 pub mod transfer;
 
 use ::tch::Device;
@@ -48,8 +47,8 @@ use thiserror::Error;
 
 use crate::WorkerError;
 
+pub use crate::init::{self, infer_initializer};
 pub use adapter::{TchAdapter, TchAdapterBuilder};
-pub use init::infer_initializer;
 pub use transfer::Transfer;
 
 /// What went wrong training a tch model through gradflow.

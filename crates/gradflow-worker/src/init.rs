@@ -1,4 +1,5 @@
-//! The initializer a variable is declared with, read from the values tch gave it.
+//! The initializer a variable is declared with, read from the values a framework (tch, or
+//! PyTorch through the Python package) gave it.
 //!
 //! The parameter servers initialize the model themselves, deterministically (see
 //! [`gradflow_core::init`]), so that any number of shards start from the same model and a
@@ -6,12 +7,11 @@
 //! spec; what can is their distribution. [`infer_initializer`] recognizes the ones tch's
 //! layers use: constants (biases of zeros, layer-norm weights of ones), uniform on `[lo, hi)`
 //! (`nn::linear` and `nn::conv`, Kaiming-uniform) and normal (`nn::embedding`). After
-//! [`TchAdapter::declare`](super::TchAdapter::declare) and the first pull every worker trains
+//! a declare and the first pull every worker trains
 //! the servers' values, so all workers start from one model.
 //!
-//! Set an initializer explicitly with
-//! [`TchAdapterBuilder::init`](super::TchAdapterBuilder::init) when the guess is not what you
-//! want.
+//! Set an initializer explicitly (the tch adapter's `.init`, the Python package's `init=`)
+//! when the guess is not what you want.
 
 use gradflow_core::Initializer;
 
