@@ -113,23 +113,11 @@ impl LauncherMetrics {
         let listener = TcpListener::bind(addr).await?;
         let bound = listener.local_addr()?;
         let metrics = self.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let text = metrics.encode();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
-        );
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+            let encode = move || metrics.encode();
+            if let Err(e) =
+                gradflow_proto::metrics_http::serve(listener, encode, stop.cancelled_owned()).await
+            {
                 tracing::error!(error = %e, "the launcher's metrics endpoint failed");
             }
         });

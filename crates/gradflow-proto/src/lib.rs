@@ -18,6 +18,7 @@
 pub mod auth;
 pub mod codec;
 pub mod link;
+pub mod metrics_http;
 pub mod refusal;
 pub mod tls;
 pub mod transport;

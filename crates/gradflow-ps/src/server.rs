@@ -287,27 +287,11 @@ async fn reap_loop(shard: Arc<Shard>, mut stop: watch::Receiver<bool>) {
 }
 
 async fn serve_metrics(shard: Arc<Shard>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let shard = shard.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    shard.metrics_text(),
-                )
-            }
-        }),
-    );
-    let res = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = res {
+    let encode = move || shard.metrics_text();
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = gradflow_proto::metrics_http::serve(listener, encode, shutdown).await {
         error!(error = %e, "metrics endpoint failed");
     }
 }

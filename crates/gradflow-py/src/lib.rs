@@ -11,7 +11,7 @@ mod worker;
 
 use std::sync::OnceLock;
 
-use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::PyReadonlyArrayDyn;
 use pyo3::prelude::*;
 
 /// The tokio runtime every worker of the process shares. Its threads also run each worker's
@@ -41,7 +41,6 @@ fn infer_initializer(values: PyReadonlyArrayDyn<'_, f32>, seed: u64) -> PyResult
             gradflow_worker::init::infer_initializer(&v, seed)
         }
     };
-    let _ = values.len();
     Ok(serde_json::to_string(&init).expect("an initializer serializes"))
 }
 

@@ -59,12 +59,11 @@ impl PyWorker {
         py: Python<'_>,
         f: impl FnOnce(&mut Worker) -> Result<T, gradflow_worker::WorkerError> + Send,
     ) -> PyResult<T> {
-        let result = py.detach(|| {
+        py.detach(|| {
             let mut guard = self.lock()?;
             let worker = guard.as_mut().expect("lock() checked");
             f(worker).map_err(error::worker)
-        });
-        result
+        })
     }
 
     fn connect(
