@@ -7,6 +7,11 @@
 //! (`node_selector`, `env`) merge key by key with the role winning, lists (`tolerations`,
 //! `volumes`, `volume_mounts`) are concatenated.
 //!
+//! Under both sits one layer of defaults per role, [`PodSettings::defaults`]: server pods ask
+//! for [`DEFAULT_PS_CPU`] and [`DEFAULT_PS_MEMORY`] with limits equal to their requests (the
+//! Guaranteed QoS class: a lost server restarts the whole job), workers for nothing unless
+//! told. GPUs are the workers' only.
+//!
 //! The job (gradflow-job) keeps the section as written, so that describing a job needs no
 //! Kubernetes types; [`KubernetesConfig::of`] and [`KubernetesConfig::from_toml`] type it,
 //! which is when an unknown key or a value of the wrong type is found.
@@ -48,6 +53,14 @@ pub const DEFAULT_PORT: u16 = 7070;
 pub const DEFAULT_LINK_PORT: u16 = 7071;
 /// Port of a server's Prometheus `/metrics` endpoint inside its pod.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// CPU of a server pod (request and limit) when the job file names none.
+pub const DEFAULT_PS_CPU: &str = "1";
+/// Memory of a server pod (request and limit) when the job file names none. gradflow has no
+/// estimate of a model's size before it runs (embedding tables grow with the data), so this is
+/// a fixed default that holds the example jobs with room to spare; set `[kubernetes.ps] memory`
+/// for a real model (its parameters and optimizer state, about 3x the parameters for Adam,
+/// divided by `servers`, plus headroom).
+pub const DEFAULT_PS_MEMORY: &str = "2Gi";
 
 /// The `[kubernetes]` section of a job file. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,14 +113,19 @@ pub struct KubernetesConfig {
     /// Program that runs `gradflow` in the image; the role (`ps`, `worker`) is its argument.
     /// Default `["gradflow"]`.
     pub command: Option<Vec<String>>,
-    /// CPU request (e.g. `"2"` or `"500m"`). No CPU limit is set: throttling a training
-    /// process only makes it slower.
+    /// CPU request (e.g. `"2"` or `"500m"`). Servers default to [`DEFAULT_PS_CPU`].
     #[serde(deserialize_with = "quantity")]
     pub cpu: Option<String>,
-    /// Memory request and limit (e.g. `"4Gi"`).
+    /// CPU limit. Servers default to their CPU request (requests equal to limits: the
+    /// Guaranteed QoS class, last to be evicted); workers have none by default (throttling a
+    /// worker only makes it slower). At least `cpu`.
+    #[serde(deserialize_with = "quantity")]
+    pub cpu_limit: Option<String>,
+    /// Memory request and limit (e.g. `"4Gi"`). Servers default to [`DEFAULT_PS_MEMORY`].
     #[serde(deserialize_with = "quantity")]
     pub memory: Option<String>,
-    /// `nvidia.com/gpu` limit.
+    /// `nvidia.com/gpu` request and limit of worker pods (servers use no GPU: under
+    /// `[kubernetes]` it applies to workers only, under `[kubernetes.ps]` it is an error).
     pub gpu: Option<u32>,
     /// Node labels a pod's node must have.
     pub node_selector: BTreeMap<String, String>,
@@ -131,6 +149,10 @@ pub struct KubernetesConfig {
     #[serde(deserialize_with = "strict_list")]
     pub volume_mounts: Vec<VolumeMount>,
 
+    /// How server pods are spread over nodes (a topology spread constraint on
+    /// `kubernetes.io/hostname`): `"prefer"` (default), `"require"` or `"none"`.
+    pub server_spread: ServerSpread,
+
     /// Overrides for server pods.
     pub ps: PodSettings,
     /// Overrides for worker pods.
@@ -148,6 +170,8 @@ pub struct PodSettings {
     #[serde(deserialize_with = "quantity")]
     pub cpu: Option<String>,
     #[serde(deserialize_with = "quantity")]
+    pub cpu_limit: Option<String>,
+    #[serde(deserialize_with = "quantity")]
     pub memory: Option<String>,
     pub gpu: Option<u32>,
     pub node_selector: BTreeMap<String, String>,
@@ -160,6 +184,38 @@ pub struct PodSettings {
     pub volumes: Vec<Volume>,
     #[serde(deserialize_with = "strict_list")]
     pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// Spreading of a job's server pods over nodes (`server_spread`), so that one node going away
+/// takes as few shards as possible with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerSpread {
+    /// Spread if the scheduler can (`whenUnsatisfiable: ScheduleAnyway`): a cluster with
+    /// fewer nodes than servers still runs the job.
+    #[default]
+    Prefer,
+    /// At most one server more on any node than on another (`DoNotSchedule`): servers wait
+    /// for a node rather than share one.
+    Require,
+    /// No constraint.
+    None,
+}
+
+impl PodSettings {
+    /// The defaults of one role's pods, below `[kubernetes]` and `[kubernetes.<role>]`:
+    /// servers ask for [`DEFAULT_PS_CPU`] and [`DEFAULT_PS_MEMORY`] (their CPU limit follows
+    /// their request, see [`KubernetesConfig::for_role`]), workers for nothing.
+    pub fn defaults(role: Role) -> PodSettings {
+        match role {
+            Role::Ps => PodSettings {
+                cpu: Some(DEFAULT_PS_CPU.into()),
+                memory: Some(DEFAULT_PS_MEMORY.into()),
+                ..PodSettings::default()
+            },
+            Role::Worker => PodSettings::default(),
+        }
+    }
 }
 
 impl Default for KubernetesConfig {
@@ -183,6 +239,7 @@ impl Default for KubernetesConfig {
             annotations: BTreeMap::new(),
             command: None,
             cpu: None,
+            cpu_limit: None,
             memory: None,
             gpu: None,
             node_selector: BTreeMap::new(),
@@ -191,6 +248,7 @@ impl Default for KubernetesConfig {
             env_from: Vec::new(),
             volumes: Vec::new(),
             volume_mounts: Vec::new(),
+            server_spread: ServerSpread::Prefer,
             ps: PodSettings::default(),
             worker: PodSettings::default(),
         }
@@ -198,7 +256,9 @@ impl Default for KubernetesConfig {
 }
 
 impl KubernetesConfig {
-    /// The settings of one role's pods: the role's section over the common ones.
+    /// The settings of one role's pods: the role's section over the common ones over the
+    /// role's [defaults](PodSettings::defaults). A server's CPU limit defaults to its CPU
+    /// request (Guaranteed QoS); the common `gpu` is for workers only.
     pub fn for_role(&self, role: Role) -> PodSettings {
         let over = match role {
             Role::Ps => &self.ps,
@@ -209,12 +269,24 @@ impl KubernetesConfig {
             m.extend(b.iter().map(|(k, v)| (k.clone(), v.clone())));
             m
         }
+        let defaults = PodSettings::defaults(role);
+        let cpu = over.cpu.clone().or_else(|| self.cpu.clone()).or(defaults.cpu);
+        let cpu_limit = over.cpu_limit.clone().or_else(|| self.cpu_limit.clone()).or(defaults.cpu_limit);
+        let cpu_limit = match role {
+            Role::Ps => cpu_limit.or_else(|| cpu.clone()),
+            Role::Worker => cpu_limit,
+        };
+        let gpu = match role {
+            Role::Ps => over.gpu,
+            Role::Worker => over.gpu.or(self.gpu),
+        };
         PodSettings {
             image: over.image.clone().or_else(|| Some(self.image.clone())),
             command: over.command.clone().or_else(|| self.command.clone()),
-            cpu: over.cpu.clone().or_else(|| self.cpu.clone()),
-            memory: over.memory.clone().or_else(|| self.memory.clone()),
-            gpu: over.gpu.or(self.gpu),
+            cpu,
+            cpu_limit,
+            memory: over.memory.clone().or_else(|| self.memory.clone()).or(defaults.memory),
+            gpu,
             node_selector: merge(&self.node_selector, &over.node_selector),
             tolerations: [&self.tolerations[..], &over.tolerations].concat(),
             env: merge(&self.env, &over.env),
@@ -335,13 +407,32 @@ impl KubernetesConfig {
             }
             // Each field is checked where it is written, so that the error names that key.
             check_settings(section, &at)?;
+            if role == Role::Ps && section.gpu.is_some_and(|g| g > 0) {
+                return Err(invalid(
+                    at("gpu"),
+                    "servers use no GPU; set gpu under [kubernetes.worker] (or [kubernetes], which is for workers)",
+                ));
+            }
             let merged = self.for_role(role);
             check_mounts(&merged).map_err(|e| invalid(format!("kubernetes ({} pods)", role.as_str()), e))?;
+            if let (Some(cpu), Some(limit)) = (&merged.cpu, &merged.cpu_limit)
+                && quantity_value(limit) < quantity_value(cpu)
+            {
+                let key = if section.cpu_limit.is_some() { at("cpu_limit") } else { key("cpu_limit") };
+                return Err(invalid(
+                    key,
+                    format!(
+                        "the {} pods' CPU limit {limit:?} is below their CPU request {cpu:?}; a limit must be at least the request",
+                        role.as_str()
+                    ),
+                ));
+            }
         }
         let common = PodSettings {
             image: None,
             command: self.command.clone(),
             cpu: self.cpu.clone(),
+            cpu_limit: self.cpu_limit.clone(),
             memory: self.memory.clone(),
             gpu: self.gpu,
             node_selector: self.node_selector.clone(),
@@ -370,7 +461,7 @@ fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), Jo
     {
         return Err(invalid(at("command"), "expected the program and its arguments, e.g. [\"gradflow\"]"));
     }
-    for (k, v) in [("cpu", &s.cpu), ("memory", &s.memory)] {
+    for (k, v) in [("cpu", &s.cpu), ("cpu_limit", &s.cpu_limit), ("memory", &s.memory)] {
         if let Some(v) = v {
             check_quantity(v).map_err(|e| invalid(at(k), e))?;
         }
@@ -734,6 +825,33 @@ fn check_quantity(q: &str) -> Result<(), String> {
     }
 }
 
+/// The value of a quantity that [`check_quantity`] accepted, in base units (`500m` is 0.5,
+/// `1Ki` is 1024), for comparing two of them.
+fn quantity_value(q: &str) -> f64 {
+    let digits_end = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits_end);
+    let number: f64 = number.parse().unwrap_or(0.0);
+    let factor = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        e => 10f64.powi(e[1..].parse().unwrap_or(0)),
+    };
+    number * factor
+}
+
 /// `cpu = 2` and `cpu = "2"` both mean two CPUs.
 fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
@@ -954,6 +1072,62 @@ mod tests {
     fn a_job_name_starting_with_a_digit_cannot_name_a_service() {
         let err = parse_job(&MIN.replace("\"demo\"", "\"1demo\"")).unwrap_err().to_string();
         assert!(err.starts_with("name:"), "{err}");
+    }
+
+    #[test]
+    fn servers_default_to_guaranteed_resources_and_gpus_go_to_workers() {
+        let k = KubernetesConfig::default();
+        let p = k.for_role(Role::Ps);
+        assert_eq!(
+            (p.cpu.as_deref(), p.cpu_limit.as_deref(), p.memory.as_deref()),
+            (Some(DEFAULT_PS_CPU), Some(DEFAULT_PS_CPU), Some(DEFAULT_PS_MEMORY))
+        );
+        let w = k.for_role(Role::Worker);
+        assert_eq!((w.cpu, w.cpu_limit, w.memory, w.gpu), (None, None, None, None));
+        assert_eq!(k.server_spread, ServerSpread::Prefer);
+
+        // Overridden: the limit follows the request; the common gpu is the workers'.
+        let job = parse(
+            "[kubernetes]\ngpu = 2\nserver_spread = \"require\"\n[kubernetes.ps]\ncpu = 4\nmemory = \"16Gi\"\n\
+             [kubernetes.worker]\ncpu = 8\ncpu_limit = \"12\"\n",
+        )
+        .unwrap();
+        let k = KubernetesConfig::of(&job).unwrap();
+        let p = k.for_role(Role::Ps);
+        assert_eq!(
+            (p.cpu.as_deref(), p.cpu_limit.as_deref(), p.memory.as_deref(), p.gpu),
+            (Some("4"), Some("4"), Some("16Gi"), None)
+        );
+        let w = k.for_role(Role::Worker);
+        assert_eq!((w.cpu.as_deref(), w.cpu_limit.as_deref(), w.gpu), (Some("8"), Some("12"), Some(2)));
+        assert_eq!(k.server_spread, ServerSpread::Require);
+    }
+
+    #[test]
+    fn bad_resources_name_the_key() {
+        for (extra, key, says) in [
+            ("[kubernetes.ps]\ngpu = 1", "kubernetes.ps.gpu", "servers use no GPU"),
+            (
+                "[kubernetes.ps]\ncpu = 4\ncpu_limit = \"2\"",
+                "kubernetes.ps.cpu_limit",
+                "below their CPU request",
+            ),
+            ("[kubernetes]\ncpu = 2\ncpu_limit = \"1500m\"", "kubernetes.cpu_limit", "below"),
+            ("[kubernetes.ps]\ncpu = 3", "", ""),
+            ("[kubernetes.worker]\ncpu_limit = \"lots\"", "kubernetes.worker.cpu_limit", "quantity"),
+            ("[kubernetes]\nserver_spread = \"always\"", "server_spread", "prefer"),
+        ] {
+            let result = parse(extra);
+            if key.is_empty() {
+                result.unwrap();
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
+        }
+        assert_eq!(quantity_value("500m"), 0.5);
+        assert_eq!(quantity_value("2Ki"), 2048.0);
+        assert_eq!(quantity_value("1e3"), 1000.0);
     }
 
     #[test]
