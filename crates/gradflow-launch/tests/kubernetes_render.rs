@@ -109,6 +109,7 @@ priority_class = "batch-high"
 scheduler_name = "volcano"
 queue = "team-a-queue"
 retryable_exit_codes = [1, 137]
+active_deadline = "24h"
 labels = { team = "ads" }
 annotations = { "example.com/owner" = "ads-ml" }
 cpu = "1"
@@ -557,6 +558,9 @@ fn servers_are_guaranteed_spread_over_nodes_and_gpus_go_to_workers() {
     let r = Renderer::new(full_job(), "team-a").unwrap();
     let ps = r.pod(Role::Ps, 0, 0);
     assert_eq!(qos_class(&ps), "Guaranteed");
+    // `active_deadline`, on every pod of the job.
+    assert_eq!(ps.spec.as_ref().unwrap().active_deadline_seconds, Some(24 * 3600));
+    assert_eq!(r.pod(Role::Worker, 1, 2).spec.unwrap().active_deadline_seconds, Some(24 * 3600));
     let res = ps.spec.as_ref().unwrap().containers[0].resources.clone().unwrap();
     assert_eq!(
         (res.requests.as_ref().unwrap()["cpu"].0.as_str(), res.limits.as_ref().unwrap()["cpu"].0.as_str()),

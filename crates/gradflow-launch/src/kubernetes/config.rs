@@ -31,6 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVarSource, SecretEnvSource,
@@ -53,6 +54,12 @@ pub const DEFAULT_PORT: u16 = 7070;
 pub const DEFAULT_LINK_PORT: u16 = 7071;
 /// Port of a server's Prometheus `/metrics` endpoint inside its pod.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// The wait before a failed process's first new pod (`restart_backoff`); it doubles with each
+/// further failure.
+pub const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest wait between a failure and the next pod (`max_restart_backoff`).
+pub const DEFAULT_MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+
 /// CPU of a server pod (request and limit) when the job file names none.
 pub const DEFAULT_PS_CPU: &str = "1";
 /// Memory of a server pod (request and limit) when the job file names none. gradflow has no
@@ -148,6 +155,21 @@ pub struct KubernetesConfig {
     /// Where the volumes are mounted in the gradflow container, as in a container spec.
     #[serde(deserialize_with = "strict_list")]
     pub volume_mounts: Vec<VolumeMount>,
+
+    /// Longest time a server or worker pod may run (its `activeDeadlineSeconds`, counted from
+    /// the pod's start), e.g. `"24h"`. A pod that runs out of it fails the job: a job that
+    /// does not end in time does not get better by starting again. Default: none.
+    #[serde(with = "humantime_serde")]
+    pub active_deadline: Option<Duration>,
+    /// How long a failed process waits before its next pod: this, doubled with each further
+    /// counted failure of the same process, up to [`max_restart_backoff`](Self::max_restart_backoff),
+    /// counted from when the failed pod's container ended. Disruptions (evictions,
+    /// preemptions) are replaced at once. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff: Duration,
+    /// The longest wait between a failure and the next pod. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub max_restart_backoff: Duration,
 
     /// How server pods are spread over nodes (a topology spread constraint on
     /// `kubernetes.io/hostname`): `"prefer"` (default), `"require"` or `"none"`.
@@ -249,6 +271,9 @@ impl Default for KubernetesConfig {
             volumes: Vec::new(),
             volume_mounts: Vec::new(),
             server_spread: ServerSpread::Prefer,
+            active_deadline: None,
+            restart_backoff: DEFAULT_RESTART_BACKOFF,
+            max_restart_backoff: DEFAULT_MAX_RESTART_BACKOFF,
             ps: PodSettings::default(),
             worker: PodSettings::default(),
         }
@@ -375,6 +400,19 @@ impl KubernetesConfig {
                 format!(
                     "expected a port from 1 to 65535 other than port and metrics_port, found {}",
                     self.link_port
+                ),
+            ));
+        }
+        if self.active_deadline.is_some_and(|d| d.as_secs() == 0) {
+            return Err(invalid(key("active_deadline"), "expected at least one second, e.g. \"24h\""));
+        }
+        if self.restart_backoff > self.max_restart_backoff {
+            return Err(invalid(
+                key("restart_backoff"),
+                format!(
+                    "{} is longer than kubernetes.max_restart_backoff = {}",
+                    humantime_serde::re::humantime::format_duration(self.restart_backoff),
+                    humantime_serde::re::humantime::format_duration(self.max_restart_backoff)
                 ),
             ));
         }
@@ -1128,6 +1166,32 @@ mod tests {
         assert_eq!(quantity_value("500m"), 0.5);
         assert_eq!(quantity_value("2Ki"), 2048.0);
         assert_eq!(quantity_value("1e3"), 1000.0);
+    }
+
+    #[test]
+    fn deadline_and_backoff() {
+        let k = KubernetesConfig::default();
+        assert_eq!(
+            (k.active_deadline, k.restart_backoff, k.max_restart_backoff),
+            (None, DEFAULT_RESTART_BACKOFF, DEFAULT_MAX_RESTART_BACKOFF)
+        );
+        let job = parse("[kubernetes]\nactive_deadline = \"2h 30m\"\nrestart_backoff = \"1s\"\nmax_restart_backoff = \"1m\"\n").unwrap();
+        let k = KubernetesConfig::of(&job).unwrap();
+        assert_eq!(k.active_deadline, Some(Duration::from_secs(9000)));
+        assert_eq!(
+            (k.restart_backoff, k.max_restart_backoff),
+            (Duration::from_secs(1), Duration::from_secs(60))
+        );
+        let back: KubernetesConfig = serde_json::from_value(serde_json::to_value(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+        for (extra, key) in [
+            ("[kubernetes]\nactive_deadline = \"0s\"", "kubernetes.active_deadline"),
+            ("[kubernetes]\nactive_deadline = \"soon\"", "active_deadline"),
+            ("[kubernetes]\nrestart_backoff = \"10m\"", "kubernetes.restart_backoff"),
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -660,6 +660,7 @@ impl Renderer {
         spec.scheduler_name = self.kube.scheduler_name.clone();
         spec.node_selector = (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone());
         spec.tolerations = (!settings.tolerations.is_empty()).then(|| settings.tolerations.clone());
+        spec.active_deadline_seconds = self.kube.active_deadline.map(|d| d.as_secs() as i64);
         if role == Role::Ps {
             spec.topology_spread_constraints = self.server_spread();
         }
