@@ -918,6 +918,13 @@ impl Controller {
                             }
                             let stopped = stop.is_some() && pass.decision.status.state.is_terminal();
                             if pass.decision.finished || stopped {
+                                // A job that ended on its own (not stopped by Ctrl-C) is
+                                // cleaned up after its TTL.
+                                if let Some(ttl) = self.renderer.settings().ttl_after_finished
+                                    && stop.is_none()
+                                {
+                                    self.delete_after(ttl, lease, cancel.as_mut(), say).await?;
+                                }
                                 return Ok(RunOutcome::Finished(pass.summary));
                             }
                             before = Some(pass.summary);
@@ -939,6 +946,42 @@ impl Controller {
                     }
                 }
             }
+        }
+    }
+
+    /// `kubernetes.ttl_after_finished`: releases the job's Lease (nothing is left to decide),
+    /// waits `ttl`, and deletes the job as `gradflow delete --no-wait` does. `cancel` keeps
+    /// the job. A job someone deleted meanwhile is fine.
+    async fn delete_after(
+        &self,
+        ttl: Duration,
+        lease: &mut LeaseKeeper,
+        cancel: std::pin::Pin<&mut impl Future<Output = ()>>,
+        say: &mut impl FnMut(&str),
+    ) -> Result<()> {
+        let name = self.renderer.job().name.clone();
+        if let Err(e) = lease.release().await {
+            say(&format!("could not release the job's lease ({e}); it expires in {:?}", self.lease_duration));
+        }
+        if !ttl.is_zero() {
+            say(&format!(
+                "job {name} ended: deleting it in {} (kubernetes.ttl_after_finished); Ctrl-C keeps it",
+                humantime_serde::re::humantime::format_duration(ttl)
+            ));
+            tokio::select! {
+                () = cancel => {
+                    say(&format!("interrupted: job {name} is kept; remove it with `gradflow delete {name}`"));
+                    return Ok(());
+                }
+                () = tokio::time::sleep(ttl) => {}
+            }
+        }
+        match self.api.delete(&name, None).await {
+            Ok(_) | Err(KubernetesError::NotFound { .. }) => {
+                say(&format!("deleted job {name} (kubernetes.ttl_after_finished)"));
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 

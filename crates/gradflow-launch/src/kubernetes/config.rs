@@ -161,6 +161,13 @@ pub struct KubernetesConfig {
     /// does not end in time does not get better by starting again. Default: none.
     #[serde(with = "humantime_serde")]
     pub active_deadline: Option<Duration>,
+    /// How long a job that ended (Succeeded or Failed) stays, with its failed pods and their
+    /// logs, before the controller that drove it to its end deletes it, e.g. `"1h"`; `"0s"`
+    /// deletes it at once. A foreground `launch` waits that long before it returns (Ctrl-C
+    /// keeps the job); with `--detach` the controller in the cluster waits. Default: none,
+    /// the job stays until `gradflow delete`.
+    #[serde(with = "humantime_serde")]
+    pub ttl_after_finished: Option<Duration>,
     /// How long a failed process waits before its next pod: this, doubled with each further
     /// counted failure of the same process, up to [`max_restart_backoff`](Self::max_restart_backoff),
     /// counted from when the failed pod's container ended. Disruptions (evictions,
@@ -272,6 +279,7 @@ impl Default for KubernetesConfig {
             volume_mounts: Vec::new(),
             server_spread: ServerSpread::Prefer,
             active_deadline: None,
+            ttl_after_finished: None,
             restart_backoff: DEFAULT_RESTART_BACKOFF,
             max_restart_backoff: DEFAULT_MAX_RESTART_BACKOFF,
             ps: PodSettings::default(),
@@ -1175,9 +1183,11 @@ mod tests {
             (k.active_deadline, k.restart_backoff, k.max_restart_backoff),
             (None, DEFAULT_RESTART_BACKOFF, DEFAULT_MAX_RESTART_BACKOFF)
         );
-        let job = parse("[kubernetes]\nactive_deadline = \"2h 30m\"\nrestart_backoff = \"1s\"\nmax_restart_backoff = \"1m\"\n").unwrap();
+        assert_eq!(k.ttl_after_finished, None);
+        let job = parse("[kubernetes]\nttl_after_finished = \"1h\"\nactive_deadline = \"2h 30m\"\nrestart_backoff = \"1s\"\nmax_restart_backoff = \"1m\"\n").unwrap();
         let k = KubernetesConfig::of(&job).unwrap();
         assert_eq!(k.active_deadline, Some(Duration::from_secs(9000)));
+        assert_eq!(k.ttl_after_finished, Some(Duration::from_secs(3600)));
         assert_eq!(
             (k.restart_backoff, k.max_restart_backoff),
             (Duration::from_secs(1), Duration::from_secs(60))
