@@ -97,8 +97,9 @@ pub fn restart_delay(failures: u32, base: Duration, max: Duration) -> Duration {
     if failures == 0 {
         return Duration::ZERO;
     }
-    let doublings = (failures - 1).min(32);
-    base.checked_mul(1u32 << doublings.min(31)).unwrap_or(max).min(max)
+    // Past 2^31 the product overflows any useful maximum anyway.
+    let factor = 1u32 << (failures - 1).min(31);
+    base.checked_mul(factor).unwrap_or(max).min(max)
 }
 
 /// When the pod's main container (else its last init container) ended, if the kubelet said.
