@@ -893,6 +893,42 @@ async fn run_follows_the_job_to_its_end_through_errors() {
 }
 
 #[tokio::test]
+async fn a_finished_job_is_deleted_after_its_ttl() {
+    for ttl in ["0s", "50ms"] {
+        let (client, fake) = Fake::start();
+        let mut job = job(1, 1, 3);
+        let mut section = job.kubernetes.clone().unwrap().as_map().clone();
+        section.insert("ttl_after_finished".into(), serde_json::json!(ttl));
+        job.kubernetes = Some(section.into());
+        let c = client.launch(job, false).await.unwrap().resync_interval(Duration::from_millis(5));
+        c.reconcile(None).await.unwrap();
+        fake.everything_runs();
+        c.reconcile(None).await.unwrap();
+        fake.everything_runs();
+        fake.set(Role::Worker, 0, 0, succeeded);
+        // A kubelet that lets deleted pods go.
+        let reaper = {
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    fake.reap();
+                }
+            })
+        };
+        let mut lines = Vec::new();
+        let outcome = c.run(std::future::pending(), |l| lines.push(l.to_string())).await.unwrap();
+        reaper.abort();
+        let RunOutcome::Finished(summary) = outcome else { panic!("not finished") };
+        assert_eq!(summary.state, JobState::Succeeded);
+        let text = lines.join("\n");
+        assert!(text.contains("deleted job demo (kubernetes.ttl_after_finished)"), "{text}");
+        assert_eq!(text.contains("deleting it in 50ms"), ttl == "50ms", "{text}");
+        assert!(fake.requests().contains(&"DELETE configmaps/demo propagation=Foreground".to_string()));
+    }
+}
+
+#[tokio::test]
 async fn run_gives_up_after_repeated_failures_and_stops_on_cancel() {
     let (client, fake) = Fake::start();
     let c = client

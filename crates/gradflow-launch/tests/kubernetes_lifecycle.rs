@@ -6,12 +6,13 @@ mod kubernetes_support;
 use gradflow_job::Role::{Ps, Worker};
 use gradflow_launch::kubernetes::ENV_RESTORE;
 use gradflow_launch::kubernetes::controller::{
-    Action, Ending, JobState, JobStatus, PodOutcome, changes, observe, summarize,
+    Action, Ending, JobState, JobStatus, PodOutcome, changes, observe, restart_delay, summarize,
 };
 use k8s_openapi::api::core::v1::{Event, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kubernetes_support::*;
+use std::time::Duration;
 
 fn env(pod: &Pod, name: &str) -> Option<String> {
     pod.spec.as_ref().unwrap().containers[0]
@@ -476,4 +477,85 @@ fn changes_name_new_and_changed_pods_once() {
     sim.set(Ps, 0, 0, |p| failed(p, 137, "OOMKilled"));
     let c = summarize(&sim.r, &sim.status, &sim.pods(), &[]);
     assert_eq!(changes(Some(&b), &c), ["pod demo-ps-0-0 Failed: ps: OOMKilled (exit code 137)"]);
+}
+
+/// The pod failed with `code`, its container ended at `at`.
+fn failed_at(pod: Pod, code: i32, at: Timestamp) -> Pod {
+    let mut pod = failed(pod, code, "Error");
+    let statuses = pod.status.as_mut().unwrap().container_statuses.as_mut().unwrap();
+    statuses[0].state.as_mut().unwrap().terminated.as_mut().unwrap().finished_at = Some(Time(at));
+    pod
+}
+
+#[test]
+fn restart_delays_double_up_to_the_maximum() {
+    let (base, max) = (Duration::from_secs(10), Duration::from_secs(300));
+    let delays: Vec<u64> = (0..8).map(|n| restart_delay(n, base, max).as_secs()).collect();
+    assert_eq!(delays, [0, 10, 20, 40, 80, 160, 300, 300]);
+    assert_eq!(restart_delay(u32::MAX, base, max), max);
+}
+
+#[test]
+fn a_failed_worker_is_recreated_after_an_exponential_backoff() {
+    let mut sim = running_job(1, 1, 5);
+    let t0 = sim.now;
+    // First failure: 10 s (the default restart_backoff) after its container ended.
+    sim.set(Worker, 0, 0, |p| failed_at(p, 1, t0));
+    let d = sim.step();
+    assert_eq!(sim.take_log(), ["record"]);
+    assert_eq!(d.retry_after, Some(Duration::from_secs(10)));
+    assert_eq!(d.status.state, JobState::Restarting);
+    assert_eq!(
+        d.status.message.as_deref(),
+        Some("restart backoff (kubernetes.restart_backoff): worker-0 in 10s")
+    );
+    sim.now = t0 + Duration::from_secs(4);
+    let d = sim.step();
+    assert_eq!((sim.take_log(), d.retry_after), (Vec::<String>::new(), Some(Duration::from_secs(6))));
+    sim.now = t0 + Duration::from_secs(10);
+    let d = sim.step();
+    assert_eq!(sim.take_log(), ["create demo-worker-0-1", "record"]);
+    assert_eq!(d.retry_after, None);
+
+    // Second failure: 20 s.
+    sim.set(Worker, 0, 1, |p| failed_at(p, 137, sim_time(t0, 15)));
+    sim.now = sim_time(t0, 15);
+    let d = sim.step();
+    assert_eq!(d.retry_after, Some(Duration::from_secs(20)));
+    assert_eq!(sim.take_log(), ["record"]);
+    sim.now = sim_time(t0, 35);
+    sim.step();
+    assert_eq!(sim.take_log(), ["create demo-worker-0-2", "record"]);
+
+    // An eviction is not the process's fault: replaced at once.
+    sim.set(Worker, 0, 2, |p| evicted(p, "EvictionByEvictionAPI"));
+    let d = sim.step();
+    assert_eq!(sim.take_log(), ["create demo-worker-0-3", "record"]);
+    assert_eq!(d.retry_after, None);
+}
+
+fn sim_time(t0: Timestamp, seconds: u64) -> Timestamp {
+    t0 + Duration::from_secs(seconds)
+}
+
+#[test]
+fn a_pod_past_its_active_deadline_fails_the_job() {
+    let mut sim = running_job(1, 2, 3);
+    sim.set(Worker, 1, 0, |p| {
+        let mut p = failed(p, 137, "Error");
+        let status = p.status.as_mut().unwrap();
+        status.reason = Some("DeadlineExceeded".into());
+        status.message = Some("Pod was active on the node longer than the specified deadline".into());
+        p
+    });
+    let d = sim.step();
+    assert_eq!(d.status.state, JobState::Failed);
+    let message = d.status.message.unwrap();
+    assert!(
+        message.starts_with(
+            "worker-1 ran longer than kubernetes.active_deadline (DeadlineExceeded: Pod was active"
+        ),
+        "{message}"
+    );
+    assert!(sim.take_log().iter().all(|a| !a.starts_with("create")));
 }

@@ -109,6 +109,7 @@ priority_class = "batch-high"
 scheduler_name = "volcano"
 queue = "team-a-queue"
 retryable_exit_codes = [1, 137]
+active_deadline = "24h"
 labels = { team = "ads" }
 annotations = { "example.com/owner" = "ads-ml" }
 cpu = "1"
@@ -502,6 +503,100 @@ fn a_queue_sets_what_kueue_and_volcano_read() {
     assert_eq!(pod.metadata.labels.unwrap()["kueue.x-k8s.io/queue-name"], "team-a-queue");
     assert_eq!(pod.metadata.annotations.unwrap()["scheduling.volcano.sh/queue-name"], "team-a-queue");
     assert_eq!(pod.spec.unwrap().scheduler_name.as_deref(), Some("volcano"));
+}
+
+/// The QoS class Kubernetes gives a pod: Guaranteed when every container requests and limits
+/// the same CPU and memory, BestEffort when none asks for anything, else Burstable.
+fn qos_class(pod: &Pod) -> &'static str {
+    let spec = pod.spec.as_ref().unwrap();
+    let all: Vec<_> = spec.init_containers.iter().flatten().chain(&spec.containers).collect();
+    let guaranteed = all.iter().all(|c| {
+        let Some(r) = &c.resources else { return false };
+        ["cpu", "memory"].iter().all(|k| {
+            let limit = r.limits.as_ref().and_then(|l| l.get(*k));
+            limit.is_some() && r.requests.as_ref().and_then(|q| q.get(*k)).is_none_or(|q| Some(q) == limit)
+        })
+    });
+    let none = all.iter().all(|c| c.resources.is_none());
+    if guaranteed {
+        "Guaranteed"
+    } else if none {
+        "BestEffort"
+    } else {
+        "Burstable"
+    }
+}
+
+#[test]
+fn servers_are_guaranteed_spread_over_nodes_and_gpus_go_to_workers() {
+    // Defaults: servers Guaranteed, workers as the job file says (nothing: BestEffort).
+    let r = Renderer::new(job(2, 2, 3), "ml").unwrap();
+    let ps = r.pod(Role::Ps, 1, 2);
+    assert_eq!(qos_class(&ps), "Guaranteed");
+    let res = ps.spec.as_ref().unwrap().containers[0].resources.clone().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["cpu"].0, "1");
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "2Gi");
+    assert_eq!(qos_class(&r.pod(Role::Worker, 0, 0)), "BestEffort");
+    let spread = ps.spec.as_ref().unwrap().topology_spread_constraints.clone().unwrap();
+    assert_eq!(spread.len(), 1);
+    assert_eq!((spread[0].max_skew, spread[0].topology_key.as_str()), (1, "kubernetes.io/hostname"));
+    assert_eq!(spread[0].when_unsatisfiable, "ScheduleAnyway");
+    let selector = spread[0].label_selector.as_ref().unwrap().match_labels.clone().unwrap();
+    assert_eq!(selector.len(), 2);
+    assert_eq!((selector[LABEL_JOB].as_str(), selector[LABEL_ROLE].as_str()), ("demo", "ps"));
+    // The selector matches the server pods of every attempt, and no worker.
+    for pod in [r.pod(Role::Ps, 0, 0), ps.clone()] {
+        let labels = pod.metadata.labels.unwrap();
+        assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    }
+    let worker_labels = r.pod(Role::Worker, 0, 0).metadata.labels.unwrap();
+    assert!(!selector.iter().all(|(k, v)| worker_labels.get(k) == Some(v)));
+    assert_eq!(r.pod(Role::Worker, 0, 0).spec.unwrap().topology_spread_constraints, None);
+
+    // The full job: servers stay Guaranteed with their own sizes; the GPU is the workers'
+    // request and limit, and not their init container's.
+    let r = Renderer::new(full_job(), "team-a").unwrap();
+    let ps = r.pod(Role::Ps, 0, 0);
+    assert_eq!(qos_class(&ps), "Guaranteed");
+    // `active_deadline`, on every pod of the job.
+    assert_eq!(ps.spec.as_ref().unwrap().active_deadline_seconds, Some(24 * 3600));
+    assert_eq!(r.pod(Role::Worker, 1, 2).spec.unwrap().active_deadline_seconds, Some(24 * 3600));
+    let res = ps.spec.as_ref().unwrap().containers[0].resources.clone().unwrap();
+    assert_eq!(
+        (res.requests.as_ref().unwrap()["cpu"].0.as_str(), res.limits.as_ref().unwrap()["cpu"].0.as_str()),
+        ("4", "4")
+    );
+    assert_eq!(res.limits.as_ref().unwrap()["memory"].0, "16Gi");
+    assert!(!res.limits.unwrap().contains_key("nvidia.com/gpu"));
+    let worker = r.pod(Role::Worker, 0, 0);
+    let spec = worker.spec.as_ref().unwrap();
+    let res = spec.containers[0].resources.clone().unwrap();
+    assert_eq!(res.requests.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+    assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+    assert!(!res.limits.unwrap().contains_key("cpu"), "no CPU limit on workers unless asked");
+    let init = spec.init_containers.as_ref().unwrap()[0].resources.clone().unwrap();
+    assert!(!init.requests.unwrap().contains_key("nvidia.com/gpu"));
+    assert_eq!(qos_class(&worker), "Burstable");
+
+    // `server_spread`: required, or none.
+    let with = |extra: &str| {
+        let job = parse_job(&format!(
+            "name = \"ctr\"\nservers = 3\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"t.csv\"\n{extra}"
+        ))
+        .unwrap();
+        Renderer::new(job, "ml").unwrap().pod(Role::Ps, 0, 0).spec.unwrap().topology_spread_constraints
+    };
+    assert_eq!(
+        with("[kubernetes]\nserver_spread = \"require\"").unwrap()[0].when_unsatisfiable,
+        "DoNotSchedule"
+    );
+    assert_eq!(with("[kubernetes]\nserver_spread = \"none\""), None);
+    // A CPU limit above the request makes servers Burstable, as asked.
+    let job = parse_job(
+        "name = \"ctr\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"t.csv\"\n[kubernetes.ps]\ncpu = 2\ncpu_limit = 4\n",
+    )
+    .unwrap();
+    assert_eq!(qos_class(&Renderer::new(job, "ml").unwrap().pod(Role::Ps, 0, 0)), "Burstable");
 }
 
 #[test]

@@ -30,6 +30,7 @@ use k8s_openapi::api::batch::v1::Job as BatchJob;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, Preconditions};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -622,7 +623,7 @@ impl Controller {
     pub async fn reconcile(&self, stop: Option<&str>) -> Result<Pass> {
         let name = self.renderer.job().name.clone();
         let (root, status, pods) = self.read().await?;
-        let decision = controller::decide(&self.renderer, &status, &pods, stop);
+        let decision = controller::decide(&self.renderer, &status, &pods, stop, Timestamp::now());
         let grace = self.renderer.job().launcher.grace_period.as_secs().max(1) as i64;
         for action in &decision.actions {
             match action {
@@ -673,7 +674,7 @@ impl Controller {
     /// says whether the job is over; nothing of it is carried out.
     async fn observe(&self) -> Result<Pass> {
         let (_, status, pods) = self.read().await?;
-        let decision = controller::decide(&self.renderer, &status, &pods, None);
+        let decision = controller::decide(&self.renderer, &status, &pods, None, Timestamp::now());
         let summary = controller::summarize(&self.renderer, &status, &pods, &[]);
         Ok(Pass { decision, summary })
     }
@@ -911,8 +912,19 @@ impl Controller {
                                     Action::RecordStatus(_) => {}
                                 }
                             }
+                            if let Some(due) = pass.decision.retry_after {
+                                // A restart waits out its backoff: pass again when it is due.
+                                pass_at = pass_at.min(now + due + Duration::from_millis(50));
+                            }
                             let stopped = stop.is_some() && pass.decision.status.state.is_terminal();
                             if pass.decision.finished || stopped {
+                                // A job that ended on its own (not stopped by Ctrl-C) is
+                                // cleaned up after its TTL.
+                                if let Some(ttl) = self.renderer.settings().ttl_after_finished
+                                    && stop.is_none()
+                                {
+                                    self.delete_after(ttl, lease, cancel.as_mut(), say).await?;
+                                }
                                 return Ok(RunOutcome::Finished(pass.summary));
                             }
                             before = Some(pass.summary);
@@ -934,6 +946,42 @@ impl Controller {
                     }
                 }
             }
+        }
+    }
+
+    /// `kubernetes.ttl_after_finished`: releases the job's Lease (nothing is left to decide),
+    /// waits `ttl`, and deletes the job as `gradflow delete --no-wait` does. `cancel` keeps
+    /// the job. A job someone deleted meanwhile is fine.
+    async fn delete_after(
+        &self,
+        ttl: Duration,
+        lease: &mut LeaseKeeper,
+        cancel: std::pin::Pin<&mut impl Future<Output = ()>>,
+        say: &mut impl FnMut(&str),
+    ) -> Result<()> {
+        let name = self.renderer.job().name.clone();
+        if let Err(e) = lease.release().await {
+            say(&format!("could not release the job's lease ({e}); it expires in {:?}", self.lease_duration));
+        }
+        if !ttl.is_zero() {
+            say(&format!(
+                "job {name} ended: deleting it in {} (kubernetes.ttl_after_finished); Ctrl-C keeps it",
+                humantime_serde::re::humantime::format_duration(ttl)
+            ));
+            tokio::select! {
+                () = cancel => {
+                    say(&format!("interrupted: job {name} is kept; remove it with `gradflow delete {name}`"));
+                    return Ok(());
+                }
+                () = tokio::time::sleep(ttl) => {}
+            }
+        }
+        match self.api.delete(&name, None).await {
+            Ok(_) | Err(KubernetesError::NotFound { .. }) => {
+                say(&format!("deleted job {name} (kubernetes.ttl_after_finished)"));
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 

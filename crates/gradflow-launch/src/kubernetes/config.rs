@@ -7,6 +7,11 @@
 //! (`node_selector`, `env`) merge key by key with the role winning, lists (`tolerations`,
 //! `volumes`, `volume_mounts`) are concatenated.
 //!
+//! Under both sits one layer of defaults per role, [`PodSettings::defaults`]: server pods ask
+//! for [`DEFAULT_PS_CPU`] and [`DEFAULT_PS_MEMORY`] with limits equal to their requests (the
+//! Guaranteed QoS class: a lost server restarts the whole job), workers for nothing unless
+//! told. GPUs are the workers' only.
+//!
 //! The job (gradflow-job) keeps the section as written, so that describing a job needs no
 //! Kubernetes types; [`KubernetesConfig::of`] and [`KubernetesConfig::from_toml`] type it,
 //! which is when an unknown key or a value of the wrong type is found.
@@ -26,6 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     ConfigMapEnvSource, ConfigMapKeySelector, EnvFromSource, EnvVarSource, SecretEnvSource,
@@ -48,6 +54,20 @@ pub const DEFAULT_PORT: u16 = 7070;
 pub const DEFAULT_LINK_PORT: u16 = 7071;
 /// Port of a server's Prometheus `/metrics` endpoint inside its pod.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// The wait before a failed process's first new pod (`restart_backoff`); it doubles with each
+/// further failure.
+pub const DEFAULT_RESTART_BACKOFF: Duration = Duration::from_secs(10);
+/// The longest wait between a failure and the next pod (`max_restart_backoff`).
+pub const DEFAULT_MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+
+/// CPU of a server pod (request and limit) when the job file names none.
+pub const DEFAULT_PS_CPU: &str = "1";
+/// Memory of a server pod (request and limit) when the job file names none. gradflow has no
+/// estimate of a model's size before it runs (embedding tables grow with the data), so this is
+/// a fixed default that holds the example jobs with room to spare; set `[kubernetes.ps] memory`
+/// for a real model (its parameters and optimizer state, about 3x the parameters for Adam,
+/// divided by `servers`, plus headroom).
+pub const DEFAULT_PS_MEMORY: &str = "2Gi";
 
 /// The `[kubernetes]` section of a job file. Every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,14 +120,19 @@ pub struct KubernetesConfig {
     /// Program that runs `gradflow` in the image; the role (`ps`, `worker`) is its argument.
     /// Default `["gradflow"]`.
     pub command: Option<Vec<String>>,
-    /// CPU request (e.g. `"2"` or `"500m"`). No CPU limit is set: throttling a training
-    /// process only makes it slower.
+    /// CPU request (e.g. `"2"` or `"500m"`). Servers default to [`DEFAULT_PS_CPU`].
     #[serde(deserialize_with = "quantity")]
     pub cpu: Option<String>,
-    /// Memory request and limit (e.g. `"4Gi"`).
+    /// CPU limit. Servers default to their CPU request (requests equal to limits: the
+    /// Guaranteed QoS class, last to be evicted); workers have none by default (throttling a
+    /// worker only makes it slower). At least `cpu`.
+    #[serde(deserialize_with = "quantity")]
+    pub cpu_limit: Option<String>,
+    /// Memory request and limit (e.g. `"4Gi"`). Servers default to [`DEFAULT_PS_MEMORY`].
     #[serde(deserialize_with = "quantity")]
     pub memory: Option<String>,
-    /// `nvidia.com/gpu` limit.
+    /// `nvidia.com/gpu` request and limit of worker pods (servers use no GPU: under
+    /// `[kubernetes]` it applies to workers only, under `[kubernetes.ps]` it is an error).
     pub gpu: Option<u32>,
     /// Node labels a pod's node must have.
     pub node_selector: BTreeMap<String, String>,
@@ -131,6 +156,32 @@ pub struct KubernetesConfig {
     #[serde(deserialize_with = "strict_list")]
     pub volume_mounts: Vec<VolumeMount>,
 
+    /// Longest time a server or worker pod may run (its `activeDeadlineSeconds`, counted from
+    /// the pod's start), e.g. `"24h"`. A pod that runs out of it fails the job: a job that
+    /// does not end in time does not get better by starting again. Default: none.
+    #[serde(with = "humantime_serde")]
+    pub active_deadline: Option<Duration>,
+    /// How long a job that ended (Succeeded or Failed) stays, with its failed pods and their
+    /// logs, before the controller that drove it to its end deletes it, e.g. `"1h"`; `"0s"`
+    /// deletes it at once. A foreground `launch` waits that long before it returns (Ctrl-C
+    /// keeps the job); with `--detach` the controller in the cluster waits. Default: none,
+    /// the job stays until `gradflow delete`.
+    #[serde(with = "humantime_serde")]
+    pub ttl_after_finished: Option<Duration>,
+    /// How long a failed process waits before its next pod: this, doubled with each further
+    /// counted failure of the same process, up to [`max_restart_backoff`](Self::max_restart_backoff),
+    /// counted from when the failed pod's container ended. Disruptions (evictions,
+    /// preemptions) are replaced at once. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub restart_backoff: Duration,
+    /// The longest wait between a failure and the next pod. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub max_restart_backoff: Duration,
+
+    /// How server pods are spread over nodes (a topology spread constraint on
+    /// `kubernetes.io/hostname`): `"prefer"` (default), `"require"` or `"none"`.
+    pub server_spread: ServerSpread,
+
     /// Overrides for server pods.
     pub ps: PodSettings,
     /// Overrides for worker pods.
@@ -148,6 +199,8 @@ pub struct PodSettings {
     #[serde(deserialize_with = "quantity")]
     pub cpu: Option<String>,
     #[serde(deserialize_with = "quantity")]
+    pub cpu_limit: Option<String>,
+    #[serde(deserialize_with = "quantity")]
     pub memory: Option<String>,
     pub gpu: Option<u32>,
     pub node_selector: BTreeMap<String, String>,
@@ -160,6 +213,38 @@ pub struct PodSettings {
     pub volumes: Vec<Volume>,
     #[serde(deserialize_with = "strict_list")]
     pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// Spreading of a job's server pods over nodes (`server_spread`), so that one node going away
+/// takes as few shards as possible with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerSpread {
+    /// Spread if the scheduler can (`whenUnsatisfiable: ScheduleAnyway`): a cluster with
+    /// fewer nodes than servers still runs the job.
+    #[default]
+    Prefer,
+    /// At most one server more on any node than on another (`DoNotSchedule`): servers wait
+    /// for a node rather than share one.
+    Require,
+    /// No constraint.
+    None,
+}
+
+impl PodSettings {
+    /// The defaults of one role's pods, below `[kubernetes]` and `[kubernetes.<role>]`:
+    /// servers ask for [`DEFAULT_PS_CPU`] and [`DEFAULT_PS_MEMORY`] (their CPU limit follows
+    /// their request, see [`KubernetesConfig::for_role`]), workers for nothing.
+    pub fn defaults(role: Role) -> PodSettings {
+        match role {
+            Role::Ps => PodSettings {
+                cpu: Some(DEFAULT_PS_CPU.into()),
+                memory: Some(DEFAULT_PS_MEMORY.into()),
+                ..PodSettings::default()
+            },
+            Role::Worker => PodSettings::default(),
+        }
+    }
 }
 
 impl Default for KubernetesConfig {
@@ -183,6 +268,7 @@ impl Default for KubernetesConfig {
             annotations: BTreeMap::new(),
             command: None,
             cpu: None,
+            cpu_limit: None,
             memory: None,
             gpu: None,
             node_selector: BTreeMap::new(),
@@ -191,6 +277,11 @@ impl Default for KubernetesConfig {
             env_from: Vec::new(),
             volumes: Vec::new(),
             volume_mounts: Vec::new(),
+            server_spread: ServerSpread::Prefer,
+            active_deadline: None,
+            ttl_after_finished: None,
+            restart_backoff: DEFAULT_RESTART_BACKOFF,
+            max_restart_backoff: DEFAULT_MAX_RESTART_BACKOFF,
             ps: PodSettings::default(),
             worker: PodSettings::default(),
         }
@@ -198,7 +289,9 @@ impl Default for KubernetesConfig {
 }
 
 impl KubernetesConfig {
-    /// The settings of one role's pods: the role's section over the common ones.
+    /// The settings of one role's pods: the role's section over the common ones over the
+    /// role's [defaults](PodSettings::defaults). A server's CPU limit defaults to its CPU
+    /// request (Guaranteed QoS); the common `gpu` is for workers only.
     pub fn for_role(&self, role: Role) -> PodSettings {
         let over = match role {
             Role::Ps => &self.ps,
@@ -209,12 +302,24 @@ impl KubernetesConfig {
             m.extend(b.iter().map(|(k, v)| (k.clone(), v.clone())));
             m
         }
+        let defaults = PodSettings::defaults(role);
+        let cpu = over.cpu.clone().or_else(|| self.cpu.clone()).or(defaults.cpu);
+        let cpu_limit = over.cpu_limit.clone().or_else(|| self.cpu_limit.clone()).or(defaults.cpu_limit);
+        let cpu_limit = match role {
+            Role::Ps => cpu_limit.or_else(|| cpu.clone()),
+            Role::Worker => cpu_limit,
+        };
+        let gpu = match role {
+            Role::Ps => over.gpu,
+            Role::Worker => over.gpu.or(self.gpu),
+        };
         PodSettings {
             image: over.image.clone().or_else(|| Some(self.image.clone())),
             command: over.command.clone().or_else(|| self.command.clone()),
-            cpu: over.cpu.clone().or_else(|| self.cpu.clone()),
-            memory: over.memory.clone().or_else(|| self.memory.clone()),
-            gpu: over.gpu.or(self.gpu),
+            cpu,
+            cpu_limit,
+            memory: over.memory.clone().or_else(|| self.memory.clone()).or(defaults.memory),
+            gpu,
             node_selector: merge(&self.node_selector, &over.node_selector),
             tolerations: [&self.tolerations[..], &over.tolerations].concat(),
             env: merge(&self.env, &over.env),
@@ -306,6 +411,19 @@ impl KubernetesConfig {
                 ),
             ));
         }
+        if self.active_deadline.is_some_and(|d| d.as_secs() == 0) {
+            return Err(invalid(key("active_deadline"), "expected at least one second, e.g. \"24h\""));
+        }
+        if self.restart_backoff > self.max_restart_backoff {
+            return Err(invalid(
+                key("restart_backoff"),
+                format!(
+                    "{} is longer than kubernetes.max_restart_backoff = {}",
+                    humantime_serde::re::humantime::format_duration(self.restart_backoff),
+                    humantime_serde::re::humantime::format_duration(self.max_restart_backoff)
+                ),
+            ));
+        }
         if let Some(code) = self.retryable_exit_codes.iter().find(|c| !(1..=255).contains(*c)) {
             return Err(invalid(
                 key("retryable_exit_codes"),
@@ -335,13 +453,32 @@ impl KubernetesConfig {
             }
             // Each field is checked where it is written, so that the error names that key.
             check_settings(section, &at)?;
+            if role == Role::Ps && section.gpu.is_some_and(|g| g > 0) {
+                return Err(invalid(
+                    at("gpu"),
+                    "servers use no GPU; set gpu under [kubernetes.worker] (or [kubernetes], which is for workers)",
+                ));
+            }
             let merged = self.for_role(role);
             check_mounts(&merged).map_err(|e| invalid(format!("kubernetes ({} pods)", role.as_str()), e))?;
+            if let (Some(cpu), Some(limit)) = (&merged.cpu, &merged.cpu_limit)
+                && quantity_value(limit) < quantity_value(cpu)
+            {
+                let key = if section.cpu_limit.is_some() { at("cpu_limit") } else { key("cpu_limit") };
+                return Err(invalid(
+                    key,
+                    format!(
+                        "the {} pods' CPU limit {limit:?} is below their CPU request {cpu:?}; a limit must be at least the request",
+                        role.as_str()
+                    ),
+                ));
+            }
         }
         let common = PodSettings {
             image: None,
             command: self.command.clone(),
             cpu: self.cpu.clone(),
+            cpu_limit: self.cpu_limit.clone(),
             memory: self.memory.clone(),
             gpu: self.gpu,
             node_selector: self.node_selector.clone(),
@@ -370,7 +507,7 @@ fn check_settings(s: &PodSettings, at: &dyn Fn(&str) -> String) -> Result<(), Jo
     {
         return Err(invalid(at("command"), "expected the program and its arguments, e.g. [\"gradflow\"]"));
     }
-    for (k, v) in [("cpu", &s.cpu), ("memory", &s.memory)] {
+    for (k, v) in [("cpu", &s.cpu), ("cpu_limit", &s.cpu_limit), ("memory", &s.memory)] {
         if let Some(v) = v {
             check_quantity(v).map_err(|e| invalid(at(k), e))?;
         }
@@ -734,6 +871,33 @@ fn check_quantity(q: &str) -> Result<(), String> {
     }
 }
 
+/// The value of a quantity that [`check_quantity`] accepted, in base units (`500m` is 0.5,
+/// `1Ki` is 1024), for comparing two of them.
+fn quantity_value(q: &str) -> f64 {
+    let digits_end = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits_end);
+    let number: f64 = number.parse().unwrap_or(0.0);
+    let factor = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        e => 10f64.powi(e[1..].parse().unwrap_or(0)),
+    };
+    number * factor
+}
+
 /// `cpu = 2` and `cpu = "2"` both mean two CPUs.
 fn quantity<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
@@ -954,6 +1118,90 @@ mod tests {
     fn a_job_name_starting_with_a_digit_cannot_name_a_service() {
         let err = parse_job(&MIN.replace("\"demo\"", "\"1demo\"")).unwrap_err().to_string();
         assert!(err.starts_with("name:"), "{err}");
+    }
+
+    #[test]
+    fn servers_default_to_guaranteed_resources_and_gpus_go_to_workers() {
+        let k = KubernetesConfig::default();
+        let p = k.for_role(Role::Ps);
+        assert_eq!(
+            (p.cpu.as_deref(), p.cpu_limit.as_deref(), p.memory.as_deref()),
+            (Some(DEFAULT_PS_CPU), Some(DEFAULT_PS_CPU), Some(DEFAULT_PS_MEMORY))
+        );
+        let w = k.for_role(Role::Worker);
+        assert_eq!((w.cpu, w.cpu_limit, w.memory, w.gpu), (None, None, None, None));
+        assert_eq!(k.server_spread, ServerSpread::Prefer);
+
+        // Overridden: the limit follows the request; the common gpu is the workers'.
+        let job = parse(
+            "[kubernetes]\ngpu = 2\nserver_spread = \"require\"\n[kubernetes.ps]\ncpu = 4\nmemory = \"16Gi\"\n\
+             [kubernetes.worker]\ncpu = 8\ncpu_limit = \"12\"\n",
+        )
+        .unwrap();
+        let k = KubernetesConfig::of(&job).unwrap();
+        let p = k.for_role(Role::Ps);
+        assert_eq!(
+            (p.cpu.as_deref(), p.cpu_limit.as_deref(), p.memory.as_deref(), p.gpu),
+            (Some("4"), Some("4"), Some("16Gi"), None)
+        );
+        let w = k.for_role(Role::Worker);
+        assert_eq!((w.cpu.as_deref(), w.cpu_limit.as_deref(), w.gpu), (Some("8"), Some("12"), Some(2)));
+        assert_eq!(k.server_spread, ServerSpread::Require);
+    }
+
+    #[test]
+    fn bad_resources_name_the_key() {
+        for (extra, key, says) in [
+            ("[kubernetes.ps]\ngpu = 1", "kubernetes.ps.gpu", "servers use no GPU"),
+            (
+                "[kubernetes.ps]\ncpu = 4\ncpu_limit = \"2\"",
+                "kubernetes.ps.cpu_limit",
+                "below their CPU request",
+            ),
+            ("[kubernetes]\ncpu = 2\ncpu_limit = \"1500m\"", "kubernetes.cpu_limit", "below"),
+            ("[kubernetes.ps]\ncpu = 3", "", ""),
+            ("[kubernetes.worker]\ncpu_limit = \"lots\"", "kubernetes.worker.cpu_limit", "quantity"),
+            ("[kubernetes]\nserver_spread = \"always\"", "server_spread", "prefer"),
+        ] {
+            let result = parse(extra);
+            if key.is_empty() {
+                result.unwrap();
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
+        }
+        assert_eq!(quantity_value("500m"), 0.5);
+        assert_eq!(quantity_value("2Ki"), 2048.0);
+        assert_eq!(quantity_value("1e3"), 1000.0);
+    }
+
+    #[test]
+    fn deadline_and_backoff() {
+        let k = KubernetesConfig::default();
+        assert_eq!(
+            (k.active_deadline, k.restart_backoff, k.max_restart_backoff),
+            (None, DEFAULT_RESTART_BACKOFF, DEFAULT_MAX_RESTART_BACKOFF)
+        );
+        assert_eq!(k.ttl_after_finished, None);
+        let job = parse("[kubernetes]\nttl_after_finished = \"1h\"\nactive_deadline = \"2h 30m\"\nrestart_backoff = \"1s\"\nmax_restart_backoff = \"1m\"\n").unwrap();
+        let k = KubernetesConfig::of(&job).unwrap();
+        assert_eq!(k.active_deadline, Some(Duration::from_secs(9000)));
+        assert_eq!(k.ttl_after_finished, Some(Duration::from_secs(3600)));
+        assert_eq!(
+            (k.restart_backoff, k.max_restart_backoff),
+            (Duration::from_secs(1), Duration::from_secs(60))
+        );
+        let back: KubernetesConfig = serde_json::from_value(serde_json::to_value(&k).unwrap()).unwrap();
+        assert_eq!(back, k);
+        for (extra, key) in [
+            ("[kubernetes]\nactive_deadline = \"0s\"", "kubernetes.active_deadline"),
+            ("[kubernetes]\nactive_deadline = \"soon\"", "active_deadline"),
+            ("[kubernetes]\nrestart_backoff = \"10m\"", "kubernetes.restart_backoff"),
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! [`decide`] takes the job (through its [`Renderer`]), the status last recorded in the job's
 //! root ConfigMap, and the job's pods as the API server lists them, and returns the new status
-//! and the [`Action`]s that move the cluster toward it. It reads no clock: the same inputs
+//! and the [`Action`]s that move the cluster toward it. It reads no clock (the time of the pass
+//! is an input, `now`): the same inputs
 //! give the same decision, so a pass can be repeated after a crash or a conflict, and two
 //! controllers of one job converge instead of fighting (pod names are deterministic; creating
 //! one twice is a 409 that means "done").
@@ -25,6 +26,13 @@
 //!   counted), and once none is left every server is created again with
 //!   `GRADFLOW_RESTORE=latest`, then the workers, which skip the batches the checkpoint holds.
 //!   Without checkpoints the job fails.
+//! - A failed process's next pod waits: `kubernetes.restart_backoff` after its first counted
+//!   failure, doubled with each further one, up to `kubernetes.max_restart_backoff`, counted
+//!   from when the failed container ended ([`restart_delay`]). The wait is decided from that
+//!   time and the `now` the pass is given, so it survives a controller restart; the decision
+//!   says when to pass again ([`Decision::retry_after`]).
+//! - A pod that ran longer than `kubernetes.active_deadline` (`DeadlineExceeded`) fails the
+//!   job.
 //! - The job succeeds when every worker has succeeded; the servers are then deleted at once.
 //! - On a terminal state (Succeeded, Failed) every pod still running is deleted; pods that
 //!   ended (failed ones with their logs) stay until `gradflow delete`.
@@ -39,8 +47,10 @@
 //! and before pods are deleted (so a crash cannot make a deleted server look vanished).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
 use super::render::{Renderer, pod_name};
@@ -72,6 +82,37 @@ pub struct Decision {
     pub notes: Vec<String>,
     /// The job reached a terminal state and no pod of it is running or stopping.
     pub finished: bool,
+    /// A pod this pass did not create yet (a restart waiting out its backoff) is due in this
+    /// long: pass again then.
+    pub retry_after: Option<Duration>,
+}
+
+/// The `status.reason` of a pod the kubelet stopped at its `activeDeadlineSeconds`.
+pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+
+/// How long a process waits for its next pod after its `failures`-th counted failure:
+/// `base`, doubled for each failure after the first, at most `max`; no wait before any
+/// failure.
+pub fn restart_delay(failures: u32, base: Duration, max: Duration) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    // Past 2^31 the product overflows any useful maximum anyway.
+    let factor = 1u32 << (failures - 1).min(31);
+    base.checked_mul(factor).unwrap_or(max).min(max)
+}
+
+/// When the pod's main container (else its last init container) ended, if the kubelet said.
+fn finished_at(pod: &Pod) -> Option<Timestamp> {
+    let status = pod.status.as_ref()?;
+    let ended = |statuses: Option<&Vec<k8s_openapi::api::core::v1::ContainerStatus>>| {
+        statuses?
+            .iter()
+            .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.finished_at.as_ref())
+            .map(|t| t.0)
+            .max()
+    };
+    ended(status.container_statuses.as_ref()).or_else(|| ended(status.init_container_statuses.as_ref()))
 }
 
 /// What a pod says about its attempt.
@@ -130,6 +171,11 @@ pub fn observe(pod: &Pod, role: Role) -> PodOutcome {
     let status = pod.status.as_ref();
     let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
     let ended = matches!(phase, "Succeeded" | "Failed");
+    if phase == "Failed" && status.and_then(|s| s.reason.as_deref()) == Some(DEADLINE_EXCEEDED) {
+        let message =
+            status.and_then(|s| s.message.as_deref()).unwrap_or("the pod ran past its active deadline");
+        return PodOutcome::Failed { code: None, reason: format!("{DEADLINE_EXCEEDED}: {message}") };
+    }
     if !ended {
         if pod.metadata.deletion_timestamp.is_some() {
             return PodOutcome::Terminating;
@@ -205,9 +251,16 @@ fn proc_name(role: Role, index: u32) -> String {
     format!("{}-{index}", role.as_str())
 }
 
-/// One pass of the controller: see the module documentation for the rules. `stop` ends a
-/// job that is not over yet as Failed with that message (the launcher was interrupted).
-pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>) -> Decision {
+/// One pass of the controller at time `now`: see the module documentation for the rules.
+/// `stop` ends a job that is not over yet as Failed with that message (the launcher was
+/// interrupted).
+pub fn decide(
+    r: &Renderer,
+    status: &JobStatus,
+    pods: &[Pod],
+    stop: Option<&str>,
+    now: Timestamp,
+) -> Decision {
     let job = r.job();
     let kube = r.settings();
     let mut new = status.clone();
@@ -252,7 +305,7 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
         // Over: the record is final; only make sure nothing is left running.
         let actions = delete_active(&format!("the job {}", status.state.to_string().to_lowercase()));
         let finished = remaining == 0;
-        return Decision { status: status.clone(), actions, notes, finished };
+        return Decision { status: status.clone(), actions, notes, finished, retry_after: None };
     }
 
     let mut needs: Vec<(Role, u32, Need)> = Vec::new();
@@ -389,6 +442,8 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
     let fatal: Vec<String> = fatal.into_iter().chain(lost_without_checkpoint).collect();
 
     let mut creates = Vec::new();
+    let mut retry_after: Option<Duration> = None;
+    let mut backing_off: Vec<String> = Vec::new();
     if workers_done == job.workers as usize {
         new.state = JobState::Succeeded;
         new.message = Some(format!("all {} worker(s) succeeded", job.workers));
@@ -419,6 +474,26 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
                     waiting_for_servers += 1;
                     continue;
                 }
+                // After a counted failure, the next pod waits out the backoff.
+                let rec = &new.records(*role)[*index as usize];
+                let previous = attempt.checked_sub(1);
+                let failed_pod = previous
+                    .filter(|p| matches!(rec.ended.get(p), Some(Ending::Failed { .. })))
+                    .and_then(|p| by_proc.get(&(*role == Role::Worker, *index))?.get(&p));
+                if let Some(ended_at) = failed_pod.and_then(|p| finished_at(p)) {
+                    let delay = restart_delay(rec.restarts(), kube.restart_backoff, kube.max_restart_backoff);
+                    let due = ended_at + delay;
+                    if due > now {
+                        let left = Duration::try_from(due.duration_since(now)).unwrap_or(delay);
+                        retry_after = Some(retry_after.map_or(left, |r| r.min(left)));
+                        backing_off.push(format!(
+                            "{} in {}",
+                            proc_name(*role, *index),
+                            humantime_serde::re::humantime::format_duration(delay)
+                        ));
+                        continue;
+                    }
+                }
                 new.records_mut(*role)[*index as usize].attempt = Some(*attempt);
                 let pod = r.pod(*role, *index, *attempt);
                 creates.push(Action::CreatePod(Box::new(pod)));
@@ -440,6 +515,8 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
         };
         new.message = if old_pods_left > 0 {
             Some(format!("restarting from the latest checkpoint: waiting for {old_pods_left} pod(s) to stop"))
+        } else if !backing_off.is_empty() {
+            Some(format!("restart backoff (kubernetes.restart_backoff): {}", backing_off.join(", ")))
         } else {
             (waiting_for_servers > 0)
                 .then(|| format!("{waiting_for_servers} worker(s) wait for every server to be ready"))
@@ -458,7 +535,7 @@ pub fn decide(r: &Renderer, status: &JobStatus, pods: &[Pod], stop: Option<&str>
     let finished = new.state.is_terminal()
         && remaining == 0
         && !actions.iter().any(|a| matches!(a, Action::CreatePod(_) | Action::DeletePod { .. }));
-    Decision { status: new, actions, notes, finished }
+    Decision { status: new, actions, notes, finished, retry_after }
 }
 
 fn owned_by(pod: &Pod, uid: Option<&str>) -> bool {
@@ -514,6 +591,11 @@ fn next_step(
                     "{name} failed with {reason}; exit code {code} is not in kubernetes.retryable_exit_codes {:?}",
                     kube.retryable_exit_codes
                 );
+                note(msg.clone());
+                return Need::Fatal(msg);
+            }
+            if reason.starts_with(DEADLINE_EXCEEDED) {
+                let msg = format!("{name} ran longer than kubernetes.active_deadline ({reason})");
                 note(msg.clone());
                 return Need::Fatal(msg);
             }

@@ -27,15 +27,15 @@ use k8s_openapi::api::batch::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     LocalObjectReference, Pod, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
-    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-    VolumeMount,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
-use super::config::{EnvValue, KubernetesConfig, PodSettings, SCRATCH_VOLUME, check_name};
+use super::config::{EnvValue, KubernetesConfig, PodSettings, SCRATCH_VOLUME, ServerSpread, check_name};
 use super::status::JobStatus;
 use super::{
     ANNOTATION_TOKEN, ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT,
@@ -394,6 +394,30 @@ impl Renderer {
         (job.transport.tensor_link && job.tls.is_none()).then_some(job.server.link_port)
     }
 
+    /// The servers' spread over nodes (`kubernetes.server_spread`): at most one more server
+    /// of this job on any node than on another, so that losing a node loses as few shards
+    /// as possible. Pods of every attempt count (the selector leaves the attempt out).
+    fn server_spread(&self) -> Option<Vec<TopologySpreadConstraint>> {
+        let when = match self.kube.server_spread {
+            ServerSpread::None => return None,
+            ServerSpread::Prefer => "ScheduleAnyway",
+            ServerSpread::Require => "DoNotSchedule",
+        };
+        Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: HOSTNAME_TOPOLOGY.into(),
+            when_unsatisfiable: when.into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (LABEL_JOB.to_string(), self.job.name.clone()),
+                    (LABEL_ROLE.to_string(), Role::Ps.as_str().to_string()),
+                ])),
+                match_expressions: None,
+            }),
+            ..TopologySpreadConstraint::default()
+        }])
+    }
+
     /// Labels every object of the job carries.
     fn labels(&self, component: &str) -> BTreeMap<String, String> {
         let mut labels = self.kube.labels.clone();
@@ -636,6 +660,10 @@ impl Renderer {
         spec.scheduler_name = self.kube.scheduler_name.clone();
         spec.node_selector = (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone());
         spec.tolerations = (!settings.tolerations.is_empty()).then(|| settings.tolerations.clone());
+        spec.active_deadline_seconds = self.kube.active_deadline.map(|d| d.as_secs() as i64);
+        if role == Role::Ps {
+            spec.topology_spread_constraints = self.server_spread();
+        }
         spec.volumes = (!volumes.is_empty()).then_some(volumes);
         spec.init_containers = init;
         spec.containers = vec![main];
@@ -805,6 +833,12 @@ impl Renderer {
     }
 }
 
+/// The extended resource of NVIDIA's device plugin.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Node label a topology spread over nodes keys on.
+const HOSTNAME_TOPOLOGY: &str = "kubernetes.io/hostname";
+
 fn env_var(name: impl Into<String>, value: impl Into<String>) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), value_from: None }
 }
@@ -818,20 +852,25 @@ fn container_port(name: &str, port: u16) -> ContainerPort {
     }
 }
 
-/// Requests CPU and memory; limits memory (an over-committed node then kills the pod that
-/// went over, not a neighbour) and GPUs (which Kubernetes only takes as limits).
+/// Requests CPU, memory and GPUs; limits memory (an over-committed node then kills the pod
+/// that went over, not a neighbour), CPU where `cpu_limit` is set (servers: their request, so
+/// that they are Guaranteed), and GPUs (an extended resource: request and limit are equal).
 fn resources(s: &PodSettings) -> Option<ResourceRequirements> {
     let mut requests = BTreeMap::new();
     let mut limits = BTreeMap::new();
     if let Some(cpu) = &s.cpu {
         requests.insert("cpu".to_string(), Quantity(cpu.clone()));
     }
+    if let Some(cpu) = &s.cpu_limit {
+        limits.insert("cpu".to_string(), Quantity(cpu.clone()));
+    }
     if let Some(memory) = &s.memory {
         requests.insert("memory".to_string(), Quantity(memory.clone()));
         limits.insert("memory".to_string(), Quantity(memory.clone()));
     }
     if let Some(gpu) = s.gpu.filter(|&g| g > 0) {
-        limits.insert("nvidia.com/gpu".to_string(), Quantity(gpu.to_string()));
+        requests.insert(GPU_RESOURCE.to_string(), Quantity(gpu.to_string()));
+        limits.insert(GPU_RESOURCE.to_string(), Quantity(gpu.to_string()));
     }
     if requests.is_empty() && limits.is_empty() {
         return None;

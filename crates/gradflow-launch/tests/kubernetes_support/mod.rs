@@ -172,13 +172,21 @@ pub struct Sim {
     pub pods: BTreeMap<String, Pod>,
     /// Every action applied, in order.
     pub log: Vec<String>,
+    /// The time passes are made at.
+    pub now: Timestamp,
 }
 
 impl Sim {
     pub fn new(job: JobConfig) -> Sim {
         let r = renderer(job);
         let status = JobStatus::new(r.job());
-        Sim { r, status, pods: BTreeMap::new(), log: Vec::new() }
+        Sim {
+            r,
+            status,
+            pods: BTreeMap::new(),
+            log: Vec::new(),
+            now: Timestamp::from_second(1_700_000_000).unwrap(),
+        }
     }
 
     pub fn pods(&self) -> Vec<Pod> {
@@ -187,7 +195,7 @@ impl Sim {
 
     /// One pass, without applying anything.
     pub fn decide(&self, stop: Option<&str>) -> Decision {
-        decide(&self.r, &self.status, &self.pods(), stop)
+        decide(&self.r, &self.status, &self.pods(), stop, self.now)
     }
 
     /// One pass, applied: created pods appear Pending, deleted ones become Terminating, the
