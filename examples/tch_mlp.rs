@@ -137,6 +137,9 @@ async fn main() -> Result<()> {
         .context("tch_mlp is a gradflow worker: run it through `gradflow launch examples/tch_mlp.toml`")?;
     let job = &cluster.job_config;
     let index = cluster.index;
+    if job.data.sharding == gradflow_job::Sharding::Dynamic {
+        bail!("tch_mlp reads its data itself, statically: set data.sharding = \"static\" (or remove it)");
+    }
 
     // Every worker seeds tch alike, so they build the same model and declare the same spec.
     tch::manual_seed(job.train.seed as i64);

@@ -199,7 +199,9 @@ pub struct DataConfig {
     /// `n` reads the `i`-th byte range of every file, fixed for the job. `"dynamic"`: the
     /// files are cut into tasks of about `task_bytes` that the first server hands out as
     /// workers become free; a dead worker's unfinished task goes to another worker from
-    /// where it stopped, and the tasks done are part of every checkpoint.
+    /// where it stopped, and the tasks done are part of every checkpoint. A `worker.command`
+    /// of your own gets dynamic sharding only if it takes its data from gradflow (the Python
+    /// package's `Worker.batches()`); one that reads its files itself must use static.
     #[serde(default)]
     pub sharding: Sharding,
     /// Dynamic sharding: bytes of training file per task. Default 4 MiB.
@@ -559,12 +561,6 @@ impl JobConfig {
             return Err(invalid(
                 "data.task_bytes",
                 format!("expected at least 1024 bytes per task, found {}", self.data.task_bytes),
-            ));
-        }
-        if self.data.sharding == Sharding::Dynamic && self.worker.command.is_some() {
-            return Err(invalid(
-                "data.sharding",
-                "\"dynamic\" is for the built-in trainer; your own worker.command reads its data itself, so use \"static\"",
             ));
         }
         self.server.validate(self.mode, self.workers)?;

@@ -6,19 +6,23 @@
 //! same results line and `eval` event, and tells the servers. A restarted worker skips the
 //! batches the job already trained, as the built-in one does.
 //!
-//! Dynamic sharding is for the built-in trainer only (the job file refuses it with a
-//! `[worker] command`).
+//! With `data.sharding = "dynamic"` the batches come from the data tasks shard 0 hands out,
+//! as in the built-in trainer: a batch whose gradients the servers discarded is handed out
+//! again (every example of an epoch is in the model once), a task handed to another worker
+//! is dropped, and the worker that completes an epoch scores it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use gradflow_core::Mode;
 use gradflow_data::{Batch, Reader, ShardSpec, Standardizer, metrics};
-use gradflow_job::{Event, JobConfig};
+use gradflow_job::{Event, JobConfig, Sharding};
+use gradflow_worker::{DataTask, TaskHandout};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use tracing::{info, warn};
 
-use crate::worker::PyWorker;
+use crate::worker::{Outcome, PyWorker};
 use crate::{error, runtime};
 
 /// One batch, as numpy arrays (`n` examples, `nnz` sparse entries).
@@ -96,6 +100,21 @@ struct Pending {
     step: u64,
     /// The epoch's last batch, on the scorer: score after it.
     ends_epoch: bool,
+    /// The batch itself, handed out again when the servers discard it (dynamic sharding).
+    batch: Py<PyBatch>,
+}
+
+/// Dynamic sharding: the task being trained and what to tell shard 0 next.
+#[derive(Default)]
+struct Tasks {
+    current: Option<(Reader, DataTask)>,
+    /// Examples of the current task in the model.
+    examples: u64,
+    /// The lease of the task finished last, to report with the next request.
+    done: u64,
+    /// The epoch scored last, to report with the next request.
+    scored: Option<u64>,
+    paused: bool,
 }
 
 /// Losses and examples since the last progress event.
@@ -132,6 +151,8 @@ pub struct Batches {
     window: Window,
     /// Mean training loss of the current epoch (for the results line).
     epoch_loss: (f64, u64),
+    /// Set with dynamic sharding.
+    tasks: Option<Tasks>,
 }
 
 impl Batches {
@@ -144,13 +165,15 @@ impl Batches {
         let reader = Reader::open(&job.train_reader(), shard).map_err(error::other)?;
         let scaler = gradflow_trainer::standardizer(&job).map_err(error::train)?;
         let has_test = job.test_reader().is_some();
-        if w.index == 0 && has_test && evaluate.is_none() {
+        let dynamic = job.data.sharding == Sharding::Dynamic;
+        // Statically, worker 0 scores; dynamically, whichever worker completes an epoch.
+        if (w.index == 0 || dynamic) && has_test && evaluate.is_none() {
             warn!("the job has test data but batches() was given no evaluate function: nothing is scored");
         }
         Ok(Batches {
             index: w.index,
             batch: Batch::new(reader.num_dense()),
-            scorer: w.index == 0 && has_test && evaluate.is_some(),
+            scorer: (w.index == 0 || dynamic) && has_test && evaluate.is_some(),
             worker: worker.unbind(),
             job,
             reader,
@@ -163,6 +186,7 @@ impl Batches {
             examples: 0,
             window: Window::new(),
             epoch_loss: (0.0, 0),
+            tasks: None,
         })
     }
 
@@ -184,6 +208,17 @@ impl Batches {
         })
     }
 
+    /// Sync mode: joins the step the servers are on (after a pause or a lost task).
+    fn catch_up(&self, py: Python<'_>) -> PyResult<()> {
+        let w = self.worker.bind(py).get();
+        py.detach(|| {
+            let mut guard = w.lock()?;
+            runtime()
+                .block_on(gradflow_trainer::catch_up(guard.as_mut().expect("lock() checked")))
+                .map_err(error::train)
+        })
+    }
+
     /// Reads the next batch into `self.batch` (scaled); 0 at the end.
     fn read(&mut self) -> PyResult<usize> {
         let n = self.reader.next_batch(&mut self.batch, self.job.train.batch_size).map_err(error::other)?;
@@ -196,6 +231,14 @@ impl Batches {
     /// The first call: a worker that joins at step k (a restart) skips the k batches of its
     /// share the job trained already, and the scorer scores an epoch whose end it missed.
     fn start(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.job.data.sharding == Sharding::Dynamic {
+            let pieces = gradflow_trainer::task_pieces(&self.job).map_err(error::train)?;
+            let (epochs, seed) = (self.job.train.epochs, self.job.train.seed);
+            let created = self.on_worker(py, async |w| w.declare_tasks(&pieces, epochs, seed).await)?;
+            info!(worker = self.index, tasks = pieces.len(), created, "data tasks declared");
+            self.tasks = Some(Tasks::default());
+            return Ok(());
+        }
         let first = self.step_now(py)?;
         if first == 0 {
             return Ok(());
@@ -245,7 +288,27 @@ impl Batches {
                 "the previous batch was not stepped: call step() (worker.step() or ServerModel.step()) once per batch before taking the next one",
             )
         })?;
-        if !stepped.applied {
+        if let Some(tasks) = &mut self.tasks {
+            match stepped.outcome {
+                Outcome::Applied => tasks.examples += pending.examples as u64,
+                Outcome::Stale => {
+                    // Trained again, so that every example of the epoch is in the model once.
+                    self.pending = Some(pending);
+                    return Ok(());
+                }
+                Outcome::LeaseLost => {
+                    warn!(
+                        worker = self.index,
+                        "this worker's task was handed to another worker while it was unreachable; asking for a new one"
+                    );
+                    tasks.current = None;
+                    if self.job.mode == Mode::Sync {
+                        self.catch_up(py)?;
+                    }
+                    return Ok(());
+                }
+            }
+        } else if stepped.outcome != Outcome::Applied {
             warn!(worker = self.index, "this batch's gradients were discarded: the servers had moved on");
         }
         self.steps += 1;
@@ -282,6 +345,13 @@ impl Batches {
     /// Scores the model after `epoch` (0-based), whose last batch was step `step`, with the
     /// trainer's `evaluate` function, records the result and tells the servers.
     fn score(&mut self, py: Python<'_>, epoch: u64, step: u64) -> PyResult<()> {
+        self.record_score(py, epoch, None)?;
+        self.on_worker(py, async |w| w.scored(epoch, step).await)
+    }
+
+    /// Evaluates the model after `epoch` and records the result (once per run), with
+    /// `trained`, the examples the epoch put in the model, when known.
+    fn record_score(&mut self, py: Python<'_>, epoch: u64, trained: Option<u64>) -> PyResult<()> {
         let recorded = gradflow_trainer::recorded_result(&self.job, epoch + 1).map_err(error::train)?;
         if recorded.is_none() {
             let (loss, auc, accuracy, examples) = self.evaluate(py)?;
@@ -297,9 +367,73 @@ impl Batches {
             emit(py, &event);
             let (sum, n) = std::mem::take(&mut self.epoch_loss);
             let train_loss = (n > 0).then(|| sum / n as f64);
-            gradflow_trainer::append_result(&self.job, &event, None, train_loss).map_err(error::train)?;
+            gradflow_trainer::append_result(&self.job, &event, trained, train_loss).map_err(error::train)?;
         }
-        self.on_worker(py, async |w| w.scored(epoch, step).await)
+        Ok(())
+    }
+
+    /// Dynamic sharding: the next batch of the current task, asking shard 0 for tasks as
+    /// they run out; `None` when every epoch is done.
+    fn next_dynamic(&mut self, py: Python<'_>) -> PyResult<Option<(usize, u64)>> {
+        let mut idle_wait = Duration::from_millis(10);
+        loop {
+            let tasks = self.tasks.as_mut().expect("dynamic");
+            if let Some((reader, task)) = &mut tasks.current {
+                let n =
+                    reader.next_batch(&mut self.batch, self.job.train.batch_size).map_err(error::other)?;
+                if n > 0 {
+                    if let Some(s) = &self.scaler {
+                        s.apply(&mut self.batch);
+                    }
+                    let (lease, epoch, progress) = (task.lease, task.epoch, tasks.examples + n as u64);
+                    self.worker
+                        .bind(py)
+                        .get()
+                        .lock()?
+                        .as_mut()
+                        .expect("lock() checked")
+                        .set_task_progress(lease, progress);
+                    return Ok(Some((n, epoch)));
+                }
+                tasks.done = task.lease;
+                tasks.current = None;
+            }
+            let (done, scored) = (std::mem::take(&mut tasks.done), tasks.scored.take());
+            let next = self.on_worker(py, async |w| w.next_task(done, scored).await)?;
+            if let Some((epoch, examples)) = next.completed_epoch {
+                info!(worker = self.index, epoch, examples, "epoch done; scoring the model");
+                if self.scorer {
+                    self.record_score(py, epoch, Some(examples))?;
+                }
+                self.tasks.as_mut().expect("dynamic").scored = Some(epoch);
+            }
+            let tasks = self.tasks.as_mut().expect("dynamic");
+            match next.handout {
+                TaskHandout::Finished => return Ok(None),
+                TaskHandout::Wait => {
+                    if !tasks.paused {
+                        tasks.paused = true;
+                        self.on_worker(py, async |w| w.pause().await)?;
+                    }
+                    py.detach(|| std::thread::sleep(idle_wait));
+                    idle_wait = (idle_wait * 2).min(Duration::from_millis(200));
+                }
+                TaskHandout::Task(task) => {
+                    idle_wait = Duration::from_millis(10);
+                    let resumed = std::mem::take(&mut tasks.paused);
+                    let mut reader = gradflow_trainer::task_reader(&self.job, &task).map_err(error::train)?;
+                    if task.skip_examples > 0 {
+                        gradflow_trainer::skip_examples(&mut reader, &mut self.batch, task.skip_examples)
+                            .map_err(error::train)?;
+                    }
+                    tasks.examples = task.skip_examples;
+                    tasks.current = Some((reader, task));
+                    if resumed && self.job.mode == Mode::Sync {
+                        self.catch_up(py)?;
+                    }
+                }
+            }
+        }
     }
 
     /// Test loss, AUC, accuracy and examples of the model the servers hold now.
@@ -352,7 +486,7 @@ impl Batches {
         slf
     }
 
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<PyBatch>> {
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<Py<PyBatch>>> {
         if self.finished {
             return Ok(None);
         }
@@ -362,20 +496,32 @@ impl Batches {
         }
         if let Some(p) = self.pending.take() {
             self.finish_pending(py, p)?;
+            if let Some(again) = &self.pending {
+                // Discarded by the servers: the same batch once more.
+                return Ok(Some(again.batch.clone_ref(py)));
+            }
         }
         let step = self.step_now(py)?;
-        let n = if self.job.train.max_steps.is_some_and(|m| step >= m) { 0 } else { self.read()? };
-        if n == 0 {
+        let next = if self.job.train.max_steps.is_some_and(|m| step >= m) {
+            None
+        } else if self.tasks.is_some() {
+            self.next_dynamic(py)?
+        } else {
+            let n = self.read()?;
+            (n > 0).then(|| (n, self.reader.epoch()))
+        };
+        let Some((n, epoch)) = next else {
             self.finished = true;
             emit(py, &Event::Done { worker: self.index, step, samples: self.examples });
             return Ok(None);
-        }
-        let (epoch, ends_epoch) = (self.reader.epoch(), self.scorer && self.reader.end_of_epoch());
+        };
+        let ends_epoch = self.tasks.is_none() && self.scorer && self.reader.end_of_epoch();
         if ends_epoch {
             self.on_worker(py, async |w| w.hold_for_scoring(epoch, step).await)?;
         }
-        self.pending = Some(Pending { examples: n, epoch, step, ends_epoch });
-        Ok(Some(PyBatch::new(py, &self.batch, epoch, step)?))
+        let batch = Py::new(py, PyBatch::new(py, &self.batch, epoch, step)?)?;
+        self.pending = Some(Pending { examples: n, epoch, step, ends_epoch, batch: batch.clone_ref(py) });
+        Ok(Some(batch))
     }
 
     /// Dense features per example (the data's dense columns).

@@ -19,10 +19,20 @@ use pyo3::prelude::*;
 use crate::batches::Batches;
 use crate::{error, runtime};
 
+/// What became of a step, as `step()` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// The servers had moved on without this worker; the gradients were discarded.
+    Stale,
+    /// Dynamic sharding: the task was handed to another worker; nothing of the batch counted.
+    LeaseLost,
+}
+
 /// What the last `step()` reported, for the batch iterator's bookkeeping.
 #[derive(Debug, Clone, Copy)]
 pub struct Stepped {
-    pub applied: bool,
+    pub outcome: Outcome,
     pub loss: Option<f64>,
 }
 
@@ -178,7 +188,8 @@ impl PyWorker {
             runtime().block_on(async {
                 w.declare(spec).await?;
                 if sync {
-                    let version = w.status().await?.iter().map(|s| s.version).max().unwrap_or(0);
+                    // The lowest shard's step: see gradflow_trainer::catch_up.
+                    let version = w.status().await?.iter().map(|s| s.version).min().unwrap_or(0);
                     w.set_step(version);
                 }
                 Ok(())
@@ -251,18 +262,27 @@ impl PyWorker {
         guard.as_mut().expect("lock() checked").push_sparse(table, &ids, grads).map_err(error::worker)
     }
 
-    /// Sends the staged gradients to every shard and completes the step. Returns "applied",
-    /// or "stale" when the servers had moved on without this worker (its gradients were
-    /// discarded; it continues at the servers' step). `loss`, the batch's training loss, is
-    /// what progress reports show.
+    /// Sends the staged gradients to every shard and completes the step. Returns "applied";
+    /// "stale" when the servers had moved on without this worker (its gradients were
+    /// discarded; it continues at the servers' step); with dynamic sharding "lease_lost" when
+    /// its data task went to another worker while it was unreachable. `loss`, the batch's
+    /// training loss, is what progress reports show.
     #[pyo3(signature = (loss = None))]
     fn step(&self, py: Python<'_>, loss: Option<f64>) -> PyResult<&'static str> {
-        let outcome = self.with(py, |w| runtime().block_on(w.step()))?;
-        let applied = matches!(outcome, StepOutcome::Applied);
+        let outcome = self.with(py, |w| match runtime().block_on(w.step()) {
+            Ok(StepOutcome::Applied) => Ok(Outcome::Applied),
+            Ok(StepOutcome::Stale { .. }) => Ok(Outcome::Stale),
+            Err(e) if e.is_lease_lost() => Ok(Outcome::LeaseLost),
+            Err(e) => Err(e),
+        })?;
         if let Ok(mut s) = self.stepped.lock() {
-            *s = Some(Stepped { applied, loss });
+            *s = Some(Stepped { outcome, loss });
         }
-        Ok(if applied { "applied" } else { "stale" })
+        Ok(match outcome {
+            Outcome::Applied => "applied",
+            Outcome::Stale => "stale",
+            Outcome::LeaseLost => "lease_lost",
+        })
     }
 
     /// Every shard's status as JSON objects (`version`: the shard's step, ...).

@@ -54,6 +54,20 @@ def test_the_torch_example_reaches_the_built_in_models_auc(tmp_path):
     assert abs(python_auc - rust_auc) < 0.01
 
 
+def test_dynamic_sharding_trains_every_example_once(tmp_path):
+    script = REPO / "examples" / "torch_wide_deep.py"
+    job = job_from("torch_wide_deep.toml", tmp_path, **{
+        '"./torch_wide_deep.py"': f'"{script}"',
+        '[data.synth]': 'sharding = "dynamic"\ntask_bytes = 100000\n\n[data.synth]',
+    })
+    launch(job)
+    lines = [json.loads(l) for l in (tmp_path / "out-torch-wide-deep" / "results.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if l["event"] == "eval"]
+    assert len(evals) == 1, lines
+    assert evals[0]["epoch_train_examples"] == 20000, evals
+    assert evals[0]["test_auc"] > 0.6, evals
+
+
 def test_a_killed_python_worker_is_restarted_and_the_job_finishes(tmp_path):
     # Worker 1's first start kills itself (SIGKILL) after 10 steps; the launcher restarts it.
     wrapper = tmp_path / "killed_worker.py"

@@ -371,7 +371,7 @@ fn shown(lines: &[gradflow_data::DataError]) -> Vec<String> {
 /// while pushing may have reached some shards and not others, and the shards it did not
 /// reach wait for it at that step; the ones ahead refuse the step as stale and say where to
 /// go on.
-async fn catch_up(worker: &mut Worker) -> Result<(), TrainError> {
+pub async fn catch_up(worker: &mut Worker) -> Result<(), TrainError> {
     let version = worker.status().await?.iter().map(|s| s.version).min().unwrap_or(0);
     worker.set_step(version);
     Ok(())
@@ -741,25 +741,26 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// The reader of one task: its piece, in an example order drawn from the job's seed, the
-    /// epoch and the piece, so that any worker reading it again sees the same order.
     fn task_reader(&self, task: &DataTask) -> Result<Reader, TrainError> {
-        let mut cfg = self.job.train_reader();
-        cfg.epochs = gradflow_data::Epochs::Count(1);
-        let mut rng = gradflow_data::SplitMix64::new(
-            self.job.train.seed
-                ^ task.epoch.rotate_left(32)
-                ^ u64::from(task.piece_index).wrapping_mul(0x9E37_79B9),
-        );
-        cfg.seed = rng.next_u64();
-        let piece =
-            FilePiece { path: PathBuf::from(&task.piece.path), range: task.piece.start..task.piece.end };
-        Ok(Reader::from_pieces(&cfg, vec![piece])?)
+        task_reader(self.job, task)
     }
 }
 
+/// The reader of one task: its piece, in an example order drawn from the job's seed, the
+/// epoch and the piece, so that any worker reading it again sees the same order.
+pub fn task_reader(job: &JobConfig, task: &DataTask) -> Result<Reader, TrainError> {
+    let mut cfg = job.train_reader();
+    cfg.epochs = gradflow_data::Epochs::Count(1);
+    let mut rng = gradflow_data::SplitMix64::new(
+        job.train.seed ^ task.epoch.rotate_left(32) ^ u64::from(task.piece_index).wrapping_mul(0x9E37_79B9),
+    );
+    cfg.seed = rng.next_u64();
+    let piece = FilePiece { path: PathBuf::from(&task.piece.path), range: task.piece.start..task.piece.end };
+    Ok(Reader::from_pieces(&cfg, vec![piece])?)
+}
+
 /// Reads and drops `count` examples.
-fn skip_examples(reader: &mut Reader, batch: &mut Batch, mut count: u64) -> Result<(), TrainError> {
+pub fn skip_examples(reader: &mut Reader, batch: &mut Batch, mut count: u64) -> Result<(), TrainError> {
     while count > 0 {
         let n = compute(|| reader.next_batch(batch, count.min(4096) as usize))?;
         if n == 0 {
