@@ -125,6 +125,25 @@ fn keep_best_keeps_the_best_checkpoint_and_early_stopping_ends_the_job_cleanly()
 }
 
 #[test]
+fn early_stopping_without_keep_best_goes_by_the_test_auc_and_checkpoints_the_model_it_ended_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "stop-auc";
+    let job = write(dir.path(), "job.toml", &overfitting_job(name, "early_stop_patience = 1", ""));
+    let out = launch(&job);
+    assert!(out.status.success(), "the job fails: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(processes_of_job(name).is_empty(), "a process of the job outlived it");
+    let evals = results(dir.path(), name);
+    let aucs: Vec<f64> = evals.iter().map(|e| e["test_auc"].as_f64().unwrap()).collect();
+    let best = (0..aucs.len()).fold(0, |b, i| if aucs[i] > aucs[b] { i } else { b });
+    assert_eq!(aucs.len(), best + 2, "patience 1 by the test AUC: {aucs:?}");
+    // No best pointer without keep_best; the last checkpoint (on_shutdown) is of the model
+    // training ended with: the last one scored, not a step past it.
+    assert!(!dir.path().join("ckpt/best").exists());
+    let last = evals.last().unwrap()["step"].as_u64().unwrap();
+    assert_eq!(latest_step(dir.path()), last, "{evals:?}");
+}
+
+#[test]
 fn model_selection_settings_that_cannot_work_are_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     for (extra_train, extra_checkpoint, says) in [
