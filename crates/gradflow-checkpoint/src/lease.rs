@@ -30,7 +30,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{CheckpointError, CheckpointStore, LATEST, MANIFEST, parse_checkpoint_dir_name};
+use crate::{BEST, CheckpointError, CheckpointStore, LATEST, MANIFEST, parse_checkpoint_dir_name};
 
 /// The lease object's name at the root it guards.
 pub const LEASE: &str = "lease.json";
@@ -418,12 +418,12 @@ fn lock_local(dir: &Path, url: &str, holder: &Holder) -> Result<Kind, LeaseError
     Ok(Kind::Local { _file: file })
 }
 
-/// Moves every checkpoint under `store`'s root, and its `latest`, into
+/// Moves every checkpoint under `store`'s root, and its `latest` and `best`, into
 /// `<root>/archive/<name>/`, where `gradflow checkpoint ls <root>/archive/<name>` and
 /// `restore = "<root>/archive/<name>/ckpt-..."` still find them. Returns how many
 /// checkpoint folders were moved.
 ///
-/// `latest` goes first and each checkpoint's `manifest.json` before its other files, so an
+/// `latest` and `best` go first and each checkpoint's `manifest.json` before its other files, so an
 /// interrupted move leaves no checkpoint half-visible at the root. Only the lease holder
 /// should call it.
 pub async fn archive(store: &CheckpointStore, name: &str) -> Result<usize, CheckpointError> {
@@ -442,9 +442,11 @@ pub async fn archive(store: &CheckpointStore, name: &str) -> Result<usize, Check
             return Err(CheckpointError::InvalidArgument(format!("{} exists already", target.display())));
         }
         std::fs::create_dir_all(&target).map_err(|e| fail(e, &target))?;
-        let latest = dir.join(LATEST);
-        if latest.exists() {
-            std::fs::rename(&latest, target.join(LATEST)).map_err(|e| fail(e, &latest))?;
+        for pointer in [LATEST, BEST] {
+            let from = dir.join(pointer);
+            if from.exists() {
+                std::fs::rename(&from, target.join(pointer)).map_err(|e| fail(e, &from))?;
+            }
         }
         let mut moved = 0;
         let entries = std::fs::read_dir(dir).map_err(|e| fail(e, dir))?;
@@ -474,7 +476,7 @@ pub async fn archive(store: &CheckpointStore, name: &str) -> Result<usize, Check
     for object in &objects {
         let Some(rel) = rel_of(object) else { continue };
         let first = rel.split('/').next().unwrap_or("");
-        let order = if rel == LATEST {
+        let order = if rel == LATEST || rel == BEST {
             0
         } else if parse_checkpoint_dir_name(first).is_some() {
             dirs.insert(first.to_string());

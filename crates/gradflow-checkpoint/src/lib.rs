@@ -19,6 +19,7 @@
 //!
 //! ```text
 //! <root>/latest                                   "ckpt-000000001200\n": the newest complete checkpoint
+//! <root>/best                                     JSON: the best-scoring complete checkpoint (`keep_best`), its step and score
 //! <root>/ckpt-000000001200/                       one checkpoint; the step, zero-padded to 12 digits
 //! <root>/ckpt-000000001200/manifest.json          the checkpoint's manifest (written last)
 //! <root>/ckpt-000000001200/shard-0/manifest.json  shard 0's manifest (written after its files)
@@ -39,7 +40,8 @@
 //!    **A checkpoint without its `manifest.json` does not exist**: listing skips it and resolving
 //!    it is an error.
 //! 3. Only then is `latest` moved to it (never backwards), and only then are old checkpoints
-//!    beyond the newest `keep` deleted (manifest first).
+//!    beyond the newest `keep` deleted (manifest first), all but the one `best` names (a
+//!    scored checkpoint is offered as the best once complete: [`CheckpointStore::offer_best`]).
 //!
 //! So a writer killed at any point leaves the previous checkpoint and `latest` intact, and a
 //! file truncated or altered afterwards is caught by its size or checksum when it is read, with
@@ -93,6 +95,7 @@
 
 #![forbid(unsafe_code)]
 
+mod best;
 mod error;
 mod format;
 pub mod lease;
@@ -101,6 +104,7 @@ mod manifest;
 mod snapshot;
 mod store;
 
+pub use best::{BEST, BestPointer, Score};
 pub use error::CheckpointError;
 pub use format::SPARSE_MAGIC;
 pub use manifest::{

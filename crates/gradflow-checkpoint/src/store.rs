@@ -286,7 +286,7 @@ impl CheckpointStore {
         }
     }
 
-    async fn exists(&self, rel: &str) -> Result<bool, CheckpointError> {
+    pub(crate) async fn exists(&self, rel: &str) -> Result<bool, CheckpointError> {
         match self.store.head(&self.path(rel)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -335,7 +335,7 @@ impl CheckpointStore {
     }
 
     /// Writes a small object in one request.
-    async fn put_small(&self, rel: &str, data: Bytes) -> Result<(), CheckpointError> {
+    pub(crate) async fn put_small(&self, rel: &str, data: Bytes) -> Result<(), CheckpointError> {
         self.store
             .put(&self.path(rel), PutPayload::from(data))
             .await
@@ -649,8 +649,9 @@ impl CheckpointStore {
     }
 
     /// Deletes complete checkpoints beyond the newest `keep`, and incomplete ones older than the
-    /// oldest kept.
-    async fn prune(&self, keep: usize) -> Result<(), CheckpointError> {
+    /// oldest kept; never the one the `best` pointer names.
+    pub(crate) async fn prune(&self, keep: usize) -> Result<(), CheckpointError> {
+        let best = self.best_dir().await;
         let dirs = self.checkpoint_dirs().await?;
         let mut complete = Vec::new();
         for (step, name) in &dirs {
@@ -662,7 +663,8 @@ impl CheckpointStore {
             return Ok(());
         }
         let oldest_kept = complete[complete.len() - keep].0;
-        for (_, name) in dirs.iter().filter(|(step, _)| *step < oldest_kept) {
+        for (_, name) in dirs.iter().filter(|(step, name)| *step < oldest_kept && best.as_ref() != Some(name))
+        {
             self.delete_checkpoint(name).await?;
         }
         Ok(())
@@ -790,7 +792,8 @@ impl CheckpointStore {
     }
 
     /// The checkpoint `which` names: `"latest"` (what the `latest` pointer names; when there is
-    /// no pointer, the newest complete checkpoint), a step number (`"1200"`), a directory name
+    /// no pointer, the newest complete checkpoint), `"best"` (what the `best` pointer names,
+    /// see [`CheckpointStore::offer_best`]), a step number (`"1200"`), a directory name
     /// (`"ckpt-000000001200"`), or the URL or path of a checkpoint directory anywhere
     /// (`"s3://bucket/run1/ckpt-000000001200"`, opened with this store's options).
     pub async fn resolve(&self, which: &str) -> Result<Manifest, CheckpointError> {
@@ -823,6 +826,15 @@ impl CheckpointStore {
                     self.read_manifest(self, &newest.dir).await
                 }
             };
+        }
+        if which == crate::BEST {
+            let best = self.best().await?.ok_or_else(|| {
+                CheckpointError::InvalidArgument(format!(
+                    "no `best` pointer under `{}`: it is written for jobs with [checkpoint] keep_best, once a scored checkpoint is complete",
+                    self.url
+                ))
+            })?;
+            return self.read_manifest(self, &best.checkpoint).await;
         }
         if let Ok(step) = which.parse::<u64>() {
             return self.read_manifest(self, &checkpoint_dir_name(step)).await;

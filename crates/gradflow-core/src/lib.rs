@@ -31,5 +31,5 @@ pub use init::Initializer;
 pub use mode::Mode;
 pub use optim::{Grad, NonFiniteUpdate, OptimizerConfig};
 pub use partition::{DEFAULT_PARTITION_BYTES, DensePiece, Placement};
-pub use settings::{CheckpointConfig, Restore, ServerSettings, SettingsError};
+pub use settings::{CheckpointConfig, Metric, Restore, ServerSettings, SettingsError};
 pub use spec::{DenseSpec, ModelSpec, SparseSpec};

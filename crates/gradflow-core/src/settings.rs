@@ -142,6 +142,78 @@ pub struct CheckpointConfig {
     /// Default "300s".
     #[serde(with = "humantime_serde")]
     pub finalize_timeout: Duration,
+    /// Keep the checkpoint of the best evaluation by this test score beside the newest `keep`
+    /// ones, and point `best` at it: `"test_auc"`, `"test_accuracy"` (higher is better) or
+    /// `"test_loss"` (lower is better). The built-in trainer checkpoints the model it scores at
+    /// every epoch end. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_best: Option<Metric>,
+}
+
+/// A test score the job's evaluations report, by which checkpoints are selected
+/// (`[checkpoint] keep_best`) and training stops early (`[train] early_stop_patience`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Area under the ROC curve on the test data; higher is better.
+    TestAuc,
+    /// Mean log loss on the test data; lower is better.
+    TestLoss,
+    /// Accuracy at 0.5 on the test data; higher is better.
+    TestAccuracy,
+}
+
+impl Metric {
+    /// The name the job file and the results lines use (`test_auc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::TestAuc => "test_auc",
+            Metric::TestLoss => "test_loss",
+            Metric::TestAccuracy => "test_accuracy",
+        }
+    }
+
+    /// Whether a higher score is a better model.
+    pub fn higher_is_better(self) -> bool {
+        !matches!(self, Metric::TestLoss)
+    }
+
+    /// Whether `score` is strictly better than `than` by this metric; a NaN is never better,
+    /// and anything is better than a NaN.
+    pub fn better(self, score: f64, than: f64) -> bool {
+        is_better(self.higher_is_better(), score, than)
+    }
+}
+
+/// Whether `score` is strictly better than `than` when higher (or lower) is better; a NaN
+/// is never better, and anything but a NaN is better than a NaN.
+pub fn is_better(higher_is_better: bool, score: f64, than: f64) -> bool {
+    if score.is_nan() {
+        return false;
+    }
+    if than.is_nan() {
+        return true;
+    }
+    if higher_is_better { score > than } else { score < than }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Metric {
+    type Err = SettingsError;
+
+    fn from_str(s: &str) -> Result<Metric, SettingsError> {
+        match s.trim() {
+            "test_auc" => Ok(Metric::TestAuc),
+            "test_loss" => Ok(Metric::TestLoss),
+            "test_accuracy" => Ok(Metric::TestAccuracy),
+            other => Err(SettingsError::UnknownMetric(other.to_string())),
+        }
+    }
 }
 
 impl Default for CheckpointConfig {
@@ -153,6 +225,7 @@ impl Default for CheckpointConfig {
             keep: 3,
             on_shutdown: true,
             finalize_timeout: Duration::from_secs(300),
+            keep_best: None,
         }
     }
 }
@@ -297,11 +370,27 @@ pub enum SettingsError {
     Restore { given: String, why: String },
     #[error("restore = \"{0}\" needs checkpoint.url to say where checkpoints are")]
     RestoreNeedsCheckpoint(Restore),
+    #[error("`{0}` is not a test score; expected \"test_auc\", \"test_loss\" or \"test_accuracy\"")]
+    UnknownMetric(String),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_read_their_names_and_know_which_way_is_better() {
+        for m in [Metric::TestAuc, Metric::TestLoss, Metric::TestAccuracy] {
+            assert_eq!(m.name().parse::<Metric>().unwrap(), m);
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(json, format!("\"{}\"", m.name()));
+        }
+        assert!(Metric::TestAuc.better(0.8, 0.7) && !Metric::TestAuc.better(0.7, 0.7));
+        assert!(Metric::TestLoss.better(0.3, 0.4) && !Metric::TestLoss.better(0.5, 0.4));
+        assert!(!Metric::TestAuc.better(f64::NAN, 0.1) && Metric::TestLoss.better(9.0, f64::NAN));
+        let e = "auc".parse::<Metric>().unwrap_err().to_string();
+        assert!(e.contains("`auc`") && e.contains("test_loss"), "{e}");
+    }
 
     #[test]
     fn restore_reads_the_strings_it_always_read_and_writes_them_back() {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use gradflow_core::Mode;
 use gradflow_core::embedding::EmbeddingSettings;
-use gradflow_core::settings::{CheckpointConfig, Restore, ServerSettings};
+use gradflow_core::settings::{CheckpointConfig, Metric, Restore, ServerSettings};
 use gradflow_data::{CsvSchema, Epochs, Format, LibsvmOptions, ReaderConfig, SynthConfig};
 use gradflow_models::ModelConfig;
 use gradflow_proto::TransportConfig;
@@ -260,6 +260,11 @@ pub struct TrainConfig {
     pub seed: u64,
     /// A progress line every this many steps. Default 50.
     pub log_every_steps: u64,
+    /// Stop the job (cleanly: last checkpoint, exit code 0) after this many evaluations in a
+    /// row without improvement of the selection score: `[checkpoint] keep_best`, else
+    /// `test_auc`. The built-in trainer evaluates at every epoch end. Default: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stop_patience: Option<u64>,
 }
 
 /// Where a job's outputs go.
@@ -302,7 +307,14 @@ pub struct LauncherConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { batch_size: 256, epochs: 1, max_steps: None, seed: 0, log_every_steps: 50 }
+        TrainConfig {
+            batch_size: 256,
+            epochs: 1,
+            max_steps: None,
+            seed: 0,
+            log_every_steps: 50,
+            early_stop_patience: None,
+        }
     }
 }
 
@@ -589,6 +601,7 @@ impl JobConfig {
         if let Some(checkpoint) = &self.checkpoint {
             checkpoint.validate()?;
         }
+        self.check_selection()?;
         if let Some(restore) = &self.restore {
             restore.check(self.checkpoint.as_ref())?;
         }
@@ -625,6 +638,61 @@ impl JobConfig {
                 ));
             }
             None => {}
+        }
+        Ok(())
+    }
+
+    /// The test score that selects checkpoints and stops training early:
+    /// `[checkpoint] keep_best`, else `test_auc`.
+    pub fn selection_metric(&self) -> Metric {
+        self.checkpoint.as_ref().and_then(|c| c.keep_best).unwrap_or(Metric::TestAuc)
+    }
+
+    /// `[checkpoint] keep_best` and `[train] early_stop_patience`: both go by the scores of the
+    /// built-in trainer's evaluations, which a sync job with static sharding makes of a model
+    /// held still at every epoch end.
+    fn check_selection(&self) -> Result<(), JobError> {
+        let keep_best = self.checkpoint.as_ref().and_then(|c| c.keep_best);
+        let patience = self.train.early_stop_patience;
+        if patience == Some(0) {
+            return Err(invalid("train.early_stop_patience", "expected at least 1, found 0"));
+        }
+        let (key, what) = match (keep_best, patience) {
+            (_, Some(_)) => ("train.early_stop_patience", "early stopping"),
+            (Some(_), None) => ("checkpoint.keep_best", "keeping the best checkpoint"),
+            (None, None) => return Ok(()),
+        };
+        if self.data.test.is_empty() {
+            return Err(invalid(
+                key,
+                format!(
+                    "{what} goes by the test scores of the evaluations at every epoch end, but the job has no test data: set data.test"
+                ),
+            ));
+        }
+        if self.worker.command.is_some() {
+            return Err(invalid(
+                key,
+                format!(
+                    "{what} goes by the built-in trainer's evaluations; your own worker.command makes none"
+                ),
+            ));
+        }
+        if self.mode != Mode::Sync {
+            return Err(invalid(
+                key,
+                format!(
+                    "{what} needs mode = \"sync\": only there is the model held still while it is scored, so that the score is the checkpoint's"
+                ),
+            ));
+        }
+        if self.data.sharding != Sharding::Static {
+            return Err(invalid(
+                key,
+                format!(
+                    "{what} needs data.sharding = \"static\" (the scorer holds the model at epoch ends there)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -780,6 +848,62 @@ format = "libsvm"
             .unwrap_err()
             .to_string();
         assert!(err.contains("heartbeat_timeout"), "{err}");
+    }
+
+    #[test]
+    fn model_selection_is_checked_naming_the_key() {
+        let with_test = MIN.replace("format = \"libsvm\"", "format = \"libsvm\"\ntest = \"test.libsvm\"");
+        let job = JobConfig::parse(&format!(
+            "{with_test}\n[train]\nearly_stop_patience = 2\n[checkpoint]\nkeep_best = \"test_loss\"\n"
+        ))
+        .unwrap();
+        assert_eq!(job.train.early_stop_patience, Some(2));
+        assert_eq!(job.checkpoint.as_ref().unwrap().keep_best, Some(Metric::TestLoss));
+        assert_eq!(job.selection_metric(), Metric::TestLoss);
+        // Early stopping alone goes by the test AUC; neither is on by default.
+        let job = JobConfig::parse(&format!("{with_test}\n[train]\nearly_stop_patience = 1\n")).unwrap();
+        assert_eq!(job.selection_metric(), Metric::TestAuc);
+        let job = JobConfig::parse(&with_test).unwrap();
+        assert_eq!((job.train.early_stop_patience, job.checkpoint), (None, None));
+
+        for (text, key, says) in [
+            (
+                format!("{with_test}\n[train]\nearly_stop_patience = 0\n"),
+                "train.early_stop_patience",
+                "at least 1",
+            ),
+            (
+                format!("{MIN}\n[train]\nearly_stop_patience = 3\n"),
+                "train.early_stop_patience",
+                "set data.test",
+            ),
+            (
+                format!("{MIN}\n[checkpoint]\nkeep_best = \"test_auc\"\n"),
+                "checkpoint.keep_best",
+                "set data.test",
+            ),
+            (
+                format!(
+                    "{}\n[train]\nearly_stop_patience = 3\n",
+                    with_test.replace("name = \"demo\"", "name = \"demo\"\nmode = \"async\"")
+                ),
+                "train.early_stop_patience",
+                "mode = \"sync\"",
+            ),
+            (
+                format!("{with_test}\nsharding = \"dynamic\"\n[checkpoint]\nkeep_best = \"test_accuracy\"\n"),
+                "checkpoint.keep_best",
+                "data.sharding = \"static\"",
+            ),
+        ] {
+            let err = JobConfig::parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(key) && err.contains(says), "{text}: {err}");
+        }
+        // An unknown score is named, with the ones there are.
+        let err = JobConfig::parse(&format!("{with_test}\n[checkpoint]\nkeep_best = \"auc\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep_best") && err.contains("auc") && err.contains("test_auc"), "{err}");
     }
 
     #[test]

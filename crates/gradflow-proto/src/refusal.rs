@@ -39,6 +39,9 @@ pub const CODE_METADATA: &str = "x-gradflow-code";
 pub enum RefusalCode {
     /// The server is stopping: its `UNAVAILABLE` will not go away by retrying.
     ShuttingDown,
+    /// Training ended early (early stopping) at the model version the refusal's
+    /// [`VERSION_METADATA`] gives: a worker's training is over, which is no failure.
+    Finished,
 }
 
 impl RefusalCode {
@@ -46,6 +49,7 @@ impl RefusalCode {
     pub fn as_str(self) -> &'static str {
         match self {
             RefusalCode::ShuttingDown => "shutting-down",
+            RefusalCode::Finished => "finished",
         }
     }
 }
@@ -67,6 +71,7 @@ impl FromStr for RefusalCode {
     fn from_str(s: &str) -> Result<RefusalCode, UnknownRefusalCode> {
         match s {
             "shutting-down" => Ok(RefusalCode::ShuttingDown),
+            "finished" => Ok(RefusalCode::Finished),
             other => Err(UnknownRefusalCode(other.to_string())),
         }
     }

@@ -18,7 +18,10 @@
 //!
 //! Every shard writes its own files; shard 0 then waits for all of them and writes the manifest
 //! and the `latest` pointer (gradflow-checkpoint makes the order safe: a checkpoint without its
-//! manifest does not exist). Shard 0 finalizes on a task of its own, in order, so waiting for
+//! manifest does not exist). With `keep_best`, the scorer's score of a model version comes
+//! with the `Score` RPC: every shard checkpoints that version, and shard 0 offers the
+//! checkpoint as the `best` once it is complete, whichever of the two arrives last (both go
+//! through shard 0's finalizing task, in order). Shard 0 finalizes on a task of its own, in order, so waiting for
 //! the other shards never holds its own uploads. Checkpoints that failed are remembered: the
 //! server reports them when it stops (and `gradflow ps` exits non-zero).
 
@@ -26,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use gradflow_checkpoint::{CheckpointError, CheckpointStore, ShardSnapshot};
-use gradflow_core::Mode;
+use gradflow_checkpoint::{CheckpointError, CheckpointStore, Score, ShardSnapshot};
+use gradflow_core::{Metric, Mode};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -44,10 +47,58 @@ pub const TASKS_EXTRA: &str = "data_tasks.json";
 /// writes it.
 pub const SCORING_EXTRA: &str = "scoring.json";
 
-/// Static data sharding: how many epochs were scored when the checkpoint was taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Static data sharding: how many epochs were scored when the checkpoint was taken, and how
+/// the scores by the job's selection metric went (for early stopping across restarts).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Scoring {
     pub scored_epochs: u64,
+    /// The best selection score so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSoFar>,
+    /// Evaluations since the best one (0: the last one was the best).
+    #[serde(default)]
+    pub since_best: u64,
+    /// Epochs whose selection score was counted (each is counted once).
+    #[serde(default)]
+    pub selected_epochs: u64,
+}
+
+/// The best selection score of a job so far.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BestSoFar {
+    pub metric: Metric,
+    pub value: f64,
+    /// The model version scored.
+    pub step: u64,
+    /// The epoch scored, 1-based.
+    pub epoch: u64,
+}
+
+impl Scoring {
+    /// Counts epoch `epoch`'s (0-based) selection score of model version `step`, once per
+    /// epoch; returns the evaluations since the best one.
+    pub fn select(&mut self, epoch: u64, step: u64, metric: Metric, value: f64) -> u64 {
+        if epoch < self.selected_epochs {
+            return self.since_best;
+        }
+        self.selected_epochs = epoch + 1;
+        match self.best {
+            Some(b) if b.metric == metric && !metric.better(value, b.value) => self.since_best += 1,
+            _ => {
+                self.best = Some(BestSoFar { metric, value, step, epoch: epoch + 1 });
+                self.since_best = 0;
+            }
+        }
+        self.since_best
+    }
+}
+
+/// What to do on shard 0's finalizing task, in order.
+enum Finalize {
+    /// Complete the checkpoint of this step.
+    Checkpoint(u64),
+    /// The model of this step was scored: offer its checkpoint as the best, if complete.
+    Scored(u64),
 }
 
 /// What shard 0 saves beside its part of the model: the data-task progress (dynamic data
@@ -113,7 +164,10 @@ pub struct Checkpointer {
     /// The version of the last checkpoint this shard finished writing (shard 0: finalizing).
     written: watch::Sender<u64>,
     queue: mpsc::Sender<Upload>,
-    finalize_queue: mpsc::UnboundedSender<u64>,
+    finalize_queue: mpsc::UnboundedSender<Finalize>,
+    /// Shard 0: the scores of recent model versions (`keep_best`), offered as the best once
+    /// their checkpoint is complete.
+    scores: Mutex<std::collections::BTreeMap<u64, Score>>,
     /// Snapshots queued or uploading, and checkpoints waiting for their finalize.
     busy: watch::Sender<usize>,
     /// Checkpoints that failed in this run, with why.
@@ -153,6 +207,7 @@ impl Checkpointer {
             written: watch::channel(start_version).0,
             queue,
             finalize_queue,
+            scores: Mutex::new(Default::default()),
             busy: watch::channel(0).0,
             failures: Mutex::new(Vec::new()),
             peers: OnceLock::new(),
@@ -349,7 +404,7 @@ impl Checkpointer {
         match result {
             Ok(()) if self.shard == 0 => {
                 // Finalized in order on its own task; `busy` goes down there.
-                let _ = self.finalize_queue.send(version);
+                let _ = self.finalize_queue.send(Finalize::Checkpoint(version));
                 return;
             }
             Ok(()) => {
@@ -365,6 +420,35 @@ impl Checkpointer {
         self.busy.send_modify(|n| *n -= 1);
     }
 
+    /// Shard 0: model version `version` was scored `score` (`keep_best`); its checkpoint is
+    /// offered as the best once complete, whichever comes first, the score or the checkpoint.
+    pub fn scored(&self, version: u64, score: Score) {
+        if self.shard != 0 {
+            return;
+        }
+        let mut scores = self.scores.lock().unwrap();
+        scores.insert(version, score);
+        while scores.len() > 64 {
+            scores.pop_first();
+        }
+        drop(scores);
+        self.busy.send_modify(|n| *n += 1);
+        if self.finalize_queue.send(Finalize::Scored(version)).is_err() {
+            self.busy.send_modify(|n| *n -= 1);
+        }
+    }
+
+    /// Shard 0: points `best` at checkpoint `step` if it is complete, scored, and better than
+    /// the one `best` names. A pointer that cannot be written fails the run like a checkpoint.
+    async fn offer_best(&self, step: u64) {
+        let Some(score) = self.scores.lock().unwrap().get(&step).copied() else { return };
+        match self.store.offer_best(step, score, self.config.keep).await {
+            Ok(true) => info!(step, metric = %score.metric, score = score.value, "best checkpoint so far"),
+            Ok(false) => {}
+            Err(e) => self.failed(step, &format!("the `best` pointer could not be moved to it: {e}")),
+        }
+    }
+
     /// Shard 0: completes checkpoint `step` once every shard's files are there.
     async fn finalize(&self, step: u64) {
         let started = Instant::now();
@@ -373,6 +457,7 @@ impl Checkpointer {
         match result {
             Ok(_) => {
                 info!(step, elapsed = ?started.elapsed(), "checkpoint written");
+                self.offer_best(step).await;
                 self.written.send_modify(|v| *v = (*v).max(step));
             }
             Err(CheckpointError::Abandoned { reason, shard, .. }) if reason.starts_with(SUPERSEDED) => {
@@ -391,10 +476,16 @@ async fn upload_loop(ck: Weak<Checkpointer>, mut uploads: mpsc::Receiver<Upload>
     }
 }
 
-async fn finalize_loop(ck: Weak<Checkpointer>, mut steps: mpsc::UnboundedReceiver<u64>) {
-    while let Some(step) = steps.recv().await {
+async fn finalize_loop(ck: Weak<Checkpointer>, mut jobs: mpsc::UnboundedReceiver<Finalize>) {
+    while let Some(job) = jobs.recv().await {
         let Some(ck) = ck.upgrade() else { return };
-        ck.finalize(step).await;
+        match job {
+            Finalize::Checkpoint(step) => ck.finalize(step).await,
+            Finalize::Scored(step) => {
+                ck.offer_best(step).await;
+                ck.busy.send_modify(|n| *n -= 1);
+            }
+        }
     }
 }
 
@@ -508,5 +599,32 @@ async fn extra<T: serde::de::DeserializeOwned>(
                 .map_err(|e| PsError::Checkpoint(format!("{name} of checkpoint {}: {e}", manifest.url())))?,
         )),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_counts_each_epoch_once_and_restarts_the_count_at_a_better_score() {
+        let mut s = Scoring::default();
+        assert_eq!(s.select(0, 10, Metric::TestAuc, 0.70), 0);
+        assert_eq!(s.select(1, 20, Metric::TestAuc, 0.74), 0);
+        assert_eq!(s.select(2, 30, Metric::TestAuc, 0.74), 1, "equal is no improvement");
+        // A restarted scorer reporting epoch 2 again changes nothing.
+        assert_eq!(s.select(2, 30, Metric::TestAuc, 0.10), 1);
+        assert_eq!(s.select(3, 40, Metric::TestAuc, f64::NAN), 2);
+        assert_eq!(s.best, Some(BestSoFar { metric: Metric::TestAuc, value: 0.74, step: 20, epoch: 2 }));
+        // It survives a checkpoint: old records without the fields read as no selection yet.
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Scoring>(&json).unwrap(), s);
+        let old: Scoring = serde_json::from_str(r#"{"scored_epochs":3}"#).unwrap();
+        assert_eq!(old, Scoring { scored_epochs: 3, ..Scoring::default() });
+        // Lower is better for the loss.
+        let mut s = Scoring::default();
+        s.select(0, 1, Metric::TestLoss, 0.5);
+        assert_eq!(s.select(1, 2, Metric::TestLoss, 0.4), 0);
+        assert_eq!(s.select(2, 3, Metric::TestLoss, 0.45), 1);
     }
 }

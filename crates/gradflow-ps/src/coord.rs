@@ -49,6 +49,9 @@ struct State {
     /// Sync: a step that does not complete without its worker's push (the scorer holding
     /// the model at an epoch's end; see [`Coordinator::hold`]).
     hold: Option<Hold>,
+    /// Sync, early stopping: training ended with the model of this version; no later step
+    /// completes (see [`Coordinator::finish`]).
+    finished_at: Option<u64>,
 }
 
 /// Step `step` waits for `worker`'s push, even when `worker` is dropped or paused.
@@ -103,6 +106,7 @@ impl Coordinator {
                 applying: false,
                 restored_at: None,
                 hold: None,
+                finished_at: None,
             }),
             changed: watch::channel(0).0,
         }
@@ -233,6 +237,26 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Sync, early stopping: training ends with the model of version `at` (or the version now,
+    /// if the model is past it). No later step completes; pulls for later steps and pushes of
+    /// `at` or later are refused with [`PsError::Finished`], which ends a worker's training,
+    /// and the pushes of step `at` that arrived already are never applied. Wakes every waiter.
+    pub fn finish(&self, at: u64) {
+        let mut s = self.state.lock().unwrap();
+        let at = at.max(s.version);
+        if s.finished_at.is_none_or(|f| at < f) {
+            info!(step = at, "training ends here (early stopping)");
+            s.finished_at = Some(at);
+        }
+        drop(s);
+        self.notify();
+    }
+
+    /// The version training ended with, when it ended early (see [`Coordinator::finish`]).
+    pub fn finished_at(&self) -> Option<u64> {
+        self.state.lock().unwrap().finished_at
+    }
+
     /// Drops workers that have not been heard from in time; may complete the current step.
     pub fn reap(&self) -> Option<StepTicket> {
         let mut s = self.state.lock().unwrap();
@@ -272,6 +296,9 @@ impl Coordinator {
         loop {
             {
                 let s = self.state.lock().unwrap();
+                if let Some(at) = s.finished_at.filter(|at| step > *at) {
+                    return Err(PsError::Finished { at, requested: step });
+                }
                 if let Some(v) = s.restored_at.filter(|v| *v == s.version) {
                     // A worker that pushed for the restored step may wait for the next one;
                     // any other request not for the restored step is from before the restore.
@@ -303,6 +330,9 @@ impl Coordinator {
     /// Sync: reserves `worker`'s slot in step `step` before its gradients are added.
     pub fn begin_push(&self, worker: u32, step: u64) -> Result<(), PsError> {
         let mut s = self.state.lock().unwrap();
+        if let Some(at) = s.finished_at.filter(|at| step >= *at) {
+            return Err(PsError::Finished { at, requested: step });
+        }
         if step < s.version || (step == s.version && s.applying) {
             return Err(PsError::StaleStep { pushed: step, current: s.version + s.applying as u64 });
         }
@@ -336,6 +366,9 @@ impl Coordinator {
 
     fn try_complete(&self, s: &mut State) -> Option<StepTicket> {
         if self.mode != Mode::Sync || s.applying || s.arriving > 0 {
+            return None;
+        }
+        if s.finished_at.is_some_and(|at| s.version >= at) {
             return None;
         }
         let arrived = s.arrived.iter().filter(|a| **a).count() as u32;
@@ -391,6 +424,10 @@ impl Coordinator {
         if self.mode != Mode::Sync || s.applying || s.arriving > 0 || !s.arrived.iter().any(|a| *a) {
             return None;
         }
+        // Stopped early: the job's last model is the one training ended with.
+        if s.finished_at.is_some_and(|at| s.version >= at) {
+            return None;
+        }
         s.applying = true;
         let divisor = s.arrived.iter().filter(|a| **a).count() as u32;
         Some(StepTicket { divisor, step: s.version })
@@ -443,6 +480,35 @@ mod tests {
         c.finish_step(t);
         assert_eq!(c.version(), 1);
         assert!(matches!(c.begin_push(0, 0), Err(PsError::StaleStep { pushed: 0, current: 1 })));
+    }
+
+    #[test]
+    fn a_finished_job_completes_no_later_step_and_refuses_what_would_train_one() {
+        let c = sync(2);
+        c.touch(0).unwrap();
+        c.touch(1).unwrap();
+        c.hold(0, 1).unwrap();
+        for w in 0..2 {
+            c.begin_push(w, 0).unwrap();
+            if let Some(t) = c.end_push(w, true) {
+                c.finish_step(t);
+            }
+        }
+        // Worker 1 pushes step 1 while worker 0 scores the model of step 1, then stops the job.
+        c.begin_push(1, 1).unwrap();
+        assert!(c.end_push(1, true).is_none());
+        c.finish(1);
+        assert_eq!(c.finished_at(), Some(1));
+        assert!(c.leave(0, false).unwrap().is_none(), "the scorer leaving must not complete step 1");
+        assert!(c.complete_open_step().is_none(), "nor must the shutdown");
+        assert_eq!(c.version(), 1);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert_eq!(rt.block_on(c.wait_for_step(1, 1, Duration::from_secs(1))).unwrap(), 1);
+        assert!(matches!(
+            rt.block_on(c.wait_for_step(1, 2, Duration::from_secs(1))),
+            Err(PsError::Finished { at: 1, requested: 2 })
+        ));
+        assert!(matches!(c.begin_push(1, 1), Err(PsError::Finished { at: 1, .. })));
     }
 
     #[test]

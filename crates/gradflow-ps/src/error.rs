@@ -65,6 +65,11 @@ pub enum PsError {
     Bind { what: &'static str, addr: std::net::SocketAddr, source: std::io::Error },
     #[error("server is shutting down")]
     ShuttingDown,
+    /// Early stopping ended training with the model of step `at`: nothing later is trained.
+    #[error(
+        "training ended early (early stopping) with the model of step {at}; step {requested} will not be trained"
+    )]
+    Finished { at: u64, requested: u64 },
     #[error("internal error: {0}")]
     Internal(String),
     #[error(
@@ -111,6 +116,7 @@ impl From<PsError> for Status {
                 Code::FailedPrecondition
             }
             PsError::ShuttingDown => Code::Unavailable,
+            PsError::Finished { .. } => Code::OutOfRange,
             PsError::Internal(_) => Code::Internal,
             PsError::NonFiniteModel { .. } => Code::FailedPrecondition,
             PsError::ModelTooLarge(_) => Code::ResourceExhausted,
@@ -127,6 +133,10 @@ impl From<PsError> for Status {
             PsError::NonFiniteModel { step, .. } => refusal::set_u64(&mut status, NON_FINITE_METADATA, step),
             // UNAVAILABLE is otherwise worth retrying: this one is not.
             PsError::ShuttingDown => refusal::set_code(&mut status, RefusalCode::ShuttingDown),
+            PsError::Finished { at, .. } => {
+                refusal::set_code(&mut status, RefusalCode::Finished);
+                refusal::set_u64(&mut status, VERSION_METADATA, at);
+            }
             _ => {}
         }
         status
@@ -156,5 +166,10 @@ mod tests {
             detail: "NaN".into(),
         });
         assert_eq!(refusal::non_finite_step(&s), Some(4));
+        let s = Status::from(PsError::Finished { at: 7, requested: 8 });
+        assert_eq!(
+            (s.code(), refusal::code(&s), refusal::version(&s)),
+            (Code::OutOfRange, Some(RefusalCode::Finished), Some(7))
+        );
     }
 }

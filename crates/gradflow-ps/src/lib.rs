@@ -14,10 +14,12 @@
 //!   port, spawns the task that drops silent workers, and returns a handle that shuts
 //!   everything down.
 //! - [`shard`]: the core: pushes, pulls, the step protocol, declaring the model, data tasks,
-//!   scoring holds, checkpoint triggering; and the request metrics, recorded there only.
+//!   scoring holds and selection scores (`keep_best`, early stopping), checkpoint triggering;
+//!   and the request metrics, recorded there only.
 //! - [`push`]: a push as the core takes it, and its validation: checked whole before any of
 //!   it is applied.
-//! - [`coord`]: worker liveness and the sync-step / async-staleness rules.
+//! - [`coord`]: worker liveness, the sync-step / async-staleness rules, and where training
+//!   ends when it stops early.
 //! - [`model`]: the parameters this shard holds, dense pieces and sparse rows, and the update
 //!   math beside them (accumulating a push, applying a step).
 //! - [`service`]: the gRPC adapter, one handler per RPC of `proto/gradflow.proto`.

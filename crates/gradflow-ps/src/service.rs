@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::PsError;
 use crate::encoding::{encoding_of, widen};
 use crate::push::{DenseGrad, Push, SparseGrad, TaskProgress};
-use crate::shard::{Declare, DenseRead, Rows, Shard, TableIds};
+use crate::shard::{Declare, DenseRead, Rows, ScoreCall, Selection, Shard, TableIds};
 use crate::tasks::{Handout, Piece, TaskPlan};
 
 /// The tonic service; cheap to clone.
@@ -188,8 +188,27 @@ impl gradflow_proto::ParameterServer for Service {
 
     async fn score(&self, request: Request<pb::ScoreRequest>) -> Result<Response<pb::ScoreResponse>, Status> {
         let req = request.into_inner();
-        self.shard.score(req.worker, req.epoch, req.step, req.scored)?;
-        Ok(Response::new(pb::ScoreResponse {}))
+        let selection = match req.selection {
+            Some(s) => Some(Selection {
+                metric: s
+                    .metric
+                    .parse()
+                    .map_err(|e| PsError::InvalidArgument(format!("selection.metric: {e}")))?,
+                value: s.value,
+                keep_best: s.keep_best,
+            }),
+            None => None,
+        };
+        let call = ScoreCall {
+            worker: req.worker,
+            epoch: req.epoch,
+            step: req.step,
+            scored: req.scored,
+            selection,
+            stop: req.stop,
+        };
+        let since_best = self.shard.score(call).await?;
+        Ok(Response::new(pb::ScoreResponse { since_best }))
     }
 
     async fn declare_serving(

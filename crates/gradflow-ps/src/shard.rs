@@ -102,6 +102,29 @@ impl DenseRead {
     }
 }
 
+/// An evaluation's score by the job's selection metric (the `Score` RPC's `selection`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Selection {
+    pub metric: gradflow_core::Metric,
+    pub value: f64,
+    /// Checkpoint the scored model and keep the best such checkpoint (`keep_best`).
+    pub keep_best: bool,
+}
+
+/// The scorer's report on an epoch's end (the `Score` RPC): `step` is the step whose batch
+/// ends epoch `epoch` (0-based); the model scored is version `step` + 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreCall {
+    pub worker: u32,
+    pub epoch: u64,
+    pub step: u64,
+    /// False: hold the next step while the scorer scores; true: the epoch is scored.
+    pub scored: bool,
+    pub selection: Option<Selection>,
+    /// End training with the model scored (early stopping).
+    pub stop: bool,
+}
+
 /// What a shard reports about itself (the `Status` RPC).
 #[derive(Debug, Clone)]
 pub struct ShardStatus {
@@ -138,6 +161,9 @@ pub struct Shard {
     /// Epochs scored so far (static data sharding, see the `Score` RPC); `None` when unknown
     /// (restored from a checkpoint that did not record it).
     scored_epochs: Mutex<Option<u64>>,
+    /// Shard 0: the selection scores so far (best, evaluations since); `scored_epochs` of it
+    /// is not used (see the field above).
+    selection: Mutex<Scoring>,
     /// Shard 0: what a predictor needs beside the parameters, as worker 0 declared it (or as
     /// the restored checkpoint had it); written into every checkpoint.
     serving: Mutex<Option<serde_json::Value>>,
@@ -175,6 +201,7 @@ impl Shard {
                 None => Some(0),
                 Some(r) => r.scoring.map(|s| s.scored_epochs),
             }),
+            selection: Mutex::new(restored.as_ref().and_then(|r| r.scoring).unwrap_or_default()),
             model: RwLock::new(restored.map(|r| Arc::new(r.model))),
             declare_lock: tokio::sync::Mutex::new(()),
             checkpointer,
@@ -194,7 +221,8 @@ impl Shard {
             // Declared by no one yet after a restore: keep what the checkpoint had.
             None => self.restored_tasks.lock().unwrap().clone(),
         };
-        let scoring = self.scored_epochs().map(|scored_epochs| Scoring { scored_epochs });
+        let selection = *self.selection.lock().unwrap();
+        let scoring = self.scored_epochs().map(|scored_epochs| Scoring { scored_epochs, ..selection });
         let serving = self.serving.lock().unwrap().clone();
         Extras { tasks, scoring, serving }
     }
@@ -220,18 +248,55 @@ impl Shard {
         *self.scored_epochs.lock().unwrap()
     }
 
-    /// The scorer reached the end of epoch `epoch` at `step`: holds the next step (sync) so
-    /// that the model stays the epoch's end model until the scorer has scored it and pushed
-    /// its next batch; or, with `scored`, records that the epoch is scored.
-    pub fn score(&self, worker: u32, epoch: u64, step: u64, scored: bool) -> Result<(), PsError> {
+    /// The scorer reached the end of epoch `epoch` at `step` (see [`ScoreCall`]): holds the
+    /// next step (sync) so that the model stays the epoch's end model until the scorer has
+    /// scored it and pushed its next batch; or, with `scored`, records that the epoch is
+    /// scored, and with a selection score counts it (shard 0) and, for `keep_best`,
+    /// checkpoints the model scored; or, with `stop`, ends training with that model. Returns
+    /// shard 0's evaluations since the best selection score (0 elsewhere).
+    pub async fn score(self: &Arc<Self>, call: ScoreCall) -> Result<u64, PsError> {
+        let ScoreCall { worker, epoch, step, scored, selection, stop } = call;
         self.touch(worker)?;
-        if !scored {
-            return self.coord.hold(worker, step + 1);
+        if stop {
+            self.coord.finish(step + 1);
+            return Ok(0);
         }
-        let mut n = self.scored_epochs.lock().unwrap();
-        *n = Some(n.unwrap_or(0).max(epoch + 1));
+        if !scored {
+            self.coord.hold(worker, step + 1)?;
+            return Ok(0);
+        }
+        {
+            let mut n = self.scored_epochs.lock().unwrap();
+            *n = Some(n.unwrap_or(0).max(epoch + 1));
+        }
         info!(worker, epoch = epoch + 1, "epoch scored");
-        Ok(())
+        let Some(sel) = selection else { return Ok(0) };
+        let since_best = match self.config.shard {
+            0 => self.selection.lock().unwrap().select(epoch, step + 1, sel.metric, sel.value),
+            _ => 0,
+        };
+        if sel.keep_best {
+            self.checkpoint_scored(epoch, step + 1, sel).await;
+        }
+        Ok(since_best)
+    }
+
+    /// `keep_best`: model version `version`, held while it was scored, gets a checkpoint (unless
+    /// it has one), and shard 0 offers that checkpoint as the best once it is complete.
+    async fn checkpoint_scored(self: &Arc<Self>, epoch: u64, version: u64, sel: Selection) {
+        let Some(ck) = self.checkpointer.clone() else { return };
+        ck.scored(
+            version,
+            gradflow_checkpoint::Score { metric: sel.metric, value: sel.value, epoch: Some(epoch + 1) },
+        );
+        if self.coord.version() != version || ck.last_taken() >= version {
+            // Taken already (`every_steps`), or the model moved on (a score of a past epoch).
+            return;
+        }
+        ck.request(version);
+        if self.coord.between_steps() {
+            self.checkpoint_if_due(version, true).await;
+        }
     }
 
     fn task_queue(&self) -> Result<std::sync::MutexGuard<'_, Option<TaskQueue>>, PsError> {

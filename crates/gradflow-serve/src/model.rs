@@ -65,7 +65,7 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads checkpoint `which` (`latest`, a step, a directory name or a checkpoint's URL) of
+    /// Loads checkpoint `which` (`latest`, `best`, a step, a directory name or a checkpoint's URL) of
     /// the root `store`.
     pub async fn load(store: &CheckpointStore, which: &str) -> Result<LoadedModel, ServeError> {
         let manifest = store.resolve(which).await?;

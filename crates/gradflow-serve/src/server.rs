@@ -32,8 +32,8 @@ use crate::{LoadedModel, RowDecoder, ServeError};
 pub struct ServeConfig {
     /// The checkpoint root (or one checkpoint's URL).
     pub url: String,
-    /// Which checkpoint: `latest` (followed: newer complete checkpoints are swapped in), a
-    /// step, or a directory name (served as it is). Default `latest`.
+    /// Which checkpoint: `latest` or `best` (followed: newer complete checkpoints they point
+    /// at are swapped in), a step, or a directory name (served as it is). Default `latest`.
     pub which: String,
     /// How often `latest` is looked at. Default 10 s.
     pub poll: Duration,
@@ -80,7 +80,7 @@ pub struct Server {
 }
 
 impl Server {
-    /// Loads the checkpoint `config` names and starts the batcher and, for `latest`, the
+    /// Loads the checkpoint `config` names and starts the batcher and, for `latest` or `best`, the
     /// watcher of newer checkpoints. Call from within a tokio runtime.
     pub async fn start(config: ServeConfig) -> Result<Arc<Server>, ServeError> {
         let store = CheckpointStore::open(&config.url)?;
@@ -100,7 +100,8 @@ impl Server {
             config,
         });
         tokio::spawn(batcher(rx, server.config.max_batch_rows.max(1), server.metrics.clone()));
-        if server.config.which.trim() == gradflow_checkpoint::LATEST {
+        // `latest` and `best` move on during a job; both only ever to a newer checkpoint.
+        if [gradflow_checkpoint::LATEST, gradflow_checkpoint::BEST].contains(&server.config.which.trim()) {
             tokio::spawn(follow(Arc::downgrade(&server), server.stop.subscribe()));
         }
         Ok(server)
@@ -145,7 +146,7 @@ impl Server {
         Ok((answer.await.map_err(|_| ServeError::Stopped)??, step))
     }
 
-    /// Looks at the checkpoint `latest` names now and swaps it in if it is newer than the
+    /// Looks at the checkpoint `latest` (or `best`) names now and swaps it in if it is newer than the
     /// served one and loads; returns the step served afterwards. A checkpoint that fails to
     /// load is the error, and the served model stays.
     pub async fn reload(&self) -> Result<u64, ServeError> {
@@ -173,13 +174,13 @@ impl Server {
         Ok(step)
     }
 
-    /// Stops following `latest`; requests are still answered.
+    /// Stops following `latest` (or `best`); requests are still answered.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
     }
 }
 
-/// Every `poll`, swaps in the checkpoint `latest` names if it is newer; until the server is
+/// Every `poll`, swaps in the checkpoint `latest` (or `best`) names if it is newer; until the server is
 /// dropped or stopped. A checkpoint that fails is logged once.
 async fn follow(server: std::sync::Weak<Server>, mut stop: watch::Receiver<bool>) {
     let mut refused: Option<String> = None;

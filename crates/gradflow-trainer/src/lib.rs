@@ -3,7 +3,11 @@
 //! A worker reads its shard of the training data, and for every batch pulls the parameters
 //! the batch needs from the servers, computes the loss and gradients with a built-in model
 //! (gradflow-models), and pushes the gradients. At the end of every epoch worker 0 scores the
-//! model on the test data and reports the result.
+//! model on the test data and reports the result; with `[checkpoint] keep_best` or `[train]
+//! early_stop_patience` it also sends the servers the score by the selection metric (the
+//! servers checkpoint the model scored and keep the best such checkpoint), and once
+//! `early_stop_patience` evaluations in a row brought no better score it ends training there
+//! (every worker's training ends when the servers refuse its next step as `finished`).
 //!
 //! - [`run_worker`]: the loop.
 //! - [`evaluate`]: test loss, AUC and accuracy of the model the servers hold.
@@ -26,13 +30,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gradflow_core::Mode;
+use gradflow_core::{Metric, Mode};
 use gradflow_data::metrics as scoring;
 use gradflow_data::{Batch, FilePiece, Reader, ReaderConfig, ShardSpec, Standardizer};
 use gradflow_job::contract::{ENV_ATTEMPT, ENV_RUN_ID};
 use gradflow_job::{Event, JobConfig, Sharding};
 use gradflow_models::{Grads, InputSchema, Model, Params, Scaling, ServingInfo, SparseRows};
-use gradflow_worker::{DataTask, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
+use gradflow_worker::{DataTask, Selection, StepOutcome, TaskHandout, TaskPiece, Worker, WorkerConfig};
 use observe::{Phases, Recorder};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -511,15 +515,19 @@ impl Session<'_> {
     /// Scores the model on the test data after `epoch` (0-based) and records the result,
     /// with `trained`, the examples the epoch put in the model, when known. An epoch this run
     /// already recorded (its scorer stopped after writing the line) is not scored again.
-    async fn evaluate_epoch(&mut self, epoch: u64, trained: Option<u64>) -> Result<(), TrainError> {
-        let Some(test) = self.job.test_reader() else { return Ok(()) };
+    async fn evaluate_epoch(
+        &mut self,
+        epoch: u64,
+        trained: Option<u64>,
+    ) -> Result<Option<Scores>, TrainError> {
+        let Some(test) = self.job.test_reader() else { return Ok(None) };
         if let Some(line) = recorded_result(self.job, epoch + 1)? {
             info!(
                 worker = self.index,
                 epoch = epoch + 1,
                 "this epoch's score is in the results already: {line}"
             );
-            return Ok(());
+            return Ok(recorded_scores(&line));
         }
         let e = evaluate(
             &self.worker,
@@ -546,15 +554,38 @@ impl Session<'_> {
         append_result(self.job, &event, trained, train_loss)?;
         fault_abort_scoring(epoch + 1, true);
         self.summary.evals.push(event);
-        Ok(())
+        Ok(Some(e))
     }
 
     /// Static sharding, the scorer: scores epoch `epoch`, whose last batch was step `step`,
-    /// and tells the servers; its next push ends the hold on the step after it.
-    async fn score_epoch(&mut self, epoch: u64, step: u64) -> Result<(), TrainError> {
-        self.evaluate_epoch(epoch, None).await?;
-        self.worker.scored(epoch, step).await?;
-        Ok(())
+    /// and tells the servers; its next push ends the hold on the step after it. With
+    /// `keep_best` or `early_stop_patience` the servers get the score by the selection metric
+    /// (and checkpoint the model scored, for `keep_best`); after `early_stop_patience`
+    /// evaluations without a better one, training ends here: returns true.
+    async fn score_epoch(&mut self, epoch: u64, step: u64) -> Result<bool, TrainError> {
+        let scores = self.evaluate_epoch(epoch, None).await?;
+        let keep_best = self.job.checkpoint.as_ref().is_some_and(|c| c.keep_best.is_some());
+        let patience = self.job.train.early_stop_patience;
+        let Some(scores) = scores.filter(|_| keep_best || patience.is_some()) else {
+            self.worker.scored(epoch, step).await?;
+            return Ok(false);
+        };
+        let metric = self.job.selection_metric();
+        let value = match metric {
+            Metric::TestAuc => scores.auc,
+            Metric::TestLoss => scores.loss,
+            Metric::TestAccuracy => scores.accuracy,
+        };
+        let since_best = self.worker.scored_with(epoch, step, Selection { metric, value, keep_best }).await?;
+        let Some(patience) = patience.filter(|p| since_best >= *p) else { return Ok(false) };
+        info!(
+            worker = self.index,
+            epoch = epoch + 1,
+            step = step + 1,
+            "early stopping: {since_best} evaluations in a row without a better {metric} (early_stop_patience = {patience}); training ends with this model"
+        );
+        self.worker.stop_training(epoch, step).await?;
+        Ok(true)
     }
 
     /// Static sharding, a restarted scorer: scores the epochs that ended in the batches it
@@ -562,8 +593,8 @@ impl Session<'_> {
     /// mode the servers held the step after an epoch's end until its score came, so an
     /// unscored epoch ended right where the job is now, and the model is that epoch's end
     /// model. In async mode the model never stops: a late score is of the model now.
-    async fn score_missed(&mut self, ends: &[(u64, u64)], resumed_at: u64) -> Result<(), TrainError> {
-        let Some(shard0) = self.worker.status().await?.into_iter().next() else { return Ok(()) };
+    async fn score_missed(&mut self, ends: &[(u64, u64)], resumed_at: u64) -> Result<bool, TrainError> {
+        let Some(shard0) = self.worker.status().await?.into_iter().next() else { return Ok(false) };
         for &(epoch, step) in ends {
             let scored = match shard0.scored_epochs {
                 Some(n) => epoch < n,
@@ -593,9 +624,11 @@ impl Session<'_> {
                     "scoring the epoch that ended where this worker resumes"
                 );
             }
-            self.score_epoch(epoch, step).await?;
+            if self.score_epoch(epoch, step).await? {
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Static sharding: this worker's fixed byte range of every file, epoch after epoch;
@@ -618,8 +651,8 @@ impl Session<'_> {
                 }
             }
             info!(worker = self.index, batches = first_step, "skipped the batches trained before this step");
-            if scorer {
-                self.score_missed(&ends, first_step).await?;
+            if scorer && self.score_missed(&ends, first_step).await? {
+                return Ok(());
             }
         }
         while !self.max_steps_reached() {
@@ -632,7 +665,16 @@ impl Session<'_> {
             if ends_epoch {
                 self.worker.hold_for_scoring(reader.epoch(), step).await?;
             }
-            let (outcome, loss) = self.train_batch().await?;
+            let (outcome, loss) = match self.train_batch().await {
+                Ok(trained) => trained,
+                Err(e) => match finished_at(&e) {
+                    Some(at) => {
+                        info!(worker = self.index, step = at, "training ended early (early stopping)");
+                        break;
+                    }
+                    None => return Err(e),
+                },
+            };
             if let Trained::Discarded = outcome {
                 warn!(
                     worker = self.index,
@@ -641,8 +683,8 @@ impl Session<'_> {
                 );
             }
             self.count(n, loss, reader.epoch()).await;
-            if ends_epoch {
-                self.score_epoch(reader.epoch(), step).await?;
+            if ends_epoch && self.score_epoch(reader.epoch(), step).await? {
+                break;
             }
         }
         warn_skipped(self.index, reader.skipped(), &shown(reader.skipped_lines()));
@@ -851,6 +893,26 @@ pub fn recorded_result(job: &JobConfig, epoch: u64) -> Result<Option<String>, Tr
         })
         .last()
         .map(str::to_string))
+}
+
+/// The version training ended with, when `e` says that the servers ended it early (early
+/// stopping): the end of this worker's training, not a failure.
+fn finished_at(e: &TrainError) -> Option<u64> {
+    match e {
+        TrainError::Worker(e) => e.finished_at(),
+        _ => None,
+    }
+}
+
+/// The scores a results line holds.
+fn recorded_scores(line: &str) -> Option<Scores> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some(Scores {
+        loss: v["test_loss"].as_f64()?,
+        auc: v["test_auc"].as_f64()?,
+        accuracy: v["test_accuracy"].as_f64()?,
+        examples: v["test_examples"].as_u64()?,
+    })
 }
 
 /// This process's start: 0 for the first, +1 per restart (`GRADFLOW_ATTEMPT`).

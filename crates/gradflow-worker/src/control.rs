@@ -13,6 +13,16 @@ use tracing::{debug, info};
 use crate::connection::Client;
 use crate::{Worker, WorkerError};
 
+/// An evaluation's score by the job's selection metric, reported with
+/// [`Worker::scored_with`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Selection {
+    pub metric: gradflow_core::Metric,
+    pub value: f64,
+    /// Checkpoint the model scored and keep the best such checkpoint (`[checkpoint] keep_best`).
+    pub keep_best: bool,
+}
+
 impl Worker {
     /// Declares the model on every shard: creates it on the first call of the job, checks it
     /// on later ones (a different spec is refused with the first difference).
@@ -76,23 +86,56 @@ impl Worker {
     /// stays the epoch's end model while it is scored, even if this worker is killed
     /// meanwhile and restarted.
     pub async fn hold_for_scoring(&self, epoch: u64, step: u64) -> Result<(), WorkerError> {
-        self.score_call(epoch, step, false).await
+        self.score_call(epoch, step, false, None, false).await.map(|_| ())
     }
 
     /// Records on every shard that epoch `epoch` is scored (shard 0 counts scored epochs).
     pub async fn scored(&self, epoch: u64, step: u64) -> Result<(), WorkerError> {
-        self.score_call(epoch, step, true).await
+        self.score_call(epoch, step, true, None, false).await.map(|_| ())
     }
 
-    async fn score_call(&self, epoch: u64, step: u64, scored: bool) -> Result<(), WorkerError> {
+    /// Records on every shard that epoch `epoch` is scored, with its score by the job's
+    /// selection metric: shard 0 compares it with the best so far, and with
+    /// [`Selection::keep_best`] every shard checkpoints the model scored (held since
+    /// [`Worker::hold_for_scoring`]) and `best` follows the best such checkpoint. Returns the
+    /// evaluations since the best one (0: this one is the best).
+    pub async fn scored_with(&self, epoch: u64, step: u64, selection: Selection) -> Result<u64, WorkerError> {
+        let selection = pb::Selection {
+            metric: selection.metric.name().to_string(),
+            value: selection.value,
+            keep_best: selection.keep_best,
+        };
+        self.score_call(epoch, step, true, Some(selection), false).await
+    }
+
+    /// Early stopping, the scorer: ends training on every shard with the model it scored at the
+    /// end of epoch `epoch` (held since [`Worker::hold_for_scoring`] at `step`). The other
+    /// workers' pulls and pushes of later steps are refused from then on, which ends their
+    /// training ([`WorkerError::finished_at`]); this worker stops pushing and leaves.
+    pub async fn stop_training(&self, epoch: u64, step: u64) -> Result<(), WorkerError> {
+        self.score_call(epoch, step, true, None, true).await.map(|_| ())
+    }
+
+    /// Shard 0's `since_best`.
+    async fn score_call(
+        &self,
+        epoch: u64,
+        step: u64,
+        scored: bool,
+        selection: Option<pb::Selection>,
+        stop: bool,
+    ) -> Result<u64, WorkerError> {
         let worker = self.config.worker;
-        try_join_all((0..self.shards.len()).map(|shard| {
-            self.call(shard, "Score", move |mut c| async move {
-                c.score(pb::ScoreRequest { worker, epoch, step, scored }).await
+        let answers = try_join_all((0..self.shards.len()).map(|shard| {
+            let selection = selection.clone();
+            self.call(shard, "Score", move |mut c| {
+                let req =
+                    pb::ScoreRequest { worker, epoch, step, scored, selection: selection.clone(), stop };
+                async move { c.score(req).await }
             })
         }))
         .await?;
-        Ok(())
+        Ok(answers.first().map_or(0, |a| a.get_ref().since_best))
     }
 
     /// Asks every shard for a checkpoint of model version `steps[shard]` (or the first step at

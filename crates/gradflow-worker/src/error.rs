@@ -50,6 +50,19 @@ impl WorkerError {
         matches!(self, WorkerError::ModelNotFinite { .. })
     }
 
+    /// Whether the servers ended training early (early stopping): this worker's training is
+    /// over, which is no failure. The version training ended with, when so.
+    pub fn finished_at(&self) -> Option<u64> {
+        match self {
+            WorkerError::Server { status, .. }
+                if refusal::code(status) == Some(refusal::RefusalCode::Finished) =>
+            {
+                Some(refusal::version(status).unwrap_or(0))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the server refused because this worker's data task (dynamic sharding) was
     /// handed to another worker; ask for a new task with [`Worker::next_task`](crate::Worker::next_task).
     pub fn is_lease_lost(&self) -> bool {

@@ -75,6 +75,7 @@ pub mod tch;
 
 pub use client::{StepOutcome, Worker};
 pub use config::{ConfigError, WorkerConfig};
+pub use control::Selection;
 pub use error::WorkerError;
 pub use tasks::{DataTask, NextTask, TaskHandout, TaskPiece};
 /// gRPC status codes, as [`WorkerError::code`] returns them.

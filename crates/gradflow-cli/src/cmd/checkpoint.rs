@@ -52,7 +52,8 @@ pub struct LsArgs {
 pub struct InspectArgs {
     /// Checkpoint root (see `gradflow checkpoint ls`), or the URL of one checkpoint directory.
     url: String,
-    /// `latest`, a step number, or a checkpoint directory name.
+    /// `latest`, `best` (the best-scoring checkpoint, `[checkpoint] keep_best`), a step number,
+    /// or a checkpoint directory name.
     #[arg(long, default_value = "latest")]
     step: String,
     /// Also read every file and check its size and checksum.
@@ -74,7 +75,8 @@ pub struct InspectArgs {
 pub struct ExportArgs {
     /// Checkpoint root (see `gradflow checkpoint ls`), or the URL of one checkpoint directory.
     url: String,
-    /// `latest`, a step number, or a checkpoint directory name.
+    /// `latest`, `best` (the best-scoring checkpoint, `[checkpoint] keep_best`), a step number,
+    /// or a checkpoint directory name.
     #[arg(long, default_value = "latest")]
     step: String,
     /// Output file.

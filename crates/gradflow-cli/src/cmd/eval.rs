@@ -18,7 +18,8 @@ pub struct Args {
     /// score the model saved there, with the columns and scaling it records.
     #[arg(long, conflicts_with_all = ["job", "servers"], required_unless_present = "job")]
     checkpoint: Option<String>,
-    /// With --checkpoint: which checkpoint, `latest`, a step, or a directory name.
+    /// With --checkpoint: which checkpoint, `latest`, `best` (the best-scoring one, `[checkpoint]
+    /// keep_best`), a step, or a directory name.
     #[arg(long, default_value = "latest", requires = "checkpoint")]
     step: String,
     /// The job file the servers run.

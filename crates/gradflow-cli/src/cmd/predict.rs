@@ -19,7 +19,8 @@ pub struct Args {
     /// A checkpoint root (local folder, s3://, gs://, az://) or the URL of one checkpoint.
     #[arg(long)]
     checkpoint: String,
-    /// Which checkpoint: `latest`, a step, or a directory name.
+    /// Which checkpoint: `latest`, `best` (the best-scoring one, `[checkpoint] keep_best`), a
+    /// step, or a directory name.
     #[arg(long, default_value = "latest")]
     step: String,
     /// The rows to predict: a file, directory, glob or URL.

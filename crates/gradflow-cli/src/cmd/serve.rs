@@ -30,7 +30,8 @@ pub struct Args {
     /// port, printed at start).
     #[arg(long)]
     grpc_listen: Option<String>,
-    /// Which checkpoint: `latest` (followed), a step, or a directory name (served as it is).
+    /// Which checkpoint: `latest` or `best` (the best-scoring one, `[checkpoint] keep_best`),
+    /// both followed; a step, or a directory name (served as it is).
     #[arg(long, default_value = "latest")]
     step: String,
     /// How often `latest` is looked at, e.g. `10s`, `500ms`.
