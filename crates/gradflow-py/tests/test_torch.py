@@ -37,10 +37,16 @@ def batches(steps, size, seed=0):
              torch.randint(0, 2, (size,), generator=g).float()) for _ in range(steps)]
 
 
-def train(worker, data, optimizer, sparse_optimizer):
+def build(worker, optimizer, sparse_optimizer):
+    """The model, declared. torch's generator is global: build every worker's model in one
+    thread, one after the other, so that each draws the same values."""
     torch.manual_seed(0)
     net = Net(gt.Embedding("emb", DIM, optimizer=sparse_optimizer))
-    model = gt.ServerModel(net, optimizer).declare(worker)
+    return net, gt.ServerModel(net, optimizer).declare(worker)
+
+
+def train(worker, data, optimizer, sparse_optimizer, built=None):
+    net, model = built or build(worker, optimizer, sparse_optimizer)
     initial = worker.pull_sparse("emb", np.arange(ROWS)).copy()
     for ids, dense, y in data:
         model.pull()
@@ -86,11 +92,12 @@ def test_two_sync_workers_equal_one_worker_on_the_same_batches(servers):
 
     addrs = servers(workers=2)
     workers = [gradflow.Worker(addrs, i) for i in range(2)]
+    built = [build(w, gradflow.adagrad(0.1), gradflow.adagrad(0.1)) for w in workers]
     halves = [[(ids[i::2], x[i::2], y[i::2]) for ids, x, y in data] for i in range(2)]
     results = {}
 
     def run(i):
-        results[i] = train(workers[i], halves[i], gradflow.adagrad(0.1), gradflow.adagrad(0.1))
+        results[i] = train(workers[i], halves[i], None, None, built[i])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
