@@ -5,12 +5,15 @@ data, 1 worker and 1 server shard, everything in one run of one worker process.
 - ``gradflow step``: the whole training step as the example runs it (ServerModel.pull, the
   forward with gradflow Embeddings, backward with their pushes, ServerModel.step), and the
   next batch from ``Worker.batches()`` (reading and parsing the data: ``next batch``);
-- ``exchange only``: the same step's pulls, pushes and step call alone, replayed on the same
-  ids and arrays (no torch): the worker library's and the servers' share;
+- ``exchange``: the time inside the worker's pulls, pushes and step call during that step
+  (the worker library's, the network's and the servers' share: in sync mode the step and
+  the next pull wait for the servers' update); ``exchange replayed``: the same calls again
+  afterwards on the same ids, without torch (the rows exist by then);
 - ``torch only``: forward and backward of the same model on the same batches with plain
   ``nn.Embedding`` tables (no servers): torch's share;
-- ``python cost``: the rest: the package's Python (unique ids, hooks, conversions) and the
-  copies between torch and the pulled rows.
+- ``python cost``: the whole step less the next batch, the exchange and torch's share: the
+  package's Python (unique ids, hooks, conversions) and the copies between torch and the
+  pulled rows. ``STEP_COST_PROFILE=FILE`` writes a cProfile of the training loop there.
 
 Run: ``step_cost.py TRAIN_FILE [--steps N] [--batch N]`` (it launches itself as the worker of a
 one-server job with ``gradflow``: $GRADFLOW_BIN or on PATH). Prints one JSON report.
@@ -64,23 +67,61 @@ def worker(args):
     model = gt.ServerModel(net, gradflow.adagrad(0.05), init=net.init).declare(w)
     cpu = torch.device("cpu")
 
+    class Timed:
+        """The native worker, with the time spent in its network calls added up."""
+
+        def __init__(self, inner):
+            self.inner, self.secs = inner, 0.0
+
+        def __getattr__(self, name):
+            attr = getattr(self.inner, name)
+            if name not in ("pull_dense", "pull_sparse", "push_dense", "push_sparse", "step"):
+                return attr
+
+            def timed(*args, **kwargs):
+                t = time.perf_counter()
+                try:
+                    return attr(*args, **kwargs)
+                finally:
+                    self.secs += time.perf_counter() - t
+
+            return timed
+
+    timed = Timed(w._w)
+    w._w = timed
+
     kept, times, data = [], [], []
+    profile = None
+    if os.environ.get("STEP_COST_PROFILE"):
+        import cProfile
+        profile = cProfile.Profile()
+        profile.enable()
     started = time.perf_counter()
+    exchange = []
     for batch in batches:
         data.append(time.perf_counter() - started)
+        timed.secs = 0.0
         model.pull()
         loss = F.binary_cross_entropy_with_logits(net(batch, cpu), torch.from_numpy(batch.labels))
         loss.backward()
         model.step(loss)
         kept.append(batch)
+        exchange.append(timed.secs)
         now = time.perf_counter()
         times.append(now - started)
         started = now
         if len(kept) == args.steps:
             break
+    if profile is not None:
+        import pstats
+        profile.disable()
+        with open(os.environ["STEP_COST_PROFILE"], "w") as out:
+            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(18)
     # The first steps create rows and warm caches: measure the rest.
     warm = len(kept) // 5
     kept, step_s, data_s = kept[warm:], float(np.mean(times[warm:])), float(np.mean(data[warm:]))
+    in_loop_s = float(np.mean(exchange[warm:]))
+    w._w = timed.inner
 
     # The same exchange without torch: ids and arrays of the same sizes.
     names = [n for n, _ in model.params]
@@ -122,9 +163,10 @@ def worker(args):
         "gradflow_step_ms": round(step_s * 1e3, 3),
         "samples_per_sec": round(n / step_s),
         "of_which_next_batch_ms": round(data_s * 1e3, 3),
-        "exchange_only_ms": round(exchange_s * 1e3, 3),
+        "of_which_exchange_ms": round(in_loop_s * 1e3, 3),
+        "exchange_replayed_ms": round(exchange_s * 1e3, 3),
         "torch_only_ms": round(torch_s * 1e3, 3),
-        "python_cost_ms": round((step_s - data_s - exchange_s - torch_s) * 1e3, 3),
+        "python_cost_ms": round((step_s - data_s - in_loop_s - torch_s) * 1e3, 3),
     }
     Path(args.report).write_text(json.dumps(report, indent=2))
     # The iterator is left unfinished: leave without the rest of the epoch.
