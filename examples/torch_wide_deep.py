@@ -41,14 +41,20 @@ class WideDeep(nn.Module):
             self.init[f"layers.{k}.weight"] = gradflow.xavier_uniform(1.0, seed)
             self.init[f"layers.{k}.bias"] = gradflow.zeros()
 
+    def rows(self, ids):
+        """The wide weights and the embeddings of ``ids``: both tables are keyed by the same
+        ids, so one lookup pulls both."""
+        return gt.lookup([self.wide, self.embedding], ids)
+
     def forward(self, batch, device):
         n = len(batch)
         ids = torch.from_numpy(gradflow.bucket(batch.sparse_ids, self.buckets))
         examples = torch.from_numpy(batch.sparse_examples)
         values = torch.from_numpy(batch.sparse_values)
-        wide = torch.zeros(n).index_add(0, examples, self.wide(ids)[:, 0] * values)
+        wide_rows, emb_rows = self.rows(ids)
+        wide = torch.zeros(n).index_add(0, examples, wide_rows[:, 0] * values)
         slots = examples * self.fields + torch.from_numpy(batch.sparse_fields)
-        emb = torch.zeros(n * self.fields, self.dim).index_add(0, slots, self.embedding(ids) * values[:, None])
+        emb = torch.zeros(n * self.fields, self.dim).index_add(0, slots, emb_rows * values[:, None])
         x = torch.cat([emb.view(n, -1), torch.from_numpy(batch.dense)], dim=1).to(device)
         for k, layer in enumerate(self.layers):
             x = layer(x)

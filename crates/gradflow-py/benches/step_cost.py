@@ -40,7 +40,7 @@ def launch(args):
             f'name = "step-cost"\nservers = 1\nworkers = 1\nmode = "sync"\n'
             f'[worker]\ncommand = ["{HERE}", "--worker", "--steps", "{args.steps}", "--report", "{report}"]\n'
             f'[data]\ntrain = "{Path(args.train).resolve()}"\n[train]\nbatch_size = {args.batch}\nepochs = 1\n'
-            f'log_every_steps = 1000000\n[output]\ndir = "{d}/out"\n')
+            f'log_every_steps = 1000000\n[output]\ndir = "{d}/out"\n[launcher]\nmax_restarts = 0\n')
         env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         out = subprocess.run([os.environ.get("GRADFLOW_BIN", "gradflow"), "launch", str(job)],
                              capture_output=True, text=True, env=env)
@@ -139,16 +139,16 @@ def worker(args):
     exchange_s = (time.perf_counter() - t) / len(ids)
 
     # The same model with local tables, on the same batches.
-    class Local(nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.table = nn.Embedding(1_000_000, dim, sparse=True)
+    class Local(WideDeep):
+        def __init__(self):
+            super().__init__(26, batches.num_dense, 1_000_000, 8, [64, 32], 0)
+            self.wide_table = nn.Embedding(1_000_000, 1, sparse=True)
+            self.emb_table = nn.Embedding(1_000_000, 8, sparse=True)
 
-        def forward(self, ids):
-            return self.table(ids)
+        def rows(self, ids):
+            return self.wide_table(ids), self.emb_table(ids)
 
-    local = WideDeep(26, batches.num_dense, 1_000_000, 8, [64, 32], 0)
-    local.wide, local.embedding = Local(1), Local(8)
+    local = Local()
     opt = torch.optim.SGD([p for n, p in local.named_parameters() if "table" not in n], lr=0.0)
     t = time.perf_counter()
     for b in kept:

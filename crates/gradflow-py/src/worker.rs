@@ -240,6 +240,21 @@ impl PyWorker {
         Ok(PyArray1::from_vec(py, out))
     }
 
+    /// Pulls the rows of `ids` from several sparse tables at once (one request per shard for
+    /// all of them): one float32 array per table, as `pull_sparse` returns it.
+    fn pull_sparse_many<'py>(
+        &self,
+        py: Python<'py>,
+        tables: Vec<String>,
+        ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
+        let ids = self::ids(ids)?;
+        let requests: Vec<(&str, &[u64])> = tables.iter().map(|t| (t.as_str(), ids.as_slice())).collect();
+        let mut out = vec![Vec::new(); tables.len()];
+        self.with(py, |w| runtime().block_on(w.pull_sparse_many(&requests, &mut out)))?;
+        Ok(out.into_iter().map(|v| PyArray1::from_vec(py, v)).collect())
+    }
+
     /// Stages the gradient of dense tensor `name` (a contiguous float32 array of its size)
     /// for the next `step()`.
     fn push_dense(&self, name: &str, grad: PyReadonlyArrayDyn<'_, f32>) -> PyResult<()> {

@@ -112,6 +112,22 @@ def test_two_sync_workers_equal_one_worker_on_the_same_batches(servers):
         assert torch.allclose(rows1, rows2, atol=1e-5), i
 
 
+def test_a_lookup_of_several_tables_equals_their_own_forwards(servers):
+    worker = gradflow.Worker(servers(workers=1), 0)
+    tables = nn.ModuleList([gt.Embedding("a", 1, init=gradflow.constant(0.5), optimizer=gradflow.sgd(1.0)),
+                            gt.Embedding("b", 3, init=gradflow.constant(0.25), optimizer=gradflow.sgd(1.0))])
+    gt.ServerModel(tables, gradflow.sgd(1.0)).declare(worker)
+    ids = torch.tensor([[4, 9], [9, 2]])
+    a, b = gt.lookup(list(tables), ids)
+    assert a.shape == (2, 2, 1) and b.shape == (2, 2, 3)
+    assert torch.equal(a, tables[0](ids)) and torch.equal(b, tables[1](ids))
+    (a.sum() * 2 + b.sum()).backward()
+    assert worker.step() == "applied"
+    # id 9 appears twice: its gradient is summed.
+    assert np.allclose(worker.pull_sparse("a", [4, 9, 2]), [[0.5 - 2], [0.5 - 4], [0.5 - 2]])
+    assert np.allclose(worker.pull_sparse("b", [4, 9, 2]), [[0.25 - 1] * 3, [0.25 - 2] * 3, [0.25 - 1] * 3])
+
+
 def test_embedding_without_declare_says_what_to_do():
     with pytest.raises(RuntimeError, match="declare"):
         gt.Embedding("e", 2)(torch.tensor([1]))

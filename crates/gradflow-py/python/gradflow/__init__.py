@@ -154,6 +154,13 @@ class Worker:
         rows = self._w.pull_sparse(table, ids)
         return rows.reshape(len(ids), -1) if len(ids) else rows.reshape(0, self._dim(table))
 
+    def pull_sparse_many(self, tables, ids):
+        """The rows of the same ``ids`` of several sparse tables, in one request per shard: a
+        list of ``[len(ids), dim]`` float32 arrays, one per table."""
+        ids = _ids(ids)
+        return [rows.reshape(len(ids), -1) if len(ids) else rows.reshape(0, self._dim(t))
+                for t, rows in zip(tables, self._w.pull_sparse_many(list(tables), ids))]
+
     def push_dense(self, name, grad):
         """Stages the gradient of dense tensor ``name`` for the next :meth:`step`."""
         self._w.push_dense(name, _f32(grad, name))

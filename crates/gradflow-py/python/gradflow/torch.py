@@ -2,6 +2,8 @@
 
 - :class:`Embedding`: an ``nn.Module`` whose rows are a sparse table on the servers. Its
   forward pulls the rows of the batch's unique ids; backward pushes their gradient rows.
+- :func:`lookup`: several ``Embedding`` tables keyed by the same ids (a wide part and an
+  embedding, say) looked up together: one ``torch.unique`` and one pull for all of them.
 - :class:`ServerModel`: puts a module's dense parameters (and its ``Embedding`` tables) on the
   servers with a server-side optimizer: ``declare`` once, ``pull`` before the forward pass,
   ``step`` after ``backward()`` (it replaces ``optimizer.step()`` and ``zero_grad()``).
@@ -18,7 +20,7 @@ from torch import nn
 
 import gradflow
 
-__all__ = ["Embedding", "ServerModel"]
+__all__ = ["Embedding", "ServerModel", "lookup"]
 
 
 class Embedding(nn.Module):
@@ -50,12 +52,16 @@ class Embedding(nn.Module):
         self._worker = worker
 
     def forward(self, ids):
+        return lookup([self], ids)[0]
+
+    def _need_worker(self):
         if self._worker is None:
             raise RuntimeError(f"Embedding {self.name!r} is not declared: call ServerModel(...).declare(worker) first")
-        flat = ids.reshape(-1)
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        unique_np = unique.cpu().numpy().astype(np.int64, copy=False)
-        rows = torch.from_numpy(self._worker.pull_sparse(self.name, unique_np)).to(ids.device)
+        return self._worker
+
+    def _rows(self, pulled, unique_np, device):
+        """The pulled rows as a tensor on ``device`` whose gradient is pushed in backward."""
+        rows = torch.from_numpy(pulled).to(device)
         if torch.is_grad_enabled():
             rows.requires_grad_()
             worker, name = self._worker, self.name
@@ -64,10 +70,27 @@ class Embedding(nn.Module):
                 worker.push_sparse(name, unique_np, grad.detach().to("cpu", torch.float32).contiguous().numpy())
 
             rows.register_hook(push)
-        return rows[inverse].reshape(*ids.shape, self.dim)
+        return rows
 
     def extra_repr(self):
         return f"{self.name!r}, dim={self.dim} (on the servers)"
+
+
+def lookup(embeddings, ids):
+    """Looks up the same ``ids`` in several :class:`Embedding` tables declared through one
+    worker: one ``torch.unique`` and one request per shard for all of them. Returns one tensor
+    of ``ids.shape + (dim,)`` per table, as each table's forward would."""
+    worker = embeddings[0]._need_worker()
+    for e in embeddings[1:]:
+        if e._need_worker() is not worker:
+            raise ValueError("lookup: every table must be declared through the same worker")
+    unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    unique_np = unique.cpu().numpy().astype(np.int64, copy=False)
+    if len(embeddings) == 1:
+        pulled = [worker.pull_sparse(embeddings[0].name, unique_np)]
+    else:
+        pulled = worker.pull_sparse_many([e.name for e in embeddings], unique_np)
+    return [e._rows(p, unique_np, ids.device)[inverse].reshape(*ids.shape, e.dim) for e, p in zip(embeddings, pulled)]
 
 
 class ServerModel:
