@@ -71,8 +71,14 @@ impl CheckpointStore {
     }
 
     /// The directory name `best` names, if there is a readable pointer (retention keeps it).
-    pub(crate) async fn best_dir(&self) -> Option<String> {
-        self.best().await.ok().flatten().map(|b| b.checkpoint)
+    /// A pointer that cannot be parsed names nothing; a store that cannot be read is an error,
+    /// so that retention deletes nothing it might have been asked to keep.
+    pub(crate) async fn best_dir(&self) -> Result<Option<String>, CheckpointError> {
+        match self.best().await {
+            Ok(best) => Ok(best.map(|b| b.checkpoint)),
+            Err(CheckpointError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Offers checkpoint `step`, scored `score`, as the best one: points `best` at it when it

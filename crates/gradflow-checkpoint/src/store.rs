@@ -651,7 +651,7 @@ impl CheckpointStore {
     /// Deletes complete checkpoints beyond the newest `keep`, and incomplete ones older than the
     /// oldest kept; never the one the `best` pointer names.
     pub(crate) async fn prune(&self, keep: usize) -> Result<(), CheckpointError> {
-        let best = self.best_dir().await;
+        let best = self.best_dir().await?;
         let dirs = self.checkpoint_dirs().await?;
         let mut complete = Vec::new();
         for (step, name) in &dirs {

@@ -19,7 +19,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{JobState, LocalState};
@@ -110,18 +109,14 @@ impl LauncherMetrics {
 
     /// Serves `GET /metrics` on `addr` until `stop` is cancelled; returns the address.
     pub async fn serve(&self, addr: SocketAddr, stop: CancellationToken) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
         let metrics = self.clone();
-        tokio::spawn(async move {
-            let encode = move || metrics.encode();
-            if let Err(e) =
-                gradflow_proto::metrics_http::serve(listener, encode, stop.cancelled_owned()).await
-            {
-                tracing::error!(error = %e, "the launcher's metrics endpoint failed");
-            }
-        });
-        Ok(bound)
+        gradflow_proto::metrics_http::spawn(
+            addr,
+            move || metrics.encode(),
+            stop.cancelled_owned(),
+            "the launcher's",
+        )
+        .await
     }
 }
 

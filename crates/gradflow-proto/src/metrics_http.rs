@@ -4,6 +4,7 @@
 //! One implementation for all of them; each process only says how to write its metrics.
 
 use std::future::Future;
+use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
@@ -25,6 +26,25 @@ pub async fn serve(
         }),
     );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Listens on `addr` (port 0: a free one) and serves `GET /metrics` there in a task until
+/// `shutdown` completes; returns the address it listens on. A failure of the endpoint later
+/// is logged, naming `whose` endpoint it was ("the worker's").
+pub async fn spawn(
+    addr: SocketAddr,
+    encode: impl Fn() -> String + Clone + Send + Sync + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    whose: &'static str,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, encode, shutdown).await {
+            tracing::error!(error = %e, "{whose} metrics endpoint failed");
+        }
+    });
+    Ok(bound)
 }
 
 #[cfg(test)]

@@ -201,22 +201,11 @@ impl Batches {
         py: Python<'_>,
         f: impl AsyncFnOnce(&mut gradflow_worker::Worker) -> Result<T, gradflow_worker::WorkerError> + Send,
     ) -> PyResult<T> {
-        let w = self.worker.bind(py).get();
-        py.detach(|| {
-            let mut guard = w.lock()?;
-            runtime().block_on(f(guard.as_mut().expect("lock() checked"))).map_err(error::worker)
-        })
+        self.worker.bind(py).get().run(py, |w| runtime().block_on(f(w)).map_err(error::worker))
     }
 
-    /// Sync mode: joins the step the servers are on (after a pause or a lost task).
     fn catch_up(&self, py: Python<'_>) -> PyResult<()> {
-        let w = self.worker.bind(py).get();
-        py.detach(|| {
-            let mut guard = w.lock()?;
-            runtime()
-                .block_on(gradflow_trainer::catch_up(guard.as_mut().expect("lock() checked")))
-                .map_err(error::train)
-        })
+        self.worker.bind(py).get().catch_up(py)
     }
 
     /// Reads the next batch into `self.batch` (scaled); 0 at the end.

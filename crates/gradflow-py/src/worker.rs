@@ -69,11 +69,25 @@ impl PyWorker {
         py: Python<'_>,
         f: impl FnOnce(&mut Worker) -> Result<T, gradflow_worker::WorkerError> + Send,
     ) -> PyResult<T> {
+        self.run(py, |w| f(w).map_err(error::worker))
+    }
+
+    /// Runs `f` on the worker with the GIL released; `f` says how its errors are raised.
+    pub fn run<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Worker) -> PyResult<T> + Send,
+    ) -> PyResult<T> {
         py.detach(|| {
             let mut guard = self.lock()?;
-            let worker = guard.as_mut().expect("lock() checked");
-            f(worker).map_err(error::worker)
+            f(guard.as_mut().expect("lock() checked"))
         })
+    }
+
+    /// Sync mode: joins the step the servers are on (a restarted worker, or one back from a
+    /// pause or a lost task), as the built-in trainer does.
+    pub fn catch_up(&self, py: Python<'_>) -> PyResult<()> {
+        self.run(py, |w| runtime().block_on(gradflow_trainer::catch_up(w)).map_err(error::train))
     }
 
     fn connect(
@@ -184,17 +198,11 @@ impl PyWorker {
         let spec: ModelSpec =
             serde_json::from_str(spec_json).map_err(|e| error::value(format!("model spec: {e}")))?;
         let sync = self.job.as_ref().is_some_and(|j| j.mode == Mode::Sync);
-        self.with(py, |w| {
-            runtime().block_on(async {
-                w.declare(spec).await?;
-                if sync {
-                    // The lowest shard's step: see gradflow_trainer::catch_up.
-                    let version = w.status().await?.iter().map(|s| s.version).min().unwrap_or(0);
-                    w.set_step(version);
-                }
-                Ok(())
-            })
-        })
+        self.with(py, |w| runtime().block_on(w.declare(spec)))?;
+        if sync {
+            self.catch_up(py)?;
+        }
+        Ok(())
     }
 
     /// The declared model spec as JSON.

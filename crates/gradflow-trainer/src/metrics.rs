@@ -19,9 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::error;
 
 use crate::observe::Phases;
 
@@ -123,18 +121,14 @@ impl WorkerMetrics {
     /// Serves `GET /metrics` on `addr` (port 0: a free one) until `stop` is cancelled;
     /// returns the address it listens on.
     pub async fn serve(&self, addr: SocketAddr, stop: CancellationToken) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
         let metrics = self.clone();
-        tokio::spawn(async move {
-            let encode = move || metrics.encode();
-            if let Err(e) =
-                gradflow_proto::metrics_http::serve(listener, encode, stop.cancelled_owned()).await
-            {
-                error!(error = %e, "the worker's metrics endpoint failed");
-            }
-        });
-        Ok(bound)
+        gradflow_proto::metrics_http::spawn(
+            addr,
+            move || metrics.encode(),
+            stop.cancelled_owned(),
+            "the worker's",
+        )
+        .await
     }
 }
 
