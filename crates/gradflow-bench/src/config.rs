@@ -36,11 +36,13 @@ pub enum Scenario {
     Embedding,
     /// (8) `gradflow serve` over loopback HTTP against the same forward pass in process.
     Serve,
+    /// (9) The data readers, each format local and from S3, against pyarrow.
+    Data,
 }
 
 impl Scenario {
     /// Every scenario, in the order they run and print.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Ceiling,
         Scenario::Dense,
         Scenario::Small,
@@ -49,6 +51,7 @@ impl Scenario {
         Scenario::Training,
         Scenario::Embedding,
         Scenario::Serve,
+        Scenario::Data,
     ];
 
     /// The name used on the command line and in the JSON report.
@@ -62,6 +65,7 @@ impl Scenario {
             Scenario::Training => "training",
             Scenario::Embedding => "embedding",
             Scenario::Serve => "serve",
+            Scenario::Data => "data",
         }
     }
 }
@@ -106,6 +110,40 @@ pub struct BenchConfig {
     pub embedding: EmbeddingConfig,
     /// (8) Serving.
     pub serve: ServeBenchConfig,
+    /// (9) Data readers.
+    pub data: DataBenchConfig,
+}
+
+/// (9) The data readers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataBenchConfig {
+    /// Rows of every file (synthetic click-through rows, 13 dense and 26 categorical
+    /// columns). Default 200,000.
+    pub rows: u64,
+    /// Rows per batch. Default 256.
+    pub batch_size: usize,
+    /// Rows per Parquet row group. Default 100,000 (`gradflow data convert`'s).
+    pub row_group_rows: usize,
+    /// Timed reads of each file, after one warm-up read. Default 3.
+    pub reps: usize,
+    /// Read the files from `s3s-fs` on loopback too, when it is on `PATH`. Default true.
+    pub s3: bool,
+    /// The Python that runs pyarrow on the Parquet file; `""` skips it. Default `"python3"`.
+    pub python: String,
+}
+
+impl Default for DataBenchConfig {
+    fn default() -> Self {
+        DataBenchConfig {
+            rows: 200_000,
+            batch_size: 256,
+            row_group_rows: 100_000,
+            reps: 3,
+            s3: true,
+            python: "python3".into(),
+        }
+    }
 }
 
 /// (8) `gradflow serve` over loopback HTTP.
@@ -408,6 +446,7 @@ impl BenchConfig {
                 batch_rows: 64,
                 requests_batch: 10,
             },
+            data: DataBenchConfig { rows: 3000, row_group_rows: 1000, reps: 1, ..DataBenchConfig::default() },
         }
     }
 
@@ -456,6 +495,10 @@ impl BenchConfig {
         }
         if t.compression.is_empty() {
             return bad("training.compression: give at least one (\"none\", \"f16\", \"bf16\")".into());
+        }
+        let da = &self.data;
+        if da.rows == 0 || da.batch_size == 0 || da.row_group_rows == 0 || da.reps == 0 {
+            return bad("data: rows, batch_size, row_group_rows and reps must be positive".into());
         }
         let e = &self.embedding;
         if e.vocabulary == 0 || e.batch_ids == 0 || e.pushes == 0 || e.dim == 0 {

@@ -20,6 +20,9 @@
 //!    both, and the process's resident memory against the cap's bytes.
 //! 8. [`serve`]: `gradflow serve`'s HTTP endpoint over loopback, latency at batch 1 and
 //!    throughput at batch 256, against the same forward pass in process.
+//! 9. [`data`]: rows per second of each data reader (CSV plain, gzip and zstd; libsvm;
+//!    Parquet; TFRecord), from local files and from `s3s-fs`, against pyarrow on the same
+//!    Parquet file, and as a share of a training worker's time.
 //!
 //! What crosses a process boundary: (1) and (6) use child processes (a TCP sink; the job's
 //! servers and workers). (2)-(4) run the servers in this process and each worker on its own
@@ -39,6 +42,7 @@
 pub mod ceiling;
 pub mod cluster;
 pub mod config;
+pub mod data;
 pub mod dense;
 pub mod embedding;
 pub mod error;
@@ -55,8 +59,8 @@ use std::time::Instant;
 
 pub use ceiling::{CeilingReport, TCP_SINK_ARGS, serve_tcp_sink};
 pub use config::{
-    BenchConfig, CeilingConfig, DenseConfig, EmbeddingConfig, Scenario, ServeBenchConfig, SmallConfig,
-    SparseConfig, TrainingConfig, UpdateConfig,
+    BenchConfig, CeilingConfig, DataBenchConfig, DenseConfig, EmbeddingConfig, Scenario, ServeBenchConfig,
+    SmallConfig, SparseConfig, TrainingConfig, UpdateConfig,
 };
 pub use error::BenchError;
 pub use report::{Machine, Report, Target};
@@ -88,6 +92,7 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
     let embedding =
         config.runs(Scenario::Embedding).then(|| embedding::run(&config.embedding, log)).transpose()?;
     let serve = config.runs(Scenario::Serve).then(|| serve::run(&config.serve, log)).transpose()?;
+    let data = config.runs(Scenario::Data).then(|| data::run(&config.data, log)).transpose()?;
     let mut report = Report {
         version: report::REPORT_VERSION,
         machine,
@@ -101,6 +106,7 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         training,
         embedding,
         serve,
+        data,
         targets: Vec::new(),
     };
     report.targets = report.compute_targets();

@@ -46,6 +46,8 @@ pub struct Report {
     pub embedding: Option<EmbeddingReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serve: Option<crate::serve::ServeReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataReport>,
     /// The issue's goals that this run has the numbers for.
     pub targets: Vec<Target>,
 }
@@ -145,6 +147,15 @@ impl Report {
                 None,
             );
         }
+        if let (Some(d), Some(worker)) = (&self.data, self.worker_samples_per_sec()) {
+            let csv = d.readers.iter().find(|r| r.format == "csv" && r.source == "local");
+            push(
+                "a wide&deep worker's time not spent reading its CSV (2 workers sync, 1 shard)".into(),
+                csv.map(|r| 1.0 - worker / r.rows_per_sec.max(1e-9)),
+                2.0 / 3.0,
+                None,
+            );
+        }
         if let Some(t) = &self.training {
             let run = t.runs.iter().find(|r| {
                 r.workers == 2
@@ -160,6 +171,17 @@ impl Report {
             );
         }
         out
+    }
+
+    /// Samples per second of one worker of the 2-worker sync job on 1 server, when it ran.
+    fn worker_samples_per_sec(&self) -> Option<f64> {
+        self.training.as_ref()?.runs.iter().find_map(|r| {
+            (r.workers == 2
+                && r.servers == 1
+                && r.mode == gradflow_core::Mode::Sync
+                && r.compression == gradflow_proto::Compression::None)
+                .then_some(r.per_worker_samples_per_sec)
+        })
     }
 
     /// The table `gradflow bench` prints: one Markdown section per scenario that ran, then the
@@ -413,6 +435,48 @@ impl Report {
             }
             s.push('\n');
         }
+        if let Some(d) = &self.data {
+            let worker = self.worker_samples_per_sec();
+            let _ = writeln!(
+                s,
+                "## 9. Data readers ({} rows of 13 dense and 26 categorical columns, batches of {}, one reader thread)\n\n\
+                 | format | from | file | rows/s | rows per CPU second | a worker's time reading it{} |\n|---|---|---:|---:|---:|---:|",
+                thousands(d.rows as f64),
+                d.batch_size,
+                worker.map(|w| format!(" (at {} samples/s)", num(w))).unwrap_or_default()
+            );
+            for r in &d.readers {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.format,
+                    r.source,
+                    human_bytes(r.file_bytes),
+                    num(r.rows_per_sec),
+                    r.rows_per_cpu_sec.map_or("-".to_string(), num),
+                    worker.map_or("-".to_string(), |w| pct(Some(w / r.rows_per_sec.max(1e-9))))
+                );
+            }
+            if let Some(p) = &d.pyarrow {
+                let _ = writeln!(
+                    s,
+                    "| parquet, pyarrow {} `iter_batches`, 1 thread, decode only | local | | {} | {} | |\n\
+                     | parquet, pyarrow {} `read_table`, all threads, decode only | local | | {} | | |\n\n\
+                     gradflow's Parquet reader / pyarrow's `iter_batches`: {:.2}x in rows/s, {} in rows per CPU second",
+                    p.version,
+                    num(p.batches_rows_per_sec),
+                    num(p.batches_rows_per_cpu_sec),
+                    p.version,
+                    num(p.table_rows_per_sec),
+                    p.gradflow_vs_batches,
+                    p.gradflow_vs_batches_cpu.map_or("-".to_string(), |r| format!("{r:.2}x"))
+                );
+            }
+            for why in &d.skipped {
+                let _ = writeln!(s, "\nnot measured: {why}");
+            }
+            s.push('\n');
+        }
         if !self.targets.is_empty() {
             let _ =
                 writeln!(s, "## Targets\n\n| target | value | needs | aim | met |\n|---|---:|---:|---:|---|");
@@ -445,6 +509,7 @@ impl Report {
             (self.training.is_some(), Scenario::Training),
             (self.embedding.is_some(), Scenario::Embedding),
             (self.serve.is_some(), Scenario::Serve),
+            (self.data.is_some(), Scenario::Data),
         ] {
             if present {
                 out.push(sc);

@@ -60,6 +60,42 @@ fn check_embedding(report: &serde_json::Value) {
     }
 }
 
+/// The data section of a quick run: every format read locally with every row, from `s3s-fs`
+/// when it is installed, pyarrow when python3 has it, and the share of a worker's time.
+fn check_data(report: &serde_json::Value) {
+    let d = &report["data"];
+    let readers = d["readers"].as_array().unwrap_or_else(|| panic!("no readers: {d}"));
+    let skipped: Vec<&str> = d["skipped"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let s3 = !skipped.iter().any(|s| s.starts_with("s3:"));
+    for format in ["csv", "csv.gz", "csv.zst", "libsvm", "parquet", "tfrecord"] {
+        for source in ["local", "s3"] {
+            let row = readers.iter().find(|r| r["format"] == format && r["source"] == source);
+            if source == "s3" && !s3 {
+                assert!(row.is_none(), "an s3 row without s3s-fs: {d}");
+                continue;
+            }
+            let row = row.unwrap_or_else(|| panic!("no {format} {source} row: {d}"));
+            let mut count = 0;
+            check_numbers(&format!("data.{format}.{source}"), row, &mut count);
+            assert!(row["rows_per_sec"].as_f64().unwrap() > 0.0 && row["file_bytes"].as_u64().unwrap() > 0);
+        }
+    }
+    // CI installs both, so that their rows are checked there.
+    if std::env::var_os("CI").is_some() {
+        assert!(s3, "s3s-fs is installed in CI but was skipped: {skipped:?}");
+        assert!(d["pyarrow"].is_object(), "pyarrow is installed in CI but was skipped: {skipped:?}");
+    }
+    if d["pyarrow"].is_object() {
+        let mut count = 0;
+        check_numbers("data.pyarrow", &d["pyarrow"], &mut count);
+        assert!(count >= 5, "{}", d["pyarrow"]);
+    }
+    let targets = report["targets"].as_array().unwrap();
+    let share = targets.iter().find(|t| t["name"].as_str().unwrap().contains("not spent reading"));
+    let share = share.unwrap_or_else(|| panic!("no reading target: {targets:?}"))["value"].as_f64().unwrap();
+    assert!(share < 1.0 && share.is_finite(), "share of a worker's time not reading: {share}");
+}
+
 #[test]
 fn quick_bench_reports_every_section() {
     let dir = tempfile::tempdir().unwrap();
@@ -83,7 +119,7 @@ fn quick_bench_reports_every_section() {
     let printed: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(printed, report);
     assert_eq!(report["version"], 1);
-    for section in ["ceiling", "dense", "small", "sparse", "update", "training", "serve"] {
+    for section in ["ceiling", "dense", "small", "sparse", "update", "training", "serve", "data"] {
         let mut count = 0;
         check_numbers(section, &report[section], &mut count);
         assert!(count > 0, "section {section} is missing or has no numbers: {}", report[section]);
@@ -102,6 +138,7 @@ fn quick_bench_reports_every_section() {
     assert_eq!(serve.len(), 4, "http and in process at two batch sizes: {serve:?}");
     assert!(report["elapsed_s"].as_f64().unwrap() > 0.0);
     check_embedding(&report);
+    check_data(&report);
 
     // The table names every section.
     for heading in [
@@ -113,6 +150,7 @@ fn quick_bench_reports_every_section() {
         "## 6. Training",
         "## 7. Embedding",
         "## 8. Serving",
+        "## 9. Data readers",
     ] {
         assert!(stdout.contains(heading), "no `{heading}` in the table:\n{stdout}");
     }
@@ -128,7 +166,7 @@ fn only_runs_the_named_scenarios_and_refuses_unknown_ones() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(report["small"].is_object());
-    for absent in ["ceiling", "dense", "sparse", "update", "training", "embedding", "serve"] {
+    for absent in ["ceiling", "dense", "sparse", "update", "training", "embedding", "serve", "data"] {
         assert!(report.get(absent).is_none(), "{absent} ran with --only small");
     }
 

@@ -65,6 +65,26 @@ impl AsyncFileReader for ObjectReader {
         fetch(self.file.clone(), range).map(|r| r.map_err(|e| ParquetError::External(Box::new(e)))).boxed()
     }
 
+    /// The column chunks of a row group in one ranged read where they lie within 1 MiB of
+    /// each other (they are usually contiguous), the reads in parallel: by default the reader
+    /// would fetch them one after the other, a round trip per column.
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        let file = self.file.clone();
+        async move {
+            object_store::coalesce_ranges(
+                &ranges,
+                |range| fetch(file.clone(), range),
+                object_store::OBJECT_STORE_COALESCE_DEFAULT,
+            )
+            .await
+            .map_err(|e| ParquetError::External(Box::new(e)))
+        }
+        .boxed()
+    }
+
     fn get_metadata<'a>(
         &'a mut self,
         options: Option<&'a ArrowReaderOptions>,

@@ -42,6 +42,12 @@ use gradflow_bench::{BenchConfig, Scenario};
 ///             over loopback HTTP, one client: p50/p99 latency at batch 1 and rows/s at batch
 ///             256, against the same decoding and forward pass in this process. ~10 s
 ///
+///   data      200,000 synthetic rows written as CSV (plain, .gz, .zst), libsvm (field-aware),
+///             Parquet and TFRecord, each read whole into batches of 256 on one reader:
+///             rows/s and rows per CPU second, from local files and from `s3s-fs` on
+///             loopback (when on PATH), against pyarrow reading the same Parquet file (when
+///             python3 has it), and as a share of a training worker's time. ~40 s
+///
 /// The servers of dense, small and sparse run inside this process (each worker on its own
 /// thread and runtime, talking to them over loopback: the tensor link for pushes and pulls,
 /// gRPC for the rest); ceiling and training cross real process boundaries. Every figure is
@@ -57,7 +63,7 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (comma-separated): ceiling, dense, small, sparse, update,
-    /// training, embedding, serve. The ceiling also runs when dense or update is chosen, for their ratios.
+    /// training, embedding, serve, data. The ceiling also runs when dense or update is chosen, for their ratios.
     #[arg(long, value_delimiter = ',', value_name = "SCENARIO,...")]
     only: Vec<Scenario>,
     /// Also write the JSON object to this file.
