@@ -171,23 +171,64 @@ fn random_numbers(n: usize, lo: u64, hi: u64) -> Vec<u64> {
     (0..n).map(|_| lo + rng.below(hi - lo)).collect()
 }
 
-fn undisturbed(dir: &std::path::Path, name: &str, mode: &str) -> Vec<(f64, u64)> {
-    let job = write(dir, &format!("{name}.toml"), &job_text(name, mode, ""));
+/// The job of [`job_text`] on `data/train.parquet` (see [`parquet_data`]) instead of its CSV.
+fn parquet_job_text(name: &str, mode: &str) -> String {
+    let text = job_text(name, mode, "");
+    let start = text.find("[data.synth]").expect("the base job has a [data.synth]");
+    let end = start + text[start..].find("seed = 5\n").expect("and a seed") + "seed = 5\n".len();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let categorical: Vec<String> = (0..26).map(|i| format!("\"c{i}\"")).collect();
+    let text = text.replace(
+        "train = \"data/train.csv\"",
+        &format!("train = \"data/train.parquet\"\ncategorical = [{}]", categorical.join(", ")),
+    );
+    assert!(text.contains("train.parquet") && !text.contains("[data.synth]"), "{text}");
+    text
+}
+
+/// The base job's data, with its training rows as Parquet in row groups of 2000 rows (30
+/// groups: dynamic sharding's tasks).
+fn parquet_data(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    synth_train_test(dir, TRAIN_ROWS as usize, 10_000);
+    let mut c = gradflow();
+    c.args(["data", "convert"])
+        .arg(dir.join("data/train.csv"))
+        .arg("--out")
+        .arg(dir.join("data/train.parquet"));
+    c.args(["--row-group-rows", "2000"]);
+    for i in 0..26 {
+        c.args(["--categorical", &format!("c{i}")]);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(dir.join("data/train.csv")).unwrap();
+}
+
+fn text_of(name: &str, mode: &str, parquet: bool) -> String {
+    if parquet { parquet_job_text(name, mode) } else { job_text(name, mode, "") }
+}
+
+fn undisturbed(dir: &std::path::Path, name: &str, mode: &str, parquet: bool) -> Vec<(f64, u64)> {
+    let job = write(dir, &format!("{name}.toml"), &text_of(name, mode, parquet));
     let out = launch(&job);
     assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
     epochs(dir, name)
 }
 
-fn workers_killed_at_random_points(mode: &str) {
+fn workers_killed_at_random_points(mode: &str, parquet: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let reference = undisturbed(dir.path(), &format!("calm-{mode}"), mode);
+    if parquet {
+        parquet_data(dir.path());
+    }
+    let reference = undisturbed(dir.path(), &format!("calm-{mode}"), mode, parquet);
     assert_eq!(reference.len(), 2);
     for (_, examples) in &reference {
         assert_eq!(*examples, TRAIN_ROWS, "an undisturbed epoch trains every example once");
     }
 
     let name = format!("kill-{mode}");
-    let job = write(dir.path(), &format!("{name}.toml"), &job_text(&name, mode, ""));
+    let job = write(dir.path(), &format!("{name}.toml"), &text_of(&name, mode, parquet));
     let mut launcher = gradflow().arg("launch").arg(&job).stderr(Stdio::piped()).spawn().unwrap();
     let rx = lines_of(&mut launcher);
     let mut log = Vec::new();
@@ -247,13 +288,20 @@ fn workers_killed_at_random_points(mode: &str) {
 #[test]
 fn sync_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
     let _serial = serial();
-    workers_killed_at_random_points("sync");
+    workers_killed_at_random_points("sync", false);
+}
+
+/// The same over Parquet, whose row groups are dynamic sharding's tasks.
+#[test]
+fn workers_killed_while_reading_parquet_row_groups_lose_no_example() {
+    let _serial = serial();
+    workers_killed_at_random_points("sync", true);
 }
 
 #[test]
 fn async_workers_killed_at_random_points_lose_no_example_and_no_accuracy() {
     let _serial = serial();
-    workers_killed_at_random_points("async");
+    workers_killed_at_random_points("async", false);
 }
 
 /// Kills a server at a random point: the launcher restarts the job from the latest checkpoint,

@@ -163,7 +163,7 @@ pub struct DataConfig {
     pub test: Vec<PathBuf>,
     /// `"csv"`, `"libsvm"`, `"parquet"` or `"tfrecord"`. Default: from the first training file's
     /// extension (`.csv`; `.libsvm`, `.svm`, `.libffm`, `.ffm`; `.parquet`; `.tfrecord`; after a
-    /// `.gz` or `.zst`), CSV when it names none.
+    /// `.gz` or `.zst`), CSV when it names none; the test files' from the first test file's.
     #[serde(default)]
     pub format: Format,
     /// CSV, Parquet, TFRecord: the label column (or feature). Default `"label"`.
@@ -746,7 +746,8 @@ impl JobConfig {
         if self.data.test.is_empty() {
             return None;
         }
-        let mut r = ReaderConfig::new(self.data_format(), self.data.test.clone());
+        let format = self.data.format.resolve(self.data.test.first().map(PathBuf::as_path));
+        let mut r = ReaderConfig::new(format, self.data.test.clone());
         r.csv = self.csv_schema();
         r.libsvm = LibsvmOptions { dense_indices: self.data.dense_indices };
         r.skip_malformed = self.data.skip_malformed;

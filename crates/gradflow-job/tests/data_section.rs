@@ -27,6 +27,11 @@ fn the_format_comes_from_the_first_training_file() {
     let j = job("train = \"train.libsvm\"\ntest = \"test.data\"\nformat = \"csv\"", LR).unwrap();
     assert_eq!(j.data_format(), Format::Csv, "a given format wins");
     assert_eq!(j.test_reader().unwrap().format, Format::Csv);
+    // Left out, each set's format comes from its own first file: Parquet training rows
+    // exported by a pipeline, a CSV test set kept aside.
+    let j = job("train = \"day-*.parquet\"\ntest = \"test.csv\"", LR).unwrap();
+    assert_eq!(j.train_reader().format, Format::Parquet);
+    assert_eq!(j.test_reader().unwrap().format, Format::Csv);
 }
 
 #[test]
