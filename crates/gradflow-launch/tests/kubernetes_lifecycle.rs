@@ -630,9 +630,6 @@ fn a_kueue_job_that_is_over_ends_its_pod_group() {
     let mut sim = Sim::new(job_with(1, 2, 3, KUEUE));
     sim.step();
     sim.everything_runs();
-    for (role, index) in [(Ps, 0), (Worker, 0), (Worker, 1)] {
-        sim.set(role, index, 0, on_node);
-    }
     sim.step();
     sim.take_log();
     sim.set(Worker, 0, 0, succeeded);

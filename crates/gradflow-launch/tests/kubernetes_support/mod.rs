@@ -41,12 +41,6 @@ pub const VOLCANO: &str = "gang = \"volcano\"\nqueue = \"team-a\"\n";
 /// `[kubernetes]` lines of a job gang-scheduled by Kueue.
 pub const KUEUE: &str = "gang = \"kueue\"\nqueue = \"team-a\"\n";
 
-/// The scheduler bound the pod to a node.
-pub fn on_node(mut pod: Pod) -> Pod {
-    pod.spec.get_or_insert_default().node_name = Some("node-1".into());
-    pod
-}
-
 /// Kueue stopped the pod (its Workload was preempted or evicted): the kubelet ends it with
 /// SIGTERM, and the pod has Kueue's `TerminationTarget` condition.
 pub fn stopped_by_kueue(pod: Pod) -> Pod {
@@ -128,7 +122,9 @@ pub fn image_pull_backoff(pod: Pod) -> Pod {
     })
 }
 
-pub fn running(pod: Pod, ready: bool) -> Pod {
+/// Bound to a node and running.
+pub fn running(mut pod: Pod, ready: bool) -> Pod {
+    pod.spec.get_or_insert_default().node_name.get_or_insert_with(|| "node-1".into());
     set_status(pod, |s| {
         s.phase = Some("Running".into());
         s.conditions = Some(vec![cond("Ready", if ready { "True" } else { "False" }, None, None)]);
