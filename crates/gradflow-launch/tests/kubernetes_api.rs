@@ -53,6 +53,8 @@ impl Seen {
     fn acts(&self) -> bool {
         self.line.starts_with("POST pods")
             || self.line.starts_with("DELETE pods")
+            || self.line.starts_with("PATCH pods")
+            || self.line.starts_with("DELETE workloads")
             || self.line.starts_with("PUT configmaps")
     }
 }
