@@ -154,7 +154,7 @@ fn format_quantity(value: f64) -> String {
     // Quantities are decimal numbers of at most 3 fractional digits in practice; round off the
     // float's noise at a thousandth of a unit.
     let millis = (value * 1000.0).round() as u128;
-    if millis % 1000 != 0 {
+    if !millis.is_multiple_of(1000) {
         return format!("{millis}m");
     }
     let whole = millis / 1000;
@@ -185,7 +185,7 @@ fn format_quantity(value: f64) -> String {
     BINARY
         .iter()
         .chain(&DECIMAL)
-        .filter(|(_, unit)| whole % unit == 0)
+        .filter(|(_, unit)| whole.is_multiple_of(*unit))
         .min_by_key(|(_, unit)| whole / unit)
         .map_or_else(|| whole.to_string(), |(suffix, unit)| format!("{}{suffix}", whole / unit))
 }
