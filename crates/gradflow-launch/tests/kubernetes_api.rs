@@ -53,6 +53,8 @@ impl Seen {
     fn acts(&self) -> bool {
         self.line.starts_with("POST pods")
             || self.line.starts_with("DELETE pods")
+            || self.line.starts_with("PATCH pods")
+            || self.line.starts_with("DELETE workloads")
             || self.line.starts_with("PUT configmaps")
     }
 }
@@ -84,6 +86,10 @@ struct State {
     /// is served (another controller getting there first).
     hooks: Vec<(String, Hook)>,
     leases: BTreeMap<String, Lease>,
+    /// Volcano PodGroups (custom resources: kept as JSON).
+    pod_groups: BTreeMap<String, serde_json::Value>,
+    /// Kueue Workloads (as Kueue creates them for a pod group; tests add them).
+    workloads: BTreeMap<String, serde_json::Value>,
     /// Every request, with who sent it; never drained by `requests()`.
     seen: Vec<Seen>,
     /// Open watches of pods.
@@ -261,6 +267,8 @@ impl State {
             format!("/api/v1/namespaces/{NS}/"),
             format!("/apis/batch/v1/namespaces/{NS}/"),
             format!("/apis/coordination.k8s.io/v1/namespaces/{NS}/"),
+            format!("/apis/scheduling.volcano.sh/v1beta1/namespaces/{NS}/"),
+            format!("/apis/kueue.x-k8s.io/v1beta1/namespaces/{NS}/"),
         ]
         .iter()
         .find_map(|prefix| path.strip_prefix(prefix.as_str()))
@@ -360,6 +368,9 @@ impl State {
                     self.services.retain(|_, s| !owned(&s.metadata.owner_references));
                     self.jobs.retain(|_, j| !owned(&j.metadata.owner_references));
                     self.leases.retain(|_, l| !owned(&l.metadata.owner_references));
+                    self.pod_groups.retain(|_, g| {
+                        !owned(&serde_json::from_value(g["metadata"]["ownerReferences"].clone()).unwrap())
+                    });
                     self.config_maps.remove(name);
                     json(StatusCode::OK, &cm)
                 }
@@ -464,6 +475,40 @@ impl State {
                     json(StatusCode::OK, &p.clone())
                 }
                 None => error(404, "NotFound", &format!("pods \"{name}\" not found")),
+            },
+            ("PATCH", "pods", Some(name)) => {
+                let patch: serde_json::Value = serde_json::from_slice(body).unwrap();
+                let Some(pod) = self.pods.get_mut(name) else {
+                    return error(404, "NotFound", &format!("pods \"{name}\" not found"));
+                };
+                // A JSON merge patch of annotations: all gradflow patches.
+                let keys: Vec<&String> = patch.as_object().unwrap().keys().collect();
+                assert_eq!(keys, ["metadata"], "{patch}");
+                for (k, v) in patch["metadata"]["annotations"].as_object().unwrap() {
+                    pod.metadata
+                        .annotations
+                        .get_or_insert_default()
+                        .insert(k.clone(), v.as_str().unwrap().into());
+                }
+                json(StatusCode::OK, &pod.clone())
+            }
+            ("POST", "podgroups", None) => {
+                let mut group: serde_json::Value = serde_json::from_slice(body).unwrap();
+                let name = group["metadata"]["name"].as_str().unwrap().to_string();
+                if self.pod_groups.contains_key(&name) {
+                    return error(409, "AlreadyExists", &format!("podgroups \"{name}\" already exists"));
+                }
+                group["metadata"]["uid"] = self.uid().into();
+                self.pod_groups.insert(name, group.clone());
+                json(StatusCode::CREATED, &group)
+            }
+            ("GET", "podgroups", Some(name)) => match self.pod_groups.get(name) {
+                Some(g) => json(StatusCode::OK, g),
+                None => error(404, "NotFound", "not found"),
+            },
+            ("DELETE", "workloads", Some(name)) => match self.workloads.remove(name) {
+                Some(w) => json(StatusCode::OK, &w),
+                None => error(404, "NotFound", &format!("workloads.kueue.x-k8s.io \"{name}\" not found")),
             },
             ("GET", "pods", Some(sub)) if sub.ends_with("/log") => {
                 let name = sub.trim_end_matches("/log");
@@ -973,7 +1018,12 @@ async fn delete_removes_the_root_and_waits_for_everything() {
     assert!(gone);
     assert_eq!(
         fake.requests(),
-        ["DELETE configmaps/demo propagation=Foreground", "GET configmaps/demo", "GET configmaps/demo"]
+        [
+            "LIST pods gradflow.dev/job=demo",
+            "DELETE configmaps/demo propagation=Foreground",
+            "GET configmaps/demo",
+            "GET configmaps/demo"
+        ]
     );
     {
         let state = fake.0.lock().unwrap();
@@ -997,6 +1047,14 @@ fn fake_client_as(fake: &Fake, who: &str) -> JobClient {
         while let Some((request, send)) = handle.next_request().await {
             let (parts, body) = request.into_parts();
             let body = body.collect_bytes().await.unwrap();
+            if parts.method == Method::PATCH {
+                assert_eq!(
+                    parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap()),
+                    Some("application/merge-patch+json"),
+                    "{}",
+                    parts.uri
+                );
+            }
             if matches!(parts.method, Method::POST | Method::PUT) {
                 assert_eq!(
                     parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().unwrap()),
@@ -1136,6 +1194,174 @@ async fn detach_creates_the_controller_job_and_attach_resumes() {
     assert!(fake.requests().contains(&"POST pods demo-ps-0-0".to_string()));
 }
 
+/// The pod's annotation `key`, if it has it.
+fn annotation(pod: &Pod, key: &str) -> Option<String> {
+    pod.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+#[tokio::test]
+async fn volcano_the_pod_group_comes_before_any_pod_and_goes_with_the_job() {
+    let (client, fake) = Fake::start();
+    let c = client.launch(job_with(2, 2, 3, VOLCANO), false).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        ["POST configmaps demo", "POST secrets demo-token", "POST services demo", "POST podgroups demo"]
+    );
+    let uid = fake.root_uid();
+    {
+        let state = fake.0.lock().unwrap();
+        let group = &state.pod_groups["demo"];
+        assert_eq!(group["apiVersion"], "scheduling.volcano.sh/v1beta1");
+        assert_eq!(group["kind"], "PodGroup");
+        assert_eq!(group["spec"]["minMember"], 4);
+        assert_eq!(group["spec"]["queue"], "team-a");
+        assert_eq!(group["metadata"]["ownerReferences"][0]["uid"], uid.as_str());
+    }
+
+    // Every pod at once, each in the group and under Volcano's scheduler.
+    c.reconcile(None).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        pass(&[
+            "POST pods demo-ps-0-0",
+            "POST pods demo-ps-1-0",
+            "POST pods demo-worker-0-0",
+            "POST pods demo-worker-1-0",
+            "PUT configmaps/demo"
+        ])
+    );
+    let seen = fake.seen();
+    let group_at = seen.iter().position(|s| s.line == "POST podgroups demo").unwrap();
+    let first_pod = seen.iter().position(|s| s.line.starts_with("POST pods")).unwrap();
+    assert!(group_at < first_pod, "{seen:?}");
+    for name in ["demo-ps-0-0", "demo-ps-1-0", "demo-worker-0-0", "demo-worker-1-0"] {
+        let pod = fake.pod(name);
+        assert_eq!(pod.spec.as_ref().unwrap().scheduler_name.as_deref(), Some("volcano"), "{name}");
+        assert_eq!(annotation(&pod, "scheduling.k8s.io/group-name").as_deref(), Some("demo"), "{name}");
+        assert!(!pod.metadata.labels.as_ref().unwrap().contains_key("kueue.x-k8s.io/queue-name"), "{name}");
+    }
+
+    // A recreated worker joins the same group.
+    fake.everything_runs();
+    c.reconcile(None).await.unwrap();
+    fake.requests();
+    fake.set(Worker, 0, 0, |p| failed(p, 137, "OOMKilled"));
+    c.reconcile(None).await.unwrap();
+    assert_eq!(fake.requests(), pass(&["POST pods demo-worker-0-1", "PUT configmaps/demo"]));
+    let pod = fake.pod("demo-worker-0-1");
+    assert_eq!(annotation(&pod, "scheduling.k8s.io/group-name").as_deref(), Some("demo"));
+
+    // A controller that attaches finds the job's PodGroup there.
+    fake_client(&fake).attach("demo").await.unwrap();
+    let requests = fake.requests();
+    assert!(
+        requests.ends_with(&["POST podgroups demo".to_string(), "GET podgroups/demo".to_string()]),
+        "{requests:?}"
+    );
+
+    // Deleting the job deletes it with everything else.
+    assert!(fake_client(&fake).delete("demo", Some(Duration::from_secs(5))).await.unwrap());
+    assert!(fake.0.lock().unwrap().pod_groups.is_empty());
+}
+
+#[tokio::test]
+async fn volcano_a_pod_group_of_someone_else_or_no_volcano_is_refused() {
+    let (client, fake) = Fake::start();
+    fake.0.lock().unwrap().pod_groups.insert(
+        "demo".into(),
+        serde_json::json!({
+            "apiVersion": "scheduling.volcano.sh/v1beta1", "kind": "PodGroup",
+            "metadata": { "name": "demo", "uid": "someone-elses" }, "spec": { "minMember": 1 }
+        }),
+    );
+    let err = client.launch(job_with(1, 1, 3, VOLCANO), false).await.err().unwrap();
+    assert!(matches!(err, KubernetesError::Foreign(_)), "{err}");
+    assert!(err.to_string().contains("a Volcano PodGroup named demo already exists"), "{err}");
+    assert!(!fake.requests().iter().any(|r| r.starts_with("POST pods")));
+
+    // A cluster without Volcano has no such resource.
+    let (client, fake) = Fake::start();
+    fake.fail("POST podgroups", 404);
+    let err = client.launch(job_with(1, 1, 3, VOLCANO), false).await.err().unwrap();
+    assert!(
+        err.to_string().contains("kubernetes.gang = \"volcano\"")
+            && err.to_string().contains("is Volcano installed"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn kueue_pods_form_one_group_that_ends_with_the_job() {
+    let (client, fake) = Fake::start();
+    let c = client.launch(job_with(1, 2, 3, KUEUE), false).await.unwrap();
+    // Kueue needs no object of ours: its webhook reads the pods' labels.
+    assert_eq!(fake.requests(), ["POST configmaps demo", "POST secrets demo-token", "POST services demo"]);
+    c.reconcile(None).await.unwrap();
+    assert_eq!(
+        fake.requests(),
+        pass(&[
+            "POST pods demo-ps-0-0",
+            "POST pods demo-worker-0-0",
+            "POST pods demo-worker-1-0",
+            "PUT configmaps/demo"
+        ])
+    );
+    for name in ["demo-ps-0-0", "demo-worker-0-0", "demo-worker-1-0"] {
+        let pod = fake.pod(name);
+        let labels = pod.metadata.labels.clone().unwrap();
+        assert_eq!(labels["kueue.x-k8s.io/queue-name"], "team-a", "{name}");
+        assert_eq!(labels["kueue.x-k8s.io/pod-group-name"], "demo", "{name}");
+        assert_eq!(annotation(&pod, "kueue.x-k8s.io/pod-group-total-count").as_deref(), Some("3"), "{name}");
+        assert_eq!(pod.spec.as_ref().unwrap().scheduler_name, None, "{name}");
+    }
+    fake.everything_runs();
+    c.reconcile(None).await.unwrap();
+    fake.requests();
+
+    fake.set(Worker, 0, 0, succeeded);
+    fake.set(Worker, 1, 0, succeeded);
+    let p = c.reconcile(None).await.unwrap();
+    assert_eq!(p.decision.status.state, JobState::Succeeded);
+    assert_eq!(
+        fake.requests(),
+        pass(&[
+            "PUT configmaps/demo",
+            "DELETE pods/demo-ps-0-0 grace=30",
+            "PATCH pods/demo-ps-0-0",
+            "PATCH pods/demo-worker-0-0",
+            "PATCH pods/demo-worker-1-0"
+        ])
+    );
+    for name in ["demo-ps-0-0", "demo-worker-0-0", "demo-worker-1-0"] {
+        assert_eq!(
+            annotation(&fake.pod(name), "kueue.x-k8s.io/retriable-in-group").as_deref(),
+            Some("false"),
+            "{name}"
+        );
+    }
+    // Marked once; the stopped server ran on a node, so Kueue lets it go without more.
+    c.reconcile(None).await.unwrap();
+    assert_eq!(fake.requests(), pass(&[]));
+
+    // `gradflow delete` removes the group's Workload (Kueue created it) before the job.
+    fake.0.lock().unwrap().workloads.insert(
+        "demo".into(),
+        serde_json::json!({ "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": { "name": "demo" } }),
+    );
+    assert!(fake_client(&fake).delete("demo", Some(Duration::from_secs(5))).await.unwrap());
+    let requests = fake.requests();
+    assert_eq!(
+        requests[..3],
+        [
+            "LIST pods gradflow.dev/job=demo",
+            "DELETE workloads/demo propagation=Background",
+            "DELETE configmaps/demo propagation=Foreground"
+        ],
+        "{requests:?}"
+    );
+    assert!(fake.0.lock().unwrap().workloads.is_empty());
+}
+
 /// The request lines of the mock as (resource, verb), as RBAC names them.
 fn verbs(lines: &[String]) -> std::collections::BTreeSet<(String, String)> {
     lines
@@ -1154,6 +1380,7 @@ fn verbs(lines: &[String]) -> std::collections::BTreeSet<(String, String)> {
                 ("POST", _) => "create",
                 ("GET", _) => "get",
                 ("PUT", _) => "update",
+                ("PATCH", _) => "patch",
                 ("DELETE", _) => "delete",
                 _ => panic!("{line}"),
             };
@@ -1193,6 +1420,20 @@ async fn deploy_rbac_grants_exactly_the_verbs_gradflow_uses() {
     let workers = LogSelection { role: Some(Worker), ..LogSelection::default() };
     jc.logs("demo", &workers).await.unwrap();
     let _ = jc.follow_logs("demo", &workers).await.unwrap().collect::<Vec<_>>().await;
+    jc.delete("demo", Some(Duration::from_secs(5))).await.unwrap();
+    // Gang scheduling: Volcano's PodGroup (created, and read by attach), Kueue's pod group
+    // (its pods marked at the end, its Workload deleted with the job).
+    client.launch(job_with(1, 1, 3, VOLCANO), false).await.unwrap();
+    jc.attach("demo").await.unwrap();
+    jc.delete("demo", Some(Duration::from_secs(5))).await.unwrap();
+    let c = client.launch(job_with(1, 1, 3, KUEUE), false).await.unwrap();
+    c.reconcile(None).await.unwrap();
+    c.reconcile(Some("stopped")).await.unwrap();
+    fake.0
+        .lock()
+        .unwrap()
+        .workloads
+        .insert("demo".into(), serde_json::json!({ "metadata": { "name": "demo" } }));
     jc.delete("demo", Some(Duration::from_secs(5))).await.unwrap();
     let used = verbs(&fake.requests());
 

@@ -559,3 +559,124 @@ fn a_pod_past_its_active_deadline_fails_the_job() {
     );
     assert!(sim.take_log().iter().all(|a| !a.starts_with("create")));
 }
+
+#[test]
+fn a_gang_creates_every_pod_at_once_and_restarts_them_together() {
+    for gang in [VOLCANO, KUEUE] {
+        let mut sim = Sim::new(job_with(2, 2, 3, gang));
+        let d = sim.step();
+        // The scheduler admits none of them until all exist: workers cannot wait for servers.
+        assert_eq!(
+            sim.take_log(),
+            [
+                "create demo-ps-0-0",
+                "create demo-ps-1-0",
+                "create demo-worker-0-0",
+                "create demo-worker-1-0",
+                "record"
+            ],
+            "{gang}"
+        );
+        assert_eq!(d.status.state, JobState::Pending);
+        assert_eq!(d.status.message, None, "{gang}");
+        sim.everything_runs();
+        sim.step();
+        assert_eq!(sim.status.state, JobState::Running);
+        sim.take_log();
+
+        // A lost server restarts everything from the latest checkpoint; once the old pods are
+        // gone, the whole gang is created again in one pass.
+        sim.set(Ps, 1, 0, |p| failed(p, 137, "OOMKilled"));
+        sim.step();
+        sim.reap();
+        sim.take_log();
+        sim.step();
+        assert_eq!(
+            sim.take_log(),
+            [
+                "create demo-ps-0-1",
+                "create demo-ps-1-1",
+                "create demo-worker-0-1",
+                "create demo-worker-1-1",
+                "record"
+            ],
+            "{gang}"
+        );
+    }
+}
+
+#[test]
+fn a_pod_kueue_stopped_was_disrupted_and_is_not_counted() {
+    let mut sim = Sim::new(job_with(1, 2, 0, KUEUE));
+    sim.step();
+    sim.everything_runs();
+    sim.step();
+    sim.take_log();
+    let name = sim.name(Worker, 1, 0);
+    sim.set(Worker, 1, 0, stopped_by_kueue);
+    assert!(matches!(observe(&sim.pods[&name], Worker), PodOutcome::Disrupted { .. }));
+    let d = sim.step();
+    // max_restarts = 0: a counted failure would have failed the job.
+    assert_eq!(sim.take_log(), ["create demo-worker-1-1", "record"]);
+    assert_eq!(d.status.worker[1].restarts(), 0);
+    assert!(matches!(d.status.worker[1].ended[&0], Ending::Disrupted { .. }));
+    // The replacement is in the same Kueue group as the pod it replaces.
+    let labels = sim.pods[&sim.name(Worker, 1, 1)].metadata.labels.clone().unwrap();
+    assert_eq!(labels["kueue.x-k8s.io/pod-group-name"], "demo");
+}
+
+#[test]
+fn a_kueue_job_that_is_over_ends_its_pod_group() {
+    let mut sim = Sim::new(job_with(1, 2, 3, KUEUE));
+    sim.step();
+    sim.everything_runs();
+    sim.step();
+    sim.take_log();
+    sim.set(Worker, 0, 0, succeeded);
+    sim.set(Worker, 1, 0, succeeded);
+    sim.step();
+    assert_eq!(sim.status.state, JobState::Succeeded);
+    // Every pod of the group is marked, the servers stopped; Kueue then finishes the Workload.
+    assert_eq!(
+        sim.take_log(),
+        [
+            "record",
+            "delete demo-ps-0-0",
+            "end-group demo-ps-0-0",
+            "end-group demo-worker-0-0",
+            "end-group demo-worker-1-0"
+        ]
+    );
+    // Once marked, nothing more to do but wait for the servers to stop.
+    sim.step();
+    assert_eq!(sim.take_log(), Vec::<String>::new());
+    sim.set(Ps, 0, 0, |p| failed(p, 143, "Error"));
+    assert!(sim.step().finished);
+
+    // Without Kueue nothing is marked.
+    let mut sim = running_job(1, 1, 3);
+    sim.set(Worker, 0, 0, succeeded);
+    sim.step();
+    assert!(sim.take_log().iter().all(|l| !l.starts_with("end-group")));
+}
+
+#[test]
+fn a_stopped_kueue_job_still_queued_deletes_its_workload() {
+    // Kueue has not admitted the group: the pods are gated, never scheduled. Deleted, they
+    // stay (Kueue's finalizer) until the Workload goes.
+    let mut sim = Sim::new(job_with(1, 1, 3, KUEUE));
+    sim.step();
+    sim.take_log();
+    let d = sim.step_with(Some("interrupted"));
+    assert_eq!(d.status.state, JobState::Failed);
+    let log = sim.take_log();
+    assert!(log.contains(&"delete demo-ps-0-0".to_string()), "{log:?}");
+    // Deleted in this pass: the next pass sees them terminating with no node.
+    let d = sim.step();
+    assert!(!d.finished);
+    assert_eq!(sim.take_log(), ["delete-workload demo"]);
+    sim.reap();
+    let d = sim.step();
+    assert!(d.finished);
+    assert_eq!(sim.take_log(), Vec::<String>::new());
+}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use gradflow_job::contract::Token;
 use gradflow_job::{ClusterSpec, JobConfig, Role};
 use gradflow_launch::kubernetes::config::{load_job, parse_job};
+use gradflow_launch::kubernetes::gang::PodGroup;
 use gradflow_launch::kubernetes::render::{Manifest, Renderer, from_yaml, restore_env, to_json, to_yaml};
 use gradflow_launch::kubernetes::{
     ANNOTATION_TOKEN, KubernetesConfig, LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE, RECORD_JOB_KEY,
@@ -148,6 +149,151 @@ fn golden_job_with_every_kubernetes_option_detached() {
     golden(&golden_path("full-detached.yaml"), &to_yaml(&redacted(&r.manifests(true))).unwrap());
 }
 
+/// A job gang-scheduled by `gang` ("volcano" or "kueue"), with requests on every pod, a
+/// priority class and GPU workers: what a PodGroup's `minResources` sums.
+fn gang_job(gang: &str) -> JobConfig {
+    parse_job(&format!(
+        r#"
+name = "ctr"
+servers = 2
+workers = 3
+
+[model]
+kind = "logistic_regression"
+
+[data]
+train = "data/train.csv"
+
+[kubernetes]
+image = "registry.example.com/ml/gradflow:0.1.0"
+gang = "{gang}"
+queue = "team-a"
+priority_class = "batch-high"
+
+[kubernetes.ps]
+cpu = 2
+memory = "4Gi"
+
+[kubernetes.worker]
+cpu = "1500m"
+memory = "3Gi"
+gpu = 1
+"#
+    ))
+    .unwrap()
+}
+
+#[test]
+fn golden_volcano_gang() {
+    let r = Renderer::new(gang_job("volcano"), "ml").unwrap();
+    golden(&golden_path("gang-volcano.yaml"), &to_yaml(&redacted(&r.manifests(false))).unwrap());
+}
+
+#[test]
+fn golden_kueue_gang() {
+    let r = Renderer::new(gang_job("kueue"), "ml").unwrap();
+    golden(&golden_path("gang-kueue.yaml"), &to_yaml(&redacted(&r.manifests(false))).unwrap());
+}
+
+#[test]
+fn volcano_gang_renders_one_pod_group_that_every_pod_names() {
+    let r = Renderer::new(gang_job("volcano"), "ml").unwrap();
+    let manifests = r.manifests(false);
+    let kinds: Vec<&str> = manifests.iter().map(Manifest::kind).collect();
+    // Before any pod, as `launch` creates them.
+    assert_eq!(kinds, ["ConfigMap", "Secret", "Service", "PodGroup", "Pod", "Pod", "Pod", "Pod", "Pod"]);
+    let Manifest::PodGroup(group) = &manifests[3] else { unreachable!() };
+    check_pod_group(&serde_json::to_value(group).unwrap());
+    assert_eq!(group.metadata.name.as_deref(), Some("ctr"));
+    assert_eq!(group.metadata.namespace.as_deref(), Some("ml"));
+    assert_eq!(group.spec.min_member, 5);
+    assert_eq!(group.spec.queue.as_deref(), Some("team-a"));
+    assert_eq!(group.spec.priority_class_name.as_deref(), Some("batch-high"));
+    // 2 x (2 CPUs, 4Gi) + 3 x (1.5 CPUs, 3Gi, 1 GPU): the sum of the pods' requests.
+    let min = group.spec.min_resources.as_ref().unwrap();
+    let min: Vec<(&str, &str)> = min.iter().map(|(k, v)| (k.as_str(), v.0.as_str())).collect();
+    assert_eq!(min, [("cpu", "8500m"), ("memory", "17Gi"), ("nvidia.com/gpu", "3")]);
+    // Pods of every attempt are in the group, under Volcano's scheduler.
+    for pod in [r.pod(Role::Ps, 1, 0), r.pod(Role::Worker, 2, 0), r.pod(Role::Worker, 0, 4)] {
+        let annotations = pod.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations["scheduling.k8s.io/group-name"], "ctr");
+        // The PodGroup holds the queue; a pod's own queue would be for a group of one.
+        assert!(!annotations.contains_key("scheduling.volcano.sh/queue-name"));
+        assert!(!pod.metadata.labels.clone().unwrap().contains_key("kueue.x-k8s.io/queue-name"));
+        assert_eq!(pod.spec.unwrap().scheduler_name.as_deref(), Some("volcano"));
+    }
+    // Without requests (the servers' defaults are there anyway) and without a queue.
+    let job = parse_job(
+        "name = \"ctr\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"t.csv\"\n[kubernetes]\ngang = \"volcano\"\n",
+    )
+    .unwrap();
+    let group = Renderer::new(job, "ml").unwrap().pod_group().unwrap();
+    assert_eq!((group.spec.min_member, group.spec.queue.as_deref()), (2, None));
+    let min = group.spec.min_resources.unwrap();
+    assert_eq!((min["cpu"].0.as_str(), min["memory"].0.as_str()), ("1", "2Gi"));
+    // No gang, no PodGroup.
+    assert!(Renderer::new(full_job(), "team-a").unwrap().pod_group().is_none());
+}
+
+#[test]
+fn kueue_gang_labels_every_attempt_of_every_pod_into_one_group() {
+    let r = Renderer::new(gang_job("kueue"), "ml").unwrap();
+    assert!(r.pod_group().is_none());
+    assert!(r.manifests(true).iter().all(|m| m.kind() != "PodGroup"));
+    for pod in
+        [r.pod(Role::Ps, 0, 0), r.pod(Role::Ps, 1, 3), r.pod(Role::Worker, 2, 0), r.pod(Role::Worker, 1, 7)]
+    {
+        let labels = pod.metadata.labels.clone().unwrap();
+        assert_eq!(labels["kueue.x-k8s.io/queue-name"], "team-a");
+        assert_eq!(labels["kueue.x-k8s.io/pod-group-name"], "ctr");
+        let annotations = pod.metadata.annotations.clone().unwrap();
+        assert_eq!(annotations["kueue.x-k8s.io/pod-group-total-count"], "5");
+        assert!(!annotations.contains_key("scheduling.volcano.sh/queue-name"));
+        assert!(!annotations.contains_key("scheduling.k8s.io/group-name"));
+        assert_eq!(pod.spec.unwrap().scheduler_name, None);
+    }
+}
+
+/// Checks a rendered PodGroup against Volcano's `scheduling.volcano.sh/v1beta1` schema
+/// (volcano-sh/apis `pkg/apis/scheduling/v1beta1/types.go`), which `kubernetes-validate`
+/// does not have: the kind and version, a namespaced name, `spec.minMember` a positive int32,
+/// only spec fields the CRD knows, quantities in `minResources`.
+fn check_pod_group(v: &serde_json::Value) {
+    assert_eq!(v["apiVersion"], "scheduling.volcano.sh/v1beta1", "{v}");
+    assert_eq!(v["kind"], "PodGroup", "{v}");
+    let meta = v["metadata"].as_object().unwrap();
+    assert!(meta["name"].as_str().is_some_and(|n| !n.is_empty() && n.len() <= 253), "{v}");
+    assert!(meta["namespace"].as_str().is_some(), "{v}");
+    let spec = v["spec"].as_object().unwrap();
+    const KNOWN: [&str; 6] =
+        ["minMember", "minTaskMember", "queue", "priorityClassName", "minResources", "networkTopology"];
+    for key in spec.keys() {
+        assert!(KNOWN.contains(&key.as_str()), "spec.{key} is not a PodGroup field: {v}");
+    }
+    let min_member = spec["minMember"].as_i64().unwrap();
+    assert!((1..=i64::from(i32::MAX)).contains(&min_member), "{v}");
+    for key in ["queue", "priorityClassName"] {
+        if let Some(value) = spec.get(key) {
+            assert!(value.as_str().is_some_and(|s| !s.is_empty()), "{key}: {v}");
+        }
+    }
+    if let Some(resources) = spec.get("minResources") {
+        for (name, q) in resources.as_object().unwrap() {
+            let q = q.as_str().unwrap_or_else(|| panic!("minResources.{name} is not a quantity string: {v}"));
+            let digits = q.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+            let suffix = &q[digits.len()..];
+            assert!(
+                !digits.is_empty()
+                    && digits.parse::<u64>().is_ok()
+                    && ["", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"]
+                        .contains(&suffix),
+                "minResources.{name} = {q:?}: {v}"
+            );
+        }
+    }
+    assert!(v.get("status").is_none(), "{v}");
+}
+
 #[test]
 fn golden_recreated_pods_are_owned_by_the_root() {
     let r = renderer(job(2, 2, 3));
@@ -165,6 +311,8 @@ fn every_rendered_object_deserializes_back_into_its_type() {
         (Renderer::new(job(2, 3, 3), "ml").unwrap(), false),
         (Renderer::new(full_job(), "team-a").unwrap(), true),
         (renderer(job(1, 1, 0)), true),
+        (Renderer::new(gang_job("volcano"), "ml").unwrap(), true),
+        (Renderer::new(gang_job("kueue"), "ml").unwrap(), false),
     ] {
         let manifests = r.manifests(detach);
         // YAML, document by document, into the type its `kind` names.
@@ -188,6 +336,9 @@ fn every_rendered_object_deserializes_back_into_its_type() {
                 }
                 "Pod" => Manifest::Pod(Box::new(serde_json::from_value::<Pod>(item.clone()).unwrap())),
                 "Job" => Manifest::Job(Box::new(serde_json::from_value::<BatchJob>(item.clone()).unwrap())),
+                "PodGroup" => {
+                    Manifest::PodGroup(Box::new(serde_json::from_value::<PodGroup>(item.clone()).unwrap()))
+                }
                 other => panic!("unexpected kind {other}"),
             };
             assert_eq!(&back, m);
@@ -360,7 +511,10 @@ fn a_job_without_literal_env_values_needs_no_env_secret() {
 #[test]
 fn labels_and_owner_references_tie_everything_to_the_root() {
     let r = renderer(job(2, 2, 3));
-    let manifests = r.manifests(true);
+    // And the PodGroup of the same job gang-scheduled by Volcano.
+    let group = renderer(job_with(2, 2, 3, VOLCANO)).pod_group().unwrap();
+    let manifests: Vec<Manifest> =
+        r.manifests(true).into_iter().chain([Manifest::PodGroup(Box::new(group))]).collect();
     for m in &manifests {
         let meta = match m {
             Manifest::ConfigMap(o) => &o.metadata,
@@ -368,6 +522,7 @@ fn labels_and_owner_references_tie_everything_to_the_root() {
             Manifest::Service(o) => &o.metadata,
             Manifest::Pod(o) => &o.metadata,
             Manifest::Job(o) => &o.metadata,
+            Manifest::PodGroup(o) => &o.metadata,
         };
         let labels = meta.labels.as_ref().unwrap();
         assert_eq!(labels["app.kubernetes.io/name"], "gradflow");
@@ -715,7 +870,10 @@ fn every_render_passes_strict_schema_validation() {
         ("full", Renderer::new(full_job(), "team-a").unwrap()),
         ("credentials", Renderer::new(job_with_credentials(), "ml").unwrap()),
         ("pvc-checkpoints", checkpointed("./shared/ckpt", pvc).unwrap()),
+        ("gang-volcano", Renderer::new(gang_job("volcano"), "ml").unwrap()),
+        ("gang-kueue", Renderer::new(gang_job("kueue"), "ml").unwrap()),
     ];
+    let mut pod_groups = 0;
     let mut files = Vec::new();
     for (name, r) in &renderers {
         // What `--dry-run` prints, detached, plus what only `launch` creates (the Secrets with
@@ -725,10 +883,18 @@ fn every_render_passes_strict_schema_validation() {
         manifests.extend(r.env_secret().map(|s| Manifest::Secret(Box::new(s))));
         manifests.push(Manifest::Pod(Box::new(r.pod(Role::Ps, 0, 2))));
         manifests.push(Manifest::Pod(Box::new(r.pod(Role::Worker, 0, 1))));
+        // kubernetes-validate knows the built-in kinds only (a custom resource is an error
+        // under --strict): Volcano's PodGroup is checked against its CRD's fields here.
+        for m in manifests.iter().filter(|m| m.is_custom_resource()) {
+            check_pod_group(&serde_json::to_value(m).unwrap());
+            pod_groups += 1;
+        }
+        manifests.retain(|m| !m.is_custom_resource());
         let path = dir.path().join(format!("{name}.yaml"));
         std::fs::write(&path, to_yaml(&manifests).unwrap()).unwrap();
         files.push(path);
     }
+    assert_eq!(pod_groups, 1, "the gang-volcano render has its PodGroup");
     files.push(Path::new(MANIFEST_DIR).join("../../deploy/manifests/wide-deep.yaml"));
     files.push(Path::new(MANIFEST_DIR).join("../../deploy/rbac.yaml"));
     for version in SCHEMA_VERSIONS {

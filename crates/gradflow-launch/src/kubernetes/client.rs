@@ -3,8 +3,10 @@
 //!
 //! `launch` creates, in this order, the job's root ConfigMap, the Secret with its token (when
 //! `auth.enabled`), the Secret with the literal values of `kubernetes.env` (when it sets any;
-//! the record holds references to it, and `attach` reads it back), its Service and, detached, its controller's Kubernetes Job; every pod comes
-//! later, from the controller, so the Secret always exists before the first pod that reads it.
+//! the record holds references to it, and `attach` reads it back), its Service, its Volcano
+//! PodGroup (with `gang = "volcano"`) and, detached, its controller's Kubernetes Job; every pod comes
+//! later, from the controller, so the Secrets and the PodGroup always exist before the first
+//! pod that needs them.
 //!
 //! Everything here is thin on purpose: decisions are made by
 //! [`controller::decide`] from what a pass reads, and a pass is a
@@ -32,11 +34,15 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, Preconditions};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
+    Preconditions,
+};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
 
 use super::controller::{self, Action, Decision, JobStatus, JobSummary, member};
+use super::gang::{ANNOTATION_KUEUE_RETRIABLE_IN_GROUP, KUEUE_API_VERSION, LABEL_KUEUE_GROUP, PodGroup};
 use super::lease::{Acquire, DEFAULT_LEASE_DURATION, LeaseKeeper, Renewal, default_identity};
 use super::render::{
     Renderer, controller_name, env_secret_name, restore_env, token_secret_name, uses_env_secret,
@@ -113,6 +119,26 @@ impl JobClient {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    fn pod_groups(&self) -> Api<PodGroup> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Kueue's Workloads: a custom resource gradflow only deletes, so untyped.
+    fn workloads(&self) -> Api<DynamicObject> {
+        let (group, version) = KUEUE_API_VERSION.split_once('/').expect("group/version");
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, "Workload");
+        Api::namespaced_with(self.client.clone(), &self.namespace, &ApiResource::from_gvk(&gvk))
+    }
+
+    /// Deletes the Kueue Workload `name`; one that is not there is fine.
+    async fn delete_workload(&self, name: &str) -> Result<()> {
+        match self.workloads().delete(name, &DeleteParams::background()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(KubernetesError::api(format!("deleting Kueue Workload {name}"))(e)),
+        }
+    }
+
     /// Creates a job: its root ConfigMap (the record), the Secret with its token (with
     /// `auth.enabled`: from `auth.token_file`, else this process's `GRADFLOW_TOKEN`, else
     /// fresh), its Service and, with `detach`, the pod that runs its controller in the
@@ -150,6 +176,7 @@ impl JobClient {
             }
         }
         self.ensure_service(&renderer).await?;
+        self.ensure_pod_group(&renderer).await?;
         if detach {
             let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), &self.namespace);
             match jobs.create(&PostParams::default(), &renderer.controller_job()).await {
@@ -200,6 +227,7 @@ impl JobClient {
             self.check_token_secret(&renderer).await?;
         }
         self.ensure_service(&renderer).await?;
+        self.ensure_pod_group(&renderer).await?;
         Ok(Controller::new(self.clone(), renderer))
     }
 
@@ -311,6 +339,45 @@ impl JobClient {
                 }
             }
             Err(e) => Err(KubernetesError::api(format!("creating Service {name}"))(e)),
+        }
+    }
+
+    /// With `gang = "volcano"`: creates the job's PodGroup, or checks that the one there is
+    /// the job's. Nothing otherwise.
+    async fn ensure_pod_group(&self, renderer: &Renderer) -> Result<()> {
+        let Some(group) = renderer.pod_group() else { return Ok(()) };
+        let name = group.metadata.name.clone().unwrap_or_default();
+        match self.pod_groups().create(&PostParams::default(), &group).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 409) => {
+                let existing = self
+                    .pod_groups()
+                    .get(&name)
+                    .await
+                    .map_err(KubernetesError::api(format!("reading PodGroup {name}")))?;
+                let ours = existing
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| Some(o.uid.as_str()) == renderer.owner_uid());
+                if ours {
+                    Ok(())
+                } else {
+                    Err(KubernetesError::Foreign(format!(
+                        "a Volcano PodGroup named {name} already exists in namespace {} and does not belong to this job \
+                         (kubernetes.gang = \"volcano\" names the job's PodGroup after the job); rename the job or \
+                         delete it (`kubectl delete podgroup.scheduling.volcano.sh {name} -n {}`)",
+                        self.namespace, self.namespace
+                    )))
+                }
+            }
+            Err(e) if is_status(&e, 404) => Err(KubernetesError::Config(format!(
+                "kubernetes.gang = \"volcano\", but the cluster has no PodGroup resource \
+                 (scheduling.volcano.sh/v1beta1): is Volcano installed? ({})",
+                super::describe(&e)
+            ))),
+            Err(e) => Err(KubernetesError::api(format!("creating PodGroup {name}"))(e)),
         }
     }
 
@@ -434,7 +501,17 @@ impl JobClient {
     /// Deletes a job: its root ConfigMap with foreground propagation, so that the garbage
     /// collector deletes every pod (failed ones and their logs included) and the Service
     /// first. With `wait`, returns once all of it is gone (true) or `wait` has passed (false).
+    ///
+    /// A job in a Kueue pod group (`gang = "kueue"`) loses its Workload first: Kueue keeps
+    /// the pods of a group it still runs (its finalizer) until the Workload goes, and would
+    /// hold the deletion of the job with them.
     pub async fn delete(&self, name: &str, wait: Option<Duration>) -> Result<bool> {
+        let pods = self.list_job_pods(name).await?;
+        let groups: std::collections::BTreeSet<&String> =
+            pods.iter().filter_map(|p| p.metadata.labels.as_ref()?.get(LABEL_KUEUE_GROUP)).collect();
+        for group in groups {
+            self.delete_workload(group).await?;
+        }
         match self.config_maps().delete(name, &DeleteParams::foreground()).await {
             Ok(_) => {}
             Err(e) if is_status(&e, 404) => {
@@ -656,6 +733,21 @@ impl Controller {
                         Err(e) => return Err(KubernetesError::api(format!("deleting pod {pod_name}"))(e)),
                     }
                 }
+                Action::EndPodGroup { pod } => {
+                    let patch = serde_json::json!({
+                        "metadata": { "annotations": { ANNOTATION_KUEUE_RETRIABLE_IN_GROUP: "false" } }
+                    });
+                    match self.api.pods().patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                        Ok(_) => {}
+                        Err(e) if is_status(&e, 404) => {}
+                        Err(e) => {
+                            return Err(KubernetesError::api(format!(
+                                "marking pod {pod} {ANNOTATION_KUEUE_RETRIABLE_IN_GROUP}=false"
+                            ))(e));
+                        }
+                    }
+                }
+                Action::DeleteWorkload { name } => self.api.delete_workload(name).await?,
             }
         }
         let mut summary = controller::summarize(&self.renderer, &decision.status, &pods, &[]);
@@ -909,6 +1001,12 @@ impl Controller {
                                     Action::DeletePod { name, reason, .. } => {
                                         say(&format!("deleting pod {name}: {reason}"))
                                     }
+                                    Action::EndPodGroup { pod } => say(&format!(
+                                        "marking pod {pod} {ANNOTATION_KUEUE_RETRIABLE_IN_GROUP}=false: the job's Kueue pod group is over"
+                                    )),
+                                    Action::DeleteWorkload { name } => say(&format!(
+                                        "deleting Kueue Workload {name}: a pod of the group was never scheduled"
+                                    )),
                                     Action::RecordStatus(_) => {}
                                 }
                             }

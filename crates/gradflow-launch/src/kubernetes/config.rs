@@ -88,11 +88,18 @@ pub struct KubernetesConfig {
     pub service_account: Option<String>,
     /// PriorityClass of every pod.
     pub priority_class: Option<String>,
-    /// Scheduler of every pod, e.g. `"volcano"`. Default: the cluster's default scheduler.
+    /// Scheduler of every pod, e.g. `"volcano"`. Default: the cluster's default scheduler;
+    /// `"volcano"` with `gang = "volcano"`, which refuses any other.
     pub scheduler_name: Option<String>,
-    /// Queue for batch schedulers: sets the `kueue.x-k8s.io/queue-name` label (Kueue) and the
-    /// `scheduling.volcano.sh/queue-name` annotation (Volcano) on every pod.
+    /// Queue for batch schedulers. With `gang = "none"`: the `kueue.x-k8s.io/queue-name`
+    /// label (Kueue) and the `scheduling.volcano.sh/queue-name` annotation (Volcano) on every
+    /// pod, each pod queued on its own. With `gang = "volcano"`: the PodGroup's `spec.queue`
+    /// (Volcano's `default` queue without it). With `gang = "kueue"` (required): the Kueue
+    /// LocalQueue of the job's pod group.
     pub queue: Option<String>,
+    /// Gang scheduling: `"none"` (default), `"volcano"` (a Volcano PodGroup) or `"kueue"`
+    /// (a Kueue plain-pod group). See [`Gang`].
+    pub gang: Gang,
     /// The directory inside the pods that plays the job file's directory: relative paths of
     /// the job file are resolved against it. Default `/workspace`.
     pub workdir: PathBuf,
@@ -215,6 +222,43 @@ pub struct PodSettings {
     pub volume_mounts: Vec<VolumeMount>,
 }
 
+/// Gang scheduling (`kubernetes.gang`): whether the job's pods are admitted as one unit, so
+/// that a job that does not fit waits whole instead of holding nodes half-started (Kubeflow
+/// training-operator #1264: a PS job whose workers cannot be placed keeps its servers'
+/// nodes while it waits).
+///
+/// With a gang, every pod of the job is created at once (workers do not wait for the servers
+/// to be ready: the scheduler admits no pod until all of them exist), and the pods of a
+/// restart from a checkpoint are, again, created together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gang {
+    /// Each pod is scheduled (and, with `queue`, queued) on its own.
+    #[default]
+    None,
+    /// A `scheduling.volcano.sh/v1beta1` PodGroup named after the job, with `minMember` =
+    /// servers + workers, in `queue`; every pod has `schedulerName: volcano` and the
+    /// `scheduling.k8s.io/group-name` annotation.
+    Volcano,
+    /// Kueue's plain-pod group: every pod has the `kueue.x-k8s.io/queue-name` and
+    /// `kueue.x-k8s.io/pod-group-name` labels and the `kueue.x-k8s.io/pod-group-total-count`
+    /// annotation (servers + workers); Kueue admits the group as one Workload.
+    Kueue,
+}
+
+impl Gang {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gang::None => "none",
+            Gang::Volcano => "volcano",
+            Gang::Kueue => "kueue",
+        }
+    }
+}
+
+/// Volcano's scheduler name, which `gang = "volcano"` sets and requires.
+pub const VOLCANO_SCHEDULER: &str = "volcano";
+
 /// Spreading of a job's server pods over nodes (`server_spread`), so that one node going away
 /// takes as few shards as possible with it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +302,7 @@ impl Default for KubernetesConfig {
             priority_class: None,
             scheduler_name: None,
             queue: None,
+            gang: Gang::None,
             workdir: PathBuf::from("/workspace"),
             port: DEFAULT_PORT,
             metrics_port: DEFAULT_METRICS_PORT,
@@ -382,6 +427,7 @@ impl KubernetesConfig {
                 dns_subdomain(v).map_err(|e| invalid(key(k), e))?;
             }
         }
+        self.check_gang()?;
         dns_subdomain(&self.controller_service_account)
             .map_err(|e| invalid(key("controller_service_account"), e))?;
         for (i, s) in self.image_pull_secrets.iter().enumerate() {
@@ -490,6 +536,44 @@ impl KubernetesConfig {
         };
         check_settings(&common, &key)?;
         Ok(())
+    }
+}
+
+impl KubernetesConfig {
+    /// `gang` against the settings it depends on: Volcano's PodGroup is only read by Volcano's
+    /// scheduler; Kueue's pod group needs a LocalQueue, and a second gang scheduler under it
+    /// would wait for a PodGroup no one creates.
+    fn check_gang(&self) -> Result<(), JobError> {
+        match self.gang {
+            Gang::None => Ok(()),
+            Gang::Volcano => match self.scheduler_name.as_deref() {
+                Some(name) if name != VOLCANO_SCHEDULER => Err(invalid(
+                    "kubernetes.scheduler_name",
+                    format!(
+                        "{name:?} with kubernetes.gang = \"volcano\": only Volcano's scheduler reads its PodGroup; \
+                         remove scheduler_name (gang = \"volcano\" sets \"volcano\") or choose another gang"
+                    ),
+                )),
+                _ => Ok(()),
+            },
+            Gang::Kueue => {
+                if self.queue.is_none() {
+                    return Err(invalid(
+                        "kubernetes.queue",
+                        "kubernetes.gang = \"kueue\" needs the name of a Kueue LocalQueue in the job's namespace \
+                         (Kueue only admits pods that name one)",
+                    ));
+                }
+                if self.scheduler_name.as_deref() == Some(VOLCANO_SCHEDULER) {
+                    return Err(invalid(
+                        "kubernetes.gang",
+                        "\"kueue\" with kubernetes.scheduler_name = \"volcano\": Volcano would wait for a PodGroup \
+                         that Kueue does not create; use gang = \"volcano\", or drop scheduler_name",
+                    ));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -873,7 +957,7 @@ fn check_quantity(q: &str) -> Result<(), String> {
 
 /// The value of a quantity that [`check_quantity`] accepted, in base units (`500m` is 0.5,
 /// `1Ki` is 1024), for comparing two of them.
-fn quantity_value(q: &str) -> f64 {
+pub(crate) fn quantity_value(q: &str) -> f64 {
     let digits_end = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
     let (number, suffix) = q.split_at(digits_end);
     let number: f64 = number.parse().unwrap_or(0.0);
@@ -1032,6 +1116,45 @@ mod tests {
         ] {
             let err = parse(extra).unwrap_err();
             assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn gang_defaults_to_none_and_reads_each_mode() {
+        assert_eq!(KubernetesConfig::default().gang, Gang::None);
+        for (text, gang) in [
+            ("[kubernetes]\ngang = \"volcano\"\n", Gang::Volcano),
+            (
+                "[kubernetes]\ngang = \"volcano\"\nscheduler_name = \"volcano\"\nqueue = \"q\"\n",
+                Gang::Volcano,
+            ),
+            ("[kubernetes]\ngang = \"kueue\"\nqueue = \"team-a\"\n", Gang::Kueue),
+            ("[kubernetes]\ngang = \"none\"\nscheduler_name = \"volcano\"\n", Gang::None),
+        ] {
+            let k = KubernetesConfig::of(&parse(text).unwrap()).unwrap();
+            assert_eq!(k.gang, gang, "{text}");
+        }
+    }
+
+    #[test]
+    fn contradictory_gang_settings_are_refused_naming_the_key() {
+        for (extra, key, says) in [
+            (
+                "[kubernetes]\ngang = \"volcano\"\nscheduler_name = \"default-scheduler\"",
+                "kubernetes.scheduler_name",
+                "only Volcano's scheduler reads its PodGroup",
+            ),
+            ("[kubernetes]\ngang = \"kueue\"", "kubernetes.queue", "LocalQueue"),
+            (
+                "[kubernetes]\ngang = \"kueue\"\nqueue = \"q\"\nscheduler_name = \"volcano\"",
+                "kubernetes.gang",
+                "PodGroup",
+            ),
+            ("[kubernetes]\ngang = \"yunikorn\"", "gang", "volcano"),
+            ("[kubernetes]\ngang = true", "gang", ""),
+        ] {
+            let err = parse(extra).unwrap_err();
+            assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
         }
     }
 

@@ -10,7 +10,10 @@
 //!
 //! # Rules
 //!
-//! - Servers are created first; workers once every server's pod is Running and Ready.
+//! - Servers are created first; workers once every server's pod is Running and Ready. With
+//!   gang scheduling (`kubernetes.gang`), every pod is created at once instead: the scheduler
+//!   admits none of them until all exist, and the workers wait for the servers themselves
+//!   (`transport.startup_timeout`).
 //! - Each process (server shard or worker) has attempts 0, 1, 2, ...; attempt `a` runs in pod
 //!   `<job>-<role>-<index>-<a>`. A new attempt is created only when the previous one ended:
 //!   - **disrupted** (the pod has the `DisruptionTarget` condition: preempted, evicted through
@@ -35,7 +38,13 @@
 //!   job.
 //! - The job succeeds when every worker has succeeded; the servers are then deleted at once.
 //! - On a terminal state (Succeeded, Failed) every pod still running is deleted; pods that
-//!   ended (failed ones with their logs) stay until `gradflow delete`.
+//!   ended (failed ones with their logs) stay until `gradflow delete`. With
+//!   `gang = "kueue"`, the job's pods are also marked `kueue.x-k8s.io/retriable-in-group:
+//!   "false"`, so that Kueue finishes the group's Workload (its quota is released, its
+//!   finalizers leave the pods) instead of waiting for replacements; if a deleted pod was never
+//!   scheduled (the group was still queued), only deleting the Workload lets it go.
+//! - A pod Kueue stopped (condition `TerminationTarget`: its Workload was preempted or
+//!   evicted) was disrupted, like one with `DisruptionTarget`.
 //!
 //! # Why the record
 //!
@@ -53,6 +62,9 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
+use super::gang::{
+    ANNOTATION_KUEUE_RETRIABLE_IN_GROUP, CONDITION_KUEUE_TERMINATION_TARGET, Gang, group_name,
+};
 use super::render::{Renderer, pod_name};
 pub use super::status::{Ending, JobState, JobStatus, ProcessRecord};
 use super::{LABEL_ATTEMPT, LABEL_INDEX, LABEL_JOB, LABEL_ROLE};
@@ -70,6 +82,13 @@ pub enum Action {
     /// Delete this pod (gracefully, `launcher.grace_period`, or at once with `immediate`); if
     /// it is gone already, fine.
     DeletePod { name: String, reason: String, immediate: bool },
+    /// Mark this pod `kueue.x-k8s.io/retriable-in-group: "false"` (a merge patch of its
+    /// annotations): the job is over, and its Kueue pod group with it. If the pod is gone,
+    /// fine.
+    EndPodGroup { pod: String },
+    /// Delete the Kueue Workload of the job's pod group (named after it), which makes Kueue
+    /// let go of pods that were deleted before they were ever scheduled. If it is gone, fine.
+    DeleteWorkload { name: String },
 }
 
 /// What one pass decided.
@@ -157,6 +176,17 @@ fn condition<'a>(pod: &'a Pod, kind: &str) -> Option<&'a k8s_openapi::api::core:
     pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == kind)
 }
 
+/// The condition that says the cluster took the pod away: Kubernetes' `DisruptionTarget`, or
+/// Kueue's `TerminationTarget` (its Workload was preempted or evicted).
+fn disruption(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::PodCondition> {
+    [CONDITION_DISRUPTION_TARGET, CONDITION_KUEUE_TERMINATION_TARGET]
+        .into_iter()
+        .find_map(|kind| condition(pod, kind).filter(|c| c.status == "True"))
+}
+
+/// The pod condition Kubernetes sets on a pod it is about to take away.
+const CONDITION_DISRUPTION_TARGET: &str = "DisruptionTarget";
+
 fn describe_condition(c: &k8s_openapi::api::core::v1::PodCondition) -> String {
     match (&c.reason, &c.message) {
         (Some(r), Some(m)) => format!("{r}: {m}"),
@@ -191,7 +221,7 @@ pub fn observe(pod: &Pod, role: Role) -> PodOutcome {
     if phase == "Succeeded" && role == Role::Worker {
         return PodOutcome::Succeeded;
     }
-    if let Some(c) = condition(pod, "DisruptionTarget").filter(|c| c.status == "True") {
+    if let Some(c) = disruption(pod) {
         return PodOutcome::Disrupted { reason: describe_condition(c) };
     }
     if let Some(reason) = status.and_then(|s| s.reason.as_deref()).filter(|r| DISRUPTION_REASONS.contains(r))
@@ -303,7 +333,8 @@ pub fn decide(
 
     if status.state.is_terminal() {
         // Over: the record is final; only make sure nothing is left running.
-        let actions = delete_active(&format!("the job {}", status.state.to_string().to_lowercase()));
+        let mut actions = delete_active(&format!("the job {}", status.state.to_string().to_lowercase()));
+        actions.extend(end_pod_group(r, &mine));
         let finished = remaining == 0;
         return Decision { status: status.clone(), actions, notes, finished, retry_after: None };
     }
@@ -470,7 +501,7 @@ pub fn decide(
                 break;
             }
             if let Need::Create(attempt) = need {
-                if *role == Role::Worker && !servers_ready {
+                if *role == Role::Worker && !servers_ready && kube.gang == Gang::None {
                     waiting_for_servers += 1;
                     continue;
                 }
@@ -532,10 +563,40 @@ pub fn decide(
         actions.push(Action::RecordStatus(Box::new(new.clone())));
     }
     actions.extend(deletes);
+    if new.state.is_terminal() {
+        actions.extend(end_pod_group(r, &mine));
+    }
     let finished = new.state.is_terminal()
         && remaining == 0
         && !actions.iter().any(|a| matches!(a, Action::CreatePod(_) | Action::DeletePod { .. }));
     Decision { status: new, actions, notes, finished, retry_after }
+}
+
+/// With `gang = "kueue"`, once the job is over: every pod of the job not yet marked
+/// `retriable-in-group: "false"` is marked, and if a pod being deleted was never scheduled
+/// (the group was still queued; Kueue holds such a pod until its Workload goes), the Workload
+/// is deleted. Nothing otherwise.
+fn end_pod_group(r: &Renderer, mine: &[&Pod]) -> Vec<Action> {
+    if r.settings().gang != Gang::Kueue {
+        return Vec::new();
+    }
+    let mut actions: Vec<Action> = mine
+        .iter()
+        .filter(|p| {
+            p.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_KUEUE_RETRIABLE_IN_GROUP))
+                != Some(&"false".to_string())
+        })
+        .map(|p| Action::EndPodGroup { pod: p.metadata.name.clone().unwrap_or_default() })
+        .collect();
+    let stuck = mine.iter().any(|p| {
+        p.metadata.deletion_timestamp.is_some()
+            && p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none()
+            && member(p).is_some_and(|(role, _, _)| !observe(p, role).is_ended())
+    });
+    if stuck {
+        actions.push(Action::DeleteWorkload { name: group_name(&r.job().name) });
+    }
+    actions
 }
 
 fn owned_by(pod: &Pod, uid: Option<&str>) -> bool {
@@ -664,7 +725,7 @@ pub struct JobSummary {
 /// What is wrong with a pod, from its status alone.
 pub fn pod_problem(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
-    if let Some(c) = condition(pod, "DisruptionTarget").filter(|c| c.status == "True") {
+    if let Some(c) = disruption(pod) {
         return Some(describe_condition(c));
     }
     if let Some(reason) = &status.reason {

@@ -13,6 +13,7 @@
 //!   (a watch on the job's pods starts each pass), status, logs, delete.
 //! - [`lease`]: the job's `coordination.k8s.io` Lease, which one controller at a time holds:
 //!   only its holder acts on the job.
+//! - [`gang`]: gang scheduling (`kubernetes.gang`): Volcano's PodGroup, Kueue's pod group.
 //! - [`serve`]: `gradflow serve` as a Deployment and a Service (rendered, not run by a
 //!   controller).
 //!
@@ -65,6 +66,7 @@
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod gang;
 pub mod lease;
 pub mod render;
 pub mod serve;
@@ -73,7 +75,7 @@ pub mod status;
 use thiserror::Error;
 
 pub use client::{Controller, JobClient, LogSelection, RunOutcome};
-pub use config::{KubernetesConfig, PodSettings};
+pub use config::{Gang, KubernetesConfig, PodSettings};
 pub use controller::{Action, Decision, JobState, JobStatus, JobSummary};
 pub use render::{Manifest, Renderer};
 
@@ -92,7 +94,8 @@ pub const LABEL_ATTEMPT: &str = "gradflow.dev/attempt";
 pub const LABEL_CONTROLLER_OF: &str = "gradflow.dev/controller-of";
 /// Label Kueue reads to queue a pod.
 pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
-/// Annotation Volcano reads to queue a pod (with `scheduler_name = "volcano"`).
+/// Annotation Volcano reads to queue a pod that has no PodGroup of its own (`gang = "none"`
+/// with `scheduler_name = "volcano"`).
 pub const ANNOTATION_VOLCANO_QUEUE: &str = "scheduling.volcano.sh/queue-name";
 
 pub use gradflow_job::contract::ENV_RESTORE;

@@ -36,6 +36,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
 use super::config::{EnvValue, KubernetesConfig, PodSettings, SCRATCH_VOLUME, ServerSpread, check_name};
+use super::gang::{
+    ANNOTATION_KUEUE_GROUP_TOTAL_COUNT, ANNOTATION_VOLCANO_GROUP, Gang, LABEL_KUEUE_GROUP, PodGroup,
+    PodGroupSpec, VOLCANO_SCHEDULER, group_name, sum_requests,
+};
 use super::status::JobStatus;
 use super::{
     ANNOTATION_TOKEN, ANNOTATION_VOLCANO_QUEUE, ENV_RESTORE, KubernetesError, LABEL_ATTEMPT,
@@ -63,10 +67,12 @@ pub enum Manifest {
     Service(Box<Service>),
     Pod(Box<Pod>),
     Job(Box<BatchJob>),
+    /// Volcano's PodGroup (`gang = "volcano"`), a custom resource.
+    PodGroup(Box<PodGroup>),
 }
 
 impl Manifest {
-    /// `ConfigMap`, `Secret`, `Service`, `Pod` or `Job`.
+    /// `ConfigMap`, `Secret`, `Service`, `Pod`, `Job` or `PodGroup`.
     pub fn kind(&self) -> &'static str {
         match self {
             Manifest::ConfigMap(_) => "ConfigMap",
@@ -74,7 +80,14 @@ impl Manifest {
             Manifest::Service(_) => "Service",
             Manifest::Pod(_) => "Pod",
             Manifest::Job(_) => "Job",
+            Manifest::PodGroup(_) => "PodGroup",
         }
+    }
+
+    /// Whether the object's kind is a custom resource (not built into Kubernetes), which a
+    /// schema validator without its CRD cannot check.
+    pub fn is_custom_resource(&self) -> bool {
+        matches!(self, Manifest::PodGroup(_))
     }
 
     /// The object's name.
@@ -85,6 +98,7 @@ impl Manifest {
             Manifest::Service(o) => &o.metadata,
             Manifest::Pod(o) => &o.metadata,
             Manifest::Job(o) => &o.metadata,
+            Manifest::PodGroup(o) => &o.metadata,
         };
         meta.name.as_deref().unwrap_or_default()
     }
@@ -544,9 +558,25 @@ impl Renderer {
         labels.insert(LABEL_INDEX.into(), index.to_string());
         labels.insert(LABEL_ATTEMPT.into(), attempt.to_string());
         let mut annotations = self.kube.annotations.clone();
-        if let Some(queue) = &self.kube.queue {
-            labels.insert(LABEL_KUEUE_QUEUE.into(), queue.clone());
-            annotations.insert(ANNOTATION_VOLCANO_QUEUE.into(), queue.clone());
+        let group = group_name(&job.name);
+        match (self.kube.gang, &self.kube.queue) {
+            (Gang::None, Some(queue)) => {
+                labels.insert(LABEL_KUEUE_QUEUE.into(), queue.clone());
+                annotations.insert(ANNOTATION_VOLCANO_QUEUE.into(), queue.clone());
+            }
+            (Gang::None, None) => {}
+            // The PodGroup holds the queue.
+            (Gang::Volcano, _) => {
+                annotations.insert(ANNOTATION_VOLCANO_GROUP.into(), group);
+            }
+            // Every attempt carries the same group metadata: Kueue takes a recreated pod for
+            // the replacement of the one that failed.
+            (Gang::Kueue, queue) => {
+                let queue = queue.clone().expect("gang = \"kueue\" without a queue is refused by validate");
+                labels.insert(LABEL_KUEUE_QUEUE.into(), queue);
+                labels.insert(LABEL_KUEUE_GROUP.into(), group);
+                annotations.insert(ANNOTATION_KUEUE_GROUP_TOTAL_COUNT.into(), self.group_size().to_string());
+            }
         }
         if self.serves_metrics(role) {
             annotations.insert("prometheus.io/scrape".into(), "true".into());
@@ -657,7 +687,10 @@ impl Renderer {
         spec.automount_service_account_token = Some(false);
         spec.service_account_name = self.kube.service_account.clone();
         spec.priority_class_name = self.kube.priority_class.clone();
-        spec.scheduler_name = self.kube.scheduler_name.clone();
+        spec.scheduler_name = match self.kube.gang {
+            Gang::Volcano => Some(VOLCANO_SCHEDULER.into()),
+            _ => self.kube.scheduler_name.clone(),
+        };
         spec.node_selector = (!settings.node_selector.is_empty()).then(|| settings.node_selector.clone());
         spec.tolerations = (!settings.tolerations.is_empty()).then(|| settings.tolerations.clone());
         spec.active_deadline_seconds = self.kube.active_deadline.map(|d| d.as_secs() as i64);
@@ -668,6 +701,34 @@ impl Renderer {
         spec.init_containers = init;
         spec.containers = vec![main];
         Pod { metadata: meta, spec: Some(spec), status: None }
+    }
+
+    /// How many pods a gang of this job has: every server and every worker.
+    pub fn group_size(&self) -> u32 {
+        self.job.servers + self.job.workers
+    }
+
+    /// Volcano's PodGroup of the job (`gang = "volcano"`; `None` otherwise), which `launch`
+    /// creates before any pod: named after the job, `minMember` = servers + workers, the
+    /// job's `queue` and `priority_class`, and as `minResources` the sum of every pod's
+    /// requests (a pod's init container asks for no more than its main container).
+    pub fn pod_group(&self) -> Option<PodGroup> {
+        if self.kube.gang != Gang::Volcano {
+            return None;
+        }
+        let requests: Vec<(u32, BTreeMap<String, Quantity>)> =
+            [(Role::Ps, self.job.servers), (Role::Worker, self.job.workers)]
+                .into_iter()
+                .filter_map(|(role, count)| Some((count, resources(&self.kube.for_role(role))?.requests?)))
+                .collect();
+        let min_resources = sum_requests(requests.iter().map(|(count, r)| (*count, r)));
+        let spec = PodGroupSpec {
+            min_member: self.group_size() as i32,
+            queue: self.kube.queue.clone(),
+            priority_class_name: self.kube.priority_class.clone(),
+            min_resources: (!min_resources.is_empty()).then_some(min_resources),
+        };
+        Some(PodGroup::new(self.meta(group_name(&self.job.name), self.labels("job")), spec))
     }
 
     /// The Kubernetes Job that runs a detached job's controller (`gradflow attach`) in the
@@ -730,8 +791,9 @@ impl Renderer {
 
     /// Every object `launch` creates at the start, in creation order: the root ConfigMap, the
     /// token's Secret (with `auth.enabled`; without the token, see
-    /// [`token_secret`](Self::token_secret)), the Service, the server pods, the worker pods
-    /// (which the controller creates only once the servers are ready), and with `detach` the
+    /// [`token_secret`](Self::token_secret)), the Service, Volcano's PodGroup (with
+    /// `gang = "volcano"`), the server pods, the worker pods (which the controller creates
+    /// only once the servers are ready, or with them in a gang), and with `detach` the
     /// controller's Kubernetes Job.
     pub fn manifests(&self, detach: bool) -> Vec<Manifest> {
         let job = &self.job;
@@ -740,6 +802,7 @@ impl Renderer {
             out.push(Manifest::Secret(Box::new(self.token_secret(None))));
         }
         out.push(Manifest::Service(Box::new(self.service())));
+        out.extend(self.pod_group().map(|g| Manifest::PodGroup(Box::new(g))));
         for i in 0..job.servers {
             out.push(Manifest::Pod(Box::new(self.pod(Role::Ps, i, 0))));
         }
@@ -930,6 +993,7 @@ pub fn from_yaml(text: &str) -> Result<Vec<Manifest>, KubernetesError> {
             "Service" => Manifest::Service(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
             "Pod" => Manifest::Pod(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
             "Job" => Manifest::Job(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
+            "PodGroup" => Manifest::PodGroup(Box::new(serde_yaml_ng::from_value(value).map_err(err)?)),
             other => return Err(KubernetesError::Serialize(format!("unexpected kind {other:?}"))),
         });
     }

@@ -21,14 +21,37 @@ pub const ROOT_UID: &str = "0f6e2a8c-root";
 /// A small job with `servers` and `workers`, up to `max_restarts` restarts, checkpoints on S3,
 /// image fixed so that goldens do not follow the crate version.
 pub fn job(servers: u32, workers: u32, max_restarts: u32) -> JobConfig {
+    job_with(servers, workers, max_restarts, "")
+}
+
+/// [`job`] with more lines in its `[kubernetes]` section.
+pub fn job_with(servers: u32, workers: u32, max_restarts: u32, kubernetes: &str) -> JobConfig {
     parse_job(&format!(
         "name = \"demo\"\nservers = {servers}\nworkers = {workers}\n\
          [model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"data/train.libsvm\"\nformat = \"libsvm\"\n\
          [launcher]\nmax_restarts = {max_restarts}\ngrace_period = \"30s\"\n\
          [checkpoint]\nurl = \"s3://demo-bucket/checkpoints\"\n\
-         [kubernetes]\nimage = \"registry.example.com/gradflow:test\"\n"
+         [kubernetes]\nimage = \"registry.example.com/gradflow:test\"\n{kubernetes}"
     ))
     .unwrap()
+}
+
+/// `[kubernetes]` lines of a job gang-scheduled by Volcano.
+pub const VOLCANO: &str = "gang = \"volcano\"\nqueue = \"team-a\"\n";
+/// `[kubernetes]` lines of a job gang-scheduled by Kueue.
+pub const KUEUE: &str = "gang = \"kueue\"\nqueue = \"team-a\"\n";
+
+/// Kueue stopped the pod (its Workload was preempted or evicted): the kubelet ends it with
+/// SIGTERM, and the pod has Kueue's `TerminationTarget` condition.
+pub fn stopped_by_kueue(pod: Pod) -> Pod {
+    let mut pod = terminated(pod, "Failed", 143, "Error");
+    pod.status.as_mut().unwrap().conditions.as_mut().unwrap().push(cond(
+        "TerminationTarget",
+        "True",
+        Some("WorkloadEvictedDueToPreempted"),
+        Some("Preempted to accommodate a workload (UID: 1234) due to prioritization in the ClusterQueue"),
+    ));
+    pod
 }
 
 /// The job's root ConfigMap as the API server would return it.
@@ -99,7 +122,9 @@ pub fn image_pull_backoff(pod: Pod) -> Pod {
     })
 }
 
-pub fn running(pod: Pod, ready: bool) -> Pod {
+/// Bound to a node and running.
+pub fn running(mut pod: Pod, ready: bool) -> Pod {
+    pod.spec.get_or_insert_default().node_name.get_or_insert_with(|| "node-1".into());
     set_status(pod, |s| {
         s.phase = Some("Running".into());
         s.conditions = Some(vec![cond("Ready", if ready { "True" } else { "False" }, None, None)]);
@@ -223,6 +248,16 @@ impl Sim {
                         self.pods.insert(name.clone(), terminating(p));
                     }
                 }
+                Action::EndPodGroup { pod } => {
+                    self.log.push(format!("end-group {pod}"));
+                    if let Some(p) = self.pods.get_mut(pod) {
+                        p.metadata
+                            .annotations
+                            .get_or_insert_default()
+                            .insert("kueue.x-k8s.io/retriable-in-group".into(), "false".into());
+                    }
+                }
+                Action::DeleteWorkload { name } => self.log.push(format!("delete-workload {name}")),
             }
         }
         d
