@@ -22,6 +22,8 @@ const MIB: u64 = 1 << 20;
 pub enum Scenario {
     /// (1) Raw TCP over loopback between two processes, and memory-copy bandwidth.
     Ceiling,
+    /// (1b) The compute ceiling: the wide & deep MLP's matrix products alone.
+    Compute,
     /// (2) Dense push then pull through in-process servers over loopback gRPC.
     Dense,
     /// (3) Steps per second of a model of many small tensors.
@@ -44,6 +46,7 @@ impl Scenario {
     /// Every scenario, in the order they run and print.
     pub const ALL: [Scenario; 9] = [
         Scenario::Ceiling,
+        Scenario::Compute,
         Scenario::Dense,
         Scenario::Small,
         Scenario::Sparse,
@@ -58,6 +61,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::Ceiling => "ceiling",
+            Scenario::Compute => "compute",
             Scenario::Dense => "dense",
             Scenario::Small => "small",
             Scenario::Sparse => "sparse",
@@ -96,6 +100,8 @@ pub struct BenchConfig {
     pub only: Vec<Scenario>,
     /// (1) The ceilings.
     pub ceiling: CeilingConfig,
+    /// (1b) The compute ceiling (also measured for the training scenario's ratios).
+    pub compute: crate::compute::ComputeConfig,
     /// (2) Dense exchange.
     pub dense: DenseConfig,
     /// (3) Small tensors.
@@ -440,6 +446,7 @@ impl BenchConfig {
                 compression: vec![Compression::None],
             },
             embedding: EmbeddingConfig::quick(),
+            compute: crate::compute::ComputeConfig::quick(),
             serve: ServeBenchConfig {
                 table_rows: 5000,
                 requests_batch_1: 50,
@@ -471,6 +478,7 @@ impl BenchConfig {
                 c.tcp_memory_bytes, c.tcp_write_bytes
             ));
         }
+        self.compute.validate()?;
         let d = &self.dense;
         if d.tensors == 0 || d.min_reps == 0 || d.max_reps < d.min_reps {
             return bad("dense: tensors and min_reps must be positive and max_reps >= min_reps".into());

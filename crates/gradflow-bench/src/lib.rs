@@ -5,6 +5,7 @@
 //!
 //! 1. [`ceiling`]: raw TCP throughput over loopback between two processes, and memcpy
 //!    bandwidth: the ceilings the other numbers are ratios of.
+//!    [`compute`] (1b): the wide & deep MLP's matrix products alone, the ceiling of (6).
 //! 2. [`dense`]: push then pull of dense models of 4, 64 and 512 MiB through 1, 2 and 4
 //!    shards by 1 and 2 workers, in GB/s and as a fraction of raw TCP.
 //! 3. [`small`]: steps per second of a model of 1000 tensors of 1-64 KiB.
@@ -41,6 +42,7 @@
 
 pub mod ceiling;
 pub mod cluster;
+pub mod compute;
 pub mod config;
 pub mod data;
 pub mod dense;
@@ -58,6 +60,7 @@ use std::path::Path;
 use std::time::Instant;
 
 pub use ceiling::{CeilingReport, TCP_SINK_ARGS, serve_tcp_sink};
+pub use compute::{ComputeConfig, ComputeReport};
 pub use config::{
     BenchConfig, CeilingConfig, DataBenchConfig, DenseConfig, EmbeddingConfig, Scenario, ServeBenchConfig,
     SmallConfig, SparseConfig, TrainingConfig, UpdateConfig,
@@ -79,6 +82,11 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
     let needs_ceiling =
         [Scenario::Ceiling, Scenario::Dense, Scenario::Update].into_iter().any(|s| config.runs(s));
     let ceiling = if needs_ceiling { Some(ceiling::run(&config.ceiling, program, log)?) } else { None };
+    let compute = [Scenario::Compute, Scenario::Training]
+        .into_iter()
+        .any(|s| config.runs(s))
+        .then(|| compute::run(&config.compute, log))
+        .transpose()?;
     let dense =
         config.runs(Scenario::Dense).then(|| dense::run(&config.dense, ceiling.as_ref(), log)).transpose()?;
     let small = config.runs(Scenario::Small).then(|| small::run(&config.small, log)).transpose()?;
@@ -87,8 +95,10 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         .runs(Scenario::Update)
         .then(|| update::run(&config.update, ceiling.as_ref(), log))
         .transpose()?;
-    let training =
-        config.runs(Scenario::Training).then(|| training::run(&config.training, program, log)).transpose()?;
+    let training = config
+        .runs(Scenario::Training)
+        .then(|| training::run(&config.training, program, compute.as_ref(), log))
+        .transpose()?;
     let embedding =
         config.runs(Scenario::Embedding).then(|| embedding::run(&config.embedding, log)).transpose()?;
     let serve = config.runs(Scenario::Serve).then(|| serve::run(&config.serve, log)).transpose()?;
@@ -99,6 +109,7 @@ pub fn run(config: &BenchConfig, program: &Path, log: Log<'_>) -> Result<Report,
         config: config.clone(),
         elapsed_s: 0.0,
         ceiling,
+        compute,
         dense,
         small,
         sparse,

@@ -33,6 +33,8 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceiling: Option<CeilingReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<crate::compute::ComputeReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dense: Option<DenseReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub small: Option<SmallReport>,
@@ -157,6 +159,12 @@ impl Report {
             );
         }
         if let Some(t) = &self.training {
+            push(
+                "wide&deep one process, all threads / compute ceiling (all threads)".into(),
+                t.single_process.ratio_to_compute,
+                0.6,
+                None,
+            );
             let run = t.runs.iter().find(|r| {
                 r.workers == 2
                     && r.servers == 1
@@ -223,6 +231,39 @@ impl Report {
             );
             let _ =
                 writeln!(s, "| memcpy, {} threads | {} |\n", c.threads, num(c.memcpy_all_threads_gb_per_s));
+        }
+        if let Some(c) = &self.compute {
+            let _ = writeln!(
+                s,
+                "## 1b. Compute ceiling (wide & deep MLP {}, batch {}: forward and backward matrix products, {} flop per sample)\n\n\
+                 | kernel | products, 1 thread | products, {t} threads | model forward_backward, 1 thread | model forward_backward, {t} threads |\n\
+                 |---|---:|---:|---:|---:|",
+                mlp_shape(&c.layers),
+                c.batch_size,
+                thousands(c.flops_per_sample),
+                t = c.threads
+            );
+            for r in &c.kernels {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} |",
+                    r.kernel.name(),
+                    num(r.products_samples_per_sec),
+                    num(r.products_all_threads_samples_per_sec),
+                    num(r.model_samples_per_sec),
+                    num(r.model_all_threads_samples_per_sec)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nsamples/s. Ceiling: {} on 1 thread ({}, {:.1} GFLOP/s), {} on {} threads ({}).\n",
+                num(c.ceiling_samples_per_sec),
+                c.ceiling_kernel.name(),
+                c.ceiling_samples_per_sec * c.flops_per_sample / 1e9,
+                num(c.ceiling_all_threads_samples_per_sec),
+                c.threads,
+                c.ceiling_all_threads_kernel.name()
+            );
         }
         if let Some(d) = &self.dense {
             let _ = writeln!(
@@ -317,8 +358,8 @@ impl Report {
             let _ = writeln!(
                 s,
                 "## 6. Training (wide & deep, {} rows, batch {}, {} cores shared by all processes)\n\n\
-                 | run | samples/s | per worker | vs single process | end to end | wall s | loopback bytes per sample |\n\
-                 |---|---:|---:|---:|---:|---:|---:|",
+                 | run | samples/s | per worker | vs single process | vs compute ceiling | end to end | wall s | loopback bytes per sample |\n\
+                 |---|---:|---:|---:|---:|---:|---:|---:|",
                 thousands(t.rows as f64),
                 t.batch_size,
                 t.cores
@@ -326,20 +367,22 @@ impl Report {
             let sp = &t.single_process;
             let _ = writeln!(
                 s,
-                "| single process, {} threads, no servers | {} | | 100% | | | |",
+                "| single process, {} threads, no servers | {} | | 100% | {} | | | |",
                 sp.threads,
-                num(sp.samples_per_sec)
+                num(sp.samples_per_sec),
+                pct(sp.ratio_to_compute)
             );
             let _ = writeln!(
                 s,
-                "| single process, 1 thread, no servers | {} | | {} | | | |",
+                "| single process, 1 thread, no servers | {} | | {} | {} (1 thread) | | | |",
                 num(sp.one_thread_samples_per_sec),
-                pct(Some(sp.one_thread_samples_per_sec / sp.samples_per_sec))
+                pct(Some(sp.one_thread_samples_per_sec / sp.samples_per_sec)),
+                pct(sp.one_thread_ratio_to_compute)
             );
             for r in &t.runs {
                 let _ = writeln!(
                     s,
-                    "| {} worker(s) {}, {} server(s){} | {} | {} | {} | {} | {} | {} |",
+                    "| {} worker(s) {}, {} server(s){} | {} | {} | {} | {} | {} | {} | {} |",
                     r.workers,
                     r.mode,
                     r.servers,
@@ -350,6 +393,7 @@ impl Report {
                     num(r.samples_per_sec),
                     num(r.per_worker_samples_per_sec),
                     pct(Some(r.ratio_to_single)),
+                    pct(r.ratio_to_compute),
                     num(r.end_to_end_samples_per_sec),
                     num(r.wall_s),
                     r.loopback_bytes_per_sample.map_or("-".to_string(), num)
@@ -502,6 +546,7 @@ impl Report {
         let mut out = Vec::new();
         for (present, sc) in [
             (self.ceiling.is_some(), Scenario::Ceiling),
+            (self.compute.is_some(), Scenario::Compute),
             (self.dense.is_some(), Scenario::Dense),
             (self.small.is_some(), Scenario::Small),
             (self.sparse.is_some(), Scenario::Sparse),
@@ -537,6 +582,13 @@ fn num(x: f64) -> String {
         3
     };
     format!("{x:.digits$}")
+}
+
+/// `221-64-32-1`.
+fn mlp_shape(layers: &[(usize, usize)]) -> String {
+    let mut widths: Vec<String> = layers.first().map(|l| l.0.to_string()).into_iter().collect();
+    widths.extend(layers.iter().map(|l| l.1.to_string()));
+    widths.join("-")
 }
 
 fn thousands(x: f64) -> String {

@@ -17,6 +17,10 @@
 //!
 //! On one machine both share the same cores, so the ratio of a job's samples/s to the
 //! single-process samples/s is also the ratio per core: what running distributed costs.
+//!
+//! When the compute ceiling was measured ([`crate::compute`]), every rate is also given as a
+//! fraction of it: the one-thread baseline of the one-thread ceiling, every other rate of the
+//! all-threads ceiling (the jobs' processes share the same cores).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +35,7 @@ use gradflow_models::LocalTrainer;
 use gradflow_proto::Compression;
 use serde::{Deserialize, Serialize};
 
+use crate::compute::ComputeReport;
 use crate::stats::{median, sig4};
 use crate::{BenchError, Log, TrainingConfig};
 
@@ -54,6 +59,12 @@ pub struct SingleProcess {
     pub threads: usize,
     /// With one rayon thread.
     pub one_thread_samples_per_sec: f64,
+    /// `samples_per_sec` over the compute ceiling on every thread.
+    #[serde(default)]
+    pub ratio_to_compute: Option<f64>,
+    /// `one_thread_samples_per_sec` over the compute ceiling on one thread.
+    #[serde(default)]
+    pub one_thread_ratio_to_compute: Option<f64>,
 }
 
 /// One job.
@@ -75,6 +86,9 @@ pub struct TrainingRun {
     pub per_worker_samples_per_sec: f64,
     /// `samples_per_sec` over the single process's (every core).
     pub ratio_to_single: f64,
+    /// `samples_per_sec` over the compute ceiling on every thread.
+    #[serde(default)]
+    pub ratio_to_compute: Option<f64>,
     /// Samples of all workers over the job's wall time, start-up and shutdown included.
     pub end_to_end_samples_per_sec: f64,
     pub wall_s: f64,
@@ -83,7 +97,12 @@ pub struct TrainingRun {
     pub reports_used: usize,
 }
 
-pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<TrainingReport, BenchError> {
+pub fn run(
+    config: &TrainingConfig,
+    program: &Path,
+    compute: Option<&ComputeReport>,
+    log: Log<'_>,
+) -> Result<TrainingReport, BenchError> {
     let dir = tempfile::Builder::new()
         .prefix("gradflow-bench-")
         .tempdir()
@@ -97,7 +116,7 @@ pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<Trai
         started.elapsed().as_secs_f64()
     ));
 
-    let single = single_process(config, &first)?;
+    let single = single_process(config, &first, compute)?;
     log(&format!(
         "training: single process {:.0} samples/s ({} threads), {:.0} on one thread",
         single.samples_per_sec, single.threads, single.one_thread_samples_per_sec
@@ -111,7 +130,7 @@ pub fn run(config: &TrainingConfig, program: &Path, log: Log<'_>) -> Result<Trai
         for &workers in &config.workers {
             for &compression in &config.compression {
                 let job = job(config, dir.path(), workers, mode, compression)?;
-                let run = launch(&runtime, job, program, &single)?;
+                let run = launch(&runtime, job, program, &single, compute)?;
                 log(&format!(
                     "training: {workers} worker(s) {mode}, {} server(s), compression {}: {:.0} samples/s ({:.0}% of single process), end to end {:.0} in {:.1} s{}",
                     run.servers,
@@ -239,7 +258,16 @@ fn single_process_rate(config: &TrainingConfig, job: &JobConfig) -> Result<f64, 
     Ok(median(if rates.len() > 1 { &rates[1..] } else { &rates }))
 }
 
-fn single_process(config: &TrainingConfig, job: &JobConfig) -> Result<SingleProcess, BenchError> {
+/// `rate` over the compute ceiling on one thread or every thread.
+fn ratio_to_compute(rate: f64, compute: Option<&ComputeReport>, all_threads: bool) -> Option<f64> {
+    compute.map(|c| sig4(rate / c.ceiling(all_threads).0.max(1e-9)))
+}
+
+fn single_process(
+    config: &TrainingConfig,
+    job: &JobConfig,
+    compute: Option<&ComputeReport>,
+) -> Result<SingleProcess, BenchError> {
     let all = single_process_rate(config, job)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -250,6 +278,8 @@ fn single_process(config: &TrainingConfig, job: &JobConfig) -> Result<SingleProc
         samples_per_sec: sig4(all),
         threads: rayon::current_num_threads(),
         one_thread_samples_per_sec: sig4(one),
+        ratio_to_compute: ratio_to_compute(all, compute, true),
+        one_thread_ratio_to_compute: ratio_to_compute(one, compute, false),
     })
 }
 
@@ -284,6 +314,7 @@ fn launch(
     job: JobConfig,
     program: &Path,
     single: &SingleProcess,
+    compute: Option<&ComputeReport>,
 ) -> Result<TrainingRun, BenchError> {
     let (name, workers, servers, mode) = (job.name.clone(), job.workers, job.servers, job.mode);
     let compression = job.transport.compression;
@@ -321,6 +352,7 @@ fn launch(
         samples_per_sec: sig4(samples_per_sec),
         per_worker_samples_per_sec: sig4(samples_per_sec / f64::from(workers)),
         ratio_to_single: sig4(samples_per_sec / single.samples_per_sec),
+        ratio_to_compute: ratio_to_compute(samples_per_sec, compute, true),
         end_to_end_samples_per_sec: sig4(end_to_end),
         wall_s: sig4(wall_s),
         samples,

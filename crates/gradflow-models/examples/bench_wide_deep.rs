@@ -3,17 +3,18 @@
 //! Adagrad, batches of 256.
 //!
 //! ```text
-//! cargo run --release -p gradflow-models --example bench_wide_deep [steps]
+//! cargo run --release -p gradflow-models --example bench_wide_deep [steps] [rounds]
 //! ```
 //!
 //! Ids follow a power law per field (a few values are frequent, most are rare), like Criteo's,
 //! so batches mix rows that already exist with rows created on first touch. Batches are built
-//! before the clock starts; the first steps are a warm-up.
+//! before the clock starts; the first steps are a warm-up. Every round measures each matrix
+//! kernel in turn ([`Kernel::ALL`]), so a noisy machine weighs on both alike.
 
 use std::time::Instant;
 
 use gradflow_data::Batch;
-use gradflow_models::{Grads, LocalTrainer, Model, WideDeep, WideDeepConfig};
+use gradflow_models::{Grads, Kernel, LocalTrainer, Model, WideDeep, WideDeepConfig};
 
 const BATCH: usize = 256;
 const FIELDS: u32 = 26;
@@ -21,48 +22,64 @@ const DENSE: usize = 13;
 
 fn main() {
     let steps: usize = std::env::args().nth(1).map_or(400, |s| s.parse().expect("steps"));
+    let rounds: usize = std::env::args().nth(2).map_or(1, |s| s.parse().expect("rounds"));
     let warmup = 50;
     let mut rng = 0x5eed_u64;
     let batches: Vec<Batch> = (0..64).map(|_| criteo_like_batch(&mut rng)).collect();
     let config = WideDeepConfig::new(FIELDS as usize, DENSE);
-    let mut trainer = LocalTrainer::new(Box::new(WideDeep::new(config.clone()).unwrap())).unwrap();
+    // One trainer per kernel, each measured in turn in every round (a before/after pair per
+    // round when the machine is noisy).
+    let mut trainers: Vec<(Kernel, LocalTrainer)> = Kernel::ALL
+        .iter()
+        .map(|&k| {
+            (k, LocalTrainer::new(Box::new(WideDeep::new(config.clone()).unwrap().with_kernel(k))).unwrap())
+        })
+        .collect();
 
     // Fresh batches for the timed part too, so new rows keep being created as in a real run.
     let timed: Vec<Batch> = (0..steps.min(1000)).map(|_| criteo_like_batch(&mut rng)).collect();
-    for b in batches.iter().cycle().take(warmup) {
-        trainer.train_step(b).unwrap();
+    for (_, trainer) in &mut trainers {
+        for b in batches.iter().cycle().take(warmup) {
+            trainer.train_step(b).unwrap();
+        }
     }
-    let start = Instant::now();
-    let mut loss = 0.0;
-    for b in timed.iter().cycle().take(steps) {
-        loss += trainer.train_step(b).unwrap();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "LocalTrainer wide&deep: {steps} steps of {BATCH} in {secs:.3} s = {:.0} samples/s \
-         ({:.3} ms/step, mean loss {:.4}, {} threads, {} embedding rows)",
-        (steps * BATCH) as f64 / secs,
-        secs * 1e3 / steps as f64,
-        loss / steps as f32,
-        rayon::current_num_threads(),
-        trainer.num_rows("embedding"),
-    );
-
     // The model alone, on pulled parameters: what a worker spends per batch besides the network.
-    let model = WideDeep::new(config).unwrap();
-    let params: Vec<_> = timed.iter().take(32).map(|b| trainer.pull(b)).collect();
-    let mut grads = Grads::default();
-    let start = Instant::now();
+    let params: Vec<_> = timed.iter().take(32).map(|b| trainers[0].1.pull(b)).collect();
     let reps = steps.max(32);
-    for k in 0..reps {
-        model.forward_backward(&timed[k % 32], &params[k % 32], &mut grads).unwrap();
+    for round in 0..rounds {
+        for (kernel, trainer) in &mut trainers {
+            let (kernel, name) = (*kernel, kernel.name());
+            let start = Instant::now();
+            let mut loss = 0.0;
+            for b in timed.iter().cycle().take(steps) {
+                loss += trainer.train_step(b).unwrap();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "round {round} {name}: LocalTrainer wide&deep: {steps} steps of {BATCH} in {secs:.3} s = {:.0} samples/s \
+                 ({:.3} ms/step, mean loss {:.4}, {} threads, {} embedding rows)",
+                (steps * BATCH) as f64 / secs,
+                secs * 1e3 / steps as f64,
+                loss / steps as f32,
+                rayon::current_num_threads(),
+                trainer.num_rows("embedding"),
+            );
+
+            let model = WideDeep::new(config.clone()).unwrap().with_kernel(kernel);
+            let mut grads = Grads::default();
+            let start = Instant::now();
+            for k in 0..reps {
+                model.forward_backward(&timed[k % 32], &params[k % 32], &mut grads).unwrap();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "round {round} {name}: forward_backward alone: {:.0} samples/s ({:.3} ms/batch)",
+                (reps * BATCH) as f64 / secs,
+                secs * 1e3 / reps as f64
+            );
+        }
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "forward_backward alone: {:.0} samples/s ({:.3} ms/batch)",
-        (reps * BATCH) as f64 / secs,
-        secs * 1e3 / reps as f64
-    );
+    let model = WideDeep::new(config).unwrap();
     let mut ids = Vec::new();
     let start = Instant::now();
     for k in 0..reps {

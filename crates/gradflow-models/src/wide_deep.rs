@@ -16,11 +16,10 @@
 
 use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, SparseSpec};
 use gradflow_data::Batch;
-use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::matmul::{Kernel, Mat, matmul};
 use crate::util::{
     ScratchPool, bucket, check_batch, chunk_range, collect_ids, log_loss, num_chunks, sigmoid,
 };
@@ -128,6 +127,7 @@ pub struct WideDeep {
     /// `(in, out)` of each layer, the output layer last.
     layers: Vec<(usize, usize)>,
     scratch: ScratchPool<Scratch>,
+    kernel: Kernel,
 }
 
 #[derive(Default)]
@@ -231,7 +231,24 @@ impl WideDeep {
         }
         let spec = ModelSpec { dense, sparse };
         spec.validate()?;
-        Ok(WideDeep { config, spec, layers, scratch: ScratchPool::new() })
+        Ok(WideDeep { config, spec, layers, scratch: ScratchPool::new(), kernel: Kernel::DEFAULT })
+    }
+
+    /// The same model computing its matrix products with `kernel` ([`Kernel::DEFAULT`] unless
+    /// set): for comparing kernels in the model's own shapes.
+    pub fn with_kernel(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The kernel of the matrix products.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// `(inputs, outputs)` of each layer of the MLP, the output layer (width 1) last.
+    pub fn layers(&self) -> &[(usize, usize)] {
+        &self.layers
     }
 
     /// The config this model was built from.
@@ -337,15 +354,15 @@ impl WideDeep {
         let last = self.layers.len() - 1;
         for (l, &(i, o)) in self.layers.iter().enumerate() {
             let (before, after) = chunk.acts.split_at_mut(l + 1);
-            let input = view(&before[l], m, i);
+            let input = Mat::new(&before[l], m, i);
             let out = &mut after[0];
             out.resize(m * o, 0.0);
             let bias = &params.dense[2 + 2 * l];
             for row in out.chunks_exact_mut(o) {
                 row.copy_from_slice(bias);
             }
-            let weights = view(&params.dense[1 + 2 * l], i, o);
-            general_mat_mul(1.0, &input, &weights, 1.0, &mut view_mut(out, m, o));
+            let weights = Mat::new(&params.dense[1 + 2 * l], i, o);
+            matmul(self.kernel, input, weights, out, true);
             if l < last {
                 for a in out.iter_mut() {
                     *a = a.max(0.0);
@@ -375,10 +392,10 @@ impl WideDeep {
         chunk.deltas[nl - 1].clone_from(&chunk.dlogits);
         for (l, &(i, o)) in self.layers.iter().enumerate().rev() {
             let (lower, upper) = chunk.deltas.split_at_mut(l);
-            let delta = view(&upper[0], m, o);
+            let delta = Mat::new(&upper[0], m, o);
             let dw = &mut chunk.dw[l];
             dw.resize(i * o, 0.0);
-            general_mat_mul(1.0, &view(&chunk.acts[l], m, i).t(), &delta, 0.0, &mut view_mut(dw, i, o));
+            matmul(self.kernel, Mat::new(&chunk.acts[l], m, i).t(), delta, dw, false);
             let db = &mut chunk.db[l];
             db.clear();
             db.resize(o, 0.0);
@@ -393,7 +410,7 @@ impl WideDeep {
                 // where that output is positive.
                 let below = &mut lower[l - 1];
                 below.resize(m * i, 0.0);
-                general_mat_mul(1.0, &delta, &view(weights, i, o).t(), 0.0, &mut view_mut(below, m, i));
+                matmul(self.kernel, delta, Mat::new(weights, i, o).t(), below, false);
                 for (d, &a) in below.iter_mut().zip(&chunk.acts[l]) {
                     if a <= 0.0 {
                         *d = 0.0;
@@ -405,8 +422,8 @@ impl WideDeep {
                 let emb_width = self.emb_width();
                 chunk.dx.resize(m * emb_width, 0.0);
                 if emb_width > 0 {
-                    let w_emb = view(&weights[..emb_width * o], emb_width, o);
-                    general_mat_mul(1.0, &delta, &w_emb.t(), 0.0, &mut view_mut(&mut chunk.dx, m, emb_width));
+                    let w_emb = Mat::new(&weights[..emb_width * o], emb_width, o);
+                    matmul(self.kernel, delta, w_emb.t(), &mut chunk.dx, false);
                 }
             }
         }
@@ -451,14 +468,6 @@ impl WideDeep {
         }
         grads.dense[0][0] = bias_grad as f32;
     }
-}
-
-fn view(data: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
-    ArrayView2::from_shape((rows, cols), &data[..rows * cols]).expect("buffer sized for its shape")
-}
-
-fn view_mut(data: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
-    ArrayViewMut2::from_shape((rows, cols), &mut data[..rows * cols]).expect("buffer sized for its shape")
 }
 
 fn add_into(acc: &mut [f32], x: &[f32]) {

@@ -4,7 +4,9 @@ mod common;
 
 use common::{Rng, check_gradients, random_batch, random_params};
 use gradflow_data::Batch;
-use gradflow_models::{LogisticRegression, LogisticRegressionConfig, Model, WideDeep, WideDeepConfig};
+use gradflow_models::{
+    Grads, Kernel, LogisticRegression, LogisticRegressionConfig, Model, WideDeep, WideDeepConfig,
+};
 
 const EPS: f32 = 1e-3;
 const REL: f32 = 1e-2;
@@ -37,14 +39,50 @@ fn batch_with_duplicates(rng: &mut Rng) -> Batch {
 
 #[test]
 fn wide_deep_gradients_match_finite_differences() {
-    for seed in 0..4 {
-        let mut rng = Rng::new(seed);
-        let model = small_wide_deep(3, 2, vec![5, 4], 7);
-        let batch = batch_with_duplicates(&mut rng);
-        let params = random_params(&model, &batch, &mut rng, 0.5);
-        let checked = check_gradients(&model, &batch, &params, EPS, REL, ABS);
-        assert!(checked > 100, "{checked}");
+    for kernel in Kernel::ALL {
+        for seed in 0..4 {
+            let mut rng = Rng::new(seed);
+            let model = small_wide_deep(3, 2, vec![5, 4], 7).with_kernel(kernel);
+            let batch = batch_with_duplicates(&mut rng);
+            let params = random_params(&model, &batch, &mut rng, 0.5);
+            let checked = check_gradients(&model, &batch, &params, EPS, REL, ABS);
+            assert!(checked > 100, "{kernel:?}: {checked}");
+        }
     }
+}
+
+/// The headline shapes (26 fields of 8, 13 dense, MLP 64-32) on a batch of 256, split into
+/// chunks as training splits it: both kernels give the same loss and gradients, to float
+/// rounding.
+#[test]
+fn wide_deep_kernels_agree_at_the_headline_shapes() {
+    let mut rng = Rng::new(5);
+    let config = WideDeepConfig { hash_buckets: 5000, ..WideDeepConfig::new(26, 13) };
+    let models = Kernel::ALL.map(|k| WideDeep::new(config.clone()).unwrap().with_kernel(k));
+    let batch = random_batch(&mut rng, 256, 26, 13, 2, 5000);
+    let params = random_params(&models[0], &batch, &mut rng, 0.5);
+    let results = models.map(|m| {
+        let mut grads = Grads::default();
+        let loss = m.forward_backward(&batch, &params, &mut grads).unwrap();
+        (loss, grads)
+    });
+    let ((l0, g0), (l1, g1)) = (&results[0], &results[1]);
+    assert!((l0 - l1).abs() <= 1e-5 * l0.abs().max(1.0), "loss {l0} vs {l1}");
+    let pairs = g0
+        .dense
+        .iter()
+        .zip(&g1.dense)
+        .chain(g0.sparse.iter().map(|t| &t.values).zip(g1.sparse.iter().map(|t| &t.values)));
+    let mut compared = 0;
+    for (a, b) in pairs {
+        assert_eq!(a.len(), b.len());
+        let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-4 * scale, "{x} vs {y} (largest {scale})");
+            compared += 1;
+        }
+    }
+    assert!(compared > 10_000, "{compared}");
 }
 
 #[test]
