@@ -44,7 +44,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run and print.
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Ceiling,
         Scenario::Compute,
         Scenario::Dense,

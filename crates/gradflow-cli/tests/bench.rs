@@ -119,7 +119,7 @@ fn quick_bench_reports_every_section() {
     let printed: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(printed, report);
     assert_eq!(report["version"], 1);
-    for section in ["ceiling", "dense", "small", "sparse", "update", "training", "serve", "data"] {
+    for section in ["ceiling", "compute", "dense", "small", "sparse", "update", "training", "serve", "data"] {
         let mut count = 0;
         check_numbers(section, &report[section], &mut count);
         assert!(count > 0, "section {section} is missing or has no numbers: {}", report[section]);
@@ -143,6 +143,7 @@ fn quick_bench_reports_every_section() {
     // The table names every section.
     for heading in [
         "## 1. Ceiling",
+        "## 1b. Compute ceiling",
         "## 2. Dense",
         "## 3. Small",
         "## 4. Sparse",
@@ -166,7 +167,9 @@ fn only_runs_the_named_scenarios_and_refuses_unknown_ones() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(report["small"].is_object());
-    for absent in ["ceiling", "dense", "sparse", "update", "training", "embedding", "serve", "data"] {
+    for absent in
+        ["ceiling", "compute", "dense", "sparse", "update", "training", "embedding", "serve", "data"]
+    {
         assert!(report.get(absent).is_none(), "{absent} ran with --only small");
     }
 

@@ -15,6 +15,11 @@ use gradflow_bench::{BenchConfig, Scenario};
 ///             4 MiB writes), the data in the cache and memory to memory (256 MiB buffers),
 ///             and memcpy bandwidth on 1 thread and on all cores. ~6 s
 ///
+///   compute   the wide & deep MLP's forward and backward matrix products alone (221-64-32-1,
+///             batch 256) with matrixmultiply and with gemm, on 1 thread and every thread,
+///             beside the model's own pass: the fastest is the compute ceiling the training
+///             rows are compared with. Also runs with training. ~5 s
+///
 ///   dense     push then pull of a dense model of 4, 64 and 512 MiB through 1, 2 and 4
 ///             parameter-server shards, by 1 and 2 workers (sync, SGD): GB/s of gradient
 ///             and parameter bytes moved, and the ratios to both raw TCP figures. ~50 s
@@ -62,8 +67,8 @@ pub struct Args {
     /// runs; the numbers mean little.
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (comma-separated): ceiling, dense, small, sparse, update,
-    /// training, embedding, serve, data. The ceiling also runs when dense or update is chosen, for their ratios.
+    /// Run only these scenarios (comma-separated): ceiling, compute, dense, small, sparse,
+    /// update, training, embedding, serve, data. The ceiling also runs when dense or update is chosen, for their ratios.
     #[arg(long, value_delimiter = ',', value_name = "SCENARIO,...")]
     only: Vec<Scenario>,
     /// Also write the JSON object to this file.
