@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, Read};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -242,240 +243,288 @@ enum Role {
     Categorical(usize),
 }
 
-/// A feature's list as it lies in the record: its kind (the `Feature` oneof's field number:
-/// 1 bytes, 2 floats, 3 int64s) and the list message's bytes.
+/// A feature's list in the record: its kind (the `Feature` oneof's field number: 1 bytes,
+/// 2 floats, 3 int64s) and where the list message's bytes are in the record.
 #[derive(Debug, Clone, Copy)]
-struct List<'a> {
+struct List {
     kind: u64,
-    bytes: &'a [u8],
+    start: usize,
+    end: usize,
 }
+
+/// Why [`Decoder::fast`] hands a record to prost: bytes that do not decode, or an encoding
+/// that writers of `tf.Example` do not produce and protobuf gives merge rules for (a message
+/// split over several fields, a field of an unexpected wire type, a group).
+struct Fallback;
 
 /// Decodes `tf.Example` records straight from their bytes into an [`Example`]: no map of
 /// feature names, no message per feature, no allocation per record (decoding into prost's
-/// types cost five times as much). Agrees with prost's decoding and [`fill`] on every record
-/// (tested), malformed ones included.
+/// types cost nearly three times as much). Records in any other encoding than the one
+/// writers produce, and records that do not decode, go to prost and [`fill`], so the result is
+/// always theirs (tested on random and corrupted records).
 struct Decoder {
     roles: HashMap<Vec<u8>, Role>,
+    /// The label, the dense and the categorical features' names, in that order.
     names: Vec<String>,
-    dense: usize,
-    /// Kept between records for its capacity: per record, the list of each dense and each
-    /// categorical feature where the record has one (the last of repeated names, as protobuf
-    /// maps do).
-    lists: Vec<Option<List<'static>>>,
+    schema: CsvSchema,
+    dense: Vec<String>,
+    /// Per record: the list of each dense and each categorical feature where the record has
+    /// one (the last of repeated names, as protobuf maps keep); kept for its capacity.
+    lists: Vec<Option<List>>,
 }
 
 impl Decoder {
     fn new(schema: &CsvSchema, dense: &[String]) -> Decoder {
         let mut roles = HashMap::new();
-        let mut names = Vec::new();
         roles.insert(schema.label.as_bytes().to_vec(), Role::Label);
         for (i, d) in dense.iter().enumerate() {
             roles.insert(d.as_bytes().to_vec(), Role::Dense(i));
-            names.push(d.clone());
         }
         for (f, c) in schema.categorical.iter().enumerate() {
             roles.insert(c.as_bytes().to_vec(), Role::Categorical(f));
-            names.push(c.clone());
         }
-        names.insert(0, schema.label.clone());
-        Decoder { roles, names, dense: dense.len(), lists: Vec::new() }
+        let names = std::iter::once(&schema.label).chain(dense).chain(&schema.categorical).cloned().collect();
+        Decoder { roles, names, schema: schema.clone(), dense: dense.to_vec(), lists: Vec::new() }
     }
 
     fn fill(&mut self, data: &[u8], ex: &mut Example) -> std::result::Result<(), Issue> {
-        let undecodable = |why: &str| Issue::new("a tf.Example", format!("bytes that do not decode ({why})"));
+        match self.fast(data, ex) {
+            Ok(result) => result,
+            Err(Fallback) => match TfExample::decode(data) {
+                Ok(e) => fill(&e.features.unwrap_or_default().feature, &self.schema, &self.dense, ex),
+                Err(e) => Err(Issue::new("a tf.Example", format!("bytes that do not decode ({e})"))),
+            },
+        }
+    }
+
+    /// The record read in place, or [`Fallback`].
+    fn fast(
+        &mut self,
+        data: &[u8],
+        ex: &mut Example,
+    ) -> std::result::Result<std::result::Result<(), Issue>, Fallback> {
+        self.lists.clear();
+        self.lists.resize(self.names.len() - 1, None);
         let mut label = None;
-        // The lists borrow `data`: the vector is emptied into one of that lifetime (collected
-        // in place, so its memory is kept) and back.
-        let mut lists: Vec<Option<List<'_>>> =
-            std::mem::take(&mut self.lists).into_iter().map(|_| None).collect();
-        lists.clear();
-        lists.resize(self.names.len() - 1, None);
-        let mut example = Wire(data);
-        while let Some((field, value)) = example.next().map_err(undecodable)? {
-            let Value::Bytes(features) = value else { continue };
-            if field != 1 {
-                continue;
-            }
-            let mut features = Wire(features);
-            while let Some((field, value)) = features.next().map_err(undecodable)? {
-                let Value::Bytes(entry) = value else { continue };
-                if field != 1 {
-                    continue;
-                }
-                let (mut key, mut list): (&[u8], Option<List<'_>>) = (&[], None);
-                let mut entry = Wire(entry);
-                while let Some((field, value)) = entry.next().map_err(undecodable)? {
-                    match (field, value) {
-                        (1, Value::Bytes(k)) => key = k,
-                        (2, Value::Bytes(feature)) => list = one_of(feature).map_err(undecodable)?,
-                        _ => {}
+        let mut seen_features = false;
+        let mut example = Wire::new(data);
+        while let Some((field, value)) = example.next()? {
+            match (field, value) {
+                (1, Value::Bytes(at)) if !seen_features => {
+                    seen_features = true;
+                    let mut features = Wire::sub(data, at);
+                    while let Some((field, value)) = features.next()? {
+                        match (field, value) {
+                            (1, Value::Bytes(entry)) => {
+                                let (key, list) = map_entry(data, entry)?;
+                                let key = std::str::from_utf8(&data[key]).map_err(|_| Fallback)?;
+                                match self.roles.get(key.as_bytes()) {
+                                    Some(Role::Label) => label = list,
+                                    Some(Role::Dense(i)) => self.lists[*i] = list,
+                                    Some(Role::Categorical(f)) => self.lists[self.dense.len() + f] = list,
+                                    None => {}
+                                }
+                            }
+                            (1, _) => return Err(Fallback),
+                            _ => {}
+                        }
                     }
                 }
-                std::str::from_utf8(key).map_err(|_| undecodable("a feature name that is not UTF-8"))?;
-                match self.roles.get(key) {
-                    Some(Role::Label) => label = list,
-                    Some(Role::Dense(i)) => lists[*i] = list,
-                    Some(Role::Categorical(f)) => lists[self.dense + f] = list,
-                    None => {}
-                }
+                (1, _) => return Err(Fallback),
+                _ => {}
             }
         }
-        let result = self.fill_from(label, &lists, ex);
-        self.lists = lists.into_iter().map(|_| None).collect();
-        result
+        self.fill_from(data, label, ex)
     }
 
     fn fill_from(
         &self,
-        label: Option<List<'_>>,
-        lists: &[Option<List<'_>>],
+        data: &[u8],
+        label: Option<List>,
         ex: &mut Example,
-    ) -> std::result::Result<(), Issue> {
-        let number = |name: &str, list: Option<List<'_>>| -> std::result::Result<f32, Issue> {
+    ) -> std::result::Result<std::result::Result<(), Issue>, Fallback> {
+        let number = |name: &str,
+                      list: Option<List>|
+         -> std::result::Result<std::result::Result<f32, Issue>, Fallback> {
             let expected = || format!("one float or int64 in feature `{name}`");
             let v = match list {
-                None => return Err(Issue::new(expected(), "no such feature")),
-                Some(List { kind: 2, bytes }) => match floats(bytes)? {
-                    (1, first) => first,
-                    (n, _) => return Err(Issue::new(expected(), format!("{n} floats"))),
+                None => return Ok(Err(Issue::new(expected(), "no such feature"))),
+                Some(l) => match (l.kind, count(data, l)?) {
+                    (2 | 3, (1, first)) => first,
+                    _ => return Ok(Err(Issue::new(expected(), describe_list(data, l)?))),
                 },
-                Some(List { kind: 3, bytes }) => {
-                    let mut values = int64s(bytes);
-                    match (values.next().transpose()?, values.next().transpose()?) {
-                        (Some(v), None) => v as f32,
-                        _ => return Err(Issue::new(expected(), format!("{} int64s", int64s(bytes).count()))),
-                    }
-                }
-                Some(list) => return Err(Issue::new(expected(), describe_list(list)?)),
             };
             if !v.is_finite() {
-                return Err(Issue::new(format!("a finite number in feature `{name}`"), format!("`{v}`")));
+                return Ok(Err(Issue::new(format!("a finite number in feature `{name}`"), format!("`{v}`"))));
             }
-            Ok(v)
+            Ok(Ok(v))
         };
-        let label = number(&self.names[0], label)?;
+        let label = match number(&self.names[0], label)? {
+            Ok(v) => v,
+            Err(issue) => return Ok(Err(issue)),
+        };
         ex.label = if label == -1.0 { 0.0 } else { label };
         ex.dense.clear();
-        for (i, list) in lists[..self.dense].iter().enumerate() {
-            ex.dense.push(number(&self.names[1 + i], *list)?);
+        for (i, list) in self.lists[..self.dense.len()].iter().enumerate() {
+            match number(&self.names[1 + i], *list)? {
+                Ok(v) => ex.dense.push(v),
+                Err(issue) => return Ok(Err(issue)),
+            }
         }
         ex.sparse.clear();
-        for (f, list) in lists[self.dense..].iter().enumerate() {
-            let name = &self.names[1 + self.dense + f];
+        for (f, list) in self.lists[self.dense.len()..].iter().enumerate() {
+            let name = &self.names[1 + self.dense.len() + f];
             let f = f as u32;
             match list {
                 // A record without the feature has no value for it, as a null list in Parquet.
                 None => {}
-                Some(List { kind: 1, bytes }) => {
-                    let mut values = Wire(bytes);
-                    while let Some((field, value)) = values
-                        .next()
-                        .map_err(|w| Issue::new("a tf.Example", format!("bytes that do not decode ({w})")))?
-                    {
+                Some(l @ List { kind: 1, .. }) => {
+                    let mut values = Wire::sub(data, l.start..l.end);
+                    while let Some((field, value)) = values.next()? {
                         if let (1, Value::Bytes(v)) = (field, value) {
-                            ex.sparse.push((f, categorical_id(f, v), 1.0));
+                            ex.sparse.push((f, categorical_id(f, &data[v]), 1.0));
                         }
                     }
                 }
-                Some(List { kind: 3, bytes }) => {
-                    for v in int64s(bytes) {
+                Some(l @ List { kind: 3, .. }) => {
+                    let mut values = Int64s::new(data, *l);
+                    while let Some(v) = values.next()? {
                         let mut text = [0u8; 20];
-                        let n = decimal(v?, &mut text);
+                        let n = decimal(v, &mut text);
                         ex.sparse.push((f, categorical_id(f, &text[..n]), 1.0));
                     }
                 }
                 Some(other) => {
-                    return Err(Issue::new(
-                        format!("bytes or int64s in feature `{name}`"),
-                        describe_list(*other)?,
-                    ));
+                    let issue = format!("bytes or int64s in feature `{name}`");
+                    return Ok(Err(Issue::new(issue, describe_list(data, *other)?)));
                 }
             }
         }
-        Ok(())
+        Ok(Ok(()))
     }
 }
 
-/// The list a `Feature` message holds (its last oneof field), `None` when it holds none.
-fn one_of(feature: &[u8]) -> std::result::Result<Option<List<'_>>, &'static str> {
-    let mut list = None;
-    let mut w = Wire(feature);
+/// A `Features` map entry: where its key is, and its `Feature`'s list (checked whole, as
+/// prost would decode it) if it has one.
+fn map_entry(
+    data: &[u8],
+    entry: Range<usize>,
+) -> std::result::Result<(Range<usize>, Option<List>), Fallback> {
+    let (mut key, mut list, mut seen_value) = (entry.start..entry.start, None, false);
+    let mut w = Wire::sub(data, entry);
     while let Some((field, value)) = w.next()? {
-        if let (1..=3, Value::Bytes(bytes)) = (field, value) {
-            list = Some(List { kind: field, bytes });
+        match (field, value) {
+            (1, Value::Bytes(k)) => key = k,
+            (2, Value::Bytes(feature)) if !seen_value => {
+                seen_value = true;
+                let mut oneof = Wire::sub(data, feature);
+                while let Some((field, value)) = oneof.next()? {
+                    match (field, value) {
+                        (1..=3, Value::Bytes(at)) if list.is_none() => {
+                            let l = List { kind: field, start: at.start, end: at.end };
+                            count(data, l)?;
+                            list = Some(l);
+                        }
+                        (1..=3, _) => return Err(Fallback),
+                        _ => {}
+                    }
+                }
+            }
+            (1 | 2, _) => return Err(Fallback),
+            _ => {}
         }
     }
-    Ok(list)
+    Ok((key, list))
 }
 
-/// How many floats a `FloatList` holds, and its first (0 when none); packed or not.
-fn floats(list: &[u8]) -> std::result::Result<(usize, f32), Issue> {
-    let bad = |w: &str| Issue::new("a tf.Example", format!("bytes that do not decode ({w})"));
+/// How many values `list` holds, and its first as a number (0 when none or bytes); checks
+/// every field of the list.
+fn count(data: &[u8], list: List) -> std::result::Result<(usize, f32), Fallback> {
     let (mut n, mut first) = (0, 0.0);
-    let mut w = Wire(list);
-    while let Some((field, value)) = w.next().map_err(bad)? {
-        match (field, value) {
-            (1, Value::Bytes(packed)) => {
-                if packed.len() % 4 != 0 {
-                    return Err(bad("packed floats of a length not a multiple of 4"));
+    match list.kind {
+        1 => {
+            let mut w = Wire::sub(data, list.start..list.end);
+            while let Some((field, value)) = w.next()? {
+                match (field, value) {
+                    (1, Value::Bytes(_)) => n += 1,
+                    (1, _) => return Err(Fallback),
+                    _ => {}
                 }
-                if n == 0 && !packed.is_empty() {
-                    first = f32::from_le_bytes(packed[..4].try_into().expect("4 bytes"));
-                }
-                n += packed.len() / 4;
             }
-            (1, Value::Fixed32(v)) => {
+        }
+        2 => {
+            let mut w = Wire::sub(data, list.start..list.end);
+            while let Some((field, value)) = w.next()? {
+                match (field, value) {
+                    (1, Value::Bytes(packed)) => {
+                        if packed.len() % 4 != 0 {
+                            return Err(Fallback);
+                        }
+                        if n == 0 && !packed.is_empty() {
+                            first = f32::from_le_bytes(
+                                data[packed.start..packed.start + 4].try_into().expect("4 bytes"),
+                            );
+                        }
+                        n += packed.len() / 4;
+                    }
+                    (1, Value::Fixed32(v)) => {
+                        if n == 0 {
+                            first = f32::from_bits(v);
+                        }
+                        n += 1;
+                    }
+                    (1, _) => return Err(Fallback),
+                    _ => {}
+                }
+            }
+        }
+        _ => {
+            let mut values = Int64s::new(data, list);
+            while let Some(v) = values.next()? {
                 if n == 0 {
-                    first = f32::from_bits(v);
+                    first = v as f32;
                 }
                 n += 1;
             }
-            _ => {}
         }
     }
     Ok((n, first))
 }
 
 /// The values of an `Int64List`, packed or not.
-fn int64s(list: &[u8]) -> impl Iterator<Item = std::result::Result<i64, Issue>> + '_ {
-    let bad = |w: &str| Issue::new("a tf.Example", format!("bytes that do not decode ({w})"));
-    let mut w = Wire(list);
-    let mut packed: Wire<'_> = Wire(&[]);
-    std::iter::from_fn(move || {
+struct Int64s<'a> {
+    list: Wire<'a>,
+    packed: Wire<'a>,
+}
+
+impl<'a> Int64s<'a> {
+    fn new(data: &'a [u8], list: List) -> Int64s<'a> {
+        Int64s { list: Wire::sub(data, list.start..list.end), packed: Wire::sub(data, 0..0) }
+    }
+
+    fn next(&mut self) -> std::result::Result<Option<i64>, Fallback> {
         loop {
-            if !packed.0.is_empty() {
-                return Some(packed.varint().map(|v| v as i64).map_err(bad));
+            if !self.packed.is_empty() {
+                return self.packed.varint().map(|v| Some(v as i64));
             }
-            match w.next() {
-                Err(e) => {
-                    w = Wire(&[]);
-                    return Some(Err(bad(e)));
-                }
-                Ok(None) => return None,
-                Ok(Some((1, Value::Bytes(p)))) => packed = Wire(p),
-                Ok(Some((1, Value::Varint(v)))) => return Some(Ok(v as i64)),
-                Ok(Some(_)) => {}
+            match self.list.next()? {
+                None => return Ok(None),
+                Some((1, Value::Bytes(p))) => self.packed = Wire::sub(self.list.data, p),
+                Some((1, Value::Varint(v))) => return Ok(Some(v as i64)),
+                Some((1, _)) => return Err(Fallback),
+                Some(_) => {}
             }
         }
-    })
+    }
 }
 
 /// What a list holds, for an error: as [`describe`] says it of prost's.
-fn describe_list(list: List<'_>) -> std::result::Result<String, Issue> {
-    let bad = |w: &str| Issue::new("a tf.Example", format!("bytes that do not decode ({w})"));
-    Ok(match list {
-        List { kind: 1, bytes } => {
-            let mut n = 0;
-            let mut w = Wire(bytes);
-            while let Some((field, value)) = w.next().map_err(bad)? {
-                n += usize::from(field == 1 && matches!(value, Value::Bytes(_)));
-            }
-            format!("{n} bytes values")
-        }
-        List { kind: 2, bytes } => format!("{} floats", floats(bytes)?.0),
-        List { bytes, .. } => {
-            format!("{} int64s", int64s(bytes).collect::<std::result::Result<Vec<_>, _>>()?.len())
-        }
+fn describe_list(data: &[u8], list: List) -> std::result::Result<String, Fallback> {
+    let n = count(data, list)?.0;
+    Ok(match list.kind {
+        1 => format!("{n} bytes values"),
+        2 => format!("{n} floats"),
+        _ => format!("{n} int64s"),
     })
 }
 
@@ -487,48 +536,71 @@ fn decimal(v: i64, out: &mut [u8; 20]) -> usize {
     cursor.position() as usize
 }
 
-/// A protobuf field's value, by wire type.
-enum Value<'a> {
+/// A protobuf field's value, by wire type; bytes as where they are in the record.
+enum Value {
     Varint(u64),
     Fixed64,
-    Bytes(&'a [u8]),
+    Bytes(Range<usize>),
     Fixed32(u32),
 }
 
-/// The fields of one protobuf message, read in place.
-struct Wire<'a>(&'a [u8]);
+/// The fields of one protobuf message, `data[pos..end]`, read in place.
+struct Wire<'a> {
+    data: &'a [u8],
+    pos: usize,
+    end: usize,
+}
 
 impl<'a> Wire<'a> {
-    fn varint(&mut self) -> std::result::Result<u64, &'static str> {
+    fn new(data: &'a [u8]) -> Wire<'a> {
+        Wire { data, pos: 0, end: data.len() }
+    }
+
+    fn sub(data: &'a [u8], at: Range<usize>) -> Wire<'a> {
+        Wire { data, pos: at.start, end: at.end }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos >= self.end
+    }
+
+    /// A varint as prost reads one: at most 10 bytes, the 10th at most 1.
+    fn varint(&mut self) -> std::result::Result<u64, Fallback> {
         let mut v = 0u64;
-        for (i, &b) in self.0.iter().enumerate().take(10) {
+        for i in 0..10 {
+            if self.pos >= self.end {
+                return Err(Fallback);
+            }
+            let b = self.data[self.pos];
+            self.pos += 1;
+            if i == 9 && b > 1 {
+                return Err(Fallback);
+            }
             v |= u64::from(b & 0x7f) << (7 * i);
             if b < 0x80 {
-                self.0 = &self.0[i + 1..];
                 return Ok(v);
             }
         }
-        Err("a varint that does not end")
+        Err(Fallback)
     }
 
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], &'static str> {
-        if self.0.len() < n {
-            return Err("a field longer than its message");
+    fn take(&mut self, n: u64) -> std::result::Result<Range<usize>, Fallback> {
+        if n > (self.end - self.pos) as u64 {
+            return Err(Fallback);
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        let at = self.pos..self.pos + n as usize;
+        self.pos = at.end;
+        Ok(at)
     }
 
     /// The next field number and value; `None` at the end.
-    fn next(&mut self) -> std::result::Result<Option<(u64, Value<'a>)>, &'static str> {
-        if self.0.is_empty() {
+    fn next(&mut self) -> std::result::Result<Option<(u64, Value)>, Fallback> {
+        if self.is_empty() {
             return Ok(None);
         }
         let key = self.varint()?;
-        let field = key >> 3;
-        if field == 0 {
-            return Err("field number 0");
+        if key > u64::from(u32::MAX) || key >> 3 == 0 {
+            return Err(Fallback);
         }
         let value = match key & 7 {
             0 => Value::Varint(self.varint()?),
@@ -538,17 +610,19 @@ impl<'a> Wire<'a> {
             }
             2 => {
                 let n = self.varint()?;
-                Value::Bytes(self.take(usize::try_from(n).map_err(|_| "a length too large")?)?)
+                Value::Bytes(self.take(n)?)
             }
-            5 => Value::Fixed32(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes"))),
-            _ => return Err("a wire type protobuf no longer uses"),
+            5 => {
+                let at = self.take(4)?;
+                Value::Fixed32(u32::from_le_bytes(self.data[at].try_into().expect("4 bytes")))
+            }
+            _ => return Err(Fallback),
         };
-        Ok(Some((field, value)))
+        Ok(Some((key >> 3, value)))
     }
 }
 
-/// The reference [`Decoder`] is tested against: the record decoded by prost, then read.
-#[cfg(test)]
+/// A record prost decoded, read: what [`Decoder`] does for records it hands to prost.
 fn fill(
     features: &HashMap<String, Feature>,
     schema: &CsvSchema,
@@ -594,7 +668,6 @@ fn fill(
     Ok(())
 }
 
-#[cfg(test)]
 fn describe(kind: &Kind) -> String {
     match kind {
         Kind::BytesList(l) => format!("{} bytes values", l.value.len()),
@@ -637,16 +710,18 @@ mod tests {
         assert!(err.contains("checksum does not match"), "{err}");
     }
 
-    /// What the in-place decoder makes of `data`, and what prost's decoding and [`fill`] make
-    /// of it.
+    /// What the decoder makes of `data`, and what prost's decoding and [`fill`] make of it;
+    /// whether the decoder read it in place (rather than handing it to prost).
     fn both(
         decoder: &mut Decoder,
         schema: &CsvSchema,
         dense: &[String],
         data: &[u8],
-    ) -> [std::result::Result<Example, Issue>; 2] {
-        let mut fast = Example::default();
-        let fast = decoder.fill(data, &mut fast).map(|()| fast);
+    ) -> ([std::result::Result<Example, Issue>; 2], bool) {
+        let mut ex = Example::default();
+        let in_place = decoder.fast(data, &mut ex).ok().map(|r| r.map(|()| ex));
+        let mut ex = Example::default();
+        let decoded = decoder.fill(data, &mut ex).map(|()| ex);
         let reference = match TfExample::decode(data) {
             Ok(e) => {
                 let mut ex = Example::default();
@@ -654,7 +729,10 @@ mod tests {
             }
             Err(e) => Err(Issue::new("a tf.Example", format!("bytes that do not decode ({e})"))),
         };
-        [fast, reference]
+        if let Some(in_place) = &in_place {
+            assert_eq!(in_place, &reference, "read in place: {data:?}");
+        }
+        ([decoded, reference], in_place.is_some())
     }
 
     #[test]
@@ -667,7 +745,7 @@ mod tests {
         let schema = CsvSchema::new("label", vec!["c0".into(), "c1".into(), "c2".into()]);
         let dense: Vec<String> = vec!["d0".into(), "d1".into()];
         let mut decoder = Decoder::new(&schema, &dense);
-        let (mut ok, mut refused) = (0, 0);
+        let (mut ok, mut refused, mut corrupt_in_place) = (0, 0, 0);
         for _ in 0..20_000 {
             let mut feature = std::collections::HashMap::new();
             let mut number = |next: &mut dyn FnMut(u64) -> u64| -> Option<Kind> {
@@ -703,18 +781,25 @@ mod tests {
                 feature.insert(name.to_string(), Feature { kind });
             }
             let data = TfExample { features: Some(Features { feature }) }.encode_to_vec();
-            let [fast, reference] = both(&mut decoder, &schema, &dense, &data);
+            let ([fast, reference], in_place) = both(&mut decoder, &schema, &dense, &data);
             assert_eq!(fast, reference, "record {data:?}");
+            assert!(in_place, "a record as prost writes it is read in place: {data:?}");
             if fast.is_ok() {
                 ok += 1
             } else {
                 refused += 1
             }
-            // Cut short, the record no longer decodes, and both say so.
-            let cut = &data[..next(data.len() as u64) as usize];
-            let [fast, reference] = both(&mut decoder, &schema, &dense, cut);
-            assert_eq!(fast.is_ok(), reference.is_ok(), "record cut to {cut:?}: {fast:?} vs {reference:?}");
+            // Cut short, or with a byte changed: whatever the bytes now say, the same answer.
+            let mut bad = data[..next(data.len() as u64 + 1) as usize].to_vec();
+            if !bad.is_empty() && next(2) == 0 {
+                let i = next(bad.len() as u64) as usize;
+                bad[i] = next(256) as u8;
+            }
+            let ([fast, reference], in_place) = both(&mut decoder, &schema, &dense, &bad);
+            assert_eq!(fast, reference, "record changed to {bad:?}");
+            corrupt_in_place += usize::from(in_place);
         }
+        assert!(corrupt_in_place > 100, "{corrupt_in_place} changed records read in place");
         assert!(ok > 3000 && refused > 3000, "both kinds of record were tried: {ok} read, {refused} refused");
 
         // Floats and int64s not packed (older writers): field 1 repeated, one value each.
@@ -743,9 +828,30 @@ mod tests {
         }
         let mut data = vec![0x0a, features.len() as u8];
         data.extend(features);
-        let [fast, reference] = both(&mut decoder, &schema, &dense, &data);
+        let ([fast, reference], in_place) = both(&mut decoder, &schema, &dense, &data);
         assert_eq!(fast, reference);
+        assert!(in_place);
         let ex = fast.unwrap();
+        // A list split over two fields of one Feature is merged by protobuf's rules: prost's.
+        let mut twice = list(3, &[0x08, 7]);
+        twice.extend(list(3, &[0x08, 9]));
+        let mut features = Vec::new();
+        for e in [
+            entry("label", list(2, &[0x0d, 0, 0, 0x80, 0x3f])),
+            entry("d0", list(3, &[0x08, 5])),
+            entry("d1", list(3, &[0x08, 5])),
+            entry("c1", twice),
+        ] {
+            features.push(0x0a);
+            features.push(e.len() as u8);
+            features.extend(e);
+        }
+        let mut merged = vec![0x0a, features.len() as u8];
+        merged.extend(features);
+        let ([fast, reference], in_place) = both(&mut decoder, &schema, &dense, &merged);
+        assert_eq!(fast, reference);
+        assert!(!in_place, "a split list goes to prost");
+        assert_eq!(fast.unwrap().sparse.len(), 2, "both values of the split list");
         assert_eq!((ex.label, ex.dense.as_slice()), (1.0, &[5.0, 2.0][..]));
         assert_eq!(ex.sparse, [(0, categorical_id(0, b"7"), 1.0), (0, categorical_id(0, b"9"), 1.0)]);
     }

@@ -163,7 +163,8 @@ pub struct DataConfig {
     pub test: Vec<PathBuf>,
     /// `"csv"`, `"libsvm"`, `"parquet"` or `"tfrecord"`. Default: from the first training file's
     /// extension (`.csv`; `.libsvm`, `.svm`, `.libffm`, `.ffm`; `.parquet`; `.tfrecord`; after a
-    /// `.gz` or `.zst`), CSV when it names none; the test files' from the first test file's.
+    /// `.gz` or `.zst`), CSV when it names none; the test files' from the first test file's extension, or the
+    /// training files' format when it names none (a folder, `a9a.t`).
     #[serde(default)]
     pub format: Format,
     /// CSV, Parquet, TFRecord: the label column (or feature). Default `"label"`.
@@ -746,7 +747,12 @@ impl JobConfig {
         if self.data.test.is_empty() {
             return None;
         }
-        let format = self.data.format.resolve(self.data.test.first().map(PathBuf::as_path));
+        let format = match self.data.format {
+            Format::Auto => {
+                self.data.test.first().and_then(|p| Format::of_path(p)).unwrap_or_else(|| self.data_format())
+            }
+            given => given,
+        };
         let mut r = ReaderConfig::new(format, self.data.test.clone());
         r.csv = self.csv_schema();
         r.libsvm = LibsvmOptions { dense_indices: self.data.dense_indices };

@@ -32,6 +32,12 @@ fn the_format_comes_from_the_first_training_file() {
     let j = job("train = \"day-*.parquet\"\ntest = \"test.csv\"", LR).unwrap();
     assert_eq!(j.train_reader().format, Format::Parquet);
     assert_eq!(j.test_reader().unwrap().format, Format::Csv);
+    // A test file whose extension names no format (libsvm's `a9a.t`, a folder) is read in
+    // the training files' format.
+    for test in ["a9a.t", "test/", "s3://bucket/test/"] {
+        let j = job(&format!("train = \"a9a.libsvm\"\ntest = \"{test}\""), LR).unwrap();
+        assert_eq!(j.test_reader().unwrap().format, Format::Libsvm, "{test}");
+    }
 }
 
 #[test]

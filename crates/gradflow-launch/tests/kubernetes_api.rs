@@ -1277,7 +1277,12 @@ async fn volcano_a_pod_group_of_someone_else_or_no_volcano_is_refused() {
     let err = client.launch(job_with(1, 1, 3, VOLCANO), false).await.err().unwrap();
     assert!(matches!(err, KubernetesError::Foreign(_)), "{err}");
     assert!(err.to_string().contains("a Volcano PodGroup named demo already exists"), "{err}");
-    assert!(!fake.requests().iter().any(|r| r.starts_with("POST pods")));
+    let requests = fake.requests();
+    assert!(!requests.iter().any(|r| r.starts_with("POST pods")));
+    // The job's record goes again, so that launching after the fix is not refused as a
+    // job that exists.
+    let removed = "DELETE configmaps/demo propagation=Background".to_string();
+    assert!(requests.contains(&removed), "{requests:?}");
 
     // A cluster without Volcano has no such resource.
     let (client, fake) = Fake::start();
@@ -1288,6 +1293,8 @@ async fn volcano_a_pod_group_of_someone_else_or_no_volcano_is_refused() {
             && err.to_string().contains("is Volcano installed"),
         "{err}"
     );
+    let requests = fake.requests();
+    assert!(requests.contains(&removed), "{requests:?}");
 }
 
 #[tokio::test]

@@ -231,6 +231,13 @@ fn volcano_gang_renders_one_pod_group_that_every_pod_names() {
     assert_eq!((group.spec.min_member, group.spec.queue.as_deref()), (2, None));
     let min = group.spec.min_resources.unwrap();
     assert_eq!((min["cpu"].0.as_str(), min["memory"].0.as_str()), ("1", "2Gi"));
+    // A worker's CPU limit without a request: Kubernetes makes it the request, so it is summed.
+    let job = parse_job(
+        "name = \"ctr\"\n[model]\nkind = \"logistic_regression\"\n[data]\ntrain = \"t.csv\"\n[kubernetes]\ngang = \"volcano\"\n[kubernetes.worker]\ncpu_limit = \"2\"\n",
+    )
+    .unwrap();
+    let min = Renderer::new(job, "ml").unwrap().pod_group().unwrap().spec.min_resources.unwrap();
+    assert_eq!(min["cpu"].0.as_str(), "3", "{min:?}");
     // No gang, no PodGroup.
     assert!(Renderer::new(full_job(), "team-a").unwrap().pod_group().is_none());
 }

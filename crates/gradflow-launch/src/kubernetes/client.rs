@@ -144,7 +144,8 @@ impl JobClient {
     /// fresh), its Service and, with `detach`, the pod that runs its controller in the
     /// cluster. Returns the controller to run here otherwise. A job of the same name is
     /// [`KubernetesError::AlreadyExists`]. A token that cannot be read fails before anything
-    /// is created; a Secret that cannot be created removes the root again.
+    /// is created; a Secret, the Service or the PodGroup that cannot be created removes the
+    /// root again.
     pub async fn launch(&self, job: JobConfig, detach: bool) -> Result<Controller> {
         let token = job.auth.token().map_err(|e| {
             KubernetesError::Token(match e {
@@ -175,8 +176,16 @@ impl JobClient {
                 return Err(e);
             }
         }
-        self.ensure_service(&renderer).await?;
-        self.ensure_pod_group(&renderer).await?;
+        let created = async {
+            self.ensure_service(&renderer).await?;
+            self.ensure_pod_group(&renderer).await
+        };
+        if let Err(e) = created.await {
+            // As for the Secrets: the root takes what it owns with it, so launching again after
+            // fixing the cause (no Volcano, a PodGroup of that name) starts from a clean slate.
+            let _ = self.config_maps().delete(&name, &DeleteParams::background()).await;
+            return Err(e);
+        }
         if detach {
             let jobs: Api<BatchJob> = Api::namespaced(self.client.clone(), &self.namespace);
             match jobs.create(&PostParams::default(), &renderer.controller_job()).await {

@@ -711,7 +711,8 @@ impl Renderer {
     /// Volcano's PodGroup of the job (`gang = "volcano"`; `None` otherwise), which `launch`
     /// creates before any pod: named after the job, `minMember` = servers + workers, the
     /// job's `queue` and `priority_class`, and as `minResources` the sum of every pod's
-    /// requests (a pod's init container asks for no more than its main container).
+    /// requests, a limit without a request counting as one (a pod's init container asks for
+    /// no more than its main container).
     pub fn pod_group(&self) -> Option<PodGroup> {
         if self.kube.gang != Gang::Volcano {
             return None;
@@ -719,7 +720,13 @@ impl Renderer {
         let requests: Vec<(u32, BTreeMap<String, Quantity>)> =
             [(Role::Ps, self.job.servers), (Role::Worker, self.job.workers)]
                 .into_iter()
-                .filter_map(|(role, count)| Some((count, resources(&self.kube.for_role(role))?.requests?)))
+                .filter_map(|(role, count)| {
+                    let r = resources(&self.kube.for_role(role))?;
+                    // A limit without a request is the request too: Kubernetes sets it so.
+                    let mut requests = r.limits.unwrap_or_default();
+                    requests.extend(r.requests.unwrap_or_default());
+                    (!requests.is_empty()).then_some((count, requests))
+                })
                 .collect();
         let min_resources = sum_requests(requests.iter().map(|(count, r)| (*count, r)));
         let spec = PodGroupSpec {
