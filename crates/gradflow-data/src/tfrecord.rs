@@ -318,11 +318,22 @@ impl Decoder {
                             (1, Value::Bytes(entry)) => {
                                 let (key, list) = map_entry(data, entry)?;
                                 let key = std::str::from_utf8(&data[key]).map_err(|_| Fallback)?;
-                                match self.roles.get(key.as_bytes()) {
-                                    Some(Role::Label) => label = list,
-                                    Some(Role::Dense(i)) => self.lists[*i] = list,
-                                    Some(Role::Categorical(f)) => self.lists[self.dense.len() + f] = list,
-                                    None => {}
+                                // A list read later is checked as it is read; one that is not
+                                // (another feature's, or replaced by a later one of the same
+                                // name) is checked here, as prost decodes every list.
+                                let slot = match self.roles.get(key.as_bytes()) {
+                                    Some(Role::Label) => &mut label,
+                                    Some(Role::Dense(i)) => &mut self.lists[*i],
+                                    Some(Role::Categorical(f)) => &mut self.lists[self.dense.len() + f],
+                                    None => {
+                                        if let Some(l) = list {
+                                            count(data, l)?;
+                                        }
+                                        continue;
+                                    }
+                                };
+                                if let Some(replaced) = std::mem::replace(slot, list) {
+                                    count(data, replaced)?;
                                 }
                             }
                             (1, _) => return Err(Fallback),
@@ -334,7 +345,17 @@ impl Decoder {
                 _ => {}
             }
         }
-        self.fill_from(data, label, ex)
+        match self.fill_from(data, label, ex)? {
+            Ok(()) => Ok(Ok(())),
+            // Refused for what it holds; but a record with a list that does not decode is
+            // refused for that first, as prost does.
+            Err(issue) => {
+                for list in self.lists.iter().chain([&label]).flatten() {
+                    count(data, *list)?;
+                }
+                Ok(Err(issue))
+            }
+        }
     }
 
     fn fill_from(
@@ -381,8 +402,10 @@ impl Decoder {
                 Some(l @ List { kind: 1, .. }) => {
                     let mut values = Wire::sub(data, l.start..l.end);
                     while let Some((field, value)) = values.next()? {
-                        if let (1, Value::Bytes(v)) = (field, value) {
-                            ex.sparse.push((f, categorical_id(f, &data[v]), 1.0));
+                        match (field, value) {
+                            (1, Value::Bytes(v)) => ex.sparse.push((f, categorical_id(f, &data[v]), 1.0)),
+                            (1, _) => return Err(Fallback),
+                            _ => {}
                         }
                     }
                 }
@@ -404,8 +427,8 @@ impl Decoder {
     }
 }
 
-/// A `Features` map entry: where its key is, and its `Feature`'s list (checked whole, as
-/// prost would decode it) if it has one.
+/// A `Features` map entry: where its key is, and its `Feature`'s list if it has one (not yet
+/// checked: see [`count`]).
 fn map_entry(
     data: &[u8],
     entry: Range<usize>,
@@ -421,9 +444,7 @@ fn map_entry(
                 while let Some((field, value)) = oneof.next()? {
                     match (field, value) {
                         (1..=3, Value::Bytes(at)) if list.is_none() => {
-                            let l = List { kind: field, start: at.start, end: at.end };
-                            count(data, l)?;
-                            list = Some(l);
+                            list = Some(List { kind: field, start: at.start, end: at.end });
                         }
                         (1..=3, _) => return Err(Fallback),
                         _ => {}
@@ -566,6 +587,13 @@ impl<'a> Wire<'a> {
 
     /// A varint as prost reads one: at most 10 bytes, the 10th at most 1.
     fn varint(&mut self) -> std::result::Result<u64, Fallback> {
+        // Most are one byte: field keys, and the lengths of names, values and lists.
+        if let Some(&b) = self.data[..self.end].get(self.pos)
+            && b < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(b));
+        }
         let mut v = 0u64;
         for i in 0..10 {
             if self.pos >= self.end {
