@@ -149,7 +149,8 @@ impl Report {
                 None,
             );
         }
-        if let (Some(d), Some(worker)) = (&self.data, self.worker_samples_per_sec()) {
+        let worker = self.two_worker_sync_run().map(|r| r.per_worker_samples_per_sec);
+        if let (Some(d), Some(worker)) = (&self.data, worker) {
             let csv = d.readers.iter().find(|r| r.format == "csv" && r.source == "local");
             push(
                 "a wide&deep worker's time not spent reading its CSV (2 workers sync, 1 shard)".into(),
@@ -165,15 +166,9 @@ impl Report {
                 0.6,
                 None,
             );
-            let run = t.runs.iter().find(|r| {
-                r.workers == 2
-                    && r.servers == 1
-                    && r.mode == gradflow_core::Mode::Sync
-                    && r.compression == gradflow_proto::Compression::None
-            });
             push(
                 "wide&deep 2 workers sync 1 shard / single process, per core".into(),
-                run.map(|r| r.ratio_to_single),
+                self.two_worker_sync_run().map(|r| r.ratio_to_single),
                 0.7,
                 None,
             );
@@ -181,14 +176,13 @@ impl Report {
         out
     }
 
-    /// Samples per second of one worker of the 2-worker sync job on 1 server, when it ran.
-    fn worker_samples_per_sec(&self) -> Option<f64> {
-        self.training.as_ref()?.runs.iter().find_map(|r| {
-            (r.workers == 2
+    /// The training run the targets read: 2 sync workers, 1 server, no compression.
+    fn two_worker_sync_run(&self) -> Option<&crate::training::TrainingRun> {
+        self.training.as_ref()?.runs.iter().find(|r| {
+            r.workers == 2
                 && r.servers == 1
                 && r.mode == gradflow_core::Mode::Sync
-                && r.compression == gradflow_proto::Compression::None)
-                .then_some(r.per_worker_samples_per_sec)
+                && r.compression == gradflow_proto::Compression::None
         })
     }
 
@@ -480,7 +474,7 @@ impl Report {
             s.push('\n');
         }
         if let Some(d) = &self.data {
-            let worker = self.worker_samples_per_sec();
+            let worker = self.two_worker_sync_run().map(|r| r.per_worker_samples_per_sec);
             let _ = writeln!(
                 s,
                 "## 9. Data readers ({} rows of 13 dense and 26 categorical columns, batches of {}, one reader thread)\n\n\

@@ -264,8 +264,6 @@ struct Fallback;
 /// always theirs (tested on random and corrupted records).
 struct Decoder {
     roles: HashMap<Vec<u8>, Role>,
-    /// The label, the dense and the categorical features' names, in that order.
-    names: Vec<String>,
     schema: CsvSchema,
     dense: Vec<String>,
     /// Per record: the list of each dense and each categorical feature where the record has
@@ -283,8 +281,7 @@ impl Decoder {
         for (f, c) in schema.categorical.iter().enumerate() {
             roles.insert(c.as_bytes().to_vec(), Role::Categorical(f));
         }
-        let names = std::iter::once(&schema.label).chain(dense).chain(&schema.categorical).cloned().collect();
-        Decoder { roles, names, schema: schema.clone(), dense: dense.to_vec(), lists: Vec::new() }
+        Decoder { roles, schema: schema.clone(), dense: dense.to_vec(), lists: Vec::new() }
     }
 
     fn fill(&mut self, data: &[u8], ex: &mut Example) -> std::result::Result<(), Issue> {
@@ -304,7 +301,7 @@ impl Decoder {
         ex: &mut Example,
     ) -> std::result::Result<std::result::Result<(), Issue>, Fallback> {
         self.lists.clear();
-        self.lists.resize(self.names.len() - 1, None);
+        self.lists.resize(self.dense.len() + self.schema.categorical.len(), None);
         let mut label = None;
         let mut seen_features = false;
         let mut example = Wire::new(data);
@@ -380,21 +377,21 @@ impl Decoder {
             }
             Ok(Ok(v))
         };
-        let label = match number(&self.names[0], label)? {
+        let label = match number(&self.schema.label, label)? {
             Ok(v) => v,
             Err(issue) => return Ok(Err(issue)),
         };
         ex.label = if label == -1.0 { 0.0 } else { label };
         ex.dense.clear();
         for (i, list) in self.lists[..self.dense.len()].iter().enumerate() {
-            match number(&self.names[1 + i], *list)? {
+            match number(&self.dense[i], *list)? {
                 Ok(v) => ex.dense.push(v),
                 Err(issue) => return Ok(Err(issue)),
             }
         }
         ex.sparse.clear();
         for (f, list) in self.lists[self.dense.len()..].iter().enumerate() {
-            let name = &self.names[1 + self.dense.len() + f];
+            let name = &self.schema.categorical[f];
             let f = f as u32;
             match list {
                 // A record without the feature has no value for it, as a null list in Parquet.
@@ -843,19 +840,23 @@ mod tests {
             e.extend(feature);
             e
         };
-        let mut features = Vec::new();
-        for e in [
+        // A tf.Example of these map entries.
+        let example = |entries: Vec<Vec<u8>>| {
+            let mut features = Vec::new();
+            for e in entries {
+                features.extend([0x0a, e.len() as u8]);
+                features.extend(e);
+            }
+            let mut data = vec![0x0a, features.len() as u8];
+            data.extend(features);
+            data
+        };
+        let data = example(vec![
             entry("label", list(2, &[0x0d, 0, 0, 0x80, 0x3f])),
             entry("d0", list(3, &[0x08, 5])),
             entry("d1", list(2, &[0x0d, 0, 0, 0, 0x40])),
             entry("c0", list(3, &[0x08, 7, 0x08, 9])),
-        ] {
-            features.push(0x0a);
-            features.push(e.len() as u8);
-            features.extend(e);
-        }
-        let mut data = vec![0x0a, features.len() as u8];
-        data.extend(features);
+        ]);
         let ([fast, reference], in_place) = both(&mut decoder, &schema, &dense, &data);
         assert_eq!(fast, reference);
         assert!(in_place);
@@ -863,19 +864,12 @@ mod tests {
         // A list split over two fields of one Feature is merged by protobuf's rules: prost's.
         let mut twice = list(3, &[0x08, 7]);
         twice.extend(list(3, &[0x08, 9]));
-        let mut features = Vec::new();
-        for e in [
+        let merged = example(vec![
             entry("label", list(2, &[0x0d, 0, 0, 0x80, 0x3f])),
             entry("d0", list(3, &[0x08, 5])),
             entry("d1", list(3, &[0x08, 5])),
             entry("c1", twice),
-        ] {
-            features.push(0x0a);
-            features.push(e.len() as u8);
-            features.extend(e);
-        }
-        let mut merged = vec![0x0a, features.len() as u8];
-        merged.extend(features);
+        ]);
         let ([fast, reference], in_place) = both(&mut decoder, &schema, &dense, &merged);
         assert_eq!(fast, reference);
         assert!(!in_place, "a split list goes to prost");

@@ -1012,6 +1012,16 @@ mod tests {
 
     use super::*;
 
+    /// Adds a row for `id` to `store` (as a stripe creates one, without values) and to `model`.
+    fn add_row(store: &mut RowStore, model: &mut HashMap<u64, u32>, id: u64) {
+        let row = store.len() as u32;
+        store.ids.push(id);
+        store.steps.push(0);
+        store.touched.push(0);
+        model.insert(id, row);
+        store.index.insert(id, row, store.len(), &store.ids);
+    }
+
     #[test]
     fn row_index_finds_what_a_hash_map_finds() {
         let mut state = 3u64;
@@ -1044,12 +1054,7 @@ mod tests {
                         None,
                         "step {step}: id {id} was never inserted"
                     );
-                    let row = store.len() as u32;
-                    store.ids.push(id);
-                    store.steps.push(0);
-                    store.touched.push(0);
-                    model.insert(id, row);
-                    store.index.insert(id, row, store.len(), &store.ids);
+                    add_row(&mut store, &mut model, id);
                 }
             }
         }
@@ -1083,12 +1088,7 @@ mod tests {
         check(&store, &model);
         for id in (1u64 << 40..(1 << 40) + 64 * 5000).step_by(64) {
             let id = id + 5;
-            let row = store.len() as u32;
-            store.ids.push(id);
-            store.steps.push(0);
-            store.touched.push(0);
-            model.insert(id, row);
-            store.index.insert(id, row, store.len(), &store.ids);
+            add_row(&mut store, &mut model, id);
         }
         check(&store, &model);
         assert_eq!(model.len(), store.len());
@@ -1122,12 +1122,7 @@ mod tests {
                 }
                 assert_eq!(store.index.get(gone, &store.ids), None, "step {step}: evicted id {gone}");
             }
-            let row = store.len() as u32;
-            store.ids.push(id);
-            store.steps.push(0);
-            store.touched.push(0);
-            model.insert(id, row);
-            store.index.insert(id, row, store.len(), &store.ids);
+            add_row(&mut store, &mut model, id);
             if step % 4999 == 0 {
                 for (&id, &row) in &model {
                     assert_eq!(store.index.get(id, &store.ids), Some(row), "step {step}: id {id}");

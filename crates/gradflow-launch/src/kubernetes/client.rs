@@ -332,13 +332,7 @@ impl JobClient {
                     .get(name)
                     .await
                     .map_err(KubernetesError::api(format!("reading Service {name}")))?;
-                let ours = existing
-                    .metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|o| Some(o.uid.as_str()) == renderer.owner_uid());
-                if ours {
+                if owned_by_job(&existing.metadata, renderer) {
                     Ok(())
                 } else {
                     Err(KubernetesError::Foreign(format!(
@@ -364,13 +358,7 @@ impl JobClient {
                     .get(&name)
                     .await
                     .map_err(KubernetesError::api(format!("reading PodGroup {name}")))?;
-                let ours = existing
-                    .metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|o| Some(o.uid.as_str()) == renderer.owner_uid());
-                if ours {
+                if owned_by_job(&existing.metadata, renderer) {
                     Ok(())
                 } else {
                     Err(KubernetesError::Foreign(format!(
@@ -559,6 +547,11 @@ enum SecretOwner {
     EarlierJob,
     /// Anyone else's, or no one's.
     Other,
+}
+
+/// Whether the job's root (the renderer's owner) is among `meta`'s owners.
+fn owned_by_job(meta: &ObjectMeta, renderer: &Renderer) -> bool {
+    meta.owner_references.iter().flatten().any(|o| Some(o.uid.as_str()) == renderer.owner_uid())
 }
 
 fn secret_owner(meta: &ObjectMeta, renderer: &Renderer) -> SecretOwner {
