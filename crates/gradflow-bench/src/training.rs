@@ -10,10 +10,10 @@
 //!   launcher's progress line shows it); the first report of each worker (start-up, first rows created) is skipped and the
 //!   median of the rest is taken. The end-to-end rate (all samples over the job's wall time,
 //!   process start and stop included) is reported beside it.
-//! - *Single process*: the same file, read and standardized the same way, trained with
-//!   [`LocalTrainer`] (no servers, no network) in this process, with every core and with one
-//!   thread; timed in windows of `log_every_steps` steps, the first skipped, median of the
-//!   rest.
+//! - *Single process*: the same file, read and standardized the same way (on a thread of its
+//!   own, [`ReadAhead`], a few batches ahead), trained with [`LocalTrainer`] (no servers, no
+//!   network) in this process, with every core and with one thread; timed in windows of
+//!   `log_every_steps` steps, the first skipped, median of the rest.
 //!
 //! On one machine both share the same cores, so the ratio of a job's samples/s to the
 //! single-process samples/s is also the ratio per core: what running distributed costs.
@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gradflow_core::Mode;
-use gradflow_data::{Batch, Reader, ShardSpec};
+use gradflow_data::{ReadAhead, Reader, ShardSpec};
 use gradflow_job::{Event, JobConfig};
 use gradflow_launch::local::{Console, LocalLauncher};
 use gradflow_models::LocalTrainer;
@@ -228,22 +228,20 @@ fn path_str(p: &Path) -> String {
 fn single_process_rate(config: &TrainingConfig, job: &JobConfig) -> Result<f64, BenchError> {
     let model = job.model().map_err(|e| job_error(job, e))?;
     let scaler = gradflow_trainer::standardizer(job).map_err(|e| job_error(job, e))?;
-    let mut reader = Reader::open(&job.train_reader(), ShardSpec::new(0, 1)?)?;
+    let reader = Reader::open(&job.train_reader(), ShardSpec::new(0, 1)?)?;
     let mut trainer = LocalTrainer::from_config(model)?;
-    let mut batch = Batch::new(reader.num_dense());
+    let mut batches = ReadAhead::spawn(reader, config.batch_size, READ_AHEAD, move |batch| {
+        if let Some(s) = &scaler {
+            s.apply(batch);
+        }
+    })?;
     let mut rates = Vec::new();
     let (mut steps, mut window_samples, mut window_start) = (0u64, 0usize, Instant::now());
-    loop {
-        let n = reader.next_batch(&mut batch, config.batch_size)?;
-        if n == 0 {
-            break;
-        }
-        if let Some(s) = &scaler {
-            s.apply(&mut batch);
-        }
-        trainer.train_step(&batch)?;
+    while let Some(ahead) = batches.next()? {
+        trainer.train_step(&ahead.batch)?;
         steps += 1;
-        window_samples += n;
+        window_samples += ahead.batch.len();
+        batches.recycle(ahead.batch);
         if steps % config.log_every_steps == 0 {
             rates.push(window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9));
             (window_samples, window_start) = (0, Instant::now());
@@ -257,6 +255,9 @@ fn single_process_rate(config: &TrainingConfig, job: &JobConfig) -> Result<f64, 
     }
     Ok(median(if rates.len() > 1 { &rates[1..] } else { &rates }))
 }
+
+/// Batches the single process reads ahead of the one it trains.
+const READ_AHEAD: usize = 2;
 
 /// `rate` over the compute ceiling on one thread or every thread.
 fn ratio_to_compute(rate: f64, compute: Option<&ComputeReport>, all_threads: bool) -> Option<f64> {

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! - [`batch`]: the [`Batch`] every model reads.
-//! - [`reader`]: the streaming pipeline (files, shard, parse, shuffle, batch) and its config.
+//! - [`reader`]: the streaming pipeline (files, shard, parse, shuffle, batch) and its config;
+//!   [`read_ahead`]: a reader on its own thread, batches ahead of training.
 //! - [`shard`]: byte-range sharding ([`split_ranges`], [`ShardSpec`], [`FilePiece`]).
 //! - [`lines`]: reading the lines of one byte range, the building block of sharding.
 //! - [`libsvm`], [`csv`], [`parquet`], [`tfrecord`]: the formats; [`hash`]: stable ids for categorical values.
@@ -43,6 +44,7 @@ pub mod libsvm;
 pub mod lines;
 pub mod metrics;
 pub mod parquet;
+pub mod read_ahead;
 pub mod reader;
 pub mod remote;
 mod rng;
@@ -61,6 +63,7 @@ pub use example::{Example, Labels};
 pub use hash::categorical_id;
 pub use inspect::{Inspection, inspect};
 pub use libsvm::LibsvmOptions;
+pub use read_ahead::{Ahead, ReadAhead};
 pub use reader::{Epochs, Format, Reader, ReaderConfig, SKIPPED_LINES_KEPT};
 pub use remote::{RemoteOptions, Stores, is_url};
 pub use shard::{FilePiece, ShardSpec, split_ranges, task_pieces};

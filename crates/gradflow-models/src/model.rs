@@ -24,6 +24,15 @@ pub trait Model: Send + Sync {
     /// order, reusing its buffers.
     fn sparse_ids(&self, batch: &Batch, out: &mut Vec<Vec<u64>>);
 
+    /// Which sparse tables [`Model::sparse_ids`] always returns the same ids for: for each
+    /// table in spec order, the first table whose ids it always shares (itself when none
+    /// before it). A trainer may then find each id once for all of them; [`crate::LocalTrainer`]
+    /// keeps their rows together and refuses a batch that breaks the promise. Default: every
+    /// table on its own.
+    fn shared_ids(&self) -> Vec<usize> {
+        (0..self.spec().sparse.len()).collect()
+    }
+
     /// Mean log-loss over the batch. Writes the gradients of that mean loss into `grads`,
     /// reshaping it like `params` and reusing its buffers. `params` must hold the rows of at
     /// least the ids [`Model::sparse_ids`] returned for this batch, with sorted unique ids.

@@ -68,6 +68,62 @@ impl SparseRows {
     }
 }
 
+/// Finds ids in a sorted id list ([`SparseRows::ids`]) with one short search instead of a
+/// binary search over all of it: the range from the smallest id to the largest is cut into
+/// slices of a power-of-two width, about one id per slice, and the position of each slice's
+/// first id is kept. A lookup goes to its slice and searches only the ids in it. Hashed ids
+/// spread evenly, so a slice holds one or two; ids bunched together still cost no more than
+/// a binary search over their own slice.
+#[derive(Debug, Clone, Default)]
+pub struct IdIndex {
+    min: u64,
+    max: u64,
+    shift: u32,
+    /// `starts[s]`: position of the first id in slice `s` or a later one; one more than the
+    /// slices, ending with the number of ids.
+    starts: Vec<u32>,
+}
+
+impl IdIndex {
+    /// Builds the index of `ids` (strictly increasing; fewer than 2^32), reusing its buffer.
+    pub fn build(&mut self, ids: &[u64]) {
+        self.starts.clear();
+        let (Some(&min), Some(&max)) = (ids.first(), ids.last()) else {
+            self.starts.push(0);
+            (self.min, self.max, self.shift) = (1, 0, 0);
+            return;
+        };
+        let span = max - min;
+        // The narrowest slices of which there are at most as many as ids.
+        let mut shift = 0;
+        while (span >> shift) >= ids.len() as u64 {
+            shift += 1;
+        }
+        let slices = (span >> shift) as usize + 1;
+        self.starts.reserve(slices + 1);
+        let mut k = 0;
+        for s in 0..slices as u64 {
+            while ((ids[k] - min) >> shift) < s {
+                k += 1;
+            }
+            self.starts.push(k as u32);
+        }
+        self.starts.push(ids.len() as u32);
+        (self.min, self.max, self.shift) = (min, max, shift);
+    }
+
+    /// Position of `id` in the `ids` this index was built from.
+    #[inline]
+    pub fn position(&self, ids: &[u64], id: u64) -> Option<usize> {
+        if id < self.min || id > self.max {
+            return None;
+        }
+        let s = ((id - self.min) >> self.shift) as usize;
+        let (start, end) = (self.starts[s] as usize, self.starts[s + 1] as usize);
+        ids[start..end].binary_search(&id).ok().map(|k| start + k)
+    }
+}
+
 impl Params {
     /// Checks that the layout matches `spec`: tensor counts and lengths, row widths, and
     /// strictly increasing ids (which the models' binary search relies on).
@@ -136,6 +192,45 @@ impl Grads {
             g.dim = p.dim;
             g.values.clear();
             g.values.resize(p.values.len(), 0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sorted unique ids drawn from `draw`, and ids near them that are absent.
+    fn check(ids: &[u64], probes: &[u64]) {
+        let mut index = IdIndex::default();
+        index.build(ids);
+        for (k, &id) in ids.iter().enumerate() {
+            assert_eq!(index.position(ids, id), Some(k), "id {id} of {ids:?}");
+        }
+        for &id in probes {
+            assert_eq!(index.position(ids, id), ids.binary_search(&id).ok(), "probe {id} of {ids:?}");
+        }
+    }
+
+    #[test]
+    fn an_id_index_finds_what_a_binary_search_finds() {
+        check(&[], &[0, 1, u64::MAX]);
+        check(&[7], &[0, 6, 8, u64::MAX]);
+        check(&[0, u64::MAX], &[1, u64::MAX - 1, 1 << 63]);
+        check(&[u64::MAX - 2, u64::MAX - 1, u64::MAX], &[0, u64::MAX - 3]);
+        let mut rng = gradflow_data::SplitMix64::new(5);
+        for (n, modulus) in
+            [(1, 10), (2, 3), (100, 1_000_000), (3000, 1_000_000), (500, 600), (1000, u64::MAX)]
+        {
+            // Half spread over the range, half bunched at its start (raw ids are often
+            // sequential), so slices with many ids and empty slices both occur.
+            let mut ids: Vec<u64> =
+                (0..n).map(|i| if i % 2 == 0 { rng.next_u64() % modulus } else { i / 2 }).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let probes: Vec<u64> =
+                (0..2 * n).map(|i| if i % 2 == 0 { rng.next_u64() % modulus } else { i }).collect();
+            check(&ids, &probes);
         }
     }
 }

@@ -7,6 +7,11 @@
 //! whose gradient is zero, because a worker pushes the gradient of every row it pulled. So it is
 //! both the reference that synchronous distributed training must match and the single-process
 //! baseline of the benchmarks.
+//!
+//! Tables the model pulls for the same ids ([`Model::shared_ids`]; wide & deep's two) keep
+//! their rows together in one arena behind one index ([`Group`]), so a step finds each id once
+//! and updates one record per id. A pull's lookups, row creations and copies, and the updates,
+//! run on every rayon thread.
 
 use std::collections::HashMap;
 
@@ -25,10 +30,15 @@ pub struct LocalTrainer {
     params: Params,
     grads: Grads,
     dense: Vec<DenseState>,
-    tables: Vec<Table>,
-    /// Per table: the ids of the current batch, and the arena row of each.
+    groups: Vec<Group>,
+    /// Per table: its group and its part there.
+    parts: Vec<(usize, usize)>,
+    /// Per table: the ids of the current batch.
     ids: Vec<Vec<u64>>,
+    /// Per group: the arena row of each id of the current batch, and scratch for its update.
     rows: Vec<Vec<u32>>,
+    scratch: Vec<Vec<u32>>,
+    created: Vec<Vec<u64>>,
     steps: u64,
 }
 
@@ -38,92 +48,183 @@ struct DenseState {
     t: u64,
 }
 
-/// One sparse table: rows in a contiguous arena, found through a hash map from id to arena row.
-struct Table {
+/// One table of a [`Group`]: where its part of a record starts, and how it starts and learns.
+struct Part {
+    /// Index of the table in the spec.
+    table: usize,
     name: String,
     dim: usize,
     init: Initializer,
     optimizer: OptimizerConfig,
-    /// Floats per arena record: the row's `dim` values, then its `slots * dim` optimizer state
-    /// (slot-major, as the kernels expect). Keeping them together makes an update touch one
-    /// stretch of memory instead of two far-apart ones; with a million rows both would miss
-    /// the cache.
+    /// Float of the record where this table's `dim` values start; its `slots * dim`
+    /// optimizer state (slot-major, as the kernels expect) follows them.
+    offset: usize,
+    /// `dim * (1 + slots)`.
+    len: usize,
+}
+
+/// Sparse tables that are always pulled for the same ids ([`Model::shared_ids`]): one index
+/// from id to arena row, and one record per row holding every table's values and state, so a
+/// step finds each id once and an update touches one stretch of memory instead of several
+/// far-apart ones (with a million rows each would miss the cache).
+///
+/// Every table of a group is updated exactly when the others are, so they share one update
+/// count per row, kept in the record's first float (its bits are a `u32`).
+struct Group {
+    parts: Vec<Part>,
+    /// Floats per record: the update count, then each part.
     stride: usize,
     index: HashMap<u64, u32, IdBuildHasher>,
-    /// Record of arena row `r`: `data[r*stride..(r+1)*stride]`; its update count is `t[r]`.
+    /// Record of arena row `r`: `data[r*stride..(r+1)*stride]`.
     data: Vec<f32>,
-    t: Vec<u64>,
 }
 
-impl Table {
-    fn new(spec: &SparseSpec) -> Table {
-        let dim = spec.dim as usize;
-        Table {
-            name: spec.name.clone(),
-            dim,
-            init: spec.init.clone(),
-            optimizer: spec.optimizer.clone(),
-            stride: dim * (1 + spec.optimizer.num_slots()),
-            index: HashMap::default(),
-            data: Vec::new(),
-            t: Vec::new(),
+impl Group {
+    fn new(specs: &[SparseSpec], tables: &[usize]) -> Group {
+        let mut offset = 1;
+        let parts = tables
+            .iter()
+            .map(|&table| {
+                let spec = &specs[table];
+                let dim = spec.dim as usize;
+                let len = dim * (1 + spec.optimizer.num_slots());
+                let part = Part {
+                    table,
+                    name: spec.name.clone(),
+                    dim,
+                    init: spec.init.clone(),
+                    optimizer: spec.optimizer.clone(),
+                    offset,
+                    len,
+                };
+                offset += len;
+                part
+            })
+            .collect();
+        Group { parts, stride: offset, index: HashMap::default(), data: Vec::new() }
+    }
+
+    fn rows(&self) -> usize {
+        self.data.len() / self.stride
+    }
+
+    /// Fills a new record: every table's initial values for `id` and fresh optimizer state.
+    fn init_record(parts: &[Part], id: u64, record: &mut [f32]) {
+        record[0] = f32::from_bits(0);
+        for part in parts {
+            let (values, state) = record[part.offset..part.offset + part.len].split_at_mut(part.dim);
+            part.init.fill_row(&part.name, id, values);
+            part.optimizer.init_state(state);
         }
     }
 
-    /// Arena row of `id`, creating it as a parameter server would on first touch.
-    fn row(&mut self, id: u64) -> u32 {
-        if let Some(&r) = self.index.get(&id) {
-            return r;
-        }
-        let r = self.t.len();
-        // u32 row indices halve the size of the index; 2^32 rows of floats would not fit in
-        // memory anyway.
-        let r32 = u32::try_from(r).expect("a sparse table holds fewer than 2^32 rows");
-        let start = self.data.len();
-        self.data.resize(start + self.stride, 0.0);
-        let (values, state) = self.data[start..].split_at_mut(self.dim);
-        self.init.fill_row(&self.name, id, values);
-        self.optimizer.init_state(state);
-        self.t.push(0);
-        self.index.insert(id, r32);
-        r32
+    /// Values of part `p` of arena row `r`.
+    fn values(&self, p: usize, r: u32) -> &[f32] {
+        let start = r as usize * self.stride + self.parts[p].offset;
+        &self.data[start..start + self.parts[p].dim]
     }
 
-    /// Values of arena row `r`.
-    fn values(&self, r: u32) -> &[f32] {
-        let start = r as usize * self.stride;
-        &self.data[start..start + self.dim]
+    /// Updates of arena row `r` so far.
+    fn count(&self, r: u32) -> u64 {
+        u64::from(self.data[r as usize * self.stride].to_bits())
     }
 
-    /// Values of row `id`, if it exists.
-    fn get(&self, id: u64) -> Option<&[f32]> {
-        self.index.get(&id).map(|&r| self.values(r))
-    }
-
-    /// Finds or creates the rows of `ids` (recorded in `rows`) and copies their values into
-    /// `pulled`, as a pull from a server would.
-    fn pull(&mut self, ids: &[u64], rows: &mut Vec<u32>, pulled: &mut SparseRows) {
+    /// Finds or creates the rows of `ids` (recorded in `rows`) and copies each table's values
+    /// into its `pulled` rows, as a pull from a server would. Rows are created as a server
+    /// creates them on first touch; `created` is scratch for their ids.
+    fn pull(&mut self, ids: &[u64], rows: &mut Vec<u32>, created: &mut Vec<u64>, pulled: &mut [SparseRows]) {
+        const NEW: u32 = u32::MAX;
         rows.clear();
-        rows.extend(ids.iter().map(|&id| self.row(id)));
-        pulled.ids.clear();
-        pulled.ids.extend_from_slice(ids);
-        pulled.values.clear();
-        for &r in rows.iter() {
-            pulled.values.extend_from_slice(self.values(r));
+        rows.resize(ids.len(), NEW);
+        let index = &self.index;
+        rows.par_chunks_mut(ROWS_PER_TASK).zip(ids.par_chunks(ROWS_PER_TASK)).for_each(|(rows, ids)| {
+            for (r, id) in rows.iter_mut().zip(ids) {
+                if let Some(&found) = index.get(id) {
+                    *r = found;
+                }
+            }
+        });
+        let old = self.rows();
+        created.clear();
+        for (r, &id) in rows.iter_mut().zip(ids) {
+            if *r == NEW {
+                // u32 row indices halve the size of the index; 2^32 rows of floats would not
+                // fit in memory anyway.
+                *r = u32::try_from(old + created.len())
+                    .ok()
+                    .filter(|&r| r != NEW)
+                    .expect("a sparse table holds fewer than 2^32 - 1 rows");
+                self.index.insert(id, *r);
+                created.push(id);
+            }
+        }
+        let (parts, stride) = (&self.parts, self.stride);
+        self.data.resize((old + created.len()) * stride, 0.0);
+        self.data[old * stride..]
+            .par_chunks_mut(stride * ROWS_PER_TASK)
+            .zip(created.par_chunks(ROWS_PER_TASK))
+            .for_each(|(records, ids)| {
+                for (record, &id) in records.chunks_exact_mut(stride).zip(ids) {
+                    Self::init_record(parts, id, record);
+                }
+            });
+        let data = &self.data;
+        for part in parts {
+            let out = &mut pulled[part.table];
+            out.ids.clear();
+            out.ids.extend_from_slice(ids);
+            out.values.resize(ids.len() * part.dim, 0.0);
+            out.values.par_chunks_mut(part.dim * ROWS_PER_TASK).zip(rows.par_chunks(ROWS_PER_TASK)).for_each(
+                |(values, rows)| {
+                    for (v, &r) in values.chunks_exact_mut(part.dim).zip(rows) {
+                        let start = r as usize * stride + part.offset;
+                        v.copy_from_slice(&data[start..start + part.dim]);
+                    }
+                },
+            );
         }
     }
 
-    /// One optimizer update of each row in `rows` with its gradient row in `grads`.
-    fn update(&mut self, rows: &[u32], grads: &SparseRows) {
-        let dim = self.dim;
-        for (&r, grad) in rows.iter().zip(grads.values.chunks_exact(dim)) {
-            let r = r as usize;
-            self.t[r] += 1;
-            let (values, state) = self.data[r * self.stride..(r + 1) * self.stride].split_at_mut(dim);
-            self.optimizer.step(values, grad, state, self.t[r]);
-        }
+    /// One optimizer update of each row in `rows`, every table with its gradient row in
+    /// `grads`. Rows are distinct, so the arena is split in two at their median and each half
+    /// updated on its own thread.
+    fn update(&mut self, rows: &[u32], grads: &[SparseRows], median: &mut Vec<u32>) {
+        median.clear();
+        median.extend_from_slice(rows);
+        let mid = if median.len() < 2 * MIN_ROWS_PER_THREAD {
+            u32::MAX
+        } else {
+            let half = median.len() / 2;
+            *median.select_nth_unstable(half).1
+        };
+        let split = (mid as usize).min(self.rows()) * self.stride;
+        let (low, high) = self.data.split_at_mut(split);
+        let (parts, stride) = (&self.parts, self.stride);
+        let apply = |arena: &mut [f32], first: u32, last: u32| {
+            for (k, &r) in rows.iter().enumerate() {
+                if r < first || r >= last {
+                    continue;
+                }
+                let start = (r - first) as usize * stride;
+                let record = &mut arena[start..start + stride];
+                let t = record[0].to_bits().saturating_add(1);
+                record[0] = f32::from_bits(t);
+                for part in parts {
+                    let grad = &grads[part.table].values[k * part.dim..(k + 1) * part.dim];
+                    let (values, state) = record[part.offset..part.offset + part.len].split_at_mut(part.dim);
+                    part.optimizer.step(values, grad, state, u64::from(t));
+                }
+            }
+        };
+        rayon::join(|| apply(low, 0, mid), || apply(high, mid, u32::MAX));
     }
 }
+
+/// Below this many rows per thread an update is not split.
+const MIN_ROWS_PER_THREAD: usize = 256;
+
+/// Rows each task of a pull finds, creates or copies.
+const ROWS_PER_TASK: usize = 512;
 
 impl LocalTrainer {
     /// Validates the model's spec and initializes its dense tensors; sparse tables start empty.
@@ -140,16 +241,32 @@ impl LocalTrainer {
             params.dense.push(values);
             dense.push(DenseState { optimizer: d.optimizer.clone(), state, t: 0 });
         }
-        let tables: Vec<Table> = spec.sparse.iter().map(Table::new).collect();
-        params.sparse = tables.iter().map(|t| SparseRows::new(t.dim)).collect();
+        let shared = model.shared_ids();
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        let mut parts = Vec::with_capacity(spec.sparse.len());
+        for (table, &first) in shared.iter().enumerate() {
+            if first >= table {
+                parts.push((members.len(), 0));
+                members.push(vec![table]);
+            } else {
+                let group = parts[first].0;
+                parts.push((group, members[group].len()));
+                members[group].push(table);
+            }
+        }
+        let groups: Vec<Group> = members.iter().map(|tables| Group::new(&spec.sparse, tables)).collect();
+        params.sparse = spec.sparse.iter().map(|t| SparseRows::new(t.dim as usize)).collect();
         Ok(LocalTrainer {
             model,
             params,
             grads: Grads::default(),
             dense,
-            tables,
+            rows: vec![Vec::new(); groups.len()],
+            scratch: vec![Vec::new(); groups.len()],
+            created: vec![Vec::new(); groups.len()],
+            groups,
+            parts,
             ids: Vec::new(),
-            rows: Vec::new(),
             steps: 0,
         })
     }
@@ -182,16 +299,23 @@ impl LocalTrainer {
 
     fn step_in_pool(&mut self, batch: &Batch) -> Result<f32, ModelError> {
         self.model.sparse_ids(batch, &mut self.ids);
-        self.rows.resize_with(self.tables.len(), Vec::new);
-        // Tables are independent, so each pulls (and later updates) on its own thread.
-        self.tables
-            .par_iter_mut()
-            .zip(&self.ids)
-            .zip(self.rows.par_iter_mut().zip(&mut self.params.sparse))
-            .for_each(|((table, ids), (rows, pulled))| table.pull(ids, rows, pulled));
+        for (table, &(group, part)) in self.parts.iter().enumerate() {
+            let first = self.groups[group].parts[0].table;
+            if part > 0 && self.ids[table] != self.ids[first] {
+                return Err(ModelError::ParamsMismatch(format!(
+                    "the model said sparse tables `{}` and `{}` are always pulled for the same ids, but this batch's differ",
+                    self.model.spec().sparse[first].name,
+                    self.model.spec().sparse[table].name
+                )));
+            }
+        }
+        let (groups, ids, pulled) = (&mut self.groups, &self.ids, &mut self.params.sparse);
+        for ((group, rows), created) in groups.iter_mut().zip(&mut self.rows).zip(&mut self.created) {
+            group.pull(&ids[group.parts[0].table], rows, created, pulled);
+        }
         let loss = self.model.forward_backward(batch, &self.params, &mut self.grads)?;
-        let (params, grads, dense, tables, rows) =
-            (&mut self.params, &self.grads, &mut self.dense, &mut self.tables, &self.rows);
+        let (params, grads, dense, groups, rows, scratch) =
+            (&mut self.params, &self.grads, &mut self.dense, &mut self.groups, &self.rows, &mut self.scratch);
         rayon::join(
             || {
                 for ((values, grad), d) in params.dense.iter_mut().zip(&grads.dense).zip(dense) {
@@ -200,11 +324,9 @@ impl LocalTrainer {
                 }
             },
             || {
-                tables
-                    .par_iter_mut()
-                    .zip(rows)
-                    .zip(&grads.sparse)
-                    .for_each(|((table, rows), grads)| table.update(rows, grads));
+                for ((group, rows), scratch) in groups.iter_mut().zip(rows).zip(scratch) {
+                    group.update(rows, &grads.sparse, scratch);
+                }
             },
         );
         self.steps += 1;
@@ -223,16 +345,17 @@ impl LocalTrainer {
         let mut ids = Vec::new();
         self.model.sparse_ids(batch, &mut ids);
         let sparse = self
-            .tables
+            .parts
             .iter()
             .zip(ids)
-            .map(|(table, ids)| {
-                let dim = table.dim;
+            .map(|(&(g, p), ids)| {
+                let (group, part) = (&self.groups[g], &self.groups[g].parts[p]);
+                let dim = part.dim;
                 let mut values = vec![0.0; ids.len() * dim];
                 for (&id, out) in ids.iter().zip(values.chunks_exact_mut(dim.max(1))) {
-                    match table.get(id) {
-                        Some(row) => out.copy_from_slice(row),
-                        None => table.init.fill_row(&table.name, id, out),
+                    match group.index.get(&id) {
+                        Some(&r) => out.copy_from_slice(group.values(p, r)),
+                        None => part.init.fill_row(&part.name, id, out),
                     }
                 }
                 SparseRows { ids, dim, values }
@@ -249,7 +372,9 @@ impl LocalTrainer {
 
     /// Current values of row `id` of sparse table `table`, if that row has been created.
     pub fn sparse_row(&self, table: &str, id: u64) -> Option<&[f32]> {
-        self.tables[self.model.spec().sparse_index(table)?].get(id)
+        let (g, p) = self.parts[self.model.spec().sparse_index(table)?];
+        let group = &self.groups[g];
+        group.index.get(&id).map(|&r| group.values(p, r))
     }
 
     /// Updates row `id` of `table` has had (0 when it does not exist).
@@ -258,14 +383,14 @@ impl LocalTrainer {
             .spec()
             .sparse_index(table)
             .and_then(|i| {
-                let t = &self.tables[i];
-                t.index.get(&id).map(|&r| t.t[r as usize])
+                let group = &self.groups[self.parts[i].0];
+                group.index.get(&id).map(|&r| group.count(r))
             })
             .unwrap_or(0)
     }
 
     /// Rows created so far in sparse table `table` (0 for an unknown table).
     pub fn num_rows(&self, table: &str) -> usize {
-        self.model.spec().sparse_index(table).map_or(0, |i| self.tables[i].t.len())
+        self.model.spec().sparse_index(table).map_or(0, |i| self.groups[self.parts[i].0].rows())
     }
 }

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::matmul::{Kernel, Mat, matmul};
+use crate::params::IdIndex;
 use crate::util::{
     ScratchPool, bucket, check_batch, chunk_range, collect_ids, log_loss, num_chunks, sigmoid,
 };
@@ -135,6 +136,9 @@ struct Scratch {
     chunks: Vec<Chunk>,
     /// Whether both tables were pulled for the same ids, so one row index serves both.
     shared_rows: bool,
+    /// Where each pulled id is, for `wide` and (when its ids differ) `embedding`.
+    wide_index: IdIndex,
+    emb_index: IdIndex,
 }
 
 /// Buffers of one chunk of `m` examples; all matrices are row-major with one row per example.
@@ -274,10 +278,15 @@ impl WideDeep {
         let k = num_chunks(n, MIN_CHUNK);
         let shared_rows = params.sparse.len() < 2 || params.sparse[0].ids == params.sparse[1].ids;
         scratch.shared_rows = shared_rows;
+        scratch.wide_index.build(&params.sparse[0].ids);
+        if !shared_rows {
+            scratch.emb_index.build(&params.sparse[1].ids);
+        }
         scratch.chunks.resize_with(k, Chunk::default);
+        let indexes = (&scratch.wide_index, &scratch.emb_index);
         let run = |c: usize, chunk: &mut Chunk| {
             let range = chunk_range(n, k, c);
-            self.forward(batch, params, range.clone(), shared_rows, chunk)?;
+            self.forward(batch, params, range.clone(), shared_rows, indexes, chunk)?;
             if train {
                 self.backward(batch, params, range, chunk);
             }
@@ -297,6 +306,7 @@ impl WideDeep {
         params: &Params,
         range: std::ops::Range<usize>,
         shared_rows: bool,
+        (wide_index, emb_index): (&IdIndex, &IdIndex),
         chunk: &mut Chunk,
     ) -> Result<(), ModelError> {
         let m = range.len();
@@ -317,9 +327,10 @@ impl WideDeep {
             }
             let id = bucket(batch.sparse_ids[e], self.config.hash_buckets);
             let missing = |table: &str| ModelError::MissingRow { table: table.into(), id };
-            chunk.wide_rows.push(wide.position(id).ok_or_else(|| missing(WD_WIDE))? as u32);
+            chunk.wide_rows.push(wide_index.position(&wide.ids, id).ok_or_else(|| missing(WD_WIDE))? as u32);
             if let Some(emb) = emb.filter(|_| !shared_rows) {
-                chunk.emb_rows.push(emb.position(id).ok_or_else(|| missing(WD_EMBEDDING))? as u32);
+                let position = emb_index.position(&emb.ids, id);
+                chunk.emb_rows.push(position.ok_or_else(|| missing(WD_EMBEDDING))? as u32);
             }
         }
         let emb_rows = if shared_rows { &chunk.wide_rows } else { &chunk.emb_rows };
@@ -493,6 +504,11 @@ impl Model for WideDeep {
             let (wide, emb) = out.split_at_mut(1);
             emb[0].clone_from(&wide[0]);
         }
+    }
+
+    /// The embedding table is pulled for the wide table's ids.
+    fn shared_ids(&self) -> Vec<usize> {
+        vec![0; self.spec.sparse.len()]
     }
 
     fn forward_backward(&self, batch: &Batch, params: &Params, grads: &mut Grads) -> Result<f32, ModelError> {

@@ -106,13 +106,21 @@ fn dense_only_wide_deep_learns() {
 }
 
 /// Replays a trainer's steps by hand: pull, forward/backward, then the optimizer kernels with
-/// per-tensor and per-row step counts, as a parameter server applies them.
+/// per-tensor and per-row step counts, as a parameter server applies them. Small batches, and
+/// batches of over a thousand rows, which the trainer updates on two threads.
 #[test]
 fn trainer_applies_the_optimizers_as_a_server_would() {
     for optimizer in [OptimizerConfig::adam(0.01), OptimizerConfig::ftrl(0.1), OptimizerConfig::adagrad(0.05)]
     {
+        replay_against_a_server(optimizer.clone(), 50, 40, 20);
+        replay_against_a_server(optimizer, 1_000_000, 5000, 600);
+    }
+}
+
+fn replay_against_a_server(optimizer: OptimizerConfig, hash_buckets: u64, vocab: u64, batch_size: usize) {
+    {
         let config = WideDeepConfig {
-            hash_buckets: 50,
+            hash_buckets,
             embedding_dim: 4,
             hidden: vec![6],
             sparse_optimizer: optimizer.clone(),
@@ -121,7 +129,7 @@ fn trainer_applies_the_optimizers_as_a_server_would() {
         };
         let model = WideDeep::new(config.clone()).unwrap();
         let mut trainer = LocalTrainer::new(Box::new(WideDeep::new(config).unwrap())).unwrap();
-        let mut problem = Problem::new(3, 40, 2, 4);
+        let mut problem = Problem::new(3, vocab, 2, 4);
 
         // The reference: the full state of a tiny "server".
         let mut params = trainer.pull(&Batch::new(2));
@@ -138,7 +146,7 @@ fn trainer_applies_the_optimizers_as_a_server_would() {
         let mut rows: Vec<HashMap<u64, ServerRow>> = vec![HashMap::new(); 2];
         let mut grads = Grads::default();
         for step in 1..=5u64 {
-            let batch = problem.batch(20);
+            let batch = problem.batch(batch_size);
             let pulled = trainer.pull(&batch);
             // Rows the reference has seen carry their trained values; new ones their initial ones.
             let mut mine = pulled.clone();
@@ -205,4 +213,57 @@ fn trainer_starts_from_the_spec_initializers() {
     trainer.predict(&batch, &mut probs).unwrap();
     assert_eq!(trainer.num_rows("embedding"), 0);
     assert!(probs[0] > 0.0 && probs[0] < 1.0);
+}
+
+/// Wide & deep, except that the embedding table is pulled for one id fewer than the wide table
+/// on batches of more than one example, although it still says both always share their ids.
+struct BrokenPromise(WideDeep);
+
+impl Model for BrokenPromise {
+    fn spec(&self) -> &gradflow_core::ModelSpec {
+        self.0.spec()
+    }
+    fn num_dense(&self) -> usize {
+        self.0.num_dense()
+    }
+    fn sparse_ids(&self, batch: &Batch, out: &mut Vec<Vec<u64>>) {
+        self.0.sparse_ids(batch, out);
+        if batch.len() > 1 {
+            out[1].pop();
+        }
+    }
+    fn shared_ids(&self) -> Vec<usize> {
+        self.0.shared_ids()
+    }
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        params: &gradflow_models::Params,
+        grads: &mut Grads,
+    ) -> Result<f32, gradflow_models::ModelError> {
+        self.0.forward_backward(batch, params, grads)
+    }
+    fn predict(
+        &self,
+        batch: &Batch,
+        params: &gradflow_models::Params,
+        out: &mut Vec<f32>,
+    ) -> Result<(), gradflow_models::ModelError> {
+        self.0.predict(batch, params, out)
+    }
+}
+
+#[test]
+fn tables_said_to_share_ids_share_rows_and_a_batch_that_breaks_that_is_refused() {
+    let model = WideDeep::new(WideDeepConfig::new(2, 1)).unwrap();
+    assert_eq!(model.shared_ids(), vec![0, 0], "wide & deep pulls its embeddings for the wide ids");
+    let mut trainer = LocalTrainer::new(Box::new(BrokenPromise(model))).unwrap();
+    let mut problem = Problem::new(2, 10, 1, 9);
+    trainer.train_step(&problem.batch(1)).unwrap();
+    let (wide, embedding) = (trainer.num_rows("wide"), trainer.num_rows("embedding"));
+    assert_eq!((wide, embedding), (2, 2));
+    let err = trainer.train_step(&problem.batch(8)).unwrap_err();
+    assert!(err.to_string().contains("`wide` and `embedding` are always pulled for the same ids"), "{err}");
+    assert_eq!(trainer.steps(), 1, "nothing of the refused batch was trained");
+    assert_eq!((trainer.num_rows("wide"), trainer.num_rows("embedding")), (2, 2), "nor any row created");
 }
