@@ -120,7 +120,13 @@ impl IdIndex {
         }
         let s = ((id - self.min) >> self.shift) as usize;
         let (start, end) = (self.starts[s] as usize, self.starts[s + 1] as usize);
-        ids[start..end].binary_search(&id).ok().map(|k| start + k)
+        let slice = &ids[start..end];
+        let found = if slice.len() <= 8 {
+            slice.iter().position(|&x| x == id)
+        } else {
+            slice.binary_search(&id).ok()
+        };
+        found.map(|k| start + k)
     }
 }
 
