@@ -242,6 +242,13 @@ impl LocalTrainer {
             dense.push(DenseState { optimizer: d.optimizer.clone(), state, t: 0 });
         }
         let shared = model.shared_ids();
+        if shared.len() != spec.sparse.len() || shared.iter().enumerate().any(|(table, &first)| first > table)
+        {
+            return Err(ModelError::InvalidConfig(format!(
+                "the model's shared_ids {shared:?} must name, for each of its {} sparse tables, itself or a table before it",
+                spec.sparse.len()
+            )));
+        }
         let mut members: Vec<Vec<usize>> = Vec::new();
         let mut parts = Vec::with_capacity(spec.sparse.len());
         for (table, &first) in shared.iter().enumerate() {

@@ -216,8 +216,9 @@ fn trainer_starts_from_the_spec_initializers() {
 }
 
 /// Wide & deep, except that the embedding table is pulled for one id fewer than the wide table
-/// on batches of more than one example, although it still says both always share their ids.
-struct BrokenPromise(WideDeep);
+/// on batches of more than one example, although it says both always share their ids (or
+/// whatever `shared_ids` it is given).
+struct BrokenPromise(WideDeep, Vec<usize>);
 
 impl Model for BrokenPromise {
     fn spec(&self) -> &gradflow_core::ModelSpec {
@@ -233,7 +234,7 @@ impl Model for BrokenPromise {
         }
     }
     fn shared_ids(&self) -> Vec<usize> {
-        self.0.shared_ids()
+        self.1.clone()
     }
     fn forward_backward(
         &self,
@@ -257,7 +258,8 @@ impl Model for BrokenPromise {
 fn tables_said_to_share_ids_share_rows_and_a_batch_that_breaks_that_is_refused() {
     let model = WideDeep::new(WideDeepConfig::new(2, 1)).unwrap();
     assert_eq!(model.shared_ids(), vec![0, 0], "wide & deep pulls its embeddings for the wide ids");
-    let mut trainer = LocalTrainer::new(Box::new(BrokenPromise(model))).unwrap();
+    let shared = model.shared_ids();
+    let mut trainer = LocalTrainer::new(Box::new(BrokenPromise(model, shared))).unwrap();
     let mut problem = Problem::new(2, 10, 1, 9);
     trainer.train_step(&problem.batch(1)).unwrap();
     let (wide, embedding) = (trainer.num_rows("wide"), trainer.num_rows("embedding"));
@@ -266,4 +268,20 @@ fn tables_said_to_share_ids_share_rows_and_a_batch_that_breaks_that_is_refused()
     assert!(err.to_string().contains("`wide` and `embedding` are always pulled for the same ids"), "{err}");
     assert_eq!(trainer.steps(), 1, "nothing of the refused batch was trained");
     assert_eq!((trainer.num_rows("wide"), trainer.num_rows("embedding")), (2, 2), "nor any row created");
+
+    for nonsense in [vec![0], vec![1, 0], vec![0, 2], vec![0, 0, 0]] {
+        let model = BrokenPromise(WideDeep::new(WideDeepConfig::new(2, 1)).unwrap(), nonsense.clone());
+        let err = LocalTrainer::new(Box::new(model)).err().expect("refused");
+        assert!(err.to_string().contains("itself or a table before it"), "{nonsense:?}: {err}");
+    }
+    // Tables on their own (the default) are pulled for their own ids: the trainer does not
+    // object, the model then misses the row it was not given.
+    let model = BrokenPromise(WideDeep::new(WideDeepConfig::new(2, 1)).unwrap(), vec![0, 1]);
+    let mut trainer = LocalTrainer::new(Box::new(model)).unwrap();
+    let err = trainer.train_step(&problem.batch(8)).unwrap_err();
+    assert!(
+        matches!(err, gradflow_models::ModelError::MissingRow { ref table, .. } if table == "embedding"),
+        "{err}"
+    );
+    assert_eq!(trainer.num_rows("wide"), trainer.num_rows("embedding") + 1);
 }
