@@ -28,6 +28,7 @@ pub mod observe;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use gradflow_core::{Metric, Mode};
@@ -240,9 +241,106 @@ fn compute<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 
 /// Reads a batch: here, on the runtime's thread. Parsing one batch takes a fraction of a
 /// millisecond and uses one thread, less than handing it to another thread costs; the
-/// runtime's other thread keeps the heartbeats going meanwhile.
+/// runtime's other thread keeps the heartbeats going meanwhile. The training loop reads each
+/// batch while the step before it waits for the servers ([`ReadAhead`]).
 fn read_batch(reader: &mut Reader, batch: &mut Batch, rows: usize) -> Result<usize, TrainError> {
     Ok(reader.next_batch(batch, rows)?)
+}
+
+/// One batch read, and what the reader said of it then (the reader moves on when the batch
+/// after it is read ahead).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Read {
+    /// Examples in the batch; 0: the reader is done.
+    n: usize,
+    /// The batch's epoch, 0-based ([`Reader::epoch`]).
+    epoch: u64,
+    /// Whether the batch is the last of its epoch ([`Reader::end_of_epoch`]).
+    end_of_epoch: bool,
+    /// Malformed lines skipped up to and with this batch ([`Reader::skipped`]), and how many
+    /// of them the reader named ([`Reader::skipped_lines`]).
+    skipped: u64,
+    noted: usize,
+}
+
+impl Read {
+    /// Where `reader` stands now, its last batch holding `n` examples.
+    fn of(reader: &Reader, n: usize) -> Read {
+        Read {
+            n,
+            epoch: reader.epoch(),
+            end_of_epoch: reader.end_of_epoch(),
+            skipped: reader.skipped(),
+            noted: reader.skipped_lines().len(),
+        }
+    }
+}
+
+/// Reads the next batch of `reader` into `batch`, scaled; adds the time it took to `data`.
+fn read_scaled(
+    reader: &mut Reader,
+    batch: &mut Batch,
+    rows: usize,
+    scaler: Option<&Standardizer>,
+    data: &mut f64,
+) -> Result<Read, TrainError> {
+    let started = Instant::now();
+    let n = read_batch(reader, batch, rows)?;
+    if let (Some(s), true) = (scaler, n > 0) {
+        s.apply(batch);
+    }
+    *data += started.elapsed().as_secs_f64();
+    Ok(Read::of(reader, n))
+}
+
+/// The batch after the one in training, read while that one's step waits for the servers
+/// ([`Session::train_batch`]), so that parsing it is off a step's critical path.
+///
+/// Nothing of a batch read ahead counts until it is taken ([`ReadAhead::next`]) in the order
+/// the batches come: an error reading it is returned there, where reading it would have
+/// failed before; a batch read ahead and never taken (training ended first) is dropped.
+struct ReadAhead {
+    batch: Batch,
+    /// The read into `batch`, if one was made and not taken yet.
+    read: Option<Result<Read, TrainError>>,
+}
+
+impl ReadAhead {
+    fn new(num_dense: usize) -> ReadAhead {
+        ReadAhead { batch: Batch::new(num_dense), read: None }
+    }
+
+    /// Reads the next batch of `reader` ahead, unless one is waiting already (a batch being
+    /// trained again has its successor read).
+    fn fill(&mut self, reader: &mut Reader, rows: usize, scaler: Option<&Standardizer>, data: &mut f64) {
+        if self.read.is_none() {
+            self.read = Some(read_scaled(reader, &mut self.batch, rows, scaler, data));
+        }
+    }
+
+    /// The next batch of `reader`, into `batch`: the one read ahead if there is one (the
+    /// buffers are swapped), else read now.
+    fn next(
+        &mut self,
+        reader: &mut Reader,
+        batch: &mut Batch,
+        rows: usize,
+        scaler: Option<&Standardizer>,
+        data: &mut f64,
+    ) -> Result<Read, TrainError> {
+        match self.read.take() {
+            Some(read) => {
+                std::mem::swap(batch, &mut self.batch);
+                read
+            }
+            None => read_scaled(reader, batch, rows, scaler, data),
+        }
+    }
+
+    /// Drops a batch read ahead: its reader is done with (a task given up).
+    fn clear(&mut self) {
+        self.read = None;
+    }
 }
 
 /// Trains worker `index` of `job` against `servers` until its data (or `max_steps`) is done;
@@ -306,6 +404,7 @@ pub async fn run_worker(
         index,
         buffers: StepBuffers::new(model.as_ref()),
         batch: Batch::new(reader.num_dense()),
+        ahead: ReadAhead::new(reader.num_dense()),
         model,
         scaler,
         worker,
@@ -404,7 +503,10 @@ struct Session<'a> {
     scaler: Option<Standardizer>,
     worker: Worker,
     buffers: StepBuffers,
+    /// The batch in training.
     batch: Batch,
+    /// The batch after it, read while its step waits.
+    ahead: ReadAhead,
     summary: WorkerSummary,
     window: Window,
     recorder: Recorder,
@@ -425,26 +527,25 @@ impl Session<'_> {
         self.job.train.max_steps.is_some_and(|m| self.worker.current_step() >= m)
     }
 
-    /// Reads the next batch of `reader` into `self.batch` (scaled); 0 at the end.
-    fn read(&mut self, reader: &mut Reader) -> Result<usize, TrainError> {
-        let started = Instant::now();
-        let n = read_batch(reader, &mut self.batch, self.job.train.batch_size)?;
-        if let (Some(s), true) = (&self.scaler, n > 0) {
-            s.apply(&mut self.batch);
-        }
-        self.window.phases.data += started.elapsed().as_secs_f64();
-        Ok(n)
+    /// The next batch of `reader` into `self.batch` (scaled; the one read ahead during the
+    /// last step, if any); `n` = 0 at the end.
+    fn read(&mut self, reader: &mut Reader) -> Result<Read, TrainError> {
+        let data = &mut self.window.phases.data;
+        self.ahead.next(reader, &mut self.batch, self.job.train.batch_size, self.scaler.as_ref(), data)
     }
 
-    /// Pulls what the batch in `self.batch` needs, computes its gradients and pushes them.
-    async fn train_batch(&mut self) -> Result<(Trained, f32), TrainError> {
-        let (model, worker, batch) = (self.model.as_ref(), &mut self.worker, &self.batch);
-        let phases = &mut self.window.phases;
+    /// Pulls what the batch in `self.batch` needs, computes its gradients and pushes them;
+    /// while the step waits for the servers, reads the next batch of `next` ahead (see
+    /// [`ReadAhead`]), unless one is read already.
+    async fn train_batch(&mut self, next: Option<&mut Reader>) -> Result<(Trained, f32), TrainError> {
+        let Session { job, model, worker, batch, ahead, scaler, window, buffers, .. } = self;
+        let (model, batch, rows) = (model.as_ref(), &*batch, job.train.batch_size);
+        let phases = &mut window.phases;
         let started = Instant::now();
-        self.buffers.pull(worker, model, batch).await?;
+        buffers.pull(worker, model, batch).await?;
         let pulled = Instant::now();
         phases.pull += (pulled - started).as_secs_f64();
-        let StepBuffers { params, grads, .. } = &mut self.buffers;
+        let StepBuffers { params, grads, .. } = buffers;
         let loss = compute(|| model.forward_backward(batch, params, grads))?;
         let computed = Instant::now();
         phases.compute += (computed - pulled).as_secs_f64();
@@ -457,7 +558,22 @@ impl Session<'_> {
         for (s, g) in spec.sparse.iter().zip(&grads.sparse) {
             worker.push_sparse(&s.name, &g.ids, &g.values)?;
         }
-        match worker.step().await {
+        let step = worker.step();
+        let outcome = match next {
+            Some(reader) if ahead.read.is_none() => {
+                // The first poll sends the gradients to every shard; the batch is read while
+                // the servers answer (with another runtime thread driving the connections).
+                let mut step = std::pin::pin!(step);
+                let polled = std::future::poll_fn(|cx| Poll::Ready(step.as_mut().poll(cx))).await;
+                ahead.fill(reader, rows, scaler.as_ref(), &mut phases.data);
+                match polled {
+                    Poll::Ready(outcome) => outcome,
+                    Poll::Pending => step.await,
+                }
+            }
+            _ => step.await,
+        };
+        match outcome {
             Ok(StepOutcome::Applied) => Ok((Trained::Applied, loss)),
             Ok(StepOutcome::Stale { .. }) => Ok((Trained::Discarded, loss)),
             Err(e) if e.is_lease_lost() => Ok((Trained::LeaseLost, loss)),
@@ -655,17 +771,22 @@ impl Session<'_> {
                 return Ok(());
             }
         }
+        // The skipped lines of the batches taken: a batch read ahead and never trained is not
+        // counted.
+        let mut taken = Read::of(&reader, 0);
         while !self.max_steps_reached() {
-            let n = self.read(&mut reader)?;
+            let read = self.read(&mut reader)?;
+            taken = read;
+            let (n, epoch) = (read.n, read.epoch);
             if n == 0 {
                 break;
             }
             let step = self.worker.current_step();
-            let ends_epoch = scorer && reader.end_of_epoch();
+            let ends_epoch = scorer && read.end_of_epoch;
             if ends_epoch {
-                self.worker.hold_for_scoring(reader.epoch(), step).await?;
+                self.worker.hold_for_scoring(epoch, step).await?;
             }
-            let (outcome, loss) = match self.train_batch().await {
+            let (outcome, loss) = match self.train_batch(Some(&mut reader)).await {
                 Ok(trained) => trained,
                 Err(e) => match finished_at(&e) {
                     Some(at) => {
@@ -682,12 +803,12 @@ impl Session<'_> {
                     "this batch's gradients were discarded: the servers had moved on"
                 );
             }
-            self.count(n, loss, reader.epoch()).await;
-            if ends_epoch && self.score_epoch(reader.epoch(), step).await? {
+            self.count(n, loss, epoch).await;
+            if ends_epoch && self.score_epoch(epoch, step).await? {
                 break;
             }
         }
-        warn_skipped(self.index, reader.skipped(), &shown(reader.skipped_lines()));
+        warn_skipped(self.index, taken.skipped, &shown(&reader.skipped_lines()[..taken.noted]));
         Ok(())
     }
 
@@ -737,17 +858,19 @@ impl Session<'_> {
                     "resuming a task another attempt started"
                 );
             }
+            let mut taken = Read::of(&reader, 0);
             let finished = loop {
                 if self.max_steps_reached() {
                     break false;
                 }
-                let n = self.read(&mut reader)?;
+                taken = self.read(&mut reader)?;
+                let n = taken.n;
                 if n == 0 {
                     break true;
                 }
                 let outcome = loop {
                     self.worker.set_task_progress(task.lease, examples + n as u64);
-                    match self.train_batch().await? {
+                    match self.train_batch(Some(&mut reader)).await? {
                         (Trained::Discarded, _) => {
                             debug!(worker = self.index, "batch discarded by the servers; training it again");
                         }
@@ -772,9 +895,11 @@ impl Session<'_> {
                     }
                 }
             };
-            skipped += reader.skipped();
+            // A batch read ahead of this task's reader goes with it.
+            self.ahead.clear();
+            skipped += taken.skipped;
             let room = gradflow_data::SKIPPED_LINES_KEPT.saturating_sub(noted.len());
-            noted.extend(reader.skipped_lines().iter().take(room).map(|e| e.to_string()));
+            noted.extend(reader.skipped_lines()[..taken.noted].iter().take(room).map(|e| e.to_string()));
             if finished {
                 done = task.lease;
             }
@@ -1003,6 +1128,123 @@ mod tests {
             let text = chain(e);
             assert_eq!(text.matches(said).count(), 1, "{text}");
         }
+    }
+
+    /// A CSV file of `rows` (label, dense a, dense b) in a fresh folder; `bad` lines (0-based
+    /// data line numbers) have a dense value that does not parse.
+    fn csv_file(name: &str, rows: usize, bad: &[usize]) -> (PathBuf, ReaderConfig) {
+        let dir = std::env::temp_dir().join(format!("gradflow-trainer-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("train.csv");
+        let mut text = String::from("label,a,b\n");
+        for i in 0..rows {
+            let a = if bad.contains(&i) { "oops".to_string() } else { i.to_string() };
+            text.push_str(&format!("{},{a},{}\n", i % 2, i * 10));
+        }
+        std::fs::write(&path, text).unwrap();
+        let cfg = ReaderConfig::new(gradflow_data::Format::Csv, vec![path]);
+        (dir, cfg)
+    }
+
+    /// Every batch of `reader` read in turn, with what the reader said of it, up to and with
+    /// the first error or the end.
+    fn in_turn(reader: &mut Reader, rows: usize) -> Vec<Result<(Read, Batch), String>> {
+        let mut out = Vec::new();
+        let mut batch = Batch::new(reader.num_dense());
+        loop {
+            match read_scaled(reader, &mut batch, rows, None, &mut 0.0) {
+                Ok(read) => {
+                    out.push(Ok((read, batch.clone())));
+                    if read.n == 0 {
+                        return out;
+                    }
+                }
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// The same as the training loop takes them: each batch's successor read ahead while it
+    /// "trains", read twice at some steps (a batch trained again), not at all at others.
+    fn read_ahead(reader: &mut Reader, rows: usize) -> Vec<Result<(Read, Batch), String>> {
+        let mut out = Vec::new();
+        let mut batch = Batch::new(reader.num_dense());
+        let mut ahead = ReadAhead::new(reader.num_dense());
+        let mut data = 0.0;
+        for step in 0.. {
+            match ahead.next(reader, &mut batch, rows, None, &mut data) {
+                Ok(read) => {
+                    out.push(Ok((read, batch.clone())));
+                    if read.n == 0 {
+                        return out;
+                    }
+                }
+                Err(e) => {
+                    out.push(Err(e.to_string()));
+                    return out;
+                }
+            }
+            // "Training" overwrites nothing of the batch read ahead.
+            if step % 5 != 3 {
+                ahead.fill(reader, rows, None, &mut data);
+            }
+            if step % 3 == 1 {
+                ahead.fill(reader, rows, None, &mut data);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn reading_ahead_takes_the_batches_epoch_ends_and_skipped_lines_of_reading_in_turn() {
+        let (dir, mut cfg) = csv_file("order", 23, &[4, 17]);
+        cfg.skip_malformed = true;
+        cfg.shuffle_buffer = 5;
+        cfg.seed = 7;
+        cfg.epochs = gradflow_data::Epochs::Count(3);
+        let open = || Reader::open(&cfg, ShardSpec::new(0, 1).unwrap()).unwrap();
+        let expected = in_turn(&mut open(), 4);
+        let got = read_ahead(&mut open(), 4);
+        std::fs::remove_dir_all(dir).unwrap();
+        assert_eq!(got, expected);
+        // 21 good rows an epoch: 5 batches of 4 and one of 1 that ends the epoch, 3 epochs.
+        let reads: Vec<Read> = expected.iter().map(|r| r.as_ref().unwrap().0).collect();
+        assert_eq!(reads.len(), 3 * 6 + 1);
+        let ends: Vec<(usize, u64)> =
+            reads.iter().enumerate().filter(|(_, r)| r.end_of_epoch).map(|(i, r)| (i, r.epoch)).collect();
+        assert_eq!(ends, [(5, 0), (11, 1), (17, 2)]);
+        assert_eq!(reads[5].n, 1);
+        assert_eq!(reads.last().unwrap().skipped, 6, "two bad lines in each of 3 epochs");
+        assert!(reads.iter().any(|r| r.skipped > 0 && r.skipped < 6), "counted as the batches come");
+    }
+
+    #[test]
+    fn an_error_reading_ahead_is_returned_when_its_batch_is_taken_and_not_before() {
+        let (dir, mut cfg) = csv_file("error", 9, &[5]);
+        cfg.epochs = gradflow_data::Epochs::Count(1);
+        let open = || Reader::open(&cfg, ShardSpec::new(0, 1).unwrap()).unwrap();
+        let expected = in_turn(&mut open(), 2);
+        let got = read_ahead(&mut open(), 2);
+        // Taken one by one: the error comes third, where reading in turn fails.
+        let mut reader = open();
+        let mut batch = Batch::new(reader.num_dense());
+        let mut ahead = ReadAhead::new(reader.num_dense());
+        let mut data = 0.0;
+        let mut take = |reader: &mut Reader, batch: &mut Batch, ahead: &mut ReadAhead| {
+            let read = ahead.next(reader, batch, 2, None, &mut data).map_err(|e| e.to_string());
+            ahead.fill(reader, 2, None, &mut data);
+            read.map(|r| r.n)
+        };
+        let taken: Vec<_> = (0..3).map(|_| take(&mut reader, &mut batch, &mut ahead)).collect();
+        std::fs::remove_dir_all(dir).unwrap();
+        assert_eq!(expected.len(), 3, "{expected:?}");
+        let message = expected[2].as_ref().unwrap_err();
+        assert!(message.contains("line 7"), "{message}");
+        assert_eq!(got, expected);
+        assert_eq!(taken, [Ok(2), Ok(2), Err(message.clone())]);
     }
 
     #[test]

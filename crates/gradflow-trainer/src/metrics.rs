@@ -4,7 +4,9 @@
 //! - `gradflow_worker_steps_total`, `gradflow_worker_samples_total`: steps and examples trained;
 //! - `gradflow_worker_step_phase_seconds_total{phase}`: time spent per phase of a step (`data`:
 //!   reading the batch, `pull`, `compute`: forward and backward, `push`: pushing and
-//!   completing the step); `rate()` of one over `rate()` of the steps is its mean per step;
+//!   completing the step); `rate()` of one over `rate()` of the steps is its mean per step.
+//!   The next batch is read while the step waits for the servers, so `data` is also inside
+//!   `push`: the phases can add up to more than the step ([`crate::observe::Phases`]);
 //! - `gradflow_worker_samples_per_second`, `gradflow_worker_loss`: the latest progress window's;
 //! - `gradflow_worker_step`, `gradflow_worker_epoch` (1-based).
 //!

@@ -18,15 +18,20 @@ use tracing::warn;
 use crate::Scores;
 
 /// Seconds a window of steps spent in each phase of a step.
+///
+/// The built-in loop reads the next batch while the step waits for the servers, so `data`
+/// overlaps `push`: a step's wall time is about `pull + compute + push` (plus `data` for the
+/// first batch and wherever reading takes longer than the servers' answer), and the four can
+/// add up to more than it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
-    /// Reading and parsing the batch.
+    /// Reading, parsing and scaling a batch (the next one, read during the step's `push`).
     pub data: f64,
     /// Pulling the parameters the batch needs.
     pub pull: f64,
     /// Forward and backward pass.
     pub compute: f64,
-    /// Pushing the gradients and completing the step.
+    /// Pushing the gradients and completing the step (reading the next batch meanwhile).
     pub push: f64,
 }
 
