@@ -69,10 +69,19 @@ impl ReadAhead {
     }
 
     /// The next batch, or `None` once the reader is done (or after an error was returned).
+    ///
+    /// # Panics
+    /// With the reading thread's panic, if it panicked (in `prepare`, say), as reading on this
+    /// thread would have: never as a quiet end of the data.
     pub fn next(&mut self) -> Result<Option<Ahead>> {
         match self.full.recv() {
             Ok(ahead) => ahead.map(Some),
-            Err(_) => Ok(None),
+            Err(_) => {
+                if let Some(Err(panic)) = self.thread.take().map(JoinHandle::join) {
+                    std::panic::resume_unwind(panic);
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -165,6 +174,19 @@ mod tests {
         assert!(error.contains("oops"), "{error}");
         assert_eq!(ahead.next().unwrap_err().to_string(), error);
         assert!(ahead.next().unwrap().is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "prepare failed on batch 3")]
+    fn a_panic_on_the_reading_thread_is_raised_by_next_not_taken_for_the_end() {
+        let (_dir, _, reader) = readers(&csv(100), 1);
+        let mut seen = 0;
+        let mut ahead = ReadAhead::spawn(reader, 10, 1, move |_| {
+            seen += 1;
+            assert!(seen < 3, "prepare failed on batch {seen}");
+        })
+        .unwrap();
+        while ahead.next().unwrap().is_some() {}
     }
 
     #[test]

@@ -773,7 +773,7 @@ mod tests {
         let (mut ok, mut refused, mut corrupt_in_place) = (0, 0, 0);
         for _ in 0..20_000 {
             let mut feature = std::collections::HashMap::new();
-            let mut number = |next: &mut dyn FnMut(u64) -> u64| -> Option<Kind> {
+            let number = |next: &mut dyn FnMut(u64) -> u64| -> Option<Kind> {
                 Some(match next(20) {
                     0 => return None,
                     1 => Kind::FloatList(FloatList { value: vec![1.0, 2.0] }),
