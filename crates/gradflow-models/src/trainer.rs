@@ -35,10 +35,6 @@ pub struct LocalTrainer {
     parts: Vec<(usize, usize)>,
     /// Per table: the ids of the current batch.
     ids: Vec<Vec<u64>>,
-    /// Per group: the arena row of each id of the current batch, and scratch for its update.
-    rows: Vec<Vec<u32>>,
-    scratch: Vec<Vec<u32>>,
-    created: Vec<Vec<u64>>,
     steps: u64,
 }
 
@@ -77,6 +73,11 @@ struct Group {
     index: HashMap<u64, u32, IdBuildHasher>,
     /// Record of arena row `r`: `data[r*stride..(r+1)*stride]`.
     data: Vec<f32>,
+    /// The step's buffers: the arena row of each id pulled, the ids of rows created, and
+    /// scratch for finding the median row.
+    step_rows: Vec<u32>,
+    created: Vec<u64>,
+    median: Vec<u32>,
 }
 
 impl Group {
@@ -101,7 +102,15 @@ impl Group {
                 part
             })
             .collect();
-        Group { parts, stride: offset, index: HashMap::default(), data: Vec::new() }
+        Group {
+            parts,
+            stride: offset,
+            index: HashMap::default(),
+            data: Vec::new(),
+            step_rows: Vec::new(),
+            created: Vec::new(),
+            median: Vec::new(),
+        }
     }
 
     fn rows(&self) -> usize {
@@ -129,22 +138,24 @@ impl Group {
         u64::from(self.data[r as usize * self.stride].to_bits())
     }
 
-    /// Finds or creates the rows of `ids` (recorded in `rows`) and copies each table's values
-    /// into its `pulled` rows, as a pull from a server would. Rows are created as a server
-    /// creates them on first touch; `created` is scratch for their ids.
-    fn pull(&mut self, ids: &[u64], rows: &mut Vec<u32>, created: &mut Vec<u64>, pulled: &mut [SparseRows]) {
+    /// Finds or creates the rows of `ids` (recorded for [`Group::update`]) and copies each
+    /// table's values into its `pulled` rows, as a pull from a server would. Rows are created
+    /// as a server creates them on first touch.
+    fn pull(&mut self, ids: &[u64], pulled: &mut [SparseRows]) {
         const NEW: u32 = u32::MAX;
+        let Group { parts, stride, index, data, step_rows: rows, created, .. } = self;
+        let stride = *stride;
         rows.clear();
         rows.resize(ids.len(), NEW);
-        let index = &self.index;
+        let found_in = &*index;
         rows.par_chunks_mut(ROWS_PER_TASK).zip(ids.par_chunks(ROWS_PER_TASK)).for_each(|(rows, ids)| {
             for (r, id) in rows.iter_mut().zip(ids) {
-                if let Some(&found) = index.get(id) {
+                if let Some(&found) = found_in.get(id) {
                     *r = found;
                 }
             }
         });
-        let old = self.rows();
+        let old = data.len() / stride;
         created.clear();
         for (r, &id) in rows.iter_mut().zip(ids) {
             if *r == NEW {
@@ -154,13 +165,12 @@ impl Group {
                     .ok()
                     .filter(|&r| r != NEW)
                     .expect("a sparse table holds fewer than 2^32 - 1 rows");
-                self.index.insert(id, *r);
+                index.insert(id, *r);
                 created.push(id);
             }
         }
-        let (parts, stride) = (&self.parts, self.stride);
-        self.data.resize((old + created.len()) * stride, 0.0);
-        self.data[old * stride..]
+        data.resize((old + created.len()) * stride, 0.0);
+        data[old * stride..]
             .par_chunks_mut(stride * ROWS_PER_TASK)
             .zip(created.par_chunks(ROWS_PER_TASK))
             .for_each(|(records, ids)| {
@@ -168,8 +178,8 @@ impl Group {
                     Self::init_record(parts, id, record);
                 }
             });
-        let data = &self.data;
-        for part in parts {
+        let data = &*data;
+        for part in parts.iter() {
             let out = &mut pulled[part.table];
             out.ids.clear();
             out.ids.extend_from_slice(ids);
@@ -185,10 +195,12 @@ impl Group {
         }
     }
 
-    /// One optimizer update of each row in `rows`, every table with its gradient row in
-    /// `grads`. Rows are distinct, so the arena is split in two at their median and each half
-    /// updated on its own thread.
-    fn update(&mut self, rows: &[u32], grads: &[SparseRows], median: &mut Vec<u32>) {
+    /// One optimizer update of each row the last pull found, every table with its gradient
+    /// row in `grads`. Rows are distinct, so the arena is split in two at their median and
+    /// each half updated on its own thread.
+    fn update(&mut self, grads: &[SparseRows]) {
+        let Group { parts, stride, data, step_rows: rows, median, .. } = self;
+        let (rows, stride) = (&*rows, *stride);
         median.clear();
         median.extend_from_slice(rows);
         let mid = if median.len() < 2 * MIN_ROWS_PER_THREAD {
@@ -197,9 +209,9 @@ impl Group {
             let half = median.len() / 2;
             *median.select_nth_unstable(half).1
         };
-        let split = (mid as usize).min(self.rows()) * self.stride;
-        let (low, high) = self.data.split_at_mut(split);
-        let (parts, stride) = (&self.parts, self.stride);
+        let split = (mid as usize).min(data.len() / stride) * stride;
+        let (low, high) = data.split_at_mut(split);
+        let parts = &*parts;
         let apply = |arena: &mut [f32], first: u32, last: u32| {
             for (k, &r) in rows.iter().enumerate() {
                 if r < first || r >= last {
@@ -268,9 +280,6 @@ impl LocalTrainer {
             params,
             grads: Grads::default(),
             dense,
-            rows: vec![Vec::new(); groups.len()],
-            scratch: vec![Vec::new(); groups.len()],
-            created: vec![Vec::new(); groups.len()],
             groups,
             parts,
             ids: Vec::new(),
@@ -317,12 +326,12 @@ impl LocalTrainer {
             }
         }
         let (groups, ids, pulled) = (&mut self.groups, &self.ids, &mut self.params.sparse);
-        for ((group, rows), created) in groups.iter_mut().zip(&mut self.rows).zip(&mut self.created) {
-            group.pull(&ids[group.parts[0].table], rows, created, pulled);
+        for group in groups.iter_mut() {
+            group.pull(&ids[group.parts[0].table], pulled);
         }
         let loss = self.model.forward_backward(batch, &self.params, &mut self.grads)?;
-        let (params, grads, dense, groups, rows, scratch) =
-            (&mut self.params, &self.grads, &mut self.dense, &mut self.groups, &self.rows, &mut self.scratch);
+        let (params, grads, dense, groups) =
+            (&mut self.params, &self.grads, &mut self.dense, &mut self.groups);
         rayon::join(
             || {
                 for ((values, grad), d) in params.dense.iter_mut().zip(&grads.dense).zip(dense) {
@@ -331,8 +340,8 @@ impl LocalTrainer {
                 }
             },
             || {
-                for ((group, rows), scratch) in groups.iter_mut().zip(rows).zip(scratch) {
-                    group.update(rows, &grads.sparse, scratch);
+                for group in groups.iter_mut() {
+                    group.update(&grads.sparse);
                 }
             },
         );

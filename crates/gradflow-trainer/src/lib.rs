@@ -242,7 +242,7 @@ fn compute<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// Reads a batch: here, on the runtime's thread. Parsing one batch takes a fraction of a
 /// millisecond and uses one thread, less than handing it to another thread costs; the
 /// runtime's other thread keeps the heartbeats going meanwhile. The training loop reads each
-/// batch while the step before it waits for the servers ([`ReadAhead`]).
+/// batch while the step before it waits for the servers ([`NextBatch`]).
 fn read_batch(reader: &mut Reader, batch: &mut Batch, rows: usize) -> Result<usize, TrainError> {
     Ok(reader.next_batch(batch, rows)?)
 }
@@ -296,18 +296,18 @@ fn read_scaled(
 /// The batch after the one in training, read while that one's step waits for the servers
 /// ([`Session::train_batch`]), so that parsing it is off a step's critical path.
 ///
-/// Nothing of a batch read ahead counts until it is taken ([`ReadAhead::next`]) in the order
+/// Nothing of a batch read ahead counts until it is taken ([`NextBatch::next`]) in the order
 /// the batches come: an error reading it is returned there, where reading it would have
 /// failed before; a batch read ahead and never taken (training ended first) is dropped.
-struct ReadAhead {
+struct NextBatch {
     batch: Batch,
     /// The read into `batch`, if one was made and not taken yet.
     read: Option<Result<Read, TrainError>>,
 }
 
-impl ReadAhead {
-    fn new(num_dense: usize) -> ReadAhead {
-        ReadAhead { batch: Batch::new(num_dense), read: None }
+impl NextBatch {
+    fn new(num_dense: usize) -> NextBatch {
+        NextBatch { batch: Batch::new(num_dense), read: None }
     }
 
     /// Reads the next batch of `reader` ahead, unless one is waiting already (a batch being
@@ -404,7 +404,7 @@ pub async fn run_worker(
         index,
         buffers: StepBuffers::new(model.as_ref()),
         batch: Batch::new(reader.num_dense()),
-        ahead: ReadAhead::new(reader.num_dense()),
+        ahead: NextBatch::new(reader.num_dense()),
         model,
         scaler,
         worker,
@@ -506,7 +506,7 @@ struct Session<'a> {
     /// The batch in training.
     batch: Batch,
     /// The batch after it, read while its step waits.
-    ahead: ReadAhead,
+    ahead: NextBatch,
     summary: WorkerSummary,
     window: Window,
     recorder: Recorder,
@@ -536,7 +536,7 @@ impl Session<'_> {
 
     /// Pulls what the batch in `self.batch` needs, computes its gradients and pushes them;
     /// while the step waits for the servers, reads the next batch of `next` ahead (see
-    /// [`ReadAhead`]), unless one is read already.
+    /// [`NextBatch`]), unless one is read already.
     async fn train_batch(&mut self, next: Option<&mut Reader>) -> Result<(Trained, f32), TrainError> {
         let Session { job, model, worker, batch, ahead, scaler, window, buffers, .. } = self;
         let (model, batch, rows) = (model.as_ref(), &*batch, job.train.batch_size);
@@ -1151,20 +1151,19 @@ mod tests {
     fn in_turn(reader: &mut Reader, rows: usize) -> Vec<Result<(Read, Batch), String>> {
         let mut out = Vec::new();
         let mut batch = Batch::new(reader.num_dense());
-        loop {
-            match read_scaled(reader, &mut batch, rows, None, &mut 0.0) {
-                Ok(read) => {
-                    out.push(Ok((read, batch.clone())));
-                    if read.n == 0 {
-                        return out;
-                    }
-                }
-                Err(e) => {
-                    out.push(Err(e.to_string()));
-                    return out;
-                }
-            }
-        }
+        while record(&mut out, read_scaled(reader, &mut batch, rows, None, &mut 0.0), &batch) {}
+        out
+    }
+
+    /// Adds a read to `out`; whether reading goes on (not at the end, nor after an error).
+    fn record(
+        out: &mut Vec<Result<(Read, Batch), String>>,
+        read: Result<Read, TrainError>,
+        batch: &Batch,
+    ) -> bool {
+        let more = matches!(read, Ok(read) if read.n > 0);
+        out.push(read.map(|read| (read, batch.clone())).map_err(|e| e.to_string()));
+        more
     }
 
     /// The same as the training loop takes them: each batch's successor read ahead while it
@@ -1172,20 +1171,11 @@ mod tests {
     fn read_ahead(reader: &mut Reader, rows: usize) -> Vec<Result<(Read, Batch), String>> {
         let mut out = Vec::new();
         let mut batch = Batch::new(reader.num_dense());
-        let mut ahead = ReadAhead::new(reader.num_dense());
+        let mut ahead = NextBatch::new(reader.num_dense());
         let mut data = 0.0;
         for step in 0.. {
-            match ahead.next(reader, &mut batch, rows, None, &mut data) {
-                Ok(read) => {
-                    out.push(Ok((read, batch.clone())));
-                    if read.n == 0 {
-                        return out;
-                    }
-                }
-                Err(e) => {
-                    out.push(Err(e.to_string()));
-                    return out;
-                }
+            if !record(&mut out, ahead.next(reader, &mut batch, rows, None, &mut data), &batch) {
+                return out;
             }
             // "Training" overwrites nothing of the batch read ahead.
             if step % 5 != 3 {
@@ -1231,9 +1221,9 @@ mod tests {
         // Taken one by one: the error comes third, where reading in turn fails.
         let mut reader = open();
         let mut batch = Batch::new(reader.num_dense());
-        let mut ahead = ReadAhead::new(reader.num_dense());
+        let mut ahead = NextBatch::new(reader.num_dense());
         let mut data = 0.0;
-        let mut take = |reader: &mut Reader, batch: &mut Batch, ahead: &mut ReadAhead| {
+        let mut take = |reader: &mut Reader, batch: &mut Batch, ahead: &mut NextBatch| {
             let read = ahead.next(reader, batch, 2, None, &mut data).map_err(|e| e.to_string());
             ahead.fill(reader, 2, None, &mut data);
             read.map(|r| r.n)
