@@ -11,7 +11,8 @@
 //! - three workers: the same, where the third push makes the first two be summed into the
 //!   step's sum and is added to it.
 //! - sparse: a 10,000-id push summed per id (`SparseAccum::add`) and applied
-//!   (`Table::apply`, Adagrad), and a 10,000-id `Table::pull`, in a table of 1M rows.
+//!   (`Table::apply`, Adagrad), and a 10,000-id `Table::pull`, in a table of 1M rows; and
+//!   applies of other ids at every step, as a job's steps are (rows mostly not in the cache).
 
 #![forbid(unsafe_code)]
 
@@ -128,6 +129,27 @@ fn sparse(c: &mut Criterion) {
     let mut acc = SparseAccum::default();
     acc.add(&ids, &values, DIM as usize);
     group.bench_function("Table::apply (adagrad)", |b| b.iter(|| table.apply(black_box(&acc), 1.0)));
+    // As in a job's steps: other ids every time, so most rows are not in the cache.
+    let steps: Vec<(Vec<u64>, SparseAccum)> = (1..=64u64)
+        .map(|k| {
+            let ids: Vec<u64> = (0..IDS as u64)
+                .map(|i| ((i + k * IDS as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11) % ROWS)
+                .collect();
+            let mut acc = SparseAccum::default();
+            acc.add(&ids, &values, DIM as usize);
+            (ids, acc)
+        })
+        .collect();
+    let mut next = steps.iter().cycle();
+    group.bench_function("pull, other ids each step", |b| {
+        b.iter(|| {
+            out.clear();
+            table.pull(black_box(&next.next().expect("a cycle").0), &mut out)
+        })
+    });
+    group.bench_function("Table::apply (adagrad), other ids each step", |b| {
+        b.iter(|| table.apply(black_box(&next.next().expect("a cycle").1), 1.0))
+    });
     group.finish();
 }
 
