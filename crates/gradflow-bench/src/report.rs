@@ -117,7 +117,8 @@ impl Report {
             }
         };
         if let Some(d) = &self.dense {
-            for bytes in [64u64 << 20, 512 << 20] {
+            // Issue 19 asks 80% at 64 MiB; 512 MiB keeps the first round's 50% (aim 80%).
+            for (bytes, threshold) in [(64u64 << 20, 0.8), (512 << 20, 0.5)] {
                 let row = d.rows.iter().find(|r| r.model_bytes == bytes && r.shards == 1 && r.workers == 1);
                 push(
                     format!(
@@ -125,8 +126,8 @@ impl Report {
                         human_bytes(bytes)
                     ),
                     row.and_then(|r| r.ratio_to_tcp),
-                    0.5,
-                    Some(0.8),
+                    threshold,
+                    (threshold < 0.8).then_some(0.8),
                 );
             }
         }
@@ -169,19 +170,40 @@ impl Report {
             push(
                 "wide&deep 2 workers sync 1 shard / single process, per core".into(),
                 self.two_worker_sync_run().map(|r| r.ratio_to_single),
-                0.7,
+                0.85,
+                None,
+            );
+            push(
+                "wide&deep 2 workers async 1 shard / single process, per core".into(),
+                self.two_worker_run(gradflow_core::Mode::Async).map(|r| r.ratio_to_single),
+                0.9,
+                None,
+            );
+            // The job's training time over its wall time: at least 1 / 1.5 when the whole job
+            // (start, read, train, stop) takes at most 1.5 times its training time.
+            push(
+                "wide&deep 2 workers sync, end-to-end rate / steady rate (job <= 1.5x its training time)"
+                    .into(),
+                self.two_worker_sync_run()
+                    .map(|r| r.end_to_end_samples_per_sec / r.samples_per_sec.max(1e-9)),
+                1.0 / 1.5,
                 None,
             );
         }
         out
     }
 
-    /// The training run the targets read: 2 sync workers, 1 server, no compression.
+    /// The training run most targets read: 2 sync workers, 1 server, no compression.
     fn two_worker_sync_run(&self) -> Option<&crate::training::TrainingRun> {
+        self.two_worker_run(gradflow_core::Mode::Sync)
+    }
+
+    /// 2 workers in `mode`, 1 server, no compression.
+    fn two_worker_run(&self, mode: gradflow_core::Mode) -> Option<&crate::training::TrainingRun> {
         self.training.as_ref()?.runs.iter().find(|r| {
             r.workers == 2
                 && r.servers == 1
-                && r.mode == gradflow_core::Mode::Sync
+                && r.mode == mode
                 && r.compression == gradflow_proto::Compression::None
         })
     }
@@ -604,6 +626,73 @@ fn pct(x: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::training::{SingleProcess, TrainingRun};
+
+    fn run(mode: gradflow_core::Mode, workers: u32, ratio: f64, end_to_end: f64) -> TrainingRun {
+        TrainingRun {
+            workers,
+            servers: 1,
+            mode,
+            compression: gradflow_proto::Compression::None,
+            loopback_bytes_per_sample: None,
+            samples_per_sec: 100_000.0,
+            per_worker_samples_per_sec: 100_000.0 / f64::from(workers),
+            ratio_to_single: ratio,
+            ratio_to_compute: None,
+            end_to_end_samples_per_sec: end_to_end,
+            wall_s: 3.0,
+            samples: 300_000,
+            reports_used: 10,
+        }
+    }
+
+    #[test]
+    fn the_training_targets_are_issue_19s_and_read_the_two_worker_runs() {
+        use gradflow_core::Mode::{Async, Sync};
+        let training = TrainingReport {
+            rows: 300_000,
+            batch_size: 256,
+            cores: 2,
+            single_process: SingleProcess {
+                samples_per_sec: 200_000.0,
+                threads: 2,
+                one_thread_samples_per_sec: 150_000.0,
+                ratio_to_compute: Some(0.61),
+                one_thread_ratio_to_compute: None,
+            },
+            // Runs the targets must not read come first: 4 sync workers, 2 async workers with
+            // compression.
+            runs: vec![
+                run(Sync, 4, 0.99, 99_000.0),
+                TrainingRun { compression: gradflow_proto::Compression::F16, ..run(Async, 2, 0.99, 0.0) },
+                run(Sync, 2, 0.84, 70_000.0),
+                run(Async, 2, 0.91, 60_000.0),
+            ],
+        };
+        let report = Report {
+            version: REPORT_VERSION,
+            machine: Machine::detect(),
+            config: BenchConfig::default(),
+            elapsed_s: 1.0,
+            ceiling: None,
+            compute: None,
+            dense: None,
+            small: None,
+            sparse: None,
+            update: None,
+            training: Some(training),
+            embedding: None,
+            serve: None,
+            data: None,
+            targets: Vec::new(),
+        };
+        let got: Vec<(f64, f64, bool)> =
+            report.compute_targets().iter().map(|t| (t.value, t.threshold, t.met)).collect();
+        assert_eq!(
+            got,
+            vec![(0.61, 0.6, true), (0.84, 0.85, false), (0.91, 0.9, true), (0.7, 1.0 / 1.5, true)]
+        );
+    }
 
     #[test]
     fn numbers_read_well() {
