@@ -826,12 +826,12 @@ impl Table {
         if let Some(cap) = self.stripe_cap()
             && store.len() + fresh.len() > cap
         {
-            // Room for this step's new rows and a sixteenth of the cap more, so that a full
-            // table does not select its oldest rows at every step.
             // This step's rows are marked as recent first, so that making room spares them.
             for &r in rows.iter().filter(|&&r| r != RowIndex::ABSENT) {
                 store.touched[r as usize] = clock;
             }
+            // Room for this step's new rows and a sixteenth of the cap more, so that a full
+            // table does not select its oldest rows at every step.
             let want = store.len() + fresh.len() - cap + cap / 16;
             evicted += store.evict_oldest(want, clock, stride, self.policy.evict);
             let room = cap.saturating_sub(store.len());
@@ -866,6 +866,9 @@ impl Table {
                 // cache miss per row unless asked for ahead too.
                 let ahead = ahead as usize;
                 prefetch(&store.data[ahead * stride..][..stride]);
+                if self.half.is_some() {
+                    prefetch(&store.half[ahead * self.dim..][..self.dim]);
+                }
                 prefetch(&store.steps[ahead..=ahead]);
                 prefetch(&store.touched[ahead..=ahead]);
             }
