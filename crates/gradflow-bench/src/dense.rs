@@ -2,12 +2,15 @@
 //! in-process shards (see [`crate::cluster`]), by one or two workers, in sync mode.
 //!
 //! The model is `tensors` equal tensors (SGD, so that the update is one cheap pass; scenario
-//! 5 measures the optimizers). A repetition is, on every worker at once: stage each tensor's
-//! gradient (`push_dense`), send it (`step`: the servers sum and apply it once every worker
-//! has pushed), and pull every tensor back (`pull_all_dense`, which waits for the updated
-//! model). It lasts from the first worker's start to the last worker's end; bytes moved are
-//! `2 * model bytes * workers` (gradients up, parameters down), reported in GB/s next to the
-//! raw TCP ceiling of (1). Buffers are allocated once per configuration and reused.
+//! 5 measures the optimizers). Before each repetition every worker writes each tensor's
+//! gradient where the worker sends it from (`push_dense_mut`), as a model that produces its
+//! gradient in place does; the gradient is made before the clock starts, as a model's
+//! backward pass would be. A repetition is, on every worker at once: send the gradients
+//! (`step`: the servers sum and apply them once every worker has pushed), and pull every
+//! tensor back (`pull_all_dense`, which waits for the updated model). It lasts from the
+//! first worker's start to the last worker's end; bytes moved are `2 * model bytes *
+//! workers` (gradients up, parameters down), reported in GB/s next to the raw TCP ceiling of
+//! (1). Buffers are allocated once per configuration and reused.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -43,7 +46,7 @@ pub struct DenseRow {
     pub ratio_to_tcp: Option<f64>,
     /// `gb_per_s` over the raw TCP loopback throughput of (1), memory to memory.
     pub ratio_to_tcp_memory: Option<f64>,
-    /// The push half alone (staging and `step`, slowest worker, median), in GB/s of gradients.
+    /// The push half alone (`step`, slowest worker, median), in GB/s of gradients.
     pub push_gb_per_s: f64,
     /// The pull half alone (slowest worker, median), in GB/s of parameters.
     pub pull_gb_per_s: f64,
@@ -112,15 +115,14 @@ fn measure(
         async move {
             let mut worker = cluster::connect(addrs, w).await?;
             worker.declare(spec.clone()).await?;
-            let grads: Vec<Vec<f32>> = spec.dense.iter().map(|d| vec![GRAD; d.numel() as usize]).collect();
             let mut params: Vec<Vec<f32>> =
                 spec.dense.iter().map(|d| vec![0.0; d.numel() as usize]).collect();
             let mut one_rep = async |worker: &mut gradflow_worker::Worker| -> Result<Marks, BenchError> {
+                for d in &spec.dense {
+                    worker.push_dense_mut(&d.name)?.fill(GRAD);
+                }
                 barrier.wait().await;
                 let start = Instant::now();
-                for (d, g) in spec.dense.iter().zip(&grads) {
-                    worker.push_dense(&d.name, g)?;
-                }
                 worker.step().await?;
                 let pushed = Instant::now();
                 worker.pull_all_dense(&mut params).await?;

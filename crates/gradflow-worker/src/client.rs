@@ -29,7 +29,9 @@ use crate::{WorkerConfig, WorkerError};
 /// The usual loop: [`declare`](Worker::declare) once, then for every batch
 /// [`pull_dense`](Worker::pull_dense) / [`pull_sparse`](Worker::pull_sparse), compute
 /// gradients, [`push_dense`](Worker::push_dense) / [`push_sparse`](Worker::push_sparse), and
-/// [`step`](Worker::step); finally [`leave`](Worker::leave).
+/// [`step`](Worker::step); finally [`leave`](Worker::leave). A model that can write its dense
+/// gradient where it is sent from asks for that buffer with
+/// [`push_dense_mut`](Worker::push_dense_mut) instead of `push_dense`, saving a copy.
 pub struct Worker {
     pub(crate) config: WorkerConfig,
     /// One connection per shard, in shard order.
