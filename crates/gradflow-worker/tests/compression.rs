@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{addrs, config, start_shards};
-use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig, SparseSpec};
+use common::{addrs, one_worker_sync_shards};
+use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig, SparseSpec};
 use gradflow_proto::{Compression, ParameterServerClient, codec, pb};
 use gradflow_worker::{Code, Worker, WorkerConfig};
 use tonic::transport::Channel;
@@ -31,12 +31,7 @@ fn spec() -> ModelSpec {
 /// `compression`, over the link or over gRPC only: pushes `grad` to `w` and to three rows,
 /// steps, and returns what it pulls back.
 async fn one_step(compression: Compression, link: bool, grad: &[f32; 6]) -> (Vec<f32>, Vec<f32>) {
-    let servers = start_shards(2, |s| {
-        let mut c = config(s, 2, 1, Mode::Sync);
-        c.transport.tensor_link = link;
-        c
-    })
-    .await;
+    let servers = one_worker_sync_shards(2, link).await;
     let mut cfg = WorkerConfig::new(addrs(&servers), 0);
     cfg.transport.compression = compression;
     let mut worker = Worker::connect(cfg).await.unwrap();
@@ -99,12 +94,7 @@ async fn compact_values_train_as_f32_does_over_both_transports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compact_push_that_does_not_add_up_is_refused_by_name() {
-    let servers = start_shards(1, |s| {
-        let mut c = config(s, 1, 1, Mode::Sync);
-        c.transport.tensor_link = false;
-        c
-    })
-    .await;
+    let servers = one_worker_sync_shards(1, false).await;
     let mut worker = Worker::connect(WorkerConfig::new(addrs(&servers), 0)).await.unwrap();
     worker.declare(spec()).await.unwrap();
     let mut client = ParameterServerClient::new(

@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{addrs, config, start_shards};
-use gradflow_core::{DenseSpec, Initializer, Mode, ModelSpec, OptimizerConfig};
+use common::{addrs, one_worker_sync_shards};
+use gradflow_core::{DenseSpec, Initializer, ModelSpec, OptimizerConfig};
 use gradflow_proto::Compression;
 use gradflow_worker::{Worker, WorkerConfig, WorkerError};
 
@@ -50,12 +50,7 @@ enum Way {
 /// Two shards, one worker with `compression`, over the link or gRPC only: two steps, each
 /// staged `ways[step]`; returns the model pulled after each step.
 async fn run(compression: Compression, link: bool, ways: [Way; 2]) -> Vec<Vec<Vec<f32>>> {
-    let servers = start_shards(2, |s| {
-        let mut c = config(s, 2, 1, Mode::Sync);
-        c.transport.tensor_link = link;
-        c
-    })
-    .await;
+    let servers = one_worker_sync_shards(2, link).await;
     let mut cfg = WorkerConfig::new(addrs(&servers), 0);
     cfg.transport.compression = compression;
     cfg.transport.chunk_bytes = CHUNK_BYTES;
@@ -126,7 +121,7 @@ async fn a_gradient_written_in_place_arrives_as_a_copied_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_dense_mut_names_what_it_cannot_stage() {
-    let servers = start_shards(1, |s| config(s, 1, 1, Mode::Sync)).await;
+    let servers = one_worker_sync_shards(1, true).await;
     let mut worker = Worker::connect(WorkerConfig::new(addrs(&servers), 0)).await.unwrap();
     assert!(matches!(worker.push_dense_mut("a"), Err(WorkerError::NotDeclared)));
     worker.declare(spec()).await.unwrap();

@@ -34,6 +34,17 @@ pub async fn start_shards(num_shards: u32, make: impl Fn(u32) -> ServerConfig) -
     out
 }
 
+/// Starts `num_shards` sync shards for one worker; `link`: whether they offer the tensor link
+/// (without it every push and pull goes over gRPC).
+pub async fn one_worker_sync_shards(num_shards: u32, link: bool) -> Vec<RunningServer> {
+    start_shards(num_shards, |s| {
+        let mut c = config(s, num_shards, 1, Mode::Sync);
+        c.transport.tensor_link = link;
+        c
+    })
+    .await
+}
+
 pub fn addrs(servers: &[RunningServer]) -> Vec<String> {
     servers.iter().map(|s| s.addr().to_string()).collect()
 }
